@@ -1,0 +1,350 @@
+"""The interface every API schema parser implements, and the body framings they share.
+
+A parser is created per LLM call with the :class:`Observation` it fills. The servicer calls
+``feed_request`` with the request body (complete, or the prefix Envoy buffered),
+``start_response`` with the status and content type, then ``feed_response`` with every decoded
+response chunk. Subclasses only implement the ``on_*`` hooks for their schema:
+
+- ``on_request_json(obj)``: the request body as JSON.
+- ``on_response_json(obj)``: a whole non-streamed response body, or one NDJSON line / JSON-array
+  element of a streamed one.
+- ``on_sse_event(event, data)``: one server-sent event (name may be ``b""``).
+- ``want_sse_event(event, data)``: cheap filter: may this event hold anything we read? Events it
+  rejects are never JSON-parsed (most stream chunks are text deltas).
+
+Hooks set ``self.changed = True`` when usage or the response model became known, so the servicer
+sends dynamic metadata on that very message (clients may hang up before end of stream).
+Nothing here raises on bad input: it is counted on the observation and the call goes on.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import orjson
+
+from extproc.observation import Observation
+from extproc.sse import SSEDecoder
+
+JSON, SSE, NDJSON, JSON_ARRAY, NONE = "json", "sse", "ndjson", "json_array", "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 16 << 20  # largest non-streamed body we accumulate to parse
+    max_event_bytes: int = 4 << 20  # largest single SSE line / NDJSON line we hold
+    max_capture_chars: int = 16384  # content capture cap (tracing)
+
+
+DEFAULT_LIMITS = Limits()
+
+
+def as_int(value: Any) -> int | None:
+    """A token count as the provider sent it, if it is a sane integer (bool and negatives refused)."""
+    if type(value) is int and value >= 0:
+        return value
+    if type(value) is float and value.is_integer() and value >= 0:
+        return int(value)
+    return None
+
+
+def dig(obj: Any, *keys: str) -> Any:
+    for key in keys:
+        if not isinstance(obj, dict):
+            return None
+        obj = obj.get(key)
+    return obj
+
+
+class ApiParser:
+    default_provider: ClassVar[str] = "unknown"  # provider when nothing else names one
+    operation: ClassVar[str] = "unknown"
+    api: ClassVar[str] = "unknown"  # short schema name, e.g. "openai.chat"
+    # request-body keys copied to Observation.params (trace attributes), by their request name
+    param_keys: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(
+        self,
+        obs: Observation,
+        *,
+        path_model: str | None = None,
+        limits: Limits = DEFAULT_LIMITS,
+        capture: bool = False,
+    ) -> None:
+        self.obs = obs
+        obs.operation = self.operation
+        if path_model:
+            obs.request_model = path_model
+        self.limits = limits
+        self.capture = capture
+        self.changed = False
+        self.status = 0
+        self._framing = JSON
+        self._body: list[bytes] = []
+        self._body_len = 0
+        self._sse: SSEDecoder | None = None
+        self._line_tail: list[bytes] = []  # NDJSON: the unfinished line
+        self._array: _JsonArrayStream | None = None
+
+    # ---- request ---------------------------------------------------------------------------
+    def feed_request(self, body: bytes, complete: bool = True) -> None:
+        if not body:
+            return
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            if complete:
+                self.obs.parse_error("request_json")
+            return  # a partial (buffer-limited) prefix cannot be parsed; the response still is
+        if isinstance(obj, dict):
+            self.on_request_json(obj)
+            for key in self.param_keys:
+                value = obj.get(key)
+                if value is not None:
+                    self.obs.params[key] = value
+        else:
+            self.obs.parse_error("request_not_object")
+
+    # ---- response --------------------------------------------------------------------------
+    def start_response(self, status: int, content_type: str) -> None:
+        self.status = status
+        self._framing = self.framing_for(status, content_type.lower())
+        if self._framing == SSE:
+            self.obs.streaming = True
+            self._sse = SSEDecoder(self.limits.max_event_bytes)
+        elif self._framing == JSON_ARRAY:
+            self.obs.streaming = True
+            self._array = _JsonArrayStream(self.limits.max_body_bytes)
+        elif self._framing == NDJSON:
+            self.obs.streaming = True
+
+    def framing_for(self, status: int, content_type: str) -> str:
+        if status >= 400:
+            return JSON
+        if content_type.startswith("text/event-stream"):
+            return SSE
+        if "ndjson" in content_type or content_type.startswith("application/jsonl"):
+            return NDJSON
+        return JSON
+
+    def feed_response(self, chunk: bytes, end: bool) -> bool:
+        """Feed one decoded response chunk; True if usage or response model changed."""
+        framing = self._framing
+        if framing == SSE:
+            assert self._sse is not None
+            for event, data in self._sse.feed(chunk):
+                self._sse_event(event, data)
+            if end:
+                for event, data in self._sse.flush():
+                    self._sse_event(event, data)
+                if self._sse.oversized:
+                    self.obs.parse_error("sse_line_too_long")
+        elif framing == JSON:
+            self._accumulate(chunk, end)
+        elif framing == NDJSON:
+            self._ndjson(chunk, end)
+        elif framing == JSON_ARRAY:
+            assert self._array is not None
+            for obj in self._array.feed(chunk):
+                self._json_object(obj)
+            if end and not self._array.complete:
+                self.obs.parse_error("json_array_truncated")
+        else:
+            self.feed_other(chunk, end)
+        changed, self.changed = self.changed, False
+        return changed
+
+    def feed_other(self, chunk: bytes, end: bool) -> None:
+        """Framings a subclass adds itself (AWS eventstream)."""
+
+    # ---- hooks -----------------------------------------------------------------------------
+    def on_request_json(self, obj: dict[str, Any]) -> None:
+        model = obj.get("model")
+        if isinstance(model, str) and model:
+            self.obs.request_model = model
+        if obj.get("stream") is True:
+            self.obs.streaming = True
+
+    def on_response_json(self, obj: Any) -> None:
+        """A whole JSON body (or one streamed JSON object)."""
+
+    def want_sse_event(self, event: bytes, data: bytes) -> bool:
+        return True
+
+    def on_sse_event(self, event: bytes, obj: Any) -> None:
+        """One SSE event whose data parsed as JSON."""
+
+    def on_error_json(self, obj: Any) -> None:
+        """An error body (status >= 400): record the provider's error type."""
+        err = obj.get("error") if isinstance(obj, dict) else None
+        kind = None
+        if isinstance(err, dict):
+            kind = err.get("type") or err.get("code") or err.get("status")
+        elif isinstance(err, str):
+            kind = err
+        if isinstance(obj, dict) and kind is None:
+            kind = obj.get("type") if obj.get("type") != "error" else None
+        if isinstance(kind, (str, int)) and not isinstance(kind, bool):
+            self.obs.error_type = str(kind)[:64]
+
+    # ---- helpers for subclasses ------------------------------------------------------------
+    def set_response_model(self, model: Any) -> None:
+        if isinstance(model, str) and model and model != self.obs.response_model:
+            self.obs.response_model = model
+            self.changed = True
+
+    def set_usage(self, **counts: Any) -> None:
+        """Record provider-reported counts; values that are not sane integers are refused."""
+        usage = self.obs.usage
+        for name, value in counts.items():
+            if value is None:
+                continue
+            n = as_int(value)
+            if n is None:
+                self.obs.parse_error("bad_token_count")
+                continue
+            if getattr(usage, name) != n:
+                setattr(usage, name, n)
+                self.changed = True
+
+    def capture_text(self, text: Any) -> None:
+        if not self.capture or not isinstance(text, str) or not text:
+            return
+        out = self.obs.output_text
+        if out is None:
+            out = self.obs.output_text = []
+        used = sum(map(len, out))
+        room = self.limits.max_capture_chars - used
+        if room > 0:
+            out.append(text[:room])
+
+    # ---- framings --------------------------------------------------------------------------
+    def _accumulate(self, chunk: bytes, end: bool) -> None:
+        if chunk and self._body_len >= 0:
+            self._body_len += len(chunk)
+            if self._body_len > self.limits.max_body_bytes:
+                self._body = []
+                self._body_len = -1  # over the cap: stop holding it, count once
+                self.obs.parse_error("body_too_large")
+            else:
+                self._body.append(chunk)
+        if not end or self._body_len <= 0:
+            return
+        body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
+        self._body = []
+        try:
+            obj = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            if self.status < 400:  # a non-JSON error body is normal; a non-JSON success is not
+                self.obs.parse_error("response_json")
+            return
+        self._json_object(obj)
+
+    def _json_object(self, obj: Any) -> None:
+        if self.status >= 400:
+            self.on_error_json(obj)
+        else:
+            self.on_response_json(obj)
+
+    def _sse_event(self, event: bytes, data: bytes) -> None:
+        if not data or data == b"[DONE]" or not self.want_sse_event(event, data):
+            return
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.obs.parse_error("sse_json")
+            return
+        self.on_sse_event(event, obj)
+
+    def _ndjson(self, chunk: bytes, end: bool) -> None:
+        start = 0
+        while True:
+            nl = chunk.find(b"\n", start)
+            if nl < 0:
+                break
+            piece = chunk[start:nl]
+            if self._line_tail:
+                self._line_tail.append(piece)
+                piece = b"".join(self._line_tail)
+                self._line_tail = []
+            self._ndjson_line(piece)
+            start = nl + 1
+        if start < len(chunk):
+            self._line_tail.append(chunk[start:])
+            if sum(map(len, self._line_tail)) > self.limits.max_event_bytes:
+                self._line_tail = []
+                self.obs.parse_error("ndjson_line_too_long")
+        if end and self._line_tail:
+            self._ndjson_line(b"".join(self._line_tail))
+            self._line_tail = []
+
+    def _ndjson_line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line:
+            return
+        try:
+            obj = orjson.loads(line)
+        except orjson.JSONDecodeError:
+            self.obs.parse_error("ndjson")
+            return
+        self._json_object(obj)
+
+
+class _JsonArrayStream:
+    """Splits a streamed top-level JSON array (``[{...},{...}]``) into its elements incrementally.
+
+    Tracks string/escape state and brace depth so each byte is scanned once.
+    """
+
+    __slots__ = ("_buf", "_depth", "_in_str", "_esc", "_started", "complete", "_max", "_scan")
+
+    def __init__(self, max_element: int) -> None:
+        self._buf = bytearray()
+        self._depth = 0
+        self._in_str = False
+        self._esc = False
+        self._started = False
+        self.complete = False
+        self._max = max_element
+        self._scan = 0
+
+    def feed(self, chunk: bytes) -> list[Any]:
+        out: list[Any] = []
+        for b in chunk:
+            if self.complete:
+                break
+            if not self._started:
+                if b == 0x5B:  # [
+                    self._started = True
+                continue
+            if self._depth == 0:
+                if b == 0x7B:  # {
+                    self._depth = 1
+                    self._buf = bytearray(b"{")
+                elif b == 0x5D:  # ]
+                    self.complete = True
+                continue
+            self._buf.append(b)
+            if self._in_str:
+                if self._esc:
+                    self._esc = False
+                elif b == 0x5C:
+                    self._esc = True
+                elif b == 0x22:
+                    self._in_str = False
+            elif b == 0x22:
+                self._in_str = True
+            elif b == 0x7B or b == 0x5B:
+                self._depth += 1
+            elif b == 0x7D or b == 0x5D:
+                self._depth -= 1
+                if self._depth == 0:
+                    try:
+                        out.append(orjson.loads(self._buf))
+                    except orjson.JSONDecodeError:
+                        pass
+                    self._buf = bytearray()
+            if len(self._buf) > self._max:
+                self._buf = bytearray()
+                self._depth = 0
+        return out

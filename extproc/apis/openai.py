@@ -1,0 +1,200 @@
+"""OpenAI API family: chat completions, legacy completions, embeddings and the Responses API.
+
+Also serves Azure OpenAI (``/openai/deployments/{name}/...``) and OpenAI-compatible servers
+(Mistral, vLLM, Ollama's ``/v1``, Gemini's OpenAI endpoint): same schema, other hosts.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.apis.base import ApiParser, dig
+
+_SAMPLING = (
+    "temperature", "top_p", "max_tokens", "max_completion_tokens", "frequency_penalty",
+    "presence_penalty", "seed", "n", "stop", "reasoning_effort", "service_tier",
+)
+
+
+class _ChatLike(ApiParser):
+    """Chat and legacy completions share usage and streaming shapes."""
+
+    default_provider = "openai"
+
+    param_keys = _SAMPLING
+
+    def on_request_json(self, obj: dict[str, Any]) -> None:
+        super().on_request_json(obj)
+        if self.capture:
+            self.obs.input_messages = obj.get("messages", obj.get("prompt"))
+        opts = obj.get("stream_options")
+        if isinstance(opts, dict) and opts.get("include_usage") is True:
+            self.obs.extra["include_usage"] = True
+
+    def on_response_json(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.obs.parse_error("response_not_object")
+            return
+        self._common(obj)
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict):
+                self._choice(choice, streamed=False)
+
+    def want_sse_event(self, event: bytes, data: bytes) -> bool:
+        # Parse the first chunk (model, id), chunks carrying usage or a finish reason, and every
+        # chunk when content is captured. Text deltas otherwise cost one substring search.
+        return (
+            self.capture
+            or self.obs.response_model is None
+            or (b'"usage"' in data and b'"usage":null' not in data)
+            or b'"finish_reason":"' in data
+            or b'"finish_reason": "' in data
+        )
+
+    def on_sse_event(self, event: bytes, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        if "error" in obj and "choices" not in obj:
+            self.on_error_json(obj)
+            return
+        self._common(obj)
+        for choice in obj.get("choices") or ():
+            if isinstance(choice, dict):
+                self._choice(choice, streamed=True)
+
+    def _common(self, obj: dict[str, Any]) -> None:
+        self.set_response_model(obj.get("model"))
+        rid = obj.get("id")
+        if isinstance(rid, str) and self.obs.response_id is None:
+            self.obs.response_id = rid
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.set_usage(
+                input_tokens=usage.get("prompt_tokens"),
+                output_tokens=usage.get("completion_tokens"),
+                total_tokens=usage.get("total_tokens"),
+                cached_input_tokens=dig(usage, "prompt_tokens_details", "cached_tokens"),
+                reasoning_tokens=dig(usage, "completion_tokens_details", "reasoning_tokens"),
+            )
+
+    def _choice(self, choice: dict[str, Any], streamed: bool) -> None:
+        reason = choice.get("finish_reason")
+        if isinstance(reason, str) and reason:
+            self.obs.finish_reasons.append(reason)
+        if self.capture:
+            if streamed:
+                self.capture_text(dig(choice, "delta", "content") or choice.get("text"))
+            else:
+                self.capture_text(dig(choice, "message", "content") or choice.get("text"))
+
+
+class OpenAIChat(_ChatLike):
+    operation = "chat"
+    api = "openai.chat"
+
+
+class OpenAICompletions(_ChatLike):
+    operation = "text_completion"
+    api = "openai.completions"
+
+
+class OpenAIEmbeddings(ApiParser):
+    operation = "embeddings"
+    api = "openai.embeddings"
+    default_provider = "openai"
+    param_keys = ("dimensions", "encoding_format")
+
+    def on_request_json(self, obj: dict[str, Any]) -> None:
+        super().on_request_json(obj)
+        if self.capture:
+            self.obs.input_messages = obj.get("input")
+
+    def on_response_json(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.obs.parse_error("response_not_object")
+            return
+        self.set_response_model(obj.get("model"))
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.set_usage(input_tokens=usage.get("prompt_tokens"), total_tokens=usage.get("total_tokens"))
+
+
+class OpenAIResponses(ApiParser):
+    """The Responses API: usage arrives in the final ``response.completed`` event."""
+
+    operation = "chat"
+    api = "openai.responses"
+    default_provider = "openai"
+    param_keys = ("temperature", "top_p", "max_output_tokens", "service_tier")
+    _USEFUL = (b"response.created", b"response.completed", b"response.incomplete", b"response.failed")
+
+    def on_request_json(self, obj: dict[str, Any]) -> None:
+        super().on_request_json(obj)
+        if self.capture:
+            self.obs.input_messages = obj.get("input")
+
+    def on_response_json(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.obs.parse_error("response_not_object")
+            return
+        self._response(obj)
+
+    def want_sse_event(self, event: bytes, data: bytes) -> bool:
+        if event:
+            return event in self._USEFUL or (self.capture and event == b"response.output_text.delta")
+        return any(name in data[:200] for name in self._USEFUL) or self.capture
+
+    def on_sse_event(self, event: bytes, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        if kind == "response.output_text.delta":
+            self.capture_text(obj.get("delta"))
+            return
+        response = obj.get("response")
+        if isinstance(response, dict):
+            self._response(response, streamed=True)
+            if kind == "response.failed":
+                err = response.get("error")
+                code = err.get("code") if isinstance(err, dict) else None
+                self.obs.error_type = str(code or "response.failed")[:64]
+
+    def _response(self, obj: dict[str, Any], streamed: bool = False) -> None:
+        self.set_response_model(obj.get("model"))
+        rid = obj.get("id")
+        if isinstance(rid, str):
+            self.obs.response_id = rid
+        status = obj.get("status")
+        if isinstance(status, str) and status not in ("in_progress", "queued"):
+            self.obs.finish_reasons.append(status)
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.set_usage(
+                input_tokens=usage.get("input_tokens"),
+                output_tokens=usage.get("output_tokens"),
+                total_tokens=usage.get("total_tokens"),
+                cached_input_tokens=dig(usage, "input_tokens_details", "cached_tokens"),
+                reasoning_tokens=dig(usage, "output_tokens_details", "reasoning_tokens"),
+            )
+        if self.capture and not streamed:
+            for item in obj.get("output") or ():
+                for part in dig(item, "content") or ():
+                    if isinstance(part, dict) and part.get("type") == "output_text":
+                        self.capture_text(part.get("text"))
+
+
+from extproc.routing import route  # noqa: E402  (after the classes it names)
+
+_AZ = r"^/openai/deployments/(?P<model>[^/]+)"
+ROUTES = [
+    route(_AZ + r"/chat/completions$", OpenAIChat, "azure"),
+    route(_AZ + r"/completions$", OpenAICompletions, "azure"),
+    route(_AZ + r"/embeddings$", OpenAIEmbeddings, "azure"),
+    route(r"^/openai/(?:v1/)?responses$", OpenAIResponses, "azure"),
+    route(r"^/openai/v1/chat/completions$", OpenAIChat, "azure"),
+    route(r"^/openai/v1/embeddings$", OpenAIEmbeddings, "azure"),
+    # OpenAI and every OpenAI-compatible server (Mistral, vLLM, Ollama /v1, Gemini's /openai/).
+    route(r"/chat/completions$", OpenAIChat),
+    route(r"/completions$", OpenAICompletions),
+    route(r"/embeddings$", OpenAIEmbeddings),
+    route(r"/responses$", OpenAIResponses),
+]

@@ -1,0 +1,95 @@
+"""Which API schema a request speaks, and which provider serves it.
+
+Each parser module in ``extproc.apis`` exports ``ROUTES``: path patterns (matched against the path
+without its query string) mapped to a parser class, an optional provider implied by the path, and
+an optional named group ``model`` for APIs that carry the model in the path. Operators add their
+own path mappings in config (``providers.routes``); those are tried first.
+
+The provider is, in order: the per-route ext_proc ``grpc_initial_metadata`` (``x-llm-provider``),
+the configured provider header, a config path mapping, the request host, the path, and finally the
+parser's default.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import TYPE_CHECKING
+from urllib.parse import unquote
+
+if TYPE_CHECKING:
+    from extproc.apis.base import ApiParser
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    pattern: re.Pattern[str]
+    parser: type[ApiParser]
+    provider: str | None = None  # provider the path itself implies (e.g. Azure deployments)
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    parser: type[ApiParser]
+    provider: str | None
+    path_model: str | None
+
+
+def route(pattern: str, parser: type[ApiParser], provider: str | None = None) -> Route:
+    return Route(re.compile(pattern), parser, provider)
+
+
+# Host suffix -> provider name. Names are the short ones used in the `llm`/`provider` labels.
+HOST_PROVIDERS: tuple[tuple[str, str], ...] = (
+    ("api.openai.com", "openai"),
+    (".openai.azure.com", "azure"),
+    (".cognitiveservices.azure.com", "azure"),
+    (".services.ai.azure.com", "azure"),
+    ("api.anthropic.com", "anthropic"),
+    ("generativelanguage.googleapis.com", "gemini"),
+    ("aiplatform.googleapis.com", "vertex_ai"),
+    (".amazonaws.com", "bedrock"),
+    ("api.mistral.ai", "mistral"),
+    ("api.cohere.com", "cohere"),
+    ("api.cohere.ai", "cohere"),
+    ("api.groq.com", "groq"),
+    ("api.deepseek.com", "deepseek"),
+    ("api.x.ai", "xai"),
+    ("openrouter.ai", "openrouter"),
+    (":11434", "ollama"),
+)
+
+
+class Router:
+    def __init__(self, routes: list[Route], extra: list[Route] | None = None) -> None:
+        self._routes = [*(extra or ()), *routes]
+        self._resolve = lru_cache(maxsize=4096)(self._resolve_uncached)
+
+    def resolve(self, path: str) -> Match | None:
+        q = path.find("?")
+        if q >= 0:
+            path = path[:q]
+        return self._resolve(path)
+
+    def _resolve_uncached(self, path: str) -> Match | None:
+        for r in self._routes:
+            m = r.pattern.search(path)
+            if m is not None:
+                model = m.groupdict().get("model")
+                return Match(r.parser, r.provider, unquote(model) if model else None)
+        return None
+
+
+@lru_cache(maxsize=1024)
+def provider_for_host(host: str) -> str | None:
+    host = host.lower()
+    for suffix, name in HOST_PROVIDERS:
+        if host.endswith(suffix) or (suffix.startswith(":") and suffix in host):
+            return name
+    return None
+
+
+def default_routes() -> list[Route]:
+    from extproc import apis
+
+    return apis.all_routes()

@@ -1,0 +1,100 @@
+"""Incremental server-sent-events decoder.
+
+Feed it body chunks as they arrive; it returns the complete events each chunk finishes. Work per
+chunk is proportional to the chunk (an unfinished line is kept as pieces and joined once, when it
+ends), events split across chunks are reassembled, and a line longer than ``max_line`` is dropped
+and counted rather than buffered without bound.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+Event = tuple[bytes, bytes]  # (event name, data); name is b"" when the event has no "event:" field
+
+
+class SSEDecoder:
+    __slots__ = ("_pieces", "_plen", "_dropping", "_skip_lf", "_event", "_data", "_max_line", "oversized")
+
+    def __init__(self, max_line: int = 4 << 20) -> None:
+        self._pieces: list[bytes] = []  # the unfinished last line, as received
+        self._plen = 0
+        self._dropping = False  # inside an oversized line: discard up to its end
+        self._skip_lf = False  # the previous chunk ended in "\r": a leading "\n" is its pair
+        self._event = b""
+        self._data: list[bytes] = []
+        self._max_line = max_line
+        self.oversized = 0  # lines dropped for exceeding max_line
+
+    def feed(self, chunk: bytes) -> Iterator[Event]:
+        if self._skip_lf:
+            self._skip_lf = False
+            if chunk[:1] == b"\n":
+                chunk = chunk[1:]
+        if b"\r" in chunk:  # "\r\n" and a lone "\r" end lines too
+            self._skip_lf = chunk[-1:] == b"\r"
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        end = chunk.rfind(b"\n")
+        if end < 0:
+            self._hold(chunk)
+            return
+        head = chunk[:end]
+        if self._dropping:
+            self._dropping = False
+            cut = head.find(b"\n")
+            head = b"" if cut < 0 else head[cut + 1 :]
+            if cut < 0:
+                head = None  # type: ignore[assignment]
+        elif self._pieces:
+            self._pieces.append(head)
+            head = b"".join(self._pieces)
+            self._pieces = []
+            self._plen = 0
+        if end + 1 < len(chunk):
+            self._hold(chunk[end + 1 :])
+        if head is None:
+            return
+        for line in head.split(b"\n"):
+            if line:
+                self._field(line)
+            elif self._data or self._event:
+                yield self._dispatch()
+
+    def flush(self) -> Iterator[Event]:
+        """End of body: an unterminated last line and event still count."""
+        if self._pieces and not self._dropping:
+            self._field(b"".join(self._pieces))
+        self._pieces = []
+        self._plen = 0
+        self._dropping = False
+        if self._data or self._event:
+            yield self._dispatch()
+
+    def _hold(self, piece: bytes) -> None:
+        if self._dropping or not piece:
+            return
+        self._plen += len(piece)
+        if self._plen > self._max_line:
+            self.oversized += 1
+            self._pieces = []
+            self._plen = 0
+            self._dropping = True
+            return
+        self._pieces.append(piece)
+
+    def _field(self, line: bytes) -> None:
+        if line[0] == 0x3A:  # ":" starts a comment
+            return
+        name, sep, value = line.partition(b":")
+        if sep and value[:1] == b" ":
+            value = value[1:]
+        if name == b"data":
+            self._data.append(value)
+        elif name == b"event":
+            self._event = value
+
+    def _dispatch(self) -> Event:
+        data = self._data[0] if len(self._data) == 1 else b"\n".join(self._data)
+        event = (self._event, data)
+        self._event = b""
+        self._data = []
+        return event
