@@ -1,0 +1,287 @@
+"""Build Envoy bootstrap configs: the reference one users copy, and the local ones `dev`/tests run.
+
+One builder, so the reference file ``envoy/envoy.yaml`` and what the tests exercise cannot drift
+(``tests/test_envoy_config.py`` checks the committed file equals ``reference()``).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from extproc.config import DEFAULT_NAMESPACE
+
+JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+
+# The access-log fields of the kgateway example, plus model/provider_model/provider.
+def access_log_format(namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
+    ai = lambda key: f"%DYNAMIC_METADATA({namespace}:{key})%"  # noqa: E731
+    return {
+        "http_method": "%REQ(:METHOD)%",
+        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        "user": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:principal:sub)%",
+        "team": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:principal:team)%",
+        "request_id": "%REQ(X-REQUEST-ID)%",
+        "response_code": "%RESPONSE_CODE%",
+        "system_time": "%START_TIME%",
+        "target_duration": "%DURATION%",
+        "upstream_name": "%UPSTREAM_CLUSTER%",
+        "total_tokens": ai("total_tokens"),
+        "prompt_tokens": ai("prompt_tokens"),
+        "completion_tokens": ai("completion_tokens"),
+        "cached_tokens": ai("cached_tokens"),
+        "reasoning_tokens": ai("reasoning_tokens"),
+        "streaming": ai("streaming"),
+        "model": ai("model"),
+        "provider_model": ai("provider_model"),
+        "provider": ai("provider"),
+        "operation": ai("operation"),
+    }
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """Requests whose path starts with ``prefix`` go to ``url`` (path kept)."""
+
+    prefix: str
+    url: str
+    provider: str | None = None  # sent to the sidecar as grpc_initial_metadata x-llm-provider
+
+    @property
+    def cluster(self) -> str:
+        host = urlsplit(self.url).hostname or "upstream"
+        return "llm_" + "".join(c if c.isalnum() else "_" for c in host) + f"_{urlsplit(self.url).port or ''}"
+
+
+def _address(addr: str) -> dict[str, Any]:
+    if addr.startswith("unix:"):
+        return {"pipe": {"path": addr[5:]}}
+    host, _, port = addr.rpartition(":")
+    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+
+
+def _cluster(up: Upstream) -> dict[str, Any]:
+    u = urlsplit(up.url)
+    tls = u.scheme == "https"
+    port = u.port or (443 if tls else 80)
+    cluster: dict[str, Any] = {
+        "name": up.cluster,
+        "type": "STATIC" if _is_ip(u.hostname or "") else "STRICT_DNS",
+        "connect_timeout": "5s",
+        "dns_lookup_family": "V4_PREFERRED",
+        "load_assignment": {
+            "cluster_name": up.cluster,
+            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(f"{u.hostname}:{port}")}}]}],
+        },
+    }
+    if tls:
+        cluster["transport_socket"] = {
+            "name": "envoy.transport_sockets.tls",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+                "sni": u.hostname,
+            },
+        }
+    return cluster
+
+
+def _is_ip(host: str) -> bool:
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def ext_proc_filter(
+    namespace: str = DEFAULT_NAMESPACE,
+    message_timeout_ms: int = 500,
+    observability_mode: bool = False,
+) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
+        "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
+        # Fail open: if the sidecar is down, slow or errors, traffic flows unobserved.
+        "failure_mode_allow": True,
+        "message_timeout": f"{message_timeout_ms / 1000:g}s",
+        # The sidecar picks the response body mode per response (STREAMED for LLM APIs, NONE else).
+        "allow_mode_override": True,
+        "processing_mode": {
+            "request_header_mode": "SEND",
+            "response_header_mode": "SEND",
+            # Up to the buffer limit, then the prefix only: no 413 for large request bodies.
+            "request_body_mode": "BUFFERED_PARTIAL",
+            "response_body_mode": "NONE",
+            "request_trailer_mode": "SKIP",
+            "response_trailer_mode": "SKIP",
+        },
+        "metadata_options": {
+            "forwarding_namespaces": {"untyped": [JWT_NAMESPACE]},
+            # Without this Envoy silently drops the metadata the sidecar returns.
+            "receiving_namespaces": {"untyped": [namespace]},
+        },
+    }
+    if observability_mode:
+        cfg["observability_mode"] = True
+        cfg["processing_mode"]["response_body_mode"] = "STREAMED"
+        cfg["processing_mode"]["request_body_mode"] = "STREAMED"
+        cfg.pop("allow_mode_override")
+        cfg.pop("message_timeout")
+    return cfg
+
+
+def jwt_filter(jwks_json: str) -> dict[str, Any]:
+    return {
+        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
+        "providers": {
+            # Any token signed by a key of the JWKS is accepted, whatever its issuer (no audience
+            # check). Its claims land in dynamic metadata under "principal".
+            "local": {
+                "local_jwks": {"inline_string": jwks_json},
+                "forward": True,
+                "payload_in_metadata": "principal",
+            }
+        },
+        # Observability must not gate traffic: a request with no token, or a token that fails to
+        # verify (e.g. an "sk-..." API key in Authorization), still passes, just with no claims.
+        # Only a verified token sets principal.*, so labels cannot be forged.
+        "rules": [
+            {
+                "match": {"prefix": "/"},
+                "requires": {"requires_any": {"requirements": [{"provider_name": "local"}, {"allow_missing_or_failed": {}}]}},
+            }
+        ],
+    }
+
+
+def bootstrap(
+    *,
+    upstreams: list[Upstream],
+    listen: str = "127.0.0.1:10000",
+    extproc: str | None = "127.0.0.1:18080",
+    jwks_json: str | None = None,
+    access_log: str = "/dev/stdout",
+    admin: str | None = None,
+    namespace: str = DEFAULT_NAMESPACE,
+    message_timeout_ms: int = 500,
+    observability_mode: bool = False,
+) -> dict[str, Any]:
+    """A complete Envoy bootstrap. ``extproc=None`` builds the same proxy without the sidecar."""
+    http_filters: list[dict[str, Any]] = []
+    if jwks_json is not None:
+        http_filters.append({"name": JWT_NAMESPACE, "typed_config": jwt_filter(jwks_json)})
+    if extproc is not None:
+        http_filters.append(
+            {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc_filter(namespace, message_timeout_ms, observability_mode)}
+        )
+    http_filters.append(
+        {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+    )
+    routes = []
+    for up in upstreams:
+        r: dict[str, Any] = {
+            "match": {"prefix": up.prefix},
+            "route": {"cluster": up.cluster, "timeout": "600s", "auto_host_rewrite": True},
+        }
+        if up.provider and extproc is not None:
+            r["typed_per_filter_config"] = {
+                "envoy.filters.http.ext_proc": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
+                    "overrides": {"grpc_initial_metadata": [{"key": "x-llm-provider", "value": up.provider}]},
+                }
+            }
+        routes.append(r)
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "llm",
+        "access_log": [
+            {
+                "name": "envoy.access_loggers.file",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
+                    "path": access_log,
+                    "log_format": {"json_format": access_log_format(namespace)},
+                },
+            }
+        ],
+        "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
+        "http_filters": http_filters,
+    }
+    clusters: dict[str, dict[str, Any]] = {}
+    for up in upstreams:
+        clusters.setdefault(up.cluster, _cluster(up))
+    if extproc is not None:
+        clusters["ext_proc"] = {
+            "name": "ext_proc",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            # ext_proc is gRPC: the cluster must speak HTTP/2.
+            "typed_extension_protocol_options": {
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}},
+                }
+            },
+            # Every in-flight LLM call holds one stream: raise the default 1024 limits.
+            "circuit_breakers": {"thresholds": [{"max_requests": 100000, "max_pending_requests": 100000, "max_connections": 1000}]},
+            "load_assignment": {"cluster_name": "ext_proc", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(extproc)}}]}]},
+        }
+    cfg: dict[str, Any] = {
+        "static_resources": {
+            "listeners": [
+                {
+                    "name": "llm",
+                    "address": _address(listen),
+                    "filter_chains": [
+                        {
+                            "filters": [
+                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
+                            ]
+                        }
+                    ],
+                }
+            ],
+            "clusters": list(clusters.values()),
+        }
+    }
+    if admin is not None:
+        cfg["admin"] = {"address": _address(admin)}
+    return cfg
+
+
+# An example JWKS (public key only) so the reference config validates; replace it with yours.
+EXAMPLE_JWKS = (
+    '{"keys":[{"kty":"RSA","kid":"example","alg":"RS256","use":"sig","e":"AQAB",'
+    '"n":"u1SU1LfVLPHCozMxH2Mo4lgOEePzNm0tRgeLezV6ffAt0gunVTLw7onLRnrq0_IzW7yWR7QkrmBL7jTKEn5u-qKhbwKfBstIs-bMY2Zkp18gnTxKLxoS2tFczGkPLPgizskuemMghRniWaoLcyehkd3qqGElvW_VDL5AaWTg0nLVkjRo9z-40RQzuVaE8AkAFmxZzow3x-VJYKdjykkJ0iT9wCS0DRTXu269V264Vf_3jvredZiKRkgwlL9xNAwxXFg0x_XFw005UWVRIkdgcKWTjpBP2dPwVZ4WWC-9aGVd-Gyn1o0CLelf4rEjGoXbAAEgAqeGUxrcIlbjXfbcmw"}]}'
+)
+
+
+def reference() -> dict[str, Any]:
+    """envoy/envoy.yaml: Envoy in front of OpenAI and Anthropic, the sidecar beside it."""
+    return bootstrap(
+        listen="0.0.0.0:10000",
+        upstreams=[
+            Upstream("/v1/messages", "https://api.anthropic.com", "anthropic"),
+            Upstream("/", "https://api.openai.com", "openai"),
+        ],
+        extproc="127.0.0.1:18080",
+        jwks_json=EXAMPLE_JWKS,
+        access_log="/dev/stdout",
+        admin="127.0.0.1:9901",
+    )
+
+
+HEADER = """\
+# Reference Envoy config for envoy-ai-extproc. Generated by `make envoy-config` from
+# extproc/envoy_config.py (tests fail if it drifts). Copy it and adapt: upstream clusters, the
+# JWKS, the access-log path. The pieces that matter for the sidecar are commented in the builder:
+# ext_proc's failure_mode_allow, allow_mode_override, metadata_options, and the HTTP/2 ext_proc cluster.
+"""
+
+
+def dump(cfg: dict[str, Any], header: str = "") -> str:
+    return header + yaml.safe_dump(cfg, sort_keys=False, width=120)
