@@ -24,10 +24,9 @@ _sym_db = _symbol_database.Default()
 
 from google.protobuf import any_pb2 as google_dot_protobuf_dot_any__pb2
 from google.protobuf import struct_pb2 as google_dot_protobuf_dot_struct__pb2
-from google.protobuf import wrappers_pb2 as google_dot_protobuf_dot_wrappers__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n extproc/_pb/envoy_api/base.proto\x12\x14\x65nvoy.config.core.v3\x1a\x19google/protobuf/any.proto\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1egoogle/protobuf/wrappers.proto\"\xd1\x02\n\x08Metadata\x12K\n\x0f\x66ilter_metadata\x18\x01 \x03(\x0b\x32\x32.envoy.config.core.v3.Metadata.FilterMetadataEntry\x12V\n\x15typed_filter_metadata\x18\x02 \x03(\x0b\x32\x37.envoy.config.core.v3.Metadata.TypedFilterMetadataEntry\x1aN\n\x13\x46ilterMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\x1aP\n\x18TypedFilterMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any:\x02\x38\x01\"<\n\x0bHeaderValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x11\n\traw_value\x18\x03 \x01(\x0c\"\xb8\x02\n\x11HeaderValueOption\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32!.envoy.config.core.v3.HeaderValue\x12Q\n\rappend_action\x18\x03 \x01(\x0e\x32:.envoy.config.core.v3.HeaderValueOption.HeaderAppendAction\x12\x18\n\x10keep_empty_value\x18\x04 \x01(\x08\"}\n\x12HeaderAppendAction\x12\x1b\n\x17\x41PPEND_IF_EXISTS_OR_ADD\x10\x00\x12\x11\n\rADD_IF_ABSENT\x10\x01\x12\x1e\n\x1aOVERWRITE_IF_EXISTS_OR_ADD\x10\x02\x12\x17\n\x13OVERWRITE_IF_EXISTS\x10\x03J\x04\x08\x02\x10\x03\"?\n\tHeaderMap\x12\x32\n\x07headers\x18\x01 \x03(\x0b\x32!.envoy.config.core.v3.HeaderValueb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n extproc/_pb/envoy_api/base.proto\x12\x14\x65nvoy.config.core.v3\x1a\x19google/protobuf/any.proto\x1a\x1cgoogle/protobuf/struct.proto\"\xd1\x02\n\x08Metadata\x12K\n\x0f\x66ilter_metadata\x18\x01 \x03(\x0b\x32\x32.envoy.config.core.v3.Metadata.FilterMetadataEntry\x12V\n\x15typed_filter_metadata\x18\x02 \x03(\x0b\x32\x37.envoy.config.core.v3.Metadata.TypedFilterMetadataEntry\x1aN\n\x13\x46ilterMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12&\n\x05value\x18\x02 \x01(\x0b\x32\x17.google.protobuf.Struct:\x02\x38\x01\x1aP\n\x18TypedFilterMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12#\n\x05value\x18\x02 \x01(\x0b\x32\x14.google.protobuf.Any:\x02\x38\x01\"<\n\x0bHeaderValue\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\x12\x11\n\traw_value\x18\x03 \x01(\x0c\"\xb8\x02\n\x11HeaderValueOption\x12\x31\n\x06header\x18\x01 \x01(\x0b\x32!.envoy.config.core.v3.HeaderValue\x12Q\n\rappend_action\x18\x03 \x01(\x0e\x32:.envoy.config.core.v3.HeaderValueOption.HeaderAppendAction\x12\x18\n\x10keep_empty_value\x18\x04 \x01(\x08\"}\n\x12HeaderAppendAction\x12\x1b\n\x17\x41PPEND_IF_EXISTS_OR_ADD\x10\x00\x12\x11\n\rADD_IF_ABSENT\x10\x01\x12\x1e\n\x1aOVERWRITE_IF_EXISTS_OR_ADD\x10\x02\x12\x17\n\x13OVERWRITE_IF_EXISTS\x10\x03J\x04\x08\x02\x10\x03\"?\n\tHeaderMap\x12\x32\n\x07headers\x18\x01 \x03(\x0b\x32!.envoy.config.core.v3.HeaderValueb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,18 +37,18 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METADATA_FILTERMETADATAENTRY']._serialized_options = b'8\001'
   _globals['_METADATA_TYPEDFILTERMETADATAENTRY']._loaded_options = None
   _globals['_METADATA_TYPEDFILTERMETADATAENTRY']._serialized_options = b'8\001'
-  _globals['_METADATA']._serialized_start=148
-  _globals['_METADATA']._serialized_end=485
-  _globals['_METADATA_FILTERMETADATAENTRY']._serialized_start=325
-  _globals['_METADATA_FILTERMETADATAENTRY']._serialized_end=403
-  _globals['_METADATA_TYPEDFILTERMETADATAENTRY']._serialized_start=405
-  _globals['_METADATA_TYPEDFILTERMETADATAENTRY']._serialized_end=485
-  _globals['_HEADERVALUE']._serialized_start=487
-  _globals['_HEADERVALUE']._serialized_end=547
-  _globals['_HEADERVALUEOPTION']._serialized_start=550
-  _globals['_HEADERVALUEOPTION']._serialized_end=862
-  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_start=731
-  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_end=856
-  _globals['_HEADERMAP']._serialized_start=864
-  _globals['_HEADERMAP']._serialized_end=927
+  _globals['_METADATA']._serialized_start=116
+  _globals['_METADATA']._serialized_end=453
+  _globals['_METADATA_FILTERMETADATAENTRY']._serialized_start=293
+  _globals['_METADATA_FILTERMETADATAENTRY']._serialized_end=371
+  _globals['_METADATA_TYPEDFILTERMETADATAENTRY']._serialized_start=373
+  _globals['_METADATA_TYPEDFILTERMETADATAENTRY']._serialized_end=453
+  _globals['_HEADERVALUE']._serialized_start=455
+  _globals['_HEADERVALUE']._serialized_end=515
+  _globals['_HEADERVALUEOPTION']._serialized_start=518
+  _globals['_HEADERVALUEOPTION']._serialized_end=830
+  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_start=699
+  _globals['_HEADERVALUEOPTION_HEADERAPPENDACTION']._serialized_end=824
+  _globals['_HEADERMAP']._serialized_start=832
+  _globals['_HEADERMAP']._serialized_end=895
 # @@protoc_insertion_point(module_scope)
