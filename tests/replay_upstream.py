@@ -3,7 +3,7 @@
 Request headers choose the behaviour:
 - ``x-fixture: NAME``: the recording to replay (status, content type, body).
 - ``x-chunk-delay-ms``: pause between streamed chunks (SSE events / eventstream frames).
-- ``x-gate: ID``: hold the last chunk until the test calls ``open_gate(ID)``.
+- ``x-gate: ID``: send the first chunk, hold the rest until the test calls ``open_gate(ID)``.
 - ``x-encode: gzip|br|zstd|deflate``: compress the body (streamed compressors flush per chunk).
 - ``x-status: N`` with ``x-body``: a synthetic response (error cases).
 - ``x-reset-after: N``: send N chunks, then drop the connection (upstream reset).
@@ -134,7 +134,7 @@ class ReplayUpstream:
             if i == reset_after:
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
-            if gate and i == len(chunks) - 1:
+            if gate and i == 1:
                 await self._gate(gate).wait()
             await resp.write(enc.chunk(chunk) if enc else chunk)
             if delay and i < len(chunks) - 1:
