@@ -39,11 +39,16 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
+# Token counts travel as doubles in Envoy's Struct metadata: beyond 2**53 they stop being exact.
+MAX_TOKENS = 2**53 - 1
+
+
 def as_int(value: Any) -> int | None:
-    """A token count as the provider sent it, if it is a sane integer (bool and negatives refused)."""
-    if type(value) is int and value >= 0:
+    """A token count as the provider sent it, if it is a sane integer (bool, negatives, fractions
+    and absurdly large values refused)."""
+    if type(value) is int and 0 <= value <= MAX_TOKENS:
         return value
-    if type(value) is float and value.is_integer() and value >= 0:
+    if type(value) is float and value.is_integer() and 0 <= value <= MAX_TOKENS:
         return int(value)
     return None
 
