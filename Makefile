@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test protos envoy-config bench clean
+.PHONY: install run test protos envoy-config bench soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -31,3 +31,7 @@ envoy-config: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
+
+# 10 minutes of mixed traffic with client aborts; prints expected vs counted tokens and RSS.
+soak: $(STAMP)
+	$(PY) bench/soak.py $(SOAK_ARGS)
