@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from extproc import trace_settings
 from extproc.call import Call, CallObserver
 from extproc.config import Config
 
@@ -28,4 +29,9 @@ class CallLog:
 
 
 def observers(config: Config) -> list[CallObserver]:
-    return [CallLog()]
+    out: list[CallObserver] = [CallLog()]
+    if trace_settings.enabled(config.tracing):
+        from extproc.tracing import Tracer  # the OTel SDK loads only when tracing is on
+
+        out.append(Tracer(config.tracing))
+    return out
