@@ -6,6 +6,7 @@ import logging
 from extproc import trace_settings
 from extproc.call import Call, CallObserver
 from extproc.config import Config
+from extproc.mcp_metrics import McpMetrics
 
 log = logging.getLogger("extproc.calls")
 
@@ -29,7 +30,7 @@ class CallLog:
 
 
 def observers(config: Config) -> list[CallObserver]:
-    out: list[CallObserver] = [CallLog()]
+    out: list[CallObserver] = [CallLog(), McpMetrics()]
     if trace_settings.enabled(config.tracing):
         from extproc.tracing import Tracer  # the OTel SDK loads only when tracing is on
 

@@ -114,8 +114,8 @@ class Tracer:
         self.field_errors = 0
 
     def on_call_end(self, call: Call) -> None:
-        if call.api == "unknown":
-            return  # not an LLM or MCP call: Envoy's own tracing covers plain HTTP
+        if call.api == "unknown" or (call.api == "mcp" and "mcp.method" not in call.obs.extra):
+            return  # not an LLM call or JSON-RPC request: Envoy's own tracing covers plain HTTP
         attrs = span_attributes(call, self.wants_content, self.max_chars)
         if self.remove_exact or self.remove_prefix:
             attrs = {k: v for k, v in attrs.items() if k not in self.remove_exact and not k.startswith(self.remove_prefix)}
