@@ -30,6 +30,7 @@ import cel
 import orjson
 
 VARIABLES = frozenset({"llm", "jwt", "request", "response", "mcp"})
+_MACRO_VAR = re.compile(r"\.\s*(?:map|filter|all|exists|exists_one)\s*\(\s*([A-Za-z_]\w*)\s*,")  # l.map(x, ...)
 _FLATTEN = re.compile(r"^\s*(flatten|flatten_recursive)\s*\((.*)\)\s*$", re.S)
 # What a failing expression raises at evaluation (missing key, bad operand, division by zero...).
 EVAL_ERRORS = (KeyError, IndexError, TypeError, ValueError, ArithmeticError, RuntimeError)
@@ -58,7 +59,7 @@ def compile_field(expr: str) -> tuple[Any, int, frozenset[str]]:
     except (ValueError, RuntimeError) as e:
         raise ValueError(f"invalid CEL expression: {_first_line(e)}") from None
     used = frozenset(program.variables())
-    unknown = used - VARIABLES
+    unknown = used - VARIABLES - set(_MACRO_VAR.findall(expr))
     if unknown:
         raise ValueError(f"unknown variable {sorted(unknown)[0]!r} (known: {', '.join(sorted(VARIABLES))})")
     return program, flatten, used
