@@ -3,8 +3,10 @@ from __future__ import annotations
 
 import logging
 
+from extproc import trace_settings
 from extproc.call import Call, CallObserver
 from extproc.config import Config
+from extproc.mcp_metrics import McpMetrics
 
 log = logging.getLogger("extproc.calls")
 
@@ -28,4 +30,9 @@ class CallLog:
 
 
 def observers(config: Config) -> list[CallObserver]:
-    return [CallLog()]
+    out: list[CallObserver] = [CallLog(), McpMetrics()]
+    if trace_settings.enabled(config.tracing):
+        from extproc.tracing import Tracer  # the OTel SDK loads only when tracing is on
+
+        out.append(Tracer(config.tracing))
+    return out

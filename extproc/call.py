@@ -23,6 +23,7 @@ class Call:
     host: str = ""
     headers: dict[str, str] = field(default_factory=dict)  # request headers, lower-case keys
     forwarded: Any = None  # metadata_context.filter_metadata Envoy forwarded (jwt_authn claims)
+    trace_context: dict[str, str] = field(default_factory=dict)  # traceparent Envoy's tracing put on the gRPC stream
     status: int = 0
     outcome: str = ""
     start_time_ns: int = 0  # wall clock, for spans

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 from pydantic.alias_generators import to_camel
 
 DEFAULT_NAMESPACE = "ai.gateway.kgateway.dev"
@@ -69,6 +69,49 @@ class LoggingConfig(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
 
 
+def _cel(expr: str) -> str:
+    from extproc.trace_fields import compile_field  # only configs that use fields pay for CEL
+
+    compile_field(expr)  # raises ValueError with the parser's first line
+    return expr
+
+
+CelExpression = Annotated[str, AfterValidator(_cel)]
+
+
+class TracingFields(_Section):
+    """Span attribute customisation: ``remove`` default attributes, ``add`` CEL-computed ones."""
+
+    add: dict[str, CelExpression] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)  # exact names, or a prefix ending in ".*"
+
+
+class TracingConfig(_Section):
+    """OTLP traces; owned by ``extproc.tracing``. Off unless an endpoint is set here or in
+    ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``. Unset keys fall back to the standard OTEL_* variables."""
+
+    otlp_endpoint: str | None = None  # grpc: host:port or http(s)://host:port; http: base or full /v1/traces URL
+    otlp_protocol: Literal["grpc", "http"] | None = None  # default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. {authorization: "Basic ..."}
+    random_sampling: bool | float | None = None  # true/false or a ratio; default OTEL_TRACES_SAMPLER
+    service_name: str | None = None  # default OTEL_SERVICE_NAME, else envoy-ai-extproc
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    capture_content: bool = False  # prompts and completions on spans (gen_ai.input/output.messages)
+    max_content_chars: int = Field(16384, ge=0)  # cap on captured text per call (input, output each)
+    max_queue_size: int = Field(2048, ge=1)  # spans waiting for export; beyond it they are dropped
+    max_export_batch_size: int = Field(512, ge=1)
+    schedule_delay_ms: int = Field(1000, ge=1)
+    export_timeout_ms: int = Field(10000, ge=1)
+    fields: TracingFields = Field(default_factory=TracingFields)
+
+    @field_validator("random_sampling")
+    @classmethod
+    def _ratio(cls, v: bool | float | None) -> bool | float | None:
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError("a ratio must be between 0 and 1")
+        return v
+
+
 class Config(_Section):
     listen: str = DEFAULT_LISTEN  # host:port, or unix:/path/to.sock
     metadata: MetadataConfig = Field(default_factory=MetadataConfig)
@@ -76,6 +119,7 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
 
     @field_validator("listen")
     @classmethod
@@ -103,6 +147,8 @@ def parse(data: Any, source: str = "config") -> Config:
         msg = err["msg"]
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
+        elif err["type"] == "value_error":
+            msg = str(err["ctx"]["error"])  # our validators' own words, without pydantic's prefix
         raise ConfigError(f"{source}: {key}: {msg}") from None
 
 

@@ -169,8 +169,14 @@ def bootstrap(
     namespace: str = DEFAULT_NAMESPACE,
     message_timeout_ms: int = 500,
     observability_mode: bool = False,
+    tracing_otlp: str | None = None,
+    tracing_service_name: str = "envoy",
 ) -> dict[str, Any]:
-    """A complete Envoy bootstrap. ``extproc=None`` builds the same proxy without the sidecar."""
+    """A complete Envoy bootstrap. ``extproc=None`` builds the same proxy without the sidecar.
+
+    ``tracing_otlp`` (a collector's ``host:port``, OTLP/gRPC) turns on Envoy's own OpenTelemetry
+    tracing: Envoy's spans and the sidecar's then share one trace (the ext_proc stream carries
+    Envoy's ``traceparent``, and the sidecar parents its span on it)."""
     http_filters: list[dict[str, Any]] = []
     if jwks_json is not None:
         http_filters.append({"name": JWT_NAMESPACE, "typed_config": jwt_filter(jwks_json)})
@@ -211,6 +217,8 @@ def bootstrap(
         "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
         "http_filters": http_filters,
     }
+    if tracing_otlp is not None:
+        hcm["tracing"] = envoy_tracing(tracing_service_name)
     clusters: dict[str, dict[str, Any]] = {}
     for up in upstreams:
         clusters.setdefault(up.cluster, _cluster(up))
@@ -230,6 +238,8 @@ def bootstrap(
             "circuit_breakers": {"thresholds": [{"max_requests": 100000, "max_pending_requests": 100000, "max_connections": 1000}]},
             "load_assignment": {"cluster_name": "ext_proc", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(extproc)}}]}]},
         }
+    if tracing_otlp is not None:
+        clusters["otel_collector"] = _grpc_cluster("otel_collector", tracing_otlp)
     cfg: dict[str, Any] = {
         "static_resources": {
             "listeners": [
@@ -251,6 +261,37 @@ def bootstrap(
     if admin is not None:
         cfg["admin"] = {"address": _address(admin)}
     return cfg
+
+
+def envoy_tracing(service_name: str = "envoy") -> dict[str, Any]:
+    """HCM ``tracing``: Envoy's OpenTelemetry tracer, exporting to the ``otel_collector`` cluster."""
+    return {
+        "random_sampling": {"value": 100},  # an incoming traceparent's sampled flag still decides
+        "spawn_upstream_span": True,
+        "provider": {
+            "name": "envoy.tracers.opentelemetry",
+            "typed_config": {
+                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
+                "grpc_service": {"envoy_grpc": {"cluster_name": "otel_collector"}, "timeout": "1s"},
+                "service_name": service_name,
+            },
+        },
+    }
+
+
+def _grpc_cluster(name: str, address: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "type": "STATIC" if _is_ip(address.rpartition(":")[0].strip("[]")) else "STRICT_DNS",
+        "connect_timeout": "1s",
+        "typed_extension_protocol_options": {
+            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                "explicit_http_config": {"http2_protocol_options": {}},
+            }
+        },
+        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(address)}}]}]},
+    }
 
 
 # An example JWKS (public key only) so the reference config validates; replace it with yours.

@@ -3,6 +3,7 @@
 Usage is deterministic: prompt tokens = words in the request's messages/prompt/input, completion
 tokens = words in the reply (``x-mock-words``, default 12). Streams send one word per chunk every
 ``x-mock-chunk-ms`` milliseconds (default 20) and honour ``stream_options.include_usage``.
+``x-mock-status: 429`` (any status >= 400) answers chat/completions with an OpenAI-style error body.
 Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, the Azure
 ``/openai/deployments/{name}/...`` forms of the first three, and /healthz.
 """
@@ -50,8 +51,17 @@ async def _stream(request: web.Request, chunks: list[bytes]) -> web.StreamRespon
     return resp
 
 
+def _error(status: int) -> web.Response:
+    kind = {400: "invalid_request_error", 401: "authentication_error", 429: "rate_limit_exceeded"}.get(status, "server_error")
+    err = {"error": {"message": f"mock error {status}", "type": kind, "param": None, "code": kind}}
+    return web.json_response(err, status=status)
+
+
 async def chat(request: web.Request) -> web.StreamResponse:
     body = await request.json()
+    status = int(request.headers.get("x-mock-status", "200"))
+    if status >= 400:
+        return _error(status)
     model = body.get("model") or request.match_info.get("deployment") or "mock-model"
     legacy = request.path.endswith("/completions") and not request.path.endswith("/chat/completions")
     prompt = _words(body.get("prompt") if legacy else body.get("messages"))

@@ -58,17 +58,21 @@ class Processor:
         self.namespace = config.metadata.namespace
         self.provider_key = config.providers.header.lower()
         lim = config.limits
-        self.limits = Limits(max_body_bytes=lim.max_body_bytes, max_event_bytes=lim.max_event_bytes)
+        self.limits = Limits(max_body_bytes=lim.max_body_bytes, max_event_bytes=lim.max_event_bytes,
+                             max_capture_chars=config.tracing.max_content_chars)
         self.max_decoded = lim.max_decoded_bytes
         routes = default_routes()
         self.router = Router(routes, extra=_config_routes(config, routes))
         self.observers = list(observers)
-        self.capture = False  # content capture, switched on by tracing config
+        # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
+        self.capture = any(getattr(o, "wants_content", False) for o in self.observers)
         self.active = 0  # streams in flight (tests check it returns to 0)
         self.internal_errors = 0
 
     async def Process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[bytes]:
-        stream = Stream(self, _provider_from_grpc(context.invocation_metadata(), self.provider_key))
+        md = context.invocation_metadata()
+        stream = Stream(self, _provider_from_grpc(md, self.provider_key))
+        _trace_from_grpc(md, stream.call.trace_context)
         self.active += 1
         try:
             async for req in requests:
@@ -93,6 +97,13 @@ def _provider_from_grpc(md: Iterable[tuple[str, Any]] | None, key: str) -> str |
         if k == key:
             return v.decode() if isinstance(v, bytes) else v
     return None
+
+
+def _trace_from_grpc(md: Iterable[tuple[str, Any]] | None, out: dict[str, str]) -> None:
+    """W3C trace context Envoy's tracing injects into the ext_proc stream (when it traces)."""
+    for k, v in md or ():
+        if k == "traceparent" or k == "tracestate":
+            out[k] = v.decode() if isinstance(v, bytes) else v
 
 
 def _config_routes(config: Config, routes: list[Route]) -> list[Route]:

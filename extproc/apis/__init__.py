@@ -8,6 +8,6 @@ from extproc.routing import Route
 
 
 def all_routes() -> list[Route]:
-    from extproc.apis import openai
+    from extproc.apis import mcp, openai
 
-    return [*openai.ROUTES]
+    return [*mcp.ROUTES, *openai.ROUTES]
