@@ -70,9 +70,8 @@ class Processor:
         self.internal_errors = 0
 
     async def Process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[bytes]:
-        md = context.invocation_metadata()
-        stream = Stream(self, _provider_from_grpc(md, self.provider_key))
-        _trace_from_grpc(md, stream.call.trace_context)
+        stream = Stream(self, None)
+        _read_grpc_metadata(context.invocation_metadata(), self.provider_key, stream)
         self.active += 1
         try:
             async for req in requests:
@@ -92,18 +91,14 @@ class Processor:
                 log.exception("observer %s failed", type(observer).__name__)
 
 
-def _provider_from_grpc(md: Iterable[tuple[str, Any]] | None, key: str) -> str | None:
+def _read_grpc_metadata(md: Iterable[tuple[str, Any]] | None, provider_key: str, stream: Stream) -> None:
+    """One pass over the stream's gRPC metadata: the per-route provider (``grpc_initial_metadata``)
+    and the W3C trace context Envoy's tracing injects when it traces."""
     for k, v in md or ():
-        if k == key:
-            return v.decode() if isinstance(v, bytes) else v
-    return None
-
-
-def _trace_from_grpc(md: Iterable[tuple[str, Any]] | None, out: dict[str, str]) -> None:
-    """W3C trace context Envoy's tracing injects into the ext_proc stream (when it traces)."""
-    for k, v in md or ():
-        if k == "traceparent" or k == "tracestate":
-            out[k] = v.decode() if isinstance(v, bytes) else v
+        if k == provider_key:
+            stream._grpc_provider = v.decode() if isinstance(v, bytes) else v
+        elif k == "traceparent" or k == "tracestate":
+            stream.call.trace_context[k] = v.decode() if isinstance(v, bytes) else v
 
 
 def _config_routes(config: Config, routes: list[Route]) -> list[Route]:
