@@ -76,6 +76,10 @@ class Config(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    # SIGTERM: health turns NOT_SERVING, no new streams are accepted, and the streams in flight get
+    # this long to finish (their metrics are recorded) before they are cancelled and we exit 0.
+    # Keep it below Kubernetes' terminationGracePeriodSeconds (minus any preStop sleep).
+    shutdown_grace_seconds: float = Field(20.0, ge=0, le=3600)
 
     @field_validator("listen")
     @classmethod
