@@ -25,9 +25,12 @@ test: $(STAMP)
 protos: $(STAMP)
 	$(PY) protos/generate.py
 
-# Regenerate envoy/envoy.yaml from extproc/envoy_config.py (tests check they agree).
+# Regenerate the Envoy configs from extproc/envoy_config.py (tests check they agree):
+# envoy/envoy.yaml (reference), envoy/envoy-compose.yaml, deploy/kubernetes/envoy.yaml.
 envoy-config: $(STAMP)
 	$(VENV)/bin/extproc envoy-config > envoy/envoy.yaml
+	$(VENV)/bin/extproc envoy-config --variant compose > envoy/envoy-compose.yaml
+	$(VENV)/bin/extproc envoy-config --variant kubernetes > deploy/kubernetes/envoy.yaml
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

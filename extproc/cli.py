@@ -51,7 +51,7 @@ def _health(args: argparse.Namespace) -> int:
 def _envoy_config(args: argparse.Namespace) -> int:
     from extproc import envoy_config
 
-    sys.stdout.write(envoy_config.dump(envoy_config.reference(), envoy_config.HEADER))
+    sys.stdout.write(envoy_config.render(args.variant))
     return 0
 
 
@@ -84,7 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     h.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     h.set_defaults(func=_health)
 
-    e = sub.add_parser("envoy-config", help="print the reference Envoy config")
+    e = sub.add_parser("envoy-config", help="print the reference Envoy config (or another --variant)")
+    e.add_argument("--variant", default="reference", choices=["reference", "compose", "kubernetes"],
+                   help="reference: envoy/envoy.yaml; compose: envoy/envoy-compose.yaml; kubernetes: deploy/kubernetes/envoy.yaml")
     e.set_defaults(func=_envoy_config)
 
     args = ap.parse_args(argv)
