@@ -20,9 +20,10 @@ SERVICES = ("", EXT_PROC_SERVICE)
 class Health:
     """The health servicer of one worker; starts NOT_SERVING until :meth:`serving`."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
+    def __init__(self, *servers: grpc.aio.Server) -> None:
         self._servicer = health_aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
+        for server in servers:
+            health_pb2_grpc.add_HealthServicer_to_server(self._servicer, server)
 
     async def not_ready(self) -> None:
         for service in SERVICES:
@@ -35,6 +36,14 @@ class Health:
     async def draining(self) -> None:
         """NOT_SERVING for good (later ``set`` calls are ignored); Watch streams are told."""
         await self._servicer.enter_graceful_shutdown()
+
+
+def health_only_server(address: str) -> grpc.aio.Server:
+    """A server for ``healthListen``: the health service only (add it with :class:`Health`)."""
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1)])
+    if server.add_insecure_port(address) == 0:
+        raise OSError(f"cannot listen on {address} (healthListen)")
+    return server
 
 
 def probe_target(listen: str) -> str:

@@ -21,7 +21,7 @@ import grpc
 from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.call import CallObserver
 from extproc.config import Config
-from extproc.health import Health
+from extproc.health import Health, health_only_server
 from extproc.processor import Processor
 
 log = logging.getLogger("extproc")
@@ -57,8 +57,11 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
     grace = config.shutdown_grace_seconds if grace is None else grace
     processor = Processor(config, observers)
     server = build_server(processor, config.listen)
-    health = Health(server)
+    health_server = health_only_server(config.health_listen) if config.health_listen else None
+    health = Health(server, *([health_server] if health_server else []))
     await health.not_ready()
+    if health_server is not None:
+        await health_server.start()
     await server.start()
     await health.serving()
     log.info("ext_proc listening", extra={"address": config.listen, "pid": os.getpid()})
@@ -70,6 +73,8 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     await drain(server, health, processor, grace)
+    if health_server is not None:
+        await health_server.stop(0)
     log.info("stopped", extra={"pid": os.getpid()})
 
 

@@ -19,6 +19,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fixtures import load
+from extproc.dev import free_port
 from harness import Stack
 
 pytestmark = pytest.mark.integration
@@ -62,8 +63,10 @@ def test_health_cli_serving_and_down(tmp_path, replay):
 @pytest.mark.parametrize("workers", [1, 2])
 def test_sigterm_lets_the_stream_in_flight_finish(tmp_path, replay, workers):
     rec = load(STREAM)
-    sidecar = {"shutdownGraceSeconds": 15, "logging": {"level": "debug"}}
+    health_port = free_port()
+    sidecar = {"shutdownGraceSeconds": 15, "logging": {"level": "debug"}, "healthListen": f"127.0.0.1:{health_port}"}
     with Stack(tmp_path, replay.url, sidecar_config=sidecar, workers=workers) as s:
+        assert _health_cli("--address", f"127.0.0.1:{health_port}").returncode == 0
         channel = grpc.insecure_channel(f"127.0.0.1:{s.sidecar_port}")
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
         gate, rid = str(uuid.uuid4()), str(uuid.uuid4())
@@ -81,6 +84,9 @@ def test_sigterm_lets_the_stream_in_flight_finish(tmp_path, replay, workers):
             time.sleep(0.3)
             assert s.sidecar.poll() is None, "exited with a stream in flight"
             assert _health_cli("--address", f"127.0.0.1:{s.sidecar_port}", "--timeout", "1").returncode == 1
+            if workers == 1:  # the healthListen port still answers while draining: NOT_SERVING
+                p = _health_cli("--address", f"127.0.0.1:{health_port}", "--timeout", "1")
+                assert p.returncode == 1 and p.stderr.strip() == "NOT_SERVING"
 
             # A request that starts while draining is served (fail open), just not observed.
             rid2 = str(uuid.uuid4())
