@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test protos envoy-config bench soak clean
+.PHONY: install run test protos envoy-config deploy-rules bench soak clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,9 +25,16 @@ test: $(STAMP)
 protos: $(STAMP)
 	$(PY) protos/generate.py
 
-# Regenerate envoy/envoy.yaml from extproc/envoy_config.py (tests check they agree).
+# Regenerate the Envoy configs from extproc/envoy_config.py (tests check they agree):
+# envoy/envoy.yaml (reference), envoy/envoy-compose.yaml, deploy/kubernetes/envoy.yaml.
 envoy-config: $(STAMP)
 	$(VENV)/bin/extproc envoy-config > envoy/envoy.yaml
+	$(VENV)/bin/extproc envoy-config --variant compose > envoy/envoy-compose.yaml
+	$(VENV)/bin/extproc envoy-config --variant kubernetes > deploy/kubernetes/envoy.yaml
+
+# Regenerate deploy/kubernetes/prometheusrule.yaml from deploy/prometheus/alerts.yml (tests check).
+deploy-rules: $(STAMP)
+	$(PY) deploy/render_rules.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,4 +1,4 @@
-"""Command line: ``extproc serve``, ``extproc dev``, ``extproc mock-llm``, ``extproc envoy-config``."""
+"""Command line: ``extproc serve``, ``extproc dev``, ``extproc mock-llm``, ``extproc health``, ``extproc envoy-config``."""
 from __future__ import annotations
 
 import argparse
@@ -32,10 +32,26 @@ def _serve(args: argparse.Namespace) -> int:
         return 1
 
 
+def _health(args: argparse.Namespace) -> int:
+    """Exit 0 if the sidecar answers SERVING, else 1 (Docker HEALTHCHECK, exec probes)."""
+    from extproc import config, health
+
+    address = args.address
+    if address is None:
+        try:
+            address = config.load(args.config).listen  # no --config: the default listen address
+        except ConfigError as e:
+            print(f"extproc: {e}", file=sys.stderr)
+            return 2
+    ok, status = health.check(health.probe_target(address), args.service, args.timeout)
+    print(status, file=sys.stdout if ok else sys.stderr)
+    return 0 if ok else 1
+
+
 def _envoy_config(args: argparse.Namespace) -> int:
     from extproc import envoy_config
 
-    sys.stdout.write(envoy_config.dump(envoy_config.reference(), envoy_config.HEADER))
+    sys.stdout.write(envoy_config.render(args.variant))
     return 0
 
 
@@ -61,7 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--port", type=int, default=8000)
     m.set_defaults(func=lambda a: __import__("extproc.mock_llm", fromlist=["main"]).main(["--host", a.host, "--port", str(a.port)]) or 0)
 
-    e = sub.add_parser("envoy-config", help="print the reference Envoy config")
+    h = sub.add_parser("health", help="ask a running sidecar's gRPC health service; exit 0 if SERVING")
+    h.add_argument("--address", help="host:port or unix:/path (default: 'listen' of --config, else 127.0.0.1:18080)")
+    h.add_argument("--config", help="sidecar config file to read 'listen' from")
+    h.add_argument("--service", default="", help="service name to ask about (default: the whole server)")
+    h.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    h.set_defaults(func=_health)
+
+    e = sub.add_parser("envoy-config", help="print the reference Envoy config (or another --variant)")
+    e.add_argument("--variant", default="reference", choices=["reference", "compose", "kubernetes"],
+                   help="reference: envoy/envoy.yaml; compose: envoy/envoy-compose.yaml; kubernetes: deploy/kubernetes/envoy.yaml")
     e.set_defaults(func=_envoy_config)
 
     args = ap.parse_args(argv)

@@ -114,16 +114,26 @@ class TracingConfig(_Section):
 
 class Config(_Section):
     listen: str = DEFAULT_LISTEN  # host:port, or unix:/path/to.sock
+    # Optional second address serving only grpc.health.v1 (the ext_proc address serves it too).
+    # For Kubernetes' grpc probes, which dial the pod IP, while ext_proc stays on loopback. During
+    # a drain it keeps answering (NOT_SERVING) until the ext_proc server has stopped.
+    health_listen: str | None = None
     metadata: MetadataConfig = Field(default_factory=MetadataConfig)
     providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     stats: StatsConfig = Field(default_factory=StatsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    # SIGTERM: health turns NOT_SERVING, no new streams are accepted, and the streams in flight get
+    # this long to finish (their metrics are recorded) before they are cancelled and we exit 0.
+    # Keep it below Kubernetes' terminationGracePeriodSeconds (minus any preStop sleep).
+    shutdown_grace_seconds: float = Field(20.0, ge=0, le=3600)
 
-    @field_validator("listen")
+    @field_validator("listen", "health_listen")
     @classmethod
-    def _listen(cls, v: str) -> str:
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
         if v.startswith("unix:"):
             if len(v) <= 5:
                 raise ValueError("unix: needs a socket path")

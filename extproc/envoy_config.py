@@ -166,6 +166,7 @@ def bootstrap(
     jwks_json: str | None = None,
     access_log: str = "/dev/stdout",
     admin: str | None = None,
+    ops_listen: str | None = None,
     namespace: str = DEFAULT_NAMESPACE,
     message_timeout_ms: int = 500,
     observability_mode: bool = False,
@@ -176,7 +177,11 @@ def bootstrap(
 
     ``tracing_otlp`` (a collector's ``host:port``, OTLP/gRPC) turns on Envoy's own OpenTelemetry
     tracing: Envoy's spans and the sidecar's then share one trace (the ext_proc stream carries
-    Envoy's ``traceparent``, and the sidecar parents its span on it)."""
+    Envoy's ``traceparent``, and the sidecar parents its span on it).
+
+    ``ops_listen`` (needs ``admin``) adds a listener exposing only the admin's ``/ready`` and
+    ``/stats/prometheus``, so the admin itself (which can stop Envoy) stays on loopback.
+    """
     http_filters: list[dict[str, Any]] = []
     if jwks_json is not None:
         http_filters.append({"name": JWT_NAMESPACE, "typed_config": jwt_filter(jwks_json)})
@@ -223,9 +228,12 @@ def bootstrap(
     for up in upstreams:
         clusters.setdefault(up.cluster, _cluster(up))
     if extproc is not None:
+        by_name = not extproc.startswith("unix:") and not _is_ip(extproc.rpartition(":")[0].strip("[]"))
         clusters["ext_proc"] = {
             "name": "ext_proc",
-            "type": "STATIC",
+            # A service name (docker compose: extproc:18080) is resolved, and re-resolved, by DNS.
+            "type": "STRICT_DNS" if by_name else "STATIC",
+            **({"dns_lookup_family": "V4_PREFERRED"} if by_name else {}),
             "connect_timeout": "1s",
             # ext_proc is gRPC: the cluster must speak HTTP/2.
             "typed_extension_protocol_options": {
@@ -240,6 +248,17 @@ def bootstrap(
         }
     if tracing_otlp is not None:
         clusters["otel_collector"] = _grpc_cluster("otel_collector", tracing_otlp)
+    listeners: list[dict[str, Any]] = []
+    if ops_listen is not None:
+        if admin is None:
+            raise ValueError("ops_listen needs an admin address")
+        listeners.append(_ops_listener(ops_listen))
+        clusters["envoy_admin"] = {
+            "name": "envoy_admin",
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": "envoy_admin", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(admin)}}]}]},
+        }
     cfg: dict[str, Any] = {
         "static_resources": {
             "listeners": [
@@ -254,7 +273,7 @@ def bootstrap(
                         }
                     ],
                 }
-            ],
+            ] + listeners,
             "clusters": list(clusters.values()),
         }
     }
@@ -294,6 +313,28 @@ def _grpc_cluster(name: str, address: str) -> dict[str, Any]:
     }
 
 
+def _ops_listener(addr: str) -> dict[str, Any]:
+    """Readiness and Prometheus stats for kubelet/Prometheus, proxied to the loopback admin."""
+    routes = [
+        {"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
+         "route": {"cluster": "envoy_admin"}}
+        for path in ("/ready", "/stats/prometheus")
+    ]
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "ops",
+        "route_config": {"name": "ops", "virtual_hosts": [{"name": "ops", "domains": ["*"], "routes": routes}]},
+        "http_filters": [
+            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+        ],
+    }
+    return {
+        "name": "ops",
+        "address": _address(addr),
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }
+
+
 # An example JWKS (public key only) so the reference config validates; replace it with yours.
 EXAMPLE_JWKS = (
     '{"keys":[{"kty":"RSA","kid":"example","alg":"RS256","use":"sig","e":"AQAB",'
@@ -316,6 +357,33 @@ def reference() -> dict[str, Any]:
     )
 
 
+def compose() -> dict[str, Any]:
+    """envoy/envoy-compose.yaml: docker-compose.yaml's Envoy; peers are reached by service name."""
+    return bootstrap(
+        listen="0.0.0.0:10000",
+        upstreams=[Upstream("/", "http://mock-llm:8000", "openai")],
+        extproc="extproc:18080",  # deploy/compose/extproc.yaml listens on 0.0.0.0:18080
+        access_log="/dev/stdout",  # `docker compose logs envoy`
+        admin="0.0.0.0:9901",  # Prometheus scrapes /stats/prometheus; published on host loopback only
+    )
+
+
+def kubernetes() -> dict[str, Any]:
+    """deploy/kubernetes/envoy.yaml: Envoy and the sidecar in one pod, talking over loopback."""
+    return bootstrap(
+        listen="0.0.0.0:10000",
+        upstreams=[
+            Upstream("/v1/messages", "https://api.anthropic.com", "anthropic"),
+            Upstream("/", "https://api.openai.com", "openai"),
+        ],
+        extproc="127.0.0.1:18080",
+        jwks_json=EXAMPLE_JWKS,
+        access_log="/dev/stdout",
+        admin="127.0.0.1:9901",
+        ops_listen="0.0.0.0:9902",  # readinessProbe /ready and the PodMonitor scrape this port
+    )
+
+
 HEADER = """\
 # Reference Envoy config for envoy-ai-extproc. Generated by `make envoy-config` from
 # extproc/envoy_config.py (tests fail if it drifts). Copy it and adapt: upstream clusters, the
@@ -326,3 +394,28 @@ HEADER = """\
 
 def dump(cfg: dict[str, Any], header: str = "") -> str:
     return header + yaml.safe_dump(cfg, sort_keys=False, width=120)
+
+
+COMPOSE_HEADER = """\
+# Envoy config of docker-compose.yaml. Generated by `make envoy-config` from
+# extproc/envoy_config.py:compose() (tests fail if it drifts). Service names: extproc, mock-llm.
+"""
+
+KUBERNETES_HEADER = """\
+# Envoy config of deploy/kubernetes (a ConfigMap via kustomize's configMapGenerator). Generated by
+# `make envoy-config` from extproc/envoy_config.py:kubernetes() (tests fail if it drifts). Replace
+# the example JWKS and the upstreams with yours. Admin stays on loopback; port 9902 serves only
+# /ready and /stats/prometheus.
+"""
+
+# Generated files: path in the repo -> (builder, header). `extproc envoy-config --variant NAME`.
+VARIANTS = {
+    "reference": ("envoy/envoy.yaml", reference, HEADER),
+    "compose": ("envoy/envoy-compose.yaml", compose, COMPOSE_HEADER),
+    "kubernetes": ("deploy/kubernetes/envoy.yaml", kubernetes, KUBERNETES_HEADER),
+}
+
+
+def render(variant: str) -> str:
+    _, build, header = VARIANTS[variant]
+    return dump(build(), header)

@@ -2,8 +2,9 @@
 
 With ``workers > 1`` the parent forks the workers before any gRPC state exists; each binds the
 same TCP port with SO_REUSEPORT (the kernel spreads Envoy's HTTP/2 connections over them) and the
-parent supervises: a worker that dies is restarted. SIGTERM/SIGINT drain: the health service turns
-NOT_SERVING, in-flight streams get ``grace`` seconds, then the process exits 0.
+parent supervises: a worker that dies is restarted. SIGTERM/SIGINT drain: the health service
+(``grpc.health.v1.Health``) turns NOT_SERVING, new streams are refused (Envoy fails open), in-flight
+streams get ``shutdownGraceSeconds`` to finish and report to the observers, then the process exits 0.
 """
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ import grpc
 from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.call import CallObserver
 from extproc.config import Config
+from extproc.health import Health, health_only_server
 from extproc.processor import Processor
 
 log = logging.getLogger("extproc")
@@ -50,11 +52,18 @@ def build_server(processor: Processor, address: str, options: Sequence[tuple[str
 ObserverFactory = Callable[[Config], Sequence[CallObserver]]
 
 
-async def run_worker(config: Config, observers: Sequence[CallObserver], grace: float = 10.0,
+async def run_worker(config: Config, observers: Sequence[CallObserver], grace: float | None = None,
                      ready: Callable[[], None] | None = None) -> None:
+    grace = config.shutdown_grace_seconds if grace is None else grace
     processor = Processor(config, observers)
     server = build_server(processor, config.listen)
+    health_server = health_only_server(config.health_listen) if config.health_listen else None
+    health = Health(server, *([health_server] if health_server else []))
+    await health.not_ready()
+    if health_server is not None:
+        await health_server.start()
     await server.start()
+    await health.serving()
     log.info("ext_proc listening", extra={"address": config.listen, "pid": os.getpid()})
     if ready is not None:
         ready()
@@ -63,12 +72,34 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("draining", extra={"grace_seconds": grace, "active_streams": processor.active})
-    await server.stop(grace)
+    await drain(server, health, processor, grace)
+    if health_server is not None:
+        await health_server.stop(0)
     log.info("stopped", extra={"pid": os.getpid()})
 
 
-def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace: float = 10.0) -> int:
+# How long, after the grace period, we wait for cancelled streams to report (their ``finally``).
+REPORT_WAIT = 5.0
+
+
+async def drain(server: grpc.aio.Server, health: Health, processor: Processor, grace: float) -> None:
+    """Graceful stop: NOT_SERVING, no new streams, in-flight streams finish, every call reported."""
+    await health.draining()
+    log.info("draining", extra={"grace_seconds": grace, "active_streams": processor.active})
+    # stop() refuses new RPCs at once (GOAWAY; Envoy's ext_proc fails open for requests that start
+    # now, they pass unobserved), waits up to `grace` for the streams in flight, then cancels them.
+    await server.stop(grace)
+    # Observers run in Process()'s `finally` (Stream.finish); a stream cancelled at the deadline
+    # gets there as its task unwinds. Don't let the process exit (and lose its metrics) before.
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + REPORT_WAIT
+    while processor.active and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    if processor.active:
+        log.warning("streams still open after drain", extra={"active_streams": processor.active})
+
+
+def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace: float | None = None) -> int:
     sys.setswitchinterval(SWITCH_INTERVAL)
     if workers <= 1:
         asyncio.run(run_worker(config, observer_factory(config), grace))
@@ -76,7 +107,7 @@ def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace
     if config.listen.startswith("unix:"):
         log.error("several workers need a TCP listen address (SO_REUSEPORT); got %s", config.listen)
         return 2
-    return _supervise(config, workers, observer_factory, grace)
+    return _supervise(config, workers, observer_factory, config.shutdown_grace_seconds if grace is None else grace)
 
 
 def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, grace: float) -> int:
@@ -97,8 +128,12 @@ def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, 
             os._exit(code)
         children[pid] = slot
 
+    stop_deadline = float("inf")
+
     def on_signal(signum: int, _frame: object) -> None:
-        nonlocal stopping
+        nonlocal stopping, stop_deadline
+        if not stopping:
+            stop_deadline = time.monotonic() + grace + REPORT_WAIT + 5
         stopping = True
         for pid in list(children):
             try:
@@ -111,12 +146,25 @@ def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, 
     for slot in range(workers):
         spawn(slot)
     restarts: list[float] = []
+    killed = False
+    # Poll rather than block in os.wait(): after SIGTERM the parent must notice a worker that
+    # overstays its grace period. (The parent lives on until every worker has exited, so anything
+    # it serves, such as multiprocess /metrics, stays up while the workers drain.)
     while children:
         try:
-            pid, status = os.wait()
+            pid, status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             break
-        except InterruptedError:
+        if pid == 0:
+            if stopping and not killed and time.monotonic() > stop_deadline:
+                log.error("workers still running after the grace period; killing them", extra={"pids": list(children)})
+                killed = True
+                for child in list(children):
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.05)
             continue
         slot = children.pop(pid, None)
         if slot is None or stopping:
@@ -129,4 +177,4 @@ def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, 
             on_signal(signal.SIGTERM, None)
             continue
         spawn(slot)
-    return 0
+    return 1 if killed else 0
