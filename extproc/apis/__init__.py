@@ -8,6 +8,13 @@ from extproc.routing import Route
 
 
 def all_routes() -> list[Route]:
-    from extproc.apis import openai
+    from extproc.apis import anthropic, bedrock, cohere, gemini, ollama, openai
 
-    return [*openai.ROUTES]
+    return [
+        *bedrock.ROUTES,
+        *gemini.ROUTES,  # Vertex AI (incl. Claude on Vertex) and the Gemini API
+        *anthropic.ROUTES,
+        *cohere.ROUTES,
+        *ollama.ROUTES,
+        *openai.ROUTES,  # Azure first inside it; the generic OpenAI-compatible suffixes last
+    ]
