@@ -71,7 +71,7 @@ class BrotliDecoder(Decoder):
 
     __slots__ = ("_d",)
     native_limit = hasattr(brotli.Decompressor, "can_accept_more_data")
-    SLICE = 64  # input bytes per call without a native limit
+    SLICE = 16  # input bytes per call without a native limit (a weaker bound: see class doc)
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(max_bytes)
@@ -107,7 +107,7 @@ class ZstdDecoder(Decoder):
     block (at most 128 KiB out) needs at least a few input bytes, which bounds each call."""
 
     __slots__ = ("_d",)
-    SLICE = 256  # input bytes per call: at most ~64 blocks, ~8 MiB, come out of one call
+    SLICE = 128  # input bytes per call: at most ~32 blocks (~4 MiB) come out of one call
 
     def __init__(self, max_bytes: int) -> None:
         super().__init__(max_bytes)
