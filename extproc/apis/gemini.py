@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.anthropic import AnthropicCountTokens, VertexAnthropic
-from extproc.apis.base import JSON, JSON_ARRAY, ApiParser
+from extproc.apis.base import JSON, JSON_ARRAY, ApiParser, dig
 
 _CONFIG_PARAMS = {
     "temperature": "temperature",
@@ -44,6 +44,17 @@ class GeminiGenerate(ApiParser):
                     self.obs.params[name] = value
         if self.capture:
             self.obs.input_messages = obj.get("contents")
+
+    def on_error_json(self, obj: Any) -> None:
+        """Google errors: ``{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}``, wrapped in
+        a one-element array on stream endpoints. The status name is the error type."""
+        if isinstance(obj, list) and obj:
+            obj = obj[0]
+        status = dig(obj, "error", "status")
+        if isinstance(status, str) and status:
+            self.obs.error_type = status[:64]
+        else:
+            super().on_error_json(obj)
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
