@@ -66,8 +66,9 @@ class ZlibDecoder(Decoder):
 
 
 class BrotliDecoder(Decoder):
-    """br. brotli >= 1.2 bounds one call's output (``output_buffer_limit``); older versions get
-    the input in small slices so one call cannot expand without bound."""
+    """br. brotli >= 1.2 bounds one call's output (``output_buffer_limit``). Older versions get
+    the input in small slices; that bounds the input per call, not strictly the output (brotli
+    can expand a few bytes a lot), so it is the weaker guarantee."""
 
     __slots__ = ("_d",)
     native_limit = hasattr(brotli.Decompressor, "can_accept_more_data")

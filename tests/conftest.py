@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,3 +26,15 @@ def fixtures_dir() -> Path:
     if not path.is_dir():
         pytest.skip(f"provider fixtures not found at {path} (set EXTPROC_FIXTURES)")
     return path
+
+
+@pytest.fixture
+def load_case(request: pytest.FixtureRequest) -> Callable[[Any], bytes]:
+    """A case's response body; needs (and skips without) the fixtures only for recorded files."""
+
+    def load(case: Any) -> bytes:
+        if case.body is not None:
+            return bytes(case.body)
+        return bytes(case.load(request.getfixturevalue("fixtures_dir")))
+
+    return load

@@ -1,6 +1,8 @@
 """Bedrock specifics beyond the fixture cases."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from provider_cases import BY_NAME, Case, EVENTSTREAM, invoke_chunk, run
 
 
@@ -14,9 +16,9 @@ def test_invocation_metrics_used_only_when_the_model_gave_no_usage() -> None:
     assert (obs.usage.input_tokens, obs.usage.output_tokens, obs.usage.cached_input_tokens) == (31, 9, 2)
 
 
-def test_anthropic_usage_wins_over_invocation_metrics(fixtures_dir) -> None:  # type: ignore[no-untyped-def]
+def test_anthropic_usage_wins_over_invocation_metrics(load_case: Callable[[Case], bytes]) -> None:
     case = BY_NAME["bedrock_invoke_stream_claude"]
-    obs = run(case, [case.load(fixtures_dir)])
+    obs = run(case, [load_case(case)])
     assert (obs.usage.input_tokens, obs.usage.output_tokens) == (25, 40)  # not the metrics' 999/998
 
 

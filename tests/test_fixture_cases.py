@@ -2,9 +2,10 @@
 whatever the chunking, and through every Content-Encoding we decode."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import gzip
 import zlib
-from pathlib import Path
 
 import brotli
 import pytest
@@ -17,13 +18,13 @@ IDS = [c.name for c in CASES]
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_whole_body(case: Case, fixtures_dir: Path) -> None:
-    check(case, run(case, [case.load(fixtures_dir)]))
+def test_whole_body(case: Case, load_case: Callable[[Case], bytes]) -> None:
+    check(case, run(case, [load_case(case)]))
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_every_two_piece_split(case: Case, fixtures_dir: Path) -> None:
-    body = case.load(fixtures_dir)
+def test_every_two_piece_split(case: Case, load_case: Callable[[Case], bytes]) -> None:
+    body = load_case(case)
     want = summary(run(case, [body]))
     for i in range(len(body) + 1):
         got = summary(run(case, [body[:i], body[i:]]))
@@ -31,8 +32,8 @@ def test_every_two_piece_split(case: Case, fixtures_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_one_byte_at_a_time(case: Case, fixtures_dir: Path) -> None:
-    body = case.load(fixtures_dir)
+def test_one_byte_at_a_time(case: Case, load_case: Callable[[Case], bytes]) -> None:
+    body = load_case(case)
     obs = run(case, [body[i : i + 1] for i in range(len(body))])
     check(case, obs)
     assert summary(obs) == summary(run(case, [body]))
@@ -50,8 +51,8 @@ def _compress(encoding: str, body: bytes) -> bytes:
 
 @pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_compressed(case: Case, encoding: str, fixtures_dir: Path) -> None:
-    body = case.load(fixtures_dir)
+def test_compressed(case: Case, encoding: str, load_case: Callable[[Case], bytes]) -> None:
+    body = load_case(case)
     packed = _compress(encoding, body)
     want = summary(run(case, [body]))
     for size in (1, 7, 64, 4096):

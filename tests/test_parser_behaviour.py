@@ -1,6 +1,8 @@
 """Parser behaviour beyond usage numbers: cheap filtering, errors, capture, request facts."""
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from provider_cases import BY_NAME, JSON, NDJSON, SSE, Case, new_parser, run, sse
 
 
@@ -26,10 +28,10 @@ def test_anthropic_http_error_body() -> None:
     assert obs.error_type == "rate_limit_error"
 
 
-def test_anthropic_capture_and_request(fixtures_dir) -> None:  # type: ignore[no-untyped-def]
+def test_anthropic_capture_and_request(load_case: Callable[[Case], bytes]) -> None:
     case = Case("x", "/v1/messages", SSE, file="agw__anthropic__stream_basic.sse", expect={},
                 request=b'{"model":"claude-haiku-4-5","stream":true,"max_tokens":99,"messages":[{"role":"user","content":"hi"}]}')
-    obs = run(case, [case.load(fixtures_dir)], capture=True)
+    obs = run(case, [load_case(case)], capture=True)
     assert "".join(obs.output_text or []) == "Hi there! How are you doing today? Is there anything I can help you with?"
     assert obs.request_model == "claude-haiku-4-5"
     assert obs.params == {"max_tokens": 99}
@@ -43,18 +45,18 @@ def test_negative_token_count_is_refused() -> None:
     assert obs.parse_error_reason == "bad_token_count"
 
 
-def test_usage_change_is_reported_on_the_chunk_that_carries_it(fixtures_dir) -> None:  # type: ignore[no-untyped-def]
+def test_usage_change_is_reported_on_the_chunk_that_carries_it(load_case: Callable[[Case], bytes]) -> None:
     parser, obs = new_parser(BY_NAME["anthropic_stream_basic"])
-    body = BY_NAME["anthropic_stream_basic"].load(fixtures_dir)
+    body = load_case(BY_NAME["anthropic_stream_basic"])
     first_event_end = body.index(b"\n\n") + 2
     assert parser.feed_response(body[:first_event_end], False) is True
     assert obs.usage.input_tokens == 15
     assert parser.feed_response(body[first_event_end:first_event_end + 10], False) is False
 
 
-def test_gemini_capture_skips_thoughts(fixtures_dir) -> None:  # type: ignore[no-untyped-def]
+def test_gemini_capture_skips_thoughts(load_case: Callable[[Case], bytes]) -> None:
     case = BY_NAME["vertex_gemini_reasoning"]
-    obs = run(case, [case.load(fixtures_dir)], capture=True)
+    obs = run(case, [load_case(case)], capture=True)
     assert obs.output_text == ["It is sunny."]
 
 
@@ -91,15 +93,15 @@ def test_ollama_token_lines_are_not_parsed() -> None:
     assert (obs.usage.input_tokens, obs.usage.output_tokens) == (5, 6)
 
 
-def test_ollama_capture(fixtures_dir) -> None:  # type: ignore[no-untyped-def]
+def test_ollama_capture(load_case: Callable[[Case], bytes]) -> None:
     case = BY_NAME["ollama_chat_stream"]
-    obs = run(case, [case.load(fixtures_dir)], capture=True)
+    obs = run(case, [load_case(case)], capture=True)
     assert "".join(obs.output_text or []) == "The sky"
 
 
-def test_cohere_stream_capture(fixtures_dir) -> None:  # type: ignore[no-untyped-def]
+def test_cohere_stream_capture(load_case: Callable[[Case], bytes]) -> None:
     case = BY_NAME["cohere_chat_stream"]
-    obs = run(case, [case.load(fixtures_dir)], capture=True)
+    obs = run(case, [load_case(case)], capture=True)
     assert obs.output_text == ["Hi"]
     assert obs.response_id == "c-1"
 
