@@ -46,7 +46,7 @@ def main() -> int:
         seed = 0
         while time.monotonic() - t0 < args.duration:
             seed += 1
-            run = asyncio.run(drive(s.url(""), args.batch, args.concurrency, tokens, abort_ratio=args.abort_ratio, seed=seed, open_gate=up.open_gate))
+            run = asyncio.run(drive(s.url(""), args.batch, args.concurrency, tokens, abort_ratio=args.abort_ratio, seed=seed, upstream=up))
             for r in run.results:
                 rids.add(r.rid)
                 served += 1

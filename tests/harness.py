@@ -52,6 +52,9 @@ class Stack:
         self.workers = workers
         self.sidecar: subprocess.Popen | None = None
         self.envoy: subprocess.Popen | None = None
+        # CI machines are small and busy: a message_timeout miss makes Envoy proceed unobserved
+        # (fail open), which would show as lost tokens. Tests about timeouts set their own.
+        bootstrap_kw.setdefault("message_timeout_ms", 2000)
         boot = envoy_config.bootstrap(
             upstreams=bootstrap_kw.pop("upstreams", None) or [envoy_config.Upstream("/", upstream_url)],
             listen=f"127.0.0.1:{self.port}",

@@ -75,6 +75,7 @@ class ReplayUpstream:
         self._gates: dict[str, asyncio.Event] = {}
         self.port = 0
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
+        self.disconnected: set[str] = set()  # gates whose client (Envoy) hung up while held
         self._thread = threading.Thread(target=self._run, daemon=True)
         started = threading.Event()
         self._started = started
@@ -102,6 +103,30 @@ class ReplayUpstream:
 
     def _gate(self, gate: str) -> asyncio.Event:
         return self._gates.setdefault(gate, asyncio.Event())
+
+    async def _hold(self, gate: str, request: web.Request) -> bool:
+        """Wait for the gate; False if the connection closed first (nothing more is sent)."""
+        event = self._gate(gate)
+        while not event.is_set():
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                self.disconnected.add(gate)
+                return False
+            try:
+                await asyncio.wait_for(event.wait(), 0.02)
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    def wait_disconnected(self, gate: str, timeout: float = 10.0) -> bool:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while gate not in self.disconnected:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.01)
+        return True
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self.loop).result(10)
@@ -134,8 +159,8 @@ class ReplayUpstream:
             if i == reset_after:
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
-            if gate and i == 1:
-                await self._gate(gate).wait()
+            if gate and i == 1 and not await self._hold(gate, request):
+                return resp
             await resp.write(enc.chunk(chunk) if enc else chunk)
             if delay and i < len(chunks) - 1:
                 await asyncio.sleep(delay)

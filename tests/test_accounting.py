@@ -54,7 +54,7 @@ def test_mixed_workload_concurrency_64_two_workers_is_exact(stack):
 def test_aborted_clients_count_nothing_twice(stack, replay):
     """10% of streaming clients hang up after the first chunk. Those are logged once with the
     usage seen so far (none: OpenAI-style usage comes last); the rest are exact."""
-    run = asyncio.run(drive(stack.url(""), n=200, concurrency=64, tokens=TOKENS, abort_ratio=0.3, open_gate=replay.open_gate))
+    run = asyncio.run(drive(stack.url(""), n=200, concurrency=64, tokens=TOKENS, abort_ratio=0.3, upstream=replay))
     aborted = [r for r in run.results if r.aborted]
     assert aborted, "the workload must contain aborts"
     assert all(r.error is None for r in run.results)

@@ -63,8 +63,9 @@ class Run:
 
 
 async def drive(base_url: str, n: int, concurrency: int, tokens: dict[str, str], abort_ratio: float = 0.0,
-                seed: int = 7, chunk_delay_ms: int = 0, open_gate=None) -> Run:
-    """Aborting clients need ``open_gate`` (the replay upstream's), called once they hung up."""
+                seed: int = 7, chunk_delay_ms: int = 0, upstream=None) -> Run:
+    """Aborting clients need ``upstream`` (the ReplayUpstream): it holds their usage back until
+    Envoy has dropped the upstream connection, so the usage is provably never sent."""
     rng = random.Random(seed)
     run = Run()
     sem = asyncio.Semaphore(concurrency)
@@ -94,8 +95,7 @@ async def drive(base_url: str, n: int, concurrency: int, tokens: dict[str, str],
                             async for _ in r.aiter_raw():
                                 break  # hang up after the first chunk
                             await r.aclose()
-                            await asyncio.sleep(0.2)
-                            open_gate(res.rid)  # too late: nobody is listening any more
+                            res.error = None if await asyncio.to_thread(upstream.wait_disconnected, res.rid) else "upstream never saw the hang-up"
                             return
                         res.body_ok = (await r.aread()) == rec.body
                 except httpx.HTTPError as e:

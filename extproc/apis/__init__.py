@@ -8,6 +8,14 @@ from extproc.routing import Route
 
 
 def all_routes() -> list[Route]:
-    from extproc.apis import mcp, openai
+    from extproc.apis import anthropic, bedrock, cohere, gemini, mcp, ollama, openai
 
-    return [*mcp.ROUTES, *openai.ROUTES]
+    return [
+        *mcp.ROUTES,  # POST /mcp: JSON-RPC (tool calls)
+        *bedrock.ROUTES,
+        *gemini.ROUTES,  # Vertex AI (incl. Claude on Vertex) and the Gemini API
+        *anthropic.ROUTES,
+        *cohere.ROUTES,
+        *ollama.ROUTES,
+        *openai.ROUTES,  # Azure first inside it; the generic OpenAI-compatible suffixes last
+    ]

@@ -18,6 +18,7 @@ Nothing here raises on bad input: it is counted on the observation and the call 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -51,6 +52,12 @@ def as_int(value: Any) -> int | None:
     if type(value) is float and value.is_integer() and 0 <= value <= MAX_TOKENS:
         return int(value)
     return None
+
+
+def items(value: Any) -> list[Any] | tuple[()]:
+    """``value`` if it is a JSON array, else nothing to iterate (a hostile body may put anything
+    where a list belongs)."""
+    return value if isinstance(value, list) else ()
 
 
 def dig(obj: Any, *keys: str) -> Any:
@@ -150,9 +157,13 @@ class ApiParser:
             self._ndjson(chunk, end)
         elif framing == JSON_ARRAY:
             assert self._array is not None
-            for obj in self._array.feed(chunk):
+            array = self._array
+            bad = array.oversized + array.invalid
+            for obj in array.feed(chunk):
                 self._json_object(obj)
-            if end and not self._array.complete:
+            if array.oversized + array.invalid != bad:
+                self.obs.parse_error("json_array_element")
+            if end and not array.complete:
                 self.obs.parse_error("json_array_truncated")
         else:
             self.feed_other(chunk, end)
@@ -174,6 +185,10 @@ class ApiParser:
         """A whole JSON body (or one streamed JSON object)."""
 
     def want_sse_event(self, event: bytes, data: bytes) -> bool:
+        return True
+
+    def want_json_line(self, line: bytes) -> bool:
+        """Cheap filter for NDJSON stream lines, like ``want_sse_event``."""
         return True
 
     def on_sse_event(self, event: bytes, obj: Any) -> None:
@@ -285,7 +300,7 @@ class ApiParser:
 
     def _ndjson_line(self, line: bytes) -> None:
         line = line.strip()
-        if not line:
+        if not line or not self.want_json_line(line):
             return
         try:
             obj = orjson.loads(line)
@@ -298,58 +313,113 @@ class ApiParser:
 class _JsonArrayStream:
     """Splits a streamed top-level JSON array (``[{...},{...}]``) into its elements incrementally.
 
-    Tracks string/escape state and brace depth so each byte is scanned once.
+    Scans with ``re`` searches for the few structural bytes (quotes, backslashes, braces,
+    brackets) instead of a Python loop per byte. State (depth, inside-string, pending escape)
+    carries across chunks, so any chunk boundary gives the same elements. An element larger than
+    ``max_element`` is skipped to its end (counted in ``oversized``); one that is not valid JSON
+    is counted in ``invalid``.
     """
 
-    __slots__ = ("_buf", "_depth", "_in_str", "_esc", "_started", "complete", "_max", "_scan")
+    __slots__ = (
+        "_pieces", "_held", "_depth", "_in_str", "_esc", "_started", "_skipping", "complete",
+        "_max", "oversized", "invalid",
+    )
 
     def __init__(self, max_element: int) -> None:
-        self._buf = bytearray()
+        self._pieces: list[bytes] = []  # the unfinished element, as received
+        self._held = 0
         self._depth = 0
         self._in_str = False
-        self._esc = False
+        self._esc = False  # the previous chunk ended inside a string on a backslash
         self._started = False
+        self._skipping = False  # inside an oversized element: scan on, hold nothing
         self.complete = False
         self._max = max_element
-        self._scan = 0
+        self.oversized = 0
+        self.invalid = 0
 
     def feed(self, chunk: bytes) -> list[Any]:
         out: list[Any] = []
-        for b in chunk:
-            if self.complete:
-                break
+        n = len(chunk)
+        pos = 0
+        if self._esc and n:
+            self._esc = False
+            pos = 1
+        elem = 0  # where the current element starts in this chunk
+        while pos < n and not self.complete:
             if not self._started:
-                if b == 0x5B:  # [
-                    self._started = True
-                continue
-            if self._depth == 0:
-                if b == 0x7B:  # {
-                    self._depth = 1
-                    self._buf = bytearray(b"{")
-                elif b == 0x5D:  # ]
+                i = chunk.find(b"[", pos)
+                if i < 0:
+                    return out
+                self._started = True
+                pos = i + 1
+            elif self._depth == 0:
+                m = _TOP.search(chunk, pos)
+                if m is None:
+                    return out
+                pos = m.end()
+                if chunk[m.start()] == 0x5D:  # ]
                     self.complete = True
-                continue
-            self._buf.append(b)
-            if self._in_str:
-                if self._esc:
-                    self._esc = False
-                elif b == 0x5C:
-                    self._esc = True
-                elif b == 0x22:
+                else:
+                    self._depth = 1
+                    elem = m.start()
+            elif self._in_str:
+                m = _IN_STR.search(chunk, pos)
+                if m is None:
+                    pos = n
+                elif chunk[m.start()] == 0x22:  # closing quote
                     self._in_str = False
-            elif b == 0x22:
-                self._in_str = True
-            elif b == 0x7B or b == 0x5B:
-                self._depth += 1
-            elif b == 0x7D or b == 0x5D:
-                self._depth -= 1
-                if self._depth == 0:
-                    try:
-                        out.append(orjson.loads(self._buf))
-                    except orjson.JSONDecodeError:
-                        pass
-                    self._buf = bytearray()
-            if len(self._buf) > self._max:
-                self._buf = bytearray()
-                self._depth = 0
+                    pos = m.end()
+                elif m.end() < n:  # backslash: skip the escaped byte
+                    pos = m.end() + 1
+                else:
+                    self._esc = True
+                    pos = n
+            else:
+                m = _STRUCT.search(chunk, pos)
+                if m is None:
+                    pos = n
+                    continue
+                pos = m.end()
+                c = chunk[m.start()]
+                if c == 0x22:
+                    self._in_str = True
+                elif c == 0x7B or c == 0x5B:
+                    self._depth += 1
+                else:
+                    self._depth -= 1
+                    if self._depth == 0:
+                        self._element(chunk[elem:pos], out)
+        if self._depth > 0 and not self._skipping:
+            piece = chunk[elem:]
+            self._held += len(piece)
+            if self._held > self._max:
+                self._pieces = []
+                self._held = 0
+                self._skipping = True
+                self.oversized += 1
+            else:
+                self._pieces.append(piece)
         return out
+
+    def _element(self, tail: bytes, out: list[Any]) -> None:
+        if self._skipping:
+            self._skipping = False
+            return
+        if self._pieces:
+            self._pieces.append(tail)
+            tail = b"".join(self._pieces)
+            self._pieces = []
+            self._held = 0
+        if len(tail) > self._max:
+            self.oversized += 1
+            return
+        try:
+            out.append(orjson.loads(tail))
+        except orjson.JSONDecodeError:
+            self.invalid += 1
+
+
+_TOP = re.compile(rb"[{\]]")
+_IN_STR = re.compile(rb'["\\]')
+_STRUCT = re.compile(rb'["{}\[\]]')

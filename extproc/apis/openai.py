@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.apis.base import ApiParser, dig
+from extproc.apis.base import ApiParser, dig, items
 
 _SAMPLING = (
     "temperature", "top_p", "max_tokens", "max_completion_tokens", "frequency_penalty",
@@ -35,7 +35,7 @@ class _ChatLike(ApiParser):
             self.obs.parse_error("response_not_object")
             return
         self._common(obj)
-        for choice in obj.get("choices") or ():
+        for choice in items(obj.get("choices")):
             if isinstance(choice, dict):
                 self._choice(choice, streamed=False)
 
@@ -57,7 +57,7 @@ class _ChatLike(ApiParser):
             self.on_error_json(obj)
             return
         self._common(obj)
-        for choice in obj.get("choices") or ():
+        for choice in items(obj.get("choices")):
             if isinstance(choice, dict):
                 self._choice(choice, streamed=True)
 
@@ -176,8 +176,8 @@ class OpenAIResponses(ApiParser):
                 reasoning_tokens=dig(usage, "output_tokens_details", "reasoning_tokens"),
             )
         if self.capture and not streamed:
-            for item in obj.get("output") or ():
-                for part in dig(item, "content") or ():
+            for item in items(obj.get("output")):
+                for part in items(dig(item, "content")):
                     if isinstance(part, dict) and part.get("type") == "output_text":
                         self.capture_text(part.get("text"))
 

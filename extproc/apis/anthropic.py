@@ -1,0 +1,157 @@
+"""Anthropic Messages API (``/v1/messages``) and its token counter (``/v1/messages/count_tokens``).
+
+Token fields are kept exactly as Anthropic reports them: ``input_tokens`` EXCLUDES prompt tokens
+read from or written to the prompt cache, which are reported separately as
+``cached_input_tokens`` (``cache_read_input_tokens``) and ``cache_creation_input_tokens``. We never
+add them together; the full prompt size is input + cached + cache_creation.
+
+Streaming: ``message_start`` carries the first usage (input, cache, a small output count) and
+``message_delta`` the cumulative usage so far; each overwrites the fields it carries, so the final
+value wins. Some Anthropic-compatible servers report input and cache usage only on
+``message_delta``; that works the same way.
+
+The event handling lives in :class:`AnthropicEvents` so Bedrock InvokeModel and Vertex AI
+``rawPredict`` (same payloads, other transports) reuse it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.apis.base import ApiParser, items
+
+# Events that can carry usage, the model or a finish/error; everything else is text deltas.
+_USEFUL_EVENTS = frozenset((b"message_start", b"message_delta", b"error"))
+_USEFUL_TYPES = (b'"message_start"', b'"message_delta"', b'"error"')
+
+
+class AnthropicEvents(ApiParser):
+    """Anthropic message bodies and stream events, whatever transport carries them."""
+
+    operation = "chat"
+    api = "anthropic.messages"
+    default_provider = "anthropic"
+    param_keys = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences")
+
+    def on_request_json(self, obj: dict[str, Any]) -> None:
+        super().on_request_json(obj)
+        if self.capture:
+            self.obs.input_messages = obj.get("messages")
+
+    def on_response_json(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.obs.parse_error("response_not_object")
+            return
+        if obj.get("type") == "error":
+            self.on_error_json(obj)
+            return
+        self.anthropic_message(obj, streamed=False)
+
+    def want_anthropic_event(self, data: bytes) -> bool:
+        """Cheap test on a raw event payload (no event name): may it hold what we read?"""
+        if self.capture:
+            return True
+        head = data[:64]  # "type" comes first in Anthropic's events
+        return any(t in head for t in _USEFUL_TYPES) or b'"usage"' in data
+
+    def anthropic_event(self, obj: Any) -> None:
+        """One parsed stream event (``{"type": "message_start", ...}``)."""
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        if kind == "message_start":
+            message = obj.get("message")
+            if isinstance(message, dict):
+                self.anthropic_message(message, streamed=True)
+        elif kind == "message_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                self._finish(delta.get("stop_reason"))
+            self._usage(obj.get("usage"))
+        elif kind == "content_block_delta":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                self.capture_text(delta.get("text"))
+        elif kind == "error":
+            self.on_error_json(obj)
+
+    def anthropic_message(self, obj: dict[str, Any], streamed: bool) -> None:
+        self.set_response_model(obj.get("model"))
+        rid = obj.get("id")
+        if isinstance(rid, str) and rid and self.obs.response_id is None:
+            self.obs.response_id = rid
+        self._finish(obj.get("stop_reason"))
+        self._usage(obj.get("usage"))
+        if self.capture and not streamed:
+            for block in items(obj.get("content")):
+                if isinstance(block, dict) and block.get("type") == "text":
+                    self.capture_text(block.get("text"))
+
+    def _finish(self, reason: Any) -> None:
+        if isinstance(reason, str) and reason:
+            self.obs.finish_reasons.append(reason)
+
+    def _usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.set_usage(
+                input_tokens=usage.get("input_tokens"),
+                output_tokens=usage.get("output_tokens"),
+                cached_input_tokens=usage.get("cache_read_input_tokens"),
+                cache_creation_input_tokens=usage.get("cache_creation_input_tokens"),
+            )
+
+
+class AnthropicMessages(AnthropicEvents):
+    """``POST /v1/messages``: one JSON message, or SSE events when ``stream`` is true."""
+
+    def want_sse_event(self, event: bytes, data: bytes) -> bool:
+        if self.capture:
+            return True
+        if event:
+            return event in _USEFUL_EVENTS
+        return self.want_anthropic_event(data)
+
+    def on_sse_event(self, event: bytes, obj: Any) -> None:
+        self.anthropic_event(obj)
+
+
+class VertexAnthropic(AnthropicMessages):
+    """Claude on Vertex AI (``publishers/anthropic/models/{m}:rawPredict|streamRawPredict``).
+
+    Same bodies as Anthropic's API; the request has no ``model`` (it is in the path).
+    """
+
+    api = "vertex.anthropic"
+    default_provider = "vertex_ai"
+
+
+class AnthropicCountTokens(ApiParser):
+    """``POST /v1/messages/count_tokens`` -> ``{"input_tokens": N}``.
+
+    Operation ``count_tokens`` (not an OpenTelemetry GenAI well-known name: there is none for it).
+    Counting consumes no tokens, so the count is NOT recorded as usage (it would inflate token
+    metrics); it goes to ``obs.extra["counted_input_tokens"]``.
+    """
+
+    operation = "count_tokens"
+    api = "anthropic.count_tokens"
+    default_provider = "anthropic"
+
+    def on_response_json(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.obs.parse_error("response_not_object")
+            return
+        raw = obj.get("input_tokens")
+        if raw is None:
+            return
+        if type(raw) is int and raw >= 0:
+            self.obs.extra["counted_input_tokens"] = raw
+        else:
+            self.obs.parse_error("bad_token_count")
+
+
+from extproc.routing import route  # noqa: E402  (after the classes it names)
+
+ROUTES = [
+    route(r"/v1/messages/count_tokens$", AnthropicCountTokens),
+    route(r"/v1/messages$", AnthropicMessages),
+]

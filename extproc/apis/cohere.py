@@ -1,0 +1,123 @@
+"""Cohere v2: ``/v2/chat`` (JSON or SSE), ``/v2/rerank`` and ``/v2/embed`` (also their v1 paths
+for rerank and embed, which share the ``meta`` shape).
+
+Cohere reports two sets of counts: ``tokens`` (what the model processed) and ``billed_units``
+(what is billed). Usage is ``tokens`` {input_tokens, output_tokens}; ``billed_units`` goes to
+``obs.extra["billed_units"]``. When a response carries no ``tokens`` (embed often does not),
+billed ``input_tokens``/``output_tokens`` are used as usage instead. Responses do not name the
+model, so ``response_model`` stays unset. Streamed chat is SSE; only ``message-end`` (whose
+``delta`` has ``finish_reason`` and ``usage``) is parsed, plus text deltas when capturing.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.apis.base import ApiParser, dig, items
+
+
+class _CohereUsage(ApiParser):
+    default_provider = "cohere"
+
+    def cohere_usage(self, usage: Any) -> None:
+        """``usage`` (chat) or ``meta`` (rerank, embed): ``tokens`` + ``billed_units``."""
+        if not isinstance(usage, dict):
+            return
+        billed = usage.get("billed_units")
+        if isinstance(billed, dict):
+            self.obs.extra["billed_units"] = billed
+        tokens = usage.get("tokens")
+        if not isinstance(tokens, dict):
+            tokens = billed
+        if isinstance(tokens, dict):
+            self.set_usage(input_tokens=tokens.get("input_tokens"), output_tokens=tokens.get("output_tokens"))
+
+    def on_response_json(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.obs.parse_error("response_not_object")
+            return
+        rid = obj.get("id")
+        if isinstance(rid, str) and rid:
+            self.obs.response_id = rid
+        self.cohere_response(obj)
+
+    def cohere_response(self, obj: dict[str, Any]) -> None:
+        self.cohere_usage(obj.get("meta"))
+
+    def on_error_json(self, obj: Any) -> None:
+        super().on_error_json(obj)
+        if self.obs.error_type is None and isinstance(obj, dict) and isinstance(obj.get("message"), str):
+            self.obs.error_type = "error"  # Cohere errors are {"message": ...}: no type given
+
+
+class CohereChat(_CohereUsage):
+    operation = "chat"
+    api = "cohere.chat"
+    param_keys = ("temperature", "p", "k", "max_tokens", "seed", "stop_sequences")
+
+    def on_request_json(self, obj: dict[str, Any]) -> None:
+        super().on_request_json(obj)
+        if self.capture:
+            self.obs.input_messages = obj.get("messages")
+
+    def cohere_response(self, obj: dict[str, Any]) -> None:
+        self._finish(obj.get("finish_reason"))
+        self.cohere_usage(obj.get("usage"))
+        if self.capture:
+            for part in items(dig(obj, "message", "content")):
+                if isinstance(part, dict):
+                    self.capture_text(part.get("text"))
+
+    def want_sse_event(self, event: bytes, data: bytes) -> bool:
+        if self.capture:
+            return True
+        if event:
+            return event == b"message-end"
+        return b'"message-end"' in data[:64]
+
+    def on_sse_event(self, event: bytes, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        kind = obj.get("type")
+        if kind == "message-end":
+            delta = obj.get("delta")
+            if isinstance(delta, dict):
+                self._finish(delta.get("finish_reason"))
+                self.cohere_usage(delta.get("usage"))
+        elif kind == "message-start":
+            rid = obj.get("id")
+            if isinstance(rid, str) and rid:
+                self.obs.response_id = rid
+        elif kind == "content-delta":
+            self.capture_text(dig(obj, "delta", "message", "content", "text"))
+
+    def _finish(self, reason: Any) -> None:
+        if isinstance(reason, str) and reason:
+            self.obs.finish_reasons.append(reason)
+
+
+class CohereRerank(_CohereUsage):
+    """Rerank has no OpenTelemetry GenAI operation name; we use ``rerank``."""
+
+    operation = "rerank"
+    api = "cohere.rerank"
+    param_keys = ("top_n",)
+
+
+class CohereEmbed(_CohereUsage):
+    operation = "embeddings"
+    api = "cohere.embed"
+    param_keys = ("input_type", "embedding_types", "output_dimension")
+
+    def on_request_json(self, obj: dict[str, Any]) -> None:
+        super().on_request_json(obj)
+        if self.capture:
+            self.obs.input_messages = obj.get("texts", obj.get("inputs"))
+
+
+from extproc.routing import route  # noqa: E402  (after the classes it names)
+
+ROUTES = [
+    route(r"^/v2/chat$", CohereChat, "cohere"),
+    route(r"^/v[12]/rerank$", CohereRerank, "cohere"),
+    route(r"^/v[12]/embed$", CohereEmbed, "cohere"),
+]

@@ -1,0 +1,132 @@
+"""Google Gemini API and Vertex AI: ``:generateContent`` and ``:streamGenerateContent``.
+
+The model is in the path (``.../models/{model}:generateContent``); the response's
+``modelVersion`` is the response model. ``usageMetadata`` is read as reported:
+promptTokenCount -> input, candidatesTokenCount -> output, totalTokenCount -> total (kept exactly:
+it may exceed prompt + candidates because it includes thinking tokens), cachedContentTokenCount
+-> cached_input, thoughtsTokenCount -> reasoning. Gemini's candidatesTokenCount EXCLUDES thoughts.
+
+Streams come as SSE (``?alt=sse``) or, by default, as one JSON array streamed element by element.
+Each streamed chunk repeats the cumulative ``usageMetadata``: the last one wins.
+
+Claude on Vertex (``publishers/anthropic/...:rawPredict``) is routed here to the Anthropic parser.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.apis.anthropic import AnthropicCountTokens, VertexAnthropic
+from extproc.apis.base import ApiParser, JSON, JSON_ARRAY, dig, items
+
+_CONFIG_PARAMS = {
+    "temperature": "temperature",
+    "topP": "top_p",
+    "topK": "top_k",
+    "maxOutputTokens": "max_tokens",
+    "candidateCount": "n",
+    "seed": "seed",
+    "stopSequences": "stop",
+}
+
+
+class GeminiGenerate(ApiParser):
+    operation = "generate_content"
+    api = "gemini.generate_content"
+    default_provider = "gemini"
+
+    def on_request_json(self, obj: dict[str, Any]) -> None:
+        # The model is in the path; a body "model" (rare) does not override it.
+        config = obj.get("generationConfig")
+        if isinstance(config, dict):
+            for key, name in _CONFIG_PARAMS.items():
+                value = config.get(key)
+                if value is not None:
+                    self.obs.params[name] = value
+        if self.capture:
+            self.obs.input_messages = obj.get("contents")
+
+    def on_error_json(self, obj: Any) -> None:
+        """Google errors: ``{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}``, wrapped in
+        a one-element array on stream endpoints. The status name is the error type."""
+        if isinstance(obj, list) and obj:
+            obj = obj[0]
+        status = dig(obj, "error", "status")
+        if isinstance(status, str) and status:
+            self.obs.error_type = status[:64]
+        else:
+            super().on_error_json(obj)
+
+    def on_response_json(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.obs.parse_error("response_not_object")
+            return
+        if "error" in obj and "candidates" not in obj:  # an error element inside a stream
+            self.on_error_json(obj)
+            return
+        self.set_response_model(obj.get("modelVersion"))
+        rid = obj.get("responseId")
+        if isinstance(rid, str) and rid and self.obs.response_id is None:
+            self.obs.response_id = rid
+        for cand in items(obj.get("candidates")):
+            if not isinstance(cand, dict):
+                continue
+            reason = cand.get("finishReason")
+            if isinstance(reason, str) and reason:
+                self.obs.finish_reasons.append(reason)
+            if self.capture:
+                content = cand.get("content")
+                for part in items((content.get("parts") if isinstance(content, dict) else None)):
+                    if isinstance(part, dict) and not part.get("thought"):
+                        self.capture_text(part.get("text"))
+        usage = obj.get("usageMetadata")
+        if isinstance(usage, dict):
+            self.set_usage(
+                input_tokens=usage.get("promptTokenCount"),
+                output_tokens=usage.get("candidatesTokenCount"),
+                total_tokens=usage.get("totalTokenCount"),
+                cached_input_tokens=usage.get("cachedContentTokenCount"),
+                reasoning_tokens=usage.get("thoughtsTokenCount"),
+            )
+            tool = usage.get("toolUsePromptTokenCount")
+            if tool is not None:
+                self.obs.extra["tool_use_prompt_tokens"] = tool
+
+
+class GeminiStream(GeminiGenerate):
+    """``:streamGenerateContent``: SSE with ``?alt=sse``, else a streamed JSON array."""
+
+    def framing_for(self, status: int, content_type: str) -> str:
+        framing = super().framing_for(status, content_type)
+        if framing == JSON and status < 400:
+            return JSON_ARRAY
+        return framing
+
+    def on_request_json(self, obj: dict[str, Any]) -> None:
+        super().on_request_json(obj)
+        self.obs.streaming = True
+
+    def want_sse_event(self, event: bytes, data: bytes) -> bool:
+        return (
+            self.capture
+            or self.obs.response_model is None
+            or b'"usageMetadata"' in data
+            or b'"finishReason"' in data
+            or b'"error"' in data[:32]
+        )
+
+    def on_sse_event(self, event: bytes, obj: Any) -> None:
+        self.on_response_json(obj)
+
+
+from extproc.routing import route  # noqa: E402  (after the classes it names)
+
+_VERTEX = r"^/v1(?:beta1)?/projects/[^/]+/locations/[^/]+/publishers/"
+_MODEL = r"(?P<model>[^/:]+)"
+ROUTES = [
+    route(_VERTEX + r"anthropic/models/count-tokens:rawPredict$", AnthropicCountTokens, "vertex_ai"),
+    route(_VERTEX + r"anthropic/models/" + _MODEL + r":(?:stream)?[rR]awPredict$", VertexAnthropic, "vertex_ai"),
+    route(_VERTEX + r"google/models/" + _MODEL + r":generateContent$", GeminiGenerate, "vertex_ai"),
+    route(_VERTEX + r"google/models/" + _MODEL + r":streamGenerateContent$", GeminiStream, "vertex_ai"),
+    route(r"/v1(?:alpha|beta)?/(?:tuned)?[mM]odels/" + _MODEL + r":generateContent$", GeminiGenerate, "gemini"),
+    route(r"/v1(?:alpha|beta)?/(?:tuned)?[mM]odels/" + _MODEL + r":streamGenerateContent$", GeminiStream, "gemini"),
+]
