@@ -28,4 +28,9 @@ class CallLog:
 
 
 def observers(config: Config) -> list[CallObserver]:
-    return [CallLog()]
+    found: list[CallObserver] = [CallLog()]
+    if config.stats.port:  # 0: no endpoint, so nothing to record
+        from extproc.metrics import MetricsObserver, process_registry
+
+        found.append(MetricsObserver(config.stats, process_registry()))
+    return found
