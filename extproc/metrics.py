@@ -29,7 +29,7 @@ TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1
 TOKEN_BUCKETS = tuple(float(4**i) for i in range(12))
 
 GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model")
-_SERIES_CACHE_MAX = 4096
+_SERIES_CACHE_MAX = 4096  # label combinations whose children we keep at hand (then start over)
 
 _process_registry: CollectorRegistry | None = None
 
@@ -97,7 +97,7 @@ class _Series:
 
     __slots__ = ("ai", "genai", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "tokens")
 
-    def __init__(self, ai: tuple[str, ...], genai: tuple[str, ...]) -> None:
+    def __init__(self, ai: tuple[str, ...], genai: tuple[str, ...]) -> None:  # children: on first use
         self.ai = ai  # llm, model, *custom
         self.genai = genai  # operation, provider, request model, response model, error_type, *custom
         self.requests: Any = None
@@ -142,14 +142,15 @@ class MetricsObserver:
         model = request_model or response_model or "unknown"
         err = fold("error_type", error_type(call))
         custom = tuple(fold(s.name, s.value(call)) for s in self.sources)
-        key = (provider, model, request_model, response_model, obs.operation, err, *custom)
+        key = (provider, model, request_model, response_model, obs.operation, err, call.outcome, call.status, *custom)
         series = self._series.get(key)
         if series is None:
             if len(self._series) >= _SERIES_CACHE_MAX:
                 self._series.clear()
             series = self._series[key] = _Series(
                 (provider, model, *custom), (obs.operation, provider, request_model, response_model, err, *custom))
-        m.requests.labels(provider, model, obs.operation, str(call.status), call.outcome, err, *custom).inc()
+            series.requests = m.requests.labels(provider, model, obs.operation, str(call.status), call.outcome, err, *custom)
+        series.requests.inc()
 
         duration = call.duration
         if duration is not None:
