@@ -150,7 +150,6 @@ class MetricsObserver:
             series = self._series[key] = _Series(
                 (provider, model, *custom), (obs.operation, provider, request_model, response_model, err, *custom))
             series.requests = m.requests.labels(provider, model, obs.operation, str(call.status), call.outcome, err, *custom)
-        series.requests.inc()
 
         duration = call.duration
         if duration is not None:
@@ -195,3 +194,5 @@ class MetricsObserver:
         if self.guard.overflowed:
             for label, n in self.guard.take_overflows().items():
                 m.overflow.labels(label).inc(n)
+        # Last: a scrape that counts a call in ai_requests_total also sees all its other updates.
+        series.requests.inc()

@@ -34,6 +34,9 @@ STATS = {
     ],
 }
 USERS = {"alice": "dev", "bob": "ops"}
+# A loaded test machine can take longer than the production 500 ms per message; Envoy then fails
+# open and the call goes unobserved (by design), so exact totals need a patient Envoy here.
+PATIENT = {"message_timeout_ms": 5000}
 
 
 @pytest.fixture(scope="module")
@@ -97,7 +100,7 @@ def total(samples: list[tuple[str, dict[str, str], float]], name: str, **match: 
     return sum(v for n, labels, v in samples if n == name and all(labels.get(k) == w for k, w in match.items()))
 
 
-def scrape_after(port: int, calls: int, timeout: float = 15) -> list[tuple[str, dict[str, str], float]]:
+def scrape_after(port: int, calls: int, timeout: float = 15, stack: Stack | None = None) -> list[tuple[str, dict[str, str], float]]:
     """A scrape once all ``calls`` were recorded (the observer runs when the ext_proc stream ends,
     a moment after the client has its response)."""
     deadline = time.monotonic() + timeout
@@ -105,16 +108,21 @@ def scrape_after(port: int, calls: int, timeout: float = 15) -> list[tuple[str, 
         samples = scrape(port)
         seen = total(samples, "ai_requests_total")
         if seen >= calls or time.monotonic() > deadline:
-            assert seen == calls, f"recorded {seen} calls, sent {calls}"
+            envoy = {k: stack.envoy_stat(f"http.llm.ext_proc.{k}") for k in ("streams_started", "failure_mode_allowed", "message_timeouts")} if stack else {}
+            assert seen == calls, f"recorded {seen} calls, sent {calls}; {_outcomes(samples)}; Envoy ext_proc {envoy}"
             return samples
         time.sleep(0.1)
+
+
+def _outcomes(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, float]:
+    return {f"{l['outcome']}/{l['status_code']}/{l['error_type']}": v for n, l, v in samples if n == "ai_requests_total"}
 
 
 # ---- one worker ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, mock) -> Iterator[Stack]:
     with Stack(tmp_path_factory.mktemp("metrics"), mock, sidecar_config={"stats": STATS},
-               jwks_json=jwt_keys.jwks_json()) as s:
+               jwks_json=jwt_keys.jwks_json(), **PATIENT) as s:
         yield s
 
 
@@ -124,7 +132,7 @@ def traffic(stack) -> list[Sent]:
 
 
 def test_token_counters_per_team_are_exact(stack, traffic):
-    samples = scrape_after(stack.metrics_port, len(traffic))
+    samples = scrape_after(stack.metrics_port, len(traffic), stack=stack)
     assert {s.stream for s in traffic} == {True, False}
     for user, team in USERS.items():
         for model in ("gpt-4o", "gpt-4o-mini"):
@@ -139,7 +147,7 @@ def test_token_counters_per_team_are_exact(stack, traffic):
 
 
 def test_histograms_per_user(stack, traffic):
-    samples = scrape_after(stack.metrics_port, len(traffic))
+    samples = scrape_after(stack.metrics_port, len(traffic), stack=stack)
     for user in USERS:
         mine = [s for s in traffic if s.user == user]
         for kind, attr in (("input", "prompt"), ("output", "completion")):
@@ -193,7 +201,7 @@ def prometheus(tmp_path, stack) -> Iterator[int]:
 
 
 def test_prometheus_server_sums_per_team_and_user(stack, traffic, prometheus):
-    scrape_after(stack.metrics_port, len(traffic))  # recorded before Prometheus' next scrape
+    scrape_after(stack.metrics_port, len(traffic), stack=stack)  # recorded before Prometheus' next scrape
     by_team = "sum by (team) (ai_prompt_tokens_total)"
     by_user = ('sum by (user_id) (gen_ai_client_token_usage_sum{gen_ai_token_type="input"}'
                ' + ignoring(gen_ai_token_type) gen_ai_client_token_usage_sum{gen_ai_token_type="output"})')
@@ -218,12 +226,13 @@ def test_two_workers_one_scrape_sums_both(tmp_path, mock, monkeypatch):
     (mpdir / "counter_99999.db").write_bytes(b"stale file from an earlier run")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(mpdir))
     with Stack(tmp_path / "stack", mock, sidecar_config={"stats": STATS}, jwks_json=jwt_keys.jwks_json(),
-               workers=2, envoy_concurrency=8) as stack:
+               workers=2, envoy_concurrency=8, **PATIENT) as stack:
         assert not (mpdir / "counter_99999.db").exists()  # cleaned at start-up
+        listening = _wait_workers_listening(stack, 2)  # else Envoy may connect before worker 2 is up
         plan = [(("alice", "bob")[i % 2], "gpt-4o-mini", i % 3 == 0, 2 + i % 7, 3 + i % 5) for i in range(64)]
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             sent = list(pool.map(lambda p: chat(stack, *p), plan))
-        samples = scrape_after(stack.metrics_port, len(sent))
+        samples = scrape_after(stack.metrics_port, len(sent), stack=stack)
         for user, team in USERS.items():
             mine = [s for s in sent if s.user == user]
             labels = {"llm": "openai", "model": "gpt-4o-mini", "team": team}
@@ -232,7 +241,7 @@ def test_two_workers_one_scrape_sums_both(tmp_path, mock, monkeypatch):
             assert total(samples, "gen_ai_client_token_usage_count", gen_ai_token_type="input", user_id=user) == len(mine)
         # Both workers did some of the work: each writes its own <type>_<pid>.db files.
         pids = Tally(p.stem.rsplit("_", 1)[1] for p in mpdir.glob("counter_*.db"))
-        assert len(pids) == 2, f"calls reached {len(pids)} worker(s): {sorted(pids)}"
+        assert len(pids) == 2, f"calls reached {len(pids)} worker(s): {sorted(pids)} of {listening}"
 
         # A worker that dies loses nothing: its files still count, its replacement adds to them.
         workers = [int(p) for p in pids]
@@ -241,7 +250,7 @@ def test_two_workers_one_scrape_sums_both(tmp_path, mock, monkeypatch):
         while time.monotonic() < deadline and len(_children(stack.sidecar.pid)) < 2:
             time.sleep(0.1)
         more = [chat(stack, "alice", "gpt-4o-mini", False, 5, 5) for _ in range(8)]
-        samples = scrape_after(stack.metrics_port, len(sent) + len(more))
+        samples = scrape_after(stack.metrics_port, len(sent) + len(more), stack=stack)
         assert total(samples, "ai_prompt_tokens_total", team="dev") == sum(s.prompt for s in sent + more if s.user == "alice")
 
         # A restarted sidecar starts from zero: the previous run's files do not leak into totals.
@@ -251,6 +260,17 @@ def test_two_workers_one_scrape_sums_both(tmp_path, mock, monkeypatch):
         one = chat(stack, "bob", "gpt-4o-mini", False, 3, 4)
         samples = scrape_after(stack.metrics_port, 1)
         assert total(samples, "ai_prompt_tokens_total") == one.prompt
+
+
+def _wait_workers_listening(stack: Stack, n: int, timeout: float = 15) -> set[int]:
+    deadline = time.monotonic() + timeout
+    while True:
+        pids = {json.loads(line)["pid"] for line in stack.sidecar_stderr().splitlines()
+                if line.startswith("{") and '"ext_proc listening"' in line}
+        if len(pids) >= n or time.monotonic() > deadline:
+            assert len(pids) >= n, f"{len(pids)} of {n} workers listening"
+            return pids
+        time.sleep(0.05)
 
 
 def _children(pid: int) -> list[int]:
