@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
 
 from extproc.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
 from extproc.config import BUILTIN_LABELS, StatsConfig
@@ -31,15 +31,11 @@ TOKEN_BUCKETS = tuple(float(4**i) for i in range(12))
 GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model")
 _SERIES_CACHE_MAX = 4096  # label combinations whose children we keep at hand (then start over)
 
-_process_registry: CollectorRegistry | None = None
-
-
 def process_registry() -> CollectorRegistry:
-    """The registry of this process's metrics (what a single-worker ``/metrics`` serves)."""
-    global _process_registry
-    if _process_registry is None:
-        _process_registry = CollectorRegistry(auto_describe=True)
-    return _process_registry
+    """The registry of this process's metrics (what a single-worker ``/metrics`` serves):
+    prometheus-client's default one, so metrics other modules declare at import (MCP, tracing
+    drops) and the process collectors are served too."""
+    return REGISTRY
 
 
 def error_type(call: Call) -> str:
