@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test protos envoy-config deploy-rules bench soak clean
+.PHONY: install run test protos envoy-config deploy-rules bench soak clean prometheus bench-metrics
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,21 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/extproc dev $(ARGS)
 
-test: $(STAMP)
+test: $(STAMP) prometheus
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The Prometheus server tests/test_metrics_e2e.py scrapes the sidecar with (Debian's package),
+# installed when `prometheus` is not on PATH. If that fails the test says so and is skipped.
+prometheus:
+	@command -v prometheus >/dev/null 2>&1 || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+	  echo "installing prometheus (apt-get)"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
+	  || echo "warning: could not install prometheus; tests needing it will be skipped" >&2; }
+
+# Cost of the metrics observer per call (single-process and multiprocess mode).
+bench-metrics: $(STAMP)
+	$(PY) bench/metrics_cost.py
 
 # Regenerate extproc/_pb from protos/ (the result is committed; tests/test_protos.py checks it).
 protos: $(STAMP)

@@ -31,6 +31,10 @@ class CallLog:
 
 def observers(config: Config) -> list[CallObserver]:
     out: list[CallObserver] = [CallLog(), McpMetrics()]
+    if config.stats.port:  # 0: no endpoint, so nothing to record
+        from extproc.metrics import MetricsObserver, process_registry
+
+        out.append(MetricsObserver(config.stats, process_registry()))
     if trace_settings.enabled(config.tracing):
         from extproc.tracing import Tracer  # the OTel SDK loads only when tracing is on
 

@@ -9,7 +9,7 @@ from extproc.config import ConfigError
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from extproc import app, config, logs, server
+    from extproc import config, logs
 
     try:
         cfg = config.load(args.config)
@@ -25,11 +25,23 @@ def _serve(args: argparse.Namespace) -> int:
         return 2
     logs.setup(cfg.logging.level)
     workers = args.workers if args.workers is not None else 1
+    metrics = None
     try:
-        return server.serve(cfg, workers, app.observers)
+        if cfg.stats.port:
+            # Before anything imports prometheus-client: with several workers this sets up its
+            # multiprocess directory, which the workers forked later inherit.
+            from extproc.metrics_endpoint import Runtime
+
+            metrics = Runtime(cfg.stats, workers)
+        from extproc import app, server
+
+        return server.serve(cfg, workers, app.observers, on_worker_exit=metrics.worker_exited if metrics else None)
     except OSError as e:
         print(f"extproc: {e}", file=sys.stderr)
         return 1
+    finally:
+        if metrics is not None:
+            metrics.close()
 
 
 def _health(args: argparse.Namespace) -> int:

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 DEFAULT_NAMESPACE = "ai.gateway.kgateway.dev"
@@ -58,11 +58,68 @@ class LimitsConfig(_Section):
     max_decoded_bytes: int = Field(64 << 20, ge=1024)  # decompressed bytes per response
 
 
+JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Label names the built-in metrics use (extproc.metrics checks it uses no others), plus names
+# Prometheus itself gives meaning to: a custom label may not take any of them.
+BUILTIN_LABELS = frozenset({
+    "llm", "model", "operation", "status_code", "outcome", "error_type", "reason", "label",
+    "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
+    "gen_ai_token_type", "le", "quantile", "job", "instance",
+})
+
+
+class CustomLabel(_Section):
+    """An extra label on the AI metrics, like kgateway's ``stats.customLabels``.
+
+    Its value comes from dynamic metadata Envoy forwards to the sidecar (``metadataKey``: a path
+    inside ``metadataNamespace``, e.g. ``principal:team`` for a jwt_authn claim) or from a request
+    header (``header``, for API-key setups where a trusted filter sets it). Missing: empty string.
+    """
+
+    name: str
+    metadata_namespace: str = JWT_AUTHN_NAMESPACE
+    metadata_key: str | None = None
+    key_delimiter: str = Field(":", min_length=1)
+    header: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not LABEL_NAME.match(v) or v.startswith("__"):
+            raise ValueError(f"{v!r} is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, no leading __)")
+        if v in BUILTIN_LABELS:
+            raise ValueError(f"{v!r} clashes with a built-in label ({', '.join(sorted(BUILTIN_LABELS))})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CustomLabel:
+        if (self.metadata_key is None) == (self.header is None):
+            raise ValueError("set exactly one of metadataKey or header")
+        if self.metadata_key is not None and not self.metadata_key.strip(self.key_delimiter):
+            raise ValueError("metadataKey is empty")
+        return self
+
+
 class StatsConfig(_Section):
-    """Prometheus endpoint (``/metrics``); owned by ``extproc.metrics``."""
+    """Prometheus endpoint (``/metrics``, ``/healthz``) and labels; owned by ``extproc.metrics``."""
 
     address: str = "0.0.0.0"  # Prometheus scrapes the pod IP; bind 127.0.0.1 to keep it local
-    port: int = Field(9092, ge=0, lt=65536)  # 0 disables the endpoint
+    port: int = Field(9092, ge=0, lt=65536)  # 0 disables the endpoint (and metrics)
+    custom_labels: list[CustomLabel] = Field(default_factory=list)
+    # Distinct values kept per label (custom labels, model, provider, error type) per process;
+    # later new values are folded into "__overflow__" (counted by ai_label_values_overflow_total).
+    max_label_values: int = Field(1000, ge=1)
+
+    @field_validator("custom_labels")
+    @classmethod
+    def _unique(cls, v: list[CustomLabel]) -> list[CustomLabel]:
+        seen: set[str] = set()
+        for label in v:
+            if label.name in seen:
+                raise ValueError(f"duplicate label name {label.name!r}")
+            seen.add(label.name)
+        return v
 
 
 class LoggingConfig(_Section):

@@ -99,7 +99,10 @@ async def drain(server: grpc.aio.Server, health: Health, processor: Processor, g
         log.warning("streams still open after drain", extra={"active_streams": processor.active})
 
 
-def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace: float | None = None) -> int:
+def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace: float | None = None,
+          on_worker_exit: Callable[[int], None] | None = None) -> int:
+    """Run ``workers`` worker processes (1: this process). ``on_worker_exit(pid)`` runs in the
+    supervising parent whenever a worker exits (metrics: prometheus-client ``mark_process_dead``)."""
     sys.setswitchinterval(SWITCH_INTERVAL)
     if workers <= 1:
         asyncio.run(run_worker(config, observer_factory(config), grace))
@@ -107,10 +110,11 @@ def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace
     if config.listen.startswith("unix:"):
         log.error("several workers need a TCP listen address (SO_REUSEPORT); got %s", config.listen)
         return 2
-    return _supervise(config, workers, observer_factory, config.shutdown_grace_seconds if grace is None else grace)
+    return _supervise(config, workers, observer_factory, config.shutdown_grace_seconds if grace is None else grace, on_worker_exit)
 
 
-def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, grace: float) -> int:
+def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, grace: float,
+               on_worker_exit: Callable[[int], None] | None = None) -> int:
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
 
@@ -167,6 +171,8 @@ def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, 
             time.sleep(0.05)
             continue
         slot = children.pop(pid, None)
+        if slot is not None and on_worker_exit is not None:
+            on_worker_exit(pid)
         if slot is None or stopping:
             continue
         log.warning("worker exited; restarting", extra={"pid": pid, "status": status})

@@ -29,6 +29,8 @@ SPANS_DROPPED = Counter(
     "export_failed: the collector refused or could not be reached).",
     ["reason"],
 )
+for _reason in ("queue_full", "export_failed"):
+    SPANS_DROPPED.labels(_reason)  # zero-valued series from the start: alerts see 0, not "absent"
 
 def build_exporter(cfg: TracingConfig) -> SpanExporter:
     timeout = cfg.export_timeout_ms / 1000

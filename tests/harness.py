@@ -34,6 +34,7 @@ class Stack:
         workers: int = 1,
         start_sidecar: bool = True,
         envoy_args: tuple[str, ...] = (),
+        envoy_concurrency: int = 2,
         **bootstrap_kw: Any,
     ) -> None:
         self.dir = Path(workdir)
@@ -67,6 +68,7 @@ class Stack:
         self.envoy_config_path = self.dir / "envoy.yaml"
         self.envoy_config_path.write_text(envoy_config.dump(boot))
         self._envoy_args = envoy_args
+        self._envoy_concurrency = envoy_concurrency  # Envoy worker threads = HTTP/2 connections to the sidecar
         self._start_sidecar = start_sidecar
 
     # ---- lifecycle ---------------------------------------------------------------------------
@@ -75,7 +77,7 @@ class Stack:
             if self._start_sidecar:
                 self.start_sidecar()
             self.envoy = subprocess.Popen(
-                envoy_command(self.envoy_config_path, "--concurrency", "2", *self._envoy_args),
+                envoy_command(self.envoy_config_path, "--concurrency", str(self._envoy_concurrency), *self._envoy_args),
                 stdout=subprocess.DEVNULL, stderr=self.envoy_log.open("ab"),
             )
             wait_port(self.port, proc=self.envoy)

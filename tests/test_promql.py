@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 GRAFANA_VARS = {"$__rate_interval": "1m", "$__range": "5m", "$__interval": "15s", "$provider": ".*", "$model": ".*"}
 # Alert expression -> returns data after the traffic below (True), or is empty (False: why).
 EXPECT: dict[str, bool] = {
-    "LLMErrorRateHigh": True,  # 1 in 6 calls is a 400, at >= 0.1 calls/s
+    "LLMErrorRateHigh": True,  # 1 in 6 calls is a 400, at >= 0.1 calls/s over 5 m
     "ExtProcParseErrors": True,  # the malformed bodies
     "LLMTokenSpendSpike": False,  # steady traffic: the 15 m rate equals the (same samples') 1 d rate
     "ExtProcFailingOpen": False,  # the sidecar stayed up: Envoy never failed open
@@ -129,7 +129,7 @@ def _traffic(stack: Stack) -> None:
         h = {"content-type": "application/json", "x-fixture": fixture, "x-request-id": str(uuid.uuid4()), **headers}
         httpx.post(stack.url(rec.path), content=rec.request_body, headers=h, timeout=20)
 
-    for _ in range(10):
+    for _ in range(30):  # enough that rate(...[5m]) clears the error-rate alert's 0.1 calls/s floor
         post("aigw__chat-basic.yaml")
         post("aigw__chat-streaming-detailed-usage.yaml")  # streamed: TTFT
         post("aigw__embeddings-dimensions.yaml")
@@ -142,8 +142,12 @@ def _traffic(stack: Stack) -> None:
 
 @pytest.fixture(scope="module")
 def prometheus(tmp_path_factory, replay):
+    from otlp_receiver import GrpcReceiver
+
     work = tmp_path_factory.mktemp("promql")
-    with Stack(work / "stack", replay.url) as stack:
+    collector = GrpcReceiver()  # tracing on, so the dropped-spans series exist (at 0)
+    tracing = {"tracing": {"otlpEndpoint": collector.endpoint, "otlpProtocol": "grpc"}}
+    with Stack(work / "stack", replay.url, sidecar_config=tracing) as stack:
         prom = Prometheus(work, {
             "extproc": (f"127.0.0.1:{stack.metrics_port}", "/metrics"),
             "envoy": (f"127.0.0.1:{stack.admin_port}", "/stats/prometheus"),
@@ -157,6 +161,7 @@ def prometheus(tmp_path_factory, replay):
             yield prom
         finally:
             prom.close()
+            collector.close()
 
 
 @pytest.mark.parametrize("expr", dashboard_exprs())
@@ -167,7 +172,9 @@ def test_dashboard_query_returns_data(prometheus, expr):
 @pytest.mark.parametrize("alert", sorted(alert_rules()))
 def test_alert_rule(prometheus, alert):
     expr = alert_rules()[alert]
-    names = set(METRIC.findall(expr))
+    # metric names only: drop label matchers and grouping clauses (by/without/on/ignoring (...))
+    bare = re.sub(r"\{[^}]*\}|\b(?:by|without|on|ignoring|group_left|group_right)\s*\([^)]*\)", "", expr)
+    names = set(METRIC.findall(bare))
     names |= {f"ai_{n}_tokens_total" for n in ("prompt", "completion")} if "ai_(prompt|completion)_tokens_total" in expr else set()
     assert names, expr
     for name in names:

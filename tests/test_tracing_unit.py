@@ -143,6 +143,8 @@ def test_disabled_tracing_costs_nothing():
     code = ("import os, sys; [os.environ.pop(k) for k in list(os.environ) if k.startswith('OTEL_')];"
             "from extproc import app, config; from extproc.processor import Processor;"
             "cfg = config.parse({}); obs = app.observers(cfg); p = Processor(cfg, obs);"
-            "print(len(obs), p.capture, any(m.startswith('opentelemetry') or m == 'cel' for m in sys.modules))")
+            "print(len(obs), p.capture, any(m.startswith('opentelemetry') or m == 'cel' for m in sys.modules),"
+            " any(type(o).__name__ == 'Tracer' for o in obs))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout.split()
-    assert out == ["2", "False", "False"]  # CallLog + McpMetrics; no tracer, no capture, no SDK loaded
+    # CallLog + McpMetrics + MetricsObserver; no tracer, no capture, no SDK loaded
+    assert out == ["3", "False", "False", "False"]
