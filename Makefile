@@ -49,6 +49,12 @@ envoy-config: $(STAMP)
 deploy-rules: $(STAMP)
 	$(PY) deploy/render_rules.py
 
+# Envoy alone vs Envoy + sidecar (inline, observability-only), side by side; ~5 min on 2 CPUs.
+# Results: bench/results/latest.{md,json}. BENCH_ARGS=--quick for a few-second smoke run.
+bench: $(STAMP)
+	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+	$(PY) -m bench $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache build *.egg-info
 

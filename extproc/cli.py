@@ -24,7 +24,7 @@ def _serve(args: argparse.Namespace) -> int:
         print(f"extproc: {e}", file=sys.stderr)
         return 2
     logs.setup(cfg.logging.level)
-    workers = args.workers if args.workers is not None else 1
+    workers = args.workers if args.workers is not None else (os.cpu_count() or 1)
     metrics = None
     try:
         if cfg.stats.port:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     s = sub.add_parser("serve", help="run the ext_proc gRPC service")
     s.add_argument("--config", help="YAML config file (see README)")
     s.add_argument("--listen", help="override config 'listen' (host:port or unix:/path)")
-    s.add_argument("--workers", type=int, help="worker processes sharing the port (default 1)")
+    s.add_argument("--workers", type=int, help="worker processes sharing the port (default: CPU count)")
     s.add_argument("--metrics-port", type=int, help="override config 'stats.port'")
     s.set_defaults(func=_serve)
 

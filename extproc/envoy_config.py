@@ -14,6 +14,8 @@ import yaml
 from extproc.config import DEFAULT_NAMESPACE
 
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+# ext_proc cluster: streams per HTTP/2 connection before Envoy opens another (docs/performance.md).
+EXTPROC_STREAMS_PER_CONNECTION = 8
 
 # The access-log fields of the kgateway example, plus model/provider_model/provider.
 def access_log_format(namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
@@ -239,7 +241,10 @@ def bootstrap(
             "typed_extension_protocol_options": {
                 "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
                     "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    "explicit_http_config": {"http2_protocol_options": {}},
+                    # At most this many streams per HTTP/2 connection: under load Envoy opens more
+                    # connections (not just one per worker thread), so the kernel's SO_REUSEPORT
+                    # hashing spreads them over every sidecar worker process.
+                    "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": EXTPROC_STREAMS_PER_CONNECTION}},
                 }
             },
             # Every in-flight LLM call holds one stream: raise the default 1024 limits.

@@ -76,7 +76,12 @@ class Processor:
         try:
             async for req in requests:
                 reply = stream.handle(req)
-                if reply is not None and not req.observability_mode:
+                if req.observability_mode:
+                    # Envoy expects no reply, and would hold the stream open for its
+                    # deferred_close_timeout (5 s) after the response: end it at the response's end.
+                    if stream.response_done:
+                        break
+                elif reply is not None:
                     yield reply
         finally:
             self.active -= 1
@@ -232,6 +237,10 @@ class Stream:
         return resp.SerializeToString()
 
     # ---- end ---------------------------------------------------------------------------------
+    @property
+    def response_done(self) -> bool:
+        return self._response_done
+
     def _complete(self) -> None:
         self.call.outcome = ERROR if self.call.status >= 400 else OK
 

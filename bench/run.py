@@ -1,0 +1,411 @@
+"""`make bench` / `python -m bench`: Envoy alone vs Envoy + sidecar (inline and observability-only),
+side by side in one run, on 127.0.0.1.
+
+All stacks run at once against the same fast upstreams; every scenario is run against each stack
+back to back, so the ratios compare measurements taken within seconds of each other on a shared,
+noisy machine. Results: ``bench/results/<timestamp>.json`` and ``.md`` (+ ``latest.*``).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from bench import load
+from bench.sidecar import read_counts
+from bench.upstream import CHAT_REQUEST, STREAM_REQUEST, direct_response_envoy
+from extproc import envoy_config
+from extproc.dev import envoy_binary, envoy_command, free_port, wait_port
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+TICK = os.sysconf("SC_CLK_TCK")
+PAGE = os.sysconf("SC_PAGE_SIZE")
+CHAT_PATH = "/v1/chat/completions"
+SSE_PATH = "/sse/v1/chat/completions"
+
+
+@dataclass
+class Profile:
+    concurrency: tuple[int, ...] = (1, 16, 64)
+    rates: tuple[int, ...] = (500, 1500)
+    throughput_s: float = 5.0
+    rate_s: float = 6.0
+    stream_rate: int = 50  # streams/s
+    stream_s: float = 6.0
+    chunks: int = 50
+    chunk_interval_ms: float = 2.0
+    hold_streams: int = 1000
+    warmup_s: float = 1.0
+
+
+QUICK = Profile(concurrency=(1, 16, 64), rates=(100, 200), throughput_s=1.0, rate_s=1.0, stream_rate=10,
+                stream_s=1.0, chunks=50, chunk_interval_ms=1.0, hold_streams=20, warmup_s=0.3)
+
+
+# ---- processes ---------------------------------------------------------------------------------
+def proc_tree(pid: int) -> list[int]:
+    """pid and its children (the sidecar's forked workers)."""
+    out = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rpartition(")")[2].split()[1]) == pid:
+                out.append(int(entry))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        total += int(fields[11]) + int(fields[12])  # utime + stime
+    return total / TICK
+
+
+def cpu_by_pid(pids: list[int]) -> dict[int, float]:
+    return {p: cpu_seconds([p]) for p in pids}
+
+
+def rss_mb(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/statm") as f:
+            return int(f.read().split()[1]) * PAGE / 2**20
+    except OSError:
+        return 0.0
+
+
+@dataclass
+class Stack:
+    name: str  # envoy | inline | observe
+    workdir: Path
+    upstreams: list[envoy_config.Upstream]
+    workers: int
+    envoy_concurrency: int
+    env: dict[str, str] = field(default_factory=dict)
+    port: int = 0
+    admin: int = 0
+    sidecar: subprocess.Popen | None = None
+    envoy: subprocess.Popen | None = None
+    counts: Path | None = None
+
+    @property
+    def has_sidecar(self) -> bool:
+        return self.name != "envoy"
+
+    def start(self) -> None:
+        d = self.workdir / self.name
+        d.mkdir(parents=True)
+        self.port, self.admin = free_port(), free_port()
+        extproc = None
+        if self.has_sidecar:
+            sport = free_port()
+            extproc = f"127.0.0.1:{sport}"
+            cfg = d / "sidecar.yaml"
+            cfg.write_text(yaml.safe_dump({"listen": extproc, "stats": {"port": 0}, "logging": {"level": "warning"}}))
+            self.counts = d / "counts"
+            self.counts.mkdir()
+            self.sidecar = subprocess.Popen(
+                [sys.executable, "-m", "bench.sidecar", "--config", str(cfg), "--workers", str(self.workers), "--counts", str(self.counts)],
+                cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=(d / "sidecar.log").open("wb"))
+            wait_port(sport, proc=self.sidecar)
+        boot = envoy_config.bootstrap(upstreams=self.upstreams, listen=f"127.0.0.1:{self.port}", extproc=extproc,
+                                      access_log=str(d / "access.log"), admin=f"127.0.0.1:{self.admin}",
+                                      observability_mode=self.name == "observe")
+        (d / "envoy.yaml").write_text(envoy_config.dump(boot))
+        self.envoy = subprocess.Popen(envoy_command(d / "envoy.yaml", "--concurrency", str(self.envoy_concurrency)),
+                                      stdout=subprocess.DEVNULL, stderr=(d / "envoy.log").open("wb"))
+        wait_port(self.port, proc=self.envoy)
+
+    def stop(self) -> None:
+        for p in (self.envoy, self.sidecar):
+            if p is not None and p.poll() is None:
+                p.terminate()
+                try:
+                    p.wait(15)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
+
+    def sidecar_pids(self) -> list[int]:
+        return proc_tree(self.sidecar.pid) if self.sidecar else []
+
+    def worker_pids(self) -> list[int]:
+        pids = self.sidecar_pids()
+        return pids[1:] if len(pids) > 1 else pids
+
+    def snapshot(self) -> dict[str, Any]:
+        return {
+            "sidecar_cpu": cpu_seconds(self.sidecar_pids()),
+            "worker_cpu": cpu_by_pid(self.worker_pids()),
+            "envoy_cpu": cpu_seconds([self.envoy.pid]) if self.envoy else 0.0,
+            "counts": read_counts(self.counts) if self.counts else {},
+            "t": time.monotonic(),
+        }
+
+    def envoy_stats(self, prefix: str = "ext_proc") -> dict[str, int]:
+        out = {}
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?filter={prefix}", timeout=5) as r:
+            for line in r.read().decode().splitlines():
+                k, _, v = line.partition(": ")
+                if v.isdigit():
+                    out[k] = int(v)
+        return out
+
+
+def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    per_worker = {pid: after["worker_cpu"].get(pid, 0) - before["worker_cpu"].get(pid, 0) for pid in after["worker_cpu"]}
+    return {
+        "sidecar_cpu_s": after["sidecar_cpu"] - before["sidecar_cpu"],
+        "envoy_cpu_s": after["envoy_cpu"] - before["envoy_cpu"],
+        "worker_cpu_s": sorted(per_worker.values(), reverse=True),
+        "counts": {k: after["counts"].get(k, 0) - before["counts"].get(k, 0) for k in after["counts"]},
+        "wall_s": after["t"] - before["t"],
+    }
+
+
+# ---- load --------------------------------------------------------------------------------------
+def wrk_script(path: Path, body: bytes) -> Path:
+    path.write_text(
+        'wrk.method = "POST"\n'
+        f"wrk.body = [[{body.decode()}]]\n"
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        "done = function(summary, latency, requests)\n"
+        "  local e = summary.errors\n"
+        '  io.write(string.format("JSON {\\"requests\\":%d,\\"duration_us\\":%d,\\"errors\\":%d,\\"non2xx\\":%d,'
+        '\\"p50_us\\":%d,\\"p99_us\\":%d}\\n", summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout,'
+        " e.status, latency:percentile(50), latency:percentile(99)))\n"
+        "end\n"
+    )
+    return path
+
+
+def wrk(port: int, script: Path, connections: int, seconds: float) -> dict[str, Any]:
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "-s", str(script), f"http://127.0.0.1:{port}{CHAT_PATH}"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
+    for line in p.stdout.splitlines():
+        if line.startswith("JSON "):
+            r = json.loads(line[5:])
+            r["rps"] = r["requests"] / (r["duration_us"] / 1e6)
+            return r
+    raise RuntimeError(f"wrk failed: {p.stdout}\n{p.stderr}")
+
+
+def pct(values: list[float], q: float) -> float | None:
+    v = load.percentile(values, q)
+    return None if v is None else v * 1000  # ms
+
+
+def run_scenarios(stacks: list[Stack], prof: Profile, workdir: Path, log: Any) -> dict[str, dict[str, Any]]:
+    script = wrk_script(workdir / "chat.lua", CHAT_REQUEST)
+    res: dict[str, dict[str, Any]] = {s.name: {} for s in stacks}
+    for s in stacks:  # warm-up: connections, ext_proc HTTP/2 pools, code paths
+        wrk(s.port, script, 16, prof.warmup_s)
+        asyncio.run(load.fixed_rate("127.0.0.1", s.port, load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": "5", "x-chunk-interval-ms": "0"}), 20, prof.warmup_s, sse=True, warm_connections=4))
+
+    def measure(s: Stack, key: str, fn: Any) -> dict[str, Any]:
+        before = s.snapshot()
+        out = fn()
+        time.sleep(0.3 if s.name == "observe" else 0.05)  # let async (observability) streams finish
+        out.update(delta(before, s.snapshot()))
+        res[s.name][key] = out
+        return out
+
+    for c in prof.concurrency:
+        for s in stacks:
+            r = measure(s, f"c{c}", lambda: wrk(s.port, script, c, prof.throughput_s))
+            log(f"  {s.name:8} c={c:<3} {r['rps']:8.0f} req/s  p50 {r['p50_us'] / 1000:.2f} ms  p99 {r['p99_us'] / 1000:.2f} ms  "
+                f"sidecar {1e6 * r['sidecar_cpu_s'] / max(1, r['requests']):.0f} us/req  observed {r['counts'].get('observed', '-')}/{r['requests']}")
+    raw = load.raw_request(CHAT_PATH, CHAT_REQUEST, "bench")
+    for rate in prof.rates:
+        for s in stacks:
+            def fixed() -> dict[str, Any]:
+                r = asyncio.run(load.fixed_rate("127.0.0.1", s.port, raw, rate, prof.rate_s))
+                return {"sent": r.sent, "requests": r.ok, "errors": r.errors, "new_connections": r.new_connections,
+                        "p50_ms": pct(r.latencies, 50), "p99_ms": pct(r.latencies, 99), "p999_ms": pct(r.latencies, 99.9),
+                        "driver_lag_max_ms": r.lag_max * 1000}
+            r = measure(s, f"rate{rate}", fixed)
+            log(f"  {s.name:8} {rate}/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  errors {r['errors']}  "
+                f"sidecar {1e6 * r['sidecar_cpu_s'] / max(1, r['requests']):.0f} us/req")
+    sse = load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": str(prof.chunks), "x-chunk-interval-ms": str(prof.chunk_interval_ms)})
+    for s in stacks:
+        def streams() -> dict[str, Any]:
+            r = asyncio.run(load.fixed_rate("127.0.0.1", s.port, sse, prof.stream_rate, prof.stream_s, sse=True))
+            return {"sent": r.sent, "requests": r.ok, "errors": r.errors, "events": r.events,
+                    "ttfb_p50_ms": pct(r.ttfb, 50), "ttfb_p99_ms": pct(r.ttfb, 99),
+                    "chunk_p50_ms": pct(r.chunk_transit, 50), "chunk_p99_ms": pct(r.chunk_transit, 99)}
+        r = measure(s, "stream", streams)
+        log(f"  {s.name:8} streams {prof.stream_rate}/s x {prof.chunks} chunks  TTFB p50 {r['ttfb_p50_ms']:.3f} ms p99 {r['ttfb_p99_ms']:.3f}  "
+            f"chunk p50 {r['chunk_p50_ms']:.3f} ms p99 {r['chunk_p99_ms']:.3f}  sidecar {1e6 * r['sidecar_cpu_s'] / max(1, r['events']):.1f} us/chunk")
+    hold = load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": "50", "x-chunk-interval-ms": "1000"})
+    for s in stacks:
+        if not s.has_sidecar:
+            continue
+        idle = {p: rss_mb(p) for p in s.worker_pids()}
+
+        async def held() -> dict[str, Any]:
+            conns, n = await load.hold_streams("127.0.0.1", s.port, hold, prof.hold_streams)
+            await asyncio.sleep(0.5)
+            busy = {p: rss_mb(p) for p in s.worker_pids()}
+            load.release(conns)
+            await asyncio.sleep(0.2)
+            return {"open_streams": n, "rss_idle_mb": idle, "rss_streams_mb": busy}
+        r = asyncio.run(held())
+        r["rss_streams_max_mb"] = max(r["rss_streams_mb"].values())
+        r["rss_idle_max_mb"] = max(r["rss_idle_mb"].values())
+        res[s.name]["hold"] = r
+        log(f"  {s.name:8} {r['open_streams']} open streams: RSS/worker max {r['rss_streams_max_mb']:.1f} MB (idle {r['rss_idle_max_mb']:.1f} MB)")
+    for s in stacks:
+        if s.has_sidecar:
+            res[s.name]["envoy_ext_proc_stats"] = s.envoy_stats()
+    return res
+
+
+# ---- report ------------------------------------------------------------------------------------
+def _f(v: Any, nd: int = 2) -> str:
+    return "-" if v is None else f"{v:,.{nd}f}"
+
+
+def summarize(res: dict[str, dict[str, Any]], prof: Profile) -> list[dict[str, Any]]:
+    """Rows: (metric, value per stack, comparison vs envoy)."""
+    rows: list[dict[str, Any]] = []
+
+    def add(metric: str, key: str, get: Any, nd: int = 2, compare: str = "diff") -> None:
+        vals = {}
+        for name, r in res.items():
+            try:
+                vals[name] = get(r[key]) if key else get(r)
+            except (KeyError, TypeError, ZeroDivisionError):
+                vals[name] = None
+        rows.append({"metric": metric, "values": vals, "nd": nd, "compare": compare})
+
+    per_req = lambda r: 1e6 * r["sidecar_cpu_s"] / r["requests"]  # noqa: E731
+    for c in prof.concurrency:
+        add(f"throughput c={c} (req/s)", f"c{c}", lambda r: r["rps"], 0, "ratio")
+    for c in prof.concurrency:
+        add(f"p99 latency c={c} (ms)", f"c{c}", lambda r: r["p99_us"] / 1000)
+    for rate in prof.rates:
+        add(f"p50 latency @{rate} req/s (ms)", f"rate{rate}", lambda r: r["p50_ms"], 3)
+        add(f"p99 latency @{rate} req/s (ms)", f"rate{rate}", lambda r: r["p99_ms"], 3)
+    c = prof.concurrency[-1]
+    add(f"sidecar CPU per request, c={c} (us)", f"c{c}", per_req, 0, "none")
+    add(f"sidecar CPU per request @{prof.rates[0]} req/s (us)", f"rate{prof.rates[0]}", per_req, 0, "none")
+    add(f"Envoy CPU per request, c={c} (us)", f"c{c}", lambda r: 1e6 * r["envoy_cpu_s"] / r["requests"], 0)
+    add(f"busiest/idlest sidecar worker CPU share, c={c}", f"c{c}",
+        lambda r: r["worker_cpu_s"][0] / max(1e-9, r["worker_cpu_s"][-1]) if len(r["worker_cpu_s"]) > 1 else 1.0, 2, "none")
+    add(f"fully observed calls, c={c} (%)", f"c{c}", lambda r: 100 * r["counts"]["observed"] / r["requests"] if r["counts"] else None, 1, "none")
+    add(f"fully observed calls @{prof.rates[-1]} req/s (%)", f"rate{prof.rates[-1]}",
+        lambda r: 100 * r["counts"]["observed"] / r["sent"] if r["counts"] else None, 1, "none")
+    add(f"stream TTFB p50 ({prof.stream_rate} streams/s) (ms)", "stream", lambda r: r["ttfb_p50_ms"], 3)
+    add("stream TTFB p99 (ms)", "stream", lambda r: r["ttfb_p99_ms"], 3)
+    add(f"per-chunk transit p50 ({prof.chunks} chunks/stream) (ms)", "stream", lambda r: r["chunk_p50_ms"], 3)
+    add("per-chunk transit p99 (ms)", "stream", lambda r: r["chunk_p99_ms"], 3)
+    add("sidecar CPU per chunk (us)", "stream", lambda r: 1e6 * r["sidecar_cpu_s"] / r["events"], 1, "none")
+    add("fully observed streams (%)", "stream", lambda r: 100 * r["counts"]["observed"] / r["sent"] if r["counts"] else None, 1, "none")
+    add("sidecar RSS per worker, idle (MB)", "hold", lambda r: r["rss_idle_max_mb"], 1, "none")
+    add(f"sidecar RSS per worker, {prof.hold_streams} open streams (MB)", "hold", lambda r: r["rss_streams_max_mb"], 1, "none")
+    add("open streams reached", "hold", lambda r: r["open_streams"], 0, "none")
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]], names: list[str]) -> str:
+    head = ["metric", *names]
+    others = [n for n in names if n != "envoy"]
+    head += [f"{n} vs envoy" for n in others]
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        v = row["values"]
+        cells = [row["metric"], *(_f(v.get(n), row["nd"]) for n in names)]
+        for n in others:
+            a, b = v.get(n), v.get("envoy")
+            if row["compare"] == "none" or a is None or b is None:
+                cells.append("")
+            elif row["compare"] == "ratio":
+                cells.append(f"x{a / b:.2f}" if b else "")
+            else:
+                cells.append(f"{a - b:+.3f}")
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="a few seconds: check every figure is produced")
+    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="sidecar workers (default: CPU count)")
+    ap.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
+    ap.add_argument("--stacks", default="envoy,inline,observe", help="which stacks (comma separated)")
+    ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
+    ap.add_argument("--label", default="", help="suffix for the result file names")
+    args = ap.parse_args(argv)
+    prof = QUICK if args.quick else Profile()
+    if shutil.which("wrk") is None:
+        print("bench: wrk not found (Debian: apt-get install -y wrk; `make bench` installs it)", file=sys.stderr)
+        return 2
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    workdir = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
+    procs: list[subprocess.Popen] = []
+    stacks: list[Stack] = []
+    started = time.monotonic()
+    try:
+        up_port, sse_port = free_port(), free_port()
+        (workdir / "upstream.yaml").write_text(yaml.safe_dump(direct_response_envoy(up_port)))
+        procs.append(subprocess.Popen(envoy_command(workdir / "upstream.yaml", "--concurrency", "1"),
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(sse_port)], cwd=ROOT))
+        wait_port(up_port, proc=procs[0])
+        wait_port(sse_port, proc=procs[1])
+        upstreams = [envoy_config.Upstream("/sse/", f"http://127.0.0.1:{sse_port}"),
+                     envoy_config.Upstream("/", f"http://127.0.0.1:{up_port}")]
+        for name in args.stacks.split(","):
+            st = Stack(name, workdir, upstreams, args.workers, args.envoy_concurrency)
+            stacks.append(st)
+            st.start()
+        log(f"bench: {', '.join(s.name for s in stacks)}; sidecar workers {args.workers}, Envoy --concurrency {args.envoy_concurrency}; workdir {workdir}")
+        res = run_scenarios(stacks, prof, workdir, log)
+    finally:
+        for s in stacks:
+            s.stop()
+        for p in procs:
+            p.terminate()
+            p.wait(10)
+    names = [s.name for s in stacks]
+    rows = summarize(res, prof)
+    table = markdown(rows, names)
+    meta = {
+        "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
+        "quick": args.quick, "workers": args.workers, "envoy_concurrency": args.envoy_concurrency,
+        "cpus": os.cpu_count(), "python": platform.python_version(), "envoy": envoy_binary(),
+        "loadavg_before_end": os.getloadavg(), "duration_s": round(time.monotonic() - started, 1),
+        "profile": prof.__dict__,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S") + (f"-{args.label}" if args.label else "") + ("-quick" if args.quick else "")
+    doc = {"meta": meta, "results": res, "table": [{**r, "values": r["values"]} for r in rows]}
+    for base in (args.out / stamp, args.out / ("latest-quick" if args.quick else "latest")):
+        base.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
+        base.with_suffix(".md").write_text(f"`{meta['command']}` ({meta['cpus']} CPUs, load avg {meta['loadavg_before_end'][0]:.1f}, "
+                                           f"{meta['duration_s']} s)\n\n" + table)
+    print(table)
+    log(f"bench: {meta['duration_s']} s; results in {args.out / stamp}.json/.md")
+    return 0

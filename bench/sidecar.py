@@ -1,0 +1,76 @@
+"""The sidecar as ``extproc serve`` runs it, plus a counting observer for the benchmark.
+
+Each worker maps a small file ``<counts-dir>/<pid>`` and keeps its totals there (calls ended,
+calls whose usage was observed, response-body messages): the runner sums them to learn how many
+calls the sidecar fully observed (observability mode drops messages under overload).
+Experiment knobs (environment): ``BENCH_SWITCH_INTERVAL`` (seconds; GIL switch interval),
+``BENCH_UVLOOP=1`` (uvloop event loop).
+"""
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import struct
+import sys
+from pathlib import Path
+
+from extproc import app, config, logs, server
+from extproc.call import Call
+
+FIELDS = ("calls", "observed", "ok")
+_FMT = "<" + "q" * len(FIELDS)
+
+
+class Counter:
+    def __init__(self, directory: str) -> None:
+        path = Path(directory) / str(os.getpid())
+        with path.open("wb") as f:
+            f.write(b"\0" * mmap.PAGESIZE)
+        self._fd = os.open(path, os.O_RDWR)
+        self._m = mmap.mmap(self._fd, mmap.PAGESIZE)
+        self.calls = self.observed = self.ok = 0
+
+    def on_call_end(self, call: Call) -> None:
+        self.calls += 1
+        if call.obs.usage.seen() and call.obs.response_model is not None:
+            self.observed += 1
+        if call.outcome == "ok":
+            self.ok += 1
+        struct.pack_into(_FMT, self._m, 0, self.calls, self.observed, self.ok)
+
+
+def read_counts(directory: str | Path) -> dict[str, int]:
+    total = dict.fromkeys(FIELDS, 0)
+    for f in Path(directory).iterdir():
+        values = struct.unpack_from(_FMT, f.read_bytes(), 0)
+        for k, v in zip(FIELDS, values):
+            total[k] += v
+    return total
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--counts", required=True)
+    args = ap.parse_args(argv)
+    cfg = config.load(args.config)
+    logs.setup(cfg.logging.level)
+    if os.environ.get("BENCH_SWITCH_INTERVAL"):
+        server.SWITCH_INTERVAL = float(os.environ["BENCH_SWITCH_INTERVAL"])
+    if os.environ.get("BENCH_UVLOOP") == "1":
+        import asyncio
+
+        import uvloop
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+    def observers(c: config.Config) -> list:
+        return [*app.observers(c), Counter(args.counts)]
+
+    return server.serve(cfg, args.workers, observers)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

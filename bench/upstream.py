@@ -1,0 +1,168 @@
+"""Fast local upstreams for the benchmark.
+
+- Non-streaming: a second Envoy answering every request with ``direct_response`` (a fixed OpenAI
+  chat completion with usage). Python cannot serve 30k req/s; Envoy can, so the upstream is never
+  the bottleneck of the Envoy-alone baseline.
+- Streaming: ``python -m bench.upstream --port P``, a raw asyncio server answering any POST with an
+  OpenAI chat-completion SSE stream of ``x-chunks`` events (default 50), one every
+  ``x-chunk-interval-ms`` (default 1). Each event's content carries the upstream's
+  CLOCK_MONOTONIC send time in ns (``"t<ns>"``) so the client measures each chunk's transit time
+  through the proxy exactly (same host, same clock).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+MODEL = "gpt-4o-mini"
+PROVIDER_MODEL = "gpt-4o-mini-2024-07-18"
+
+CHAT_RESPONSE = orjson.dumps({
+    "id": "chatcmpl-bench0000000000000000000000",
+    "object": "chat.completion",
+    "created": 1730000000,
+    "model": PROVIDER_MODEL,
+    "choices": [{
+        "index": 0,
+        "message": {"role": "assistant", "content": "Hello! How can I help you today? " * 4, "refusal": None},
+        "logprobs": None,
+        "finish_reason": "stop",
+    }],
+    "usage": {
+        "prompt_tokens": 9, "completion_tokens": 36, "total_tokens": 45,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+    },
+    "service_tier": "default",
+    "system_fingerprint": "fp_bench",
+}).decode()
+
+CHAT_REQUEST = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]})
+STREAM_REQUEST = orjson.dumps({
+    "model": MODEL, "stream": True, "stream_options": {"include_usage": True},
+    "messages": [{"role": "user", "content": "Say hello."}],
+})
+
+
+def direct_response_envoy(listen_port: int, admin_port: int | None = None) -> dict[str, Any]:
+    """Bootstrap of the non-streaming upstream Envoy."""
+    hcm = {
+        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+        "stat_prefix": "up",
+        "route_config": {"virtual_hosts": [{
+            "name": "all", "domains": ["*"],
+            "routes": [{
+                "match": {"prefix": "/"},
+                "direct_response": {"status": 200, "body": {"inline_string": CHAT_RESPONSE}},
+                "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
+            }],
+        }]},
+        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
+    }
+    cfg: dict[str, Any] = {"static_resources": {"listeners": [{
+        "name": "up",
+        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
+        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
+    }]}}
+    if admin_port:
+        cfg["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}
+    return cfg
+
+
+def _event(i: int, n: int, t_ns: int) -> bytes:
+    head = b'{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1730000000,"model":"' + PROVIDER_MODEL.encode() + b'",'
+    if i < n - 1:
+        delta = b'{"role":"assistant","content":"' if i == 0 else b'{"content":"'
+        body = head + b'"choices":[{"index":0,"delta":' + delta + b"t" + str(t_ns).encode() + b' "},"logprobs":null,"finish_reason":null}],"usage":null}'
+    else:  # the last event: finish reason and usage (include_usage)
+        body = (head + b'"choices":[{"index":0,"delta":{"content":"t' + str(t_ns).encode() + b' "},"logprobs":null,"finish_reason":"stop"}],'
+                b'"usage":{"prompt_tokens":9,"completion_tokens":' + str(n).encode() + b',"total_tokens":' + str(9 + n).encode() + b"}}")
+    return b"data: " + body + b"\n\n"
+
+
+def _chunk(payload: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(payload), payload)
+
+
+class SSEServer(asyncio.Protocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.t = transport  # type: ignore[assignment]
+        self.buf = b""
+        self.busy = False
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        if self.busy:
+            return
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            return
+        head = self.buf[:end].decode("latin-1").lower()
+        length = 0
+        chunks, interval = 50, 1.0
+        for line in head.split("\r\n")[1:]:
+            k, _, v = line.partition(":")
+            v = v.strip()
+            if k == "content-length":
+                length = int(v)
+            elif k == "x-chunks":
+                chunks = max(1, int(v))
+            elif k == "x-chunk-interval-ms":
+                interval = float(v)
+        if len(self.buf) < end + 4 + length:
+            return
+        self.buf = self.buf[end + 4 + length:]
+        self.busy = True
+        asyncio.ensure_future(self.stream(chunks, interval / 1000))
+
+    async def stream(self, n: int, interval: float) -> None:
+        try:
+            await self._stream(n, interval)
+        except RuntimeError:  # the client (Envoy) hung up mid-stream
+            pass
+
+    async def _stream(self, n: int, interval: float) -> None:
+        t = self.t
+        t.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\ncache-control: no-cache\r\n\r\n")
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for i in range(n):
+            if t.is_closing():
+                return
+            if i:
+                delay = start + i * interval - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+            t.write(_chunk(_event(i, n, time.monotonic_ns())))
+        t.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        self.busy = False
+        if self.buf:
+            self.data_received(b"")
+
+
+async def _serve(port: int) -> None:
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(SSEServer, "127.0.0.1", port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--port", type=int, required=True)
+    args = ap.parse_args(argv)
+    try:
+        import uvloop
+    except ImportError:
+        asyncio.run(_serve(args.port))
+    else:
+        uvloop.run(_serve(args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+"""`python -m bench --quick` runs end to end and produces every figure (targets are not asserted)."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from harness import REPO
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk not installed (make bench installs it)")
+def test_bench_quick(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((tmp_path / "latest-quick.json").read_text())
+    assert "throughput c=64" in (tmp_path / "latest-quick.md").read_text()
+    for row in doc["table"]:
+        for stack, value in row["values"].items():
+            if stack == "envoy" and row["compare"] == "none":
+                continue  # sidecar-only figures
+            assert value is not None, (row["metric"], stack)
+    assert doc["results"]["inline"]["hold"]["open_streams"] > 0
