@@ -45,6 +45,9 @@ class Call:
 
 
 class CallObserver(Protocol):
-    """Metrics, tracing, logging: told once per call, when it ends. Must not raise."""
+    """Metrics, tracing, logging: told once per call, when it ends. Must not raise.
+
+    An observer may also define ``on_stream_start()`` (no arguments, must not raise): called when
+    a stream opens, before any message (the in-flight gauge)."""
 
     def on_call_end(self, call: Call) -> None: ...

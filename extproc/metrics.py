@@ -11,7 +11,7 @@ import logging
 import weakref
 from typing import Any
 
-from prometheus_client import REGISTRY, CollectorRegistry, Counter, Histogram
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from extproc.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
 from extproc.config import BUILTIN_LABELS, StatsConfig
@@ -68,6 +68,9 @@ class Metrics:
         self.overflow = Counter(
             "ai_label_values_overflow", "Label values folded into __overflow__ by the cardinality cap (stats.maxLabelValues)",
             ["label"], registry=registry)
+        # livesum: across worker processes, the sum over the live ones (a dead worker's streams are gone).
+        self.active = Gauge("ai_active_streams", "ext_proc streams (HTTP exchanges) in flight", registry=registry,
+                            multiprocess_mode="livesum")
         self.token_usage = Histogram(
             "gen_ai_client_token_usage", "Tokens used per call (OpenTelemetry gen_ai.client.token.usage)",
             [*GENAI_LABELS, "gen_ai_token_type", *c], buckets=TOKEN_BUCKETS, registry=registry)
@@ -132,8 +135,12 @@ class MetricsObserver:
         self._series: dict[tuple[str, ...], _Series] = {}
         self.failures = 0
 
+    def on_stream_start(self) -> None:
+        self.metrics.active.inc()
+
     def on_call_end(self, call: Call) -> None:
         try:
+            self.metrics.active.dec()
             self.record(call)
         except Exception:  # the one guard: a metrics bug must never reach the servicer
             self.failures += 1

@@ -64,6 +64,7 @@ class Processor:
         routes = default_routes()
         self.router = Router(routes, extra=_config_routes(config, routes))
         self.observers = list(observers)
+        self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]
         # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
         self.capture = any(getattr(o, "wants_content", False) for o in self.observers)
         self.active = 0  # streams in flight (tests check it returns to 0)
@@ -73,6 +74,8 @@ class Processor:
         stream = Stream(self, None)
         _read_grpc_metadata(context.invocation_metadata(), self.provider_key, stream)
         self.active += 1
+        for hook in self._on_start:
+            hook()
         try:
             async for req in requests:
                 reply = stream.handle(req)

@@ -23,6 +23,21 @@ from extproc.dev import envoy_command, free_port, wait_port
 REPO = Path(__file__).resolve().parents[1]
 
 
+def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
+    """The samples of the sidecar's /metrics: (name, labels, value)."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
+
+
+def total(samples: list[tuple[str, dict[str, str], float]], name: str, **match: str) -> float:
+    return sum(v for n, labels, v in samples if n == name and all(labels.get(k) == w for k, w in match.items()))
+
+
 class Stack:
     def __init__(
         self,

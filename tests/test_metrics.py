@@ -161,8 +161,10 @@ def test_parse_errors_counted_by_reason():
 
 def test_non_llm_paths_are_not_accounted():
     obs, reg = _observer()
+    obs.on_stream_start()
     obs.on_call_end(Call(api="unknown", status=200, outcome=OK, start=0, end=1))
-    assert not [s for m in reg.collect() for s in m.samples]
+    assert not [s for m in reg.collect() for s in m.samples if s.name != "ai_active_streams"]
+    assert reg.get_sample_value("ai_active_streams") == 0  # the stream was in flight, and is gone
 
 
 def test_custom_labels_from_forwarded_metadata_and_header():

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 import jwt_keys
 from extproc.dev import free_port, wait_port
-from harness import REPO, Stack
+from harness import REPO, Stack, scrape, total
 
 pytestmark = pytest.mark.integration
 
@@ -90,16 +89,6 @@ def mixed_traffic(stack: Stack) -> list[Sent]:
 
 
 # ---- scraping -----------------------------------------------------------------------------------
-def scrape(port: int) -> list[tuple[str, dict[str, str], float]]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
-        text = r.read().decode()
-    return [(s.name, s.labels, s.value) for fam in text_string_to_metric_families(text) for s in fam.samples]
-
-
-def total(samples: list[tuple[str, dict[str, str], float]], name: str, **match: str) -> float:
-    return sum(v for n, labels, v in samples if n == name and all(labels.get(k) == w for k, w in match.items()))
-
-
 def scrape_after(port: int, calls: int, timeout: float = 15, stack: Stack | None = None) -> list[tuple[str, dict[str, str], float]]:
     """A scrape once all ``calls`` were recorded (the observer runs when the ext_proc stream ends,
     a moment after the client has its response)."""
