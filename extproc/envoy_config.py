@@ -22,7 +22,8 @@ def access_log_format(namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
     ai = lambda key: f"%DYNAMIC_METADATA({namespace}:{key})%"  # noqa: E731
     return {
         "http_method": "%REQ(:METHOD)%",
-        "path": "%REQ(X-ENVOY-ORIGINAL-PATH?:PATH)%",
+        # without the query string: Gemini API keys travel as ?key=...
+        "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
         "user": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:principal:sub)%",
         "team": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:principal:team)%",
         "request_id": "%REQ(X-REQUEST-ID)%",
@@ -217,7 +218,13 @@ def bootstrap(
                 "typed_config": {
                     "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
                     "path": access_log,
-                    "log_format": {"json_format": access_log_format(namespace)},
+                    "log_format": {
+                        "json_format": access_log_format(namespace),
+                        "formatters": [{
+                            "name": "envoy.formatter.req_without_query",
+                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"},
+                        }],
+                    },
                 },
             }
         ],
