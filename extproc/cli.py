@@ -8,18 +8,26 @@ import sys
 from extproc.config import ConfigError
 
 
+def _load(args: argparse.Namespace):
+    """The config file with the command line's overrides (also what SIGHUP re-reads)."""
+    from extproc import config
+
+    cfg = config.load(args.config)
+    if args.listen or args.metrics_port is not None:
+        data = cfg.model_dump(by_alias=True)
+        if args.listen:
+            data["listen"] = args.listen
+        if args.metrics_port is not None:
+            data["stats"]["port"] = args.metrics_port
+        cfg = config.parse(data, "command line")
+    return cfg
+
+
 def _serve(args: argparse.Namespace) -> int:
-    from extproc import config, logs
+    from extproc import logs
 
     try:
-        cfg = config.load(args.config)
-        if args.listen or args.metrics_port is not None:
-            data = cfg.model_dump(by_alias=True)
-            if args.listen:
-                data["listen"] = args.listen
-            if args.metrics_port is not None:
-                data["stats"]["port"] = args.metrics_port
-            cfg = config.parse(data, "command line")
+        cfg = _load(args)
     except ConfigError as e:
         print(f"extproc: {e}", file=sys.stderr)
         return 2
@@ -35,7 +43,8 @@ def _serve(args: argparse.Namespace) -> int:
             metrics = Runtime(cfg.stats, workers)
         from extproc import app, server
 
-        return server.serve(cfg, workers, app.observers, on_worker_exit=metrics.worker_exited if metrics else None)
+        return server.serve(cfg, workers, app.observers, on_worker_exit=metrics.worker_exited if metrics else None,
+                            reload=lambda: _load(args))
     except OSError as e:
         print(f"extproc: {e}", file=sys.stderr)
         return 1

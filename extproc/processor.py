@@ -54,6 +54,13 @@ class Processor:
     """Per-process state shared by all streams: config, router, observers."""
 
     def __init__(self, config: Config, observers: Sequence[CallObserver] = ()) -> None:
+        self.active = 0  # streams in flight (tests check it returns to 0)
+        self.internal_errors = 0
+        self.reconfigure(config, observers)
+
+    def reconfigure(self, config: Config, observers: Sequence[CallObserver]) -> None:
+        """Apply a (re)loaded config. Streams in flight are not interrupted: they read these
+        settings message by message and report to the new observers when they end."""
         self.config = config
         self.namespace = config.metadata.namespace
         self.provider_key = config.providers.header.lower()
@@ -67,8 +74,6 @@ class Processor:
         self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]
         # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
         self.capture = any(getattr(o, "wants_content", False) for o in self.observers)
-        self.active = 0  # streams in flight (tests check it returns to 0)
-        self.internal_errors = 0
 
     async def Process(self, requests: AsyncIterator[pb.ProcessingRequest], context: Any) -> AsyncIterator[bytes]:
         stream = Stream(self, None)

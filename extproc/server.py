@@ -52,8 +52,15 @@ def build_server(processor: Processor, address: str, options: Sequence[tuple[str
 ObserverFactory = Callable[[Config], Sequence[CallObserver]]
 
 
+# Keys a SIGHUP reload cannot change in a running process (sockets, metric label sets).
+RESTART_ONLY = ("listen", "health_listen", "stats")
+
+Reloader = Callable[[], Config]
+
+
 async def run_worker(config: Config, observers: Sequence[CallObserver], grace: float | None = None,
-                     ready: Callable[[], None] | None = None) -> None:
+                     ready: Callable[[], None] | None = None, reload: Reloader | None = None,
+                     observer_factory: ObserverFactory | None = None) -> None:
     grace = config.shutdown_grace_seconds if grace is None else grace
     processor = Processor(config, observers)
     server = build_server(processor, config.listen)
@@ -71,11 +78,53 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if reload is not None and observer_factory is not None:
+        loop.add_signal_handler(signal.SIGHUP, lambda: reconfigure(processor, reload, observer_factory))
     await stop.wait()
     await drain(server, health, processor, grace)
     if health_server is not None:
         await health_server.stop(0)
+    close_observers(processor.observers)
     log.info("stopped", extra={"pid": os.getpid()})
+
+
+def reconfigure(processor: Processor, reload: Reloader, observer_factory: ObserverFactory) -> bool:
+    """SIGHUP: re-read the config file and apply it without dropping a stream or resetting a
+    counter (metric instruments are registered once per process and reused). A bad file, or a
+    change to a key only a restart can apply, leaves the running config in place."""
+    from extproc.config import ConfigError
+
+    try:
+        new = reload()
+    except ConfigError as e:
+        log.error("config reload failed; keeping the running config", extra={"error": str(e)})
+        return False
+    old = processor.config
+    changed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]
+    if changed:
+        log.error("config reload: these keys need a restart; keeping the running config", extra={"keys": changed})
+        return False
+    previous = processor.observers
+    try:
+        processor.reconfigure(new, observer_factory(new))
+    except ConfigError as e:
+        log.error("config reload failed; keeping the running config", extra={"error": str(e)})
+        return False
+    close_observers([o for o in previous if o not in processor.observers])  # e.g. the old tracer
+    logging.getLogger().setLevel(new.logging.level.upper())
+    log.info("config reloaded", extra={"pid": os.getpid()})
+    return True
+
+
+def close_observers(observers: Sequence[CallObserver]) -> None:
+    """Flush what observers buffer (spans) before the process exits or they are replaced."""
+    for o in observers:
+        shutdown = getattr(o, "shutdown", None)
+        if shutdown is not None:
+            try:
+                shutdown()
+            except Exception:  # a failing flush must not block exit or a reload
+                log.exception("observer shutdown failed")
 
 
 # How long, after the grace period, we wait for cancelled streams to report (their ``finally``).
@@ -100,21 +149,23 @@ async def drain(server: grpc.aio.Server, health: Health, processor: Processor, g
 
 
 def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace: float | None = None,
-          on_worker_exit: Callable[[int], None] | None = None) -> int:
+          on_worker_exit: Callable[[int], None] | None = None, reload: Reloader | None = None) -> int:
     """Run ``workers`` worker processes (1: this process). ``on_worker_exit(pid)`` runs in the
-    supervising parent whenever a worker exits (metrics: prometheus-client ``mark_process_dead``)."""
+    supervising parent whenever a worker exits (metrics: prometheus-client ``mark_process_dead``).
+    ``reload`` re-reads the config on SIGHUP (each worker applies it; see ``reconfigure``)."""
     sys.setswitchinterval(SWITCH_INTERVAL)
     if workers <= 1:
-        asyncio.run(run_worker(config, observer_factory(config), grace))
+        asyncio.run(run_worker(config, observer_factory(config), grace, reload=reload, observer_factory=observer_factory))
         return 0
     if config.listen.startswith("unix:"):
         log.error("several workers need a TCP listen address (SO_REUSEPORT); got %s", config.listen)
         return 2
-    return _supervise(config, workers, observer_factory, config.shutdown_grace_seconds if grace is None else grace, on_worker_exit)
+    return _supervise(config, workers, observer_factory, config.shutdown_grace_seconds if grace is None else grace,
+                      on_worker_exit, reload)
 
 
 def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, grace: float,
-               on_worker_exit: Callable[[int], None] | None = None) -> int:
+               on_worker_exit: Callable[[int], None] | None = None, reload: Reloader | None = None) -> int:
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
 
@@ -123,9 +174,10 @@ def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, 
         if pid == 0:  # child: its own event loop and gRPC server, nothing inherited but config
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
             signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its event loop installs the reload handler
             code = 0
             try:
-                asyncio.run(run_worker(config, observer_factory(config), grace))
+                asyncio.run(run_worker(config, observer_factory(config), grace, reload=reload, observer_factory=observer_factory))
             except BaseException:
                 log.exception("worker failed")
                 code = 1
@@ -145,8 +197,25 @@ def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, 
             except ProcessLookupError:
                 pass
 
+    def on_hup(_signum: int, _frame: object) -> None:
+        # Workers reload themselves; the parent keeps the new config for workers it restarts later.
+        nonlocal config
+        if reload is not None:
+            try:
+                new = reload()
+                if all(getattr(new, k) == getattr(config, k) for k in RESTART_ONLY):
+                    config = new
+            except ValueError:  # ConfigError: the workers log it
+                pass
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
     for slot in range(workers):
         spawn(slot)
     restarts: list[float] = []
