@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test protos envoy-config deploy-rules bench soak clean prometheus bench-metrics
+.PHONY: install run test tools protos envoy-config deploy-rules bench soak clean bench-metrics
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,17 +18,21 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/extproc dev $(ARGS)
 
-test: $(STAMP) prometheus
+test: $(STAMP) tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-# The Prometheus server tests/test_metrics_e2e.py scrapes the sidecar with (Debian's package),
-# installed when `prometheus` is not on PATH. If that fails the test says so and is skipped.
-prometheus:
-	@command -v prometheus >/dev/null 2>&1 || { \
+# Debian tools the tests drive: a real Prometheus server (metrics and PromQL tests) and the wrk
+# load generator (benchmark). Installed when missing; if that fails, the tests needing them say so
+# (skipped on a developer machine, failed under CI=true).
+TOOLS := prometheus wrk
+tools:
+	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
+	if [ -n "$$missing" ]; then \
 	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); \
-	  echo "installing prometheus (apt-get)"; \
-	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends prometheus >/dev/null; } \
-	  || echo "warning: could not install prometheus; tests needing it will be skipped" >&2; }
+	  echo "installing$$missing (apt-get)"; \
+	  { $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing >/dev/null; } \
+	  || echo "warning: could not install$$missing" >&2; \
+	fi
 
 # Cost of the metrics observer per call (single-process and multiprocess mode).
 bench-metrics: $(STAMP)
@@ -51,8 +55,7 @@ deploy-rules: $(STAMP)
 
 # Envoy alone vs Envoy + sidecar (inline, observability-only), side by side; ~5 min on 2 CPUs.
 # Results: bench/results/latest.{md,json}. BENCH_ARGS=--quick for a few-second smoke run.
-bench: $(STAMP)
-	@command -v wrk >/dev/null || (apt-get update && apt-get install -y wrk)
+bench: $(STAMP) tools
 	$(PY) -m bench $(BENCH_ARGS)
 
 clean:

@@ -169,9 +169,9 @@ def prom_query(port: int, q: str) -> list[dict]:
 def prometheus(tmp_path, stack) -> Iterator[int]:
     binary = shutil.which("prometheus")
     if binary is None:
-        if os.environ.get("CI"):  # CI installs it (`make test` runs `make prometheus`): missing is a failure
-            pytest.fail("no prometheus binary on PATH in CI; `make prometheus` should have installed it")
-        pytest.skip("no prometheus binary: run `make prometheus` (apt-get install prometheus)")
+        if os.environ.get("CI"):  # CI installs it (`make test` runs `make tools`): missing is a failure
+            pytest.fail("no prometheus binary on PATH in CI; `make tools` should have installed it")
+        pytest.skip("no prometheus binary: run `make tools` (apt-get install prometheus)")
     port = free_port()
     cfg = tmp_path / "prometheus.yml"
     cfg.write_text(json.dumps({

@@ -56,7 +56,7 @@ class Prometheus:
     def __init__(self, workdir: Path, targets: dict[str, tuple[str, str]]) -> None:
         binary = shutil.which("prometheus")
         if binary is None:
-            pytest.fail("no prometheus binary: `make prometheus` (Debian package prometheus)")
+            pytest.fail("no prometheus binary: `make tools` (Debian package prometheus)")
         self.port = free_port()
         cfg = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
