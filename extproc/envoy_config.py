@@ -354,19 +354,23 @@ EXAMPLE_JWKS = (
 )
 
 
+# Envoy in front of OpenAI and Anthropic, the sidecar beside it on loopback.
+_REFERENCE: dict[str, Any] = {
+    "listen": "0.0.0.0:10000",
+    "upstreams": [
+        Upstream("/v1/messages", "https://api.anthropic.com", "anthropic"),
+        Upstream("/", "https://api.openai.com", "openai"),
+    ],
+    "extproc": "127.0.0.1:18080",
+    "jwks_json": EXAMPLE_JWKS,
+    "access_log": "/dev/stdout",
+    "admin": "127.0.0.1:9901",
+}
+
+
 def reference() -> dict[str, Any]:
-    """envoy/envoy.yaml: Envoy in front of OpenAI and Anthropic, the sidecar beside it."""
-    return bootstrap(
-        listen="0.0.0.0:10000",
-        upstreams=[
-            Upstream("/v1/messages", "https://api.anthropic.com", "anthropic"),
-            Upstream("/", "https://api.openai.com", "openai"),
-        ],
-        extproc="127.0.0.1:18080",
-        jwks_json=EXAMPLE_JWKS,
-        access_log="/dev/stdout",
-        admin="127.0.0.1:9901",
-    )
+    """envoy/envoy.yaml: the config users copy."""
+    return bootstrap(**_REFERENCE)
 
 
 def compose() -> dict[str, Any]:
@@ -381,19 +385,8 @@ def compose() -> dict[str, Any]:
 
 
 def kubernetes() -> dict[str, Any]:
-    """deploy/kubernetes/envoy.yaml: Envoy and the sidecar in one pod, talking over loopback."""
-    return bootstrap(
-        listen="0.0.0.0:10000",
-        upstreams=[
-            Upstream("/v1/messages", "https://api.anthropic.com", "anthropic"),
-            Upstream("/", "https://api.openai.com", "openai"),
-        ],
-        extproc="127.0.0.1:18080",
-        jwks_json=EXAMPLE_JWKS,
-        access_log="/dev/stdout",
-        admin="127.0.0.1:9901",
-        ops_listen="0.0.0.0:9902",  # readinessProbe /ready and the PodMonitor scrape this port
-    )
+    """deploy/kubernetes/envoy.yaml: the reference, plus the ops listener the pod's probes use."""
+    return bootstrap(**_REFERENCE, ops_listen="0.0.0.0:9902")  # readinessProbe /ready and the PodMonitor
 
 
 HEADER = """\

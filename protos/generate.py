@@ -31,6 +31,9 @@ def generate(out_dir: Path = ROOT) -> None:
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
     pkg = out_dir / "extproc" / "_pb" / "envoy_api"
+    for stub in pkg.glob("*_pb2_grpc.py"):  # protoc writes one per file; only services need one
+        if "def add_" not in stub.read_text():
+            stub.unlink()
     for init in (pkg.parent / "__init__.py", pkg / "__init__.py"):
         init.parent.mkdir(parents=True, exist_ok=True)
         if not init.exists():
