@@ -59,6 +59,9 @@ def main() -> int:
         elapsed = time.monotonic() - t0
         time.sleep(1.5)
         rss_end = rss_bytes(s.sidecar.pid)
+        # Envoy's own view: a message the sidecar did not answer in time (or a failed stream) makes
+        # Envoy fail open, and that call's metadata is missed. Non-zero here explains a shortfall.
+        envoy = {k: s.envoy_stat(f"http.llm.ext_proc.{k}") for k in ("streams_started", "message_timeouts", "failure_mode_allowed", "streams_failed")}
         counted: Counter[str] = Counter()
         logged = 0
         with s.access_log.open() as f:
@@ -73,6 +76,7 @@ def main() -> int:
     mb = lambda d: " + ".join(f"{v / 2**20:.1f}" for v in d.values()) + " MiB"  # noqa: E731
     print(f"\nsoak: {elapsed:.0f}s, {served} requests ({served / elapsed:.0f}/s), {aborted} aborted by the client, {errors} client errors")
     print(f"access-log lines: {logged} of {served}")
+    print("Envoy ext_proc stats: " + ", ".join(f"{k} {v}" for k, v in envoy.items()))
     ok = errors == 0 and logged == served
     for key in sorted(expected):
         same = expected[key] == counted[key]
