@@ -60,7 +60,7 @@ def _health(args: argparse.Namespace) -> int:
     address = args.address
     if address is None:
         try:
-            address = config.load(args.config).listen  # no --config: the default listen address
+            address = health.probe_address(config.load(args.config))  # healthListen, else listen
         except ConfigError as e:
             print(f"extproc: {e}", file=sys.stderr)
             return 2

@@ -169,6 +169,57 @@ class TracingConfig(_Section):
         return v
 
 
+def _readable(v: str | None) -> str | None:
+    if v is None:
+        return v
+    try:
+        with open(v, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ValueError(f"cannot read {v}: {e.strerror}") from None
+    return v
+
+
+ReadableFile = Annotated[str, AfterValidator(_readable)]
+
+
+class TlsConfig(_Section):
+    """TLS on the ext_proc listener (owned by ``extproc.tls``); off unless certFile/keyFile are set.
+
+    ``clientCaFile`` turns on mTLS: clients must present a certificate signed by that CA. TLS needs
+    a TCP ``listen``: a unix socket is refused (its file permissions are the access control).
+    ``healthListen`` stays plaintext (health only), for kubelet gRPC probes and ``extproc health``.
+    """
+
+    cert_file: ReadableFile | None = None  # PEM server certificate (chain)
+    key_file: ReadableFile | None = None  # PEM private key of cert_file
+    client_ca_file: ReadableFile | None = None  # PEM CA bundle; set: client certificates REQUIRED
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        import ssl
+
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both certFile and keyFile, or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("clientCaFile needs certFile and keyFile")
+        if self.cert_file is not None:
+            try:  # the same PEM gRPC will load: a bad file or a key that does not match fails here
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
+            except (ssl.SSLError, ValueError) as e:
+                raise ValueError(f"certFile/keyFile: not a matching PEM certificate and key ({e})") from None
+        if self.client_ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=self.client_ca_file)
+            except (ssl.SSLError, ValueError) as e:
+                raise ValueError(f"clientCaFile: no PEM CA certificate ({e})") from None
+        return self
+
+
 class Config(_Section):
     listen: str = DEFAULT_LISTEN  # host:port, or unix:/path/to.sock
     # Optional second address serving only grpc.health.v1 (the ext_proc address serves it too).
@@ -181,6 +232,7 @@ class Config(_Section):
     stats: StatsConfig = Field(default_factory=StatsConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)  # TLS / mTLS on `listen` (not healthListen)
     # SIGTERM: health turns NOT_SERVING, no new streams are accepted, and the streams in flight get
     # this long to finish (their metrics are recorded) before they are cancelled and we exit 0.
     # Keep it below Kubernetes' terminationGracePeriodSeconds (minus any preStop sleep).
@@ -199,6 +251,12 @@ class Config(_Section):
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ValueError("expected host:port or unix:/path")
         return v
+
+    @model_validator(mode="after")
+    def _tls_needs_tcp(self) -> Config:
+        if self.tls.enabled and self.listen.startswith("unix:"):
+            raise ValueError("tls: not used on a unix: listen address (protect the socket with file permissions)")
+        return self
 
 
 def parse(data: Any, source: str = "config") -> Config:

@@ -58,6 +58,44 @@ class Upstream:
         return "llm_" + "".join(c if c.isalnum() else "_" for c in host) + f"_{urlsplit(self.url).port or ''}"
 
 
+@dataclass(frozen=True)
+class ExtProcTls:
+    """TLS from Envoy to the sidecar (its ``tls`` config section): the ``ext_proc`` cluster's
+    ``transport_socket``. ``ca_file`` verifies the sidecar's certificate; ``cert_file``/``key_file``
+    are Envoy's client certificate (mTLS, when the sidecar sets ``tls.clientCaFile``); ``sni`` is
+    sent and, when set, the sidecar certificate must carry it as a DNS subject alternative name."""
+
+    ca_file: str
+    cert_file: str | None = None
+    key_file: str | None = None
+    sni: str | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("ExtProcTls: set both cert_file and key_file, or neither")
+
+    def transport_socket(self) -> dict[str, Any]:
+        validation: dict[str, Any] = {"trusted_ca": {"filename": self.ca_file}}
+        if self.sni is not None:
+            validation["match_typed_subject_alt_names"] = [{"san_type": "DNS", "matcher": {"exact": self.sni}}]
+        common: dict[str, Any] = {
+            "alpn_protocols": ["h2"],  # gRPC over TLS negotiates HTTP/2 by ALPN
+            "validation_context": validation,
+        }
+        if self.cert_file is not None:
+            common["tls_certificates"] = [{
+                "certificate_chain": {"filename": self.cert_file},
+                "private_key": {"filename": self.key_file},
+            }]
+        ctx: dict[str, Any] = {
+            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
+            "common_tls_context": common,
+        }
+        if self.sni is not None:
+            ctx["sni"] = self.sni
+        return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
+
+
 def _address(addr: str) -> dict[str, Any]:
     if addr.startswith("unix:"):
         return {"pipe": {"path": addr[5:]}}
@@ -175,6 +213,7 @@ def bootstrap(
     observability_mode: bool = False,
     tracing_otlp: str | None = None,
     tracing_service_name: str = "envoy",
+    extproc_tls: ExtProcTls | None = None,
 ) -> dict[str, Any]:
     """A complete Envoy bootstrap. ``extproc=None`` builds the same proxy without the sidecar.
 
@@ -184,6 +223,9 @@ def bootstrap(
 
     ``ops_listen`` (needs ``admin``) adds a listener exposing only the admin's ``/ready`` and
     ``/stats/prometheus``, so the admin itself (which can stop Envoy) stays on loopback.
+
+    ``extproc_tls`` connects to the sidecar over TLS (mTLS with a client certificate); for a
+    sidecar that is not on loopback, with its ``tls`` config section set (docs/security-tls.md).
     """
     http_filters: list[dict[str, Any]] = []
     if jwks_json is not None:
@@ -258,6 +300,8 @@ def bootstrap(
             "circuit_breakers": {"thresholds": [{"max_requests": 100000, "max_pending_requests": 100000, "max_connections": 1000}]},
             "load_assignment": {"cluster_name": "ext_proc", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(extproc)}}]}]},
         }
+        if extproc_tls is not None:
+            clusters["ext_proc"]["transport_socket"] = extproc_tls.transport_socket()
     if tracing_otlp is not None:
         clusters["otel_collector"] = _grpc_cluster("otel_collector", tracing_otlp)
     listeners: list[dict[str, Any]] = []

@@ -11,6 +11,8 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 
+from extproc.config import Config, ConfigError
+
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
@@ -44,6 +46,19 @@ def health_only_server(address: str) -> grpc.aio.Server:
     if server.add_insecure_port(address) == 0:
         raise OSError(f"cannot listen on {address} (healthListen)")
     return server
+
+
+def probe_address(config: Config) -> str:
+    """The address ``extproc health --config`` asks: ``healthListen`` if set, else ``listen``.
+
+    Probes are plaintext. With ``tls`` on ``listen``, set ``healthListen`` (health service only,
+    plaintext, like Kubernetes' gRPC probes need); without it the probe cannot reach a TLS listener.
+    """
+    if config.health_listen is not None:
+        return config.health_listen
+    if config.tls.enabled:
+        raise ConfigError("tls is set on listen and probes are plaintext: set healthListen for probes (or pass --address)")
+    return config.listen
 
 
 def probe_target(listen: str) -> str:

@@ -20,9 +20,10 @@ import grpc
 
 from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.call import CallObserver
-from extproc.config import Config
+from extproc.config import Config, TlsConfig
 from extproc.health import Health, health_only_server
 from extproc.processor import Processor
+from extproc.tls import add_port
 
 log = logging.getLogger("extproc")
 
@@ -36,7 +37,9 @@ def _serialize(reply: bytes) -> bytes:
     return reply  # replies are already serialised (most are constants)
 
 
-def build_server(processor: Processor, address: str, options: Sequence[tuple[str, int]] = ()) -> grpc.aio.Server:
+def build_server(processor: Processor, address: str, options: Sequence[tuple[str, int]] = (),
+                 tls: TlsConfig | None = None) -> grpc.aio.Server:
+    """The ext_proc server on ``address``: TLS/mTLS when ``tls`` is enabled, else plaintext."""
     server = grpc.aio.server(options=[("grpc.so_reuseport", 1), *options])
     handler = grpc.stream_stream_rpc_method_handler(
         processor.Process,
@@ -44,7 +47,7 @@ def build_server(processor: Processor, address: str, options: Sequence[tuple[str
         response_serializer=_serialize,
     )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, {"Process": handler}),))
-    if server.add_insecure_port(address) == 0:
+    if add_port(server, address, tls) == 0:
         raise OSError(f"cannot listen on {address}")
     return server
 
@@ -63,7 +66,7 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
                      observer_factory: ObserverFactory | None = None) -> None:
     grace = config.shutdown_grace_seconds if grace is None else grace
     processor = Processor(config, observers)
-    server = build_server(processor, config.listen)
+    server = build_server(processor, config.listen, tls=config.tls)
     health_server = health_only_server(config.health_listen) if config.health_listen else None
     health = Health(server, *([health_server] if health_server else []))
     await health.not_ready()
