@@ -214,6 +214,7 @@ def bootstrap(
     tracing_otlp: str | None = None,
     tracing_service_name: str = "envoy",
     extproc_tls: ExtProcTls | None = None,
+    extproc_streams_per_connection: int = EXTPROC_STREAMS_PER_CONNECTION,
 ) -> dict[str, Any]:
     """A complete Envoy bootstrap. ``extproc=None`` builds the same proxy without the sidecar.
 
@@ -226,6 +227,9 @@ def bootstrap(
 
     ``extproc_tls`` connects to the sidecar over TLS (mTLS with a client certificate); for a
     sidecar that is not on loopback, with its ``tls`` config section set (docs/security-tls.md).
+
+    ``extproc_streams_per_connection`` caps the ext_proc streams per HTTP/2 connection: lower
+    means more connections, spread over more sidecar workers.
     """
     http_filters: list[dict[str, Any]] = []
     if jwks_json is not None:
@@ -293,7 +297,7 @@ def bootstrap(
                     # At most this many streams per HTTP/2 connection: under load Envoy opens more
                     # connections (not just one per worker thread), so the kernel's SO_REUSEPORT
                     # hashing spreads them over every sidecar worker process.
-                    "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": EXTPROC_STREAMS_PER_CONNECTION}},
+                    "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": extproc_streams_per_connection}},
                 }
             },
             # Every in-flight LLM call holds one stream: raise the default 1024 limits.

@@ -215,7 +215,10 @@ def test_two_workers_one_scrape_sums_both(tmp_path, mock, monkeypatch):
     (mpdir / "counter_99999.db").write_bytes(b"stale file from an earlier run")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(mpdir))
     with Stack(tmp_path / "stack", mock, sidecar_config={"stats": STATS}, jwks_json=jwt_keys.jwks_json(),
-               workers=2, envoy_concurrency=8, **PATIENT) as stack:
+               workers=2, envoy_concurrency=8, extproc_streams_per_connection=1, **PATIENT) as stack:
+        # One stream per ext_proc connection: the 16 concurrent calls need 16+ connections, which
+        # SO_REUSEPORT hashes over both workers (with 8 connections, all on one worker happened
+        # in CI: 1 in 128).
         assert not (mpdir / "counter_99999.db").exists()  # cleaned at start-up
         listening = _wait_workers_listening(stack, 2)  # else Envoy may connect before worker 2 is up
         plan = [(("alice", "bob")[i % 2], "gpt-4o-mini", i % 3 == 0, 2 + i % 7, 3 + i % 5) for i in range(64)]
