@@ -1,5 +1,5 @@
-"""`make bench` / `python -m bench`: Envoy alone vs Envoy + sidecar (inline and observability-only),
-side by side in one run, on 127.0.0.1.
+"""`make bench` / `python -m bench`: Envoy alone vs Envoy + sidecar (inline, observability-only, and
+inline with tracing on and its collector down), side by side in one run, on 127.0.0.1.
 
 All stacks run at once against the same fast upstreams; every scenario is run against each stack
 back to back, so the ratios compare measurements taken within seconds of each other on a shared,
@@ -98,7 +98,7 @@ def rss_mb(pid: int) -> float:
 
 @dataclass
 class Stack:
-    name: str  # envoy | inline | observe
+    name: str  # envoy | inline | observe | traced (inline + tracing to a dead collector)
     workdir: Path
     upstreams: list[envoy_config.Upstream]
     workers: int
@@ -123,7 +123,10 @@ class Stack:
             sport = free_port()
             extproc = f"127.0.0.1:{sport}"
             cfg = d / "sidecar.yaml"
-            cfg.write_text(yaml.safe_dump({"listen": extproc, "stats": {"port": 0}, "logging": {"level": "warning"}}))
+            sidecar_cfg: dict[str, Any] = {"listen": extproc, "stats": {"port": 0}, "logging": {"level": "warning"}}
+            if self.name == "traced":  # OTLP export to a port nobody listens on: spans fail and are dropped
+                sidecar_cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{free_port()}", "scheduleDelayMs": 100}
+            cfg.write_text(yaml.safe_dump(sidecar_cfg))
             self.counts = d / "counts"
             self.counts.mkdir()
             self.sidecar = subprocess.Popen(
@@ -354,7 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few seconds: check every figure is produced")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="sidecar workers (default: CPU count)")
     ap.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
-    ap.add_argument("--stacks", default="envoy,inline,observe", help="which stacks (comma separated)")
+    ap.add_argument("--stacks", default="envoy,inline,observe,traced",
+                    help="which stacks (comma separated): envoy alone, inline, observe (observability_mode), "
+                         "traced (inline, tracing on, OTLP collector unreachable)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--label", default="", help="suffix for the result file names")
     args = ap.parse_args(argv)
