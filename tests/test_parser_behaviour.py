@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import orjson
+import pytest
+
 from provider_cases import BY_NAME, JSON, NDJSON, SSE, Case, new_parser, run, sse
 
 
@@ -117,3 +120,29 @@ def test_gemini_http_error_in_array() -> None:
     obs = run(Case("x", "/v1beta/models/g:streamGenerateContent", JSON, body=body, status=429, expect={}), [body])
     assert obs.error_type == "RESOURCE_EXHAUSTED"
     assert obs.parse_errors == 0
+
+
+# Each API's prompt field, as its request schema names it (documented request shapes).
+_PROMPTS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, [{"role": "user", "content": "hi"}]),
+    ("/v1/completions", {"prompt": "once upon"}, "once upon"),
+    ("/v1/embeddings", {"input": ["a", "b"]}, ["a", "b"]),
+    ("/v1/responses", {"input": "tell me"}, "tell me"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "yo"}]}, [{"role": "user", "content": "yo"}]),
+    ("/v2/chat", {"messages": [{"role": "user", "content": "c"}]}, [{"role": "user", "content": "c"}]),
+    ("/v2/embed", {"texts": ["t1"]}, ["t1"]),
+    ("/v2/embed", {"inputs": [{"content": []}]}, [{"content": []}]),
+    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"text": "g"}]}]}, [{"parts": [{"text": "g"}]}]),
+    ("/model/amazon.nova-lite-v1:0/converse", {"messages": [{"role": "user", "content": [{"text": "b"}]}]},
+     [{"role": "user", "content": [{"text": "b"}]}]),
+    ("/api/chat", {"messages": [{"role": "user", "content": "o"}]}, [{"role": "user", "content": "o"}]),
+    ("/api/generate", {"prompt": "p"}, "p"),
+    ("/api/embed", {"input": "e"}, "e"),
+]
+
+
+@pytest.mark.parametrize(("path", "request_body", "want"), _PROMPTS, ids=[f"{p}:{next(iter(b))}" for p, b, _ in _PROMPTS])
+def test_prompt_captured_only_when_asked(path: str, request_body: dict, want: object) -> None:
+    case = Case("x", path, JSON, body=b"{}", expect={}, request=orjson.dumps({"model": "m", **request_body}))
+    assert new_parser(case, capture=True)[1].input_messages == want
+    assert new_parser(case, capture=False)[1].input_messages is None

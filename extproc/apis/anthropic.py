@@ -31,11 +31,7 @@ class AnthropicEvents(ApiParser):
     api = "anthropic.messages"
     default_provider = "anthropic"
     param_keys = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences")
-
-    def on_request_json(self, obj: dict[str, Any]) -> None:
-        super().on_request_json(obj)
-        if self.capture:
-            self.obs.input_messages = obj.get("messages")
+    input_keys = ("messages",)
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):

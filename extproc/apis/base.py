@@ -74,6 +74,8 @@ class ApiParser:
     api: ClassVar[str] = "unknown"  # short schema name, e.g. "openai.chat"
     # request-body keys copied to Observation.params (trace attributes), by their request name
     param_keys: ClassVar[tuple[str, ...]] = ()
+    # request-body keys holding the prompt, first present wins (captured only with capture on)
+    input_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(
         self,
@@ -114,6 +116,11 @@ class ApiParser:
                 value = obj.get(key)
                 if value is not None:
                     self.obs.params[key] = value
+            if self.capture:
+                for key in self.input_keys:
+                    if key in obj:
+                        self.obs.input_messages = obj[key]
+                        break
         else:
             self.obs.parse_error("request_not_object")
 

@@ -95,6 +95,7 @@ class BedrockConverse(_EventStreamParser):
     operation = "chat"
     api = "bedrock.converse"
     default_provider = "bedrock"
+    input_keys = ("messages",)
 
     def on_request_json(self, obj: dict[str, Any]) -> None:
         config = obj.get("inferenceConfig")
@@ -103,8 +104,6 @@ class BedrockConverse(_EventStreamParser):
                 value = config.get(key)
                 if value is not None:
                     self.obs.params[name] = value
-        if self.capture:
-            self.obs.input_messages = obj.get("messages")
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):

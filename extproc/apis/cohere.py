@@ -53,11 +53,7 @@ class CohereChat(_CohereUsage):
     operation = "chat"
     api = "cohere.chat"
     param_keys = ("temperature", "p", "k", "max_tokens", "seed", "stop_sequences")
-
-    def on_request_json(self, obj: dict[str, Any]) -> None:
-        super().on_request_json(obj)
-        if self.capture:
-            self.obs.input_messages = obj.get("messages")
+    input_keys = ("messages",)
 
     def cohere_response(self, obj: dict[str, Any]) -> None:
         self._finish(obj.get("finish_reason"))
@@ -107,12 +103,7 @@ class CohereEmbed(_CohereUsage):
     operation = "embeddings"
     api = "cohere.embed"
     param_keys = ("input_type", "embedding_types", "output_dimension")
-
-    def on_request_json(self, obj: dict[str, Any]) -> None:
-        super().on_request_json(obj)
-        if self.capture:
-            self.obs.input_messages = obj.get("texts", obj.get("inputs"))
-
+    input_keys = ("texts", "inputs")
 
 from extproc.routing import route  # noqa: E402  (after the classes it names)
 

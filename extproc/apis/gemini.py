@@ -33,6 +33,7 @@ class GeminiGenerate(ApiParser):
     operation = "generate_content"
     api = "gemini.generate_content"
     default_provider = "gemini"
+    input_keys = ("contents",)
 
     def on_request_json(self, obj: dict[str, Any]) -> None:
         # The model is in the path; a body "model" (rare) does not override it.
@@ -42,8 +43,6 @@ class GeminiGenerate(ApiParser):
                 value = config.get(key)
                 if value is not None:
                     self.obs.params[name] = value
-        if self.capture:
-            self.obs.input_messages = obj.get("contents")
 
     def on_error_json(self, obj: Any) -> None:
         """Google errors: ``{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}``, wrapped in

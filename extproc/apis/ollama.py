@@ -25,6 +25,7 @@ _OPTIONS = {
 class _Ollama(ApiParser):
     default_provider = "ollama"
     streams_by_default = True
+    input_keys = ("messages", "prompt", "input")
 
     def on_request_json(self, obj: dict[str, Any]) -> None:
         super().on_request_json(obj)
@@ -36,8 +37,6 @@ class _Ollama(ApiParser):
                 value = options.get(key)
                 if value is not None:
                     self.obs.params[name] = value
-        if self.capture:
-            self.obs.input_messages = obj.get("messages", obj.get("prompt", obj.get("input")))
 
     def want_json_line(self, line: bytes) -> bool:
         return (

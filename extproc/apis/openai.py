@@ -21,11 +21,10 @@ class _ChatLike(ApiParser):
     default_provider = "openai"
 
     param_keys = _SAMPLING
+    input_keys = ("messages", "prompt")
 
     def on_request_json(self, obj: dict[str, Any]) -> None:
         super().on_request_json(obj)
-        if self.capture:
-            self.obs.input_messages = obj.get("messages", obj.get("prompt"))
         opts = obj.get("stream_options")
         if isinstance(opts, dict) and opts.get("include_usage") is True:
             self.obs.extra["include_usage"] = True
@@ -102,11 +101,7 @@ class OpenAIEmbeddings(ApiParser):
     api = "openai.embeddings"
     default_provider = "openai"
     param_keys = ("dimensions", "encoding_format")
-
-    def on_request_json(self, obj: dict[str, Any]) -> None:
-        super().on_request_json(obj)
-        if self.capture:
-            self.obs.input_messages = obj.get("input")
+    input_keys = ("input",)
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -125,12 +120,8 @@ class OpenAIResponses(ApiParser):
     api = "openai.responses"
     default_provider = "openai"
     param_keys = ("temperature", "top_p", "max_output_tokens", "service_tier")
+    input_keys = ("input",)
     _USEFUL = (b"response.created", b"response.completed", b"response.incomplete", b"response.failed")
-
-    def on_request_json(self, obj: dict[str, Any]) -> None:
-        super().on_request_json(obj)
-        if self.capture:
-            self.obs.input_messages = obj.get("input")
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
