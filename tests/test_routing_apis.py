@@ -22,6 +22,13 @@ CASES = [
      "VertexAnthropic", "vertex_ai", "claude-sonnet-4@20250514"),
     ("/v1/projects/p/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict",
      "AnthropicCountTokens", "vertex_ai", None),
+    ("/v1beta/models/gemini-embedding-001:embedContent", "GeminiEmbed", "gemini", "gemini-embedding-001"),
+    ("/v1beta/models/text-embedding-004:batchEmbedContents", "GeminiEmbed", "gemini", "text-embedding-004"),
+    ("/v1/projects/p/locations/us-central1/publishers/google/models/gemini-embedding-001:embedContent",
+     "GeminiEmbed", "vertex_ai", "gemini-embedding-001"),
+    ("/v1beta/models/gemini-2.5-flash:countTokens", "GeminiCountTokens", "gemini", "gemini-2.5-flash"),
+    ("/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:countTokens",
+     "GeminiCountTokens", "vertex_ai", "gemini-2.5-pro"),
     ("/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse", "BedrockConverse", "bedrock",
      "anthropic.claude-3-5-sonnet-20240620-v1:0"),
     ("/model/amazon.nova-pro-v1:0/converse-stream", "BedrockConverse", "bedrock", "amazon.nova-pro-v1:0"),
@@ -49,6 +56,6 @@ def test_route(path: str, parser: str, provider: str | None, model: str | None) 
 
 
 @pytest.mark.parametrize("path", ["/", "/v1/models", "/api/tags", "/v1/messages/batches", "/model/x/other",
-                                  "/v1beta/models/gemini:countTokens", "/healthz"])
+                                  "/v1beta/models/gemini:predict", "/healthz"])
 def test_unknown_paths_stay_unmatched(path: str) -> None:
     assert ROUTER.resolve(path) is None

@@ -131,12 +131,13 @@ class AnthropicCountTokens(ApiParser):
     operation = "count_tokens"
     api = "anthropic.count_tokens"
     default_provider = "anthropic"
+    count_key = "input_tokens"
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
             self.obs.parse_error("response_not_object")
             return
-        raw = obj.get("input_tokens")
+        raw = obj.get(self.count_key)
         if raw is None:
             return
         if type(raw) is int and raw >= 0:

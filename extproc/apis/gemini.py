@@ -6,6 +6,9 @@ promptTokenCount -> input, candidatesTokenCount -> output, totalTokenCount -> to
 it may exceed prompt + candidates because it includes thinking tokens), cachedContentTokenCount
 -> cached_input, thoughtsTokenCount -> reasoning. Gemini's candidatesTokenCount EXCLUDES thoughts.
 
+``:embedContent``/``:batchEmbedContents`` (embeddings; usage only where Vertex reports it) and
+``:countTokens`` (a count, kept apart from usage) are recognised too.
+
 Streams come as SSE (``?alt=sse``) or, by default, as one JSON array streamed element by element.
 Each streamed chunk repeats the cumulative ``usageMetadata``: the last one wins.
 
@@ -77,6 +80,9 @@ class GeminiGenerate(ApiParser):
                 for part in items((content.get("parts") if isinstance(content, dict) else None)):
                     if isinstance(part, dict) and not part.get("thought"):
                         self.capture_text(part.get("text"))
+        self.usage_metadata(obj)
+
+    def usage_metadata(self, obj: dict[str, Any]) -> None:
         usage = obj.get("usageMetadata")
         if isinstance(usage, dict):
             self.set_usage(
@@ -89,6 +95,29 @@ class GeminiGenerate(ApiParser):
             tool = usage.get("toolUsePromptTokenCount")
             if tool is not None:
                 self.obs.extra["tool_use_prompt_tokens"] = tool
+
+
+class GeminiEmbed(GeminiGenerate):
+    """``:embedContent`` and ``:batchEmbedContents``. The Gemini API returns only the vectors;
+    Vertex AI adds ``usageMetadata`` (promptTokenCount), read when present."""
+
+    operation = "embeddings"
+    api = "gemini.embed_content"
+    input_keys = ("content", "requests")
+
+    def on_response_json(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            self.obs.parse_error("response_not_object")
+            return
+        self.usage_metadata(obj)
+
+
+class GeminiCountTokens(AnthropicCountTokens):
+    """``:countTokens`` -> ``{"totalTokens": N}``: a count, not usage (see AnthropicCountTokens)."""
+
+    api = "gemini.count_tokens"
+    default_provider = "gemini"
+    count_key = "totalTokens"
 
 
 class GeminiStream(GeminiGenerate):
@@ -128,4 +157,8 @@ ROUTES = [
     route(_VERTEX + r"google/models/" + _MODEL + r":streamGenerateContent$", GeminiStream, "vertex_ai"),
     route(r"/v1(?:alpha|beta)?/(?:tuned)?[mM]odels/" + _MODEL + r":generateContent$", GeminiGenerate, "gemini"),
     route(r"/v1(?:alpha|beta)?/(?:tuned)?[mM]odels/" + _MODEL + r":streamGenerateContent$", GeminiStream, "gemini"),
+    route(_VERTEX + r"google/models/" + _MODEL + r":(?:batchEmbedContents|embedContent)$", GeminiEmbed, "vertex_ai"),
+    route(_VERTEX + r"google/models/" + _MODEL + r":countTokens$", GeminiCountTokens, "vertex_ai"),
+    route(r"/v1(?:alpha|beta)?/[mM]odels/" + _MODEL + r":(?:batchEmbedContents|embedContent)$", GeminiEmbed, "gemini"),
+    route(r"/v1(?:alpha|beta)?/(?:tuned)?[mM]odels/" + _MODEL + r":countTokens$", GeminiCountTokens, "gemini"),
 ]
