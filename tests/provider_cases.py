@@ -171,6 +171,17 @@ _GEMINI_ARRAY = b"[" + b",\r\n".join(
     )
 ) + b"]"
 
+# Cohere v1 chat, streamed (documented shape): newline-delimited events, `stream-end` holds the response.
+_COHERE_V1_META = {"api_version": {"version": "1"}, "billed_units": {"input_tokens": 3, "output_tokens": 9},
+                   "tokens": {"input_tokens": 69, "output_tokens": 9}}
+_COHERE_V1_STREAM = b"".join(orjson.dumps(e) + b"\n" for e in [
+    {"is_finished": False, "event_type": "stream-start", "generation_id": "g-1"},
+    {"is_finished": False, "event_type": "text-generation", "text": "Hello"},
+    {"is_finished": False, "event_type": "text-generation", "text": " there, stream-end"},
+    {"is_finished": True, "event_type": "stream-end", "finish_reason": "COMPLETE",
+     "response": {"response_id": "r-1", "text": "Hello there, stream-end", "generation_id": "g-1",
+                  "finish_reason": "COMPLETE", "meta": _COHERE_V1_META}},
+])
 _COHERE_CHAT_SSE = sse(
     ("message-start", {"id": "c-1", "type": "message-start", "delta": {"message": {"role": "assistant"}}}),
     ("content-start", {"type": "content-start", "index": 0, "delta": {"message": {"content": {"type": "text", "text": ""}}}}),
@@ -304,6 +315,17 @@ CASES: list[Case] = [
          request=b'{"model": "command-r-plus", "stream": true, "messages": []}',
          expect={"input_tokens": 71, "output_tokens": 2, "streaming": True, "finish_reasons": ["COMPLETE"]},
          extra={"billed_units": {"input_tokens": 5, "output_tokens": 2}}),
+    Case("cohere_v1_chat_json", "/v1/chat", JSON, recorded=False, parser="CohereChatV1",
+         body=orjson.dumps({"response_id": "r-2", "text": "Hi", "generation_id": "g-2", "finish_reason": "COMPLETE",
+                            "meta": _COHERE_V1_META}),
+         request=b'{"model": "command-r", "message": "hi"}',
+         expect={"input_tokens": 69, "output_tokens": 9, "request_model": "command-r", "finish_reasons": ["COMPLETE"],
+                 "streaming": False},
+         extra={"billed_units": {"input_tokens": 3, "output_tokens": 9}}),
+    Case("cohere_v1_chat_stream", "/v1/chat", "application/stream+json", body=_COHERE_V1_STREAM, recorded=False,
+         parser="CohereChatV1", request=b'{"model": "command-r", "message": "hi", "stream": true}',
+         expect={"input_tokens": 69, "output_tokens": 9, "streaming": True, "finish_reasons": ["COMPLETE"]},
+         extra={"billed_units": {"input_tokens": 3, "output_tokens": 9}}),
     Case("cohere_embed", "/v2/embed", JSON, recorded=False, parser="CohereEmbed",
          body=orjson.dumps({"id": "e-1", "embeddings": {"float": [[0.1, 0.2]]}, "texts": ["hello"],
                             "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": 3}}}),

@@ -130,6 +130,7 @@ _PROMPTS = [
     ("/v1/responses", {"input": "tell me"}, "tell me"),
     ("/v1/messages", {"messages": [{"role": "user", "content": "yo"}]}, [{"role": "user", "content": "yo"}]),
     ("/v2/chat", {"messages": [{"role": "user", "content": "c"}]}, [{"role": "user", "content": "c"}]),
+    ("/v1/chat", {"message": "v1"}, "v1"),
     ("/v2/embed", {"texts": ["t1"]}, ["t1"]),
     ("/v2/embed", {"inputs": [{"content": []}]}, [{"content": []}]),
     ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"text": "g"}]}]}, [{"parts": [{"text": "g"}]}]),
@@ -146,3 +147,13 @@ def test_prompt_captured_only_when_asked(path: str, request_body: dict, want: ob
     case = Case("x", path, JSON, body=b"{}", expect={}, request=orjson.dumps({"model": "m", **request_body}))
     assert new_parser(case, capture=True)[1].input_messages == want
     assert new_parser(case, capture=False)[1].input_messages is None
+
+
+def test_cohere_v1_stream_capture_takes_text_once() -> None:
+    """The stream's text comes from its deltas; the stream-end copy of the whole text is not added again."""
+    case = BY_NAME["cohere_v1_chat_stream"]
+    obs = run(case, [case.body or b""], capture=True)
+    assert "".join(obs.output_text or []) == "Hello there, stream-end"
+    assert obs.response_id == "r-1"
+    whole = BY_NAME["cohere_v1_chat_json"]
+    assert run(whole, [whole.body or b""], capture=True).output_text == ["Hi"]

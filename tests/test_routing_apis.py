@@ -35,6 +35,7 @@ CASES = [
     ("/model/m/invoke", "BedrockInvoke", "bedrock", "m"),
     ("/model/m/invoke-with-response-stream", "BedrockInvoke", "bedrock", "m"),
     ("/v2/chat", "CohereChat", "cohere", None),
+    ("/v1/chat", "CohereChatV1", "cohere", None),
     ("/v2/rerank", "CohereRerank", "cohere", None),
     ("/v1/rerank", "CohereRerank", "cohere", None),
     ("/v2/embed", "CohereEmbed", "cohere", None),

@@ -7,12 +7,16 @@ Cohere reports two sets of counts: ``tokens`` (what the model processed) and ``b
 billed ``input_tokens``/``output_tokens`` are used as usage instead. Responses do not name the
 model, so ``response_model`` stays unset. Streamed chat is SSE; only ``message-end`` (whose
 ``delta`` has ``finish_reason`` and ``usage``) is parsed, plus text deltas when capturing.
+
+Cohere v1 chat (``/v1/chat``) answers with one JSON object, or with ``stream: true`` newline-
+delimited JSON events (``application/stream+json``) whose ``stream-end`` event carries the whole
+response, ``meta`` included.
 """
 from __future__ import annotations
 
 from typing import Any
 
-from extproc.apis.base import ApiParser, dig, items
+from extproc.apis.base import NDJSON, ApiParser, dig, items
 
 
 class _CohereUsage(ApiParser):
@@ -43,6 +47,10 @@ class _CohereUsage(ApiParser):
     def cohere_response(self, obj: dict[str, Any]) -> None:
         self.cohere_usage(obj.get("meta"))
 
+    def finish(self, reason: Any) -> None:
+        if isinstance(reason, str) and reason:
+            self.obs.finish_reasons.append(reason)
+
     def on_error_json(self, obj: Any) -> None:
         super().on_error_json(obj)
         if self.obs.error_type is None and isinstance(obj, dict) and isinstance(obj.get("message"), str):
@@ -56,7 +64,7 @@ class CohereChat(_CohereUsage):
     input_keys = ("messages",)
 
     def cohere_response(self, obj: dict[str, Any]) -> None:
-        self._finish(obj.get("finish_reason"))
+        self.finish(obj.get("finish_reason"))
         self.cohere_usage(obj.get("usage"))
         if self.capture:
             for part in items(dig(obj, "message", "content")):
@@ -77,7 +85,7 @@ class CohereChat(_CohereUsage):
         if kind == "message-end":
             delta = obj.get("delta")
             if isinstance(delta, dict):
-                self._finish(delta.get("finish_reason"))
+                self.finish(delta.get("finish_reason"))
                 self.cohere_usage(delta.get("usage"))
         elif kind == "message-start":
             rid = obj.get("id")
@@ -86,9 +94,39 @@ class CohereChat(_CohereUsage):
         elif kind == "content-delta":
             self.capture_text(dig(obj, "delta", "message", "content", "text"))
 
-    def _finish(self, reason: Any) -> None:
-        if isinstance(reason, str) and reason:
-            self.obs.finish_reasons.append(reason)
+
+class CohereChatV1(_CohereUsage):
+    operation = "chat"
+    api = "cohere.chat.v1"
+    param_keys = CohereChat.param_keys
+    input_keys = ("message",)
+
+    def framing_for(self, status: int, content_type: str) -> str:
+        if status < 400 and content_type.startswith("application/stream+json"):
+            return NDJSON
+        return super().framing_for(status, content_type)
+
+    def want_json_line(self, line: bytes) -> bool:
+        return self.capture or b'"stream-end"' in line
+
+    def cohere_response(self, obj: dict[str, Any]) -> None:
+        kind = obj.get("event_type")
+        if kind == "text-generation":
+            self.capture_text(obj.get("text"))
+            return
+        if kind == "stream-end":
+            obj = obj.get("response")
+            if not isinstance(obj, dict):
+                return
+        elif kind is not None:  # stream-start, tool events, citations...
+            return
+        rid = obj.get("response_id") or obj.get("generation_id")
+        if isinstance(rid, str) and self.obs.response_id is None:
+            self.obs.response_id = rid
+        self.finish(obj.get("finish_reason"))
+        self.cohere_usage(obj.get("meta"))
+        if kind is None:  # a streamed text was captured delta by delta
+            self.capture_text(obj.get("text"))
 
 
 class CohereRerank(_CohereUsage):
@@ -105,10 +143,12 @@ class CohereEmbed(_CohereUsage):
     param_keys = ("input_type", "embedding_types", "output_dimension")
     input_keys = ("texts", "inputs")
 
+
 from extproc.routing import route  # noqa: E402  (after the classes it names)
 
 ROUTES = [
     route(r"^/v2/chat$", CohereChat, "cohere"),
+    route(r"^/v1/chat$", CohereChatV1, "cohere"),
     route(r"^/v[12]/rerank$", CohereRerank, "cohere"),
     route(r"^/v[12]/embed$", CohereEmbed, "cohere"),
 ]
