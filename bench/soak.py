@@ -27,6 +27,10 @@ from replay_upstream import ReplayUpstream  # noqa: E402
 from workload import drive  # noqa: E402
 
 
+def mb(rss: dict[int, int]) -> str:
+    return " + ".join(f"{v / 2**20:.1f}" for v in rss.values()) + " MiB"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--duration", type=float, default=600)
@@ -44,6 +48,7 @@ def main() -> int:
         rss_start = rss_bytes(s.sidecar.pid)
         t0 = time.monotonic()
         seed = 0
+        history: list[dict[int, int]] = []
         while time.monotonic() - t0 < args.duration:
             seed += 1
             run = asyncio.run(drive(s.url(""), args.batch, args.concurrency, tokens, abort_ratio=args.abort_ratio, seed=seed, upstream=up))
@@ -55,7 +60,9 @@ def main() -> int:
             for team in tokens:
                 for k, v in run.expected(team).items():
                     expected[f"{team}.{k}"] += v
-            print(f"  {time.monotonic() - t0:6.0f}s  {served} requests, {errors} client errors", flush=True)
+            rss = rss_bytes(s.sidecar.pid)
+            history.append(rss)
+            print(f"  {time.monotonic() - t0:6.0f}s  {served} requests, {errors} client errors, RSS {mb(rss)}", flush=True)
         elapsed = time.monotonic() - t0
         time.sleep(1.5)
         rss_end = rss_bytes(s.sidecar.pid)
@@ -73,7 +80,6 @@ def main() -> int:
                     counted[f"{e['team']}.completion"] += e["completion_tokens"] or 0
                     counted[f"{e['team']}.total"] += e["total_tokens"] or 0
     up.close()
-    mb = lambda d: " + ".join(f"{v / 2**20:.1f}" for v in d.values()) + " MiB"  # noqa: E731
     print(f"\nsoak: {elapsed:.0f}s, {served} requests ({served / elapsed:.0f}/s), {aborted} aborted by the client, {errors} client errors")
     print(f"access-log lines: {logged} of {served}")
     print("Envoy ext_proc stats: " + ", ".join(f"{k} {v}" for k, v in envoy.items()))
@@ -83,6 +89,8 @@ def main() -> int:
         ok &= same
         print(f"  {key:18} expected {expected[key]:>12}  counted {counted[key]:>12}  {'ok' if same else 'MISMATCH'}")
     print(f"sidecar RSS (parent + workers): start {mb(rss_start)}, end {mb(rss_end)}")
+    if len(history) >= 4:  # after warm-up, memory should stay flat: compare the run's middle with its end
+        print(f"sidecar RSS at the run's middle {mb(history[len(history) // 2])}, at its end {mb(history[-1])}")
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
 
