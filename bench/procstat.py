@@ -1,7 +1,8 @@
-"""CPU time and RSS of a process tree, read from /proc (Linux)."""
+"""CPU time and RSS of processes and process trees, read from /proc (Linux)."""
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from pathlib import Path
 
 _TICK = os.sysconf("SC_CLK_TCK")
@@ -9,6 +10,7 @@ _PAGE = os.sysconf("SC_PAGE_SIZE")
 
 
 def tree(pid: int) -> list[int]:
+    """pid and its descendants (the sidecar's forked workers)."""
     pids = [pid]
     for task in Path(f"/proc/{pid}/task").glob("*"):
         try:
@@ -18,22 +20,25 @@ def tree(pid: int) -> list[int]:
     return pids
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pids: Iterable[int]) -> float:
+    """utime + stime of these processes (each on its own; a process gone counts 0)."""
     total = 0
-    for p in tree(pid):
+    for p in pids:
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
+        total += int(fields[11]) + int(fields[12])
     return total / _TICK
 
 
+def process_rss(pid: int) -> int:
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * _PAGE
+    except OSError:
+        return 0
+
+
 def rss_bytes(pid: int) -> dict[int, int]:
-    out = {}
-    for p in tree(pid):
-        try:
-            out[p] = int(Path(f"/proc/{p}/statm").read_text().split()[1]) * _PAGE
-        except OSError:
-            pass
-    return out
+    """RSS of pid and each of its descendants."""
+    return {p: process_rss(p) for p in tree(pid)}

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from bench import load
+from bench.procstat import cpu_seconds, process_rss, tree
 from bench.sidecar import read_counts
 from bench.upstream import CHAT_REQUEST, STREAM_REQUEST, direct_response_envoy
 from extproc import envoy_config
@@ -32,8 +33,6 @@ from extproc.dev import envoy_binary, envoy_command, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
-TICK = os.sysconf("SC_CLK_TCK")
-PAGE = os.sysconf("SC_PAGE_SIZE")
 CHAT_PATH = "/v1/chat/completions"
 SSE_PATH = "/sse/v1/chat/completions"
 
@@ -57,43 +56,12 @@ QUICK = Profile(concurrency=(1, 16, 64), rates=(100, 200), throughput_s=1.0, rat
 
 
 # ---- processes ---------------------------------------------------------------------------------
-def proc_tree(pid: int) -> list[int]:
-    """pid and its children (the sidecar's forked workers)."""
-    out = [pid]
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    stat = f.read()
-            except OSError:
-                continue
-            if int(stat.rpartition(")")[2].split()[1]) == pid:
-                out.append(int(entry))
-    return out
-
-
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
-    for pid in pids:
-        try:
-            with open(f"/proc/{pid}/stat") as f:
-                fields = f.read().rpartition(")")[2].split()
-        except OSError:
-            continue
-        total += int(fields[11]) + int(fields[12])  # utime + stime
-    return total / TICK
-
-
 def cpu_by_pid(pids: list[int]) -> dict[int, float]:
     return {p: cpu_seconds([p]) for p in pids}
 
 
 def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/statm") as f:
-            return int(f.read().split()[1]) * PAGE / 2**20
-    except OSError:
-        return 0.0
+    return process_rss(pid) / 2**20
 
 
 @dataclass
@@ -152,7 +120,7 @@ class Stack:
                     p.wait()
 
     def sidecar_pids(self) -> list[int]:
-        return proc_tree(self.sidecar.pid) if self.sidecar else []
+        return tree(self.sidecar.pid) if self.sidecar else []
 
     def worker_pids(self) -> list[int]:
         pids = self.sidecar_pids()

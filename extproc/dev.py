@@ -9,7 +9,6 @@ Ctrl-C or SIGTERM stops all children. A port already taken is a clear error, exi
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 import socket
 import subprocess

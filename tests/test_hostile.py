@@ -15,7 +15,7 @@ from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.apis.base import MAX_TOKENS
 from extproc.config import parse
 from extproc.processor import Processor
-from test_processor import Ctx, body, headers, req_headers, run
+from test_processor import body, headers, req_headers, run
 
 # One representative path per API schema the router knows (extended as parsers are added).
 PATHS = [

@@ -14,7 +14,6 @@ import urllib.request
 from collections import Counter as Tally
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 import pytest
