@@ -45,10 +45,13 @@ try:
     script = wrk_script(d / "chat.lua", CHAT_REQUEST)
     wrk(port, script, a.c, 1)
     for _ in range(a.reps):
-        s0, e0 = cpu_seconds(proc_tree(sc.pid)), cpu_seconds([ev.pid])
+        workers = proc_tree(sc.pid)[1:]
+        s0, e0, w0 = cpu_seconds(proc_tree(sc.pid)), cpu_seconds([ev.pid]), [cpu_seconds([w]) for w in workers]
         r = wrk(port, script, a.c, a.d)
-        s1, e1 = cpu_seconds(proc_tree(sc.pid)), cpu_seconds([ev.pid])
-        print(f"{a.server} c={a.c}: {r['rps']:.0f} req/s sidecar {1e6*(s1-s0)/r['requests']:.0f} us/req envoy {1e6*(e1-e0)/r['requests']:.0f} us/req p99 {r['p99_us']/1000:.1f} ms non2xx {r['non2xx']} err {r['errors']}", flush=True)
+        s1, e1, w1 = cpu_seconds(proc_tree(sc.pid)), cpu_seconds([ev.pid]), [cpu_seconds([w]) for w in workers]
+        share = sorted((y - x for x, y in zip(w0, w1)), reverse=True)
+        print(f"{a.server} c={a.c}: {r['rps']:.0f} req/s sidecar {1e6*(s1-s0)/r['requests']:.0f} us/req envoy {1e6*(e1-e0)/r['requests']:.0f} us/req p99 {r['p99_us']/1000:.1f} ms non2xx {r['non2xx']} err {r['errors']}"
+              + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else ""), flush=True)
 finally:
     for p in reversed(procs):
         p.terminate()

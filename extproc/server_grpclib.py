@@ -31,6 +31,7 @@ from grpclib.protocol import H2Protocol
 from grpclib.server import Handler, Stream
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
+from h2.events import StreamReset
 from h2.settings import SettingCodes
 from hyperframe.frame import GoAwayFrame
 
@@ -142,10 +143,22 @@ class _Protocol(H2Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._owner._protocols.add(self)
         super().connection_made(_CoalescingTransport(transport))  # type: ignore[arg-type]
+        self.processor.processors[StreamReset] = self._stream_reset
         self.connection._connection.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS})
         self.connection.flush()
         if self._owner.draining:
             self.goaway()
+
+    def _stream_reset(self, event: StreamReset) -> None:
+        """Envoy resets (RST_STREAM) most ext_proc streams when its filter is done with them, so
+        this is the common way a stream ends. grpclib would also hand the stream's task a
+        ``StreamTerminatedError`` kept on its ``Wrapper``: a reference cycle through the
+        traceback's frames per stream, i.e. cyclic garbage that made full GC passes of 100-200 ms
+        under load. Cancelling the task is enough (the Processor's ``finally`` reports the call)."""
+        stream = self.processor.streams.get(event.stream_id)
+        if stream is not None:
+            self.handler.cancel(stream)
+        self.connection.streams_failed += 1
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._owner._protocols.discard(self)
@@ -198,13 +211,13 @@ class GrpclibServer:
         inflight = self._inflight
 
         async def run(stream: Stream) -> None:
-            task = asyncio.current_task()
-            assert task is not None
-            inflight.add(task)
+            # No local reference to the task: a cancelled task keeps its CancelledError, whose
+            # traceback keeps this frame (a cycle otherwise).
+            inflight.add(asyncio.current_task())  # type: ignore[arg-type]
             try:
                 await func(stream)
             finally:
-                inflight.discard(task)
+                inflight.discard(asyncio.current_task())  # type: ignore[arg-type]
 
         return run
 
