@@ -7,6 +7,7 @@ Lighter than ``python -m bench`` (one stack, one scenario), so A and B can be in
 times within a minute on a noisy machine.
 """
 import argparse
+import os
 import shutil
 import subprocess
 import sys
@@ -46,12 +47,26 @@ try:
     wrk(port, script, a.c, 1)
     for _ in range(a.reps):
         workers = proc_tree(sc.pid)[1:]
+
+        def waits() -> list[float]:  # seconds runnable but not running (all threads), per worker
+            out = []
+            for w in workers:
+                total = 0
+                for tid in os.listdir(f"/proc/{w}/task"):
+                    with open(f"/proc/{w}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[1])
+                out.append(total / 1e9)
+            return out
+
+        q0 = waits()
         s0, e0, w0 = cpu_seconds(proc_tree(sc.pid)), cpu_seconds([ev.pid]), [cpu_seconds([w]) for w in workers]
         r = wrk(port, script, a.c, a.d)
         s1, e1, w1 = cpu_seconds(proc_tree(sc.pid)), cpu_seconds([ev.pid]), [cpu_seconds([w]) for w in workers]
         share = sorted((y - x for x, y in zip(w0, w1)), reverse=True)
+        rq = [y - x for x, y in zip(q0, waits())]
         print(f"{a.server} c={a.c}: {r['rps']:.0f} req/s sidecar {1e6*(s1-s0)/r['requests']:.0f} us/req envoy {1e6*(e1-e0)/r['requests']:.0f} us/req p99 {r['p99_us']/1000:.1f} ms non2xx {r['non2xx']} err {r['errors']}"
-              + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else ""), flush=True)
+              + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else "")
+              + (f" run-queue wait {'/'.join(f'{x:.2f}' for x in rq)} s" if rq else ""), flush=True)
 finally:
     for p in reversed(procs):
         p.terminate()
