@@ -67,6 +67,11 @@ try:
         print(f"{a.server} c={a.c}: {r['rps']:.0f} req/s sidecar {1e6*(s1-s0)/r['requests']:.0f} us/req envoy {1e6*(e1-e0)/r['requests']:.0f} us/req p99 {r['p99_us']/1000:.1f} ms non2xx {r['non2xx']} err {r['errors']}"
               + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else "")
               + (f" run-queue wait {'/'.join(f'{x:.2f}' for x in rq)} s" if rq else ""), flush=True)
+    rss = []
+    for w in proc_tree(sc.pid)[1:] or [sc.pid]:
+        with open(f"/proc/{w}/statm") as f:
+            rss.append(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20)
+    print(f"{a.server}: sidecar RSS per worker after the runs: {'/'.join(f'{x:.1f}' for x in rss)} MB", flush=True)
 finally:
     for p in reversed(procs):
         p.terminate()
