@@ -16,7 +16,7 @@ from pydantic.alias_generators import to_camel
 
 DEFAULT_NAMESPACE = "ai.gateway.kgateway.dev"
 DEFAULT_LISTEN = "127.0.0.1:18080"
-DEFAULT_SERVER = "grpcio"
+DEFAULT_SERVER = "grpclib"
 
 
 class ConfigError(ValueError):

@@ -185,7 +185,7 @@ def test_grace_expiry_cancels_and_reports(impl):
 
 
 def test_server_config_key_and_override(tmp_path):
-    assert parse({}).server == "grpcio"
+    assert parse({}).server == "grpclib"
     assert parse({"server": "grpclib"}).server == "grpclib"
     with pytest.raises(ConfigError) as e:
         parse({"server": "nginx"}, "c.yaml")
