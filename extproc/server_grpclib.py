@@ -18,8 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any
 
 from grpc_health.v1 import health_pb2
@@ -74,9 +73,6 @@ class _Context:
 
     def invocation_metadata(self) -> Any:
         return self._md.items() if self._md is not None else ()
-
-
-_PREFIX = struct.Struct(">BI")  # gRPC message framing: compressed flag, length
 
 
 class _CoalescingTransport:
@@ -355,4 +351,4 @@ class Health:
         self._servicer.enter_graceful_shutdown()
 
 
-__all__: Sequence[str] = ("GrpclibServer", "Health", "build_server", "health_only_server")
+__all__ = ("GrpclibServer", "Health", "build_server", "health_only_server")
