@@ -13,10 +13,13 @@ def _load(args: argparse.Namespace):
     from extproc import config
 
     cfg = config.load(args.config)
-    if args.listen or args.metrics_port is not None:
+    server = getattr(args, "server", None)
+    if args.listen or args.metrics_port is not None or server:
         data = cfg.model_dump(by_alias=True)
         if args.listen:
             data["listen"] = args.listen
+        if server:
+            data["server"] = server
         if args.metrics_port is not None:
             data["stats"]["port"] = args.metrics_port
         cfg = config.parse(data, "command line")
@@ -85,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--listen", help="override config 'listen' (host:port or unix:/path)")
     s.add_argument("--workers", type=int, help="worker processes sharing the port (default: CPU count)")
     s.add_argument("--metrics-port", type=int, help="override config 'stats.port'")
+    s.add_argument("--server", choices=["grpclib", "grpcio"], help="override config 'server' (gRPC implementation)")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("dev", help="run Envoy + sidecar + mock LLM locally (what `make run` does)")

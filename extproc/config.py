@@ -16,6 +16,7 @@ from pydantic.alias_generators import to_camel
 
 DEFAULT_NAMESPACE = "ai.gateway.kgateway.dev"
 DEFAULT_LISTEN = "127.0.0.1:18080"
+DEFAULT_SERVER = "grpclib"
 
 
 class ConfigError(ValueError):
@@ -222,6 +223,10 @@ class TlsConfig(_Section):
 
 class Config(_Section):
     listen: str = DEFAULT_LISTEN  # host:port, or unix:/path/to.sock
+    # The gRPC server implementation behind `listen` (and healthListen): grpcio (grpc.aio, C core
+    # with its own poller thread) or grpclib (pure asyncio on h2). Same behaviour; see
+    # docs/performance.md for the measured difference. Restart-only.
+    server: Literal["grpclib", "grpcio"] = DEFAULT_SERVER
     # Optional second address serving only grpc.health.v1 (the ext_proc address serves it too).
     # For Kubernetes' grpc probes, which dial the pod IP, while ext_proc stays on loopback. During
     # a drain it keeps answering (NOT_SERVING) until the ext_proc server has stopped.

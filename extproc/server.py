@@ -1,4 +1,4 @@
-"""Run the servicer: one grpc.aio server per worker process.
+"""Run the servicer: one gRPC server per worker process (grpc.aio, or grpclib: config ``server``).
 
 With ``workers > 1`` the parent forks the workers before any gRPC state exists; each binds the
 same TCP port with SO_REUSEPORT (the kernel spreads Envoy's HTTP/2 connections over them) and the
@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import grpc
 
@@ -52,11 +53,28 @@ def build_server(processor: Processor, address: str, options: Sequence[tuple[str
     return server
 
 
+class Backend(NamedTuple):
+    """One gRPC server implementation. Its servers have grpc.aio's ``start()`` / ``stop(grace)``
+    (stop: refuse new streams, give the ones in flight ``grace`` seconds, then cancel them)."""
+
+    build_server: Callable[..., Any]  # (processor, address, tls=...) -> server
+    health_only_server: Callable[[str], Any]  # healthListen: health service only
+    health: Callable[..., Any]  # Health(*servers): not_ready() / serving() / draining()
+
+
+def backend(name: str) -> Backend:
+    if name == "grpclib":
+        from extproc import server_grpclib as g
+
+        return Backend(g.build_server, g.health_only_server, g.Health)
+    return Backend(build_server, health_only_server, Health)
+
+
 ObserverFactory = Callable[[Config], Sequence[CallObserver]]
 
 
 # Keys a SIGHUP reload cannot change in a running process (sockets, metric label sets).
-RESTART_ONLY = ("listen", "health_listen", "stats")
+RESTART_ONLY = ("listen", "health_listen", "stats", "server")
 
 Reloader = Callable[[], Config]
 
@@ -65,16 +83,17 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
                      ready: Callable[[], None] | None = None, reload: Reloader | None = None,
                      observer_factory: ObserverFactory | None = None) -> None:
     grace = config.shutdown_grace_seconds if grace is None else grace
+    impl = backend(config.server)
     processor = Processor(config, observers)
-    server = build_server(processor, config.listen, tls=config.tls)
-    health_server = health_only_server(config.health_listen) if config.health_listen else None
-    health = Health(server, *([health_server] if health_server else []))
+    server = impl.build_server(processor, config.listen, tls=config.tls)
+    health_server = impl.health_only_server(config.health_listen) if config.health_listen else None
+    health = impl.health(server, *([health_server] if health_server else []))
     await health.not_ready()
     if health_server is not None:
         await health_server.start()
     await server.start()
     await health.serving()
-    log.info("ext_proc listening", extra={"address": config.listen, "pid": os.getpid()})
+    log.info("ext_proc listening", extra={"address": config.listen, "pid": os.getpid(), "server": config.server})
     if ready is not None:
         ready()
     stop = asyncio.Event()
@@ -134,7 +153,7 @@ def close_observers(observers: Sequence[CallObserver]) -> None:
 REPORT_WAIT = 5.0
 
 
-async def drain(server: grpc.aio.Server, health: Health, processor: Processor, grace: float) -> None:
+async def drain(server: Any, health: Any, processor: Processor, grace: float) -> None:
     """Graceful stop: NOT_SERVING, no new streams, in-flight streams finish, every call reported."""
     await health.draining()
     log.info("draining", extra={"grace_seconds": grace, "active_streams": processor.active})

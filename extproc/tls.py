@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import ssl
 from pathlib import Path
 
 import grpc
@@ -39,11 +40,34 @@ def is_local(address: str) -> bool:
         return False
 
 
-def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig | None) -> int:
-    """Bind ``address``: TLS if configured, else plaintext (with a warning off loopback)."""
+def ssl_context(tls: TlsConfig) -> ssl.SSLContext:
+    """The same policy as :func:`server_credentials` for servers built on Python's ``ssl``
+    (``server: grpclib``): TLS 1.2+, ALPN ``h2``, client certificates required and verified
+    against ``clientCaFile`` when it is set."""
+    assert tls.cert_file is not None and tls.key_file is not None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_cert_chain(tls.cert_file, tls.key_file)
+    ctx.set_alpn_protocols(["h2"])
+    if tls.client_ca_file is not None:
+        ctx.load_verify_locations(cafile=tls.client_ca_file)
+        ctx.verify_mode = ssl.CERT_REQUIRED
+    return ctx
+
+
+def warn_if_plaintext(address: str, tls: TlsConfig | None) -> bool:
+    """True if ``address`` is served with TLS; logs a warning for plaintext off loopback."""
     if tls is not None and tls.enabled:
-        return server.add_secure_port(address, server_credentials(tls))
+        return True
     if not is_local(address):
         log.warning("ext_proc listens without TLS on a non-loopback address; set tls.certFile/keyFile (and clientCaFile)",
                     extra={"address": address, "tls": False})
+    return False
+
+
+def add_port(server: grpc.aio.Server, address: str, tls: TlsConfig | None) -> int:
+    """Bind ``address``: TLS if configured, else plaintext (with a warning off loopback)."""
+    if warn_if_plaintext(address, tls):
+        assert tls is not None
+        return server.add_secure_port(address, server_credentials(tls))
     return server.add_insecure_port(address)

@@ -20,6 +20,15 @@ def fixtures_dir() -> Path:
     return _fixtures_dir()
 
 
+# The gRPC server implementations (config `server`): the end-to-end tests that matter run on each.
+SERVERS = ("grpcio", "grpclib")
+
+
+@pytest.fixture(params=SERVERS)
+def server(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="session")
 def replay() -> Iterator[ReplayUpstream]:
     up = ReplayUpstream()

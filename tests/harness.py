@@ -50,6 +50,7 @@ class Stack:
         start_sidecar: bool = True,
         envoy_args: tuple[str, ...] = (),
         envoy_concurrency: int = 2,
+        server: str | None = None,
         **bootstrap_kw: Any,
     ) -> None:
         self.dir = Path(workdir)
@@ -63,6 +64,8 @@ class Stack:
         self.sidecar_log = self.dir / "sidecar.log"
         self.envoy_log = self.dir / "envoy.log"
         cfg = {"listen": f"127.0.0.1:{self.sidecar_port}", **(sidecar_config or {})}
+        if server is not None:  # the gRPC server implementation (config `server`)
+            cfg["server"] = server
         self.sidecar_config_path = self.dir / "sidecar.yaml"
         self.sidecar_config_path.write_text(yaml.safe_dump(cfg))
         self.workers = workers

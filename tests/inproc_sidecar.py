@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from extproc.call import CallObserver
 from extproc.config import Config
 from extproc.processor import Processor
-from extproc.server import build_server
+from extproc.server import backend
 
 
 class InProcessSidecar:
@@ -23,7 +23,7 @@ class InProcessSidecar:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server = build_server(self.processor, self.processor.config.listen)
+        self.server = backend(self.processor.config.server).build_server(self.processor, self.processor.config.listen)
         self.loop.run_until_complete(self.server.start())
         self._started.set()
         self.loop.run_forever()

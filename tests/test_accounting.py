@@ -17,6 +17,7 @@ import pytest
 import sys
 from pathlib import Path
 
+from conftest import SERVERS
 from harness import Stack, scrape, total
 from jwt_keys import jwks_json, token
 from otlp_receiver import GrpcReceiver
@@ -40,10 +41,11 @@ def collector():
     c.close()
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, replay, collector):
+@pytest.fixture(scope="module", params=SERVERS)
+def stack(request, tmp_path_factory, replay, collector):
     cfg = {**SIDECAR, "tracing": {**SIDECAR["tracing"], "otlpEndpoint": collector.endpoint}}
-    with Stack(tmp_path_factory.mktemp("acct"), replay.url, jwks_json=jwks_json(), workers=2, sidecar_config=cfg) as s:
+    with Stack(tmp_path_factory.mktemp("acct"), replay.url, jwks_json=jwks_json(), workers=2, sidecar_config=cfg,
+               server=request.param) as s:
         wait_workers(s, 2)
         yield s
 

@@ -44,8 +44,8 @@ def _calls_logged(stack: Stack) -> list[dict]:
     return out
 
 
-def test_health_cli_serving_and_down(tmp_path, replay):
-    with Stack(tmp_path, replay.url) as s:
+def test_health_cli_serving_and_down(tmp_path, replay, server):
+    with Stack(tmp_path, replay.url, server=server) as s:
         addr = f"127.0.0.1:{s.sidecar_port}"
         p = _health_cli("--address", addr)
         assert p.returncode == 0 and p.stdout.strip() == "SERVING", p.stderr
@@ -61,11 +61,11 @@ def test_health_cli_serving_and_down(tmp_path, replay):
 
 
 @pytest.mark.parametrize("workers", [1, 2])
-def test_sigterm_lets_the_stream_in_flight_finish(tmp_path, replay, workers):
+def test_sigterm_lets_the_stream_in_flight_finish(tmp_path, replay, workers, server):
     rec = load(STREAM)
     health_port = free_port()
     sidecar = {"shutdownGraceSeconds": 15, "logging": {"level": "debug"}, "healthListen": f"127.0.0.1:{health_port}"}
-    with Stack(tmp_path, replay.url, sidecar_config=sidecar, workers=workers) as s:
+    with Stack(tmp_path, replay.url, sidecar_config=sidecar, workers=workers, server=server) as s:
         assert _health_cli("--address", f"127.0.0.1:{health_port}").returncode == 0
         channel = grpc.insecure_channel(f"127.0.0.1:{s.sidecar_port}")
         watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=""))
@@ -106,12 +106,12 @@ def test_sigterm_lets_the_stream_in_flight_finish(tmp_path, replay, workers):
     assert "Traceback" not in s.sidecar_stderr()
 
 
-def test_grace_period_expiry_cancels_and_still_reports(tmp_path, replay):
+def test_grace_period_expiry_cancels_and_still_reports(tmp_path, replay, server):
     """A stream outliving the grace period is cut from the sidecar (not from the client: Envoy
     fails open), its call is still reported, and the sidecar exits 0 soon after the deadline."""
     rec = load(STREAM)
     sidecar = {"shutdownGraceSeconds": 1, "logging": {"level": "debug"}}
-    with Stack(tmp_path, replay.url, sidecar_config=sidecar) as s:
+    with Stack(tmp_path, replay.url, sidecar_config=sidecar, server=server) as s:
         gate, rid = str(uuid.uuid4()), str(uuid.uuid4())
         headers = {"content-type": "application/json", "x-fixture": rec.name, "x-gate": gate, "x-request-id": rid}
         with httpx.stream("POST", s.url(rec.path), content=rec.request_body, headers=headers, timeout=30) as r:

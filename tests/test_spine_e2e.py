@@ -14,14 +14,15 @@ import httpx
 import pytest
 
 from fixtures import load
+from conftest import SERVERS
 from harness import Stack
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, replay) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("spine"), replay.url) as s:
+@pytest.fixture(scope="module", params=SERVERS)
+def stack(request, tmp_path_factory, replay) -> Iterator[Stack]:
+    with Stack(tmp_path_factory.mktemp("spine"), replay.url, server=request.param) as s:
         yield s
 
 
@@ -156,8 +157,8 @@ def test_openai_sdk_through_envoy(stack):
     assert (entry["prompt_tokens"], entry["completion_tokens"], entry["total_tokens"]) == (12, 100, 112)
 
 
-def test_fail_open_when_sidecar_is_down(tmp_path, replay):
-    with Stack(tmp_path, replay.url) as s:
+def test_fail_open_when_sidecar_is_down(tmp_path, replay, server):
+    with Stack(tmp_path, replay.url, server=server) as s:
         assert s.stop_sidecar(signal.SIGKILL) is not None
         time.sleep(0.2)
         for fixture in ("aigw__chat-basic.yaml", "aigw__chat-streaming-detailed-usage.yaml"):

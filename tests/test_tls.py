@@ -114,10 +114,10 @@ def _check(target: str, creds: grpc.ChannelCredentials | None) -> str:
 
 
 @pytest.mark.integration
-def test_mtls_end_to_end_and_clients_without_a_certificate_are_refused(tmp_path, replay, pki):
+def test_mtls_end_to_end_and_clients_without_a_certificate_are_refused(tmp_path, replay, pki, server):
     health_port = free_port()
     cfg = {"tls": _sidecar_tls(pki), "healthListen": f"127.0.0.1:{health_port}"}
-    with Stack(tmp_path, replay.url, sidecar_config=cfg, extproc_tls=_envoy_tls(pki)) as s:
+    with Stack(tmp_path, replay.url, sidecar_config=cfg, extproc_tls=_envoy_tls(pki), server=server) as s:
         r, entry = _post(s)
         assert r.status_code == 200
         assert entry["total_tokens"] == 385  # Envoy reached the sidecar over mTLS
@@ -144,29 +144,29 @@ def test_mtls_end_to_end_and_clients_without_a_certificate_are_refused(tmp_path,
 
 
 @pytest.mark.integration
-def test_client_certificate_from_another_ca_is_refused(tmp_path, replay, pki):
+def test_client_certificate_from_another_ca_is_refused(tmp_path, replay, pki, server):
     (tmp_path / "other").mkdir()
     other = make_pki(tmp_path / "other", "other-ca")
     envoy_tls = envoy_config.ExtProcTls(ca_file=pki["ca"], cert_file=other["client_cert"], key_file=other["client_key"], sni="localhost")
-    with Stack(tmp_path / "stack", replay.url, sidecar_config={"tls": _sidecar_tls(pki)}, extproc_tls=envoy_tls) as s:
+    with Stack(tmp_path / "stack", replay.url, sidecar_config={"tls": _sidecar_tls(pki)}, extproc_tls=envoy_tls, server=server) as s:
         r, entry = _post(s)
         assert r.status_code == 200  # fail open
         assert entry["total_tokens"] is None
 
 
 @pytest.mark.integration
-def test_plaintext_envoy_against_tls_sidecar_fails_open(tmp_path, replay, pki):
-    with Stack(tmp_path, replay.url, sidecar_config={"tls": _sidecar_tls(pki)}) as s:
+def test_plaintext_envoy_against_tls_sidecar_fails_open(tmp_path, replay, pki, server):
+    with Stack(tmp_path, replay.url, sidecar_config={"tls": _sidecar_tls(pki)}, server=server) as s:
         r, entry = _post(s)
         assert r.status_code == 200 and r.content == load(FIXTURE).body
         assert entry["total_tokens"] is None  # served, unobserved
 
 
 @pytest.mark.integration
-def test_server_only_tls_end_to_end(tmp_path, replay, pki):
+def test_server_only_tls_end_to_end(tmp_path, replay, pki, server):
     """TLS without clientCaFile: Envoy verifies the sidecar, no client certificate needed."""
     envoy_tls = envoy_config.ExtProcTls(ca_file=pki["ca"], sni="localhost")
-    with Stack(tmp_path, replay.url, sidecar_config={"tls": _sidecar_tls(pki, mtls=False)}, extproc_tls=envoy_tls) as s:
+    with Stack(tmp_path, replay.url, sidecar_config={"tls": _sidecar_tls(pki, mtls=False)}, extproc_tls=envoy_tls, server=server) as s:
         r, entry = _post(s)
         assert r.status_code == 200 and entry["total_tokens"] == 385
 

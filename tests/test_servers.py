@@ -1,0 +1,207 @@
+"""Both gRPC server implementations (config ``server``), driven in this process by a grpcio
+client: the same replies, metadata, health transitions, cancellation and drain behaviour, on TCP
+and on a unix socket. (The end-to-end tests through Envoy run on both too: see ``SERVERS``.)"""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc import server as server_mod
+from extproc._pb.envoy_api import external_processor_pb2 as pb
+from extproc.call import NO_RESPONSE, OK, Call
+from extproc.config import ConfigError, parse
+from extproc.dev import free_port
+from extproc.processor import CONTINUE_REQUEST_HEADERS, Processor
+
+from conftest import SERVERS
+
+METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def on_call_end(self, call: Call) -> None:
+        self.calls.append(call)
+
+
+def _headers(kind: str, end: bool = False, **hdrs: str) -> pb.ProcessingRequest:
+    hm = pb.HttpHeaders(end_of_stream=end)
+    for k, v in hdrs.items():
+        hm.headers.headers.add(key=k, raw_value=v.encode())
+    return pb.ProcessingRequest(**{kind: hm})
+
+
+REQ = _headers("request_headers", True, **{":path": "/v1/chat/completions", ":method": "GET", ":authority": "api.openai.com"})
+RESP = _headers("response_headers", True, **{":status": "200", "content-type": "application/json"})
+
+
+class Running:
+    """A worker's server (either implementation) on its own loop in this thread."""
+
+    def __init__(self, impl: str, address: str, config_extra: dict | None = None) -> None:
+        self.config = parse({"listen": address, "server": impl, **(config_extra or {})})
+        self.recorder = Recorder()
+        self.processor = Processor(self.config, [self.recorder])
+        b = server_mod.backend(impl)
+        self.server = b.build_server(self.processor, address, tls=self.config.tls)
+        self.health = b.health(self.server)
+
+    async def __aenter__(self) -> Running:
+        await self.health.not_ready()
+        await self.server.start()
+        await self.health.serving()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop(0)
+
+
+def _channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address)
+
+
+def _stream(channel: grpc.aio.Channel, metadata: tuple = ()):
+    call = channel.stream_stream(METHOD, request_serializer=lambda m: m.SerializeToString(),
+                                 response_deserializer=pb.ProcessingResponse.FromString)
+    return call(metadata=metadata)
+
+
+async def _wait(cond, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def address(request, tmp_path) -> str:
+    return f"127.0.0.1:{free_port()}" if request.param == "tcp" else f"unix:{tmp_path}/extproc.sock"
+
+
+@pytest.mark.parametrize("impl", SERVERS)
+def test_process_replies_and_metadata(impl, address):
+    async def main() -> None:
+        async with Running(impl, address) as r, _channel(address) as ch:
+            call = _stream(ch, metadata=(("x-llm-provider", "acme"), ("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")))
+            await call.write(REQ)
+            first = await call.read()
+            assert first.SerializeToString() == CONTINUE_REQUEST_HEADERS
+            await call.write(RESP)
+            second = await call.read()
+            assert second.HasField("response_headers")
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            await _wait(lambda: r.recorder.calls)
+            [c] = r.recorder.calls
+            assert c.provider == "acme" and c.outcome == OK and c.trace_context["traceparent"].startswith("00-111")
+            assert r.processor.active == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("impl", SERVERS)
+def test_client_cancel_reports_the_call_once(impl):
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(impl, address) as r, _channel(address) as ch:
+            call = _stream(ch)
+            await call.write(REQ)
+            await call.read()
+            await _wait(lambda: r.processor.active == 1)
+            call.cancel()  # Envoy resets the stream: the client hung up
+            await _wait(lambda: r.processor.active == 0)
+            await asyncio.sleep(0.1)
+            assert [c.outcome for c in r.recorder.calls] == [NO_RESPONSE]
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("impl", SERVERS)
+def test_health_check_watch_and_drain(impl, address):
+    async def main() -> None:
+        async with Running(impl, address, {"shutdownGraceSeconds": 5}) as r, _channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            unknown = stub.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"))
+            assert (await unknown.read()).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            unknown.cancel()
+
+            # A stream in flight when the drain starts finishes normally; a new one is refused.
+            call = _stream(ch)
+            await call.write(REQ)
+            await call.read()
+            drain = asyncio.create_task(server_mod.drain(r.server, r.health, r.processor, 5))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            await asyncio.sleep(0.2)
+            assert not drain.done()
+            late = _stream(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await late.write(REQ)
+                await late.read()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            await call.write(RESP)
+            assert (await call.read()).HasField("response_headers")
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK
+            await asyncio.wait_for(drain, 5)  # well before the 5 s grace: it left once the stream ended
+            assert [c.outcome for c in r.recorder.calls] == [OK] and r.processor.active == 0
+
+    asyncio.run(main())
+
+
+@pytest.mark.parametrize("impl", SERVERS)
+def test_grace_expiry_cancels_and_reports(impl):
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(impl, address) as r, _channel(address) as ch:
+            call = _stream(ch)
+            await call.write(REQ)
+            await call.read()
+            await server_mod.drain(r.server, r.health, r.processor, 0.3)
+            assert r.processor.active == 0
+            assert [c.outcome for c in r.recorder.calls] == [NO_RESPONSE]
+            assert await call.code() != grpc.StatusCode.OK
+
+    asyncio.run(main())
+
+
+def test_server_config_key_and_override(tmp_path):
+    assert parse({}).server == "grpclib"
+    assert parse({"server": "grpclib"}).server == "grpclib"
+    with pytest.raises(ConfigError) as e:
+        parse({"server": "nginx"}, "c.yaml")
+    assert str(e.value).startswith("c.yaml: server: ") and "grpclib" in str(e.value)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"server": "nginx"}))
+    p = subprocess.run([sys.executable, "-m", "extproc", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "server" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run([sys.executable, "-m", "extproc", "serve", "--server", "nginx"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--server" in p.stderr
+
+    import argparse
+
+    from extproc.cli import _load
+
+    cfg_file = tmp_path / "ok.yaml"
+    cfg_file.write_text(yaml.safe_dump({"server": "grpcio"}))
+    args = argparse.Namespace(config=str(cfg_file), listen=None, metrics_port=None, server="grpclib")
+    assert _load(args).server == "grpclib"
