@@ -205,3 +205,28 @@ def test_server_config_key_and_override(tmp_path):
     cfg_file.write_text(yaml.safe_dump({"server": "grpcio"}))
     args = argparse.Namespace(config=str(cfg_file), listen=None, metrics_port=None, server="grpclib")
     assert _load(args).server == "grpclib"
+
+
+def test_grpclib_connection_memory_is_bounded_by_closed_streams_kept():
+    """h2 keeps a record per closed stream; on one long-lived Envoy connection that must not grow
+    with every call (65,536 records, ~7.5 MB per connection, by h2's default)."""
+    from extproc import server_grpclib
+
+    address = f"127.0.0.1:{free_port()}"
+    n = server_grpclib.CLOSED_STREAMS_KEPT + 200
+
+    async def main() -> None:
+        async with Running("grpclib", address) as r, _channel(address) as ch:
+            for _ in range(n):  # one channel: one HTTP/2 connection, as Envoy's pool
+                call = _stream(ch)
+                await call.write(REQ)
+                await call.read()
+                await call.done_writing()
+                assert await call.read() is grpc.aio.EOF
+            await _wait(lambda: len(r.recorder.calls) == n)
+            [proto] = r.server._protocols
+            h2_conn = proto.connection._connection
+            assert h2_conn.highest_inbound_stream_id >= 2 * n - 1  # all of them on this connection
+            assert len(h2_conn._closed_streams) == server_grpclib.CLOSED_STREAMS_KEPT
+
+    asyncio.run(main())
