@@ -28,13 +28,24 @@ ap.add_argument("-c", type=int, default=16, help="wrk connections")
 ap.add_argument("-d", type=float, default=5, help="seconds per measurement")
 ap.add_argument("--workers", type=int, default=1)
 ap.add_argument("--reps", type=int, default=1)
+ap.add_argument("--tracing", choices=["off", "dead", "live"], default="off",
+                help="OTLP tracing: off; dead (collector port closed); live (an in-process OTLP/gRPC receiver)")
 a = ap.parse_args()
 d = Path(tempfile.mkdtemp(prefix="extproc-ab-"))
 procs = []
 try:
     up = free_port(); (d / "up.yaml").write_text(yaml.safe_dump(direct_response_envoy(up)))
     procs.append(subprocess.Popen(envoy_command(d / "up.yaml", "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    sport = free_port(); (d / "s.yaml").write_text(yaml.safe_dump({"listen": f"127.0.0.1:{sport}", "server": a.server, "stats": {"port": 0}, "logging": {"level": "warning"}}))
+    sport = free_port()
+    cfg = {"listen": f"127.0.0.1:{sport}", "server": a.server, "stats": {"port": 0}, "logging": {"level": "warning"}}
+    if a.tracing == "live":
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+        from otlp_receiver import GrpcReceiver
+        receiver = GrpcReceiver()
+        cfg["tracing"] = {"otlpEndpoint": receiver.endpoint}
+    elif a.tracing == "dead":
+        cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{free_port()}"}
+    (d / "s.yaml").write_text(yaml.safe_dump(cfg))
     (d / "counts").mkdir()
     pre = [sys.executable, "-m", "cProfile", "-o", a.prof] if a.prof else [sys.executable]
     sc = subprocess.Popen([*pre, "-m", "bench.sidecar", "--config", str(d / "s.yaml"), "--workers", str(a.workers), "--counts", str(d / "counts")], stderr=open(d / "sidecar.log", "wb"))

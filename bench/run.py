@@ -67,7 +67,7 @@ def rss_mb(pid: int) -> float:
 
 @dataclass
 class Stack:
-    name: str  # envoy | inline | observe | traced (inline + tracing to a dead collector)
+    name: str  # envoy | inline | observe | traced (inline, tracing, collector down) | traced-live (collector up)
     workdir: Path
     upstreams: list[envoy_config.Upstream]
     workers: int
@@ -78,6 +78,7 @@ class Stack:
     sidecar: subprocess.Popen | None = None
     envoy: subprocess.Popen | None = None
     counts: Path | None = None
+    collector: subprocess.Popen | None = None
     server: str | None = None  # sidecar gRPC server implementation (config `server`); None: the default
 
     @property
@@ -96,8 +97,12 @@ class Stack:
             sidecar_cfg: dict[str, Any] = {"listen": extproc, "stats": {"port": 0}, "logging": {"level": "warning"}}
             if self.server:
                 sidecar_cfg["server"] = self.server
-            if self.name == "traced":  # OTLP export to a port nobody listens on: spans fail and are dropped
-                sidecar_cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{free_port()}", "scheduleDelayMs": 100}
+            if self.name.startswith("traced"):  # "traced": OTLP export to a port nobody listens on
+                collector = free_port()
+                sidecar_cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{collector}"}
+                if self.name == "traced-live":
+                    self.collector = subprocess.Popen([sys.executable, "-m", "bench.otlp_sink", str(collector)], cwd=ROOT)
+                    wait_port(collector, proc=self.collector)
             cfg.write_text(yaml.safe_dump(sidecar_cfg))
             self.counts = d / "counts"
             self.counts.mkdir()
@@ -114,7 +119,7 @@ class Stack:
         wait_port(self.port, proc=self.envoy)
 
     def stop(self) -> None:
-        for p in (self.envoy, self.sidecar):
+        for p in (self.envoy, self.sidecar, self.collector):
             if p is not None and p.poll() is None:
                 p.terminate()
                 try:
@@ -329,9 +334,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few seconds: check every figure is produced")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="sidecar workers (default: CPU count)")
     ap.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
-    ap.add_argument("--stacks", default="envoy,inline,observe,traced",
+    ap.add_argument("--stacks", default="envoy,inline,observe,traced,traced-live",
                     help="which stacks (comma separated): envoy alone, inline, observe (observability_mode), "
-                         "traced (inline, tracing on, OTLP collector unreachable)")
+                         "traced (inline, tracing on, OTLP collector unreachable), traced-live (collector up)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--label", default="", help="suffix for the result file names")
     ap.add_argument("--server", choices=["grpclib", "grpcio"], help="sidecar gRPC server (config `server`; default: its default)")
