@@ -70,6 +70,7 @@ class Stack:
         self.sidecar_config_path.write_text(yaml.safe_dump(cfg))
         self.workers = workers
         self.sidecar: subprocess.Popen | None = None
+        self._log_start = 0  # sidecar log offset at its last start
         self.envoy: subprocess.Popen | None = None
         # CI machines are small and busy: a message_timeout miss makes Envoy proceed unobserved
         # (fail open), which would show as lost tokens. Tests about timeouts set their own.
@@ -111,8 +112,28 @@ class Stack:
         cmd = [sys.executable, "-m", "extproc", "serve", "--config", str(self.sidecar_config_path),
                "--metrics-port", str(self.metrics_port), "--workers", str(self.workers), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        self._log_start = self.sidecar_log.stat().st_size if self.sidecar_log.exists() else 0
         self.sidecar = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.sidecar_log.open("ab"))
         wait_port(self.sidecar_port, proc=self.sidecar)
+        # The port accepts connections once bound, before the server serves: wait for every
+        # worker's "listening" line, else Envoy's first streams may all reach one worker, or race
+        # the start.
+        self.wait_listening(self.workers)
+
+    def listening_pids(self) -> set[int]:
+        """Pids of the workers that logged "ext_proc listening" since the sidecar last started."""
+        with self.sidecar_log.open("rb") as f:
+            f.seek(self._log_start)
+            lines = f.read().decode("utf-8", "replace").splitlines()
+        return {json.loads(line)["pid"] for line in lines if line.startswith("{") and '"ext_proc listening"' in line}
+
+    def wait_listening(self, n: int, timeout: float = 20) -> set[int]:
+        deadline = time.monotonic() + timeout
+        while len(pids := self.listening_pids()) < n:
+            assert self.sidecar is not None and self.sidecar.poll() is None, f"sidecar exited: {self.sidecar_stderr()[-2000:]}"
+            assert time.monotonic() < deadline, f"{len(pids)} of {n} workers listening: {self.sidecar_stderr()[-2000:]}"
+            time.sleep(0.05)
+        return pids
 
     def stop_sidecar(self, sig: int = signal.SIGTERM, timeout: float = 20) -> int | None:
         if self.sidecar is None:

@@ -46,16 +46,7 @@ def stack(request, tmp_path_factory, replay, collector):
     cfg = {**SIDECAR, "tracing": {**SIDECAR["tracing"], "otlpEndpoint": collector.endpoint}}
     with Stack(tmp_path_factory.mktemp("acct"), replay.url, jwks_json=jwks_json(), workers=2, sidecar_config=cfg,
                server=request.param) as s:
-        wait_workers(s, 2)
         yield s
-
-
-def wait_workers(stack: Stack, n: int, timeout: float = 20) -> None:
-    """Every worker listening (else Envoy may connect to the first one only)."""
-    deadline = time.monotonic() + timeout
-    while stack.sidecar_stderr().count('"msg":"ext_proc listening"') < n:
-        assert time.monotonic() < deadline, stack.sidecar_stderr()[-2000:]
-        time.sleep(0.05)
 
 
 def _wait(check, timeout: float = 20):
@@ -146,4 +137,4 @@ def test_killed_worker_fails_open_and_is_restarted(stack):
     assert all(r.error is None and r.status == 200 and r.body_ok for r in run.results)
     replaced = _wait(lambda: (lambda w: w if len(w) == 2 and workers[0] not in w else None)(tree(stack.sidecar.pid)[1:]))
     assert replaced is not None, "the supervisor restarts the dead worker"
-    wait_workers(stack, 3)  # two at start-up + the replacement
+    stack.wait_listening(3)  # two at start-up + the replacement

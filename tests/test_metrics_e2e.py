@@ -219,7 +219,7 @@ def test_two_workers_one_scrape_sums_both(tmp_path, mock, monkeypatch):
         # SO_REUSEPORT hashes over both workers (with 8 connections, all on one worker happened
         # in CI: 1 in 128).
         assert not (mpdir / "counter_99999.db").exists()  # cleaned at start-up
-        listening = _wait_workers_listening(stack, 2)  # else Envoy may connect before worker 2 is up
+        listening = stack.listening_pids()
         plan = [(("alice", "bob")[i % 2], "gpt-4o-mini", i % 3 == 0, 2 + i % 7, 3 + i % 5) for i in range(64)]
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             sent = list(pool.map(lambda p: chat(stack, *p), plan))
@@ -251,17 +251,6 @@ def test_two_workers_one_scrape_sums_both(tmp_path, mock, monkeypatch):
         one = chat(stack, "bob", "gpt-4o-mini", False, 3, 4)
         samples = scrape_after(stack.metrics_port, 1)
         assert total(samples, "ai_prompt_tokens_total") == one.prompt
-
-
-def _wait_workers_listening(stack: Stack, n: int, timeout: float = 15) -> set[int]:
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = {json.loads(line)["pid"] for line in stack.sidecar_stderr().splitlines()
-                if line.startswith("{") and '"ext_proc listening"' in line}
-        if len(pids) >= n or time.monotonic() > deadline:
-            assert len(pids) >= n, f"{len(pids)} of {n} workers listening"
-            return pids
-        time.sleep(0.05)
 
 
 def _children(pid: int) -> list[int]:
