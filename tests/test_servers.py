@@ -14,29 +14,16 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from extproc import server as server_mod
 from extproc._pb.envoy_api import external_processor_pb2 as pb
-from extproc.call import NO_RESPONSE, OK, Call
+from extproc.call import NO_RESPONSE, OK
 from extproc.config import ConfigError, parse
 from extproc.dev import free_port
 from extproc.processor import CONTINUE_REQUEST_HEADERS, Processor
 
 from conftest import SERVERS
+from test_processor import Recorder
+from test_processor import headers as _headers
 
 METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
-
-
-class Recorder:
-    def __init__(self) -> None:
-        self.calls: list[Call] = []
-
-    def on_call_end(self, call: Call) -> None:
-        self.calls.append(call)
-
-
-def _headers(kind: str, end: bool = False, **hdrs: str) -> pb.ProcessingRequest:
-    hm = pb.HttpHeaders(end_of_stream=end)
-    for k, v in hdrs.items():
-        hm.headers.headers.add(key=k, raw_value=v.encode())
-    return pb.ProcessingRequest(**{kind: hm})
 
 
 REQ = _headers("request_headers", True, **{":path": "/v1/chat/completions", ":method": "GET", ":authority": "api.openai.com"})
