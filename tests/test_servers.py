@@ -61,6 +61,14 @@ def _stream(channel: grpc.aio.Channel, metadata: tuple = ()):
     return call(metadata=metadata)
 
 
+async def _in_flight(channel: grpc.aio.Channel):
+    """A stream whose request headers were sent and answered: an HTTP exchange in progress."""
+    call = _stream(channel)
+    await call.write(REQ)
+    await call.read()
+    return call
+
+
 async def _wait(cond, timeout: float = 5.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not cond():
@@ -101,9 +109,7 @@ def test_client_cancel_reports_the_call_once(impl):
 
     async def main() -> None:
         async with Running(impl, address) as r, _channel(address) as ch:
-            call = _stream(ch)
-            await call.write(REQ)
-            await call.read()
+            call = await _in_flight(ch)
             await _wait(lambda: r.processor.active == 1)
             call.cancel()  # Envoy resets the stream: the client hung up
             await _wait(lambda: r.processor.active == 0)
@@ -131,9 +137,7 @@ def test_health_check_watch_and_drain(impl, address):
             unknown.cancel()
 
             # A stream in flight when the drain starts finishes normally; a new one is refused.
-            call = _stream(ch)
-            await call.write(REQ)
-            await call.read()
+            call = await _in_flight(ch)
             drain = asyncio.create_task(server_mod.drain(r.server, r.health, r.processor, 5))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()
@@ -160,9 +164,7 @@ def test_grace_expiry_cancels_and_reports(impl):
 
     async def main() -> None:
         async with Running(impl, address) as r, _channel(address) as ch:
-            call = _stream(ch)
-            await call.write(REQ)
-            await call.read()
+            call = await _in_flight(ch)
             await server_mod.drain(r.server, r.health, r.processor, 0.3)
             assert r.processor.active == 0
             assert [c.outcome for c in r.recorder.calls] == [NO_RESPONSE]
@@ -205,9 +207,7 @@ def test_grpclib_connection_memory_is_bounded_by_closed_streams_kept():
     async def main() -> None:
         async with Running("grpclib", address) as r, _channel(address) as ch:
             for _ in range(n):  # one channel: one HTTP/2 connection, as Envoy's pool
-                call = _stream(ch)
-                await call.write(REQ)
-                await call.read()
+                call = await _in_flight(ch)
                 await call.done_writing()
                 assert await call.read() is grpc.aio.EOF
             await _wait(lambda: len(r.recorder.calls) == n)
