@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test tools protos envoy-config deploy-rules bench soak clean bench-metrics
+.PHONY: install run test test-unit lint tools protos envoy-config deploy-rules bench soak clean bench-metrics
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,8 +18,18 @@ install: $(STAMP)
 run: $(STAMP)
 	$(VENV)/bin/extproc dev $(ARGS)
 
-test: $(STAMP) tools
+# Lint, type check, then every test (unit and end-to-end).
+test: lint $(STAMP) tools
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+# The fast loop: parsers, codecs, processor, metrics, tracing, the gRPC server in-process (~30 s).
+test-unit: $(STAMP)
+	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
+
+# ruff (style, imports, likely bugs) and mypy (types), both configured in pyproject.toml.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 # Debian tools the tests drive: a real Prometheus server (metrics and PromQL tests) and the wrk
 # load generator (benchmark). Installed when missing; if that fails, the tests needing them say so
@@ -36,13 +46,13 @@ tools:
 
 # Cost of the metrics observer per call (single-process and multiprocess mode).
 bench-metrics: $(STAMP)
-	$(PY) bench/metrics_cost.py
+	$(PY) -m bench.metrics_cost
 
-# Regenerate extproc/_pb from protos/ (the result is committed; tests/test_protos.py checks it).
+# Regenerate extproc/_pb from protos/ (the result is committed; tests/unit/test_protos.py checks it).
 protos: $(STAMP)
 	$(PY) protos/generate.py
 
-# Regenerate the Envoy configs from extproc/envoy_config.py (tests check they agree):
+# Regenerate the Envoy configs from extproc/devtools/envoy_config.py (tests check they agree):
 # envoy/envoy.yaml (reference), envoy/envoy-compose.yaml, deploy/kubernetes/envoy.yaml.
 envoy-config: $(STAMP)
 	$(VENV)/bin/extproc envoy-config > envoy/envoy.yaml
@@ -63,4 +73,4 @@ clean:
 
 # 10 minutes of mixed traffic with client aborts; prints expected vs counted tokens and RSS.
 soak: $(STAMP)
-	$(PY) bench/soak.py $(SOAK_ARGS)
+	$(PY) -m bench.soak $(SOAK_ARGS)

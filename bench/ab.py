@@ -19,10 +19,10 @@ import yaml
 from bench.procstat import cpu_seconds, process_rss, tree
 from bench.run import wrk, wrk_script
 from bench.upstream import CHAT_REQUEST, direct_response_envoy
-from extproc import envoy_config
-from extproc.dev import envoy_command, free_port, wait_port
+from extproc.devtools import envoy_config
+from extproc.devtools.dev import envoy_command, free_port, wait_port
+
 ap = argparse.ArgumentParser(prog="bench.ab")
-ap.add_argument("server", choices=["grpclib", "grpcio"])
 ap.add_argument("--prof", help="run the sidecar under cProfile, writing this file")
 ap.add_argument("-c", type=int, default=16, help="wrk connections")
 ap.add_argument("-d", type=float, default=5, help="seconds per measurement")
@@ -37,10 +37,9 @@ try:
     up = free_port(); (d / "up.yaml").write_text(yaml.safe_dump(direct_response_envoy(up)))
     procs.append(subprocess.Popen(envoy_command(d / "up.yaml", "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     sport = free_port()
-    cfg = {"listen": f"127.0.0.1:{sport}", "server": a.server, "stats": {"port": 0}, "logging": {"level": "warning"}}
+    cfg = {"listen": f"127.0.0.1:{sport}", "stats": {"port": 0}, "logging": {"level": "warning"}}
     if a.tracing == "live":
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-        from otlp_receiver import GrpcReceiver
+        from tests.support.otlp_receiver import GrpcReceiver
         receiver = GrpcReceiver()
         cfg["tracing"] = {"otlpEndpoint": receiver.endpoint}
     elif a.tracing == "dead":
@@ -76,13 +75,13 @@ try:
         s1, e1, w1 = cpu_seconds(tree(sc.pid)), cpu_seconds([ev.pid]), [cpu_seconds([w]) for w in workers]
         share = sorted((y - x for x, y in zip(w0, w1)), reverse=True)
         rq = [y - x for x, y in zip(q0, waits())]
-        print(f"{a.server} c={a.c}: {r['rps']:.0f} req/s sidecar {1e6*(s1-s0)/r['requests']:.0f} us/req envoy {1e6*(e1-e0)/r['requests']:.0f} us/req p99 {r['p99_us']/1000:.1f} ms non2xx {r['non2xx']} err {r['errors']}"
+        print(f"c={a.c}: {r['rps']:.0f} req/s sidecar {1e6*(s1-s0)/r['requests']:.0f} us/req envoy {1e6*(e1-e0)/r['requests']:.0f} us/req p99 {r['p99_us']/1000:.1f} ms non2xx {r['non2xx']} err {r['errors']}"
               + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else "")
               + (f" run-queue wait {'/'.join(f'{x:.2f}' for x in rq)} s" if rq else ""), flush=True)
     rss = []
     for w in tree(sc.pid)[1:] or [sc.pid]:
         rss.append(process_rss(w) / 2**20)
-    print(f"{a.server}: sidecar RSS per worker after the runs: {'/'.join(f'{x:.1f}' for x in rss)} MB", flush=True)
+    print(f"sidecar RSS per worker after the runs: {'/'.join(f'{x:.1f}' for x in rss)} MB", flush=True)
 finally:
     for p in reversed(procs):
         p.terminate()

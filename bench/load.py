@@ -190,7 +190,7 @@ async def fixed_rate(host: str, port: int, raw: bytes, rate: float, duration: fl
                 idle.remove(conn)
         try:
             status = await asyncio.wait_for(conn.request(raw, sse), timeout)
-        except (ConnectionError, asyncio.TimeoutError, OSError):
+        except (TimeoutError, ConnectionError, OSError):
             res.errors += 1
             if conn.transport is not None:
                 conn.transport.abort()

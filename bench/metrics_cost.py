@@ -21,9 +21,9 @@ def measure(n: int) -> float:
     from google.protobuf import struct_pb2
     from prometheus_client import CollectorRegistry
 
-    from extproc.call import OK, Call
-    from extproc.config import parse
-    from extproc.metrics import MetricsObserver
+    from extproc.core.call import OK, Call
+    from extproc.core.config import parse
+    from extproc.telemetry.metrics import MetricsObserver
 
     stats = parse({"stats": {"customLabels": [{"name": "team", "metadataKey": "principal:team"},
                                               {"name": "user_id", "metadataKey": "principal:sub"}]}}).stats

@@ -28,9 +28,8 @@ from bench import load
 from bench.procstat import cpu_seconds, process_rss, tree
 from bench.sidecar import read_counts
 from bench.upstream import CHAT_REQUEST, STREAM_REQUEST, direct_response_envoy
-from extproc import envoy_config
-from extproc.config import DEFAULT_SERVER
-from extproc.dev import envoy_binary, envoy_command, free_port, wait_port
+from extproc.devtools import envoy_config
+from extproc.devtools.dev import envoy_binary, envoy_command, free_port, wait_port
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
@@ -79,7 +78,6 @@ class Stack:
     envoy: subprocess.Popen | None = None
     counts: Path | None = None
     collector: subprocess.Popen | None = None
-    server: str | None = None  # sidecar gRPC server implementation (config `server`); None: the default
 
     @property
     def has_sidecar(self) -> bool:
@@ -95,8 +93,6 @@ class Stack:
             extproc = f"127.0.0.1:{sport}"
             cfg = d / "sidecar.yaml"
             sidecar_cfg: dict[str, Any] = {"listen": extproc, "stats": {"port": 0}, "logging": {"level": "warning"}}
-            if self.server:
-                sidecar_cfg["server"] = self.server
             if self.name.startswith("traced"):  # "traced": OTLP export to a port nobody listens on
                 collector = free_port()
                 sidecar_cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{collector}"}
@@ -339,7 +335,6 @@ def main(argv: list[str] | None = None) -> int:
                          "traced (inline, tracing on, OTLP collector unreachable), traced-live (collector up)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--label", default="", help="suffix for the result file names")
-    ap.add_argument("--server", choices=["grpclib", "grpcio"], help="sidecar gRPC server (config `server`; default: its default)")
     args = ap.parse_args(argv)
     prof = QUICK if args.quick else Profile()
     if shutil.which("wrk") is None:
@@ -361,10 +356,10 @@ def main(argv: list[str] | None = None) -> int:
         upstreams = [envoy_config.Upstream("/sse/", f"http://127.0.0.1:{sse_port}"),
                      envoy_config.Upstream("/", f"http://127.0.0.1:{up_port}")]
         for name in args.stacks.split(","):
-            st = Stack(name, workdir, upstreams, args.workers, args.envoy_concurrency, server=args.server)
+            st = Stack(name, workdir, upstreams, args.workers, args.envoy_concurrency)
             stacks.append(st)
             st.start()
-        log(f"bench: {', '.join(s.name for s in stacks)}; sidecar workers {args.workers} (server {args.server or 'default'}), "
+        log(f"bench: {', '.join(s.name for s in stacks)}; sidecar workers {args.workers}, "
             f"Envoy --concurrency {args.envoy_concurrency}; workdir {workdir}")
         res = run_scenarios(stacks, prof, workdir, log)
     finally:
@@ -378,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, names)
     meta = {
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
-        "quick": args.quick, "workers": args.workers, "server": args.server or DEFAULT_SERVER, "envoy_concurrency": args.envoy_concurrency,
+        "quick": args.quick, "workers": args.workers, "envoy_concurrency": args.envoy_concurrency,
         "cpus": os.cpu_count(), "python": platform.python_version(), "envoy": envoy_binary(),
         "loadavg_before_end": os.getloadavg(), "duration_s": round(time.monotonic() - started, 1),
         "profile": prof.__dict__,

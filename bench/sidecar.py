@@ -15,8 +15,10 @@ import struct
 import sys
 from pathlib import Path
 
-from extproc import app, config, logs, server
-from extproc.call import Call
+from extproc.core import config, logs
+from extproc.core.call import Call
+from extproc.server import supervisor
+from extproc.telemetry import observers as app
 
 FIELDS = ("calls", "observed", "ok")
 _FMT = "<" + "q" * len(FIELDS)
@@ -57,8 +59,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = config.load(args.config)
     logs.setup(cfg.logging.level)
-    if os.environ.get("BENCH_SWITCH_INTERVAL"):
-        server.SWITCH_INTERVAL = float(os.environ["BENCH_SWITCH_INTERVAL"])
     if os.environ.get("BENCH_UVLOOP") == "1":
         import asyncio
 
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     def observers(c: config.Config) -> list:
         return [*app.observers(c), Counter(args.counts)]
 
-    return server.serve(cfg, args.workers, observers)
+    return supervisor.serve(cfg, args.workers, observers)
 
 
 if __name__ == "__main__":

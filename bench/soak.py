@@ -17,14 +17,12 @@ from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "tests"))
-sys.path.insert(0, str(REPO / "bench"))
 
-from harness import Stack  # noqa: E402
-from jwt_keys import jwks_json, token  # noqa: E402
-from procstat import rss_bytes  # noqa: E402
-from replay_upstream import ReplayUpstream  # noqa: E402
-from workload import drive  # noqa: E402
+from bench.procstat import rss_bytes  # noqa: E402
+from tests.support.harness import Stack  # noqa: E402
+from tests.support.jwt_keys import jwks_json, token  # noqa: E402
+from tests.support.replay_upstream import ReplayUpstream  # noqa: E402
+from tests.support.workload import drive  # noqa: E402
 
 
 def mb(rss: dict[int, int]) -> str:

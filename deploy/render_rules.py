@@ -1,7 +1,7 @@
 """Write deploy/kubernetes/prometheusrule.yaml from deploy/prometheus/alerts.yml (`make deploy-rules`).
 
 One source for the alert rules: the Prometheus rule file docker-compose loads; the Prometheus
-Operator's PrometheusRule carries the same groups (tests/test_deploy_kubernetes.py checks).
+Operator's PrometheusRule carries the same groups (tests/e2e/test_deploy_kubernetes.py checks).
 """
 from __future__ import annotations
 

@@ -5,21 +5,18 @@ import argparse
 import os
 import sys
 
-from extproc.config import ConfigError
+from extproc.core.config import ConfigError
 
 
 def _load(args: argparse.Namespace):
     """The config file with the command line's overrides (also what SIGHUP re-reads)."""
-    from extproc import config
+    from extproc.core import config
 
     cfg = config.load(args.config)
-    server = getattr(args, "server", None)
-    if args.listen or args.metrics_port is not None or server:
+    if args.listen or args.metrics_port is not None:
         data = cfg.model_dump(by_alias=True)
         if args.listen:
             data["listen"] = args.listen
-        if server:
-            data["server"] = server
         if args.metrics_port is not None:
             data["stats"]["port"] = args.metrics_port
         cfg = config.parse(data, "command line")
@@ -27,7 +24,7 @@ def _load(args: argparse.Namespace):
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from extproc import logs
+    from extproc.core import logs
 
     try:
         cfg = _load(args)
@@ -41,12 +38,13 @@ def _serve(args: argparse.Namespace) -> int:
         if cfg.stats.port:
             # Before anything imports prometheus-client: with several workers this sets up its
             # multiprocess directory, which the workers forked later inherit.
-            from extproc.metrics_endpoint import Runtime
+            from extproc.telemetry.endpoint import Runtime
 
             metrics = Runtime(cfg.stats, workers)
-        from extproc import app, server
+        from extproc.server import supervisor
+        from extproc.telemetry import observers
 
-        return server.serve(cfg, workers, app.observers, on_worker_exit=metrics.worker_exited if metrics else None,
+        return supervisor.serve(cfg, workers, observers.observers, on_worker_exit=metrics.worker_exited if metrics else None,
                             reload=lambda: _load(args))
     except OSError as e:
         print(f"extproc: {e}", file=sys.stderr)
@@ -58,7 +56,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 def _health(args: argparse.Namespace) -> int:
     """Exit 0 if the sidecar answers SERVING, else 1 (Docker HEALTHCHECK, exec probes)."""
-    from extproc import config, health
+    from extproc.core import config
+    from extproc.server import health
 
     address = args.address
     if address is None:
@@ -73,7 +72,7 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
-    from extproc import envoy_config
+    from extproc.devtools import envoy_config
 
     sys.stdout.write(envoy_config.render(args.variant))
     return 0
@@ -88,11 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--listen", help="override config 'listen' (host:port or unix:/path)")
     s.add_argument("--workers", type=int, help="worker processes sharing the port (default: CPU count)")
     s.add_argument("--metrics-port", type=int, help="override config 'stats.port'")
-    s.add_argument("--server", choices=["grpclib", "grpcio"], help="override config 'server' (gRPC implementation)")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("dev", help="run Envoy + sidecar + mock LLM locally (what `make run` does)")
-    from extproc import dev
+    from extproc.devtools import dev
 
     dev.add_arguments(d)
     d.set_defaults(func=dev.run)
@@ -100,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("mock-llm", help="run the built-in OpenAI-compatible mock upstream")
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=8000)
-    m.set_defaults(func=lambda a: __import__("extproc.mock_llm", fromlist=["main"]).main(["--host", a.host, "--port", str(a.port)]) or 0)
+    m.set_defaults(func=lambda a: __import__("extproc.devtools.mock_llm", fromlist=["main"]).main(["--host", a.host, "--port", str(a.port)]) or 0)
 
     h = sub.add_parser("health", help="ask a running sidecar's gRPC health service; exit 0 if SERVING")
     h.add_argument("--address", help="host:port or unix:/path (default: 'listen' of --config, else 127.0.0.1:18080)")

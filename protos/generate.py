@@ -1,7 +1,7 @@
 """Compile protos/extproc/_pb/envoy_api/*.proto into the package extproc/_pb/envoy_api.
 
 Run from the repository root: `python protos/generate.py` (what `make protos` does).
-The generated modules are committed; tests/test_protos.py fails if regenerating would change them.
+The generated modules are committed; tests/unit/test_protos.py fails if regenerating would change them.
 """
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -7,26 +8,29 @@ from typing import Any
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # tests/ helpers: fixtures, harness, replay_upstream
+from extproc.devtools.dev import free_port, wait_port
+from tests.support.recordings import fixtures_dir as _fixtures_dir  # noqa: E402
+from tests.support.replay_upstream import ReplayUpstream  # noqa: E402
 
-from fixtures import fixtures_dir as _fixtures_dir  # noqa: E402
-from replay_upstream import ReplayUpstream  # noqa: E402
+
+@pytest.fixture(scope="session")
+def mock_llm() -> Iterator[str]:
+    """The built-in mock LLM (``extproc mock-llm``, OpenAI-compatible) as a process: its URL."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "extproc", "mock-llm", "--port", str(port)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port, proc=proc)
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        proc.terminate()
+        proc.wait(10)
 
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    """Recorded provider responses: shared/ beside the repository, or $EXTPROC_FIXTURES.
-    Missing fixtures are an error, not a skip: they are the ground truth of the parser tests."""
+    """Recorded provider responses (tests/fixtures/providers)."""
     return _fixtures_dir()
-
-
-# The gRPC server implementations (config `server`): the end-to-end tests that matter run on each.
-SERVERS = ("grpcio", "grpclib")
-
-
-@pytest.fixture(params=SERVERS)
-def server(request: pytest.FixtureRequest) -> str:
-    return request.param
 
 
 @pytest.fixture(scope="session")
@@ -37,12 +41,6 @@ def replay() -> Iterator[ReplayUpstream]:
 
 
 @pytest.fixture
-def load_case(request: pytest.FixtureRequest) -> Callable[[Any], bytes]:
+def load_case() -> Callable[[Any], bytes]:
     """A case's response body (built from the provider's documented format, or a recording)."""
-
-    def load(case: Any) -> bytes:
-        if case.body is not None:
-            return bytes(case.body)
-        return bytes(case.load(request.getfixturevalue("fixtures_dir")))
-
-    return load
+    return lambda case: bytes(case.load())

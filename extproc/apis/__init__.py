@@ -1,10 +1,10 @@
-"""One parser module per API schema; each exports ``ROUTES`` (see ``extproc.routing``).
+"""One parser module per API schema; each exports ``ROUTES`` (see ``extproc.apis.routing``).
 
 Order matters: specific patterns first, the generic OpenAI-compatible suffixes last.
 """
 from __future__ import annotations
 
-from extproc.routing import Route
+from extproc.apis.routing import Route
 
 
 def all_routes() -> list[Route]:

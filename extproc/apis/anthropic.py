@@ -146,7 +146,7 @@ class AnthropicCountTokens(ApiParser):
             self.obs.parse_error("bad_token_count")
 
 
-from extproc.routing import route  # noqa: E402  (after the classes it names)
+from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
 ROUTES = [
     route(r"/v1/messages/count_tokens$", AnthropicCountTokens),

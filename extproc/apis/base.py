@@ -24,8 +24,8 @@ from typing import Any, ClassVar
 
 import orjson
 
-from extproc.observation import Observation
-from extproc.sse import SSEDecoder
+from extproc.codecs.sse import SSEDecoder
+from extproc.core.observation import Observation
 
 JSON, SSE, NDJSON, JSON_ARRAY, NONE = "json", "sse", "ndjson", "json_array", "none"
 

@@ -4,7 +4,7 @@ The model id is in the path (``/model/{modelId}/converse``), URL-decoded by the 
 ``anthropic.claude-3-5-sonnet-20240620-v1%3A0`` or an inference-profile ARN). Bedrock's bodies do
 not name the model, so ``response_model`` stays unset.
 
-Streams are binary ``application/vnd.amazon.eventstream`` frames (see ``extproc.eventstream``):
+Streams are binary ``application/vnd.amazon.eventstream`` frames (see ``extproc.codecs.eventstream``):
 
 - ConverseStream: the ``metadata`` event carries ``usage`` (inputTokens, outputTokens,
   totalTokens, cacheReadInputTokens -> cached_input, cacheWriteInputTokens -> cache_creation).
@@ -24,8 +24,8 @@ from typing import Any
 import orjson
 
 from extproc.apis.anthropic import AnthropicEvents
-from extproc.apis.base import ApiParser, NONE, dig, items
-from extproc.eventstream import EventStreamDecoder, Message
+from extproc.apis.base import NONE, ApiParser, dig, items
+from extproc.codecs.eventstream import EventStreamDecoder, Message
 
 EVENTSTREAM = "application/vnd.amazon.eventstream"
 
@@ -248,7 +248,7 @@ def _converse_counts(usage: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-from extproc.routing import route  # noqa: E402  (after the classes it names)
+from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
 _M = r"^/model/(?P<model>[^/]+)"
 ROUTES = [

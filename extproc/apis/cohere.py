@@ -115,9 +115,10 @@ class CohereChatV1(_CohereUsage):
             self.capture_text(obj.get("text"))
             return
         if kind == "stream-end":
-            obj = obj.get("response")
-            if not isinstance(obj, dict):
+            response = obj.get("response")
+            if not isinstance(response, dict):
                 return
+            obj = response
         elif kind is not None:  # stream-start, tool events, citations...
             return
         rid = obj.get("response_id") or obj.get("generation_id")
@@ -144,7 +145,7 @@ class CohereEmbed(_CohereUsage):
     input_keys = ("texts", "inputs")
 
 
-from extproc.routing import route  # noqa: E402  (after the classes it names)
+from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
 ROUTES = [
     route(r"^/v2/chat$", CohereChat, "cohere"),

@@ -16,10 +16,10 @@ Claude on Vertex (``publishers/anthropic/...:rawPredict``) is routed here to the
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from extproc.apis.anthropic import AnthropicCountTokens, VertexAnthropic
-from extproc.apis.base import ApiParser, JSON, JSON_ARRAY, dig, items
+from extproc.apis.base import JSON, JSON_ARRAY, ApiParser, dig, items
 
 _CONFIG_PARAMS = {
     "temperature": "temperature",
@@ -36,7 +36,7 @@ class GeminiGenerate(ApiParser):
     operation = "generate_content"
     api = "gemini.generate_content"
     default_provider = "gemini"
-    input_keys = ("contents",)
+    input_keys: ClassVar[tuple[str, ...]] = ("contents",)
 
     def on_request_json(self, obj: dict[str, Any]) -> None:
         # The model is in the path; a body "model" (rare) does not override it.
@@ -77,7 +77,7 @@ class GeminiGenerate(ApiParser):
                 self.obs.finish_reasons.append(reason)
             if self.capture:
                 content = cand.get("content")
-                for part in items((content.get("parts") if isinstance(content, dict) else None)):
+                for part in items(content.get("parts") if isinstance(content, dict) else None):
                     if isinstance(part, dict) and not part.get("thought"):
                         self.capture_text(part.get("text"))
         self.usage_metadata(obj)
@@ -103,7 +103,7 @@ class GeminiEmbed(GeminiGenerate):
 
     operation = "embeddings"
     api = "gemini.embed_content"
-    input_keys = ("content", "requests")
+    input_keys: ClassVar[tuple[str, ...]] = ("content", "requests")
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -146,7 +146,7 @@ class GeminiStream(GeminiGenerate):
         self.on_response_json(obj)
 
 
-from extproc.routing import route  # noqa: E402  (after the classes it names)
+from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
 _VERTEX = r"^/v1(?:beta1)?/projects/[^/]+/locations/[^/]+/publishers/"
 _MODEL = r"(?P<model>[^/:]+)"

@@ -75,6 +75,6 @@ class McpParser(ApiParser):
             self.obs.error_type = "tool_error"
 
 
-from extproc.routing import route  # noqa: E402  (after the class it names)
+from extproc.apis.routing import route  # noqa: E402  (after the class it names)
 
 ROUTES = [route(r"/mcp$", McpParser)]

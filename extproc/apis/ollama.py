@@ -80,7 +80,7 @@ class OllamaEmbed(_Ollama):
     streams_by_default = False
 
 
-from extproc.routing import route  # noqa: E402  (after the classes it names)
+from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
 ROUTES = [
     route(r"^/api/chat$", OllamaChat, "ollama"),

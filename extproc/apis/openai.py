@@ -173,7 +173,7 @@ class OpenAIResponses(ApiParser):
                         self.capture_text(part.get("text"))
 
 
-from extproc.routing import route  # noqa: E402  (after the classes it names)
+from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
 _AZ = r"^/openai/deployments/(?P<model>[^/]+)"
 ROUTES = [

@@ -1,0 +1,294 @@
+"""The sidecar's configuration: one YAML file, validated strictly at start-up.
+
+Unknown keys and wrong types are errors (``ConfigError``; the CLI prints one line naming the key
+and exits 2). Keys are camelCase, like the kgateway/agentgateway docs this project follows.
+Each section is owned by the module that uses it; this module only describes and checks them.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+DEFAULT_NAMESPACE = "ai.gateway.kgateway.dev"
+DEFAULT_LISTEN = "127.0.0.1:18080"
+
+
+class ConfigError(ValueError):
+    """A bad config: the message names the key and the problem, on one line."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
+
+
+class MetadataConfig(_Section):
+    namespace: str = DEFAULT_NAMESPACE
+
+
+class PathRoute(_Section):
+    """Map extra paths to a parser: ``{pathRegex: '^/my/llm$', api: openai.chat, provider: acme}``."""
+
+    path_regex: str
+    api: str
+    provider: str | None = None
+
+    @field_validator("path_regex")
+    @classmethod
+    def _regex(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"not a valid regular expression: {e}") from None
+        return v
+
+
+class ProvidersConfig(_Section):
+    header: str = "x-llm-provider"  # request header (or grpc_initial_metadata key) naming the provider
+    routes: list[PathRoute] = Field(default_factory=list)
+
+
+class LimitsConfig(_Section):
+    max_body_bytes: int = Field(16 << 20, ge=1024)  # non-streamed body we hold to parse
+    max_event_bytes: int = Field(4 << 20, ge=1024)  # one SSE / NDJSON line
+    max_decoded_bytes: int = Field(64 << 20, ge=1024)  # decompressed bytes per response
+
+
+JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
+LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+# Label names the built-in metrics use (extproc.telemetry.metrics checks it uses no others), plus names
+# Prometheus itself gives meaning to: a custom label may not take any of them.
+BUILTIN_LABELS = frozenset({
+    "llm", "model", "operation", "status_code", "outcome", "error_type", "reason", "label",
+    "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
+    "gen_ai_token_type", "le", "quantile", "job", "instance",
+})
+
+
+class CustomLabel(_Section):
+    """An extra label on the AI metrics, like kgateway's ``stats.customLabels``.
+
+    Its value comes from dynamic metadata Envoy forwards to the sidecar (``metadataKey``: a path
+    inside ``metadataNamespace``, e.g. ``principal:team`` for a jwt_authn claim) or from a request
+    header (``header``, for API-key setups where a trusted filter sets it). Missing: empty string.
+    """
+
+    name: str
+    metadata_namespace: str = JWT_AUTHN_NAMESPACE
+    metadata_key: str | None = None
+    key_delimiter: str = Field(":", min_length=1)
+    header: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not LABEL_NAME.match(v) or v.startswith("__"):
+            raise ValueError(f"{v!r} is not a valid Prometheus label name ([a-zA-Z_][a-zA-Z0-9_]*, no leading __)")
+        if v in BUILTIN_LABELS:
+            raise ValueError(f"{v!r} clashes with a built-in label ({', '.join(sorted(BUILTIN_LABELS))})")
+        return v
+
+    @model_validator(mode="after")
+    def _one_source(self) -> CustomLabel:
+        if (self.metadata_key is None) == (self.header is None):
+            raise ValueError("set exactly one of metadataKey or header")
+        if self.metadata_key is not None and not self.metadata_key.strip(self.key_delimiter):
+            raise ValueError("metadataKey is empty")
+        return self
+
+
+class StatsConfig(_Section):
+    """Prometheus endpoint (``/metrics``, ``/healthz``) and labels; owned by ``extproc.telemetry.metrics``."""
+
+    address: str = "0.0.0.0"  # Prometheus scrapes the pod IP; bind 127.0.0.1 to keep it local
+    port: int = Field(9092, ge=0, lt=65536)  # 0 disables the endpoint (and metrics)
+    custom_labels: list[CustomLabel] = Field(default_factory=list)
+    # Distinct values kept per label (custom labels, model, provider, error type) per process;
+    # later new values are folded into "__overflow__" (counted by ai_label_values_overflow_total).
+    max_label_values: int = Field(1000, ge=1)
+
+    @field_validator("custom_labels")
+    @classmethod
+    def _unique(cls, v: list[CustomLabel]) -> list[CustomLabel]:
+        seen: set[str] = set()
+        for label in v:
+            if label.name in seen:
+                raise ValueError(f"duplicate label name {label.name!r}")
+            seen.add(label.name)
+        return v
+
+
+class LoggingConfig(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
+def _cel(expr: str) -> str:
+    from extproc.core.cel import compile_field  # only configs that use fields pay for CEL
+
+    compile_field(expr)  # raises ValueError with the parser's first line
+    return expr
+
+
+CelExpression = Annotated[str, AfterValidator(_cel)]
+
+
+class TracingFields(_Section):
+    """Span attribute customisation: ``remove`` default attributes, ``add`` CEL-computed ones."""
+
+    add: dict[str, CelExpression] = Field(default_factory=dict)
+    remove: list[str] = Field(default_factory=list)  # exact names, or a prefix ending in ".*"
+
+
+class TracingConfig(_Section):
+    """OTLP traces; owned by ``extproc.telemetry.tracing``. Off unless an endpoint is set here or in
+    ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``. Unset keys fall back to the standard OTEL_* variables."""
+
+    otlp_endpoint: str | None = None  # grpc: host:port or http(s)://host:port; http: base or full /v1/traces URL
+    otlp_protocol: Literal["grpc", "http"] | None = None  # default: OTEL_EXPORTER_OTLP_PROTOCOL, else grpc
+    headers: dict[str, str] = Field(default_factory=dict)  # e.g. {authorization: "Basic ..."}
+    random_sampling: bool | float | None = None  # true/false or a ratio; default OTEL_TRACES_SAMPLER
+    service_name: str | None = None  # default OTEL_SERVICE_NAME, else envoy-ai-extproc
+    resource_attributes: dict[str, str] = Field(default_factory=dict)
+    capture_content: bool = False  # prompts and completions on spans (gen_ai.input/output.messages)
+    max_content_chars: int = Field(16384, ge=0)  # cap on captured text per call (input, output each)
+    max_queue_size: int = Field(2048, ge=1)  # spans waiting for export; beyond it they are dropped
+    max_export_batch_size: int = Field(512, ge=1)
+    schedule_delay_ms: int = Field(1000, ge=1)
+    export_timeout_ms: int = Field(10000, ge=1)
+    fields: TracingFields = Field(default_factory=TracingFields)
+
+    @field_validator("random_sampling")
+    @classmethod
+    def _ratio(cls, v: bool | float | None) -> bool | float | None:
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            raise ValueError("a ratio must be between 0 and 1")
+        return v
+
+
+def _readable(v: str | None) -> str | None:
+    if v is None:
+        return v
+    try:
+        with open(v, "rb") as f:
+            f.read(1)
+    except OSError as e:
+        raise ValueError(f"cannot read {v}: {e.strerror}") from None
+    return v
+
+
+ReadableFile = Annotated[str, AfterValidator(_readable)]
+
+
+class TlsConfig(_Section):
+    """TLS on the ext_proc listener (owned by ``extproc.server.tls``); off unless certFile/keyFile are set.
+
+    ``clientCaFile`` turns on mTLS: clients must present a certificate signed by that CA. TLS needs
+    a TCP ``listen``: a unix socket is refused (its file permissions are the access control).
+    ``healthListen`` stays plaintext (health only), for kubelet gRPC probes and ``extproc health``.
+    """
+
+    cert_file: ReadableFile | None = None  # PEM server certificate (chain)
+    key_file: ReadableFile | None = None  # PEM private key of cert_file
+    client_ca_file: ReadableFile | None = None  # PEM CA bundle; set: client certificates REQUIRED
+
+    @property
+    def enabled(self) -> bool:
+        return self.cert_file is not None
+
+    @model_validator(mode="after")
+    def _pair(self) -> TlsConfig:
+        import ssl
+
+        if (self.cert_file is None) != (self.key_file is None):
+            raise ValueError("set both certFile and keyFile, or neither")
+        if self.client_ca_file is not None and self.cert_file is None:
+            raise ValueError("clientCaFile needs certFile and keyFile")
+        if self.cert_file is not None:
+            try:  # the same PEM gRPC will load: a bad file or a key that does not match fails here
+                ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(self.cert_file, self.key_file)
+            except (ssl.SSLError, ValueError) as e:
+                raise ValueError(f"certFile/keyFile: not a matching PEM certificate and key ({e})") from None
+        if self.client_ca_file is not None:
+            try:
+                ssl.create_default_context(cafile=self.client_ca_file)
+            except (ssl.SSLError, ValueError) as e:
+                raise ValueError(f"clientCaFile: no PEM CA certificate ({e})") from None
+        return self
+
+
+class Config(_Section):
+    listen: str = DEFAULT_LISTEN  # host:port, or unix:/path/to.sock
+    # Optional second address serving only grpc.health.v1 (the ext_proc address serves it too).
+    # For Kubernetes' grpc probes, which dial the pod IP, while ext_proc stays on loopback. During
+    # a drain it keeps answering (NOT_SERVING) until the ext_proc server has stopped.
+    health_listen: str | None = None
+    metadata: MetadataConfig = Field(default_factory=MetadataConfig)
+    providers: ProvidersConfig = Field(default_factory=ProvidersConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    stats: StatsConfig = Field(default_factory=StatsConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    tracing: TracingConfig = Field(default_factory=TracingConfig)
+    tls: TlsConfig = Field(default_factory=TlsConfig)  # TLS / mTLS on `listen` (not healthListen)
+    # SIGTERM: health turns NOT_SERVING, no new streams are accepted, and the streams in flight get
+    # this long to finish (their metrics are recorded) before they are cancelled and we exit 0.
+    # Keep it below Kubernetes' terminationGracePeriodSeconds (minus any preStop sleep).
+    shutdown_grace_seconds: float = Field(20.0, ge=0, le=3600)
+
+    @field_validator("listen", "health_listen")
+    @classmethod
+    def _listen(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if v.startswith("unix:"):
+            if len(v) <= 5:
+                raise ValueError("unix: needs a socket path")
+            return v
+        host, sep, port = v.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("expected host:port or unix:/path")
+        return v
+
+    @model_validator(mode="after")
+    def _tls_needs_tcp(self) -> Config:
+        if self.tls.enabled and self.listen.startswith("unix:"):
+            raise ValueError("tls: not used on a unix: listen address (protect the socket with file permissions)")
+        return self
+
+
+def parse(data: Any, source: str = "config") -> Config:
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(data).__name__}")
+    if "server" in data:
+        raise ConfigError(f"{source}: server: removed; the sidecar has one gRPC server (grpclib) now, delete this key")
+    try:
+        return Config.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif err["type"] == "value_error":
+            msg = str(err["ctx"]["error"])  # our validators' own words, without pydantic's prefix
+        raise ConfigError(f"{source}: {key}: {msg}") from None
+
+
+def load(path: str | Path | None) -> Config:
+    if path is None:
+        return Config()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {str(e).splitlines()[0]}") from None
+    return parse(data, str(p))

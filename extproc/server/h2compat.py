@@ -1,0 +1,78 @@
+"""Every private grpclib / h2 / hyperframe detail the server relies on, in one place.
+
+grpclib has no public hooks for what :mod:`extproc.server.grpc_server` needs (a graceful stop that keeps
+streams in flight, cheap stream resets, a bounded memory of closed streams), so the server reaches
+into a few internals. Each one is a function here, and ``tests/unit/test_h2compat.py`` checks
+every assumption against the installed versions (pinned in pyproject: grpclib, h2, hyperframe),
+so an upgrade that breaks one fails a named test instead of a stream in production.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+from grpclib.config import Configuration
+from grpclib.events import _DispatchServerEvents
+from grpclib.protocol import H2Protocol
+from grpclib.server import Handler
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import StreamReset
+from h2.utilities import SizeLimitDict
+from hyperframe.frame import GoAwayFrame
+
+__all__ = (
+    "StreamReset", "cancelled_tasks", "h2_connection", "limit_closed_streams", "on_stream_reset",
+    "send_goaway", "server_configuration", "server_events", "stream_of",
+)
+
+
+def server_configuration() -> Any:
+    """grpclib's server-side defaults (``Server.__init__`` builds the same)."""
+    return Configuration().__for_server__()
+
+
+def server_events() -> Any:
+    """grpclib's event dispatcher for servers (no listeners: we register none)."""
+    return _DispatchServerEvents()
+
+
+def h2_connection(protocol: H2Protocol) -> H2Connection:
+    """The h2 state machine behind a grpclib connection."""
+    return protocol.connection._connection
+
+
+def limit_closed_streams(protocol: H2Protocol, kept: int) -> bool:
+    """h2 remembers how each of a connection's last 65,536 closed streams ended (~115 B each);
+    keep ``kept`` instead. False if this h2 has no such table (nothing to limit)."""
+    closed = getattr(h2_connection(protocol), "_closed_streams", None)
+    if isinstance(closed, SizeLimitDict):
+        closed._size_limit = kept
+        return True
+    return False
+
+
+def on_stream_reset(protocol: H2Protocol, callback: Callable[[StreamReset], None]) -> None:
+    """Handle RST_STREAM ourselves instead of grpclib's processor."""
+    protocol.processor.processors[StreamReset] = callback
+
+
+def stream_of(protocol: H2Protocol, stream_id: int) -> Any:
+    """grpclib's stream object for an h2 stream id, or None."""
+    return protocol.processor.streams.get(stream_id)
+
+
+def send_goaway(protocol: H2Protocol) -> None:
+    """GOAWAY(NO_ERROR, last stream = the highest the client opened): the client opens no more
+    streams here, the ones it has keep working. (h2's ``close_connection`` would also stop us
+    sending on them, so the frame is built and written directly.)"""
+    frame = GoAwayFrame(0)
+    frame.last_stream_id = h2_connection(protocol).highest_inbound_stream_id
+    frame.error_code = ErrorCodes.NO_ERROR
+    protocol.connection._transport.write(frame.serialize())
+
+
+def cancelled_tasks(handler: Handler) -> list[asyncio.Task[Any]]:
+    """Stream tasks a handler cancelled in ``close()`` that have not finished unwinding."""
+    return [t for t in handler._cancelled if not t.done()]

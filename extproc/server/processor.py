@@ -1,0 +1,283 @@
+"""The ext_proc servicer: a thin per-stream state machine.
+
+One gRPC stream carries one HTTP exchange. Envoy may skip phases (its own 401/403 arrive as
+response messages with no request phase), the client may hang up at any point, and a payload may
+be garbage: none of that raises into Envoy. Every message gets its reply at once (a constant,
+pre-serialised CONTINUE unless there is metadata to hand over), so nothing is ever held back.
+Parsing is delegated to the API parser the path selects; what the call amounted to is reported
+once, when the stream ends, to the observers (metrics, tracing).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from typing import Any
+
+from extproc._pb.envoy_api import external_processor_pb2 as pb
+from extproc._pb.envoy_api import processing_mode_pb2 as mode_pb
+from extproc.apis.base import ApiParser, Limits
+from extproc.apis.routing import Route, Router, default_routes, provider_for_host, route
+from extproc.codecs.encodings import Decoder, make_decoder
+from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, OK, Call, CallObserver
+from extproc.core.config import Config, ConfigError
+from extproc.telemetry import metadata
+
+log = logging.getLogger("extproc")
+
+Mode = mode_pb.ProcessingMode
+
+
+def _reply(**kw: Any) -> bytes:
+    msg = pb.ProcessingResponse()
+    for name in kw:
+        getattr(msg, name).SetInParent()
+    return msg.SerializeToString()
+
+
+# Constant replies, serialised once.
+CONTINUE_REQUEST_HEADERS = _reply(request_headers=True)
+CONTINUE_RESPONSE_HEADERS = _reply(response_headers=True)
+CONTINUE_REQUEST_BODY = _reply(request_body=True)
+CONTINUE_RESPONSE_BODY = _reply(response_body=True)
+CONTINUE_REQUEST_TRAILERS = _reply(request_trailers=True)
+CONTINUE_RESPONSE_TRAILERS = _reply(response_trailers=True)
+# An unrecognised path: skip its request body (the response headers still come, for the status).
+SKIP_REQUEST_BODY = pb.ProcessingResponse(
+    request_headers=pb.HeadersResponse(), mode_override=Mode(request_body_mode=Mode.NONE)
+).SerializeToString()
+_STREAMED = Mode(response_body_mode=Mode.STREAMED)
+_NO_BODY = Mode(response_body_mode=Mode.NONE)
+
+
+class Processor:
+    """Per-process state shared by all streams: config, router, observers."""
+
+    def __init__(self, config: Config, observers: Sequence[CallObserver] = ()) -> None:
+        self.active = 0  # streams in flight (tests check it returns to 0)
+        self.internal_errors = 0
+        self.reconfigure(config, observers)
+
+    def reconfigure(self, config: Config, observers: Sequence[CallObserver]) -> None:
+        """Apply a (re)loaded config. Streams in flight are not interrupted: they read these
+        settings message by message and report to the new observers when they end."""
+        self.config = config
+        self.namespace = config.metadata.namespace
+        self.provider_key = config.providers.header.lower()
+        lim = config.limits
+        self.limits = Limits(max_body_bytes=lim.max_body_bytes, max_event_bytes=lim.max_event_bytes,
+                             max_capture_chars=config.tracing.max_content_chars)
+        self.max_decoded = lim.max_decoded_bytes
+        routes = default_routes()
+        self.router = Router(routes, extra=_config_routes(config, routes))
+        self.observers = list(observers)
+        self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]
+        # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
+        self.capture = any(getattr(o, "wants_content", False) for o in self.observers)
+
+    async def Process(self, requests: AsyncIterator[pb.ProcessingRequest],
+                      metadata: Mapping[str, Any] | None = None) -> AsyncIterator[bytes]:
+        """One ext_proc stream: ``requests`` as Envoy sends them, ``metadata`` the stream's gRPC
+        metadata (lower-case keys); yields each reply, already serialised."""
+        stream = Stream(self, None)
+        if metadata:
+            _read_grpc_metadata(metadata.items(), self.provider_key, stream)
+        self.active += 1
+        for hook in self._on_start:
+            hook()
+        try:
+            async for req in requests:
+                reply = stream.handle(req)
+                if req.observability_mode:
+                    # Envoy expects no reply, and would hold the stream open for its
+                    # deferred_close_timeout (5 s) after the response: end it at the response's end.
+                    if stream.response_done:
+                        break
+                elif reply is not None:
+                    yield reply
+        finally:
+            self.active -= 1
+            stream.finish()
+
+    def report(self, call: Call) -> None:
+        for observer in self.observers:
+            try:
+                observer.on_call_end(call)
+            except Exception:  # an observer bug must not break the stream; it is logged loudly
+                self.internal_errors += 1
+                log.exception("observer %s failed", type(observer).__name__)
+
+
+def _read_grpc_metadata(md: Iterable[tuple[str, Any]] | None, provider_key: str, stream: Stream) -> None:
+    """One pass over the stream's gRPC metadata: the per-route provider (``grpc_initial_metadata``)
+    and the W3C trace context Envoy's tracing injects when it traces."""
+    for k, v in md or ():
+        if k == provider_key:
+            stream._grpc_provider = v.decode() if isinstance(v, bytes) else v
+        elif k == "traceparent" or k == "tracestate":
+            stream.call.trace_context[k] = v.decode() if isinstance(v, bytes) else v
+
+
+def _config_routes(config: Config, routes: list[Route]) -> list[Route]:
+    by_api = {r.parser.api: r.parser for r in routes}
+    extra = []
+    for i, r in enumerate(config.providers.routes):
+        parser = by_api.get(r.api)
+        if parser is None:
+            raise ConfigError(f"providers.routes.{i}.api: unknown api {r.api!r} (known: {', '.join(sorted(by_api))})")
+        extra.append(route(r.path_regex, parser, r.provider))
+    return extra
+
+
+class Stream:
+    """The state of one ext_proc stream (= one HTTP exchange)."""
+
+    __slots__ = ("p", "call", "parser", "decoder", "_grpc_provider", "_done", "_response_done")
+
+    def __init__(self, processor: Processor, grpc_provider: str | None) -> None:
+        self.p = processor
+        self.call = Call(start_time_ns=time.time_ns(), start=time.perf_counter())
+        self.parser: ApiParser | None = None
+        self.decoder: Decoder | None = None
+        self._grpc_provider = grpc_provider
+        self._done = False
+        self._response_done = False
+
+    def handle(self, req: pb.ProcessingRequest) -> bytes | None:
+        call = self.call
+        if call.forwarded is None and req.HasField("metadata_context"):
+            call.forwarded = req.metadata_context.filter_metadata
+        kind = req.WhichOneof("request")
+        try:
+            if kind == "response_body":
+                return self._response_body(req.response_body)
+            if kind == "request_headers":
+                return self._request_headers(req.request_headers)
+            if kind == "request_body":
+                return self._request_body(req.request_body)
+            if kind == "response_headers":
+                return self._response_headers(req.response_headers)
+        except Exception:  # fail open: a bug on one payload never becomes a client error
+            self.p.internal_errors += 1
+            log.exception("processing %s failed; observing nothing more on this stream", kind)
+            self.parser = None
+            call.obs.parse_error("internal_error")
+        return _CONTINUE.get(kind)
+
+    # ---- request phase -----------------------------------------------------------------------
+    def _request_headers(self, msg: pb.HttpHeaders) -> bytes:
+        call = self.call
+        headers = call.headers
+        for h in msg.headers.headers:
+            headers[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+        call.method = headers.get(":method", "")
+        call.path = headers.get(":path", "")
+        call.host = headers.get(":authority", "") or headers.get("host", "")
+        match = self.p.router.resolve(call.path)
+        provider = self._grpc_provider or headers.get(self.p.provider_key)
+        if match is None:
+            call.provider = provider or provider_for_host(call.host) or "unknown"
+            return CONTINUE_REQUEST_HEADERS if msg.end_of_stream else SKIP_REQUEST_BODY
+        parser = match.parser(call.obs, path_model=match.path_model, limits=self.p.limits, capture=self.p.capture)
+        self.parser = parser
+        call.api = parser.api
+        call.provider = provider or match.provider or provider_for_host(call.host) or parser.default_provider
+        return CONTINUE_REQUEST_HEADERS
+
+    def _request_body(self, msg: pb.HttpBody) -> bytes:
+        if self.parser is not None:
+            self.call.request_complete = msg.end_of_stream
+            self.parser.feed_request(msg.body, complete=msg.end_of_stream)
+        return CONTINUE_REQUEST_BODY
+
+    # ---- response phase ----------------------------------------------------------------------
+    def _response_headers(self, msg: pb.HttpHeaders) -> bytes:
+        call = self.call
+        call.response_start = time.perf_counter()
+        content_type = encoding = ""
+        for h in msg.headers.headers:
+            key = h.key
+            if key == ":status" or key == "content-type" or key == "content-encoding":
+                value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+                if key == ":status":
+                    call.status = int(value) if value.isdigit() else 0
+                elif key == "content-type":
+                    content_type = value
+                else:
+                    encoding = value
+        parser = self.parser
+        resp = pb.ProcessingResponse()
+        resp.response_headers.SetInParent()
+        if parser is not None:
+            parser.start_response(call.status, content_type)
+            if encoding:
+                self.decoder = make_decoder(encoding, self.p.max_decoded)
+        if msg.end_of_stream:
+            self._response_done = True
+            self._complete()
+        resp.mode_override.CopyFrom(_STREAMED if parser is not None and not msg.end_of_stream else _NO_BODY)
+        metadata.write(resp.dynamic_metadata, self.p.namespace, call)
+        return resp.SerializeToString()
+
+    def _response_body(self, msg: pb.HttpBody) -> bytes:
+        call = self.call
+        if call.first_chunk is None:
+            call.first_chunk = time.perf_counter()
+        body = msg.body
+        call.response_bytes += len(body)
+        end = msg.end_of_stream
+        parser = self.parser
+        changed = False
+        if parser is not None:
+            decoder = self.decoder
+            if decoder is not None:
+                body = decoder.decode(body)
+                if decoder.failed is not None:
+                    call.decode_error = decoder.failed
+                    call.obs.parse_error("decode_" + decoder.failed)
+                    self.parser = parser = None  # abandon parsing; the bytes flow on untouched
+            if parser is not None:
+                changed = parser.feed_response(body, end)
+        if end:
+            self._response_done = True
+            self._complete()
+        if not changed:
+            return CONTINUE_RESPONSE_BODY
+        resp = pb.ProcessingResponse()
+        resp.response_body.SetInParent()
+        metadata.write(resp.dynamic_metadata, self.p.namespace, call)
+        return resp.SerializeToString()
+
+    # ---- end ---------------------------------------------------------------------------------
+    @property
+    def response_done(self) -> bool:
+        return self._response_done
+
+    def _complete(self) -> None:
+        self.call.outcome = ERROR if self.call.status >= 400 else OK
+
+    def finish(self) -> None:
+        """The gRPC stream ended (normally, or because Envoy reset it). Report exactly once."""
+        if self._done:
+            return
+        self._done = True
+        call = self.call
+        call.end = time.perf_counter()
+        if not call.outcome:
+            if call.response_start is None:
+                call.outcome = NO_RESPONSE
+            elif call.obs.usage.seen() and call.status < 400:
+                call.outcome = OK  # the final usage arrived; the client hung up after it ([DONE])
+            else:
+                call.outcome = CLIENT_ABORT
+        self.p.report(call)
+
+
+_CONTINUE = {
+    "request_headers": CONTINUE_REQUEST_HEADERS,
+    "response_headers": CONTINUE_RESPONSE_HEADERS,
+    "request_body": CONTINUE_REQUEST_BODY,
+    "response_body": CONTINUE_RESPONSE_BODY,
+    "request_trailers": CONTINUE_REQUEST_TRAILERS,
+    "response_trailers": CONTINUE_RESPONSE_TRAILERS,
+}

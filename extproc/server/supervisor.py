@@ -1,0 +1,126 @@
+"""``extproc serve``: one worker in this process, or several forked workers and a supervisor.
+
+With ``workers > 1`` the parent forks the workers before any gRPC state exists; each binds the
+same TCP port with SO_REUSEPORT (the kernel spreads Envoy's HTTP/2 connections over them) and the
+parent supervises: a worker that dies is restarted, SIGTERM/SIGINT are passed on (each worker
+drains, see :mod:`extproc.server.worker`), SIGHUP makes every worker reload its config.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+
+from extproc.core.config import Config
+from extproc.server.worker import REPORT_WAIT, RESTART_ONLY, ObserverFactory, Reloader, run_worker
+
+log = logging.getLogger("extproc")
+
+
+def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace: float | None = None,
+          on_worker_exit: Callable[[int], None] | None = None, reload: Reloader | None = None) -> int:
+    """Run ``workers`` worker processes (1: this process). ``on_worker_exit(pid)`` runs in the
+    supervising parent whenever a worker exits (metrics: prometheus-client ``mark_process_dead``).
+    ``reload`` re-reads the config on SIGHUP (each worker applies it; see ``reconfigure``)."""
+    if workers <= 1:
+        asyncio.run(run_worker(config, observer_factory(config), grace, reload=reload, observer_factory=observer_factory))
+        return 0
+    if config.listen.startswith("unix:"):
+        log.error("several workers need a TCP listen address (SO_REUSEPORT); got %s", config.listen)
+        return 2
+    return _supervise(config, workers, observer_factory, config.shutdown_grace_seconds if grace is None else grace,
+                      on_worker_exit, reload)
+
+
+def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, grace: float,
+               on_worker_exit: Callable[[int], None] | None = None, reload: Reloader | None = None) -> int:
+    children: dict[int, int] = {}  # pid -> slot
+    stopping = False
+
+    def spawn(slot: int) -> None:
+        pid = os.fork()
+        if pid == 0:  # child: its own event loop and gRPC server, nothing inherited but config
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its event loop installs the reload handler
+            code = 0
+            try:
+                asyncio.run(run_worker(config, observer_factory(config), grace, reload=reload, observer_factory=observer_factory))
+            except BaseException:
+                log.exception("worker failed")
+                code = 1
+            os._exit(code)
+        children[pid] = slot
+
+    stop_deadline = float("inf")
+
+    def on_signal(signum: int, _frame: object) -> None:
+        nonlocal stopping, stop_deadline
+        if not stopping:
+            stop_deadline = time.monotonic() + grace + REPORT_WAIT + 5
+        stopping = True
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+
+    def on_hup(_signum: int, _frame: object) -> None:
+        # Workers reload themselves; the parent keeps the new config for workers it restarts later.
+        nonlocal config
+        if reload is not None:
+            try:
+                new = reload()
+                if all(getattr(new, k) == getattr(config, k) for k in RESTART_ONLY):
+                    config = new
+            except ValueError:  # ConfigError: the workers log it
+                pass
+        for pid in list(children):
+            try:
+                os.kill(pid, signal.SIGHUP)
+            except ProcessLookupError:
+                pass
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hup)
+    for n in range(workers):
+        spawn(n)
+    restarts: list[float] = []
+    killed = False
+    # Poll rather than block in os.wait(): after SIGTERM the parent must notice a worker that
+    # overstays its grace period. (The parent lives on until every worker has exited, so anything
+    # it serves, such as multiprocess /metrics, stays up while the workers drain.)
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            if stopping and not killed and time.monotonic() > stop_deadline:
+                log.error("workers still running after the grace period; killing them", extra={"pids": list(children)})
+                killed = True
+                for child in list(children):
+                    try:
+                        os.kill(child, signal.SIGKILL)
+                    except ProcessLookupError:
+                        pass
+            time.sleep(0.05)
+            continue
+        slot: int | None = children.pop(pid) if pid in children else None
+        if slot is not None and on_worker_exit is not None:
+            on_worker_exit(pid)
+        if slot is None or stopping:
+            continue
+        log.warning("worker exited; restarting", extra={"pid": pid, "status": status})
+        now = time.monotonic()
+        restarts = [t for t in restarts if now - t < 60] + [now]
+        if len(restarts) > 10 * workers:
+            log.error("workers keep dying; giving up")
+            on_signal(signal.SIGTERM, None)
+            continue
+        spawn(slot)
+    return 1 if killed else 0

@@ -1,0 +1,96 @@
+"""Label values for the AI metrics: custom labels read from what Envoy forwards, and a cap on
+how many distinct values any one label may take.
+
+Custom label values come only from dynamic metadata Envoy forwarded (``Call.forwarded``: for
+jwt_authn, claims of a token Envoy verified) or from a configured request header; the sidecar never
+decodes ``Authorization`` itself, so a label cannot be forged with an unverified token.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from extproc.core.call import Call
+from extproc.core.config import CustomLabel
+
+OVERFLOW = "__overflow__"
+MAX_VALUE_CHARS = 128  # a longer value is cut: label values are not a place for payloads
+
+
+class LabelSource:
+    """Reads one custom label's value from a finished call ("" when absent)."""
+
+    __slots__ = ("name", "_namespace", "_path", "_header")
+
+    def __init__(self, cfg: CustomLabel) -> None:
+        self.name = cfg.name
+        self._namespace = cfg.metadata_namespace
+        self._path = tuple(k for k in (cfg.metadata_key or "").split(cfg.key_delimiter) if k)
+        self._header = cfg.header.lower() if cfg.header else None
+
+    def value(self, call: Call) -> str:
+        if self._header is not None:
+            return call.headers.get(self._header, "")[:MAX_VALUE_CHARS]
+        return metadata_value(call.forwarded, self._namespace, self._path)[:MAX_VALUE_CHARS]
+
+
+def metadata_value(forwarded: Any, namespace: str, path: tuple[str, ...]) -> str:
+    """``forwarded[namespace]`` (a google.protobuf.Struct) walked along ``path``, as a string.
+
+    ``forwarded`` is ProcessingRequest.metadata_context.filter_metadata (or any mapping of
+    namespace -> Struct). Strings, numbers and booleans become label values; anything else, or a
+    missing key, is "".
+    """
+    if forwarded is None or not path or namespace not in forwarded:  # `in`: a lookup would insert
+        return ""
+    fields = forwarded[namespace].fields
+    last = len(path) - 1
+    for i, key in enumerate(path):
+        if key not in fields:
+            return ""
+        value = fields[key]
+        kind = value.WhichOneof("kind")
+        if i < last:
+            if kind != "struct_value":
+                return ""
+            fields = value.struct_value.fields
+            continue
+        if kind == "string_value":
+            return value.string_value
+        if kind == "number_value":
+            n = value.number_value
+            return str(int(n)) if n.is_integer() else repr(n)
+        if kind == "bool_value":
+            return "true" if value.bool_value else "false"
+    return ""
+
+
+class LabelGuard:
+    """Caps distinct values per label: past ``limit``, new values fold into ``__overflow__``.
+
+    The cap is per process (with several workers each keeps its own set), so a scrape can show up
+    to ``workers * limit`` values of one label. ``overflowed[label]`` counts folds since the last
+    :meth:`take_overflows`.
+    """
+
+    __slots__ = ("limit", "_seen", "overflowed")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._seen: dict[str, set[str]] = {}
+        self.overflowed: dict[str, int] = {}
+
+    def fold(self, label: str, value: str) -> str:
+        seen = self._seen.get(label)
+        if seen is None:
+            seen = self._seen[label] = set()
+        if value in seen or value == "":
+            return value
+        if len(seen) < self.limit:
+            seen.add(value)
+            return value
+        self.overflowed[label] = self.overflowed.get(label, 0) + 1
+        return OVERFLOW
+
+    def take_overflows(self) -> dict[str, int]:
+        out, self.overflowed = self.overflowed, {}
+        return out

@@ -1,0 +1,47 @@
+"""``mcp_requests_total{method,tool,status}``: one count per MCP JSON-RPC request seen.
+
+``status`` is ``ok``, ``error`` (a JSON-RPC error), ``tool_error`` (the tool reported
+``isError``), ``http_error`` (HTTP status >= 400 without a JSON-RPC error) or the call's outcome
+(``client_abort``, ``no_response``). ``method`` is one of the MCP spec's methods or ``other``, so a
+client cannot grow the label set; ``tool`` is the tool name (``tools/call`` only, else empty).
+"""
+from __future__ import annotations
+
+from prometheus_client import Counter
+
+from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, Call
+
+MCP_REQUESTS = Counter("mcp_requests", "MCP JSON-RPC requests seen through Envoy.", ["method", "tool", "status"])
+
+KNOWN_METHODS = frozenset({
+    "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
+    "resources/templates/list", "resources/subscribe", "resources/unsubscribe", "prompts/list",
+    "prompts/get", "completion/complete", "logging/setLevel", "notifications/initialized",
+    "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed",
+    "sampling/createMessage", "elicitation/create", "roots/list",
+})
+
+
+def status(call: Call) -> str:
+    x = call.obs.extra
+    if "jsonrpc.error_code" in x or call.obs.error_type == "jsonrpc_error":
+        return "error"
+    if call.obs.error_type == "tool_error":
+        return "tool_error"
+    if call.status >= 400:
+        return "http_error"
+    if call.outcome in (CLIENT_ABORT, NO_RESPONSE):
+        return call.outcome
+    return "ok"
+
+
+class McpMetrics:
+    """Call observer counting MCP requests (other calls cost one comparison)."""
+
+    def on_call_end(self, call: Call) -> None:
+        if call.api != "mcp" or "mcp.method" not in call.obs.extra:
+            return  # GET /mcp (the server's event stream), DELETE (session end): no JSON-RPC request
+        x = call.obs.extra
+        method = x["mcp.method"]
+        tool = x.get("mcp.tool", "") if method == "tools/call" else ""
+        MCP_REQUESTS.labels(method if method in KNOWN_METHODS else "other", tool, status(call)).inc()

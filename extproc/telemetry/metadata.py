@@ -1,0 +1,43 @@
+"""The dynamic metadata we hand Envoy, for its access log (``%DYNAMIC_METADATA(ns:key)%``).
+
+Keys (numbers as numbers, booleans as booleans; a key is absent until its value is known):
+``model`` (requested), ``provider_model`` (from the response), ``provider``, ``streaming``,
+``operation``, ``prompt_tokens``, ``completion_tokens``, ``total_tokens``, ``cached_tokens``,
+``cache_creation_tokens``, ``reasoning_tokens``.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from google.protobuf.struct_pb2 import Struct
+
+from extproc.core.call import Call
+
+
+def fields(call: Call) -> dict[str, Any]:
+    obs = call.obs
+    out: dict[str, Any] = {"provider": call.provider, "streaming": obs.streaming, "operation": obs.operation}
+    if obs.request_model:
+        out["model"] = obs.request_model
+    if obs.response_model:
+        out["provider_model"] = obs.response_model
+    u = obs.usage
+    if u.input_tokens is not None:
+        out["prompt_tokens"] = u.input_tokens
+    if u.output_tokens is not None:
+        out["completion_tokens"] = u.output_tokens
+    total = u.total()
+    if total is not None:
+        out["total_tokens"] = total
+    if u.cached_input_tokens is not None:
+        out["cached_tokens"] = u.cached_input_tokens
+    if u.cache_creation_input_tokens is not None:
+        out["cache_creation_tokens"] = u.cache_creation_input_tokens
+    if u.reasoning_tokens is not None:
+        out["reasoning_tokens"] = u.reasoning_tokens
+    return out
+
+
+def write(target: Struct, namespace: str, call: Call) -> None:
+    """Fill ``target`` (a ProcessingResponse.dynamic_metadata) with the call's fields."""
+    target.fields[namespace].struct_value.update(fields(call))

@@ -1,0 +1,42 @@
+"""Wires the observers (metrics, tracing, logs) a worker reports finished calls to."""
+from __future__ import annotations
+
+import logging
+
+from extproc.core.call import Call, CallObserver
+from extproc.core.config import Config
+from extproc.telemetry import trace_settings
+from extproc.telemetry.mcp import McpMetrics
+
+log = logging.getLogger("extproc.calls")
+
+
+class CallLog:
+    """A debug-level line per call (no headers, no bodies: nothing secret can leak here)."""
+
+    def on_call_end(self, call: Call) -> None:
+        if not log.isEnabledFor(logging.DEBUG):
+            return
+        obs = call.obs
+        log.debug(
+            "call",
+            extra={
+                "provider": call.provider, "api": call.api, "status": call.status, "outcome": call.outcome,
+                "model": obs.request_model, "provider_model": obs.response_model, "streaming": obs.streaming,
+                "input_tokens": obs.usage.input_tokens, "output_tokens": obs.usage.output_tokens,
+                "parse_errors": obs.parse_errors, "parse_error": obs.parse_error_reason,
+            },
+        )
+
+
+def observers(config: Config) -> list[CallObserver]:
+    out: list[CallObserver] = [CallLog(), McpMetrics()]
+    if config.stats.port:  # 0: no endpoint, so nothing to record
+        from extproc.telemetry.metrics import MetricsObserver, process_registry
+
+        out.append(MetricsObserver(config.stats, process_registry()))
+    if trace_settings.enabled(config.tracing):
+        from extproc.telemetry.tracing import Tracer  # the OTel SDK loads only when tracing is on
+
+        out.append(Tracer(config.tracing))
+    return out

@@ -1,0 +1,117 @@
+"""Getting finished spans to the collector without ever slowing traffic.
+
+``BoundedBatchProcessor`` queues ended spans in a bounded deque (append is O(1), no lock held by
+the caller) and a daemon thread exports them in batches. When the collector is slow or dead the
+queue fills and the oldest spans are dropped; drops and failed exports are counted in
+``ai_trace_spans_dropped_total{reason}``. The exporter is built from ``tracing`` config, falling
+back to the standard ``OTEL_EXPORTER_OTLP_*`` variables (config wins where both are set).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from collections.abc import Sequence
+from typing import Any
+
+from opentelemetry.context import Context
+from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
+from prometheus_client import Counter
+
+from extproc.core.config import TracingConfig
+from extproc.telemetry.trace_settings import HTTP, http_traces_url, protocol
+
+log = logging.getLogger("extproc.telemetry.tracing")
+
+SPANS_DROPPED = Counter(
+    "ai_trace_spans_dropped",
+    "Spans not delivered to the OTLP collector (queue_full: the export queue overflowed; "
+    "export_failed: the collector refused or could not be reached).",
+    ["reason"],
+)
+for _reason in ("queue_full", "export_failed"):
+    SPANS_DROPPED.labels(_reason)  # zero-valued series from the start: alerts see 0, not "absent"
+
+def build_exporter(cfg: TracingConfig) -> SpanExporter:
+    timeout = cfg.export_timeout_ms / 1000
+    headers = dict(cfg.headers) or None  # None: the exporter reads OTEL_EXPORTER_OTLP_HEADERS
+    if protocol(cfg) == HTTP:
+        from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter as HttpExporter
+
+        # A configured endpoint follows the base-URL rule too; the env vars are left to the SDK.
+        url = http_traces_url(cfg.otlp_endpoint) if cfg.otlp_endpoint else None
+        return HttpExporter(endpoint=url, headers=headers, timeout=timeout)
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
+
+    ep = cfg.otlp_endpoint
+    insecure = None
+    if ep and "://" not in ep:
+        insecure = True  # a bare host:port is a plaintext collector (set https:// for TLS)
+    return GrpcExporter(endpoint=ep, headers=headers, timeout=timeout, insecure=insecure)
+
+
+class BoundedBatchProcessor(SpanProcessor):
+    def __init__(self, exporter: SpanExporter, *, max_queue_size: int, max_batch: int, delay_s: float) -> None:
+        self._exporter = exporter
+        self._queue: deque[ReadableSpan] = deque()
+        self._max_queue = max_queue_size
+        self._max_batch = max_batch
+        self._delay = delay_s
+        self._wake = threading.Event()
+        self._stopped = False
+        self._idle = threading.Event()
+        self._idle.set()
+        self._thread = threading.Thread(target=self._run, name="extproc-span-export", daemon=True)
+        self._thread.start()
+
+    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
+        pass
+
+    def on_end(self, span: ReadableSpan) -> None:
+        if not span.context.trace_flags.sampled or self._stopped:
+            return
+        queue = self._queue
+        if len(queue) >= self._max_queue:
+            queue.popleft()  # oldest first: the newest spans are the most useful
+            SPANS_DROPPED.labels("queue_full").inc()
+        queue.append(span)
+        if len(queue) >= self._max_batch:
+            self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stopped:
+            self._wake.wait(self._delay)
+            self._wake.clear()
+            self._drain()
+        self._drain()
+
+    def _drain(self) -> None:
+        self._idle.clear()
+        try:
+            while self._queue:
+                batch: list[Any] = []
+                while self._queue and len(batch) < self._max_batch:
+                    batch.append(self._queue.popleft())
+                self._export(batch)
+        finally:
+            self._idle.set()
+
+    def _export(self, batch: Sequence[ReadableSpan]) -> None:
+        try:
+            result = self._exporter.export(batch)
+        except Exception:  # an exporter bug must not kill the export thread
+            log.exception("span export raised")
+            result = SpanExportResult.FAILURE
+        if result is not SpanExportResult.SUCCESS:
+            SPANS_DROPPED.labels("export_failed").inc(len(batch))
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        self._wake.set()
+        return self._idle.wait(timeout_millis / 1000) and not self._queue
+
+    def shutdown(self) -> None:
+        self._stopped = True
+        self._wake.set()
+        self._thread.join(5)
+        self._exporter.shutdown()

@@ -1,0 +1,320 @@
+"""OTLP traces: one span per LLM call (or MCP JSON-RPC request), built once when the call ends.
+
+The span is a CLIENT span timed like the real request (start = the first ext_proc message, end =
+the stream's end) and is the child of, in order: the ``traceparent`` Envoy's own tracing put on
+the ext_proc gRPC stream, else the request's ``traceparent`` header, else a new trace. Attributes
+follow the OpenTelemetry GenAI semantic conventions; ``tracing.fields`` removes and adds
+attributes (CEL, see ``extproc.core.cel``). Nothing runs per ext_proc message.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+from opentelemetry.context import Context
+from opentelemetry.sdk.resources import Resource
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from extproc.core import cel
+from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, Call
+from extproc.core.config import TracingConfig
+from extproc.telemetry.trace_export import BoundedBatchProcessor, build_exporter
+
+log = logging.getLogger("extproc.telemetry.tracing")
+
+DEFAULT_SERVICE_NAME = "envoy-ai-extproc"
+
+# Our short provider names -> gen_ai.provider.name (semconv well-known values).
+PROVIDER_NAMES = {
+    "openai": "openai",
+    "azure": "azure.ai.openai",
+    "anthropic": "anthropic",
+    "gemini": "gcp.gemini",
+    "vertex_ai": "gcp.vertex_ai",
+    "bedrock": "aws.bedrock",
+    "mistral": "mistral_ai",
+    "cohere": "cohere",
+    "ollama": "ollama",
+    "groq": "groq",
+    "deepseek": "deepseek",
+    "xai": "x_ai",
+    "openrouter": "openrouter",
+    "perplexity": "perplexity",
+}
+
+# Request parameters (as parsers record them) -> gen_ai.request.* attribute.
+PARAM_ATTRIBUTES = {
+    "temperature": "gen_ai.request.temperature",
+    "top_p": "gen_ai.request.top_p",
+    "top_k": "gen_ai.request.top_k",
+    "max_tokens": "gen_ai.request.max_tokens",
+    "max_completion_tokens": "gen_ai.request.max_tokens",
+    "max_output_tokens": "gen_ai.request.max_tokens",
+    "frequency_penalty": "gen_ai.request.frequency_penalty",
+    "presence_penalty": "gen_ai.request.presence_penalty",
+    "seed": "gen_ai.request.seed",
+    "n": "gen_ai.request.choice.count",
+    "stop": "gen_ai.request.stop_sequences",
+    "stop_sequences": "gen_ai.request.stop_sequences",
+    "dimensions": "gen_ai.embeddings.dimension.count",
+    "encoding_format": "gen_ai.request.encoding_formats",
+    "reasoning_effort": "openai.request.reasoning_effort",
+    "service_tier": "openai.request.service_tier",
+}
+
+# Request headers that never reach a span, not even through the request.headers CEL variable.
+SECRET_HEADERS = frozenset({
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
+    "x-goog-api-key", "x-amz-security-token", "ocp-apim-subscription-key",
+})
+
+_PROPAGATOR = TraceContextTextMapPropagator()
+
+
+def sampler(cfg: TracingConfig) -> Sampler | None:
+    """``randomSampling`` decides for requests without a sampled parent; None: OTEL_TRACES_SAMPLER."""
+    v = cfg.random_sampling
+    if v is None:
+        return None
+    root = ALWAYS_ON if v is True else ALWAYS_OFF if v is False else TraceIdRatioBased(float(v))
+    return ParentBased(root)
+
+
+def resource(cfg: TracingConfig) -> Resource:
+    attrs: dict[str, Any] = dict(cfg.resource_attributes)
+    if cfg.service_name:
+        attrs["service.name"] = cfg.service_name
+    res = Resource.create(attrs)  # merges OTEL_RESOURCE_ATTRIBUTES / OTEL_SERVICE_NAME; ours win
+    if str(res.attributes.get("service.name", "")).startswith("unknown_service"):
+        res = res.merge(Resource({"service.name": DEFAULT_SERVICE_NAME}))
+    return res
+
+
+class Tracer:
+    """The call observer that turns finished calls into spans."""
+
+    def __init__(self, cfg: TracingConfig, processor: Any = None) -> None:
+        self.cfg = cfg
+        self.wants_content = cfg.capture_content  # the Processor switches parser capture on
+        self.max_chars = cfg.max_content_chars
+        self.provider = TracerProvider(sampler=sampler(cfg), resource=resource(cfg))
+        self.processor = processor or BoundedBatchProcessor(
+            build_exporter(cfg), max_queue_size=cfg.max_queue_size,
+            max_batch=cfg.max_export_batch_size, delay_s=cfg.schedule_delay_ms / 1000,
+        )
+        self.provider.add_span_processor(self.processor)
+        self.tracer = self.provider.get_tracer("envoy-ai-extproc")
+        self.fields = cel.compile_fields(cfg.fields.add)
+        self.remove_exact = frozenset(n for n in cfg.fields.remove if not n.endswith(".*"))
+        self.remove_prefix = tuple(n[:-1] for n in cfg.fields.remove if n.endswith(".*"))
+        self.field_errors = 0
+
+    def on_call_end(self, call: Call) -> None:
+        if call.api == "unknown" or (call.api == "mcp" and "mcp.method" not in call.obs.extra):
+            return  # not an LLM call or JSON-RPC request: Envoy's own tracing covers plain HTTP
+        attrs = span_attributes(call, self.wants_content, self.max_chars)
+        if self.remove_exact or self.remove_prefix:
+            attrs = {k: v for k, v in attrs.items() if k not in self.remove_exact and not k.startswith(self.remove_prefix)}
+        if self.fields:
+            self.field_errors += cel.evaluate(self.fields, variables(call, self.wants_content), attrs)
+        start = call.start_time_ns
+        duration = call.duration or 0.0
+        span = self.tracer.start_span(
+            span_name(call), context=parent_context(call), kind=SpanKind.CLIENT,
+            attributes=attrs, start_time=start,
+        )
+        if call.outcome == ERROR or call.obs.error_type is not None or call.outcome in (NO_RESPONSE, CLIENT_ABORT):
+            span.set_status(Status(StatusCode.ERROR, call.obs.error_type or call.outcome))
+        span.end(end_time=start + int(duration * 1e9))
+
+    def shutdown(self) -> None:
+        self.provider.shutdown()
+
+
+def parent_context(call: Call) -> Context | None:
+    carrier = call.trace_context or call.headers
+    if "traceparent" not in carrier:
+        return None
+    return _PROPAGATOR.extract(carrier)
+
+
+def span_name(call: Call) -> str:
+    obs = call.obs
+    if call.api == "mcp":
+        tool = obs.extra.get("mcp.tool")
+        method = obs.extra.get("mcp.method") or "mcp"
+        return f"{method} {tool}" if tool else method
+    return f"{obs.operation} {obs.request_model}" if obs.request_model else obs.operation
+
+
+def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]:
+    obs = call.obs
+    u = obs.usage
+    provider = PROVIDER_NAMES.get(call.provider, call.provider)
+    a: dict[str, Any] = {"gen_ai.operation.name": obs.operation}
+    if call.api != "mcp":
+        a["gen_ai.provider.name"] = provider
+        a["gen_ai.system"] = provider  # the attribute older backends still read
+    _put(a, "gen_ai.request.model", obs.request_model)
+    _put(a, "gen_ai.response.model", obs.response_model)
+    _put(a, "gen_ai.response.id", obs.response_id)
+    if obs.finish_reasons:
+        a["gen_ai.response.finish_reasons"] = list(dict.fromkeys(obs.finish_reasons))
+    if call.api != "mcp":
+        a["gen_ai.request.stream"] = obs.streaming
+    for key, value in obs.params.items():
+        name = PARAM_ATTRIBUTES.get(key)
+        if name is not None:
+            v = value if name != "gen_ai.request.stop_sequences" or isinstance(value, list) else [value]
+            _put(a, name, cel.to_attribute(v))
+    _put(a, "gen_ai.usage.input_tokens", u.input_tokens)
+    _put(a, "gen_ai.usage.output_tokens", u.output_tokens)
+    _put(a, "gen_ai.usage.cache_read.input_tokens", u.cached_input_tokens)
+    _put(a, "gen_ai.usage.cache_creation.input_tokens", u.cache_creation_input_tokens)
+    _put(a, "gen_ai.usage.reasoning.output_tokens", u.reasoning_tokens)
+    if call.ttft is not None and obs.streaming:
+        a["gen_ai.response.time_to_first_chunk"] = round(call.ttft, 6)
+    if call.host:
+        a["server.address"] = call.host.rsplit(":", 1)[0] if call.host.count(":") == 1 else call.host
+    if call.status:
+        a["http.response.status_code"] = call.status
+    if call.api == "mcp":
+        _mcp_attributes(a, call)
+    error = _error_type(call)
+    if error is not None:
+        a["error.type"] = error
+    if capture:
+        _content(a, call, max_chars)
+    return a
+
+
+def _mcp_attributes(a: dict[str, Any], call: Call) -> None:
+    x = call.obs.extra
+    _put(a, "mcp.method.name", x.get("mcp.method"))
+    _put(a, "gen_ai.tool.name", x.get("mcp.tool"))
+    _put(a, "jsonrpc.request.id", None if x.get("jsonrpc.id") is None else str(x["jsonrpc.id"]))
+    _put(a, "rpc.jsonrpc.error_code", x.get("jsonrpc.error_code"))
+    _put(a, "mcp.session.id", call.headers.get("mcp-session-id"))
+    _put(a, "mcp.protocol.version", call.headers.get("mcp-protocol-version"))
+    a["rpc.system"] = "jsonrpc"
+
+
+def _error_type(call: Call) -> str | None:
+    if call.obs.error_type is not None:
+        return call.obs.error_type
+    if call.outcome == ERROR:
+        return str(call.status)
+    if call.outcome in (NO_RESPONSE, CLIENT_ABORT):
+        return call.outcome
+    return None
+
+
+def _put(a: dict[str, Any], key: str, value: Any) -> None:
+    if value is not None:
+        a[key] = value
+
+
+# ---- content capture -------------------------------------------------------------------------
+def _content(a: dict[str, Any], call: Call, max_chars: int) -> None:
+    obs = call.obs
+    if obs.input_messages is not None:
+        a["gen_ai.input.messages"] = orjson.dumps(input_messages(obs.input_messages, max_chars)).decode()
+    if obs.output_text:
+        text = "".join(obs.output_text)[:max_chars]
+        msg: dict[str, Any] = {"role": "assistant", "parts": [{"type": "text", "content": text}]}
+        if obs.finish_reasons:
+            msg["finish_reason"] = obs.finish_reasons[-1]
+        a["gen_ai.output.messages"] = orjson.dumps([msg]).decode()
+    args = obs.extra.get("mcp.arguments")
+    if args is not None:
+        a["gen_ai.tool.call.arguments"] = orjson.dumps(args).decode()[:max_chars]
+
+
+def input_messages(value: Any, max_chars: int) -> list[dict[str, Any]]:
+    """Request messages in the semconv shape ``[{role, parts: [{type, content}]}]``, text capped."""
+    budget = [max_chars]
+    if isinstance(value, str):
+        return [{"role": "user", "parts": [_text(value, budget)]}]
+    out = []
+    for m in value if isinstance(value, list) else [value]:
+        if isinstance(m, str):
+            out.append({"role": "user", "parts": [_text(m, budget)]})
+        elif isinstance(m, dict):
+            out.append({"role": str(m.get("role", "user")), "parts": _parts(m.get("content"), budget)})
+    return out
+
+
+def _parts(content: Any, budget: list[int]) -> list[dict[str, Any]]:
+    if isinstance(content, str):
+        return [_text(content, budget)]
+    parts = []
+    for p in content if isinstance(content, list) else ():
+        if isinstance(p, dict) and isinstance(p.get("text"), str):
+            parts.append(_text(p["text"], budget))
+        elif isinstance(p, dict):
+            parts.append({"type": str(p.get("type", "unknown"))})  # images, audio: the kind only
+    return parts
+
+
+def _text(text: str, budget: list[int]) -> dict[str, Any]:
+    room = max(budget[0], 0)
+    budget[0] -= len(text)
+    return {"type": "text", "content": text[:room]}
+
+
+# ---- CEL variables ---------------------------------------------------------------------------
+def variables(call: Call, capture: bool) -> dict[str, Any]:
+    obs = call.obs
+    u = obs.usage
+    llm: dict[str, Any] = {
+        "provider": call.provider, "operation": obs.operation, "streaming": obs.streaming,
+        "params": dict(obs.params), "finish_reasons": list(obs.finish_reasons),
+    }
+    for key, value in (
+        ("request_model", obs.request_model), ("response_model", obs.response_model),
+        ("response_id", obs.response_id), ("input_tokens", u.input_tokens),
+        ("output_tokens", u.output_tokens), ("total_tokens", u.total()),
+        ("cached_tokens", u.cached_input_tokens), ("cache_creation_tokens", u.cache_creation_input_tokens),
+        ("reasoning_tokens", u.reasoning_tokens),
+    ):
+        if value is not None:
+            llm[key] = value
+    if capture:
+        if obs.input_messages is not None:
+            llm["prompt"] = [
+                {"role": m["role"], "content": "".join(p.get("content", "") for p in m["parts"])}
+                for m in input_messages(obs.input_messages, 1 << 62)
+            ]
+        if obs.output_text:
+            llm["completion"] = ["".join(obs.output_text)]
+    q = call.path.find("?")
+    out: dict[str, Any] = {
+        "llm": llm,
+        "jwt": jwt_claims(call.forwarded),
+        "request": {
+            "headers": {k: v for k, v in call.headers.items() if k[0] != ":" and k not in SECRET_HEADERS},
+            "path": call.path if q < 0 else call.path[:q],
+            "method": call.method, "host": call.host,
+        },
+        "response": {"status": call.status},
+        "mcp": {},
+    }
+    if call.api == "mcp":
+        x = obs.extra
+        mcp = {"method": x.get("mcp.method"), "tool": x.get("mcp.tool"), "id": x.get("jsonrpc.id"),
+               "session_id": call.headers.get("mcp-session-id"), "error_code": x.get("jsonrpc.error_code")}
+        out["mcp"] = {k: v for k, v in mcp.items() if v is not None}
+    return out
+
+
+def jwt_claims(forwarded: Any) -> dict[str, Any]:
+    if not forwarded or "envoy.filters.http.jwt_authn" not in forwarded:
+        return {}
+    from google.protobuf.json_format import MessageToDict
+
+    claims = MessageToDict(forwarded["envoy.filters.http.jwt_authn"]).get("principal")
+    return claims if isinstance(claims, dict) else {}

@@ -1,0 +1,31 @@
+"""`python -m bench --quick` runs end to end and produces every figure (targets are not asserted)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support.harness import REPO
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None and not os.environ.get("CI"),
+                    reason="wrk not installed (`make tools` installs it; under CI this fails instead)")
+def test_bench_quick(tmp_path: Path) -> None:
+    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
+                       capture_output=True, text=True, timeout=240)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((tmp_path / "latest-quick.json").read_text())
+    assert "throughput c=64" in (tmp_path / "latest-quick.md").read_text()
+    for row in doc["table"]:
+        for stack, value in row["values"].items():
+            if stack == "envoy" and row["compare"] == "none":
+                continue  # sidecar-only figures
+            assert value is not None, (row["metric"], stack)
+    assert doc["results"]["inline"]["hold"]["open_streams"] > 0

@@ -1,0 +1,92 @@
+"""Every Envoy config in the repo passes `envoy --mode validate`; the reference file is current."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from extproc.devtools import envoy_config
+from extproc.devtools.dev import envoy_binary
+
+REPO = Path(__file__).resolve().parents[2]
+CONFIGS = sorted(p for p in REPO.rglob("*.yaml") if "static_resources" in p.read_text() and ".venv" not in p.parts)
+
+
+def test_reference_config_is_generated():
+    committed = (REPO / "envoy" / "envoy.yaml").read_text()
+    assert committed == envoy_config.dump(envoy_config.reference(), envoy_config.HEADER), "run `make envoy-config`"
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[str(p.relative_to(REPO)) for p in CONFIGS])
+def test_repo_config_validates(path):
+    p = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+
+
+@pytest.mark.parametrize("variant", ["plain", "jwt", "no_extproc", "observability", "unix"])
+def test_built_configs_validate(tmp_path, variant):
+    kw = {
+        "plain": {},
+        "jwt": {"jwks_json": envoy_config.EXAMPLE_JWKS},
+        "no_extproc": {"extproc": None},
+        "observability": {"observability_mode": True},
+        "unix": {"extproc": "unix:/tmp/extproc.sock"},
+    }[variant]
+    cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")], **kw)
+    f = tmp_path / "envoy.yaml"
+    f.write_text(envoy_config.dump(cfg))
+    p = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_receiving_namespace_matches_metadata_namespace():
+    f = envoy_config.ext_proc_filter("my.ns")
+    assert f["metadata_options"]["receiving_namespaces"]["untyped"] == ["my.ns"]
+    assert f["failure_mode_allow"] is True
+
+
+@pytest.mark.parametrize("variant", sorted(envoy_config.VARIANTS))
+def test_generated_configs_are_current(variant):
+    path = REPO / envoy_config.VARIANTS[variant][0]
+    assert path.read_text() == envoy_config.render(variant), "run `make envoy-config`"
+
+
+def test_service_name_ext_proc_cluster_is_strict_dns():
+    cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://mock-llm:8000")], extproc="extproc:18080")
+    ext = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_proc")
+    assert ext["type"] == "STRICT_DNS"
+    ip = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")])
+    assert next(c for c in ip["static_resources"]["clusters"] if c["name"] == "ext_proc")["type"] == "STATIC"
+
+
+@pytest.mark.integration
+def test_ops_listener_exposes_only_ready_and_stats(tmp_path):
+    """The Kubernetes layout: admin on loopback; the ops port answers /ready and
+    /stats/prometheus (kubelet, Prometheus) and nothing else (no /quitquitquit from the network)."""
+    import urllib.error
+    import urllib.request
+
+    from extproc.devtools.dev import envoy_command, free_port, wait_port
+
+    ops, admin, listen = free_port(), free_port(), free_port()
+    cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:9")], listen=f"127.0.0.1:{listen}",
+                                 access_log=str(tmp_path / "access.log"),
+                                 admin=f"127.0.0.1:{admin}", ops_listen=f"127.0.0.1:{ops}")
+    f = tmp_path / "envoy.yaml"
+    f.write_text(envoy_config.dump(cfg))
+    proc = subprocess.Popen(envoy_command(f, "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(ops, proc=proc)
+        with urllib.request.urlopen(f"http://127.0.0.1:{ops}/ready", timeout=5) as r:
+            assert r.status == 200 and r.read().strip() == b"LIVE"
+        with urllib.request.urlopen(f"http://127.0.0.1:{ops}/stats/prometheus", timeout=5) as r:
+            assert b"envoy_server_live" in r.read()
+        for method, path in (("POST", "/quitquitquit"), ("GET", "/config_dump"), ("POST", "/ready")):
+            with pytest.raises(urllib.error.HTTPError) as e:
+                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{ops}{path}", method=method, data=b"" if method == "POST" else None), timeout=5)
+            assert e.value.code == 404
+        assert proc.poll() is None
+    finally:
+        proc.terminate()
+        proc.wait(10)

@@ -1,0 +1,147 @@
+"""In-test OTLP trace receivers (gRPC and HTTP/protobuf) that keep every span they are sent."""
+from __future__ import annotations
+
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import grpc
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_service_pb2_grpc
+from opentelemetry.proto.common.v1.common_pb2 import AnyValue
+
+from extproc.devtools.dev import free_port
+
+
+@dataclass
+class SpanRecord:
+    name: str
+    trace_id: str
+    span_id: str
+    parent_span_id: str
+    kind: int
+    start_ns: int
+    end_ns: int
+    status_code: int
+    status_message: str
+    attributes: dict[str, Any]
+    resource: dict[str, Any]
+    headers: dict[str, str] = field(default_factory=dict)  # transport headers the exporter sent
+
+
+def _value(v: AnyValue) -> Any:
+    kind = v.WhichOneof("value")
+    if kind == "array_value":
+        return [_value(x) for x in v.array_value.values]
+    if kind == "kvlist_value":
+        return {kv.key: _value(kv.value) for kv in v.kvlist_value.values}
+    return getattr(v, kind) if kind else None
+
+
+def _records(req: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str, str]) -> list[SpanRecord]:
+    out = []
+    for rs in req.resource_spans:
+        res = {kv.key: _value(kv.value) for kv in rs.resource.attributes}
+        for ss in rs.scope_spans:
+            for s in ss.spans:
+                out.append(SpanRecord(
+                    name=s.name, trace_id=s.trace_id.hex(), span_id=s.span_id.hex(),
+                    parent_span_id=s.parent_span_id.hex(), kind=s.kind,
+                    start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
+                    status_code=s.status.code, status_message=s.status.message,
+                    attributes={kv.key: _value(kv.value) for kv in s.attributes}, resource=res,
+                    headers=headers,
+                ))
+    return out
+
+
+class _Store:
+    def __init__(self) -> None:
+        self.spans: list[SpanRecord] = []
+        self.raw: list[bytes] = []  # every request body as received (to grep for leaked text)
+        self._lock = threading.Lock()
+
+    def add(self, body: bytes, headers: dict[str, str]) -> None:
+        req = trace_service_pb2.ExportTraceServiceRequest.FromString(body)
+        with self._lock:
+            self.raw.append(body)
+            self.spans.extend(_records(req, headers))
+
+    def wait_for(self, pred, timeout: float = 15.0) -> SpanRecord:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                for s in self.spans:
+                    if pred(s):
+                        return s
+            time.sleep(0.05)
+        raise AssertionError(f"no matching span in {timeout}s; got {[s.name for s in self.spans]}")
+
+    def wait_trace(self, trace_id: str, timeout: float = 15.0) -> SpanRecord:
+        return self.wait_for(lambda s: s.trace_id == trace_id and s.attributes.get("gen_ai.operation.name") is not None, timeout)
+
+    def all_bytes(self) -> bytes:
+        with self._lock:
+            return b"".join(self.raw)
+
+
+class GrpcReceiver(_Store):
+    def __init__(self) -> None:
+        super().__init__()
+        self.port = free_port()
+        store = self
+
+        class Service(trace_service_pb2_grpc.TraceServiceServicer):
+            def Export(self, request, context):  # noqa: N802
+                md = {k: v for k, v in context.invocation_metadata() if isinstance(v, str)}
+                store.add(request.SerializeToString(), md)
+                return trace_service_pb2.ExportTraceServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.stop(0)
+
+
+class HttpReceiver(_Store):
+    """POST {path} with application/x-protobuf, like Langfuse's /api/public/otel/v1/traces."""
+
+    def __init__(self, path: str = "/api/public/otel/v1/traces") -> None:
+        super().__init__()
+        self.port = free_port()
+        self.path = path
+        store = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                if self.path != store.path:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                store.add(body, {k.lower(): v for k, v in self.headers.items()})
+                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,159 @@
+"""Parser behaviour beyond usage numbers: cheap filtering, errors, capture, request facts."""
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import orjson
+import pytest
+
+from tests.support.provider_cases import BY_NAME, JSON, NDJSON, SSE, Case, new_parser, run, sse
+
+
+def test_anthropic_text_deltas_are_not_json_parsed() -> None:
+    """Broken JSON in a text delta is never looked at (filtered by event name): no parse error."""
+    body = sse(("message_start", {"type": "message_start", "message": {"model": "m", "usage": {"input_tokens": 3}}}),
+               ("content_block_delta", b"{not json"),
+               ("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 4}}))
+    obs = run(Case("x", "/v1/messages", SSE, body=body, expect={}), [body])
+    assert obs.parse_errors == 0
+    assert (obs.usage.input_tokens, obs.usage.output_tokens, obs.usage.total()) == (3, 4, 7)
+
+
+def test_anthropic_stream_error_event() -> None:
+    body = sse(("error", {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}))
+    obs = run(Case("x", "/v1/messages", SSE, body=body, expect={}), [body])
+    assert obs.error_type == "overloaded_error"
+
+
+def test_anthropic_http_error_body() -> None:
+    body = b'{"type":"error","error":{"type":"rate_limit_error","message":"slow"}}'
+    obs = run(Case("x", "/v1/messages", JSON, body=body, status=429, expect={}), [body])
+    assert obs.error_type == "rate_limit_error"
+
+
+def test_anthropic_capture_and_request(load_case: Callable[[Case], bytes]) -> None:
+    case = Case("x", "/v1/messages", SSE, file="agw__anthropic__stream_basic.sse", expect={},
+                request=b'{"model":"claude-haiku-4-5","stream":true,"max_tokens":99,"messages":[{"role":"user","content":"hi"}]}')
+    obs = run(case, [load_case(case)], capture=True)
+    assert "".join(obs.output_text or []) == "Hi there! How are you doing today? Is there anything I can help you with?"
+    assert obs.request_model == "claude-haiku-4-5"
+    assert obs.params == {"max_tokens": 99}
+    assert obs.input_messages == [{"role": "user", "content": "hi"}]
+
+
+def test_negative_token_count_is_refused() -> None:
+    body = b'{"type":"message","model":"m","usage":{"input_tokens":-1,"output_tokens":2}}'
+    obs = run(Case("x", "/v1/messages", JSON, body=body, expect={}), [body])
+    assert obs.usage.input_tokens is None and obs.usage.output_tokens == 2
+    assert obs.parse_error_reason == "bad_token_count"
+
+
+def test_usage_change_is_reported_on_the_chunk_that_carries_it(load_case: Callable[[Case], bytes]) -> None:
+    parser, obs = new_parser(BY_NAME["anthropic_stream_basic"])
+    body = load_case(BY_NAME["anthropic_stream_basic"])
+    first_event_end = body.index(b"\n\n") + 2
+    assert parser.feed_response(body[:first_event_end], False) is True
+    assert obs.usage.input_tokens == 15
+    assert parser.feed_response(body[first_event_end:first_event_end + 10], False) is False
+
+
+def test_gemini_capture_skips_thoughts(load_case: Callable[[Case], bytes]) -> None:
+    case = BY_NAME["vertex_gemini_reasoning"]
+    obs = run(case, [load_case(case)], capture=True)
+    assert obs.output_text == ["It is sunny."]
+
+
+def test_gemini_request_params_and_streamed_error() -> None:
+    case = Case("x", "/v1beta/models/gemini-2.0-flash:streamGenerateContent", JSON, expect={},
+                request=b'{"contents":[],"generationConfig":{"temperature":0.2,"maxOutputTokens":50}}',
+                body=b'[{"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}]')
+    obs = run(case, [case.body or b""])
+    assert obs.params == {"temperature": 0.2, "max_tokens": 50}
+    assert obs.streaming is True
+    assert obs.error_type == "UNAVAILABLE"
+
+
+def test_gemini_truncated_array_is_counted() -> None:
+    body = b'[{"usageMetadata": {"promptTokenCount": 4}}, {"candidates": ['
+    obs = run(Case("x", "/v1beta/models/g:streamGenerateContent", JSON, body=body, expect={}), [body])
+    assert obs.usage.input_tokens == 4
+    assert obs.parse_error_reason == "json_array_truncated"
+
+
+def test_ollama_streams_unless_told_not_to() -> None:
+    parser, obs = new_parser(Case("x", "/api/chat", NDJSON, expect={}, request=b'{"model":"llama3"}'))
+    assert obs.streaming is True
+    parser, obs = new_parser(Case("x", "/api/chat", JSON, expect={}, request=b'{"model":"llama3","stream":false}'))
+    assert obs.streaming is False
+
+
+def test_ollama_token_lines_are_not_parsed() -> None:
+    body = (b'{"model":"llama3","message":{"content":"a"},"done":false}\n'
+            b'{broken token line, never parsed\n'
+            b'{"model":"llama3","done":true,"prompt_eval_count":5,"eval_count":6}\n')
+    obs = run(Case("x", "/api/generate", NDJSON, body=body, expect={}), [body])
+    assert obs.parse_errors == 0
+    assert (obs.usage.input_tokens, obs.usage.output_tokens) == (5, 6)
+
+
+def test_ollama_capture(load_case: Callable[[Case], bytes]) -> None:
+    case = BY_NAME["ollama_chat_stream"]
+    obs = run(case, [load_case(case)], capture=True)
+    assert "".join(obs.output_text or []) == "The sky"
+
+
+def test_cohere_stream_capture(load_case: Callable[[Case], bytes]) -> None:
+    case = BY_NAME["cohere_chat_stream"]
+    obs = run(case, [load_case(case)], capture=True)
+    assert obs.output_text == ["Hi"]
+    assert obs.response_id == "c-1"
+
+
+def test_count_tokens_is_not_usage() -> None:
+    obs = run(BY_NAME["anthropic_count_tokens"], [b'{"input_tokens": 12}'])
+    assert obs.usage.seen() is False
+    assert obs.extra["counted_input_tokens"] == 12
+
+
+def test_gemini_http_error_in_array() -> None:
+    body = b'[{"error": {"code": 429, "message": "quota", "status": "RESOURCE_EXHAUSTED"}}]'
+    obs = run(Case("x", "/v1beta/models/g:streamGenerateContent", JSON, body=body, status=429, expect={}), [body])
+    assert obs.error_type == "RESOURCE_EXHAUSTED"
+    assert obs.parse_errors == 0
+
+
+# Each API's prompt field, as its request schema names it (documented request shapes).
+_PROMPTS = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, [{"role": "user", "content": "hi"}]),
+    ("/v1/completions", {"prompt": "once upon"}, "once upon"),
+    ("/v1/embeddings", {"input": ["a", "b"]}, ["a", "b"]),
+    ("/v1/responses", {"input": "tell me"}, "tell me"),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "yo"}]}, [{"role": "user", "content": "yo"}]),
+    ("/v2/chat", {"messages": [{"role": "user", "content": "c"}]}, [{"role": "user", "content": "c"}]),
+    ("/v1/chat", {"message": "v1"}, "v1"),
+    ("/v2/embed", {"texts": ["t1"]}, ["t1"]),
+    ("/v2/embed", {"inputs": [{"content": []}]}, [{"content": []}]),
+    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"text": "g"}]}]}, [{"parts": [{"text": "g"}]}]),
+    ("/model/amazon.nova-lite-v1:0/converse", {"messages": [{"role": "user", "content": [{"text": "b"}]}]},
+     [{"role": "user", "content": [{"text": "b"}]}]),
+    ("/api/chat", {"messages": [{"role": "user", "content": "o"}]}, [{"role": "user", "content": "o"}]),
+    ("/api/generate", {"prompt": "p"}, "p"),
+    ("/api/embed", {"input": "e"}, "e"),
+]
+
+
+@pytest.mark.parametrize(("path", "request_body", "want"), _PROMPTS, ids=[f"{p}:{next(iter(b))}" for p, b, _ in _PROMPTS])
+def test_prompt_captured_only_when_asked(path: str, request_body: dict, want: object) -> None:
+    case = Case("x", path, JSON, body=b"{}", expect={}, request=orjson.dumps({"model": "m", **request_body}))
+    assert new_parser(case, capture=True)[1].input_messages == want
+    assert new_parser(case, capture=False)[1].input_messages is None
+
+
+def test_cohere_v1_stream_capture_takes_text_once() -> None:
+    """The stream's text comes from its deltas; the stream-end copy of the whole text is not added again."""
+    case = BY_NAME["cohere_v1_chat_stream"]
+    obs = run(case, [case.body or b""], capture=True)
+    assert "".join(obs.output_text or []) == "Hello there, stream-end"
+    assert obs.response_id == "r-1"
+    whole = BY_NAME["cohere_v1_chat_json"]
+    assert run(whole, [whole.body or b""], capture=True).output_text == ["Hi"]

@@ -1,0 +1,215 @@
+"""The servicer's state machine, driven directly with ext_proc messages (no Envoy)."""
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from google.protobuf.json_format import MessageToDict
+
+from extproc._pb.envoy_api import external_processor_pb2 as pb
+from extproc._pb.envoy_api import processing_mode_pb2 as mode_pb
+from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, OK, Call
+from extproc.core.config import parse
+from extproc.server.processor import Processor
+
+NS = "ai.gateway.kgateway.dev"
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[Call] = []
+
+    def on_call_end(self, call: Call) -> None:
+        self.calls.append(call)
+
+
+def headers(kind: str, end: bool = False, **hdrs: str) -> pb.ProcessingRequest:
+    hm = pb.HttpHeaders(end_of_stream=end)
+    for k, v in hdrs.items():
+        hm.headers.headers.add(key=k.replace("_", "-") if not k.startswith(":") else k, raw_value=v.encode())
+    return pb.ProcessingRequest(**{kind: hm})
+
+
+def req_headers(path: str = "/v1/chat/completions", **extra: str) -> pb.ProcessingRequest:
+    return headers("request_headers", **{":path": path, ":method": "POST", ":authority": "api.openai.com", **extra})
+
+
+def body(kind: str, data: bytes, end: bool = False) -> pb.ProcessingRequest:
+    return pb.ProcessingRequest(**{kind: pb.HttpBody(body=data, end_of_stream=end)})
+
+
+def run(processor: Processor, messages: list[pb.ProcessingRequest], md: tuple = (), abort: bool = False) -> list[pb.ProcessingResponse]:
+    async def requests():
+        for m in messages:
+            yield m
+        if abort:
+            raise asyncio.CancelledError  # Envoy reset the stream
+
+    async def drive() -> list[bytes]:
+        out = []
+        try:
+            async for reply in processor.Process(requests(), dict(md)):
+                out.append(reply)
+        except asyncio.CancelledError:
+            pass
+        return out
+
+    return [pb.ProcessingResponse.FromString(b) for b in asyncio.run(drive())]
+
+
+def meta(reply: pb.ProcessingResponse) -> dict[str, Any]:
+    return MessageToDict(reply.dynamic_metadata).get(NS, {})
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    return Recorder()
+
+
+@pytest.fixture
+def proc(rec: Recorder) -> Processor:
+    return Processor(parse({}), [rec])
+
+
+CHAT_JSON = b'{"id":"c1","model":"gpt-4o-2024","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}'
+
+
+def test_non_streaming_chat(proc, rec):
+    replies = run(proc, [
+        req_headers(),
+        body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
+        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+        body("response_body", CHAT_JSON[:40]),
+        body("response_body", CHAT_JSON[40:], end=True),
+    ])
+    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers", "response_body", "response_body"]
+    # the response body is switched to STREAMED for this response only
+    assert replies[2].mode_override.response_body_mode == mode_pb.ProcessingMode.STREAMED
+    assert meta(replies[2]) == {"provider": "openai", "streaming": False, "operation": "chat", "model": "gpt-4o"}
+    assert not replies[3].HasField("dynamic_metadata")  # nothing new yet: the constant reply
+    m = meta(replies[4])
+    assert (m["prompt_tokens"], m["completion_tokens"], m["total_tokens"]) == (5, 7, 12)
+    assert m["provider_model"] == "gpt-4o-2024"
+    (call,) = rec.calls
+    assert call.outcome == OK and call.status == 200 and proc.active == 0
+
+
+SSE = (
+    b'data: {"id":"c","model":"m-1","choices":[{"delta":{"content":"a"},"finish_reason":null}],"usage":null}\n\n'
+    b'data: {"id":"c","model":"m-1","choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}\n\n'
+    b'data: {"id":"c","model":"m-1","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":4,"total_tokens":7}}\n\n'
+    b"data: [DONE]\n\n"
+)
+
+
+def test_stream_metadata_is_sent_on_the_usage_chunk_and_client_hangup_after_done_is_ok(proc, rec):
+    """Clients hang up right after [DONE]; Envoy then never sends end_of_stream. The usage must
+    already be in the metadata of the message that carried it, and the call counts as ok."""
+    cut = SSE.index(b'data: {"id":"c","model":"m-1","choices":[],')
+    replies = run(proc, [
+        req_headers(),
+        body("request_body", b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}', end=True),
+        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+        body("response_body", SSE[:cut]),
+        body("response_body", SSE[cut:]),  # usage arrives here; no end_of_stream follows
+    ], abort=True)
+    assert meta(replies[-1])["total_tokens"] == 7
+    assert meta(replies[-1])["streaming"] is True
+    assert rec.calls[0].outcome == OK
+    assert rec.calls[0].obs.finish_reasons == ["stop"]
+
+
+def test_abort_mid_stream_is_client_abort_counted_once(proc, rec):
+    run(proc, [
+        req_headers(),
+        body("request_body", b'{"model":"m","stream":true}', end=True),
+        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+        body("response_body", SSE[:50]),
+    ], abort=True)
+    assert len(rec.calls) == 1 and rec.calls[0].outcome == CLIENT_ABORT
+    assert proc.active == 0
+
+
+def test_response_without_request_phase(proc, rec):
+    """Envoy's own 401/403 reach the sidecar as response messages with no request phase."""
+    replies = run(proc, [headers("response_headers", end=True, **{":status": "401"})])
+    assert replies[0].WhichOneof("response") == "response_headers"
+    assert replies[0].mode_override.response_body_mode == mode_pb.ProcessingMode.NONE
+    assert rec.calls[0].outcome == ERROR and rec.calls[0].status == 401
+
+
+def test_no_response_outcome(proc, rec):
+    run(proc, [req_headers(), body("request_body", b"{}", end=True)])
+    assert rec.calls[0].outcome == NO_RESPONSE
+
+
+def test_unknown_path_skips_request_body(proc, rec):
+    replies = run(proc, [req_headers("/healthz"), headers("response_headers", end=True, **{":status": "200"})])
+    assert replies[0].mode_override.request_body_mode == mode_pb.ProcessingMode.NONE
+    assert replies[1].mode_override.response_body_mode == mode_pb.ProcessingMode.NONE
+    assert rec.calls[0].api == "unknown" and rec.calls[0].obs.operation == "unknown"
+
+
+def test_observability_mode_sends_no_replies(proc, rec):
+    msgs = [req_headers(), headers("response_headers", **{":status": "200", "content-type": "application/json"}), body("response_body", CHAT_JSON, end=True)]
+    for m in msgs:
+        m.observability_mode = True
+    assert run(proc, msgs) == []
+    assert rec.calls[0].obs.usage.total_tokens == 12
+
+
+def test_provider_precedence(proc, rec):
+    run(proc, [req_headers(**{"x-llm-provider": "from-header"})], md=(("x-llm-provider", "from-route"),))
+    run(proc, [req_headers(**{"x-llm-provider": "from-header"})])
+    run(proc, [req_headers("/openai/deployments/gpt4/chat/completions?api-version=1")])
+    run(proc, [req_headers(**{":authority": "api.mistral.ai"})])
+    assert [c.provider for c in rec.calls] == ["from-route", "from-header", "azure", "mistral"]
+    assert rec.calls[2].obs.request_model == "gpt4"  # Azure deployment from the path
+
+
+def test_internal_error_fails_open(proc, rec, monkeypatch, caplog):
+    from extproc.apis import openai
+
+    def boom(self, obj):
+        raise RuntimeError("parser bug")
+
+    monkeypatch.setattr(openai._ChatLike, "on_response_json", boom)
+    replies = run(proc, [
+        req_headers(),
+        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+        body("response_body", CHAT_JSON, end=True),
+    ])
+    assert replies[-1].WhichOneof("response") == "response_body"  # still answered: CONTINUE
+    assert proc.internal_errors == 1 and rec.calls[0].obs.parse_errors == 1
+
+
+def test_observer_failure_is_contained(rec):
+    class Bad:
+        def on_call_end(self, call):
+            raise ValueError("observer bug")
+
+    p = Processor(parse({}), [Bad(), rec])
+    run(p, [req_headers(), headers("response_headers", end=True, **{":status": "200"})])
+    assert len(rec.calls) == 1 and p.internal_errors == 1
+
+
+def test_gzip_response(proc, rec):
+    import gzip
+
+    data = gzip.compress(CHAT_JSON)
+    run(proc, [
+        req_headers(),
+        headers("response_headers", **{":status": "200", "content-type": "application/json", "content-encoding": "gzip"}),
+        body("response_body", data[:10]),
+        body("response_body", data[10:], end=True),
+    ])
+    assert rec.calls[0].obs.usage.total_tokens == 12 and rec.calls[0].decode_error is None
+
+
+def test_jwt_claims_are_kept_from_forwarded_metadata(proc, rec):
+    m = req_headers()
+    m.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].update({"principal": {"sub": "alice", "team": "dev"}})
+    run(proc, [m, headers("response_headers", end=True, **{":status": "200"})])
+    fwd = rec.calls[0].forwarded["envoy.filters.http.jwt_authn"]
+    assert fwd.fields["principal"].struct_value.fields["team"].string_value == "dev"

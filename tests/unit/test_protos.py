@@ -1,0 +1,29 @@
+"""The committed generated stubs equal what `make protos` would write today."""
+from __future__ import annotations
+
+import filecmp
+
+from tests.support import REPO, load_script
+
+
+def test_generated_code_is_current(tmp_path):
+    generate = load_script(REPO / "protos" / "generate.py")
+    generate.generate(tmp_path)
+    fresh = tmp_path / "extproc" / "_pb" / "envoy_api"
+    committed = REPO / "extproc" / "_pb" / "envoy_api"
+    names = sorted(p.name for p in fresh.glob("*.py*"))
+    assert names == sorted(p.name for p in committed.glob("*.py*") if p.suffix in (".py", ".pyi"))
+    _, mismatch, errors = filecmp.cmpfiles(fresh, committed, names, shallow=False)
+    assert not mismatch and not errors, f"run `make protos`: {mismatch or errors} differ"
+
+
+def test_wire_names_match_envoy():
+    from extproc._pb.envoy_api import external_processor_pb2 as pb
+
+    service = pb.DESCRIPTOR.services_by_name["ExternalProcessor"]
+    assert service.full_name == "envoy.service.ext_proc.v3.ExternalProcessor"
+    fields = {f.name: f.number for f in pb.ProcessingRequest.DESCRIPTOR.fields}
+    assert fields["request_headers"] == 2 and fields["response_body"] == 5
+    assert fields["metadata_context"] == 8 and fields["observability_mode"] == 10
+    reply = {f.name: f.number for f in pb.ProcessingResponse.DESCRIPTOR.fields}
+    assert reply["dynamic_metadata"] == 8 and reply["mode_override"] == 9

@@ -1,0 +1,62 @@
+"""Which parser and provider each API path resolves to."""
+from __future__ import annotations
+
+import pytest
+
+from tests.support.provider_cases import ROUTER
+
+CASES = [
+    ("/v1/messages", "AnthropicMessages", None, None),
+    ("/anthropic/v1/messages?beta=true", "AnthropicMessages", None, None),
+    ("/v1/messages/count_tokens", "AnthropicCountTokens", None, None),
+    ("/v1beta/models/gemini-2.0-flash:generateContent", "GeminiGenerate", "gemini", "gemini-2.0-flash"),
+    ("/v1beta/models/gemini-2.0-flash:streamGenerateContent?alt=sse", "GeminiStream", "gemini", "gemini-2.0-flash"),
+    ("/v1beta/tunedModels/my-tune:generateContent", "GeminiGenerate", "gemini", "my-tune"),
+    ("/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:generateContent",
+     "GeminiGenerate", "vertex_ai", "gemini-2.5-pro"),
+    ("/v1beta1/projects/p/locations/global/publishers/google/models/gemini-2.5-pro:streamGenerateContent",
+     "GeminiStream", "vertex_ai", "gemini-2.5-pro"),
+    ("/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4@20250514:rawPredict",
+     "VertexAnthropic", "vertex_ai", "claude-sonnet-4@20250514"),
+    ("/v1/projects/p/locations/us-east5/publishers/anthropic/models/claude-sonnet-4%4020250514:streamRawPredict",
+     "VertexAnthropic", "vertex_ai", "claude-sonnet-4@20250514"),
+    ("/v1/projects/p/locations/us-east5/publishers/anthropic/models/count-tokens:rawPredict",
+     "AnthropicCountTokens", "vertex_ai", None),
+    ("/v1beta/models/gemini-embedding-001:embedContent", "GeminiEmbed", "gemini", "gemini-embedding-001"),
+    ("/v1beta/models/text-embedding-004:batchEmbedContents", "GeminiEmbed", "gemini", "text-embedding-004"),
+    ("/v1/projects/p/locations/us-central1/publishers/google/models/gemini-embedding-001:embedContent",
+     "GeminiEmbed", "vertex_ai", "gemini-embedding-001"),
+    ("/v1beta/models/gemini-2.5-flash:countTokens", "GeminiCountTokens", "gemini", "gemini-2.5-flash"),
+    ("/v1/projects/p/locations/us-central1/publishers/google/models/gemini-2.5-pro:countTokens",
+     "GeminiCountTokens", "vertex_ai", "gemini-2.5-pro"),
+    ("/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/converse", "BedrockConverse", "bedrock",
+     "anthropic.claude-3-5-sonnet-20240620-v1:0"),
+    ("/model/amazon.nova-pro-v1:0/converse-stream", "BedrockConverse", "bedrock", "amazon.nova-pro-v1:0"),
+    ("/model/m/invoke", "BedrockInvoke", "bedrock", "m"),
+    ("/model/m/invoke-with-response-stream", "BedrockInvoke", "bedrock", "m"),
+    ("/v2/chat", "CohereChat", "cohere", None),
+    ("/v1/chat", "CohereChatV1", "cohere", None),
+    ("/v2/rerank", "CohereRerank", "cohere", None),
+    ("/v1/rerank", "CohereRerank", "cohere", None),
+    ("/v2/embed", "CohereEmbed", "cohere", None),
+    ("/api/chat", "OllamaChat", "ollama", None),
+    ("/api/generate", "OllamaGenerate", "ollama", None),
+    ("/api/embed", "OllamaEmbed", "ollama", None),
+    ("/v1/chat/completions", "OpenAIChat", None, None),
+    ("/v1beta/openai/chat/completions", "OpenAIChat", None, None),
+    ("/openai/deployments/gpt-4o/chat/completions", "OpenAIChat", "azure", "gpt-4o"),
+    ("/v1/embeddings", "OpenAIEmbeddings", None, None),
+]
+
+
+@pytest.mark.parametrize(("path", "parser", "provider", "model"), CASES)
+def test_route(path: str, parser: str, provider: str | None, model: str | None) -> None:
+    m = ROUTER.resolve(path)
+    assert m is not None
+    assert (m.parser.__name__, m.provider, m.path_model) == (parser, provider, model)
+
+
+@pytest.mark.parametrize("path", ["/", "/v1/models", "/api/tags", "/v1/messages/batches", "/model/x/other",
+                                  "/v1beta/models/gemini:predict", "/healthz"])
+def test_unknown_paths_stay_unmatched(path: str) -> None:
+    assert ROUTER.resolve(path) is None

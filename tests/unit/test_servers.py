@@ -1,0 +1,201 @@
+"""The gRPC server, driven in this process by a grpcio client: replies, metadata, health
+transitions, cancellation and drain behaviour, on TCP and on a unix socket."""
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+
+import grpc
+import pytest
+import yaml
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from extproc._pb.envoy_api import external_processor_pb2 as pb
+from extproc.core.call import NO_RESPONSE, OK
+from extproc.core.config import ConfigError, parse
+from extproc.devtools.dev import free_port
+from extproc.server import h2compat
+from extproc.server import worker as server_mod
+from extproc.server.grpc_server import CLOSED_STREAMS_KEPT, build_server
+from extproc.server.health import Health
+from extproc.server.processor import CONTINUE_REQUEST_HEADERS, Processor
+from tests.unit.test_processor import Recorder
+from tests.unit.test_processor import headers as _headers
+
+METHOD = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
+
+
+REQ = _headers("request_headers", True, **{":path": "/v1/chat/completions", ":method": "GET", ":authority": "api.openai.com"})
+RESP = _headers("response_headers", True, **{":status": "200", "content-type": "application/json"})
+
+
+class Running:
+    """A worker's server on its own loop in this thread."""
+
+    def __init__(self, address: str, config_extra: dict | None = None) -> None:
+        self.config = parse({"listen": address, **(config_extra or {})})
+        self.recorder = Recorder()
+        self.processor = Processor(self.config, [self.recorder])
+        self.server = build_server(self.processor, address, tls=self.config.tls)
+        self.health = Health(self.server)
+
+    async def __aenter__(self) -> Running:
+        await self.health.not_ready()
+        await self.server.start()
+        await self.health.serving()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.server.stop(0)
+
+
+def _channel(address: str) -> grpc.aio.Channel:
+    return grpc.aio.insecure_channel(address)
+
+
+def _stream(channel: grpc.aio.Channel, metadata: tuple = ()):
+    call = channel.stream_stream(METHOD, request_serializer=lambda m: m.SerializeToString(),
+                                 response_deserializer=pb.ProcessingResponse.FromString)
+    return call(metadata=metadata)
+
+
+async def _in_flight(channel: grpc.aio.Channel):
+    """A stream whose request headers were sent and answered: an HTTP exchange in progress."""
+    call = _stream(channel)
+    await call.write(REQ)
+    await call.read()
+    return call
+
+
+async def _wait(cond, timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        assert asyncio.get_running_loop().time() < deadline
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture(params=["tcp", "unix"])
+def address(request, tmp_path) -> str:
+    return f"127.0.0.1:{free_port()}" if request.param == "tcp" else f"unix:{tmp_path}/extproc.sock"
+
+
+def test_process_replies_and_metadata(address):
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            call = _stream(ch, metadata=(("x-llm-provider", "acme"), ("traceparent", "00-" + "1" * 32 + "-" + "2" * 16 + "-01")))
+            await call.write(REQ)
+            first = await call.read()
+            assert first.SerializeToString() == CONTINUE_REQUEST_HEADERS
+            await call.write(RESP)
+            second = await call.read()
+            assert second.HasField("response_headers")
+            await call.done_writing()
+            assert await call.read() is grpc.aio.EOF
+            assert await call.code() == grpc.StatusCode.OK
+            await _wait(lambda: r.recorder.calls)
+            [c] = r.recorder.calls
+            assert c.provider == "acme" and c.outcome == OK and c.trace_context["traceparent"].startswith("00-111")
+            assert r.processor.active == 0
+
+    asyncio.run(main())
+
+
+def test_client_cancel_reports_the_call_once():
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            call = await _in_flight(ch)
+            await _wait(lambda: r.processor.active == 1)
+            call.cancel()  # Envoy resets the stream: the client hung up
+            await _wait(lambda: r.processor.active == 0)
+            await asyncio.sleep(0.1)
+            assert [c.outcome for c in r.recorder.calls] == [NO_RESPONSE]
+
+    asyncio.run(main())
+
+
+def test_health_check_watch_and_drain(address):
+    async def main() -> None:
+        async with Running(address, {"shutdownGraceSeconds": 5}) as r, _channel(address) as ch:
+            stub = health_pb2_grpc.HealthStub(ch)
+            for service in ("", "envoy.service.ext_proc.v3.ExternalProcessor"):
+                reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+                assert reply.status == health_pb2.HealthCheckResponse.SERVING
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await stub.Check(health_pb2.HealthCheckRequest(service="no.such.Service"), timeout=5)
+            assert e.value.code() == grpc.StatusCode.NOT_FOUND
+            watch = stub.Watch(health_pb2.HealthCheckRequest(service=""))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+            unknown = stub.Watch(health_pb2.HealthCheckRequest(service="no.such.Service"))
+            assert (await unknown.read()).status == health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+            unknown.cancel()
+
+            # A stream in flight when the drain starts finishes normally; a new one is refused.
+            call = await _in_flight(ch)
+            drain = asyncio.create_task(server_mod.drain(r.server, r.health, r.processor, 5))
+            assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+            watch.cancel()
+            await asyncio.sleep(0.2)
+            assert not drain.done()
+            late = _stream(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await late.write(REQ)
+                await late.read()
+            assert e.value.code() == grpc.StatusCode.UNAVAILABLE
+            await call.write(RESP)
+            assert (await call.read()).HasField("response_headers")
+            await call.done_writing()
+            assert await call.code() == grpc.StatusCode.OK
+            await asyncio.wait_for(drain, 5)  # well before the 5 s grace: it left once the stream ended
+            assert [c.outcome for c in r.recorder.calls] == [OK] and r.processor.active == 0
+
+    asyncio.run(main())
+
+
+def test_grace_expiry_cancels_and_reports():
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            call = await _in_flight(ch)
+            await server_mod.drain(r.server, r.health, r.processor, 0.3)
+            assert r.processor.active == 0
+            assert [c.outcome for c in r.recorder.calls] == [NO_RESPONSE]
+            assert await call.code() != grpc.StatusCode.OK
+
+    asyncio.run(main())
+
+
+def test_removed_server_key_is_a_one_line_error(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        parse({"server": "grpcio"}, "c.yaml")
+    assert str(e.value).startswith("c.yaml: server: removed")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"server": "grpclib"}))
+    p = subprocess.run([sys.executable, "-m", "extproc", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "server: removed" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    p = subprocess.run([sys.executable, "-m", "extproc", "serve", "--server", "grpclib"], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "--server" in p.stderr
+
+
+def test_grpclib_connection_memory_is_bounded_by_closed_streams_kept():
+    """h2 keeps a record per closed stream; on one long-lived Envoy connection that must not grow
+    with every call (65,536 records, ~7.5 MB per connection, by h2's default)."""
+    address = f"127.0.0.1:{free_port()}"
+    n = CLOSED_STREAMS_KEPT + 200
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            for _ in range(n):  # one channel: one HTTP/2 connection, as Envoy's pool
+                call = await _in_flight(ch)
+                await call.done_writing()
+                assert await call.read() is grpc.aio.EOF
+            await _wait(lambda: len(r.recorder.calls) == n)
+            [proto] = r.server._protocols
+            h2_conn = h2compat.h2_connection(proto)
+            assert h2_conn.highest_inbound_stream_id >= 2 * n - 1  # all of them on this connection
+            assert len(h2_conn._closed_streams) == CLOSED_STREAMS_KEPT
+
+    asyncio.run(main())

@@ -1,0 +1,54 @@
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from extproc.codecs.sse import SSEDecoder
+
+RAW = (
+    b": keep-alive comment\n"
+    b"event: response.created\r\ndata: {\"a\":1}\r\n\r\n"
+    b"data: line one\ndata: line two\n\n"
+    b"data:no-space\r\rdata: [DONE]\n\n"
+)
+EXPECTED = [(b"response.created", b'{"a":1}'), (b"", b"line one\nline two"), (b"", b"no-space"), (b"", b"[DONE]")]
+
+
+def decode(chunks: list[bytes], max_line: int = 1 << 20) -> tuple[list, SSEDecoder]:
+    d = SSEDecoder(max_line)
+    out = []
+    for c in chunks:
+        out.extend(d.feed(c))
+    out.extend(d.flush())
+    return out, d
+
+
+def test_every_split_point_gives_the_same_events():
+    for i in range(len(RAW) + 1):
+        assert decode([RAW[:i], RAW[i:]])[0] == EXPECTED, i
+    assert decode([bytes([b]) for b in RAW])[0] == EXPECTED
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(RAW)), max_size=12))
+def test_arbitrary_chunking(cuts):
+    cuts = sorted(set(cuts))
+    pieces = [RAW[a:b] for a, b in zip([0, *cuts], [*cuts, len(RAW)])]
+    assert decode(pieces)[0] == EXPECTED
+
+
+def test_unterminated_last_event_is_flushed():
+    assert decode([b"data: tail"])[0] == [(b"", b"tail")]
+
+
+def test_oversized_line_is_dropped_and_counted_without_losing_later_events():
+    huge = b"data: " + b"x" * 5000
+    events, d = decode([huge[:3000], huge[3000:], b"\n\n", b"data: ok\n\n"], max_line=1024)
+    assert events == [(b"", b"ok")]
+    assert d.oversized == 1
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.binary(max_size=64), max_size=20))
+def test_never_raises_on_arbitrary_bytes(chunks):
+    decode(chunks, max_line=128)
