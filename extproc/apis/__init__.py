@@ -1,21 +1,42 @@
-"""One parser module per API schema; each exports ``ROUTES`` (see ``extproc.apis.routing``).
+"""One parser module per API schema, discovered here.
 
-Order matters: specific patterns first, the generic OpenAI-compatible suffixes last.
+Each module (every one but ``base`` and ``routing``) declares:
+
+- ``ROUTES``: path patterns mapped to its parser classes (``extproc.apis.routing.route``);
+- ``PROVIDERS``: the providers it serves (``routing.Provider``: label name, GenAI
+  semantic-convention name, host suffixes); may be empty;
+- ``ORDER``: where its routes stand in the match order, lowest first. Specific patterns go
+  first; the OpenAI module's generic suffixes (``/chat/completions``...) come last.
+
+Adding a provider is adding its module (plus its recordings and case rows in the tests; see
+docs/providers.md): the router, the host table and the tracing names are built from these.
 """
 from __future__ import annotations
 
-from extproc.apis.routing import Route
+import importlib
+import pkgutil
+from functools import lru_cache
+from types import ModuleType
+
+from extproc.apis.routing import Provider, Route
+
+_NOT_PARSERS = frozenset({"base", "routing"})
+
+
+@lru_cache(maxsize=1)
+def modules() -> tuple[ModuleType, ...]:
+    found = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)
+             if m.name not in _NOT_PARSERS and not m.name.startswith("_")]
+    for module in found:
+        for attr in ("ROUTES", "PROVIDERS", "ORDER"):
+            if not hasattr(module, attr):
+                raise TypeError(f"{module.__name__} must declare {attr} (see extproc/apis/__init__.py)")
+    return tuple(sorted(found, key=lambda m: (m.ORDER, m.__name__)))
 
 
 def all_routes() -> list[Route]:
-    from extproc.apis import anthropic, bedrock, cohere, gemini, mcp, ollama, openai
+    return [r for m in modules() for r in m.ROUTES]
 
-    return [
-        *mcp.ROUTES,  # POST /mcp: JSON-RPC (tool calls)
-        *bedrock.ROUTES,
-        *gemini.ROUTES,  # Vertex AI (incl. Claude on Vertex) and the Gemini API
-        *anthropic.ROUTES,
-        *cohere.ROUTES,
-        *ollama.ROUTES,
-        *openai.ROUTES,  # Azure first inside it; the generic OpenAI-compatible suffixes last
-    ]
+
+def all_providers() -> list[Provider]:
+    return [p for m in modules() for p in m.PROVIDERS]

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.base import ApiParser, items
+from extproc.apis.routing import Provider, route
 
 # Events that can carry usage, the model or a finish/error; everything else is text deltas.
 _USEFUL_EVENTS = frozenset((b"message_start", b"message_delta", b"error"))
@@ -146,8 +147,9 @@ class AnthropicCountTokens(ApiParser):
             self.obs.parse_error("bad_token_count")
 
 
-from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
+ORDER = 40
+PROVIDERS = (Provider("anthropic", "anthropic", ("api.anthropic.com",)),)
 ROUTES = [
     route(r"/v1/messages/count_tokens$", AnthropicCountTokens),
     route(r"/v1/messages$", AnthropicMessages),

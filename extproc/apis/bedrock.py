@@ -25,6 +25,7 @@ import orjson
 
 from extproc.apis.anthropic import AnthropicEvents
 from extproc.apis.base import NONE, ApiParser, dig, items
+from extproc.apis.routing import Provider, route
 from extproc.codecs.eventstream import EventStreamDecoder, Message
 
 EVENTSTREAM = "application/vnd.amazon.eventstream"
@@ -248,9 +249,10 @@ def _converse_counts(usage: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
 _M = r"^/model/(?P<model>[^/]+)"
+ORDER = 20
+PROVIDERS = (Provider("bedrock", "aws.bedrock", (".amazonaws.com",)),)
 ROUTES = [
     route(_M + r"/converse(?:-stream)?$", BedrockConverse, "bedrock"),
     route(_M + r"/invoke(?:-with-response-stream)?$", BedrockInvoke, "bedrock"),

@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.base import NDJSON, ApiParser, dig, items
+from extproc.apis.routing import Provider, route
 
 
 class _CohereUsage(ApiParser):
@@ -145,8 +146,9 @@ class CohereEmbed(_CohereUsage):
     input_keys = ("texts", "inputs")
 
 
-from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
+ORDER = 50
+PROVIDERS = (Provider("cohere", "cohere", ("api.cohere.com", "api.cohere.ai")),)
 ROUTES = [
     route(r"^/v2/chat$", CohereChat, "cohere"),
     route(r"^/v1/chat$", CohereChatV1, "cohere"),

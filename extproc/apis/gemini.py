@@ -20,6 +20,7 @@ from typing import Any, ClassVar
 
 from extproc.apis.anthropic import AnthropicCountTokens, VertexAnthropic
 from extproc.apis.base import JSON, JSON_ARRAY, ApiParser, dig, items
+from extproc.apis.routing import Provider, route
 
 _CONFIG_PARAMS = {
     "temperature": "temperature",
@@ -146,10 +147,14 @@ class GeminiStream(GeminiGenerate):
         self.on_response_json(obj)
 
 
-from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
 _VERTEX = r"^/v1(?:beta1)?/projects/[^/]+/locations/[^/]+/publishers/"
 _MODEL = r"(?P<model>[^/:]+)"
+ORDER = 30  # Vertex AI (incl. Claude on Vertex) and the Gemini API
+PROVIDERS = (
+    Provider("gemini", "gcp.gemini", ("generativelanguage.googleapis.com",)),
+    Provider("vertex_ai", "gcp.vertex_ai", ("aiplatform.googleapis.com",)),
+)
 ROUTES = [
     route(_VERTEX + r"anthropic/models/count-tokens:rawPredict$", AnthropicCountTokens, "vertex_ai"),
     route(_VERTEX + r"anthropic/models/" + _MODEL + r":(?:stream)?[rR]awPredict$", VertexAnthropic, "vertex_ai"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.base import ApiParser
+from extproc.apis.routing import Provider, route
 
 TOOLS_CALL = "tools/call"
 
@@ -75,6 +76,7 @@ class McpParser(ApiParser):
             self.obs.error_type = "tool_error"
 
 
-from extproc.apis.routing import route  # noqa: E402  (after the class it names)
 
+ORDER = 10  # POST /mcp: JSON-RPC (tool calls); no LLM provider of its own
+PROVIDERS: tuple[Provider, ...] = ()
 ROUTES = [route(r"/mcp$", McpParser)]

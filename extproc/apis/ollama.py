@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.base import ApiParser, dig
+from extproc.apis.routing import Provider, route
 
 _OPTIONS = {
     "temperature": "temperature",
@@ -80,8 +81,9 @@ class OllamaEmbed(_Ollama):
     streams_by_default = False
 
 
-from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
+ORDER = 60
+PROVIDERS = (Provider("ollama", "ollama", (":11434",)),)
 ROUTES = [
     route(r"^/api/chat$", OllamaChat, "ollama"),
     route(r"^/api/generate$", OllamaGenerate, "ollama"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.base import ApiParser, dig, items
+from extproc.apis.routing import Provider, route
 
 _SAMPLING = (
     "temperature", "top_p", "max_tokens", "max_completion_tokens", "frequency_penalty",
@@ -173,9 +174,20 @@ class OpenAIResponses(ApiParser):
                         self.capture_text(part.get("text"))
 
 
-from extproc.apis.routing import route  # noqa: E402  (after the classes it names)
 
 _AZ = r"^/openai/deployments/(?P<model>[^/]+)"
+ORDER = 100  # last: the generic OpenAI-compatible suffixes match almost anything
+PROVIDERS = (
+    Provider("openai", "openai", ("api.openai.com",)),
+    Provider("azure", "azure.ai.openai", (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com")),
+    # OpenAI-compatible APIs: the same schema on other hosts.
+    Provider("mistral", "mistral_ai", ("api.mistral.ai",)),
+    Provider("groq", "groq", ("api.groq.com",)),
+    Provider("deepseek", "deepseek", ("api.deepseek.com",)),
+    Provider("xai", "x_ai", ("api.x.ai",)),
+    Provider("openrouter", "openrouter", ("openrouter.ai",)),
+    Provider("perplexity", "perplexity", ("api.perplexity.ai",)),
+)
 ROUTES = [
     route(_AZ + r"/chat/completions$", OpenAIChat, "azure"),
     route(_AZ + r"/completions$", OpenAICompletions, "azure"),

@@ -1,9 +1,11 @@
 """Which API schema a request speaks, and which provider serves it.
 
-Each parser module in ``extproc.apis`` exports ``ROUTES``: path patterns (matched against the path
-without its query string) mapped to a parser class, an optional provider implied by the path, and
-an optional named group ``model`` for APIs that carry the model in the path. Operators add their
-own path mappings in config (``providers.routes``); those are tried first.
+Each parser module in ``extproc.apis`` declares ``ROUTES``: path patterns (matched against the
+path without its query string) mapped to a parser class, an optional provider implied by the path,
+and an optional named group ``model`` for APIs that carry the model in the path; and ``PROVIDERS``:
+the providers it serves, with their host suffixes and GenAI semantic-convention names. The tables
+here are built from those declarations (see ``extproc.apis``). Operators add their own path
+mappings in config (``providers.routes``); those are tried first.
 
 The provider is, in order: the per-route ext_proc ``grpc_initial_metadata`` (``x-llm-provider``),
 the configured provider header, a config path mapping, the request host, the path, and finally the
@@ -39,25 +41,15 @@ def route(pattern: str, parser: type[ApiParser], provider: str | None = None) ->
     return Route(re.compile(pattern), parser, provider)
 
 
-# Host suffix -> provider name. Names are the short ones used in the `llm`/`provider` labels.
-HOST_PROVIDERS: tuple[tuple[str, str], ...] = (
-    ("api.openai.com", "openai"),
-    (".openai.azure.com", "azure"),
-    (".cognitiveservices.azure.com", "azure"),
-    (".services.ai.azure.com", "azure"),
-    ("api.anthropic.com", "anthropic"),
-    ("generativelanguage.googleapis.com", "gemini"),
-    ("aiplatform.googleapis.com", "vertex_ai"),
-    (".amazonaws.com", "bedrock"),
-    ("api.mistral.ai", "mistral"),
-    ("api.cohere.com", "cohere"),
-    ("api.cohere.ai", "cohere"),
-    ("api.groq.com", "groq"),
-    ("api.deepseek.com", "deepseek"),
-    ("api.x.ai", "xai"),
-    ("openrouter.ai", "openrouter"),
-    (":11434", "ollama"),
-)
+@dataclass(frozen=True, slots=True)
+class Provider:
+    """A provider as the labels name it (``llm``), recognised by the host it is called on."""
+
+    name: str  # short name: the ``llm``/``provider`` label, the access log's ``provider``
+    semconv: str  # ``gen_ai.provider.name`` (OpenTelemetry GenAI semantic conventions)
+    hosts: tuple[str, ...] = ()  # host suffixes ("api.openai.com", ".amazonaws.com"); ":port" matches anywhere
+
+
 
 
 class Router:
@@ -80,13 +72,32 @@ class Router:
         return None
 
 
+@lru_cache(maxsize=1)
+def _host_table() -> tuple[tuple[str, str], ...]:
+    from extproc import apis
+
+    return tuple((suffix, p.name) for p in apis.all_providers() for suffix in p.hosts)
+
+
 @lru_cache(maxsize=1024)
 def provider_for_host(host: str) -> str | None:
     host = host.lower()
-    for suffix, name in HOST_PROVIDERS:
+    for suffix, name in _host_table():
         if host.endswith(suffix) or (suffix.startswith(":") and suffix in host):
             return name
     return None
+
+
+@lru_cache(maxsize=1)
+def _semconv_names() -> dict[str, str]:
+    from extproc import apis
+
+    return {p.name: p.semconv for p in apis.all_providers()}
+
+
+def semconv_name(provider: str) -> str:
+    """``gen_ai.provider.name`` for one of our provider names (unknown ones pass through)."""
+    return _semconv_names().get(provider, provider)
 
 
 def default_routes() -> list[Route]:

@@ -19,6 +19,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased,
 from opentelemetry.trace import SpanKind, Status, StatusCode
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
+from extproc.apis.routing import semconv_name
 from extproc.core import cel
 from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, Call
 from extproc.core.config import TracingConfig
@@ -27,24 +28,6 @@ from extproc.telemetry.trace_export import BoundedBatchProcessor, build_exporter
 log = logging.getLogger("extproc.telemetry.tracing")
 
 DEFAULT_SERVICE_NAME = "envoy-ai-extproc"
-
-# Our short provider names -> gen_ai.provider.name (semconv well-known values).
-PROVIDER_NAMES = {
-    "openai": "openai",
-    "azure": "azure.ai.openai",
-    "anthropic": "anthropic",
-    "gemini": "gcp.gemini",
-    "vertex_ai": "gcp.vertex_ai",
-    "bedrock": "aws.bedrock",
-    "mistral": "mistral_ai",
-    "cohere": "cohere",
-    "ollama": "ollama",
-    "groq": "groq",
-    "deepseek": "deepseek",
-    "xai": "x_ai",
-    "openrouter": "openrouter",
-    "perplexity": "perplexity",
-}
 
 # Request parameters (as parsers record them) -> gen_ai.request.* attribute.
 PARAM_ATTRIBUTES = {
@@ -154,7 +137,7 @@ def span_name(call: Call) -> str:
 def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]:
     obs = call.obs
     u = obs.usage
-    provider = PROVIDER_NAMES.get(call.provider, call.provider)
+    provider = semconv_name(call.provider)
     a: dict[str, Any] = {"gen_ai.operation.name": obs.operation}
     if call.api != "mcp":
         a["gen_ai.provider.name"] = provider
