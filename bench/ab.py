@@ -1,6 +1,6 @@
 """One Envoy + sidecar stack, closed-loop wrk: sidecar and Envoy CPU per request, for quick A/Bs.
 
-    .venv/bin/python -m bench.ab grpclib -c 16 -d 4 --reps 2     # or grpcio; --workers 2
+    .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live
     .venv/bin/python -m bench.ab grpclib --prof /tmp/w.prof      # the sidecar under cProfile (1 worker)
 
 Lighter than ``python -m bench`` (one stack, one scenario), so A and B can be interleaved several
