@@ -357,7 +357,9 @@ def render(report: Report, fmt: str) -> str:
 
 
 def _usd(v: float) -> str:
-    return f"${v:,.2f}" if v >= 100 or v == 0 else f"${v:,.4f}"
+    if v >= 100:
+        return f"${v:,.2f}"
+    return f"${v:.6f}" if 0 < v < 0.0001 else f"${v:,.4f}"
 
 
 def _iso(t: float) -> str:
