@@ -1,4 +1,4 @@
-"""Command line: ``extproc serve``, ``extproc dev``, ``extproc mock-llm``, ``extproc health``, ``extproc envoy-config``."""
+"""Command line: ``extproc serve``, ``extproc dev``, ``extproc mock-llm``, ``extproc health``, ``extproc envoy-config``, ``extproc spend``."""
 from __future__ import annotations
 
 import argparse
@@ -111,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--variant", default="reference", choices=["reference", "compose", "kubernetes"],
                    help="reference: envoy/envoy.yaml; compose: envoy/envoy-compose.yaml; kubernetes: deploy/kubernetes/envoy.yaml")
     e.set_defaults(func=_envoy_config)
+
+    sp = sub.add_parser("spend", help="LLM spend per team/user/model over a window, from Prometheus or access logs")
+    from extproc import spend
+
+    spend.add_arguments(sp)
+    sp.set_defaults(func=spend.run)
 
     args = ap.parse_args(argv)
     return int(args.func(args) or 0)

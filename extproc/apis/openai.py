@@ -16,6 +16,13 @@ _SAMPLING = (
 )
 
 
+def _service_tier(parser: ApiParser, obj: dict[str, Any]) -> None:
+    """The tier that served the call (``default``, ``flex``, ``priority``...): it sets the price."""
+    tier = obj.get("service_tier")
+    if isinstance(tier, str) and tier:
+        parser.obs.extra["service_tier"] = tier[:32]
+
+
 class _ChatLike(ApiParser):
     """Chat and legacy completions share usage and streaming shapes."""
 
@@ -66,6 +73,7 @@ class _ChatLike(ApiParser):
         rid = obj.get("id")
         if isinstance(rid, str) and self.obs.response_id is None:
             self.obs.response_id = rid
+        _service_tier(self, obj)
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.set_usage(
@@ -155,6 +163,7 @@ class OpenAIResponses(ApiParser):
         rid = obj.get("id")
         if isinstance(rid, str):
             self.obs.response_id = rid
+        _service_tier(self, obj)
         status = obj.get("status")
         if isinstance(status, str) and status not in ("in_progress", "queued"):
             self.obs.finish_reasons.append(status)

@@ -157,3 +157,25 @@ def test_cohere_v1_stream_capture_takes_text_once() -> None:
     assert obs.response_id == "r-1"
     whole = BY_NAME["cohere_v1_chat_json"]
     assert run(whole, [whole.body or b""], capture=True).output_text == ["Hi"]
+
+
+@pytest.mark.parametrize("path,body", [
+    ("/v1/chat/completions", {"id": "c", "model": "gpt-4o-mini", "service_tier": "flex", "choices": [],
+                              "usage": {"prompt_tokens": 3, "completion_tokens": 4}}),
+    ("/v1/responses", {"id": "r", "model": "o4-mini", "status": "completed", "service_tier": "flex",
+                       "usage": {"input_tokens": 3, "output_tokens": 4}}),
+])
+def test_openai_service_tier_is_recorded(path: str, body: dict) -> None:
+    """The tier the response reports picks the price (extproc.pricing)."""
+    raw = orjson.dumps(body)
+    obs = run(Case("x", path, JSON, body=raw, expect={}), [raw])
+    assert obs.extra["service_tier"] == "flex"
+
+
+def test_openai_streamed_service_tier_is_recorded() -> None:
+    body = sse((None, {"id": "c", "model": "gpt-4o-mini", "service_tier": "priority",
+                      "choices": [{"index": 0, "delta": {"content": "hi"}}]}),
+               (None, {"id": "c", "model": "gpt-4o-mini", "service_tier": "priority", "choices": [],
+                      "usage": {"prompt_tokens": 3, "completion_tokens": 4}}))
+    obs = run(Case("x", "/v1/chat/completions", SSE, body=body, expect={}), [body])
+    assert obs.extra["service_tier"] == "priority" and obs.usage.output_tokens == 4
