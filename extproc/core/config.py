@@ -14,7 +14,7 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
-from extproc.pricing import PricingConfig
+from extproc.core.pricing import PricingConfig
 
 DEFAULT_NAMESPACE = "ai.gateway.kgateway.dev"
 DEFAULT_LISTEN = "127.0.0.1:18080"
@@ -235,7 +235,7 @@ class Config(_Section):
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)  # TLS / mTLS on `listen` (not healthListen)
-    pricing: PricingConfig = Field(default_factory=PricingConfig)  # cost in USD; see extproc.pricing
+    pricing: PricingConfig = Field(default_factory=PricingConfig)  # cost in USD; see extproc.core.pricing
     # SIGTERM: health turns NOT_SERVING, no new streams are accepted, and the streams in flight get
     # this long to finish (their metrics are recorded) before they are cancelled and we exit 0.
     # Keep it below Kubernetes' terminationGracePeriodSeconds (minus any preStop sleep).

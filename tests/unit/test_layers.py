@@ -14,7 +14,7 @@ LAYERS = (
     ("extproc.telemetry",),  # dynamic metadata, metrics, tracing: observers of finished calls
     ("extproc.server",),  # the ext_proc servicer, gRPC server, workers, supervisor
     ("extproc.devtools",),  # dev stack, mock LLM, Envoy config generation
-    ("extproc.cli", "extproc.__main__"),  # the command line
+    ("extproc.cli", "extproc.__main__", "extproc.spend"),  # the command line and its reports
 )
 ROOT = Path(extproc.__file__).parent
 

@@ -166,7 +166,7 @@ def test_cohere_v1_stream_capture_takes_text_once() -> None:
                        "usage": {"input_tokens": 3, "output_tokens": 4}}),
 ])
 def test_openai_service_tier_is_recorded(path: str, body: dict) -> None:
-    """The tier the response reports picks the price (extproc.pricing)."""
+    """The tier the response reports picks the price (extproc.core.pricing)."""
     raw = orjson.dumps(body)
     obs = run(Case("x", path, JSON, body=raw, expect={}), [raw])
     assert obs.extra["service_tier"] == "flex"

@@ -18,7 +18,7 @@ import pytest
 import yaml
 
 from extproc import cli
-from extproc.dev import free_port, wait_port
+from extproc.devtools.dev import free_port, wait_port
 from extproc.spend import counter_increase, duration, timestamp
 
 T0 = 1_790_000_000.0  # 2026-09-21T...Z: crafted log lines sit after this

@@ -33,9 +33,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pydantic.alias_generators import to_camel
 
 if TYPE_CHECKING:
-    from extproc.observation import Usage
+    from extproc.core.observation import Usage
 
-log = logging.getLogger("extproc.pricing")
+log = logging.getLogger("extproc.core.pricing")
 
 # Our provider names (routing.HOST_PROVIDERS, the parsers' default_provider, operator-configured
 # names) -> genai-prices provider ids. A provider absent here (ollama, self-hosted, "unknown") is
@@ -76,8 +76,8 @@ _LOOKUP_CACHE_MAX = 4096
 
 # ---- configuration ----------------------------------------------------------------------------
 class _Section(BaseModel):
-    # Same rules as extproc.config's sections (camelCase keys, unknown keys refused); declared here
-    # so this module does not import extproc.config, which imports it.
+    # Same rules as extproc.core.config's sections (camelCase keys, unknown keys refused); declared here
+    # so this module does not import extproc.core.config, which imports it.
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
 
@@ -350,7 +350,7 @@ class _Plan:
     """A model's resolved catalogue rates when they only involve what providers report to us:
     then the catalogue's own arithmetic (tiers by total input, cache reads and writes as parts
     of input) is done here in a few microseconds instead of the library's generic unit algebra
-    (~300 us). tests/test_pricing.py checks both agree on every catalogue model."""
+    (~300 us). tests/unit/test_pricing.py checks both agree on every catalogue model."""
 
     __slots__ = ("input", "output", "cache_read", "cache_write", "tiered")
 

@@ -1,4 +1,4 @@
-"""Cost in USD per call (extproc.pricing).
+"""Cost in USD per call (extproc.core.pricing).
 
 Expected amounts are computed here from the providers' published per-million rates, written as
 literals: a catalogue (genai-prices) bump that changes a price or a token meaning fails these.
@@ -11,9 +11,9 @@ import sys
 
 import pytest
 
-from extproc.config import ConfigError, parse
-from extproc.observation import Usage
-from extproc.pricing import Cost, Pricer, PricingConfig, Tokens, Unpriced, _library_cost, _plan, normalise
+from extproc.core.config import ConfigError, parse
+from extproc.core.observation import Usage
+from extproc.core.pricing import Cost, Pricer, PricingConfig, Tokens, Unpriced, _library_cost, _plan, normalise
 
 M = 1_000_000
 
