@@ -129,6 +129,8 @@ class AnthropicCountTokens(ApiParser):
     metrics); it goes to ``obs.extra["counted_input_tokens"]``.
     """
 
+    priced = False
+
     operation = "count_tokens"
     api = "anthropic.count_tokens"
     default_provider = "anthropic"

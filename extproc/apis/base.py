@@ -76,6 +76,8 @@ class ApiParser:
     param_keys: ClassVar[tuple[str, ...]] = ()
     # request-body keys holding the prompt, first present wins (captured only with capture on)
     input_keys: ClassVar[tuple[str, ...]] = ()
+    # False for calls that consume no tokens (count_tokens, MCP): never priced, never "unpriced"
+    priced: ClassVar[bool] = True
 
     def __init__(
         self,

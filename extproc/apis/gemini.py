@@ -116,6 +116,8 @@ class GeminiEmbed(GeminiGenerate):
 class GeminiCountTokens(AnthropicCountTokens):
     """``:countTokens`` -> ``{"totalTokens": N}``: a count, not usage (see AnthropicCountTokens)."""
 
+    priced = False
+
     api = "gemini.count_tokens"
     default_provider = "gemini"
     count_key = "totalTokens"

@@ -18,6 +18,7 @@ TOOLS_CALL = "tools/call"
 
 
 class McpParser(ApiParser):
+    priced = False
     operation = "mcp"
     api = "mcp"
     default_provider = "mcp"

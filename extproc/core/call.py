@@ -5,6 +5,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from extproc.core.observation import Observation
+from extproc.core.pricing import Cost, Unpriced
 
 # Outcomes, one per call:
 OK = "ok"  # the response completed (or its final usage arrived) with status < 400
@@ -34,6 +35,7 @@ class Call:
     response_bytes: int = 0  # raw (still encoded) response body bytes observed
     decode_error: str | None = None  # Content-Encoding trouble (bomb, corrupt, unsupported)
     request_complete: bool = True  # False when Envoy sent only a prefix of a large request body
+    cost: Cost | Unpriced | None = None  # priced when usage is seen and at the end (None: not an LLM call to price)
 
     @property
     def duration(self) -> float | None:

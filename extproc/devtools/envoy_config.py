@@ -36,6 +36,7 @@ def access_log_format(namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
         "completion_tokens": ai("completion_tokens"),
         "cached_tokens": ai("cached_tokens"),
         "reasoning_tokens": ai("reasoning_tokens"),
+        "cost_usd": ai("cost_usd"),
         "streaming": ai("streaming"),
         "model": ai("model"),
         "provider_model": ai("provider_model"),

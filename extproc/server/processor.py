@@ -21,6 +21,7 @@ from extproc.apis.routing import Route, Router, default_routes, provider_for_hos
 from extproc.codecs.encodings import Decoder, make_decoder
 from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, OK, Call, CallObserver
 from extproc.core.config import Config, ConfigError
+from extproc.core.pricing import Pricer
 from extproc.telemetry import metadata
 
 log = logging.getLogger("extproc")
@@ -68,6 +69,7 @@ class Processor:
         self.limits = Limits(max_body_bytes=lim.max_body_bytes, max_event_bytes=lim.max_event_bytes,
                              max_capture_chars=config.tracing.max_content_chars)
         self.max_decoded = lim.max_decoded_bytes
+        self.pricer = Pricer(config.pricing)
         routes = default_routes()
         self.router = Router(routes, extra=_config_routes(config, routes))
         self.observers = list(observers)
@@ -132,7 +134,7 @@ def _config_routes(config: Config, routes: list[Route]) -> list[Route]:
 class Stream:
     """The state of one ext_proc stream (= one HTTP exchange)."""
 
-    __slots__ = ("p", "call", "parser", "decoder", "_grpc_provider", "_done", "_response_done")
+    __slots__ = ("p", "call", "parser", "decoder", "_grpc_provider", "_done", "_response_done", "_priced", "_priceable")
 
     def __init__(self, processor: Processor, grpc_provider: str | None) -> None:
         self.p = processor
@@ -142,6 +144,8 @@ class Stream:
         self._grpc_provider = grpc_provider
         self._done = False
         self._response_done = False
+        self._priced: tuple[object, ...] | None = None  # what call.cost was computed from
+        self._priceable = False  # an LLM call that consumes tokens (set with its parser)
 
     def handle(self, req: pb.ProcessingRequest) -> bytes | None:
         call = self.call
@@ -180,6 +184,7 @@ class Stream:
             return CONTINUE_REQUEST_HEADERS if msg.end_of_stream else SKIP_REQUEST_BODY
         parser = match.parser(call.obs, path_model=match.path_model, limits=self.p.limits, capture=self.p.capture)
         self.parser = parser
+        self._priceable = parser.priced
         call.api = parser.api
         call.provider = provider or match.provider or provider_for_host(call.host) or parser.default_provider
         return CONTINUE_REQUEST_HEADERS
@@ -215,6 +220,8 @@ class Stream:
         if msg.end_of_stream:
             self._response_done = True
             self._complete()
+        if call.obs.usage.seen():
+            self._price()
         resp.mode_override.CopyFrom(_STREAMED if parser is not None and not msg.end_of_stream else _NO_BODY)
         metadata.write(resp.dynamic_metadata, self.p.namespace, call)
         return resp.SerializeToString()
@@ -243,6 +250,8 @@ class Stream:
             self._complete()
         if not changed:
             return CONTINUE_RESPONSE_BODY
+        if call.obs.usage.seen():
+            self._price()
         resp = pb.ProcessingResponse()
         resp.response_body.SetInParent()
         metadata.write(resp.dynamic_metadata, self.p.namespace, call)
@@ -256,6 +265,23 @@ class Stream:
     def _complete(self) -> None:
         self.call.outcome = ERROR if self.call.status >= 400 else OK
 
+    def _price(self) -> None:
+        """Price the call from the usage seen so far (again only when the usage or the model
+        changed since): the metadata going out with this message, and the observers at the end,
+        read the same ``call.cost``."""
+        if not self._priceable:
+            return
+        call = self.call
+        obs = call.obs
+        u = obs.usage
+        key = (u.input_tokens, u.output_tokens, u.total_tokens, u.cached_input_tokens,
+               u.cache_creation_input_tokens, u.reasoning_tokens, obs.request_model, obs.response_model)
+        if key == self._priced:
+            return
+        self._priced = key
+        call.cost = self.p.pricer.price(call.provider, obs.request_model, obs.response_model, u,
+                                        obs.extra.get("service_tier"), call.api)
+
     def finish(self) -> None:
         """The gRPC stream ended (normally, or because Envoy reset it). Report exactly once."""
         if self._done:
@@ -263,6 +289,10 @@ class Stream:
         self._done = True
         call = self.call
         call.end = time.perf_counter()
+        # Price LLM calls that could have cost something: usage seen, or a response that was not
+        # an error (a missing usage then counts as unpriced, reason no_usage).
+        if (call.obs.usage.seen() or (call.response_start is not None and call.status < 400)):
+            self._price()
         if not call.outcome:
             if call.response_start is None:
                 call.outcome = NO_RESPONSE

@@ -3,7 +3,7 @@
 Keys (numbers as numbers, booleans as booleans; a key is absent until its value is known):
 ``model`` (requested), ``provider_model`` (from the response), ``provider``, ``streaming``,
 ``operation``, ``prompt_tokens``, ``completion_tokens``, ``total_tokens``, ``cached_tokens``,
-``cache_creation_tokens``, ``reasoning_tokens``.
+``cache_creation_tokens``, ``reasoning_tokens``, ``cost_usd`` (US dollars, absent when unpriced).
 """
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.core.call import Call
+from extproc.core.pricing import Cost
 
 
 def fields(call: Call) -> dict[str, Any]:
@@ -35,6 +36,8 @@ def fields(call: Call) -> dict[str, Any]:
         out["cache_creation_tokens"] = u.cache_creation_input_tokens
     if u.reasoning_tokens is not None:
         out["reasoning_tokens"] = u.reasoning_tokens
+    if isinstance(call.cost, Cost):
+        out["cost_usd"] = call.cost.total
     return out
 
 

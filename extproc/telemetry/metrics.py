@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
 from extproc.core.config import BUILTIN_LABELS, StatsConfig
+from extproc.core.pricing import Cost
 from extproc.telemetry.labels import LabelGuard, LabelSource
 
 log = logging.getLogger("extproc.telemetry.metrics")
@@ -64,6 +65,10 @@ class Metrics:
         self.usage_missing = Counter(
             "ai_usage_missing", "Successful LLM responses that reported no token usage (e.g. a stream without include_usage)",
             ["llm", "model", "operation", *c], registry=registry)
+        self.cost = Counter("ai_cost_usd", "Cost of LLM calls in US dollars, from the reported usage (see docs/cost.md)", ai, registry=registry)
+        self.unpriced = Counter(
+            "ai_cost_unpriced", "LLM calls that could not be priced, by reason (unknown_model, no_usage, error)",
+            ["llm", "model", "reason", *c], registry=registry)
         self.parse_errors = Counter("ai_parse_errors", "Payloads the sidecar could not parse", ["llm", "reason"], registry=registry)
         self.overflow = Counter(
             "ai_label_values_overflow", "Label values folded into __overflow__ by the cardinality cap (stats.maxLabelValues)",
@@ -86,7 +91,7 @@ class Metrics:
 
     def label_names(self) -> set[str]:
         names: set[str] = set()
-        for m in (self.prompt_tokens, self.completion_tokens, self.requests, self.usage_missing, self.parse_errors,
+        for m in (self.prompt_tokens, self.completion_tokens, self.requests, self.usage_missing, self.cost, self.unpriced, self.parse_errors,
                   self.overflow, self.token_usage, self.duration, self.ttft, self.tpot):
             names.update(m._labelnames)
         return names
@@ -108,7 +113,7 @@ def instruments(registry: CollectorRegistry, custom: tuple[str, ...]) -> Metrics
 class _Series:
     """The children of one label combination, looked up once and reused by later calls."""
 
-    __slots__ = ("ai", "genai", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "tokens")
+    __slots__ = ("ai", "genai", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "cost", "tokens")
 
     def __init__(self, ai: tuple[str, ...], genai: tuple[str, ...]) -> None:  # children: on first use
         self.ai = ai  # llm, model, *custom
@@ -120,6 +125,7 @@ class _Series:
         self.prompt: Any = None
         self.completion: Any = None
         self.missing: Any = None
+        self.cost: Any = None
         self.tokens: dict[str, Any] = {}
 
 
@@ -206,6 +212,13 @@ class MetricsObserver:
             if series.missing is None:
                 series.missing = m.usage_missing.labels(provider, model, obs.operation, *custom)
             series.missing.inc()
+        cost = call.cost
+        if isinstance(cost, Cost):
+            if series.cost is None:
+                series.cost = m.cost.labels(*series.ai)
+            series.cost.inc(cost.total)
+        elif cost is not None and cost.reason != "disabled":
+            m.unpriced.labels(provider, model, cost.reason, *custom).inc()
         if obs.parse_errors:
             m.parse_errors.labels(provider, obs.parse_error_reason or "unknown").inc(obs.parse_errors)
         if self.guard.overflowed:

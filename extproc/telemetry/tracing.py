@@ -23,6 +23,7 @@ from extproc.apis.routing import semconv_name
 from extproc.core import cel
 from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, Call
 from extproc.core.config import TracingConfig
+from extproc.core.pricing import Cost
 from extproc.telemetry.trace_export import BoundedBatchProcessor, build_exporter
 
 log = logging.getLogger("extproc.telemetry.tracing")
@@ -159,6 +160,10 @@ def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]
     _put(a, "gen_ai.usage.cache_read.input_tokens", u.cached_input_tokens)
     _put(a, "gen_ai.usage.cache_creation.input_tokens", u.cache_creation_input_tokens)
     _put(a, "gen_ai.usage.reasoning.output_tokens", u.reasoning_tokens)
+    if isinstance(call.cost, Cost):  # USD; Langfuse reads gen_ai.usage.cost
+        a["gen_ai.usage.cost"] = call.cost.total
+        a["gen_ai.usage.input_cost"] = call.cost.input
+        a["gen_ai.usage.output_cost"] = call.cost.output
     if call.ttft is not None and obs.streaming:
         a["gen_ai.response.time_to_first_chunk"] = round(call.ttft, 6)
     if call.host:

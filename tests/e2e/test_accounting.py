@@ -61,6 +61,7 @@ def access_log_sums(stack: Stack, run: Run) -> dict[str, dict[str, int]]:
         s["prompt"] += e["prompt_tokens"] or 0
         s["completion"] += e["completion_tokens"] or 0
         s["total"] += e["total_tokens"] or 0
+        COST_LOG[e["team"]] += e.get("cost_usd") or 0.0
     return sums
 
 
@@ -72,10 +73,18 @@ def span_sums(collector: GrpcReceiver, run: Run, before: int) -> dict[str, dict[
         s = sums[sp.attributes.get("team")]
         s["prompt"] += sp.attributes.get("gen_ai.usage.input_tokens", 0)
         s["completion"] += sp.attributes.get("gen_ai.usage.output_tokens", 0)
+        COST_SPANS[sp.attributes.get("team")] += sp.attributes.get("gen_ai.usage.cost", 0.0)
     return sums
 
 
+# USD per team of the run being checked, from the access log and from the spans.
+COST_LOG: dict[str, float] = defaultdict(float)
+COST_SPANS: dict[str, float] = defaultdict(float)
+
+
 def check_exact(stack: Stack, collector: GrpcReceiver, run: Run, before_metrics: list, before_spans: int) -> list:
+    COST_LOG.clear()
+    COST_SPANS.clear()
     log = access_log_sums(stack, run)
     spans = span_sums(collector, run, before_spans)
     calls = total(before_metrics, "ai_requests_total") + len(run.results)
@@ -88,6 +97,11 @@ def check_exact(stack: Stack, collector: GrpcReceiver, run: Run, before_metrics:
                for k in ("prompt", "completion")}
         assert got == {"prompt": want["prompt"], "completion": want["completion"]}, ("metrics", team)
         assert spans[team] == {"prompt": want["prompt"], "completion": want["completion"]}, ("spans", team)
+        # Money too: the access log's cost_usd, ai_cost_usd_total and the spans' gen_ai.usage.cost agree.
+        counted = total(samples, "ai_cost_usd_total", team=team) - total(before_metrics, "ai_cost_usd_total", team=team)
+        assert COST_LOG[team] > 0, ("nothing priced", team)
+        assert abs(counted - COST_LOG[team]) <= 1e-9 * max(1.0, COST_LOG[team]), ("cost: metrics vs access log", team)
+        assert abs(COST_SPANS[team] - COST_LOG[team]) <= 1e-9 * max(1.0, COST_LOG[team]), ("cost: spans vs access log", team)
     assert total(samples, "ai_active_streams") == 0  # no per-stream state left behind
     return samples
 
@@ -115,7 +129,7 @@ def test_aborted_clients_counted_once_with_what_was_seen(stack, replay, collecto
 def test_killed_worker_fails_open_and_is_restarted(stack):
     """SIGKILL a worker under load: no client sees an error (Envoy fails open for the streams it
     held), the other worker keeps counting, and the supervisor starts a replacement."""
-    from procstat import tree
+    from bench.procstat import tree
 
     workers = tree(stack.sidecar.pid)[1:]
     assert len(workers) == 2

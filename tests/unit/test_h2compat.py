@@ -21,8 +21,12 @@ from tests.unit.test_servers import REQ, RESP, _in_flight, _wait
 def test_server_configuration_and_events():
     cfg = h2compat.server_configuration()
     assert type(cfg).__name__ == "Configuration"
-    handler = Handler({}, None, None, h2compat.server_events())
-    assert h2compat.cancelled_tasks(handler) == []  # Handler._cancelled exists (a set of tasks)
+
+    async def main() -> None:  # grpclib's Handler wants a running loop
+        handler = Handler({}, None, None, h2compat.server_events())
+        assert h2compat.cancelled_tasks(handler) == []  # Handler._cancelled exists (a set of tasks)
+
+    asyncio.run(main())
 
 
 def test_connection_internals_on_a_live_connection():
