@@ -259,7 +259,11 @@ class Pricer:
         if not self.enabled:
             return DISABLED
         try:
-            return self._price(provider, request_model, response_model, usage, service_tier, api)
+            result = self._price(provider, request_model, response_model, usage, service_tier, api)
+            if isinstance(result, Cost):  # to the pico-dollar: 7.5e-06, not 7.499999999999999e-06
+                result = Cost(round(result.total, 12), round(result.input, 12), round(result.output, 12),
+                              result.model, result.source)
+            return result
         except Exception:  # the catalogue raises on usage it finds inconsistent; never propagate
             self.errors += 1
             if self.errors <= 10 or self.errors % 1000 == 0:
@@ -319,6 +323,12 @@ class Pricer:
             self._lookup.clear()
         self._lookup[key] = found
         return found
+
+    def warm(self) -> None:
+        """Load the catalogue now (about a second, once per process) rather than on the first
+        priced call, where it would stall that worker's event loop past Envoy's message timeout."""
+        if self.enabled:
+            self._catalogue()
 
     def _catalogue(self) -> Any:
         if self._snapshot is None:

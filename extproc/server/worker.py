@@ -35,6 +35,7 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
                      observer_factory: ObserverFactory | None = None) -> None:
     grace = config.shutdown_grace_seconds if grace is None else grace
     processor = Processor(config, observers)
+    processor.pricer.warm()  # before serving: the first call must not wait for the price catalogue
     server = build_server(processor, config.listen, tls=config.tls)
     health_server = health_only_server(config.health_listen) if config.health_listen else None
     health = Health(server, *([health_server] if health_server else []))

@@ -48,6 +48,8 @@ EXPECT: dict[str, bool] = {
     "LLMTokenSpendSpike": False,  # steady traffic: the 15 m rate equals the (same samples') 1 d rate
     "ExtProcFailingOpen": False,  # the sidecar stayed up: Envoy never failed open
     "TraceSpansDropped": False,  # nothing dropped
+    "LLMTeamSpendHigh": False,  # cents, not 100 USD (the expression itself: test_team_spend_alert_sums_cost)
+    "LLMUnpricedShareHigh": True,  # the unparseable bodies report no usage: 1 call in 6 is unpriced
 }
 METRIC = re.compile(r"\b((?:ai|gen_ai|envoy)_[a-z0-9_]+)\b")
 
@@ -183,3 +185,11 @@ def test_alert_rule(prometheus, alert):
         assert prometheus.query(f'count({{__name__="{name}"}})'), f"{alert}: no series named {name}"
     assert alert in EXPECT, f"say whether {alert} returns data after the test traffic"
     assert bool(prometheus.query(expr)) is EXPECT[alert], f"{alert}: {expr}"
+
+
+def test_team_spend_alert_sums_cost(prometheus):
+    """The spend alert's expression, with its threshold at 0, returns this traffic's dollars."""
+    expr = alert_rules()["LLMTeamSpendHigh"]
+    assert expr.rstrip().endswith("> 100")
+    result = prometheus.query(expr.rstrip()[: -len("100")] + "0")
+    assert result and float(result[0]["value"][1]) > 0

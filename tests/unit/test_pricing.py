@@ -290,3 +290,19 @@ def test_serve_exits_2_on_a_bad_price(tmp_path) -> None:
     p = subprocess.run([sys.executable, "-m", "extproc", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
     assert p.returncode == 2
     assert "pricing.models.0.inputPerMillion" in p.stderr and len(p.stderr.strip().splitlines()) == 1
+
+
+def test_warm_loads_the_catalogue_once_before_the_first_call(monkeypatch):
+    from genai_prices import data_snapshot
+
+    real = data_snapshot.get_snapshot
+    loads: list[int] = []
+    monkeypatch.setattr(data_snapshot, "get_snapshot", lambda: loads.append(1) or real())
+    pricer = Pricer()
+    pricer.warm()
+    assert loads == [1]
+    cost = pricer.price("openai", "gpt-4o-mini", None, Usage(input_tokens=2, output_tokens=12, total_tokens=14), None, "openai.chat")
+    assert loads == [1] and isinstance(cost, Cost)
+    assert cost.total == 7.5e-06  # rounded to the pico-dollar: no 7.499999999999999e-06 in the access log
+    Pricer(PricingConfig(enabled=False)).warm()  # disabled: nothing to load
+    assert loads == [1]
