@@ -10,6 +10,14 @@ Streaming: ``message_start`` carries the first usage (input, cache, a small outp
 value wins. Some Anthropic-compatible servers report input and cache usage only on
 ``message_delta``; that works the same way.
 
+The ``output_tokens`` of ``message_start`` is a placeholder (1 to a few tokens, before any text
+was generated), not a count of what the stream produced: it is held back, and used only if the
+stream completes without a ``message_delta`` output count. So a stream the client abandons
+before ``message_delta`` reports its input and cache tokens (real, and billed) and no output
+count. A stream is complete at ``message_stop``, or at a ``message_delta`` with a
+``stop_reason`` (the final usage; only ``message_stop`` follows); an ``error`` event ends it as an
+error.
+
 The event handling lives in :class:`AnthropicEvents` so Bedrock InvokeModel and Vertex AI
 ``rawPredict`` (same payloads, other transports) reuse it.
 """
@@ -21,8 +29,8 @@ from extproc.apis.base import ApiParser, items
 from extproc.apis.routing import Provider, route
 
 # Events that can carry usage, the model or a finish/error; everything else is text deltas.
-_USEFUL_EVENTS = frozenset((b"message_start", b"message_delta", b"error"))
-_USEFUL_TYPES = (b'"message_start"', b'"message_delta"', b'"error"')
+_USEFUL_EVENTS = frozenset((b"message_start", b"message_delta", b"message_stop", b"error"))
+_USEFUL_TYPES = (b'"message_start"', b'"message_delta"', b'"message_stop"', b'"error"')
 
 
 class AnthropicEvents(ApiParser):
@@ -33,6 +41,8 @@ class AnthropicEvents(ApiParser):
     default_provider = "anthropic"
     param_keys = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences")
     input_keys = ("messages",)
+    stream_markers = True
+    _start_output: Any = None  # message_start's placeholder output_tokens (see module doc)
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -61,15 +71,25 @@ class AnthropicEvents(ApiParser):
                 self.anthropic_message(message, streamed=True)
         elif kind == "message_delta":
             delta = obj.get("delta")
-            if isinstance(delta, dict):
-                self._finish(delta.get("stop_reason"))
+            stop = delta.get("stop_reason") if isinstance(delta, dict) else None
+            self._finish(stop)
             self._usage(obj.get("usage"))
+            if isinstance(stop, str) and stop:
+                self._stream_complete()
+        elif kind == "message_stop":
+            self._stream_complete()
         elif kind == "content_block_delta":
             delta = obj.get("delta")
             if isinstance(delta, dict):
                 self.capture_text(delta.get("text"))
         elif kind == "error":
             self.on_error_json(obj)
+            self.mark_complete(error=True)
+
+    def _stream_complete(self) -> None:
+        if self.obs.usage.output_tokens is None and self._start_output is not None:
+            self.set_usage(output_tokens=self._start_output)  # no message_delta count came
+        self.mark_complete()
 
     def anthropic_message(self, obj: dict[str, Any], streamed: bool) -> None:
         self.set_response_model(obj.get("model"))
@@ -77,7 +97,11 @@ class AnthropicEvents(ApiParser):
         if isinstance(rid, str) and rid and self.obs.response_id is None:
             self.obs.response_id = rid
         self._finish(obj.get("stop_reason"))
-        self._usage(obj.get("usage"))
+        usage = obj.get("usage")
+        if streamed and isinstance(usage, dict) and "output_tokens" in usage:
+            self._start_output = usage["output_tokens"]
+            usage = {k: v for k, v in usage.items() if k != "output_tokens"}
+        self._usage(usage)
         if self.capture and not streamed:
             for block in items(obj.get("content")):
                 if isinstance(block, dict) and block.get("type") == "text":

@@ -15,6 +15,15 @@ response chunk. Subclasses only implement the ``on_*`` hooks for their schema:
 Hooks set ``self.changed = True`` when usage or the response model became known, so the servicer
 sends dynamic metadata on that very message (clients may hang up before end of stream).
 Nothing here raises on bad input: it is counted on the observation and the call goes on.
+
+Completion is a protocol fact: ``complete`` becomes True when the response is whole by the API's
+own rules, and the servicer reads nothing else to decide a call's outcome. A non-streamed body is
+complete when its last byte arrived. A streamed one, for parsers with ``stream_markers``, only
+when the hook that sees the API's end marker calls ``mark_complete()`` (``[DONE]``,
+``message_stop``, ``finishReason``, ...): a stream that stops before its marker is incomplete
+whatever usage it showed on the way (Anthropic reports usage in ``message_start``, Gemini repeats
+cumulative usage in every chunk). Parsers without ``stream_markers`` (no streamed form, or none we
+know the end of) call a stream complete at its last byte.
 """
 from __future__ import annotations
 
@@ -78,6 +87,8 @@ class ApiParser:
     input_keys: ClassVar[tuple[str, ...]] = ()
     # False for calls that consume no tokens (count_tokens, MCP): never priced, never "unpriced"
     priced: ClassVar[bool] = True
+    # True: a streamed response is complete only when mark_complete() saw the API's end marker
+    stream_markers: bool = False
 
     def __init__(
         self,
@@ -94,6 +105,8 @@ class ApiParser:
         self.limits = limits
         self.capture = capture
         self.changed = False
+        self.complete = False  # the response is whole by the API's own end marker (see module doc)
+        self.stream_error = False  # it ended with an in-stream error event (a 200 that failed)
         self.status = 0
         self._framing = JSON
         self._body: list[bytes] = []
@@ -162,6 +175,8 @@ class ApiParser:
                     self.obs.parse_error("sse_line_too_long")
         elif framing == JSON:
             self._accumulate(chunk, end)
+            if end:
+                self.mark_complete()  # a non-streamed body: whole when its last byte arrived
         elif framing == NDJSON:
             self._ndjson(chunk, end)
         elif framing == JSON_ARRAY:
@@ -176,11 +191,22 @@ class ApiParser:
                 self.obs.parse_error("json_array_truncated")
         else:
             self.feed_other(chunk, end)
+        if end and framing != JSON and not self.stream_markers:
+            self.mark_complete()
         changed, self.changed = self.changed, False
         return changed
 
     def feed_other(self, chunk: bytes, end: bool) -> None:
         """Framings a subclass adds itself (AWS eventstream)."""
+
+    def mark_complete(self, error: bool = False) -> None:
+        """The response is whole (its end marker arrived); ``error``: it ended with an error event.
+        Sets ``changed`` so the servicer hands Envoy the outcome on this very message."""
+        if error:
+            self.stream_error = True
+        if not self.complete:
+            self.complete = True
+            self.changed = True
 
     # ---- hooks -----------------------------------------------------------------------------
     def on_request_json(self, obj: dict[str, Any]) -> None:
@@ -202,6 +228,9 @@ class ApiParser:
 
     def on_sse_event(self, event: bytes, obj: Any) -> None:
         """One SSE event whose data parsed as JSON."""
+
+    def on_sse_done(self) -> None:
+        """The ``data: [DONE]`` sentinel (OpenAI's end of stream)."""
 
     def on_error_json(self, obj: Any) -> None:
         """An error body (status >= 400): record the provider's error type."""
@@ -276,7 +305,10 @@ class ApiParser:
             self.on_response_json(obj)
 
     def _sse_event(self, event: bytes, data: bytes) -> None:
-        if not data or data == b"[DONE]" or not self.want_sse_event(event, data):
+        if data == b"[DONE]":
+            self.on_sse_done()
+            return
+        if not data or not self.want_sse_event(event, data):
             return
         try:
             obj = orjson.loads(data)

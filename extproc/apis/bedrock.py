@@ -13,7 +13,11 @@ Streams are binary ``application/vnd.amazon.eventstream`` frames (see ``extproc.
   for Nova. The last chunk may add ``amazon-bedrock-invocationMetrics`` (inputTokenCount,
   outputTokenCount, ...): used only for the counts the model's own payload did not give.
 
-An ``exception`` message records ``:exception-type`` as the error type.
+An ``exception`` message records ``:exception-type`` as the error type and ends the stream as an
+error. Completion: ConverseStream is complete once both ``messageStop`` and ``metadata`` (the
+usage, sent last) arrived; InvokeModelWithResponseStream at the model's own end marker (Claude's
+``message_stop``/``message_delta`` with ``stop_reason``, Nova's ``messageStop`` + ``metadata``) or
+at the chunk carrying ``amazon-bedrock-invocationMetrics``, which Bedrock adds to the last one.
 """
 from __future__ import annotations
 
@@ -88,6 +92,7 @@ class _EventStreamParser(ApiParser):
     def _exception(self, message: Message) -> None:
         kind = message.headers.get(":exception-type") or message.headers.get(":error-code")
         self.obs.error_type = (kind or "exception")[:64]
+        self.mark_complete(error=True)
 
 
 class BedrockConverse(_EventStreamParser):
@@ -97,6 +102,9 @@ class BedrockConverse(_EventStreamParser):
     api = "bedrock.converse"
     default_provider = "bedrock"
     input_keys = ("messages",)
+    stream_markers = True
+    _stopped = False  # messageStop seen
+    _metadata = False  # metadata (usage) seen
 
     def on_request_json(self, obj: dict[str, Any]) -> None:
         config = obj.get("inferenceConfig")
@@ -122,10 +130,16 @@ class BedrockConverse(_EventStreamParser):
             obj = self.stream_json(message.payload)
             if isinstance(obj, dict):
                 self.converse_usage(obj.get("usage"))
+            self._metadata = True
+            if self._stopped:
+                self.mark_complete()
         elif event_type == "messageStop":
             obj = self.stream_json(message.payload)
             if isinstance(obj, dict):
                 self._stop(obj.get("stopReason"))
+            self._stopped = True
+            if self._metadata:
+                self.mark_complete()
         elif event_type == "contentBlockDelta" and self.capture:
             obj = self.stream_json(message.payload)
             delta = obj.get("delta") if isinstance(obj, dict) else None
@@ -152,6 +166,9 @@ class BedrockInvoke(_EventStreamParser, AnthropicEvents):
     operation = "chat"
     api = "bedrock.invoke"
     default_provider = "bedrock"
+    stream_markers = True
+    _stopped = False  # Nova: messageStop seen
+    _metadata = False  # Nova: metadata (usage) seen
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -200,20 +217,26 @@ class BedrockInvoke(_EventStreamParser, AnthropicEvents):
         metrics = obj.get("amazon-bedrock-invocationMetrics")
         if isinstance(metrics, dict):
             self._fallback(metrics)
+            if streamed:
+                self.mark_complete()  # Bedrock adds it to the stream's last chunk
 
     def _other_models(self, obj: dict[str, Any]) -> None:
         usage = obj.get("usage")
         metadata = obj.get("metadata")
         if isinstance(metadata, dict) and isinstance(metadata.get("usage"), dict):
             usage = metadata["usage"]
+            self._metadata = True
         if isinstance(usage, dict):
             self.set_usage(**_converse_counts(usage))
         stop = obj.get("stopReason") or obj.get("stop_reason")
         message_stop = obj.get("messageStop")
         if isinstance(message_stop, dict):
             stop = message_stop.get("stopReason")
+            self._stopped = True
         if isinstance(stop, str) and stop:
             self.obs.finish_reasons.append(stop)
+        if self._stopped and self._metadata:
+            self.mark_complete()
         if "prompt_token_count" in obj or "generation_token_count" in obj:  # Llama
             self.set_usage(
                 input_tokens=obj.get("prompt_token_count"),

@@ -59,6 +59,9 @@ class _CohereUsage(ApiParser):
 
 
 class CohereChat(_CohereUsage):
+    """A stream is complete at ``message-end``."""
+
+    stream_markers = True
     operation = "chat"
     api = "cohere.chat"
     param_keys = ("temperature", "p", "k", "max_tokens", "seed", "stop_sequences")
@@ -88,6 +91,7 @@ class CohereChat(_CohereUsage):
             if isinstance(delta, dict):
                 self.finish(delta.get("finish_reason"))
                 self.cohere_usage(delta.get("usage"))
+            self.mark_complete()
         elif kind == "message-start":
             rid = obj.get("id")
             if isinstance(rid, str) and rid:
@@ -97,6 +101,9 @@ class CohereChat(_CohereUsage):
 
 
 class CohereChatV1(_CohereUsage):
+    """A stream is complete at ``stream-end``."""
+
+    stream_markers = True
     operation = "chat"
     api = "cohere.chat.v1"
     param_keys = CohereChat.param_keys
@@ -116,6 +123,7 @@ class CohereChatV1(_CohereUsage):
             self.capture_text(obj.get("text"))
             return
         if kind == "stream-end":
+            self.mark_complete()
             response = obj.get("response")
             if not isinstance(response, dict):
                 return

@@ -10,7 +10,10 @@ it may exceed prompt + candidates because it includes thinking tokens), cachedCo
 ``:countTokens`` (a count, kept apart from usage) are recognised too.
 
 Streams come as SSE (``?alt=sse``) or, by default, as one JSON array streamed element by element.
-Each streamed chunk repeats the cumulative ``usageMetadata``: the last one wins.
+Each streamed chunk repeats the cumulative ``usageMetadata``: the last one wins. A stream is
+complete at the chunk whose candidate has a ``finishReason`` (it also carries the final usage);
+one abandoned earlier reports the cumulative usage of the last chunk it saw, which is what Google
+reported for the tokens produced so far. An error element ends it as an error.
 
 Claude on Vertex (``publishers/anthropic/...:rawPredict``) is routed here to the Anthropic parser.
 """
@@ -65,23 +68,28 @@ class GeminiGenerate(ApiParser):
             return
         if "error" in obj and "candidates" not in obj:  # an error element inside a stream
             self.on_error_json(obj)
+            self.mark_complete(error=True)
             return
         self.set_response_model(obj.get("modelVersion"))
         rid = obj.get("responseId")
         if isinstance(rid, str) and rid and self.obs.response_id is None:
             self.obs.response_id = rid
+        finished = False
         for cand in items(obj.get("candidates")):
             if not isinstance(cand, dict):
                 continue
             reason = cand.get("finishReason")
             if isinstance(reason, str) and reason:
                 self.obs.finish_reasons.append(reason)
+                finished = True
             if self.capture:
                 content = cand.get("content")
                 for part in items(content.get("parts") if isinstance(content, dict) else None):
                     if isinstance(part, dict) and not part.get("thought"):
                         self.capture_text(part.get("text"))
         self.usage_metadata(obj)
+        if finished:
+            self.mark_complete()
 
     def usage_metadata(self, obj: dict[str, Any]) -> None:
         usage = obj.get("usageMetadata")
@@ -125,6 +133,8 @@ class GeminiCountTokens(AnthropicCountTokens):
 
 class GeminiStream(GeminiGenerate):
     """``:streamGenerateContent``: SSE with ``?alt=sse``, else a streamed JSON array."""
+
+    stream_markers = True
 
     def framing_for(self, status: int, content_type: str) -> str:
         framing = super().framing_for(status, content_type)

@@ -33,6 +33,7 @@ class McpParser(ApiParser):
         rid = obj.get("id")
         if isinstance(rid, (str, int)) and not isinstance(rid, bool):
             x["jsonrpc.id"] = rid
+            self.stream_markers = True  # a request expects its response: that ends an SSE answer
         self.obs.operation = "execute_tool" if method == TOOLS_CALL else method[:128]
         params = obj.get("params")
         if method == TOOLS_CALL and isinstance(params, dict):
@@ -63,6 +64,7 @@ class McpParser(ApiParser):
         x = self.obs.extra
         if "jsonrpc.id" in x and obj.get("id") != x["jsonrpc.id"]:
             return  # a response to some other request (the server's own requests' answers)
+        self.mark_complete()  # the JSON-RPC response (a JSON-RPC error is an answer, not a failed stream)
         err = obj.get("error")
         if isinstance(err, dict):
             code = err.get("code")

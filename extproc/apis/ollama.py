@@ -3,7 +3,8 @@
 Chat and generate stream NDJSON unless the request says ``"stream": false``. The final object has
 ``"done": true`` with ``prompt_eval_count`` -> input and ``eval_count`` -> output (Ollama gives no
 total); every object names the ``model``. Only the first line (model) and the ``done`` line are
-parsed unless content is captured. ``/api/embed`` reports ``prompt_eval_count``.
+parsed unless content is captured. ``/api/embed`` reports ``prompt_eval_count``. A stream is
+complete at its ``"done": true`` object; an ``error`` line ends it as an error.
 (Ollama's OpenAI-compatible ``/v1/...`` endpoints are served by the OpenAI parsers.)
 """
 from __future__ import annotations
@@ -24,6 +25,7 @@ _OPTIONS = {
 
 
 class _Ollama(ApiParser):
+    stream_markers = True
     default_provider = "ollama"
     streams_by_default = True
     input_keys = ("messages", "prompt", "input")
@@ -54,6 +56,7 @@ class _Ollama(ApiParser):
             return
         if "error" in obj and "model" not in obj:  # mid-stream error line
             self.on_error_json(obj)
+            self.mark_complete(error=True)
             return
         self.set_response_model(obj.get("model"))
         if self.capture:
@@ -63,6 +66,8 @@ class _Ollama(ApiParser):
             if isinstance(reason, str) and reason:
                 self.obs.finish_reasons.append(reason)
             self.set_usage(input_tokens=obj.get("prompt_eval_count"), output_tokens=obj.get("eval_count"))
+        if obj.get("done") is True:
+            self.mark_complete()
 
 
 class OllamaChat(_Ollama):

@@ -24,9 +24,19 @@ def _service_tier(parser: ApiParser, obj: dict[str, Any]) -> None:
 
 
 class _ChatLike(ApiParser):
-    """Chat and legacy completions share usage and streaming shapes."""
+    """Chat and legacy completions share usage and streaming shapes.
+
+    A stream is complete at ``data: [DONE]``, or at the chunk that brings the usage once every
+    choice has its ``finish_reason`` (with ``include_usage`` the usage chunk follows the last
+    finish; some compatible servers put both in one chunk). A finish reason alone is not the end:
+    the usage chunk may still be on its way."""
 
     default_provider = "openai"
+    stream_markers = True
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._finished: set[Any] = set()  # choice indexes that have their finish_reason
 
     param_keys = _SAMPLING
     input_keys = ("messages", "prompt")
@@ -62,11 +72,19 @@ class _ChatLike(ApiParser):
             return
         if "error" in obj and "choices" not in obj:
             self.on_error_json(obj)
+            self.mark_complete(error=True)  # the stream ends with the error
             return
         self._common(obj)
         for choice in items(obj.get("choices")):
             if isinstance(choice, dict):
                 self._choice(choice, streamed=True)
+        if self._finished and self.obs.usage.seen():
+            n = self.obs.params.get("n")
+            if len(self._finished) >= (n if type(n) is int and n > 1 else 1):
+                self.mark_complete()
+
+    def on_sse_done(self) -> None:
+        self.mark_complete()
 
     def _common(self, obj: dict[str, Any]) -> None:
         self.set_response_model(obj.get("model"))
@@ -88,6 +106,8 @@ class _ChatLike(ApiParser):
         reason = choice.get("finish_reason")
         if isinstance(reason, str) and reason:
             self.obs.finish_reasons.append(reason)
+            index = choice.get("index", 0)
+            self._finished.add(index if isinstance(index, int) else 0)
         if self.capture:
             if streamed:
                 self.capture_text(dig(choice, "delta", "content") or choice.get("text"))
@@ -123,8 +143,11 @@ class OpenAIEmbeddings(ApiParser):
 
 
 class OpenAIResponses(ApiParser):
-    """The Responses API: usage arrives in the final ``response.completed`` event."""
+    """The Responses API: usage arrives in the final ``response.completed`` event. A stream is
+    complete at ``response.completed``, ``response.incomplete`` (cut short by a limit, still a
+    whole response) or ``response.failed`` (an error)."""
 
+    stream_markers = True
     operation = "chat"
     api = "openai.responses"
     default_provider = "openai"
@@ -157,6 +180,10 @@ class OpenAIResponses(ApiParser):
                 err = response.get("error")
                 code = err.get("code") if isinstance(err, dict) else None
                 self.obs.error_type = str(code or "response.failed")[:64]
+        if kind in ("response.completed", "response.incomplete"):
+            self.mark_complete()
+        elif kind == "response.failed":
+            self.mark_complete(error=True)
 
     def _response(self, obj: dict[str, Any], streamed: bool = False) -> None:
         self.set_response_model(obj.get("model"))

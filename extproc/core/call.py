@@ -7,11 +7,15 @@ from typing import Any, Protocol
 from extproc.core.observation import Observation
 from extproc.core.pricing import Cost, Unpriced
 
-# Outcomes, one per call:
-OK = "ok"  # the response completed (or its final usage arrived) with status < 400
-ERROR = "error"  # the response completed with status >= 400
-CLIENT_ABORT = "client_abort"  # the stream ended before the response did (client or upstream hung up)
+# Outcomes, one per call. "Complete" is a protocol fact: a non-streamed body fully received, or a
+# stream's end marker ([DONE], message_stop, finishReason, ...; see extproc.apis.base).
+OK = "ok"  # the response is complete, status < 400
+ERROR = "error"  # status >= 400, an in-stream error event, or a stream the upstream ended before its marker
+CLIENT_ABORT = "client_abort"  # the exchange ended before the response was complete (client or upstream hung up)
 NO_RESPONSE = "no_response"  # the stream ended before any response headers
+
+# error_type of a stream the upstream closed cleanly before the API's end marker
+INCOMPLETE_STREAM = "incomplete_stream"
 
 
 @dataclass(slots=True, eq=False)

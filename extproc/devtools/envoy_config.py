@@ -42,6 +42,7 @@ def access_log_format(namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
         "provider_model": ai("provider_model"),
         "provider": ai("provider"),
         "operation": ai("operation"),
+        "outcome": ai("outcome"),
     }
 
 

@@ -19,7 +19,7 @@ from extproc._pb.envoy_api import processing_mode_pb2 as mode_pb
 from extproc.apis.base import ApiParser, Limits
 from extproc.apis.routing import Route, Router, default_routes, provider_for_host, route
 from extproc.codecs.encodings import Decoder, make_decoder
-from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, OK, Call, CallObserver
+from extproc.core.call import CLIENT_ABORT, ERROR, INCOMPLETE_STREAM, NO_RESPONSE, OK, Call, CallObserver
 from extproc.core.config import Config, ConfigError
 from extproc.core.pricing import Pricer
 from extproc.telemetry import metadata
@@ -220,6 +220,8 @@ class Stream:
         if msg.end_of_stream:
             self._response_done = True
             self._complete()
+        elif parser is None:
+            self._complete()  # not an LLM path: its body is not observed, the response is all we see
         if call.obs.usage.seen():
             self._price()
         resp.mode_override.CopyFrom(_STREAMED if parser is not None and not msg.end_of_stream else _NO_BODY)
@@ -247,7 +249,9 @@ class Stream:
                 changed = parser.feed_response(body, end)
         if end:
             self._response_done = True
-            self._complete()
+        if not call.outcome and (end or (parser is not None and parser.complete)):
+            self._settle()
+            changed = True  # hand Envoy the outcome on this very message
         if not changed:
             return CONTINUE_RESPONSE_BODY
         if call.obs.usage.seen():
@@ -264,6 +268,23 @@ class Stream:
 
     def _complete(self) -> None:
         self.call.outcome = ERROR if self.call.status >= 400 else OK
+
+    def _settle(self) -> None:
+        """The response is over: complete by its API's end marker, or ended by the upstream.
+
+        Completion is the parser's protocol fact (``ApiParser.complete``), never "some usage was
+        seen". A stream the upstream closed before its end marker is an ``error``
+        (``incomplete_stream``); one the client abandoned never gets here (see ``finish``)."""
+        call = self.call
+        parser = self.parser
+        if call.status >= 400 or (parser is not None and parser.stream_error):
+            call.outcome = ERROR
+        elif parser is None or parser.complete:
+            call.outcome = OK  # no parser (not an LLM path, or parsing abandoned): the HTTP response ended
+        else:
+            call.outcome = ERROR
+            if call.obs.error_type is None:
+                call.obs.error_type = INCOMPLETE_STREAM
 
     def _price(self) -> None:
         """Price the call from the usage seen so far (again only when the usage or the model
@@ -283,7 +304,13 @@ class Stream:
                                         obs.extra.get("service_tier"), call.api)
 
     def finish(self) -> None:
-        """The gRPC stream ended (normally, or because Envoy reset it). Report exactly once."""
+        """The gRPC stream ended (normally, or because Envoy reset it). Report exactly once.
+
+        A call whose response did not reach its end (no end-of-stream, no end marker) is a
+        ``client_abort`` (the client or the upstream hung up), whatever usage it showed. Its token
+        counts are what the provider had reported when it stopped (input tokens are billed for an
+        abandoned stream; Gemini's cumulative output so far); every output (access log, counters,
+        histograms, spans) reads the same ``Observation.usage``, so they agree."""
         if self._done:
             return
         self._done = True
@@ -294,12 +321,7 @@ class Stream:
         if (call.obs.usage.seen() or (call.response_start is not None and call.status < 400)):
             self._price()
         if not call.outcome:
-            if call.response_start is None:
-                call.outcome = NO_RESPONSE
-            elif call.obs.usage.seen() and call.status < 400:
-                call.outcome = OK  # the final usage arrived; the client hung up after it ([DONE])
-            else:
-                call.outcome = CLIENT_ABORT
+            call.outcome = NO_RESPONSE if call.response_start is None else CLIENT_ABORT
         self.p.report(call)
 
 

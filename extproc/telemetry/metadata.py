@@ -3,7 +3,14 @@
 Keys (numbers as numbers, booleans as booleans; a key is absent until its value is known):
 ``model`` (requested), ``provider_model`` (from the response), ``provider``, ``streaming``,
 ``operation``, ``prompt_tokens``, ``completion_tokens``, ``total_tokens``, ``cached_tokens``,
-``cache_creation_tokens``, ``reasoning_tokens``, ``cost_usd`` (US dollars, absent when unpriced).
+``cache_creation_tokens``, ``reasoning_tokens``, ``cost_usd`` (US dollars, absent when unpriced),
+``outcome``.
+
+``outcome`` is what the call amounted to, as in ``ai_requests_total``: written as
+``client_abort`` with the response headers, and replaced by ``ok``/``error`` on the message that
+completes the response (the API's end marker, or the end of a non-streamed body). Envoy writes
+the access log when the exchange is over, so a call the client abandoned before the end logs
+``client_abort`` (what the sidecar records too), and a complete one ``ok``.
 """
 from __future__ import annotations
 
@@ -11,13 +18,14 @@ from typing import Any
 
 from google.protobuf.struct_pb2 import Struct
 
-from extproc.core.call import Call
+from extproc.core.call import CLIENT_ABORT, Call
 from extproc.core.pricing import Cost
 
 
 def fields(call: Call) -> dict[str, Any]:
     obs = call.obs
-    out: dict[str, Any] = {"provider": call.provider, "streaming": obs.streaming, "operation": obs.operation}
+    out: dict[str, Any] = {"provider": call.provider, "streaming": obs.streaming, "operation": obs.operation,
+                           "outcome": call.outcome or CLIENT_ABORT}  # until complete, ending now would be an abort
     if obs.request_model:
         out["model"] = obs.request_model
     if obs.response_model:

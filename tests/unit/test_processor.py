@@ -86,10 +86,13 @@ def test_non_streaming_chat(proc, rec):
     assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers", "response_body", "response_body"]
     # the response body is switched to STREAMED for this response only
     assert replies[2].mode_override.response_body_mode == mode_pb.ProcessingMode.STREAMED
-    assert meta(replies[2]) == {"provider": "openai", "streaming": False, "operation": "chat", "model": "gpt-4o"}
+    # outcome: what ending now would amount to, until the response is complete
+    assert meta(replies[2]) == {"provider": "openai", "streaming": False, "operation": "chat", "model": "gpt-4o",
+                                "outcome": "client_abort"}
     assert not replies[3].HasField("dynamic_metadata")  # nothing new yet: the constant reply
     m = meta(replies[4])
     assert (m["prompt_tokens"], m["completion_tokens"], m["total_tokens"]) == (5, 7, 12)
+    assert m["outcome"] == "ok"
     assert m["provider_model"] == "gpt-4o-2024"
     (call,) = rec.calls
     assert call.outcome == OK and call.status == 200 and proc.active == 0
@@ -116,6 +119,7 @@ def test_stream_metadata_is_sent_on_the_usage_chunk_and_client_hangup_after_done
     ], abort=True)
     assert meta(replies[-1])["total_tokens"] == 7
     assert meta(replies[-1])["streaming"] is True
+    assert meta(replies[-1])["outcome"] == "ok"  # the access log agrees with the counters
     assert rec.calls[0].outcome == OK
     assert rec.calls[0].obs.finish_reasons == ["stop"]
 
@@ -213,3 +217,38 @@ def test_jwt_claims_are_kept_from_forwarded_metadata(proc, rec):
     run(proc, [m, headers("response_headers", end=True, **{":status": "200"})])
     fwd = rec.calls[0].forwarded["envoy.filters.http.jwt_authn"]
     assert fwd.fields["principal"].struct_value.fields["team"].string_value == "dev"
+
+
+def test_stream_closed_by_upstream_before_its_end_marker_is_an_error(proc, rec):
+    """The upstream ended the response (end_of_stream) without [DONE] or the final usage."""
+    cut = SSE.index(b'data: {"id":"c","model":"m-1","choices":[],')
+    replies = run(proc, [
+        req_headers(),
+        body("request_body", b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}', end=True),
+        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+        body("response_body", SSE[:cut], end=True),
+    ])
+    (call,) = rec.calls
+    assert call.outcome == ERROR and call.obs.error_type == "incomplete_stream"
+    assert meta(replies[-1])["outcome"] == "error"
+
+
+def test_in_stream_error_event_is_an_error(proc, rec):
+    events = (b'event: message_start\ndata: {"type":"message_start","message":{"model":"claude","usage":'
+              b'{"input_tokens":9,"output_tokens":1}}}\n\n'
+              b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n')
+    replies = run(proc, [
+        req_headers("/v1/messages"),
+        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+        body("response_body", events),
+    ], abort=True)
+    (call,) = rec.calls
+    assert (call.outcome, call.obs.error_type) == (ERROR, "overloaded_error")
+    assert meta(replies[-1])["outcome"] == "error"
+    assert (call.obs.usage.input_tokens, call.obs.usage.output_tokens) == (9, None)  # placeholder not counted
+
+
+def test_unknown_path_outcome_is_the_response(proc, rec):
+    """A path no parser reads: its body is not observed, so the response headers settle it."""
+    replies = run(proc, [req_headers("/some/api"), headers("response_headers", **{":status": "200"})], abort=True)
+    assert rec.calls[0].outcome == OK and meta(replies[-1])["outcome"] == "ok"
