@@ -7,6 +7,7 @@ documented format where no recording exists.
 from __future__ import annotations
 
 import base64
+import re
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -39,6 +40,10 @@ class Case:
     parser: str | None = None  # expected parser class name
     recorded: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    # Streams: a substring of the protocol unit (SSE event, NDJSON line, eventstream frame with its
+    # base64 payload decoded, JSON-array element) whose arrival completes the response by the
+    # API's end marker. Required for every streamed case (tests/unit/test_completion.py).
+    complete_at: bytes | None = None
 
     def load(self) -> bytes:
         """The response body: the synthetic one, or the recording's (cassettes: the response)."""
@@ -137,6 +142,90 @@ def ndjson(*objs: Any) -> bytes:
     return b"".join(orjson.dumps(o) + b"\n" for o in objs)
 
 
+# ---- protocol units: where a stream can be cut between two whole messages ------------------
+_SSE_END = re.compile(rb"\r?\n\r?\n")
+
+
+def units(body: bytes, content_type: str) -> list[tuple[bytes, bytes]]:
+    """The stream split into its protocol units, each as (raw bytes, readable view): SSE events,
+    NDJSON lines, eventstream frames (view: event type + payload + the decoded ``bytes`` of an
+    InvokeModel chunk), JSON-array elements (then the closing ``]``). Written
+    apart from the sidecar's decoders, so tests do not check the code with itself."""
+    ct = content_type.lower()
+    cuts: list[int] = []
+    views: dict[int, bytes] = {}
+    if ct.startswith("text/event-stream"):
+        cuts = [m.end() for m in _SSE_END.finditer(body)]
+    elif "eventstream" in ct:
+        i = 0
+        while i + 12 <= len(body):
+            total, hlen = struct.unpack(">II", body[i : i + 8])
+            headers, payload = body[i + 12 : i + 12 + hlen], body[i + 12 + hlen : i + total - 4]
+            view = _event_type(headers) + b" " + payload
+            try:
+                inner = orjson.loads(payload).get("bytes")
+                if isinstance(inner, str):
+                    view += b" " + base64.b64decode(inner)
+            except (orjson.JSONDecodeError, AttributeError):
+                pass
+            i += total
+            cuts.append(i)
+            views[i] = view
+    elif "ndjson" in ct or "stream+json" in ct:
+        cuts = [m.end() for m in re.finditer(rb"\n", body)]
+    else:  # a streamed JSON array
+        depth, in_str, esc = 0, False, False
+        for i, c in enumerate(body):
+            if in_str:
+                if esc:
+                    esc = False
+                elif c == 0x5C:
+                    esc = True
+                elif c == 0x22:
+                    in_str = False
+            elif c == 0x22:
+                in_str = True
+            elif c in (0x7B, 0x5B):
+                depth += 1
+            elif c in (0x7D, 0x5D):
+                depth -= 1
+                if depth == 1 and c == 0x7D:
+                    cuts.append(i + 1)
+    if cuts and cuts[-1] != len(body):
+        cuts.append(len(body))
+    out, start = [], 0
+    for end in cuts:
+        out.append((body[start:end], views.get(end, body[start:end])))
+        start = end
+    return out
+
+
+def _event_type(headers: bytes) -> bytes:
+    j = 0
+    while j < len(headers):
+        n = headers[j]
+        name = headers[j + 1 : j + 1 + n]
+        length = struct.unpack(">H", headers[j + 2 + n : j + 4 + n])[0]
+        value = headers[j + 4 + n : j + 4 + n + length]
+        if name == b":event-type":
+            return value
+        j += 4 + n + length
+    return b""
+
+
+def complete_offset(case: Case, body: bytes) -> int:
+    """Bytes of ``body`` after which the response is complete: the end of the unit holding
+    ``case.complete_at``."""
+    assert case.complete_at is not None, case.name
+    end = 0
+    for raw, view in units(body, case.content_type):
+        end += len(raw)
+        if case.complete_at in view:
+            # SSE: a lone CR ends a line, so "\r\n\r\n" dispatches the event at its second CR
+            return end - 1 if raw.endswith(b"\r\n\r\n") else end
+    raise AssertionError(f"{case.name}: no unit holds {case.complete_at!r}")
+
+
 # ---- synthetic bodies from documented formats ----------------------------------------------
 def _anthropic_stream(model: str) -> list[dict[str, Any]]:
     return [
@@ -166,6 +255,9 @@ _GEMINI_ARRAY = b"[" + b",\r\n".join(
          "modelVersion": "gemini-2.0-flash-001"},
     )
 ) + b"]"
+
+_GEMINI_CHUNKS = [orjson.loads(e) for e in _GEMINI_ARRAY[1:-1].split(b",\r\n")]
+_GEMINI_SSE = b"".join(b"data: " + orjson.dumps(o) + b"\r\n\r\n" for o in _GEMINI_CHUNKS)
 
 # Cohere v1 chat, streamed (documented shape): newline-delimited events, `stream-end` holds the response.
 _COHERE_V1_META = {"api_version": {"version": "1"}, "billed_units": {"input_tokens": 3, "output_tokens": 9},
@@ -211,14 +303,17 @@ CASES: list[Case] = [
     Case("anthropic_stream_basic", "/v1/messages", SSE, file="agw__anthropic__stream_basic.sse",
          expect={"input_tokens": 15, "output_tokens": 21, "cached_input_tokens": 0,
                  "cache_creation_input_tokens": 0, "response_model": "claude-haiku-4-5-20251001",
-                 "finish_reasons": ["end_turn"], "streaming": True}),
+                 "finish_reasons": ["end_turn"], "streaming": True},
+         complete_at=b'"message_delta"'),
     Case("anthropic_stream_thinking", "/v1/messages", SSE, file="agw__anthropic__stream_thinking.sse",
          expect={"input_tokens": 47, "output_tokens": 264, "reasoning_tokens": None,
-                 "response_model": "claude-opus-4-6", "finish_reasons": ["end_turn"]}),
+                 "response_model": "claude-opus-4-6", "finish_reasons": ["end_turn"]},
+         complete_at=b'"message_delta"'),
     Case("anthropic_stream_message_delta_usage", "/v1/messages", SSE,
          file="agw__anthropic__stream_message_delta_usage.sse",
          expect={"input_tokens": 3883, "output_tokens": 49, "cached_input_tokens": 30464,
-                 "cache_creation_input_tokens": 0, "response_model": "glm-5.2"}),
+                 "cache_creation_input_tokens": 0, "response_model": "glm-5.2"},
+         complete_at=b'"message_delta"'),
     Case("anthropic_count_tokens", "/v1/messages/count_tokens", JSON, body=b'{"input_tokens": 2095}',
          recorded=False, parser="AnthropicCountTokens",
          expect={"input_tokens": None, "operation": "count_tokens"}, extra={"counted_input_tokens": 2095}),
@@ -244,7 +339,8 @@ CASES: list[Case] = [
          recorded=False, parser="VertexAnthropic",
          expect={"input_tokens": 25, "output_tokens": 40, "cached_input_tokens": 7, "cache_creation_input_tokens": 3,
                  "request_model": "claude-3-5-sonnet-v2@20241022", "response_model": "claude-3-5-sonnet-v2-20241022",
-                 "finish_reasons": ["max_tokens"], "streaming": True}),
+                 "finish_reasons": ["max_tokens"], "streaming": True},
+         complete_at=b'"message_delta"'),
     # -- Gemini / Vertex
     Case("gemini_basic", "/v1beta/models/gemini-2.5-pro:generateContent", JSON,
          file="agw__gemini__generate_content_basic.json", parser="GeminiGenerate",
@@ -258,13 +354,21 @@ CASES: list[Case] = [
     Case("gemini_stream_sse", "/v1beta/models/gemini-2.5-pro:streamGenerateContent", SSE,
          file="agw__gemini__stream_generate_content_sse.sse", parser="GeminiStream",
          expect={"input_tokens": 15, "output_tokens": 12, "total_tokens": 27, "response_model": "gemini-2.5-pro",
-                 "streaming": True, "finish_reasons": ["STOP"]}),
+                 "streaming": True, "finish_reasons": ["STOP"]},
+         complete_at=b'"finishReason"'),
+    Case("gemini_stream_sse_cumulative", "/v1beta/models/gemini-2.0-flash-001:streamGenerateContent?alt=sse", SSE,
+         body=_GEMINI_SSE, recorded=False, parser="GeminiStream",
+         expect={"input_tokens": 9, "output_tokens": 5, "total_tokens": 20, "cached_input_tokens": 4,
+                 "reasoning_tokens": 6, "response_model": "gemini-2.0-flash-001", "streaming": True,
+                 "finish_reasons": ["STOP"]},
+         complete_at=b'"finishReason"'),
     Case("gemini_stream_json_array",
          "/v1beta1/projects/p1/locations/global/publishers/google/models/gemini-2.0-flash-001:streamGenerateContent",
          "application/json; charset=UTF-8", body=_GEMINI_ARRAY, recorded=False, parser="GeminiStream",
          expect={"input_tokens": 9, "output_tokens": 5, "total_tokens": 20, "cached_input_tokens": 4,
                  "reasoning_tokens": 6, "response_model": "gemini-2.0-flash-001",
-                 "request_model": "gemini-2.0-flash-001", "streaming": True, "finish_reasons": ["STOP"]}),
+                 "request_model": "gemini-2.0-flash-001", "streaming": True, "finish_reasons": ["STOP"]},
+         complete_at=b'"finishReason"'),
     # -- Bedrock
     Case("bedrock_converse_basic", "/model/amazon.nova-lite-v1%3A0/converse", JSON,
          file="agw__bedrock__converse_basic.json", parser="BedrockConverse",
@@ -277,17 +381,20 @@ CASES: list[Case] = [
     Case("bedrock_converse_stream", "/model/amazon.titan-text-express-v1/converse-stream", EVENTSTREAM,
          file="agw__bedrock__converse_stream_basic.bin", parser="BedrockConverse",
          expect={"input_tokens": 15, "output_tokens": 142, "total_tokens": 157, "streaming": True,
-                 "finish_reasons": ["end_turn"], "request_model": "amazon.titan-text-express-v1"}),
+                 "finish_reasons": ["end_turn"], "request_model": "amazon.titan-text-express-v1"},
+         complete_at=b'metadata {'),
     Case("bedrock_invoke_stream_nova", "/model/amazon.nova-micro-v1%3A0/invoke-with-response-stream", EVENTSTREAM,
          file="agw__bedrock__invoke_with_response_stream.bin", parser="BedrockInvoke",
          expect={"input_tokens": 47, "output_tokens": 12, "total_tokens": None, "cached_input_tokens": 0,
-                 "cache_creation_input_tokens": 0, "streaming": True, "finish_reasons": ["end_turn"]}),
+                 "cache_creation_input_tokens": 0, "streaming": True, "finish_reasons": ["end_turn"]},
+         complete_at=b'{"metadata"'),
     Case("bedrock_invoke_stream_claude",
          "/model/anthropic.claude-3-5-sonnet-20240620-v1%3A0/invoke-with-response-stream", EVENTSTREAM,
          body=_BEDROCK_INVOKE_CLAUDE, recorded=False,
          expect={"input_tokens": 25, "output_tokens": 40, "cached_input_tokens": 7, "cache_creation_input_tokens": 3,
                  "response_model": "claude-3-5-sonnet-20240620", "finish_reasons": ["max_tokens"],
-                 "request_model": "anthropic.claude-3-5-sonnet-20240620-v1:0"}),
+                 "request_model": "anthropic.claude-3-5-sonnet-20240620-v1:0"},
+         complete_at=b'"message_delta"'),
     Case("bedrock_invoke_claude_json", "/model/anthropic.claude-3-haiku-20240307-v1%3A0/invoke", JSON,
          body=orjson.dumps({"id": "msg_bdrk_1", "type": "message", "role": "assistant", "model": "claude-3-haiku-20240307",
                             "content": [{"type": "text", "text": "Hi"}], "stop_reason": "end_turn",
@@ -310,7 +417,8 @@ CASES: list[Case] = [
     Case("cohere_chat_stream", "/v2/chat", SSE, body=_COHERE_CHAT_SSE, recorded=False,
          request=b'{"model": "command-r-plus", "stream": true, "messages": []}',
          expect={"input_tokens": 71, "output_tokens": 2, "streaming": True, "finish_reasons": ["COMPLETE"]},
-         extra={"billed_units": {"input_tokens": 5, "output_tokens": 2}}),
+         extra={"billed_units": {"input_tokens": 5, "output_tokens": 2}},
+         complete_at=b'"message-end"'),
     Case("cohere_v1_chat_json", "/v1/chat", JSON, recorded=False, parser="CohereChatV1",
          body=orjson.dumps({"response_id": "r-2", "text": "Hi", "generation_id": "g-2", "finish_reason": "COMPLETE",
                             "meta": _COHERE_V1_META}),
@@ -321,7 +429,8 @@ CASES: list[Case] = [
     Case("cohere_v1_chat_stream", "/v1/chat", "application/stream+json", body=_COHERE_V1_STREAM, recorded=False,
          parser="CohereChatV1", request=b'{"model": "command-r", "message": "hi", "stream": true}',
          expect={"input_tokens": 69, "output_tokens": 9, "streaming": True, "finish_reasons": ["COMPLETE"]},
-         extra={"billed_units": {"input_tokens": 3, "output_tokens": 9}}),
+         extra={"billed_units": {"input_tokens": 3, "output_tokens": 9}},
+         complete_at=b'"stream-end"'),
     Case("cohere_embed", "/v2/embed", JSON, recorded=False, parser="CohereEmbed",
          body=orjson.dumps({"id": "e-1", "embeddings": {"float": [[0.1, 0.2]]}, "texts": ["hello"],
                             "meta": {"api_version": {"version": "2"}, "billed_units": {"input_tokens": 3}}}),
@@ -330,7 +439,8 @@ CASES: list[Case] = [
     Case("ollama_chat_stream", "/api/chat", NDJSON, body=_OLLAMA_CHAT, recorded=False, parser="OllamaChat",
          request=b'{"model": "llama3.2", "messages": [{"role": "user", "content": "why is the sky blue?"}]}',
          expect={"input_tokens": 26, "output_tokens": 298, "total_tokens": None, "response_model": "llama3.2",
-                 "request_model": "llama3.2", "streaming": True, "finish_reasons": ["stop"]}),
+                 "request_model": "llama3.2", "streaming": True, "finish_reasons": ["stop"]},
+         complete_at=b'"done":true'),
     Case("ollama_generate_json", "/api/generate", JSON, recorded=False, parser="OllamaGenerate",
          request=b'{"model": "llama3.2", "prompt": "hi", "stream": false}',
          body=orjson.dumps({"model": "llama3.2", "created_at": "2024-01-01T00:00:00Z", "response": "Hello",
@@ -346,21 +456,25 @@ CASES: list[Case] = [
          expect={"input_tokens": 10, "output_tokens": 10, "total_tokens": 20, "response_model": "gpt-4o-2024-08-06"}),
     Case("openai_responses_stream", "/v1/responses", SSE, file="agw__openai__responses_stream.sse",
          expect={"input_tokens": 12, "output_tokens": 8, "total_tokens": 20, "response_model": "gpt-4.1-mini",
-                 "streaming": True}),
+                 "streaming": True},
+         complete_at=b'"response.completed"'),
     Case("openai_chat_basic", "/v1/chat/completions", JSON, file="aigw__chat-basic.yaml", parser="OpenAIChat",
          expect={"input_tokens": 8, "output_tokens": 377, "total_tokens": 385, "reasoning_tokens": 320,
                  "cached_input_tokens": 0, "response_model": "gpt-5-nano-2025-08-07"}),
     Case("openai_chat_stream_usage", "/v1/chat/completions", "text/event-stream; charset=utf-8",
          file="aigw__chat-streaming-detailed-usage.yaml",
          expect={"input_tokens": 12, "output_tokens": 100, "total_tokens": 112, "reasoning_tokens": 100,
-                 "response_model": "gpt-5-nano-2025-08-07", "streaming": True}),
+                 "response_model": "gpt-5-nano-2025-08-07", "streaming": True},
+         complete_at=b'"usage":{'),
     Case("openai_chat_stream_no_usage", "/v1/chat/completions", "text/event-stream; charset=utf-8",
          file="aigw__chat-streaming.yaml",
          expect={"input_tokens": None, "output_tokens": None, "response_model": "gpt-5-nano-2025-08-07",
-                 "finish_reasons": ["stop"]}),
+                 "finish_reasons": ["stop"]},
+         complete_at=b'[DONE]'),
     Case("openai_completions_stream", "/v1/completions", SSE, file="aigw__completion-streaming-usage.yaml",
          parser="OpenAICompletions",
-         expect={"input_tokens": 31, "output_tokens": 25, "total_tokens": 56, "response_model": "babbage:2023-07-21-v2"}),
+         expect={"input_tokens": 31, "output_tokens": 25, "total_tokens": 56, "response_model": "babbage:2023-07-21-v2"},
+         complete_at=b'"usage":{'),
     Case("openai_embeddings", "/v1/embeddings", JSON, file="aigw__embeddings-dimensions.yaml",
          expect={"input_tokens": 5, "total_tokens": 5, "response_model": "text-embedding-3-small"}),
     Case("azure_chat", "/openai/deployments/gpt-5-nano/chat/completions", JSON, file="aigw__azure-chat-basic.yaml",
@@ -374,3 +488,64 @@ CASES: list[Case] = [
 ]
 
 BY_NAME = {c.name: c for c in CASES}
+
+
+# ---- a client hanging up early ----------------------------------------------------------------
+@dataclass(frozen=True)
+class HangUp:
+    """The client hangs up after ``units`` protocol units of ``case`` (negative: all but that
+    many; None: all of them, before the upstream's end of stream). ``tokens``: prompt,
+    completion, total as the access log shows them and the counters/spans count them."""
+
+    case: str
+    point: str
+    units: int | None
+    outcome: str
+    tokens: tuple[int | None, int | None, int | None]
+
+    def cut(self, body: bytes) -> list[bytes]:
+        parts = [raw for raw, _ in units(body, BY_NAME[self.case].content_type)]
+        return parts if self.units is None else parts[: self.units]
+
+
+_NONE = (None, None, None)
+HANG_UPS = [
+    HangUp("openai_chat_stream_usage", "before the first usage", 1, "client_abort", _NONE),
+    HangUp("openai_chat_stream_usage", "after finish_reason, before the usage chunk", 2, "client_abort", _NONE),
+    HangUp("openai_chat_stream_usage", "after the usage chunk (end marker), before [DONE]", 3, "ok", (12, 100, 112)),
+    HangUp("openai_chat_stream_usage", "after [DONE]", None, "ok", (12, 100, 112)),
+    HangUp("openai_chat_stream_no_usage", "after the last content chunk (finish_reason)", -1, "client_abort", _NONE),
+    HangUp("openai_chat_stream_no_usage", "after [DONE]", None, "ok", _NONE),
+    HangUp("openai_completions_stream", "after the last content chunk (finish_reason)", -2, "client_abort", _NONE),
+    HangUp("openai_completions_stream", "after the usage chunk (end marker)", -1, "ok", (31, 25, 56)),
+    HangUp("openai_responses_stream", "before the first usage", 1, "client_abort", _NONE),
+    HangUp("openai_responses_stream", "after the last content chunk", 10, "client_abort", _NONE),
+    HangUp("openai_responses_stream", "after response.completed", 11, "ok", (12, 8, 20)),
+    HangUp("openai_responses_stream", "after [DONE]", None, "ok", (12, 8, 20)),
+    HangUp("anthropic_stream_basic", "before the first usage", 0, "client_abort", _NONE),
+    HangUp("anthropic_stream_basic", "after message_start (intermediate usage)", 1, "client_abort", (15, None, 15)),
+    HangUp("anthropic_stream_basic", "after the last content chunk", 8, "client_abort", (15, None, 15)),
+    HangUp("anthropic_stream_basic", "after message_delta with stop_reason", 10, "ok", (15, 21, 36)),
+    HangUp("anthropic_stream_basic", "after message_stop", None, "ok", (15, 21, 36)),
+    HangUp("gemini_stream_sse_cumulative", "before the first usage", 0, "client_abort", _NONE),
+    HangUp("gemini_stream_sse_cumulative", "after an intermediate usage", 1, "client_abort", (9, None, 9)),
+    HangUp("gemini_stream_sse_cumulative", "after a later cumulative usage", 2, "client_abort", (9, 3, 12)),
+    HangUp("gemini_stream_sse_cumulative", "after the finishReason chunk (last content, end marker)", None, "ok", (9, 5, 20)),
+    HangUp("gemini_stream_json_array", "after an intermediate usage", 2, "client_abort", (9, 3, 12)),
+    HangUp("gemini_stream_json_array", "after the finishReason element", None, "ok", (9, 5, 20)),
+    HangUp("bedrock_converse_stream", "after the last content chunk", 4, "client_abort", _NONE),
+    HangUp("bedrock_converse_stream", "after messageStop, before metadata", 6, "client_abort", _NONE),
+    HangUp("bedrock_converse_stream", "after metadata (end marker)", None, "ok", (15, 142, 157)),
+    HangUp("bedrock_invoke_stream_nova", "after messageStop, before metadata", 8, "client_abort", _NONE),
+    HangUp("bedrock_invoke_stream_nova", "after metadata (end marker)", None, "ok", (47, 12, 59)),
+    HangUp("bedrock_invoke_stream_claude", "after message_start (intermediate usage)", 1, "client_abort", (25, None, 25)),
+    HangUp("bedrock_invoke_stream_claude", "after the last content chunk", 3, "client_abort", (25, None, 25)),
+    HangUp("bedrock_invoke_stream_claude", "after message_delta with stop_reason", 5, "ok", (25, 40, 65)),
+    HangUp("bedrock_invoke_stream_claude", "after message_stop + invocationMetrics", None, "ok", (25, 40, 65)),
+    HangUp("cohere_chat_stream", "after the last content chunk", 3, "client_abort", _NONE),
+    HangUp("cohere_chat_stream", "after message-end", None, "ok", (71, 2, 73)),
+    HangUp("cohere_v1_chat_stream", "after the last content chunk", 3, "client_abort", _NONE),
+    HangUp("cohere_v1_chat_stream", "after stream-end", None, "ok", (69, 9, 78)),
+    HangUp("ollama_chat_stream", "after the last content chunk", 2, "client_abort", _NONE),
+    HangUp("ollama_chat_stream", "after done: true", None, "ok", (26, 298, 324)),
+]
