@@ -4,6 +4,10 @@ Request headers choose the behaviour:
 - ``x-fixture: NAME``: the recording to replay (status, content type, body).
 - ``x-chunk-delay-ms``: pause between streamed chunks (SSE events / eventstream frames).
 - ``x-gate: ID``: send the first chunk, hold the rest until the test calls ``open_gate(ID)``.
+- ``x-case: NAME`` (instead of ``x-fixture``): a body of tests/support/provider_cases, sent one
+  protocol unit (SSE event, NDJSON line, eventstream frame, JSON-array element) per chunk.
+- ``x-hold-after: N`` with ``x-gate``: send N chunks, then hold (N = all of them: hold before the
+  end of the body) until the gate opens or the client hangs up.
 - ``x-encode: gzip|br|zstd|deflate``: compress the body (streamed compressors flush per chunk).
 - ``x-status: N`` with ``x-body``: a synthetic response (error cases).
 - ``x-reset-after: N``: send N chunks, then drop the connection (upstream reset).
@@ -141,17 +145,26 @@ class ReplayUpstream:
             status = int(h["x-status"])
             payload = h.get("x-body", "").encode()
             return web.Response(status=status, body=payload, content_type=h.get("x-content-type", "application/json"))
-        rec = load(h["x-fixture"])
+        if "x-case" in h:
+            from tests.support.provider_cases import BY_NAME, units
+
+            case = BY_NAME[h["x-case"]]
+            status, content_type = case.status, case.content_type
+            chunks = [raw for raw, _ in units(case.load(), content_type)]
+        else:
+            rec = load(h["x-fixture"])
+            status, content_type = rec.status, rec.content_type
+            chunks = split_stream(rec.body, rec.content_type)
         delay = int(h.get("x-chunk-delay-ms", "0")) / 1000
         gate = h.get("x-gate")
+        hold_after = int(h.get("x-hold-after", "1"))
         encoding = h.get("x-encode")
-        chunks = split_stream(rec.body, rec.content_type)
-        headers = {"content-type": rec.content_type}
+        headers = {"content-type": content_type}
         if encoding:
             headers["content-encoding"] = encoding
-        resp = web.StreamResponse(status=rec.status, headers=headers)
+        resp = web.StreamResponse(status=status, headers=headers)
         if len(chunks) == 1 and not encoding and not gate:
-            resp.content_length = len(rec.body)
+            resp.content_length = len(chunks[0])
         await resp.prepare(request)
         enc = _Encoder(encoding) if encoding else None
         reset_after = int(h.get("x-reset-after", "-1"))
@@ -159,11 +172,13 @@ class ReplayUpstream:
             if i == reset_after:
                 request.transport.close()  # type: ignore[union-attr]
                 return resp
-            if gate and i == 1 and not await self._hold(gate, request):
+            if gate and i == hold_after and not await self._hold(gate, request):
                 return resp
             await resp.write(enc.chunk(chunk) if enc else chunk)
             if delay and i < len(chunks) - 1:
                 await asyncio.sleep(delay)
+        if gate and hold_after == len(chunks) and not await self._hold(gate, request):
+            return resp
         if enc:
             await resp.write(enc.finish())
         await resp.write_eof()
