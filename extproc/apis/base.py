@@ -233,11 +233,20 @@ class ApiParser:
         """The ``data: [DONE]`` sentinel (OpenAI's end of stream)."""
 
     def on_error_json(self, obj: Any) -> None:
-        """An error body (status >= 400): record the provider's error type."""
+        """An error body (status >= 400): record the provider's error type.
+
+        Order: ``error.code`` when it names the error class (a non-numeric string: OpenAI's
+        ``rate_limit_exceeded`` is more precise than its ``type`` ``tokens``; a numeric code is
+        only the HTTP status again), then ``error.type``, then ``error.status`` (Google's status
+        name); the metrics fall back to the HTTP status when none is given."""
         err = obj.get("error") if isinstance(obj, dict) else None
         kind = None
         if isinstance(err, dict):
-            kind = err.get("type") or err.get("code") or err.get("status")
+            code = err.get("code")
+            if isinstance(code, str) and code and not code.strip().isdigit():
+                kind = code
+            else:
+                kind = err.get("type") or err.get("status")
         elif isinstance(err, str):
             kind = err
         if isinstance(obj, dict) and kind is None:

@@ -484,7 +484,7 @@ CASES: list[Case] = [
          file="agw__gemini_openai_compat__total_includes_thoughts.json", parser="OpenAIChat",
          expect={"input_tokens": 7, "output_tokens": 12, "total_tokens": 402}),
     Case("openai_bad_request", "/v1/chat/completions", JSON, file="aigw__chat-bad-request.yaml", status=400,
-         expect={"error_type": "invalid_request_error", "input_tokens": None}),
+         expect={"error_type": "unsupported_parameter", "input_tokens": None}),
 ]
 
 BY_NAME = {c.name: c for c in CASES}

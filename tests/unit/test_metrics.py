@@ -134,7 +134,7 @@ def test_error_response_counts_error_type():
     obs.on_call_end(call)
     model = call.obs.request_model
     assert _v(reg, "ai_requests_total", llm="openai", model=model, operation="chat", status_code="400",
-              outcome="error", error_type="invalid_request_error") == 1
+              outcome="error", error_type="unsupported_parameter") == 1  # error.code before error.type
     assert _v(reg, "ai_usage_missing_total", llm="openai", model=model, operation="chat") == 0
     # error rate as one PromQL line: sum(ai_requests_total{outcome!="ok"}) / sum(ai_requests_total)
     assert sum(s.value for m in reg.collect() if m.name == "ai_requests" for s in m.samples

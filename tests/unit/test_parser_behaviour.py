@@ -179,3 +179,42 @@ def test_openai_streamed_service_tier_is_recorded() -> None:
                       "usage": {"prompt_tokens": 3, "completion_tokens": 4}}))
     obs = run(Case("x", "/v1/chat/completions", SSE, body=body, expect={}), [body])
     assert obs.extra["service_tier"] == "priority" and obs.usage.output_tokens == 4
+
+
+@pytest.mark.parametrize("body,want", [
+    # OpenAI: the code names the class, the type is broader
+    (b'{"error":{"message":"Rate limit reached","type":"tokens","param":null,"code":"rate_limit_exceeded"}}',
+     "rate_limit_exceeded"),
+    (b'{"error":{"message":"bad","type":"invalid_request_error","param":"model","code":null}}', "invalid_request_error"),
+    (b'{"error":{"message":"bad key","type":"invalid_request_error","code":"invalid_api_key"}}', "invalid_api_key"),
+    # a numeric code is the HTTP status again, not a class (Mistral, some OpenAI-compatible servers)
+    (b'{"object":"error","message":"x","error":{"type":"invalid_request_error","code":"3051"}}', "invalid_request_error"),
+    (b'{"error":{"code":429,"message":"x","status":"RESOURCE_EXHAUSTED"}}', "RESOURCE_EXHAUSTED"),
+])
+def test_error_type_prefers_a_naming_code_then_type_then_status(body: bytes, want: str) -> None:
+    obs = run(Case("x", "/v1/chat/completions", JSON, body=body, status=429, expect={}), [body])
+    assert obs.error_type == want
+
+
+def test_openai_429_error_type_reaches_the_metrics_label() -> None:
+    from prometheus_client import CollectorRegistry
+
+    from extproc.core.config import StatsConfig, parse
+    from extproc.server.processor import Processor
+    from extproc.telemetry.metrics import MetricsObserver
+    from tests.unit.test_processor import Recorder, body, headers, req_headers
+    from tests.unit.test_processor import run as drive
+
+    reg = CollectorRegistry()
+    rec = Recorder()
+    metrics = MetricsObserver(StatsConfig(), reg)
+    err = b'{"error":{"message":"Rate limit reached","type":"tokens","param":null,"code":"rate_limit_exceeded"}}'
+    drive(Processor(parse({}), [rec, metrics]), [
+        req_headers(), body("request_body", b'{"model":"gpt-4o"}', end=True),
+        headers("response_headers", **{":status": "429", "content-type": "application/json"}),
+        body("response_body", err, end=True),
+    ])
+    assert rec.calls[0].outcome == "error"
+    assert reg.get_sample_value("ai_requests_total", {
+        "llm": "openai", "model": "gpt-4o", "operation": "chat", "status_code": "429", "outcome": "error",
+        "error_type": "rate_limit_exceeded"}) == 1
