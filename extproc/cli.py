@@ -13,12 +13,14 @@ def _load(args: argparse.Namespace):
     from extproc.core import config
 
     cfg = config.load(args.config)
-    if args.listen or args.metrics_port is not None:
+    if args.listen or args.metrics_port is not None or args.metrics_address:
         data = cfg.model_dump(by_alias=True)
         if args.listen:
             data["listen"] = args.listen
         if args.metrics_port is not None:
             data["stats"]["port"] = args.metrics_port
+        if args.metrics_address:
+            data["stats"]["address"] = args.metrics_address
         cfg = config.parse(data, "command line")
     return cfg
 
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--listen", help="override config 'listen' (host:port or unix:/path)")
     s.add_argument("--workers", type=int, help="worker processes sharing the port (default: CPU count)")
     s.add_argument("--metrics-port", type=int, help="override config 'stats.port'")
+    s.add_argument("--metrics-address", help="override config 'stats.address' (e.g. 127.0.0.1)")
     s.set_defaults(func=_serve)
 
     d = sub.add_parser("dev", help="run Envoy + sidecar + mock LLM locally (what `make run` does)")

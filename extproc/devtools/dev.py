@@ -4,11 +4,21 @@ Contract (tests and the benchmark rely on it): Envoy listens on ``--port``; ``--
 sends every route there instead of the mock (path kept); ``--jwks FILE`` enables ``jwt_authn``
 with that JWKS (any issuer, no audience check; requests without a valid token still pass);
 ``--access-log FILE`` (default stdout); ``--metrics-port``; ``--config FILE`` for the sidecar.
-Ctrl-C or SIGTERM stops all children. A port already taken is a clear error, exit 1.
+Every listener it starts is on 127.0.0.1 (the sidecar's metrics endpoint included).
+
+SIGINT (Ctrl-C) and SIGTERM are handled explicitly, whatever disposition was inherited (a process
+started in the background of a non-interactive shell inherits SIGINT *ignored*, and Python then
+installs no KeyboardInterrupt handler): the children are stopped together within one deadline
+(SIGTERM, then SIGKILL to whatever is left of their process groups), the temporary directory is
+removed, and the exit status is 0. The children run in their own sessions, so a terminal's Ctrl-C
+reaches only this process, which signals each child once. A port already taken is a clear error,
+exit 1.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -71,6 +81,31 @@ def envoy_command(config_path: str | Path, *extra: str) -> list[str]:
     ]
 
 
+STOP_DEADLINE = 8.0  # seconds for every child to exit after SIGTERM, all together, before SIGKILL
+
+
+class _Stopped(Exception):
+    """SIGINT or SIGTERM arrived while the stack was starting."""
+
+
+def stop_children(procs: list[subprocess.Popen], deadline: float = STOP_DEADLINE) -> None:
+    """SIGTERM every child at once, wait for all of them up to one overall deadline, then SIGKILL
+    the process group of each one left (the sidecar's workers with it)."""
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    end = time.monotonic() + deadline
+    while any(p.poll() is None for p in procs) and time.monotonic() < end:
+        time.sleep(0.05)
+    for p in procs:
+        if p.poll() is None:  # still running, so its pid (= its group id) is still its own
+            try:
+                os.killpg(p.pid, signal.SIGKILL)  # its own session: the child and its workers
+            except (ProcessLookupError, PermissionError):
+                p.kill()
+        p.wait()
+
+
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--port", type=int, default=10000, help="Envoy listener port (default 10000)")
     ap.add_argument("--upstream", help="send every route to this base URL instead of the mock")
@@ -106,7 +141,23 @@ def run(args: argparse.Namespace) -> int:
             print(f"extproc: port {port} ({name}) is already in use; pick another with {name.split()[0]}", file=sys.stderr)
             return 1
     upstream = args.upstream or f"http://127.0.0.1:{args.mock_port}"
+    stopping: list[int] = []  # the signal that asked us to stop
+
+    def on_signal(signum: int, _frame: object) -> None:
+        stopping.append(signum)
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
     workdir = Path(tempfile.mkdtemp(prefix="extproc-dev-"))
+    try:
+        return _run(args, cfg, jwks, upstream, workdir, stopping)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, upstream: str, workdir: Path,
+         stopping: list[int]) -> int:
     envoy_yaml = workdir / "envoy.yaml"
     envoy_yaml.write_text(envoy_config.dump(envoy_config.bootstrap(
         upstreams=[envoy_config.Upstream("/", upstream)],
@@ -120,43 +171,48 @@ def run(args: argparse.Namespace) -> int:
     py = sys.executable
     procs: list[subprocess.Popen] = []
 
-    def stop(*_: object) -> None:
-        for p in reversed(procs):
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+    def start(cmd: list[str], port: int | None) -> None:
+        if stopping:
+            raise _Stopped
+        # Its own session: a terminal's Ctrl-C reaches only us, and each child is signalled once.
+        procs.append(subprocess.Popen(cmd, start_new_session=True))
+        if port is not None:
+            deadline = time.monotonic() + 20
+            while True:
+                if stopping:
+                    raise _Stopped
+                try:
+                    wait_port(port, timeout=0.2, proc=procs[-1])
+                    return
+                except TimeoutError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after 20s") from None
 
-    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
     try:
         if not args.upstream:
-            procs.append(subprocess.Popen([py, "-m", "extproc", "mock-llm", "--port", str(args.mock_port)]))
-            wait_port(args.mock_port, proc=procs[-1])
-        serve = [py, "-m", "extproc", "serve", "--metrics-port", str(args.metrics_port), "--workers", str(args.workers)]
+            start([py, "-m", "extproc", "mock-llm", "--host", "127.0.0.1", "--port", str(args.mock_port)], args.mock_port)
+        serve = [py, "-m", "extproc", "serve", "--metrics-port", str(args.metrics_port), "--metrics-address", "127.0.0.1",
+                 "--workers", str(args.workers)]
         if args.config:
             serve += ["--config", args.config]
-        procs.append(subprocess.Popen(serve))
-        if not cfg.listen.startswith("unix:"):
-            wait_port(int(cfg.listen.rpartition(":")[2]), proc=procs[-1])
-        procs.append(subprocess.Popen(envoy_command(envoy_yaml)))
-        wait_port(args.port, proc=procs[-1])
+        start(serve, None if cfg.listen.startswith("unix:") else int(cfg.listen.rpartition(":")[2]))
+        start(envoy_command(envoy_yaml), args.port)
         print(_banner(args, upstream, envoy_yaml), file=sys.stderr, flush=True)
-        while all(p.poll() is None for p in procs):
-            time.sleep(0.2)
+        while not stopping and all(p.poll() is None for p in procs):
+            time.sleep(0.1)
+        if stopping:
+            return 0
         dead = next(p for p in procs if p.poll() is not None)
         cmd = [str(a) for a in dead.args] if isinstance(dead.args, list | tuple) else [str(dead.args)]
         print(f"extproc: {Path(cmd[0]).name} {' '.join(cmd[1:3])} exited ({dead.returncode}); stopping", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except _Stopped:
         return 0
     except (RuntimeError, TimeoutError) as e:
         print(f"extproc: {e}", file=sys.stderr)
         return 1
     finally:
-        stop()
+        stop_children(procs)
 
 
 def _banner(args: argparse.Namespace, upstream: str, envoy_yaml: Path) -> str:

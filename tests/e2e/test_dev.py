@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
@@ -86,3 +90,90 @@ def test_port_taken_is_a_clear_error(tmp_path):
         out, err = proc.communicate(timeout=30)
     assert proc.returncode != 0
     assert f"port {taken}" in err and "already in use" in err
+
+
+def _descendants(root: int) -> set[int]:
+    """Every live process under ``root`` (from /proc: children in their own sessions included)."""
+    parent: dict[int, int] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                stat = open(f"/proc/{d}/stat").read()
+            except OSError:
+                continue
+            parent[int(d)] = int(stat.rpartition(")")[2].split()[1])
+    found, frontier = set(), {root}
+    while frontier:
+        frontier = {pid for pid, ppid in parent.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = open(f"/proc/{pid}/stat").read().rpartition(")")[2].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def test_backgrounded_dev_stops_on_sigint_binds_loopback_only_and_cleans_up(tmp_path):
+    """Started the way `cmd &` in a non-interactive shell starts it (SIGINT inherited as ignored):
+    SIGINT still stops the whole stack within seconds, exit 0, no traceback, no process and no
+    temporary directory left; meanwhile every listener of the stack is on 127.0.0.1."""
+    mock = free_port()
+    ports = {"port": free_port(), "metrics": free_port(), "admin": free_port(), "sidecar": free_port()}
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{ports['sidecar']}"}))
+    cmd = [sys.executable, "-m", "extproc", "dev", "--port", str(ports["port"]), "--metrics-port", str(ports["metrics"]),
+           "--admin-port", str(ports["admin"]), "--config", str(cfg), "--mock-port", str(mock), "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    try:
+        wait_port(ports["port"], timeout=30, proc=proc)
+        wait_port(ports["metrics"], timeout=10)
+        stack = _descendants(proc.pid)
+        assert len(stack) >= 5  # mock-llm, serve + 2 workers, envoy
+        listening = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, check=True).stdout.splitlines()
+        ours = [line for line in listening if {int(p) for p in re.findall(r"pid=(\d+)", line)} & stack]
+        addresses = {line.split()[3] for line in ours}
+        assert {f"127.0.0.1:{p}" for p in (*ports.values(), mock)} <= addresses
+        assert all(a.startswith("127.0.0.1:") for a in addresses), addresses
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=15)
+        elapsed = time.monotonic() - t0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert elapsed < 10
+    assert "Traceback" not in err and "Exception ignored" not in err, err[-2000:]
+    assert not [pid for pid in stack if _alive(pid)], "children left running"
+    (envoy_yaml,) = re.findall(r"\(config (\S+/envoy\.yaml)\)", err)
+    assert Path(envoy_yaml).parent.name.startswith("extproc-dev-")
+    assert not Path(envoy_yaml).parent.exists(), "temporary directory left behind"
+
+
+def test_sigterm_while_starting_exits_0_and_cleans_up(tmp_path):
+    """A stop requested before the stack is up is honoured too: no child and no temporary
+    directory left, exit 0."""
+    mock = free_port()
+    proc, ports = _dev(tmp_path, "--mock-port", str(mock))
+    try:
+        wait_port(mock, timeout=30, proc=proc)  # the first child is up, the others may not be
+        (workdir,) = [d for d in Path(tempfile.gettempdir()).glob("extproc-dev-*")
+                      if (d / "envoy.yaml").is_file() and f"port_value: {ports['port']}" in (d / "envoy.yaml").read_text()]
+        stack = _descendants(proc.pid)
+        assert stack
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=15)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-2000:]
+    assert "Traceback" not in err
+    assert not [pid for pid in stack if _alive(pid)], "children left running"
+    assert not workdir.exists(), "temporary directory left behind"
