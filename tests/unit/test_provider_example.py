@@ -28,6 +28,9 @@ def test_the_documented_provider_module_works():
     parser = match.parser(obs)
     parser.feed_request(b'{"model": "acme-large", "stream": true, "temperature": 0.2}')
     parser.start_response(200, "text/event-stream")
-    parser.feed_response(b'data: {"usage": {"in": 5, "out": 1}}\n\ndata: {"usage": {"in": 5, "out": 7}}\n\n', True)
+    parser.feed_response(b'data: {"usage": {"in": 5, "out": 1}}\n\n', False)
+    assert not parser.complete  # usage went by, but no end marker yet: a hang-up now is an abort
+    parser.feed_response(b'data: {"usage": {"in": 5, "out": 7}, "done": true}\n\n', True)
+    assert parser.complete
     assert obs.request_model == "acme-large" and obs.streaming and obs.params == {"temperature": 0.2}
     assert (obs.usage.input_tokens, obs.usage.output_tokens, obs.usage.total()) == (5, 7, 12)
