@@ -15,6 +15,10 @@ evaluated once per call, at its end, against these variables (absent values are 
 - ``response``: ``status``.
 - ``mcp``: ``method``, ``tool``, ``id``, ``session_id``, ``error_code`` (MCP calls only).
 
+A string value is cut to ``max_chars`` (1,024; with ``tracing.captureContent``, ``tracing.maxContentChars`` when
+larger) a list to 128 items, and one ``flatten`` yields at most 64 attributes: an expression over client-chosen values cannot make a span
+of unbounded size.
+
 ``flatten(expr)`` spreads a map (or list) into ``name.key`` attributes one level deep;
 ``flatten_recursive(expr)`` all the way down.
 """
@@ -78,7 +82,12 @@ def compile_fields(add: Mapping[str, str]) -> list[Field]:
     return out
 
 
-def evaluate(fields: list[Field], variables: dict[str, Any], attrs: dict[str, Any]) -> int:
+MAX_FIELD_CHARS = 1024  # a computed attribute's string value (at least)
+MAX_FIELD_ITEMS = 128  # a computed list attribute's items
+MAX_FLATTENED = 64  # attributes one flatten() may produce (a span keeps 128 at most)
+
+
+def evaluate(fields: list[Field], variables: dict[str, Any], attrs: dict[str, Any], max_chars: int = MAX_FIELD_CHARS) -> int:
     """Set each field's attribute(s) in ``attrs``; return how many expressions failed."""
     failed = 0
     for f in fields:
@@ -88,31 +97,42 @@ def evaluate(fields: list[Field], variables: dict[str, Any], attrs: dict[str, An
             failed += 1
             continue
         if f.flatten:
-            _flatten_into(attrs, f.name, value, f.flatten)
+            flat: dict[str, Any] = {}
+            _flatten_into(flat, f.name, value, f.flatten)
+            for name in list(flat)[:MAX_FLATTENED]:
+                _set(attrs, name[:max_chars], flat[name], max_chars)
         else:
-            _set(attrs, f.name, value)
+            _set(attrs, f.name, value, max_chars)
     return failed
 
 
-def _flatten_into(attrs: dict[str, Any], prefix: str, value: Any, depth: int) -> None:
+def _flatten_into(out: dict[str, Any], prefix: str, value: Any, depth: int) -> None:
+    if len(out) >= MAX_FLATTENED:
+        return
     if isinstance(value, Mapping):
         items: Any = value.items()
     elif isinstance(value, list):
         items = enumerate(value)
     else:
-        _set(attrs, prefix, value)
+        out[prefix] = value
         return
     for key, v in items:
+        if len(out) >= MAX_FLATTENED:
+            return
         name = f"{prefix}.{key}"
         if depth != 1 and isinstance(v, (Mapping, list)):
-            _flatten_into(attrs, name, v, depth - 1)
+            _flatten_into(out, name, v, depth - 1)
         else:
-            _set(attrs, name, v)
+            out[name] = v
 
 
-def _set(attrs: dict[str, Any], name: str, value: Any) -> None:
+def _set(attrs: dict[str, Any], name: str, value: Any, max_chars: int = MAX_FIELD_CHARS) -> None:
     v = to_attribute(value)
-    if v is not None:
+    if isinstance(v, str):
+        attrs[name] = v[:max_chars]
+    elif isinstance(v, list):
+        attrs[name] = [x[:max_chars] if isinstance(x, str) else x for x in v[:MAX_FIELD_ITEMS]]
+    elif v is not None:
         attrs[name] = v
 
 

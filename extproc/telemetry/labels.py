@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from extproc.core.bounded import MAX_VALUE_CHARS
 from extproc.core.call import Call
 from extproc.core.config import CustomLabel
 
+__all__ = ["MAX_VALUE_CHARS", "OVERFLOW", "LabelGuard", "LabelSource", "metadata_value"]
+
 OVERFLOW = "__overflow__"
-MAX_VALUE_CHARS = 128  # a longer value is cut: label values are not a place for payloads
 
 
 class LabelSource:

@@ -18,18 +18,20 @@ from typing import Any
 
 from google.protobuf.struct_pb2 import Struct
 
+from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, Call
 from extproc.core.pricing import Cost
 
 
 def fields(call: Call) -> dict[str, Any]:
+    """String values are cut to 128 characters (client- or upstream-chosen: docs/security.md)."""
     obs = call.obs
-    out: dict[str, Any] = {"provider": call.provider, "streaming": obs.streaming, "operation": obs.operation,
+    out: dict[str, Any] = {"provider": clip(call.provider), "streaming": obs.streaming, "operation": clip(obs.operation),
                            "outcome": call.outcome or CLIENT_ABORT}  # until complete, ending now would be an abort
     if obs.request_model:
-        out["model"] = obs.request_model
+        out["model"] = clip(obs.request_model)
     if obs.response_model:
-        out["provider_model"] = obs.response_model
+        out["provider_model"] = clip(obs.response_model)
     u = obs.usage
     if u.input_tokens is not None:
         out["prompt_tokens"] = u.input_tokens

@@ -13,6 +13,7 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
 from extproc.core.config import BUILTIN_LABELS, StatsConfig
 from extproc.core.pricing import Cost
@@ -159,20 +160,22 @@ class MetricsObserver:
         obs = call.obs
         fold = self.guard.fold
         m = self.metrics
-        provider = fold("llm", call.provider)
-        request_model = fold("model", obs.request_model or "")
-        response_model = fold("response_model", obs.response_model or "")
+        # Every client- or upstream-chosen value is cut to 128 characters, then capped per label.
+        provider = fold("llm", clip(call.provider))
+        request_model = fold("model", clip(obs.request_model or ""))
+        response_model = fold("response_model", clip(obs.response_model or ""))
         model = request_model or response_model or "unknown"
-        err = fold("error_type", error_type(call))
+        err = fold("error_type", clip(error_type(call)))
+        operation = fold("operation", clip(obs.operation))  # MCP: the client's method name
         custom = tuple(fold(s.name, s.value(call)) for s in self.sources)
-        key = (provider, model, request_model, response_model, obs.operation, err, call.outcome, call.status, *custom)
+        key = (provider, model, request_model, response_model, operation, err, call.outcome, call.status, *custom)
         series = self._series.get(key)
         if series is None:
             if len(self._series) >= _SERIES_CACHE_MAX:
                 self._series.clear()
             series = self._series[key] = _Series(
-                (provider, model, *custom), (obs.operation, provider, request_model, response_model, err, *custom))
-            series.requests = m.requests.labels(provider, model, obs.operation, str(call.status), call.outcome, err, *custom)
+                (provider, model, *custom), (operation, provider, request_model, response_model, err, *custom))
+            series.requests = m.requests.labels(provider, model, operation, str(call.status), call.outcome, err, *custom)
 
         duration = call.duration
         if duration is not None:
@@ -210,7 +213,7 @@ class MetricsObserver:
                 child.observe(count)
         if call.outcome == OK and not usage.seen():
             if series.missing is None:
-                series.missing = m.usage_missing.labels(provider, model, obs.operation, *custom)
+                series.missing = m.usage_missing.labels(provider, model, operation, *custom)
             series.missing.inc()
         cost = call.cost
         if isinstance(cost, Cost):
@@ -220,7 +223,7 @@ class MetricsObserver:
         elif cost is not None and cost.reason != "disabled":
             m.unpriced.labels(provider, model, cost.reason, *custom).inc()
         if obs.parse_errors:
-            m.parse_errors.labels(provider, obs.parse_error_reason or "unknown").inc(obs.parse_errors)
+            m.parse_errors.labels(provider, clip(obs.parse_error_reason or "unknown")).inc(obs.parse_errors)
         if self.guard.overflowed:
             for label, n in self.guard.take_overflows().items():
                 m.overflow.labels(label).inc(n)

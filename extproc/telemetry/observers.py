@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 
+from extproc.core.bounded import clip, clip_opt
 from extproc.core.call import Call, CallObserver
 from extproc.core.config import Config
 from extproc.telemetry import trace_settings
@@ -21,8 +22,8 @@ class CallLog:
         log.debug(
             "call",
             extra={
-                "provider": call.provider, "api": call.api, "status": call.status, "outcome": call.outcome,
-                "model": obs.request_model, "provider_model": obs.response_model, "streaming": obs.streaming,
+                "provider": clip(call.provider), "api": call.api, "status": call.status, "outcome": call.outcome,
+                "model": clip_opt(obs.request_model), "provider_model": clip_opt(obs.response_model), "streaming": obs.streaming,
                 "input_tokens": obs.usage.input_tokens, "output_tokens": obs.usage.output_tokens,
                 "parse_errors": obs.parse_errors, "parse_error": obs.parse_error_reason,
             },

@@ -21,6 +21,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from extproc.apis.routing import semconv_name
 from extproc.core import cel
+from extproc.core.bounded import MAX_LIST_ITEMS, MAX_VALUE_CHARS, clip, clip_opt
 from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, Call
 from extproc.core.config import TracingConfig
 from extproc.core.pricing import Cost
@@ -96,6 +97,8 @@ class Tracer:
         self.remove_exact = frozenset(n for n in cfg.fields.remove if not n.endswith(".*"))
         self.remove_prefix = tuple(n[:-1] for n in cfg.fields.remove if n.endswith(".*"))
         self.field_errors = 0
+        # A CEL field's string value: 1,024 characters, or the content cap when content is captured.
+        self.field_chars = max(cel.MAX_FIELD_CHARS, self.max_chars) if self.wants_content else cel.MAX_FIELD_CHARS
 
     def on_call_end(self, call: Call) -> None:
         if call.api == "unknown" or (call.api == "mcp" and "mcp.method" not in call.obs.extra):
@@ -104,7 +107,7 @@ class Tracer:
         if self.remove_exact or self.remove_prefix:
             attrs = {k: v for k, v in attrs.items() if k not in self.remove_exact and not k.startswith(self.remove_prefix)}
         if self.fields:
-            self.field_errors += cel.evaluate(self.fields, variables(call, self.wants_content), attrs)
+            self.field_errors += cel.evaluate(self.fields, variables(call, self.wants_content), attrs, self.field_chars)
         start = call.start_time_ns
         duration = call.duration or 0.0
         span = self.tracer.start_span(
@@ -129,32 +132,34 @@ def parent_context(call: Call) -> Context | None:
 def span_name(call: Call) -> str:
     obs = call.obs
     if call.api == "mcp":
-        tool = obs.extra.get("mcp.tool")
-        method = obs.extra.get("mcp.method") or "mcp"
+        tool = clip_opt(obs.extra.get("mcp.tool"))
+        method = clip(obs.extra.get("mcp.method") or "mcp")
         return f"{method} {tool}" if tool else method
-    return f"{obs.operation} {obs.request_model}" if obs.request_model else obs.operation
+    operation = clip(obs.operation)
+    return f"{operation} {clip(obs.request_model)}" if obs.request_model else operation
 
 
 def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]:
     obs = call.obs
     u = obs.usage
-    provider = semconv_name(call.provider)
-    a: dict[str, Any] = {"gen_ai.operation.name": obs.operation}
+    provider = clip(semconv_name(call.provider))
+    # Values a client or upstream chose are cut to 128 characters (lists to 16 items).
+    a: dict[str, Any] = {"gen_ai.operation.name": clip(obs.operation)}
     if call.api != "mcp":
         a["gen_ai.provider.name"] = provider
         a["gen_ai.system"] = provider  # the attribute older backends still read
-    _put(a, "gen_ai.request.model", obs.request_model)
-    _put(a, "gen_ai.response.model", obs.response_model)
-    _put(a, "gen_ai.response.id", obs.response_id)
+    _put(a, "gen_ai.request.model", clip_opt(obs.request_model))
+    _put(a, "gen_ai.response.model", clip_opt(obs.response_model))
+    _put(a, "gen_ai.response.id", clip_opt(obs.response_id))
     if obs.finish_reasons:
-        a["gen_ai.response.finish_reasons"] = list(dict.fromkeys(obs.finish_reasons))
+        a["gen_ai.response.finish_reasons"] = [clip(str(r)) for r in dict.fromkeys(obs.finish_reasons)][:MAX_LIST_ITEMS]
     if call.api != "mcp":
         a["gen_ai.request.stream"] = obs.streaming
     for key, value in obs.params.items():
         name = PARAM_ATTRIBUTES.get(key)
         if name is not None:
             v = value if name != "gen_ai.request.stop_sequences" or isinstance(value, list) else [value]
-            _put(a, name, cel.to_attribute(v))
+            _put(a, name, bounded_attribute(cel.to_attribute(v)))
     _put(a, "gen_ai.usage.input_tokens", u.input_tokens)
     _put(a, "gen_ai.usage.output_tokens", u.output_tokens)
     _put(a, "gen_ai.usage.cache_read.input_tokens", u.cached_input_tokens)
@@ -167,14 +172,14 @@ def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]
     if call.ttft is not None and obs.streaming:
         a["gen_ai.response.time_to_first_chunk"] = round(call.ttft, 6)
     if call.host:
-        a["server.address"] = call.host.rsplit(":", 1)[0] if call.host.count(":") == 1 else call.host
+        a["server.address"] = clip(call.host.rsplit(":", 1)[0] if call.host.count(":") == 1 else call.host)
     if call.status:
         a["http.response.status_code"] = call.status
     if call.api == "mcp":
         _mcp_attributes(a, call)
     error = _error_type(call)
     if error is not None:
-        a["error.type"] = error
+        a["error.type"] = clip(error)
     if capture:
         _content(a, call, max_chars)
     return a
@@ -182,12 +187,12 @@ def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]
 
 def _mcp_attributes(a: dict[str, Any], call: Call) -> None:
     x = call.obs.extra
-    _put(a, "mcp.method.name", x.get("mcp.method"))
-    _put(a, "gen_ai.tool.name", x.get("mcp.tool"))
-    _put(a, "jsonrpc.request.id", None if x.get("jsonrpc.id") is None else str(x["jsonrpc.id"]))
+    _put(a, "mcp.method.name", clip_opt(x.get("mcp.method")))
+    _put(a, "gen_ai.tool.name", clip_opt(x.get("mcp.tool")))
+    _put(a, "jsonrpc.request.id", None if x.get("jsonrpc.id") is None else clip(str(x["jsonrpc.id"])))
     _put(a, "rpc.jsonrpc.error_code", x.get("jsonrpc.error_code"))
-    _put(a, "mcp.session.id", call.headers.get("mcp-session-id"))
-    _put(a, "mcp.protocol.version", call.headers.get("mcp-protocol-version"))
+    _put(a, "mcp.session.id", clip_opt(call.headers.get("mcp-session-id")))
+    _put(a, "mcp.protocol.version", clip_opt(call.headers.get("mcp-protocol-version")))
     a["rpc.system"] = "jsonrpc"
 
 
@@ -204,6 +209,15 @@ def _error_type(call: Call) -> str | None:
 def _put(a: dict[str, Any], key: str, value: Any) -> None:
     if value is not None:
         a[key] = value
+
+
+def bounded_attribute(value: Any, max_chars: int = MAX_VALUE_CHARS) -> Any:
+    """A string cut to ``max_chars``, a list to 16 items of that length; numbers as they are."""
+    if isinstance(value, str):
+        return value if len(value) <= max_chars else value[:max_chars]
+    if isinstance(value, list):
+        return [v[:max_chars] if isinstance(v, str) else v for v in value[:MAX_LIST_ITEMS]]
+    return value
 
 
 # ---- content capture -------------------------------------------------------------------------

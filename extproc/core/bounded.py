@@ -1,0 +1,17 @@
+"""Length bounds on values a client or upstream chooses (model names, provider names, error types,
+MCP method and tool names, ids) before they become a metric label, a dynamic-metadata value or a
+span attribute: a model string is a label value, not a place for a payload (docs/security.md).
+"""
+from __future__ import annotations
+
+MAX_VALUE_CHARS = 128  # a label / metadata / attribute value; longer ones are cut
+MAX_LIST_ITEMS = 16  # list-valued span attributes (finish reasons, stop sequences)
+
+
+def clip(value: str) -> str:
+    """``value`` cut to :data:`MAX_VALUE_CHARS` characters."""
+    return value if len(value) <= MAX_VALUE_CHARS else value[:MAX_VALUE_CHARS]
+
+
+def clip_opt(value: str | None) -> str | None:
+    return value if value is None or len(value) <= MAX_VALUE_CHARS else value[:MAX_VALUE_CHARS]

@@ -1,0 +1,80 @@
+"""Hostile values through the real Envoy (issue 18, telemetry half): a client or upstream picks
+label values, so none of them may grow the exposition, the access log or a span without bound.
+
+- class 1: a 900 KB model string and a 4 KB provider header are cut to 128 characters in every
+  place they are exported (metrics, our dynamic metadata in Envoy's access log, span attributes).
+"""
+from __future__ import annotations
+
+import time
+import urllib.request
+import uuid
+
+import httpx
+import pytest
+
+from extproc.telemetry.labels import MAX_VALUE_CHARS
+from tests.support.harness import Stack, scrape, total
+from tests.support.otlp_receiver import GrpcReceiver
+
+pytestmark = pytest.mark.integration
+
+PATIENT = {"message_timeout_ms": 5000}
+
+
+def _metrics_text(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        return r.read().decode()
+
+
+def _wait_calls(port: int, n: float, timeout: float = 15) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        samples = scrape(port)
+        if total(samples, "ai_requests_total") >= n or time.monotonic() > deadline:
+            return samples
+        time.sleep(0.1)
+
+
+def test_huge_model_and_provider_are_cut_everywhere(tmp_path, mock_llm):
+    """One request, a 900 KB model and a 4 KB provider header: /metrics grows by a few KB, not
+    the ~79 MB it did, and every exported copy of those values is at most 128 characters."""
+    receiver = GrpcReceiver()
+    cfg = {"tracing": {"otlpEndpoint": receiver.endpoint, "scheduleDelayMs": 50}}
+    huge_model = "m" * 900_000
+    huge_provider = "p" * 4_000
+    try:
+        with Stack(tmp_path, mock_llm, sidecar_config=cfg, **PATIENT) as s:
+            rid = str(uuid.uuid4())
+            r = httpx.post(s.url("/v1/chat/completions"), timeout=30,
+                           json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                           headers={"x-request-id": rid})
+            assert r.status_code == 200
+            _wait_calls(s.metrics_port, 1)
+            before = len(_metrics_text(s.metrics_port))
+            rid = str(uuid.uuid4())
+            r = httpx.post(s.url("/v1/chat/completions"), timeout=60,
+                           json={"model": huge_model, "messages": [{"role": "user", "content": "hi there"}]},
+                           headers={"x-request-id": rid, "x-llm-provider": huge_provider})
+            assert r.status_code == 200 and r.json()["model"] == huge_model  # the upstream echoes it
+            _wait_calls(s.metrics_port, 2)
+            text = _metrics_text(s.metrics_port)
+            entry = s.log_entry(rid)
+            receiver.wait_for(lambda sp: sp.attributes.get("gen_ai.usage.input_tokens") == 2)
+    finally:
+        receiver.close()
+    grown = len(text) - before
+    assert grown < 200_000, f"/metrics grew by {grown} bytes for one call"
+    cut_model, cut_provider = "m" * MAX_VALUE_CHARS, "p" * MAX_VALUE_CHARS
+    assert f'model="{cut_model}"' in text and "m" * (MAX_VALUE_CHARS + 1) not in text
+    assert f'llm="{cut_provider}"' in text and "p" * (MAX_VALUE_CHARS + 1) not in text
+    # our dynamic metadata, as Envoy's access log shows it
+    assert entry["model"] == cut_model and entry["provider_model"] == cut_model and entry["provider"] == cut_provider
+    assert entry["prompt_tokens"] == 2  # the call itself was accounted
+    span = next(sp for sp in receiver.spans if sp.attributes.get("gen_ai.usage.input_tokens") == 2)
+    assert span.attributes["gen_ai.request.model"] == cut_model
+    assert span.attributes["gen_ai.response.model"] == cut_model
+    assert span.attributes["gen_ai.provider.name"] == cut_provider
+    assert len(span.name) <= MAX_VALUE_CHARS * 2
+    for value in span.attributes.values():
+        assert not isinstance(value, str) or len(value) <= MAX_VALUE_CHARS, value[:40]
