@@ -94,6 +94,16 @@ class CustomLabel(_Section):
             raise ValueError(f"{v!r} clashes with a built-in label ({', '.join(sorted(BUILTIN_LABELS))})")
         return v
 
+    @field_validator("header")
+    @classmethod
+    def _not_a_credential(cls, v: str | None) -> str | None:
+        from extproc.core.redact import is_credential_header
+
+        if v is not None and is_credential_header(v):
+            raise ValueError(f"{v!r} may carry a credential (its name contains auth, key, token, secret, cookie, "
+                             "password, session, credential or signature): not a label value")
+        return v
+
     @model_validator(mode="after")
     def _one_source(self) -> CustomLabel:
         if (self.metadata_key is None) == (self.header is None):

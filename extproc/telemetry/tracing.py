@@ -25,6 +25,7 @@ from extproc.core.bounded import MAX_LIST_ITEMS, MAX_VALUE_CHARS, clip, clip_opt
 from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, Call
 from extproc.core.config import TracingConfig
 from extproc.core.pricing import Cost
+from extproc.core.redact import safe_headers
 from extproc.telemetry.trace_export import BoundedBatchProcessor, build_exporter
 
 log = logging.getLogger("extproc.telemetry.tracing")
@@ -50,12 +51,6 @@ PARAM_ATTRIBUTES = {
     "reasoning_effort": "openai.request.reasoning_effort",
     "service_tier": "openai.request.service_tier",
 }
-
-# Request headers that never reach a span, not even through the request.headers CEL variable.
-SECRET_HEADERS = frozenset({
-    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key",
-    "x-goog-api-key", "x-amz-security-token", "ocp-apim-subscription-key",
-})
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 
@@ -298,7 +293,9 @@ def variables(call: Call, capture: bool) -> dict[str, Any]:
         "llm": llm,
         "jwt": jwt_claims(call.forwarded),
         "request": {
-            "headers": {k: v for k, v in call.headers.items() if k[0] != ":" and k not in SECRET_HEADERS},
+            # Any header whose name contains auth, key, token, secret, cookie, password, session,
+            # credential or signature never reaches a span (extproc.core.redact).
+            "headers": safe_headers(call.headers),
             "path": call.path if q < 0 else call.path[:q],
             "method": call.method, "host": call.host,
         },

@@ -1,4 +1,5 @@
-"""No secret leaks (issue 8): with credentials in every usual header, the query string and a
+"""No secret leaks (issues 8, 18): with credentials in every usual header (and gateway headers
+found by name pattern), the query string and a
 request body's auth field, nothing the sidecar emits contains them: not its log lines (at debug
 level), not an exported span (content capture on, and a field that tries to copy all request
 headers), not a metric, not our dynamic metadata, not Envoy's access log line built from it.
@@ -23,6 +24,13 @@ SECRETS = {
     "cookie": "session=SECRET-cookie-0004",
     "x-goog-api-key": "SECRET-goog-0005",
     "proxy-authorization": "Basic SECRET-proxy-0006",
+    # gateway/SDK headers no fixed list knew (issue 18): redacted by the name pattern
+    "x-portkey-api-key": "SECRET-portkey-0009",
+    "cf-aig-authorization": "Bearer SECRET-cf-aig-0010",
+    "helicone-auth": "Bearer SECRET-helicone-0011",
+    "openai-api-key": "SECRET-openai-0012",
+    "x-auth-token": "SECRET-auth-token-0013",
+    "anthropic-api-key": "SECRET-anthropic-0014",
 }
 QUERY_SECRET = "SECRET-query-key-0007"
 BODY_SECRET = "SECRET-body-api-key-0008"

@@ -30,7 +30,8 @@ def call(capture: bool = True) -> Call:
     claims.update({"principal": {"sub": "alice", "team": "ml"}})
     return Call(obs=obs, provider="azure", api="openai.chat", method="POST", path="/v1/chat/completions?key=AIzaSECRET",
                 host="api.example.com:443", headers={":path": "/x", "authorization": "Bearer sk-x", "x-api-key": "k", "cookie": "c",
-                                                     "x-team": "blue", "x-session-id": "s-1"},
+                                                     "x-team": "blue", "x-conversation-id": "s-1",
+                                                     "x-session-id": "sess-secret"},
                 forwarded={"envoy.filters.http.jwt_authn": claims}, status=200, outcome=OK,
                 start_time_ns=1_700_000_000_000_000_000, start=10.0, end=10.25, first_chunk=10.1)
 
@@ -80,7 +81,7 @@ def test_fields_add_remove_and_cel_variables():
     assert a["user"] == "alice" and a["team"] == "ml/blue" and a["status"] == 200
     assert a["path"] == "/v1/chat/completions"  # no query string (API keys travel there)
     headers = json.loads(a["hdrs"])
-    assert headers == {"x-team": "blue", "x-session-id": "s-1"}  # credentials and pseudo-headers removed
+    assert headers == {"x-team": "blue", "x-conversation-id": "s-1"}  # credentials and pseudo-headers removed
     assert a["req.temperature"] == 0.5 and a["req.max_tokens"] == 100
     assert "missing" not in a
     assert "prompt" not in a  # captureContent is off: llm.prompt does not exist
@@ -90,8 +91,34 @@ def test_no_secret_reaches_any_attribute():
     cfg = tracing_cfg(captureContent=True, fields={"add": {"all": "request", "h": "flatten_recursive(request)"}})
     a = spans_for(cfg, call())
     dump = json.dumps({k: v if isinstance(v, (str, int, float)) else list(v) for k, v in a.items() if k != "span"})
-    for secret in ("sk-x", "AIzaSECRET", '"k"', '"c"'):
+    for secret in ("sk-x", "AIzaSECRET", '"k"', '"c"', "sess-secret"):
         assert secret not in dump
+
+
+# Gateway and SDK credential headers seen in the wild, and the classic ones.
+CREDENTIAL_HEADERS = (
+    "x-portkey-api-key", "cf-aig-authorization", "helicone-auth", "openai-api-key", "x-auth-token", "anthropic-api-key",
+    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "x-goog-api-key",
+    "x-amz-security-token", "ocp-apim-subscription-key", "X-Client-Secret", "x-db-password", "x-session-token",
+    "x-hub-signature-256", "x-amz-credential",
+)
+
+
+def test_credential_headers_are_removed_by_pattern():
+    c = call(capture=False)
+    c.headers = {**{h.lower(): f"SECRET-{i}" for i, h in enumerate(CREDENTIAL_HEADERS)}, "x-team": "blue", "user-agent": "ua"}
+    cfg = tracing_cfg(fields={"add": {"all": "request.headers", "flat": "flatten(request.headers)",
+                                      "h": "flatten_recursive(request)"}})
+    a = spans_for(cfg, c)
+    dump = json.dumps({k: v if isinstance(v, (str, int, float)) else list(v) for k, v in a.items() if k != "span"})
+    assert "SECRET-" not in dump
+    assert json.loads(a["all"]) == {"x-team": "blue", "user-agent": "ua"}
+
+
+@pytest.mark.parametrize("header", CREDENTIAL_HEADERS)
+def test_credential_header_is_never_a_label(header):
+    with pytest.raises(config.ConfigError, match=r"stats\.customLabels\.0\.header: .* may carry a credential"):
+        config.parse({"stats": {"customLabels": [{"name": "who", "header": header}]}})
 
 
 @pytest.mark.parametrize(
