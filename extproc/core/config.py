@@ -67,7 +67,7 @@ LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 BUILTIN_LABELS = frozenset({
     "llm", "model", "operation", "status_code", "outcome", "error_type", "reason", "label",
     "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
-    "gen_ai_token_type", "le", "quantile", "job", "instance",
+    "gen_ai_token_type", "metric", "le", "quantile", "job", "instance",
 })
 
 
@@ -122,6 +122,9 @@ class StatsConfig(_Section):
     # Distinct values kept per label (custom labels, model, provider, error type) per process;
     # later new values are folded into "__overflow__" (counted by ai_label_values_overflow_total).
     max_label_values: int = Field(1000, ge=1)
+    # Live series (label sets) per metric family per process; a call that would create one more
+    # is recorded in the family's "__overflow__" series (counted by ai_series_overflow_total).
+    max_series: int = Field(2000, ge=1)
 
     @field_validator("custom_labels")
     @classmethod

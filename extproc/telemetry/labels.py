@@ -96,3 +96,45 @@ class LabelGuard:
     def take_overflows(self) -> dict[str, int]:
         out, self.overflowed = self.overflowed, {}
         return out
+
+
+class SeriesBudget:
+    """Caps the live series (label sets) of each metric family: past ``limit``, a call's new label
+    set is recorded in the family's ``__overflow__`` series instead (see :func:`folded`).
+
+    Per process, like :class:`LabelGuard`. Admitting a label set already live is one set lookup;
+    the budget is consulted only when a series would be created (callers cache admitted children).
+    ``folded[family]`` counts observations folded since the last :meth:`take_folded`.
+    """
+
+    __slots__ = ("limit", "_live", "folded")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._live: dict[str, set[tuple[str, ...]]] = {}
+        self.folded: dict[str, int] = {}
+
+    def admit(self, family: str, labels: tuple[str, ...]) -> bool:
+        live = self._live.get(family)
+        if live is None:
+            live = self._live[family] = set()
+        if labels in live:
+            return True
+        if len(live) < self.limit:
+            live.add(labels)
+            return True
+        self.folded[family] = self.folded.get(family, 0) + 1
+        return False
+
+    def live(self, family: str) -> int:
+        return len(self._live.get(family, ()))
+
+    def take_folded(self) -> dict[str, int]:
+        out, self.folded = self.folded, {}
+        return out
+
+
+def folded(labels: tuple[str, ...], keep: tuple[int, ...] = ()) -> tuple[str, ...]:
+    """The overflow label set for ``labels``: every value ``__overflow__`` except empty ones and
+    the positions in ``keep`` (labels with a fixed, small set of values, e.g. the outcome)."""
+    return tuple(v if not v or i in keep else OVERFLOW for i, v in enumerate(labels))

@@ -17,7 +17,7 @@ from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
 from extproc.core.config import BUILTIN_LABELS, StatsConfig
 from extproc.core.pricing import Cost
-from extproc.telemetry.labels import LabelGuard, LabelSource
+from extproc.telemetry.labels import LabelGuard, LabelSource, SeriesBudget, folded
 
 log = logging.getLogger("extproc.telemetry.metrics")
 
@@ -74,6 +74,9 @@ class Metrics:
         self.overflow = Counter(
             "ai_label_values_overflow", "Label values folded into __overflow__ by the cardinality cap (stats.maxLabelValues)",
             ["label"], registry=registry)
+        self.series_overflow = Counter(
+            "ai_series_overflow", "Observations recorded in an __overflow__ series because their metric family had "
+            "stats.maxSeries live series", ["metric"], registry=registry)
         # livesum: across worker processes, the sum over the live ones (a dead worker's streams are gone).
         self.active = Gauge("ai_active_streams", "ext_proc streams (HTTP exchanges) in flight", registry=registry,
                             multiprocess_mode="livesum")
@@ -93,7 +96,7 @@ class Metrics:
     def label_names(self) -> set[str]:
         names: set[str] = set()
         for m in (self.prompt_tokens, self.completion_tokens, self.requests, self.usage_missing, self.cost, self.unpriced, self.parse_errors,
-                  self.overflow, self.token_usage, self.duration, self.ttft, self.tpot):
+                  self.overflow, self.series_overflow, self.token_usage, self.duration, self.ttft, self.tpot):
             names.update(m._labelnames)
         return names
 
@@ -112,14 +115,18 @@ def instruments(registry: CollectorRegistry, custom: tuple[str, ...]) -> Metrics
 
 
 class _Series:
-    """The children of one label combination, looked up once and reused by later calls."""
+    """The children of one label combination, looked up once and reused by later calls. A slot
+    stays None while its family's series budget folds this combination (so each later
+    observation is folded, and counted, again)."""
 
-    __slots__ = ("ai", "genai", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "cost", "tokens")
+    __slots__ = ("ai", "genai", "req", "miss", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "cost", "tokens")
 
-    def __init__(self, ai: tuple[str, ...], genai: tuple[str, ...]) -> None:  # children: on first use
+    def __init__(self, ai: tuple[str, ...], genai: tuple[str, ...], req: tuple[str, ...], miss: tuple[str, ...]) -> None:
         self.ai = ai  # llm, model, *custom
         self.genai = genai  # operation, provider, request model, response model, error_type, *custom
-        self.requests: Any = None
+        self.req = req  # llm, model, operation, status_code, outcome, error_type, *custom
+        self.miss = miss  # llm, model, operation, *custom
+        self.requests: Any = None  # children: on first use
         self.duration: Any = None
         self.ttft: Any = None
         self.tpot: Any = None
@@ -130,8 +137,18 @@ class _Series:
         self.tokens: dict[str, Any] = {}
 
 
+_OUTCOME = (4,)  # ai_requests: the outcome keeps its value in the overflow series (four values)
+_TOKEN_TYPE = (4,)  # gen_ai_client_token_usage: the token type likewise (five values)
+
+
 class MetricsObserver:
-    """A :class:`~extproc.core.call.CallObserver` recording each finished LLM call. Never raises."""
+    """A :class:`~extproc.core.call.CallObserver` recording each finished LLM call. Never raises.
+
+    Two caps keep the exposition bounded whatever clients send: per label, ``stats.maxLabelValues``
+    distinct values (then ``__overflow__``); per metric family, ``stats.maxSeries`` live series
+    (label sets; a call that would create one more is recorded in the family's ``__overflow__``
+    series and counted in ``ai_series_overflow_total``). Both are per process.
+    """
 
     def __init__(self, stats: StatsConfig, registry: CollectorRegistry) -> None:
         self.sources = tuple(LabelSource(c) for c in stats.custom_labels)
@@ -139,6 +156,7 @@ class MetricsObserver:
         unknown = self.metrics.label_names() - BUILTIN_LABELS - {s.name for s in self.sources}
         assert not unknown, f"config.BUILTIN_LABELS misses {unknown}"
         self.guard = LabelGuard(stats.max_label_values)
+        self.budget = SeriesBudget(stats.max_series)
         self._series: dict[tuple[object, ...], _Series] = {}
         self.failures = 0
 
@@ -153,6 +171,16 @@ class MetricsObserver:
             self.failures += 1
             if self.failures <= 10 or self.failures % 1000 == 0:
                 log.exception("recording metrics failed", extra={"failures": self.failures})
+
+    def _child(self, series: _Series | None, slot: str, metric: Any, labels: tuple[str, ...], keep: tuple[int, ...] = ()) -> Any:
+        """A new child of ``metric`` (the series budget admits ``labels``: cached in ``slot``),
+        else its overflow child (not cached)."""
+        if self.budget.admit(metric._name, labels):
+            child = metric.labels(*labels)
+            if series is not None:
+                setattr(series, slot, child)
+            return child
+        return metric.labels(*folded(labels, keep))
 
     def record(self, call: Call) -> None:
         if call.api == "unknown":  # not an LLM API path: nothing to account
@@ -174,33 +202,25 @@ class MetricsObserver:
             if len(self._series) >= _SERIES_CACHE_MAX:
                 self._series.clear()
             series = self._series[key] = _Series(
-                (provider, model, *custom), (operation, provider, request_model, response_model, err, *custom))
-            series.requests = m.requests.labels(provider, model, operation, str(call.status), call.outcome, err, *custom)
+                (provider, model, *custom), (operation, provider, request_model, response_model, err, *custom),
+                (provider, model, operation, str(call.status), call.outcome, err, *custom), (provider, model, operation, *custom))
+        new = self._child
 
         duration = call.duration
         if duration is not None:
-            if series.duration is None:
-                series.duration = m.duration.labels(*series.genai)
-            series.duration.observe(duration)
+            (series.duration or new(series, "duration", m.duration, series.genai)).observe(duration)
         ttft = call.ttft if obs.streaming and call.status < 400 else None
         if ttft is not None:
-            if series.ttft is None:
-                series.ttft = m.ttft.labels(*series.genai)
-            series.ttft.observe(ttft)
+            (series.ttft or new(series, "ttft", m.ttft, series.genai)).observe(ttft)
 
         usage = obs.usage
         if usage.input_tokens is not None:
-            if series.prompt is None:
-                series.prompt = m.prompt_tokens.labels(*series.ai)
-            series.prompt.inc(usage.input_tokens)
+            (series.prompt or new(series, "prompt", m.prompt_tokens, series.ai)).inc(usage.input_tokens)
         if usage.output_tokens is not None:
-            if series.completion is None:
-                series.completion = m.completion_tokens.labels(*series.ai)
-            series.completion.inc(usage.output_tokens)
+            (series.completion or new(series, "completion", m.completion_tokens, series.ai)).inc(usage.output_tokens)
             if ttft is not None and duration is not None and usage.output_tokens > 1 and call.outcome == OK:
-                if series.tpot is None:
-                    series.tpot = m.tpot.labels(*series.genai)
-                series.tpot.observe(max(duration - ttft, 0.0) / (usage.output_tokens - 1))
+                (series.tpot or new(series, "tpot", m.tpot, series.genai)).observe(
+                    max(duration - ttft, 0.0) / (usage.output_tokens - 1))
         for token_type, count in (("input", usage.input_tokens), ("output", usage.output_tokens),
                                   ("cached_input", usage.cached_input_tokens),
                                   ("cache_creation_input", usage.cache_creation_input_tokens),
@@ -209,23 +229,27 @@ class MetricsObserver:
                 child = series.tokens.get(token_type)
                 if child is None:
                     g = series.genai
-                    child = series.tokens[token_type] = m.token_usage.labels(*g[:4], token_type, *g[5:])
+                    labels = (*g[:4], token_type, *g[5:])
+                    if self.budget.admit(m.token_usage._name, labels):
+                        child = series.tokens[token_type] = m.token_usage.labels(*labels)
+                    else:
+                        child = m.token_usage.labels(*folded(labels, _TOKEN_TYPE))
                 child.observe(count)
         if call.outcome == OK and not usage.seen():
-            if series.missing is None:
-                series.missing = m.usage_missing.labels(provider, model, operation, *custom)
-            series.missing.inc()
+            (series.missing or new(series, "missing", m.usage_missing, series.miss)).inc()
         cost = call.cost
         if isinstance(cost, Cost):
-            if series.cost is None:
-                series.cost = m.cost.labels(*series.ai)
-            series.cost.inc(cost.total)
+            (series.cost or new(series, "cost", m.cost, series.ai)).inc(cost.total)
         elif cost is not None and cost.reason != "disabled":
-            m.unpriced.labels(provider, model, cost.reason, *custom).inc()
+            new(None, "", m.unpriced, (provider, model, cost.reason, *custom), (2,)).inc()
         if obs.parse_errors:
-            m.parse_errors.labels(provider, clip(obs.parse_error_reason or "unknown")).inc(obs.parse_errors)
+            new(None, "", m.parse_errors, (provider, clip(obs.parse_error_reason or "unknown"))).inc(obs.parse_errors)
         if self.guard.overflowed:
             for label, n in self.guard.take_overflows().items():
                 m.overflow.labels(label).inc(n)
+        requests = series.requests or new(series, "requests", m.requests, series.req, _OUTCOME)
+        if self.budget.folded:
+            for family, n in self.budget.take_folded().items():
+                m.series_overflow.labels(family).inc(n)
         # Last: a scrape that counts a call in ai_requests_total also sees all its other updates.
-        series.requests.inc()
+        requests.inc()

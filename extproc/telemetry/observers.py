@@ -31,11 +31,12 @@ class CallLog:
 
 
 def observers(config: Config) -> list[CallObserver]:
-    out: list[CallObserver] = [CallLog(), McpMetrics()]
+    out: list[CallObserver] = [CallLog()]
     if config.stats.port:  # 0: no endpoint, so nothing to record
         from extproc.telemetry.metrics import MetricsObserver, process_registry
 
-        out.append(MetricsObserver(config.stats, process_registry()))
+        ai = MetricsObserver(config.stats, process_registry())
+        out += [McpMetrics(config.stats, ai.metrics), ai]
     if trace_settings.enabled(config.tracing):
         from extproc.telemetry.tracing import Tracer  # the OTel SDK loads only when tracing is on
 

@@ -2,7 +2,10 @@
 label values, so none of them may grow the exposition, the access log or a span without bound.
 
 - class 1: a 900 KB model string and a 4 KB provider header are cut to 128 characters in every
-  place they are exported (metrics, our dynamic metadata in Envoy's access log, span attributes).
+  place they are exported (metrics, our dynamic metadata in Envoy's access log, span attributes);
+- class 3: the series budget (``stats.maxSeries``) holds however many distinct label sets the
+  clients invent; folded calls keep their tokens (under ``__overflow__``) and are counted; MCP
+  tool names are folded by the same rules.
 """
 from __future__ import annotations
 
@@ -13,8 +16,9 @@ import uuid
 import httpx
 import pytest
 
-from extproc.telemetry.labels import MAX_VALUE_CHARS
+from extproc.telemetry.labels import MAX_VALUE_CHARS, OVERFLOW
 from tests.support.harness import Stack, scrape, total
+from tests.support.mcp_upstream import McpUpstream
 from tests.support.otlp_receiver import GrpcReceiver
 
 pytestmark = pytest.mark.integration
@@ -78,3 +82,59 @@ def test_huge_model_and_provider_are_cut_everywhere(tmp_path, mock_llm):
     assert len(span.name) <= MAX_VALUE_CHARS * 2
     for value in span.attributes.values():
         assert not isinstance(value, str) or len(value) <= MAX_VALUE_CHARS, value[:40]
+
+
+def test_series_budget_folds_invented_label_sets(tmp_path, mock_llm):
+    """60 calls, each with a model and provider of its own (every value under its label's cap):
+    no metric family gets more than ``maxSeries`` label sets plus the __overflow__ ones, the
+    tokens of every call are still counted, and the folded calls are counted."""
+    budget = 10
+    with Stack(tmp_path, mock_llm, sidecar_config={"stats": {"maxSeries": budget}}, **PATIENT) as s:
+        sent_prompt = 0
+        for i in range(60):
+            r = httpx.post(s.url("/v1/chat/completions"), timeout=30,
+                           json={"model": f"model-{i}", "messages": [{"role": "user", "content": "a b c"}]},
+                           headers={"x-llm-provider": f"provider-{i % 7}"})
+            assert r.status_code == 200
+            sent_prompt += r.json()["usage"]["prompt_tokens"]
+        samples = _wait_calls(s.metrics_port, 60)
+    assert total(samples, "ai_requests_total") == 60
+    assert total(samples, "ai_prompt_tokens_total") == sent_prompt  # nothing lost, only folded
+    families: dict[str, set] = {}
+    for name, labels, _ in samples:
+        family = name.removesuffix("_total").removesuffix("_bucket").removesuffix("_sum").removesuffix("_count")
+        families.setdefault(family, set()).add(tuple(sorted((k, v) for k, v in labels.items() if k != "le")))
+    for family in ("ai_requests", "ai_prompt_tokens", "ai_completion_tokens", "gen_ai_client_operation_duration_seconds"):
+        real = {ls for ls in families[family] if OVERFLOW not in dict(ls).values()}
+        assert len(real) <= budget, (family, len(real))
+        assert len(families[family]) - len(real) <= 2, family  # the overflow label set(s)
+    assert total(samples, "ai_prompt_tokens_total", model=OVERFLOW) > 0
+    folded = total(samples, "ai_series_overflow_total", metric="ai_requests")
+    assert folded == total(samples, "ai_requests_total", model=OVERFLOW) >= 60 - budget
+
+
+def test_mcp_tool_names_are_folded(tmp_path):
+    """30 tools/call requests with invented tool names, maxLabelValues 5: the tool label keeps
+    5 values plus __overflow__, every request is counted, the folds are counted."""
+    up = McpUpstream()
+    try:
+        with Stack(tmp_path, up.url, sidecar_config={"stats": {"maxLabelValues": 5}}, **PATIENT) as s:
+            for i in range(30):
+                r = httpx.post(s.url("/mcp"), timeout=10, headers={"accept": "application/json, text/event-stream"},
+                               json={"jsonrpc": "2.0", "id": i + 1, "method": "tools/call",
+                                     "params": {"name": f"tool-{i}-" + "x" * 500, "arguments": {}}})
+                assert r.status_code == 200
+            deadline = time.monotonic() + 15
+            while True:
+                samples = scrape(s.metrics_port)
+                if total(samples, "mcp_requests_total") >= 30 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
+    finally:
+        up.close()
+    assert total(samples, "mcp_requests_total", method="tools/call") == 30
+    tools = {labels["tool"] for name, labels, _ in samples if name == "mcp_requests_total"}
+    assert len(tools) == 6 and OVERFLOW in tools
+    assert all(len(t) <= MAX_VALUE_CHARS for t in tools)
+    assert total(samples, "mcp_requests_total", tool=OVERFLOW) == 25
+    assert total(samples, "ai_label_values_overflow_total", label="mcp_tool") == 25

@@ -258,3 +258,64 @@ def test_bad_custom_label_names_the_key(label, error):
 def test_duplicate_custom_label():
     with pytest.raises(config_mod.ConfigError, match="stats.customLabels: .*duplicate label name 'team'"):
         config_mod.parse({"stats": {"customLabels": [{"name": "team", "header": "a"}, {"name": "team", "header": "b"}]}})
+
+
+def test_series_budget_caps_every_family_and_counts_folds():
+    """100 models x 7 providers, every value under its label's cap: each family keeps maxSeries
+    label sets plus its overflow ones; no token is lost; each folded call is counted."""
+    budget = 12
+    obs, reg = _observer(maxSeries=budget)
+    n = 100
+    for i in range(n):
+        call = _call("aigw__chat-basic.yaml", request=b'{"model":"m%d","messages":[]}' % i)
+        call.provider = f"p{i % 7}"
+        obs.on_call_end(call)
+    per_family: dict[str, set] = {}
+    for m in reg.collect():
+        for s in m.samples:
+            per_family.setdefault(m.name, set()).add(tuple(sorted((k, v) for k, v in s.labels.items() if k != "le")))
+    for family in ("ai_requests", "ai_prompt_tokens", "gen_ai_client_operation_duration_seconds", "gen_ai_client_token_usage"):
+        real = [ls for ls in per_family[family] if OVERFLOW not in dict(ls).values()]
+        assert len(real) <= budget, family
+    assert _v(reg, "ai_prompt_tokens_total", llm=OVERFLOW, model=OVERFLOW) > 0
+    assert sum(s.value for m in reg.collect() for s in m.samples if s.name == "ai_prompt_tokens_total") == 8 * n
+    folded_requests = _v(reg, "ai_series_overflow_total", metric="ai_requests")
+    assert folded_requests == n - budget
+    assert _v(reg, "ai_requests_total", llm=OVERFLOW, model=OVERFLOW, operation=OVERFLOW, status_code=OVERFLOW,
+              outcome="ok", error_type="") == n - budget
+
+
+def test_series_budget_costs_nothing_for_known_label_sets():
+    obs, reg = _observer(maxSeries=3)
+    call = _call("aigw__chat-basic.yaml")
+    for _ in range(50):
+        obs.on_call_end(call)
+    assert _v(reg, "ai_requests_total", model="gpt-5-nano", llm="openai", operation="chat", status_code="200",
+              outcome="ok", error_type="") == 50
+    assert _v(reg, "ai_series_overflow_total", metric="ai_requests") == 0
+    assert obs.budget.live("ai_requests") == 1
+
+
+def test_mcp_tool_names_fold_under_both_caps():
+    from extproc.telemetry.mcp import MCP_REQUESTS, McpMetrics
+
+    obs, reg = _observer(maxLabelValues=3, maxSeries=100)
+    mcp = McpMetrics(_stats(maxLabelValues=3, maxSeries=100), obs.metrics)
+
+    def tools_call(tool: str) -> Call:
+        call = Call(api="mcp", provider="mcp", status=200, outcome=OK)
+        call.obs.extra.update({"mcp.method": "tools/call", "mcp.tool": tool})
+        return call
+
+    before = MCP_REQUESTS.labels("tools/call", OVERFLOW, "ok")._value.get()
+    for i in range(10):
+        mcp.on_call_end(tools_call(f"unit-tool-{i}-" + "x" * 300))
+    assert MCP_REQUESTS.labels("tools/call", OVERFLOW, "ok")._value.get() - before == 7
+    assert _v(reg, "ai_label_values_overflow_total", label="mcp_tool") == 7
+    assert mcp.budget.live("mcp_requests") == 3 + 1 and all(len(t[1]) <= 128 for t in mcp._children)  # + __overflow__
+    # and the series budget alone: methods x statuses x tools past maxSeries fold too
+    tight = McpMetrics(_stats(maxSeries=2), obs.metrics)
+    for i in range(5):
+        tight.on_call_end(tools_call(f"t{i}"))
+    assert tight.budget.live("mcp_requests") == 2
+    assert _v(reg, "ai_series_overflow_total", metric="mcp_requests") == 3
