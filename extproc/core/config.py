@@ -116,8 +116,19 @@ class CustomLabel(_Section):
 class StatsConfig(_Section):
     """Prometheus endpoint (``/metrics``, ``/healthz``) and labels; owned by ``extproc.telemetry.metrics``."""
 
-    address: str = "0.0.0.0"  # Prometheus scrapes the pod IP; bind 127.0.0.1 to keep it local
+    # Loopback by default; containers/pods set 0.0.0.0 so Prometheus can scrape them (deploy/).
+    address: str = "127.0.0.1"
     port: int = Field(9092, ge=0, lt=65536)  # 0 disables the endpoint (and metrics)
+    # The endpoint's own bounds (docs/security.md): an exposition is rendered at most once per
+    # renderIntervalSeconds and shared by the scrapes of that interval; at most
+    # maxConcurrentScrapes are served at once (others: 503 at once); at most maxConnections are
+    # open; a connection must send its request within readTimeoutSeconds and take the response
+    # within writeTimeoutSeconds, or it is closed.
+    render_interval_seconds: float = Field(1.0, ge=0, le=60)
+    max_concurrent_scrapes: int = Field(4, ge=1, le=1000)
+    max_connections: int = Field(64, ge=1, le=10000)
+    read_timeout_seconds: float = Field(5.0, gt=0, le=300)
+    write_timeout_seconds: float = Field(30.0, gt=0, le=600)
     custom_labels: list[CustomLabel] = Field(default_factory=list)
     # Distinct values kept per label (custom labels, model, provider, error type) per process;
     # later new values are folded into "__overflow__" (counted by ai_label_values_overflow_total).

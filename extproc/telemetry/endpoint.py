@@ -11,13 +11,17 @@ This module imports prometheus-client only inside functions, after the directory
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import shutil
+import socket
 import sys
 import tempfile
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -61,60 +65,222 @@ class MultiprocDir:
                 os.environ[ENV] = self._previous
 
 
-def _handler(render: Any) -> type[BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-            path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                body, content_type = render(self.headers.get("Accept", ""))
-                self._send(200, body, content_type)
-            elif path == "/healthz":
-                self._send(200, b"ok\n", "text/plain; charset=utf-8")
-            else:
-                self._send(404, b"not found: try /metrics or /healthz\n", "text/plain; charset=utf-8")
+class Exposition:
+    """The registry's exposition, rendered at most once per ``interval`` (per format) in one
+    render thread and shared: scrapes arriving while a render runs wait for that render, scrapes
+    within ``interval`` of it get its bytes. ``renders`` counts renders."""
 
-        def _send(self, code: int, body: bytes, content_type: str) -> None:
-            self.send_response(code)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
+    def __init__(self, registry: Any, interval: float) -> None:
+        self.registry = registry
+        self.interval = interval
+        self.renders = 0
+        self._cache: dict[str, tuple[float, bytes]] = {}
+        self._pending: dict[str, asyncio.Future[bytes]] = {}
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="metrics-render")
 
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 (scrapes are not news)
-            pass
+    async def get(self, accept: str) -> tuple[bytes, str]:
+        from prometheus_client.exposition import choose_encoder
 
-    return Handler
+        encoder, content_type = choose_encoder(accept)
+        cached = self._cache.get(content_type)
+        if cached is not None and time.monotonic() - cached[0] < self.interval:
+            return cached[1], content_type
+        pending = self._pending.get(content_type)
+        if pending is None:
+            pending = asyncio.get_running_loop().run_in_executor(self._pool, self._render, encoder)
+            self._pending[content_type] = pending
+            pending.add_done_callback(lambda f: self._done(content_type, f))
+        return await asyncio.shield(pending), content_type  # one waiter's timeout is not the others'
+
+    def _render(self, encoder: Callable[[Any], bytes]) -> bytes:
+        self.renders += 1
+        return encoder(self.registry)
+
+    def _done(self, content_type: str, f: asyncio.Future[bytes]) -> None:
+        self._pending.pop(content_type, None)
+        if not f.cancelled() and f.exception() is None:
+            self._cache[content_type] = (time.monotonic(), f.result())
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+class EndpointStats:
+    """The endpoint's own counters, as metrics of the registry it serves."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+
+    def collect(self) -> Any:
+        from prometheus_client.core import CounterMetricFamily
+
+        e = self._endpoint
+        yield CounterMetricFamily("extproc_metrics_renders", "Expositions rendered by the /metrics endpoint",
+                                  value=e.exposition.renders)
+        rejected = CounterMetricFamily("extproc_metrics_rejected", "Connections to the /metrics endpoint "
+                                       "refused or closed unanswered, by reason", labels=["reason"])
+        for reason, n in sorted(e.rejected.items()):
+            rejected.add_metric([reason], n)
+        yield rejected
+
+
+_CHUNK = 256 << 10  # response bytes handed to the socket at a time (bounds what a slow reader buffers)
+_MAX_HEAD = 16 << 10  # request line + headers
 
 
 class Endpoint:
-    """``/metrics`` and ``/healthz`` on ``address:port``, served from a daemon thread."""
+    """``/metrics`` and ``/healthz`` on ``address:port``: an asyncio HTTP/1.1 server in one daemon
+    thread (an idle connection costs a socket, not a thread), rendering in a second one.
 
-    def __init__(self, address: str, port: int, registry: Any) -> None:
+    Bounds (``stats.*``, docs/security.md): ``maxConnections`` open connections (more are closed
+    at once); the request head (16 KiB at most) must arrive within ``readTimeoutSeconds`` of the
+    connection opening, else the connection is closed and nothing is rendered; at most
+    ``maxConcurrentScrapes`` scrapes are served at once (others get 503 at once); one exposition
+    per ``renderIntervalSeconds``, shared; the response must be taken within
+    ``writeTimeoutSeconds``. One request per connection (``Connection: close``).
+    """
+
+    def __init__(self, stats: StatsConfig, registry: Any) -> None:
         from prometheus_client import disable_created_metrics
-        from prometheus_client.exposition import choose_encoder
 
         disable_created_metrics()  # no *_created series: half the series, nothing PromQL needs
-
-        def render(accept: str) -> tuple[bytes, str]:
-            encoder, content_type = choose_encoder(accept)
-            return encoder(registry), content_type
-
-        ThreadingHTTPServer.allow_reuse_address = True
-        self.server = ThreadingHTTPServer((address, port), _handler(render))
-        self.server.daemon_threads = True
-        self.port = self.server.server_address[1]
+        self.cfg = stats
+        self.exposition = Exposition(registry, stats.render_interval_seconds)
+        self.rejected: dict[str, int] = {}
+        self.connections = 0
+        self.scrapes = 0
+        self._registry = registry
+        self._stats = EndpointStats(self)
+        registry.register(self._stats)
+        family = socket.AF_INET6 if ":" in stats.address else socket.AF_INET
+        self._sock = socket.create_server((stats.address, stats.port), family=family, backlog=128)
+        self.port = self._sock.getsockname()[1]
         # A forked worker must not keep the listening socket open (only the parent serves it).
         os.register_at_fork(after_in_child=self._close_in_child)
-        self.thread = threading.Thread(target=self.server.serve_forever, name="metrics-endpoint", daemon=True)
+        self._loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), name="metrics-endpoint", daemon=True)
         self.thread.start()
-        log.info("metrics endpoint listening", extra={"address": f"{address}:{self.port}"})
+        started.wait(10)
+        log.info("metrics endpoint listening", extra={"address": f"{stats.address}:{self.port}"})
+
+    def _run(self, started: threading.Event) -> None:
+        loop = self._loop
+        asyncio.set_event_loop(loop)
+        self._stop = asyncio.Event()
+
+        async def main() -> None:
+            server = await asyncio.start_server(self._serve, sock=self._sock, limit=_MAX_HEAD)
+            started.set()
+            async with server:
+                await self._stop.wait()
+
+        try:
+            loop.run_until_complete(main())
+        finally:
+            loop.close()
+
+    def _reject(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.connections >= self.cfg.max_connections:
+            self._reject("connections")
+            writer.transport.abort()
+            return
+        self.connections += 1
+        try:
+            await self._exchange(reader, writer)
+        except Exception:  # a bug here must not stop the endpoint; the connection is dropped
+            log.exception("metrics endpoint: request failed")
+        finally:
+            self.connections -= 1
+            if writer.transport.get_write_buffer_size():
+                writer.transport.abort()  # a reader too slow for writeTimeoutSeconds: drop what is left
+            else:
+                writer.close()
+
+    async def _exchange(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(self.cfg.read_timeout_seconds):
+                head = await reader.readuntil(b"\r\n\r\n")
+        except TimeoutError:
+            self._reject("read_timeout")
+            return
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            self._reject("bad_request")  # closed before a complete request head, or a huge one
+            return
+        lines = head.decode("latin-1").split("\r\n")
+        parts = lines[0].split(" ")
+        if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+            self._reject("bad_request")
+            await self._send(writer, 400, b"bad request\n")
+            return
+        method, target = parts[0], parts[1]
+        path = target.split("?", 1)[0]
+        if method not in ("GET", "HEAD"):
+            await self._send(writer, 405, b"method not allowed\n")
+            return
+        if path == "/healthz":
+            await self._send(writer, 200, b"ok\n", head_only=method == "HEAD")
+        elif path == "/metrics":
+            if self.scrapes >= self.cfg.max_concurrent_scrapes:
+                self._reject("busy")
+                await self._send(writer, 503, b"busy: too many scrapes in progress\n", extra=(("Retry-After", "1"),))
+                return
+            self.scrapes += 1
+            try:
+                accept = ""
+                for line in lines[1:]:
+                    name, _, value = line.partition(":")
+                    if name.strip().lower() == "accept":
+                        accept = value.strip()
+                try:
+                    body, content_type = await self.exposition.get(accept)
+                except Exception:
+                    log.exception("rendering /metrics failed")
+                    await self._send(writer, 500, b"rendering failed\n")
+                    return
+                await self._send(writer, 200, body, content_type, head_only=method == "HEAD")
+            finally:
+                self.scrapes -= 1
+        else:
+            await self._send(writer, 404, b"not found: try /metrics or /healthz\n")
+
+    async def _send(self, writer: asyncio.StreamWriter, code: int, body: bytes,
+                    content_type: str = "text/plain; charset=utf-8", head_only: bool = False,
+                    extra: tuple[tuple[str, str], ...] = ()) -> None:
+        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
+                  500: "Internal Server Error", 503: "Service Unavailable"}[code]
+        head = [f"HTTP/1.1 {code} {reason}", f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
+                "Connection: close", *(f"{k}: {v}" for k, v in extra)]
+        try:
+            async with asyncio.timeout(self.cfg.write_timeout_seconds):
+                writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
+                if not head_only:
+                    view = memoryview(body)
+                    for off in range(0, len(view), _CHUNK):
+                        writer.write(view[off:off + _CHUNK])
+                        await writer.drain()
+                await writer.drain()
+        except TimeoutError:
+            self._reject("write_timeout")
+        except ConnectionError:
+            pass
 
     def _close_in_child(self) -> None:
-        self.server.socket.close()
+        self._sock.close()
 
     def close(self) -> None:
-        self.server.shutdown()
-        self.server.server_close()
+        if self.thread.is_alive():
+            self._loop.call_soon_threadsafe(self._stop.set)
+            self.thread.join(10)
+        self._sock.close()
+        self.exposition.close()
+        try:
+            self._registry.unregister(self._stats)
+        except KeyError:
+            pass
 
 
 class Runtime:
@@ -133,7 +299,7 @@ class Runtime:
             from extproc.telemetry.metrics import process_registry
 
             registry = process_registry()
-        self.endpoint = Endpoint(stats.address, stats.port, registry)
+        self.endpoint = Endpoint(stats, registry)
 
     def worker_exited(self, pid: int) -> None:
         if self.multiproc is not None:

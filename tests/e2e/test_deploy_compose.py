@@ -127,6 +127,8 @@ def test_ports_and_addresses_agree(compose):
     targets = {j["job_name"]: j["static_configs"][0]["targets"] for j in prom["scrape_configs"]}
     assert targets["extproc"] == [f"extproc:{sidecar_cfg.stats.port}"]
     assert sidecar_cfg.stats.port in _published(svcs["extproc"])
+    # /metrics binds loopback by default; Prometheus is another container, so the file says so.
+    assert sidecar_cfg.stats.address == "0.0.0.0" != config_mod.StatsConfig().address
     assert targets["envoy"] == [f"envoy:{admin['port_value']}"]
     assert admin["address"] == "0.0.0.0"
     # The rule file Prometheus is told to load is the one mounted.

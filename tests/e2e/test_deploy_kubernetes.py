@@ -189,6 +189,8 @@ def test_ports_and_addresses_agree(docs):
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert ext[probe]["grpc"]["port"] == health_port
     assert ext_ports["metrics"] == sidecar.stats.port
+    # /metrics binds loopback by default; the PodMonitor scrapes the pod IP, so the ConfigMap says so.
+    assert sidecar.stats.address == "0.0.0.0" != config_mod.StatsConfig().address
     envoy = _container(docs, "envoy")
     assert envoy["readinessProbe"]["httpGet"] == {"path": "/ready", "port": "ops"}
     # Service -> Envoy's listener.

@@ -1,0 +1,185 @@
+"""The /metrics endpoint's bounds (issue 18, class 2), with real sockets on 127.0.0.1: idle and
+half-sent requests are closed after readTimeoutSeconds without rendering; scrapes beyond
+maxConcurrentScrapes get 503 at once; concurrent scrapes share one render, later ones within
+renderIntervalSeconds reuse it; connections beyond maxConnections are closed at once."""
+from __future__ import annotations
+
+import concurrent.futures
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from prometheus_client import CollectorRegistry
+from prometheus_client.core import GaugeMetricFamily
+
+from extproc.core import config
+from extproc.telemetry.endpoint import Endpoint
+
+
+class SlowCollector:
+    """A registry whose render takes ``delay`` seconds and yields ``series`` samples."""
+
+    def __init__(self, delay: float, series: int = 10) -> None:
+        self.delay = delay
+        self.series = series
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def collect(self) -> Iterator[Any]:
+        with self.lock:
+            self.calls += 1
+        time.sleep(self.delay)
+        g = GaugeMetricFamily("slow_value", "a value", labels=["i"])
+        for i in range(self.series):
+            g.add_metric([str(i)], float(i))
+        yield g
+
+
+def endpoint(delay: float = 0.0, series: int = 10, **stats: Any) -> tuple[Endpoint, SlowCollector]:
+    reg = CollectorRegistry()
+    slow = SlowCollector(delay, series)
+    reg.register(slow)
+    cfg = config.parse({"stats": {"port": 0, **stats}}).stats
+    return Endpoint(cfg, reg), slow
+
+
+def get(port: int, path: str = "/metrics", timeout: float = 10) -> tuple[int, bytes, float]:
+    t0 = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        s.sendall(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    return int(head.split()[1]) if head else 0, body, time.monotonic() - t0
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float | None:
+    """Seconds until the server closed ``sock`` (EOF or reset), None if it stayed open."""
+    sock.settimeout(seconds)
+    t0 = time.monotonic()
+    try:
+        while sock.recv(4096):
+            pass
+    except TimeoutError:
+        return None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+def test_default_bind_is_loopback():
+    assert config.Config().stats.address == "127.0.0.1"
+
+
+def test_concurrent_scrapes_share_one_render_and_extra_ones_get_503_at_once():
+    ep, slow = endpoint(delay=1.0, maxConcurrentScrapes=3, renderIntervalSeconds=5)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(10) as pool:
+            results = list(pool.map(lambda _: get(ep.port), range(10)))
+        ok = [r for r in results if r[0] == 200]
+        busy = [r for r in results if r[0] == 503]
+        assert len(ok) == 3 and len(busy) == 7
+        assert all(elapsed < 0.5 for _, _, elapsed in busy)  # refused at once, not after the render
+        assert len({body for _, body, _ in ok}) == 1 and b'slow_value{i="9"} 9.0' in ok[0][1]
+        assert slow.calls == 1  # one render for the three scrapes
+        code, body, elapsed = get(ep.port)  # within renderIntervalSeconds: the same bytes, no render
+        assert code == 200 and body == ok[0][1] and elapsed < 0.5 and slow.calls == 1
+        code, body, _ = get(ep.port)
+        assert b'extproc_metrics_rejected_total{reason="busy"} 7.0' in body
+    finally:
+        ep.close()
+
+
+def test_render_interval_zero_renders_every_scrape():
+    ep, slow = endpoint(renderIntervalSeconds=0)
+    try:
+        for _ in range(3):
+            assert get(ep.port)[0] == 200
+        assert slow.calls == 3
+    finally:
+        ep.close()
+
+
+def test_idle_and_half_sent_requests_are_closed_without_rendering():
+    ep, slow = endpoint(readTimeoutSeconds=0.5)
+    try:
+        idle = socket.create_connection(("127.0.0.1", ep.port))
+        half = socket.create_connection(("127.0.0.1", ep.port))
+        half.sendall(b"GET /metrics HTTP/1.1\r\n")  # the request line, then nothing
+        drip = socket.create_connection(("127.0.0.1", ep.port))
+        drip.sendall(b"GET /metrics HTTP/1.1\r\n")
+        for _ in range(2):  # a header byte now and then does not extend the deadline
+            time.sleep(0.2)
+            drip.sendall(b"X")
+        for s in (idle, half, drip):
+            took = closed_within(s, 3)
+            assert took is not None and took < 1.5
+            s.close()
+        assert slow.calls == 0  # nothing rendered for requests that never completed
+        half_closed = socket.create_connection(("127.0.0.1", ep.port))
+        half_closed.sendall(b"GET /metrics HTTP/1.1\r\n")
+        half_closed.shutdown(socket.SHUT_WR)  # abandoned after its request line
+        assert closed_within(half_closed, 3) is not None
+        half_closed.close()
+        assert slow.calls == 0
+        assert get(ep.port)[0] == 200 and slow.calls == 1
+    finally:
+        ep.close()
+
+
+def test_connections_beyond_the_cap_are_closed_at_once():
+    ep, slow = endpoint(maxConnections=3, readTimeoutSeconds=1)
+    try:
+        held = [socket.create_connection(("127.0.0.1", ep.port)) for _ in range(3)]
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", ep.port))
+        took = closed_within(extra, 2)
+        assert took is not None and took < 0.5
+        extra.close()
+        for s in held:
+            s.close()
+        time.sleep(0.2)
+        assert get(ep.port)[0] == 200  # the cap counts open connections, not past ones
+    finally:
+        ep.close()
+
+
+def test_healthz_404_and_bad_requests():
+    ep, _ = endpoint()
+    try:
+        assert get(ep.port, "/healthz")[:2] == (200, b"ok\n")
+        assert get(ep.port, "/nope")[0] == 404
+        with socket.create_connection(("127.0.0.1", ep.port), timeout=5) as s:
+            s.sendall(b"GET /metrics\r\n\r\n")
+            assert s.recv(100).startswith(b"HTTP/1.1 400")
+        with socket.create_connection(("127.0.0.1", ep.port), timeout=5) as s:
+            s.sendall(b"GET /metrics HTTP/1.1\r\nX: " + b"a" * 40_000 + b"\r\n\r\n")
+            assert closed_within(s, 3) is not None  # a head over 16 KiB: dropped
+    finally:
+        ep.close()
+
+
+def test_a_reader_that_never_reads_is_dropped_after_the_write_timeout():
+    ep, _ = endpoint(series=200_000, writeTimeoutSeconds=0.5)
+    try:
+        s = socket.create_connection(("127.0.0.1", ep.port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        s.sendall(b"GET /metrics HTTP/1.1\r\n\r\n")
+        deadline = time.monotonic() + 15
+        while ep.rejected.get("write_timeout", 0) == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert ep.rejected.get("write_timeout") == 1
+        assert ep.connections == 0 and ep.scrapes == 0
+        s.close()
+    finally:
+        ep.close()
+
+
+@pytest.mark.parametrize("key,value", [("maxConcurrentScrapes", 0), ("readTimeoutSeconds", 0), ("maxConnections", 0)])
+def test_bad_endpoint_settings_name_the_key(key, value):
+    with pytest.raises(config.ConfigError, match=f"stats.{key}"):
+        config.parse({"stats": {key: value}})
