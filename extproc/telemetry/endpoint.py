@@ -40,20 +40,29 @@ class MultiprocDir:
         given = os.environ.get(ENV)
         self.owned = not (given and os.path.isabs(given))
         self.path = Path(given) if not self.owned else Path(tempfile.mkdtemp(prefix="extproc-metrics-"))  # type: ignore[arg-type]
-        self.path.mkdir(parents=True, exist_ok=True)
-        for stale in self.path.glob("*.db"):
-            stale.unlink()
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            for stale in self.path.glob("*.db"):
+                stale.unlink()
+        except OSError as e:  # metrics will fail to store (logged by the workers); ext_proc still serves
+            log.error("metrics directory unusable", extra={"dir": str(self.path), "error": str(e)})
         self._previous = given
         os.environ[ENV] = str(self.path)
         if "prometheus_client.values" in sys.modules:  # imported before us: switch it over too
             from prometheus_client import values
 
             values.ValueClass = values.get_value_class()
+        from extproc.telemetry import storage
+
+        storage.install()  # a full or unwritable directory costs metrics, never a worker (SIGBUS)
 
     def worker_exited(self, pid: int) -> None:
         from prometheus_client import multiprocess
 
-        multiprocess.mark_process_dead(pid, str(self.path))
+        try:
+            multiprocess.mark_process_dead(pid, str(self.path))
+        except OSError as e:
+            log.warning("could not remove a dead worker's gauge files", extra={"pid": pid, "error": str(e)})
 
     def close(self) -> None:
         if self.owned:

@@ -9,6 +9,7 @@ label values, so none of them may grow the exposition, the access log or a span 
 """
 from __future__ import annotations
 
+import json
 import time
 import urllib.request
 import uuid
@@ -138,3 +139,34 @@ def test_mcp_tool_names_are_folded(tmp_path):
     assert all(len(t) <= MAX_VALUE_CHARS for t in tools)
     assert total(samples, "mcp_requests_total", tool=OVERFLOW) == 25
     assert total(samples, "ai_label_values_overflow_total", label="mcp_tool") == 25
+
+
+def test_full_metrics_filesystem_keeps_workers_serving(tmp_path, mock_llm):
+    """Two workers whose metrics directory is a tmpfs with room for their first files only: the
+    calls that need more space lose their metric updates (logged once per worker, counted) but
+    no worker dies (it did, with SIGBUS, on every respawn) and every call is still accounted in
+    Envoy's access log."""
+    from tests.support.tmpfs import tiny_tmpfs
+
+    with tiny_tmpfs(tmp_path / "metrics", "448k") as d:
+        with Stack(tmp_path / "stack", mock_llm, workers=2, sidecar_env={"PROMETHEUS_MULTIPROC_DIR": str(d)},
+                   **PATIENT) as s:
+            pids = s.listening_pids()
+            for i in range(60):
+                rid = str(uuid.uuid4())
+                r = httpx.post(s.url("/v1/chat/completions"), timeout=30, headers={"x-request-id": rid},
+                               json={"model": f"model-{i:03d}-" + "x" * 100, "messages": [{"role": "user", "content": "a b"}]})
+                assert r.status_code == 200
+                entry = s.log_entry(rid)
+                assert entry["prompt_tokens"] == 2 and entry["model"].startswith(f"model-{i:03d}-")
+            code = s.sidecar.poll() if s.sidecar else None
+            text = _metrics_text(s.metrics_port)
+            log = s.sidecar_stderr()
+            assert s.listening_pids() == pids
+    assert code is None, "the sidecar exited"
+    assert "worker exited" not in log, log[-2000:]
+    failures = [line for line in log.splitlines() if '"metrics storage failed' in line]
+    assert 1 <= len(failures) <= 2 and all("No space left on device" in line for line in failures)
+    assert len({json.loads(line)["pid"] for line in failures}) == len(failures)  # once per worker
+    stored = [line for line in text.splitlines() if line.startswith("ai_metrics_storage_errors_total ")]
+    assert stored and float(stored[0].split()[1]) > 0

@@ -50,6 +50,7 @@ class Stack:
         start_sidecar: bool = True,
         envoy_args: tuple[str, ...] = (),
         envoy_concurrency: int = 2,
+        sidecar_env: dict[str, str] | None = None,
         **bootstrap_kw: Any,
     ) -> None:
         self.dir = Path(workdir)
@@ -66,6 +67,7 @@ class Stack:
         self.sidecar_config_path = self.dir / "sidecar.yaml"
         self.sidecar_config_path.write_text(yaml.safe_dump(cfg))
         self.workers = workers
+        self.sidecar_env = sidecar_env or {}  # extra environment for the sidecar process
         self.sidecar: subprocess.Popen | None = None
         self._log_start = 0  # sidecar log offset at its last start
         self.envoy: subprocess.Popen | None = None
@@ -108,7 +110,7 @@ class Stack:
     def start_sidecar(self, *extra: str) -> None:
         cmd = [sys.executable, "-m", "extproc", "serve", "--config", str(self.sidecar_config_path),
                "--metrics-port", str(self.metrics_port), "--workers", str(self.workers), *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.sidecar_env}
         self._log_start = self.sidecar_log.stat().st_size if self.sidecar_log.exists() else 0
         self.sidecar = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.sidecar_log.open("ab"))
         wait_port(self.sidecar_port, proc=self.sidecar)

@@ -1,0 +1,65 @@
+"""A full metrics filesystem (issue 18, class 7): prometheus-client's mmap growth on a full tmpfs
+raised SIGBUS and killed the process. Now the space is reserved first (ENOSPC instead), the
+failure is logged once with its cause, the lost updates are counted, and the process goes on.
+
+The recording runs in a child process (multiprocess mode is process-wide, and a regression would
+kill the test runner with SIGBUS)."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.support.harness import REPO
+from tests.support.tmpfs import tiny_tmpfs
+
+RECORD = r"""
+import json, logging, sys
+from extproc.core import logs
+from extproc.telemetry.endpoint import MultiprocDir
+logs.setup("info")
+MultiprocDir()  # PROMETHEUS_MULTIPROC_DIR is the tmpfs
+from prometheus_client import CollectorRegistry
+from extproc.core import config
+from extproc.core.call import OK, Call
+from extproc.telemetry import storage
+from extproc.telemetry.metrics import MetricsObserver, process_registry
+storage.register_counter(process_registry())
+obs = MetricsObserver(config.Config().stats, process_registry())
+for i in range(int(sys.argv[1])):
+    c = Call(provider="openai", api="openai.chat", status=200, outcome=OK, start=0.0, first_chunk=0.1, end=0.5)
+    c.obs.operation, c.obs.request_model, c.obs.streaming = "chat", f"model-{i:04d}-" + "x" * 100, True
+    c.obs.usage.input_tokens, c.obs.usage.output_tokens = 3, 4
+    obs.on_call_end(c)
+print(json.dumps({"failures": obs.failures, "dropped": storage.dropped()}))
+"""
+
+
+def _record(tmp_path, size: str, calls: int) -> tuple[subprocess.CompletedProcess, list[dict]]:
+    with tiny_tmpfs(tmp_path / "metrics", size) as d:
+        env = {"PROMETHEUS_MULTIPROC_DIR": str(d), "PATH": "/usr/bin:/bin"}
+        r = subprocess.run([sys.executable, "-c", RECORD, str(calls)], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+    lines = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
+    return r, lines
+
+
+def test_full_tmpfs_costs_metrics_not_the_process(tmp_path):
+    r, lines = _record(tmp_path, "200k", 300)
+    assert r.returncode == 0, f"exit {r.returncode} (-7 is SIGBUS): {r.stderr[-1500:]}"
+    result = json.loads(r.stdout.splitlines()[-1])
+    assert result["failures"] == 0 and result["dropped"] > 0
+    storage = [line for line in lines if line["msg"].startswith("metrics storage failed")]
+    assert len(storage) == 1  # once per process, with the cause
+    assert storage[0]["errno"] == 28 and "No space left" in storage[0]["error"]
+
+
+def test_unwritable_directory_costs_metrics_not_the_process(tmp_path):
+    with tiny_tmpfs(tmp_path / "ro", "64k") as d:
+        subprocess.run(["mount", "-o", "remount,ro", str(d)], check=True)
+        env = {"PROMETHEUS_MULTIPROC_DIR": str(d), "PATH": "/usr/bin:/bin"}
+        r = subprocess.run([sys.executable, "-c", RECORD, "20"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert json.loads(r.stdout.splitlines()[-1])["dropped"] > 0
+    errors = [json.loads(line) for line in r.stderr.splitlines() if '"metrics storage failed' in line]
+    assert len(errors) == 1 and errors[0]["errno"] == 30  # EROFS
