@@ -133,8 +133,10 @@ class StatsConfig(_Section):
     # Distinct values kept per label (custom labels, model, provider, error type) per process;
     # later new values are folded into "__overflow__" (counted by ai_label_values_overflow_total).
     max_label_values: int = Field(1000, ge=1)
-    # Live series (label sets) per metric family per process; a call that would create one more
-    # is recorded in the family's "__overflow__" series (counted by ai_series_overflow_total).
+    # Live series per metric family per process, as Prometheus counts them (a histogram's label
+    # set is one series per bucket + _sum + _count, e.g. 19 for the duration histogram); a call
+    # whose label set would exceed it is recorded in the family's "__overflow__" label set
+    # (counted by ai_series_overflow_total).
     max_series: int = Field(2000, ge=1)
 
     @field_validator("custom_labels")

@@ -99,34 +99,45 @@ class LabelGuard:
 
 
 class SeriesBudget:
-    """Caps the live series (label sets) of each metric family: past ``limit``, a call's new label
-    set is recorded in the family's ``__overflow__`` series instead (see :func:`folded`).
+    """Caps the live series of each metric family, as Prometheus counts them (one per counter
+    label set; one per bucket plus _sum and _count per histogram label set): a label set that
+    would take a family past ``limit`` is recorded in the family's ``__overflow__`` label set
+    instead (see :func:`folded`).
 
     Per process, like :class:`LabelGuard`. Admitting a label set already live is one set lookup;
     the budget is consulted only when a series would be created (callers cache admitted children).
     ``folded[family]`` counts observations folded since the last :meth:`take_folded`.
     """
 
-    __slots__ = ("limit", "_live", "folded")
+    __slots__ = ("limit", "_live", "_used", "folded")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self._live: dict[str, set[tuple[str, ...]]] = {}
+        self._used: dict[str, int] = {}
         self.folded: dict[str, int] = {}
 
-    def admit(self, family: str, labels: tuple[str, ...]) -> bool:
+    def admit(self, family: str, labels: tuple[str, ...], cost: int = 1) -> bool:
+        """``cost``: the series one label set of this family shows (1, or a histogram's lines)."""
         live = self._live.get(family)
         if live is None:
             live = self._live[family] = set()
         if labels in live:
             return True
-        if len(live) < self.limit:
+        used = self._used.get(family, 0)
+        if used + cost <= self.limit:
             live.add(labels)
+            self._used[family] = used + cost
             return True
         self.folded[family] = self.folded.get(family, 0) + 1
         return False
 
+    def series(self, family: str) -> int:
+        """Live series of ``family``, as Prometheus counts them."""
+        return self._used.get(family, 0)
+
     def live(self, family: str) -> int:
+        """Live label sets of ``family``."""
         return len(self._live.get(family, ()))
 
     def take_folded(self) -> dict[str, int]:

@@ -137,6 +137,12 @@ class _Series:
         self.tokens: dict[str, Any] = {}
 
 
+def series_per_label_set(metric: Any) -> int:
+    """The series one label set of ``metric`` shows: 1, or a histogram's buckets + _sum + _count."""
+    bounds = getattr(metric, "_upper_bounds", None)
+    return 1 if bounds is None else len(bounds) + 2
+
+
 _OUTCOME = (4,)  # ai_requests: the outcome keeps its value in the overflow series (four values)
 _TOKEN_TYPE = (4,)  # gen_ai_client_token_usage: the token type likewise (five values)
 
@@ -145,9 +151,10 @@ class MetricsObserver:
     """A :class:`~extproc.core.call.CallObserver` recording each finished LLM call. Never raises.
 
     Two caps keep the exposition bounded whatever clients send: per label, ``stats.maxLabelValues``
-    distinct values (then ``__overflow__``); per metric family, ``stats.maxSeries`` live series
-    (label sets; a call that would create one more is recorded in the family's ``__overflow__``
-    series and counted in ``ai_series_overflow_total``). Both are per process.
+    distinct values (then ``__overflow__``); per metric family, ``stats.maxSeries`` live series as
+    Prometheus counts them (a histogram label set: one per bucket, plus _sum and _count); a call
+    whose label set would take a family past it is recorded in the family's ``__overflow__`` label
+    set and counted in ``ai_series_overflow_total``. Both are per process.
     """
 
     def __init__(self, stats: StatsConfig, registry: CollectorRegistry) -> None:
@@ -175,7 +182,7 @@ class MetricsObserver:
     def _child(self, series: _Series | None, slot: str, metric: Any, labels: tuple[str, ...], keep: tuple[int, ...] = ()) -> Any:
         """A new child of ``metric`` (the series budget admits ``labels``: cached in ``slot``),
         else its overflow child (not cached)."""
-        if self.budget.admit(metric._name, labels):
+        if self.budget.admit(metric._name, labels, series_per_label_set(metric)):
             child = metric.labels(*labels)
             if series is not None:
                 setattr(series, slot, child)
@@ -230,7 +237,7 @@ class MetricsObserver:
                 if child is None:
                     g = series.genai
                     labels = (*g[:4], token_type, *g[5:])
-                    if self.budget.admit(m.token_usage._name, labels):
+                    if self.budget.admit(m.token_usage._name, labels, series_per_label_set(m.token_usage)):
                         child = series.tokens[token_type] = m.token_usage.labels(*labels)
                     else:
                         child = m.token_usage.labels(*folded(labels, _TOKEN_TYPE))

@@ -262,7 +262,7 @@ def test_duplicate_custom_label():
 
 def test_series_budget_caps_every_family_and_counts_folds():
     """100 models x 7 providers, every value under its label's cap: each family keeps maxSeries
-    label sets plus its overflow ones; no token is lost; each folded call is counted."""
+    series plus its overflow ones; no token is lost; each folded call is counted."""
     budget = 12
     obs, reg = _observer(maxSeries=budget)
     n = 100
@@ -277,6 +277,14 @@ def test_series_budget_caps_every_family_and_counts_folds():
     for family in ("ai_requests", "ai_prompt_tokens", "gen_ai_client_operation_duration_seconds", "gen_ai_client_token_usage"):
         real = [ls for ls in per_family[family] if OVERFLOW not in dict(ls).values()]
         assert len(real) <= budget, family
+        assert obs.budget.series(family) <= budget
+    # a histogram label set is 19 series (17 buckets, _sum, _count): 40 admits two of them
+    wide, wreg = _observer(maxSeries=40)
+    for i in range(5):
+        wide.on_call_end(_call("aigw__chat-basic.yaml", request=b'{"model":"w%d","messages":[]}' % i))
+    assert wide.budget.live("gen_ai_client_operation_duration_seconds") == 2
+    assert wide.budget.series("gen_ai_client_operation_duration_seconds") == 38
+    assert _v(wreg, "ai_series_overflow_total", metric="gen_ai_client_operation_duration_seconds") == 3
     assert _v(reg, "ai_prompt_tokens_total", llm=OVERFLOW, model=OVERFLOW) > 0
     assert sum(s.value for m in reg.collect() for s in m.samples if s.name == "ai_prompt_tokens_total") == 8 * n
     folded_requests = _v(reg, "ai_series_overflow_total", metric="ai_requests")
