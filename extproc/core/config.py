@@ -58,6 +58,10 @@ class LimitsConfig(_Section):
     max_body_bytes: int = Field(16 << 20, ge=1024)  # non-streamed body we hold to parse
     max_event_bytes: int = Field(4 << 20, ge=1024)  # one SSE / NDJSON line
     max_decoded_bytes: int = Field(64 << 20, ge=1024)  # decompressed bytes per response
+    # One gRPC message from Envoy (a body chunk, or a body Envoy buffered: bounded by its buffer
+    # limits, 1 MiB by default). Larger ones end the stream with RESOURCE_EXHAUSTED before they are
+    # read, like gRPC's own default receive limit (4 MiB).
+    max_grpc_message_bytes: int = Field(4 << 20, ge=64 << 10)
 
 
 JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
@@ -308,14 +312,44 @@ def parse(data: Any, source: str = "config") -> Config:
         raise ConfigError(f"{source}: {key}: {msg}") from None
 
 
+# A config file is a few KB; anything near this is not one.
+MAX_CONFIG_BYTES = 4 << 20
+
+
+def read_config_file(path: str | Path) -> str:
+    """The file's text. Only a regular file is read: a FIFO, a device or a directory is refused
+    at once (opened non-blocking, checked with fstat), never waited on (a SIGHUP reload runs on
+    the worker's event loop)."""
+    import os
+    import stat
+
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"{path}: not a regular file")
+        if st.st_size > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path}: larger than {MAX_CONFIG_BYTES >> 20} MiB")
+        with os.fdopen(fd, "rb", closefd=False) as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode()
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not UTF-8 text") from None
+
+
 def load(path: str | Path | None) -> Config:
     if path is None:
         return Config()
     p = Path(path)
-    try:
-        text = p.read_text()
-    except OSError as e:
-        raise ConfigError(f"{p}: cannot read: {e.strerror}") from None
+    text = read_config_file(p)
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

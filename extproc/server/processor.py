@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from extproc._pb.envoy_api import external_processor_pb2 as pb
@@ -51,27 +52,66 @@ _STREAMED = Mode(response_body_mode=Mode.STREAMED)
 _NO_BODY = Mode(response_body_mode=Mode.NONE)
 
 
+@dataclass(frozen=True, slots=True)
+class Settings:
+    """Everything a config means to the servicer, built (and checked) before any of it is used,
+    so a reload either applies all of it or none (see :func:`settings`)."""
+
+    config: Config
+    namespace: str
+    provider_key: str
+    limits: Limits
+    max_decoded: int
+    max_message: int
+    router: Router
+    pricer: Pricer
+
+
+def settings(config: Config) -> Settings:
+    """Build the servicer's settings from a config; ConfigError names what is wrong (an unknown
+    ``providers.routes[].api``). Pure: no threads, no I/O, safe in the supervising parent."""
+    lim = config.limits
+    routes = default_routes()
+    return Settings(
+        config=config,
+        namespace=config.metadata.namespace,
+        provider_key=config.providers.header.lower(),
+        limits=Limits(max_body_bytes=lim.max_body_bytes, max_event_bytes=lim.max_event_bytes,
+                      max_capture_chars=config.tracing.max_content_chars),
+        max_decoded=lim.max_decoded_bytes,
+        max_message=lim.max_grpc_message_bytes,
+        router=Router(routes, extra=_config_routes(config, routes)),
+        pricer=Pricer(config.pricing),
+    )
+
+
 class Processor:
     """Per-process state shared by all streams: config, router, observers."""
 
     def __init__(self, config: Config, observers: Sequence[CallObserver] = ()) -> None:
         self.active = 0  # streams in flight (tests check it returns to 0)
         self.internal_errors = 0
-        self.reconfigure(config, observers)
+        self.bad_streams = 0  # streams ended for malformed gRPC input (see grpc_server.requests)
+        self.apply(settings(config), observers)
 
     def reconfigure(self, config: Config, observers: Sequence[CallObserver]) -> None:
-        """Apply a (re)loaded config. Streams in flight are not interrupted: they read these
-        settings message by message and report to the new observers when they end."""
-        self.config = config
-        self.namespace = config.metadata.namespace
-        self.provider_key = config.providers.header.lower()
-        lim = config.limits
-        self.limits = Limits(max_body_bytes=lim.max_body_bytes, max_event_bytes=lim.max_event_bytes,
-                             max_capture_chars=config.tracing.max_content_chars)
-        self.max_decoded = lim.max_decoded_bytes
-        self.pricer = Pricer(config.pricing)
-        routes = default_routes()
-        self.router = Router(routes, extra=_config_routes(config, routes))
+        """Build the settings of ``config``, then apply them with ``observers`` (nothing changes
+        if building fails)."""
+        self.apply(settings(config), observers)
+
+    def apply(self, s: Settings, observers: Sequence[CallObserver]) -> None:
+        """Swap in settings built by :func:`settings` (cannot fail part-way). Streams in flight
+        are not interrupted: they read these settings message by message and report to the new
+        observers when they end."""
+        self.settings = s
+        self.config = s.config
+        self.namespace = s.namespace
+        self.provider_key = s.provider_key
+        self.limits = s.limits
+        self.max_decoded = s.max_decoded
+        self.max_message = s.max_message
+        self.router = s.router
+        self.pricer = s.pricer
         self.observers = list(observers)
         self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]
         # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
@@ -205,7 +245,8 @@ class Stream:
             if key == ":status" or key == "content-type" or key == "content-encoding":
                 value = h.raw_value.decode("latin-1") if h.raw_value else h.value
                 if key == ":status":
-                    call.status = int(value) if value.isdigit() else 0
+                    # isascii: str.isdigit() accepts "²" and other digits int() refuses
+                    call.status = int(value) if value.isascii() and value.isdigit() and len(value) <= 3 else 0
                 elif key == "content-type":
                     content_type = value
                 else:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable
 
 from extproc.core.config import Config
-from extproc.server.worker import REPORT_WAIT, RESTART_ONLY, ObserverFactory, Reloader, run_worker
+from extproc.server.worker import REPORT_WAIT, ObserverFactory, Reloader, prepare, run_worker
 
 log = logging.getLogger("extproc")
 
@@ -70,13 +70,15 @@ def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, 
 
     def on_hup(_signum: int, _frame: object) -> None:
         # Workers reload themselves; the parent keeps the new config for workers it restarts later.
+        # It adopts the file only if the workers' own check (``prepare``) accepts it: a rejected
+        # file must not become the config of the next worker restarted (which would then fail).
         nonlocal config
         if reload is not None:
             try:
                 new = reload()
-                if all(getattr(new, k) == getattr(config, k) for k in RESTART_ONLY):
-                    config = new
-            except ValueError:  # ConfigError: the workers log it
+                prepare(new, config)
+                config = new
+            except ValueError:  # ConfigError / RestartNeeded: the workers log it
                 pass
         for pid in list(children):
             try:

@@ -14,10 +14,10 @@ import signal
 from collections.abc import Callable, Sequence
 
 from extproc.core.call import CallObserver
-from extproc.core.config import Config
+from extproc.core.config import Config, ConfigError
 from extproc.server.grpc_server import GrpclibServer, build_server, health_only_server
 from extproc.server.health import Health
-from extproc.server.processor import Processor
+from extproc.server.processor import Processor, Settings, settings
 
 log = logging.getLogger("extproc")
 
@@ -61,29 +61,49 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
     log.info("stopped", extra={"pid": os.getpid()})
 
 
+class RestartNeeded(ValueError):
+    def __init__(self, keys: list[str]) -> None:
+        super().__init__(f"these keys need a restart: {', '.join(keys)}")
+        self.keys = keys
+
+
+def prepare(new: Config, running: Config) -> Settings:
+    """Everything a reload checks before anything is applied: keys only a restart can change
+    (RestartNeeded), then the servicer's settings (ConfigError). Pure (no threads, no I/O): the
+    supervisor runs it too before it adopts a file for the workers it restarts later."""
+    changed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(running, k)]
+    if changed:
+        raise RestartNeeded(changed)
+    return settings(new)
+
+
 def reconfigure(processor: Processor, reload: Reloader, observer_factory: ObserverFactory) -> bool:
     """SIGHUP: re-read the config file and apply it without dropping a stream or resetting a
-    counter (metric instruments are registered once per process and reused). A bad file, or a
-    change to a key only a restart can apply, leaves the running config in place."""
-    from extproc.core.config import ConfigError
+    counter (metric instruments are registered once per process and reused).
 
+    Transactional: the new config, its settings (routes, limits, namespace, provider key) and its
+    observers (a tracer and its export thread) are all built aside; only when every part
+    succeeded are they swapped in, in one step, and the replaced observers shut down (their
+    threads end). A bad file, a change only a restart can apply, or an observer that cannot be
+    built leaves the running state exactly as it was and releases what was built."""
     try:
         new = reload()
+        built = prepare(new, processor.config)
+    except RestartNeeded as e:
+        log.error("config reload: these keys need a restart; keeping the running config", extra={"keys": e.keys})
+        return False
     except ConfigError as e:
         log.error("config reload failed; keeping the running config", extra={"error": str(e)})
         return False
-    old = processor.config
-    changed = [k for k in RESTART_ONLY if getattr(new, k) != getattr(old, k)]
-    if changed:
-        log.error("config reload: these keys need a restart; keeping the running config", extra={"keys": changed})
+    try:
+        observers = list(observer_factory(new))  # the factory releases what it built if it fails
+    except Exception as e:
+        log.error("config reload failed; keeping the running config",
+                  extra={"error": f"observers: {type(e).__name__}: {e}"})
         return False
     previous = processor.observers
-    try:
-        processor.reconfigure(new, observer_factory(new))
-    except ConfigError as e:
-        log.error("config reload failed; keeping the running config", extra={"error": str(e)})
-        return False
-    close_observers([o for o in previous if o not in processor.observers])  # e.g. the old tracer
+    processor.apply(built, observers)
+    close_observers([o for o in previous if o not in observers])  # e.g. the old tracer
     logging.getLogger().setLevel(new.logging.level.upper())
     log.info("config reloaded", extra={"pid": os.getpid()})
     return True

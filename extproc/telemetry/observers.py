@@ -31,16 +31,25 @@ class CallLog:
 
 
 def observers(config: Config) -> list[CallObserver]:
+    """The observers for ``config``. If one cannot be built, those already built are shut down
+    (a tracer's export thread must not outlive a rejected reload) and the error is raised."""
     out: list[CallObserver] = [CallLog()]
-    if config.stats.port:  # 0: no endpoint, so nothing to record
-        from extproc.telemetry import storage
-        from extproc.telemetry.metrics import MetricsObserver, process_registry
+    try:
+        if config.stats.port:  # 0: no endpoint, so nothing to record
+            from extproc.telemetry import storage
+            from extproc.telemetry.metrics import MetricsObserver, process_registry
 
-        storage.register_counter(process_registry())  # multiprocess mode: counts what cannot be stored
-        ai = MetricsObserver(config.stats, process_registry())
-        out += [McpMetrics(config.stats, ai.metrics), ai]
-    if trace_settings.enabled(config.tracing):
-        from extproc.telemetry.tracing import Tracer  # the OTel SDK loads only when tracing is on
+            storage.register_counter(process_registry())  # multiprocess mode: counts what cannot be stored
+            ai = MetricsObserver(config.stats, process_registry())
+            out += [McpMetrics(config.stats, ai.metrics), ai]
+        if trace_settings.enabled(config.tracing):
+            from extproc.telemetry.tracing import Tracer  # the OTel SDK loads only when tracing is on
 
-        out.append(Tracer(config.tracing))
+            out.append(Tracer(config.tracing))
+    except BaseException:
+        for o in out:
+            shutdown = getattr(o, "shutdown", None)
+            if shutdown is not None:
+                shutdown()
+        raise
     return out

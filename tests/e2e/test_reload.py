@@ -3,6 +3,7 @@ are not reset, new settings apply to the next requests, and a bad file or a chan
 restart leaves the running config in place."""
 from __future__ import annotations
 
+import os
 import signal
 import time
 import uuid
@@ -70,3 +71,28 @@ def test_sighup_applies_new_config_without_dropping_streams(tmp_path, replay, wo
         _wait_log(s, "need a restart", workers)
         assert _post(s, "/custom/llm", "aigw__chat-basic.yaml")["provider"] == "acme"
         assert s.sidecar.poll() is None
+
+
+def test_rejected_reload_is_not_half_applied_nor_adopted_by_the_supervisor(tmp_path, replay):
+    """Issue 18, class 4, through Envoy: a file that fails only in the servicer's check (an
+    unknown providers.routes[].api) used to replace namespace, limits and provider key anyway
+    (access-log fields null, a stray maxBodyBytes), and the supervisor adopted it, so the next
+    worker restarted failed on it until the sidecar gave up. Now neither happens."""
+    with Stack(tmp_path, replay.url, workers=2) as s:
+        assert _post(s, "/v1/chat/completions", "aigw__chat-basic.yaml")["total_tokens"] == 385
+        cfg = yaml.safe_load(s.sidecar_config_path.read_text())
+        cfg["metadata"] = {"namespace": "not.the.access.log.namespace"}
+        cfg["limits"] = {"maxBodyBytes": 1024}
+        cfg["providers"] = {"routes": [{"pathRegex": "^/custom/llm$", "api": "no.such.api"}]}
+        s.sidecar_config_path.write_text(yaml.safe_dump(cfg))
+        s.sidecar.send_signal(signal.SIGHUP)
+        _wait_log(s, '"msg":"config reload failed; keeping the running config"', 2)
+        for _ in range(4):  # both workers, whichever Envoy picks
+            entry = _post(s, "/v1/chat/completions", "aigw__chat-basic.yaml")
+            assert entry["total_tokens"] == 385 and entry["prompt_tokens"] is not None
+        victim = min(s.listening_pids())
+        os.kill(victim, signal.SIGKILL)
+        s.wait_listening(3)  # the restarted worker came up on the running config
+        assert "workers keep dying" not in s.sidecar_stderr() and s.sidecar.poll() is None
+        for _ in range(4):
+            assert _post(s, "/v1/chat/completions", "aigw__chat-basic.yaml")["total_tokens"] == 385
