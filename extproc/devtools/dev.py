@@ -190,8 +190,10 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, ups
 
     try:
         if not args.upstream:
-            start([py, "-m", "extproc", "mock-llm", "--host", "127.0.0.1", "--port", str(args.mock_port)], args.mock_port)
-        serve = [py, "-m", "extproc", "serve", "--metrics-port", str(args.metrics_port), "--metrics-address", "127.0.0.1",
+            start([py, "-I", "-m", "extproc", "mock-llm", "--host", "127.0.0.1", "--port", str(args.mock_port)], args.mock_port)
+        # -I: isolated mode, so a file in the current directory named like a stdlib module (or an
+        # env var such as PYTHONPATH) cannot change what the sidecar imports.
+        serve = [py, "-I", "-m", "extproc", "serve", "--metrics-port", str(args.metrics_port), "--metrics-address", "127.0.0.1",
                  "--workers", str(args.workers)]
         if args.config:
             serve += ["--config", args.config]
@@ -204,7 +206,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, ups
             return 0
         dead = next(p for p in procs if p.poll() is not None)
         cmd = [str(a) for a in dead.args] if isinstance(dead.args, list | tuple) else [str(dead.args)]
-        print(f"extproc: {Path(cmd[0]).name} {' '.join(cmd[1:3])} exited ({dead.returncode}); stopping", file=sys.stderr)
+        print(f"extproc: {Path(cmd[0]).name} {' '.join([a for a in cmd[1:] if a != '-I'][:2])} exited ({dead.returncode}); stopping", file=sys.stderr)
         return 1
     except _Stopped:
         return 0

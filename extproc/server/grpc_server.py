@@ -19,9 +19,11 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from grpclib.const import Cardinality
+from google.protobuf.message import DecodeError
+from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as MethodHandler
 from grpclib.encoding.base import CodecBase
+from grpclib.exceptions import GRPCError
 from grpclib.protocol import H2Protocol
 from grpclib.server import Handler, Stream
 from h2.config import H2Configuration
@@ -30,6 +32,7 @@ from h2.settings import SettingCodes
 
 from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.core.config import TlsConfig
+from extproc.core.logs import RateLimited
 from extproc.server import h2compat
 from extproc.server.health import EXT_PROC_SERVICE
 from extproc.server.processor import Processor
@@ -241,17 +244,71 @@ class GrpclibServer:
         await asyncio.sleep(0)  # let the transports flush and close
 
 
+class BadStream(Exception):
+    """What a client sent on a stream is not a valid ext_proc message sequence (input, not a bug)."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+_PARSE = pb.ProcessingRequest.FromString
+
+
+async def requests(stream: Stream, max_bytes: Callable[[], int]) -> Any:
+    """The stream's ext_proc messages, read frame by frame: a message larger than ``max_bytes()``
+    is refused from its 5-byte prefix, before any of it is buffered (grpclib itself accepts any
+    size, acknowledging the bytes as it accumulates them); a compressed, truncated or undecodable
+    message raises :class:`BadStream`."""
+    h2s = h2compat.h2_stream(stream)
+    while True:
+        try:
+            prefix = await h2s.recv_data(5)
+        except AssertionError:
+            raise BadStream(Status.INVALID_ARGUMENT, "truncated message prefix") from None
+        if not prefix:
+            return
+        if prefix[0]:
+            raise BadStream(Status.UNIMPLEMENTED, "compressed message")
+        size = int.from_bytes(prefix[1:5], "big")
+        if size > max_bytes():
+            raise BadStream(Status.RESOURCE_EXHAUSTED, "message larger than limits.maxGrpcMessageBytes")
+        try:
+            data = await h2s.recv_data(size)
+        except AssertionError:
+            raise BadStream(Status.INVALID_ARGUMENT, "truncated message") from None
+        try:
+            message = _PARSE(data)
+        except DecodeError:
+            raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
+        del data
+        yield message
+
+
+# One line per malformed stream at most every 10 s (a client can send them at will).
+bad_stream_log = RateLimited(log)
+
+
 def build_server(processor: Processor, address: str, tls: TlsConfig | None = None) -> GrpclibServer:
     """The ext_proc server on ``address``: TLS/mTLS when ``tls`` is enabled, else plaintext."""
     server = GrpclibServer(address, tls)
     process = processor.Process
 
+    def max_bytes() -> int:
+        return processor.max_message  # read per message: a reload applies at once
+
     async def handle(stream: Stream) -> None:
-        replies = process(stream, stream.metadata)
-        async with contextlib.aclosing(replies):  # type: ignore[type-var]  # cancelled while sending: the Processor still reports
-            send = stream.send_message
-            async for reply in replies:
-                await send(reply)
+        replies = process(requests(stream, max_bytes), stream.metadata)
+        try:
+            async with contextlib.aclosing(replies):  # type: ignore[type-var]  # cancelled while sending: the Processor still reports
+                send = stream.send_message
+                async for reply in replies:
+                    await send(reply)
+        except BadStream as e:  # the call was reported; the client gets the status, the log one line
+            processor.bad_streams += 1
+            bad_stream_log.warning("malformed ext_proc stream", reason=e.reason)
+            raise GRPCError(e.status, e.reason) from None
 
     server.add_method(PROCESS, handle, Cardinality.STREAM_STREAM, pb.ProcessingRequest, bytes, drain_waits=True)
     return server

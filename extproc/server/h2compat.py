@@ -23,7 +23,7 @@ from h2.utilities import SizeLimitDict
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
-    "StreamReset", "cancelled_tasks", "h2_connection", "limit_closed_streams", "on_stream_reset",
+    "StreamReset", "cancelled_tasks", "h2_connection", "h2_stream", "limit_closed_streams", "on_stream_reset",
     "send_goaway", "server_configuration", "server_events", "stream_of",
 )
 
@@ -41,6 +41,13 @@ def server_events() -> Any:
 def h2_connection(protocol: H2Protocol) -> H2Connection:
     """The h2 state machine behind a grpclib connection."""
     return protocol.connection._connection
+
+
+def h2_stream(stream: Any) -> Any:
+    """The transport-level stream (``grpclib.protocol.Stream``) behind a server ``Stream``: its
+    ``recv_data(n)`` returns exactly ``n`` bytes, ``b""`` at the end, and raises AssertionError if
+    the stream ends inside them (a truncated message)."""
+    return stream._stream
 
 
 def limit_closed_streams(protocol: H2Protocol, kept: int) -> bool:

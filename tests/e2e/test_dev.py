@@ -177,3 +177,28 @@ def test_sigterm_while_starting_exits_0_and_cleans_up(tmp_path):
     assert "Traceback" not in err
     assert not [pid for pid in stack if _alive(pid)], "children left running"
     assert not workdir.exists(), "temporary directory left behind"
+
+
+def test_dev_sidecar_does_not_import_modules_from_the_cwd(tmp_path):
+    """Issue 18, class 8: `extproc dev` ran `python -m extproc`, which puts the current directory
+    first on sys.path: a json.py there replaced the standard library's in the sidecar."""
+    marker = tmp_path / "shadow-imported"
+    (tmp_path / "json.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('shadowed json imported')\n")
+    ports = {"port": free_port(), "metrics": free_port(), "admin": free_port(), "sidecar": free_port()}
+    cfg = tmp_path / "sidecar.yaml"
+    cfg.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{ports['sidecar']}"}))
+    script = Path(sys.executable).parent / "extproc"  # the console script: its own sys.path[0] is bin/
+    proc = subprocess.Popen([str(script), "dev", "--port", str(ports["port"]), "--metrics-port", str(ports["metrics"]),
+                             "--admin-port", str(ports["admin"]), "--mock-port", str(free_port()), "--config", str(cfg),
+                             "--access-log", str(tmp_path / "access.log")],
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_port(ports["port"], timeout=30, proc=proc)
+        r = httpx.post(f"http://127.0.0.1:{ports['port']}/v1/chat/completions", timeout=20,
+                       content=b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}')
+        assert r.status_code == 200
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    assert not marker.exists(), err[-2000:]

@@ -199,3 +199,67 @@ def test_grpclib_connection_memory_is_bounded_by_closed_streams_kept():
             assert len(h2_conn._closed_streams) == CLOSED_STREAMS_KEPT
 
     asyncio.run(main())
+
+
+def _raw_stream(channel: grpc.aio.Channel):
+    """A stream whose requests are sent as given bytes (a hostile client, not Envoy)."""
+    call = channel.stream_stream(METHOD, request_serializer=lambda b: b, response_deserializer=pb.ProcessingResponse.FromString)
+    return call()
+
+
+def test_malformed_streams_log_one_line_each_rate_limited_without_tracebacks(caplog, monkeypatch):
+    """Issue 18, class 8: grpclib logged a ~1.8 KB "Application error" traceback per stream whose
+    message was not a ProcessingRequest; now the client gets INVALID_ARGUMENT, the call is still
+    reported, and the log has one line (no traceback) however many such streams arrive."""
+    from extproc.core.logs import RateLimited
+    from extproc.server import grpc_server
+
+    monkeypatch.setattr(grpc_server, "bad_stream_log", RateLimited(grpc_server.log, interval=60))
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            for _ in range(20):
+                call = _raw_stream(ch)
+                await call.write(REQ.SerializeToString())
+                await call.read()
+                await call.write(b"\xff\xff\xff\xff")  # not a protobuf message
+                with pytest.raises(grpc.aio.AioRpcError) as e:
+                    await call.read()
+                assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            await _wait(lambda: len(r.recorder.calls) == 20)
+            assert r.processor.bad_streams == 20 and r.processor.active == 0 and r.processor.internal_errors == 0
+
+    with caplog.at_level("INFO"):
+        asyncio.run(main())
+    errors = [rec for rec in caplog.records if rec.levelno >= 30]
+    assert [rec.getMessage() for rec in errors] == ["malformed ext_proc stream"]
+    assert all(rec.exc_info is None for rec in caplog.records)
+
+
+def test_oversized_grpc_message_is_refused_before_it_is_read():
+    """Issue 18, class 8: grpclib accepts a message of any size (one of 300 MB grew a worker to
+    940 MB). Past limits.maxGrpcMessageBytes the stream ends with RESOURCE_EXHAUSTED from the
+    message's 5-byte prefix, and the server has not buffered the body."""
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(address, {"limits": {"maxGrpcMessageBytes": 1 << 20}}) as r, _channel(address) as ch:
+            ok = _raw_stream(ch)
+            await ok.write(body_msg(1 << 19))  # under the limit: processed
+            assert (await ok.read()).HasField("response_body")
+            big = _raw_stream(ch)
+            await big.write(body_msg(32 << 20))
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await big.read()
+            assert e.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            [proto] = r.server._protocols
+            assert proto.connection.data_received < 16 << 20  # flow control stopped the rest
+            await ok.done_writing()
+            await _wait(lambda: len(r.recorder.calls) == 2)
+
+    asyncio.run(main())
+
+
+def body_msg(n: int) -> bytes:
+    return pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x" * n)).SerializeToString()
