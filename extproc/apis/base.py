@@ -42,7 +42,7 @@ JSON, SSE, NDJSON, JSON_ARRAY, NONE = "json", "sse", "ndjson", "json_array", "no
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = 16 << 20  # largest non-streamed body we accumulate to parse
-    max_event_bytes: int = 4 << 20  # largest single SSE line / NDJSON line we hold
+    max_event_bytes: int = 4 << 20  # largest SSE line or whole event / NDJSON line we hold
     max_capture_chars: int = 16384  # content capture cap (tracing)
 
 
@@ -113,6 +113,8 @@ class ApiParser:
         self._body_len = 0
         self._sse: SSEDecoder | None = None
         self._line_tail: list[bytes] = []  # NDJSON: the unfinished line
+        self._tail_len = 0  # its length (kept, not recomputed: linear in the bytes fed)
+        self._tail_dropping = False  # NDJSON: inside an oversized line, skip to its end
         self._array: _JsonArrayStream | None = None
 
     # ---- request ---------------------------------------------------------------------------
@@ -208,6 +210,30 @@ class ApiParser:
             self.complete = True
             self.changed = True
 
+    def work_items(self, chunk: bytes) -> int:
+        """How many items (lines, array elements) ``chunk`` makes the parser handle one by one in
+        Python: counted in C before parsing, so the servicer can refuse a message that would hold
+        the event loop (many tiny ``data:`` lines) without doing that work."""
+        framing = self._framing
+        if framing == SSE or framing == NDJSON:
+            return max(chunk.count(b"\n"), chunk.count(b"\r"))
+        if framing == JSON_ARRAY:
+            return chunk.count(b"{")
+        return 0
+
+    def held_bytes(self) -> int:
+        """Bytes this parser holds between chunks (bodies, unfinished lines and events)."""
+        held = max(self._body_len, 0) + self._tail_len
+        if self._sse is not None:
+            held += self._sse.held
+        if self._array is not None:
+            held += self._array._held
+        return held + self.held_other()
+
+    def held_other(self) -> int:
+        """Bytes a subclass framing holds (AWS eventstream's unfinished frame)."""
+        return 0
+
     # ---- hooks -----------------------------------------------------------------------------
     def on_request_json(self, obj: dict[str, Any]) -> None:
         model = obj.get("model")
@@ -299,6 +325,7 @@ class ApiParser:
             return
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._body = []
+        self._body_len = 0
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
@@ -333,20 +360,29 @@ class ApiParser:
             if nl < 0:
                 break
             piece = chunk[start:nl]
+            start = nl + 1
+            if self._tail_dropping:  # the end of an oversized line
+                self._tail_dropping = False
+                continue
             if self._line_tail:
                 self._line_tail.append(piece)
                 piece = b"".join(self._line_tail)
                 self._line_tail = []
+                self._tail_len = 0
             self._ndjson_line(piece)
-            start = nl + 1
-        if start < len(chunk):
+        if start < len(chunk) and not self._tail_dropping:
             self._line_tail.append(chunk[start:])
-            if sum(map(len, self._line_tail)) > self.limits.max_event_bytes:
+            self._tail_len += len(chunk) - start
+            if self._tail_len > self.limits.max_event_bytes:
                 self._line_tail = []
+                self._tail_len = 0
+                self._tail_dropping = True
                 self.obs.parse_error("ndjson_line_too_long")
-        if end and self._line_tail:
-            self._ndjson_line(b"".join(self._line_tail))
+        if end:
+            if self._line_tail:
+                self._ndjson_line(b"".join(self._line_tail))
             self._line_tail = []
+            self._tail_len = 0
 
     def _ndjson_line(self, line: bytes) -> None:
         line = line.strip()

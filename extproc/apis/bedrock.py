@@ -61,6 +61,9 @@ class _EventStreamParser(ApiParser):
             self.obs.streaming = True
             self._events = EventStreamDecoder(max(self.limits.max_event_bytes, 1 << 20))
 
+    def held_other(self) -> int:
+        return self._events.pending if self._events is not None else 0
+
     def feed_other(self, chunk: bytes, end: bool) -> None:
         events = self._events
         if events is None:

@@ -22,18 +22,21 @@ class Decoder:
         self.failed: str | None = None
         self._left = max_bytes
 
-    def decode(self, chunk: bytes) -> bytes:
+    def decode(self, chunk: bytes, per_call: int | None = None) -> bytes:
+        """The bytes ``chunk`` decodes to. More than ``per_call`` of them (one ext_proc message's
+        budget) sets ``failed = "message_budget"`` without decoding further."""
         if self.failed is not None or not chunk:
             return b""
+        cap = self._left if per_call is None or per_call >= self._left else per_call
         try:
-            out = self._decode(chunk, self._left + 1)
+            out = self._decode(chunk, cap + 1)
         except _CODEC_ERRORS:
             self.failed = "corrupt"
             return b""
-        self._left -= len(out)
-        if self._left < 0:
-            self.failed = "decoded_too_large"
+        if len(out) > cap:
+            self.failed = "decoded_too_large" if cap == self._left else "message_budget"
             return b""
+        self._left -= len(out)
         return out
 
     def _decode(self, chunk: bytes, limit: int) -> bytes:
@@ -138,7 +141,7 @@ class ChainDecoder(Decoder):
 
     def _decode(self, chunk: bytes, limit: int) -> bytes:
         for stage in self._stages:
-            chunk = stage.decode(chunk)
+            chunk = stage.decode(chunk, limit)
             if stage.failed is not None:
                 self.failed = stage.failed
                 return b""

@@ -3,7 +3,8 @@
 Feed it body chunks as they arrive; it returns the complete events each chunk finishes. Work per
 chunk is proportional to the chunk (an unfinished line is kept as pieces and joined once, when it
 ends), events split across chunks are reassembled, and a line longer than ``max_line`` is dropped
-and counted rather than buffered without bound.
+and counted rather than buffered without bound. The same cap applies to a whole event: many
+short ``data:`` lines adding up to more than ``max_line`` drop that event (counted too).
 """
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ Event = tuple[bytes, bytes]  # (event name, data); name is b"" when the event ha
 
 
 class SSEDecoder:
-    __slots__ = ("_pieces", "_plen", "_dropping", "_skip_lf", "_event", "_data", "_max_line", "oversized")
+    __slots__ = ("_pieces", "_plen", "_dropping", "_skip_lf", "_event", "_data", "_dlen", "_drop_event", "_max_line",
+                 "oversized")
 
     def __init__(self, max_line: int = 4 << 20) -> None:
         self._pieces: list[bytes] = []  # the unfinished last line, as received
@@ -22,6 +24,8 @@ class SSEDecoder:
         self._skip_lf = False  # the previous chunk ended in "\r": a leading "\n" is its pair
         self._event = b""
         self._data: list[bytes] = []
+        self._dlen = 0  # bytes in _data
+        self._drop_event = False  # the event being read went over max_line: skip to its end
         self._max_line = max_line
         self.oversized = 0  # lines dropped for exceeding max_line
 
@@ -56,6 +60,9 @@ class SSEDecoder:
         for line in head.split(b"\n"):
             if line:
                 self._field(line)
+            elif self._drop_event:
+                self._drop_event = False
+                self._event = b""
             elif self._data or self._event:
                 yield self._dispatch()
 
@@ -66,7 +73,9 @@ class SSEDecoder:
         self._pieces = []
         self._plen = 0
         self._dropping = False
-        if self._data or self._event:
+        if self._drop_event:
+            self._drop_event = False
+        elif self._data or self._event:
             yield self._dispatch()
 
     def _hold(self, piece: bytes) -> None:
@@ -88,6 +97,15 @@ class SSEDecoder:
         if sep and value[:1] == b" ":
             value = value[1:]
         if name == b"data":
+            if self._drop_event:
+                return
+            self._dlen += len(value) + 1
+            if self._dlen > self._max_line:
+                self.oversized += 1
+                self._drop_event = True
+                self._data = []
+                self._dlen = 0
+                return
             self._data.append(value)
         elif name == b"event":
             self._event = value
@@ -97,4 +115,10 @@ class SSEDecoder:
         event = (self._event, data)
         self._event = b""
         self._data = []
+        self._dlen = 0
         return event
+
+    @property
+    def held(self) -> int:
+        """Bytes held: the unfinished line and the data of the unfinished event."""
+        return self._plen + self._dlen

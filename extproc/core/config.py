@@ -56,8 +56,16 @@ class ProvidersConfig(_Section):
 
 class LimitsConfig(_Section):
     max_body_bytes: int = Field(16 << 20, ge=1024)  # non-streamed body we hold to parse
-    max_event_bytes: int = Field(4 << 20, ge=1024)  # one SSE / NDJSON line
+    max_event_bytes: int = Field(4 << 20, ge=1024)  # one SSE line or whole SSE event / NDJSON line
     max_decoded_bytes: int = Field(64 << 20, ge=1024)  # decompressed bytes per response
+    # Work per ext_proc message, so one response cannot hold a worker's event loop (and every
+    # other stream on it): past either bound the stream's parsing is abandoned (counted, reason
+    # "message_budget"); its bytes still flow on untouched and its reply goes out at once.
+    max_decoded_bytes_per_message: int = Field(8 << 20, ge=64 << 10)  # decompressed from one message
+    max_lines_per_message: int = Field(10_000, ge=100)  # SSE/NDJSON lines, JSON-array elements in one message
+    # Bytes held by all parsers of a worker (bodies, unfinished lines and events) at once; a
+    # stream that would take more is abandoned (counted, reason "worker_held_bytes").
+    max_held_bytes: int = Field(64 << 20, ge=1 << 20)
     # One gRPC message from Envoy (a body chunk, or a body Envoy buffered: bounded by its buffer
     # limits, 1 MiB by default). Larger ones end the stream with RESOURCE_EXHAUSTED before they are
     # read, like gRPC's own default receive limit (4 MiB).

@@ -22,10 +22,12 @@ from extproc.apis.routing import Route, Router, default_routes, provider_for_hos
 from extproc.codecs.encodings import Decoder, make_decoder
 from extproc.core.call import CLIENT_ABORT, ERROR, INCOMPLETE_STREAM, NO_RESPONSE, OK, Call, CallObserver
 from extproc.core.config import Config, ConfigError
+from extproc.core.logs import RateLimited
 from extproc.core.pricing import Pricer
 from extproc.telemetry import metadata
 
 log = logging.getLogger("extproc")
+abandoned_log = RateLimited(log)
 
 Mode = mode_pb.ProcessingMode
 
@@ -63,6 +65,9 @@ class Settings:
     limits: Limits
     max_decoded: int
     max_message: int
+    max_decoded_per_message: int
+    max_lines_per_message: int
+    max_held: int
     router: Router
     pricer: Pricer
 
@@ -80,6 +85,9 @@ def settings(config: Config) -> Settings:
                       max_capture_chars=config.tracing.max_content_chars),
         max_decoded=lim.max_decoded_bytes,
         max_message=lim.max_grpc_message_bytes,
+        max_decoded_per_message=lim.max_decoded_bytes_per_message,
+        max_lines_per_message=lim.max_lines_per_message,
+        max_held=lim.max_held_bytes,
         router=Router(routes, extra=_config_routes(config, routes)),
         pricer=Pricer(config.pricing),
     )
@@ -92,6 +100,8 @@ class Processor:
         self.active = 0  # streams in flight (tests check it returns to 0)
         self.internal_errors = 0
         self.bad_streams = 0  # streams ended for malformed gRPC input (see grpc_server.requests)
+        self.held = 0  # bytes held by the parsers of all streams (limits.maxHeldBytes)
+        self.abandoned: dict[str, int] = {}  # streams whose parsing was abandoned, by reason
         self.apply(settings(config), observers)
 
     def reconfigure(self, config: Config, observers: Sequence[CallObserver]) -> None:
@@ -110,6 +120,9 @@ class Processor:
         self.limits = s.limits
         self.max_decoded = s.max_decoded
         self.max_message = s.max_message
+        self.max_decoded_per_message = s.max_decoded_per_message
+        self.max_lines_per_message = s.max_lines_per_message
+        self.max_held = s.max_held
         self.router = s.router
         self.pricer = s.pricer
         self.observers = list(observers)
@@ -174,13 +187,15 @@ def _config_routes(config: Config, routes: list[Route]) -> list[Route]:
 class Stream:
     """The state of one ext_proc stream (= one HTTP exchange)."""
 
-    __slots__ = ("p", "call", "parser", "decoder", "_grpc_provider", "_done", "_response_done", "_priced", "_priceable")
+    __slots__ = ("p", "call", "parser", "decoder", "held", "_grpc_provider", "_done", "_response_done", "_priced",
+                 "_priceable")
 
     def __init__(self, processor: Processor, grpc_provider: str | None) -> None:
         self.p = processor
         self.call = Call(start_time_ns=time.time_ns(), start=time.perf_counter())
         self.parser: ApiParser | None = None
         self.decoder: Decoder | None = None
+        self.held = 0  # bytes the parser holds, as counted in Processor.held
         self._grpc_provider = grpc_provider
         self._done = False
         self._response_done = False
@@ -204,7 +219,7 @@ class Stream:
         except Exception:  # fail open: a bug on one payload never becomes a client error
             self.p.internal_errors += 1
             log.exception("processing %s failed; observing nothing more on this stream", kind)
-            self.parser = None
+            self._release()
             call.obs.parse_error("internal_error")
         return _CONTINUE.get(kind)
 
@@ -230,9 +245,10 @@ class Stream:
         return CONTINUE_REQUEST_HEADERS
 
     def _request_body(self, msg: pb.HttpBody) -> bytes:
-        if self.parser is not None:
+        parser = self.parser
+        if parser is not None:
             self.call.request_complete = msg.end_of_stream
-            self.parser.feed_request(msg.body, complete=msg.end_of_stream)
+            parser.feed_request(msg.body, complete=msg.end_of_stream)
         return CONTINUE_REQUEST_BODY
 
     # ---- response phase ----------------------------------------------------------------------
@@ -279,15 +295,29 @@ class Stream:
         parser = self.parser
         changed = False
         if parser is not None:
+            p = self.p
             decoder = self.decoder
             if decoder is not None:
-                body = decoder.decode(body)
+                body = decoder.decode(body, p.max_decoded_per_message)
                 if decoder.failed is not None:
-                    call.decode_error = decoder.failed
-                    call.obs.parse_error("decode_" + decoder.failed)
-                    self.parser = parser = None  # abandon parsing; the bytes flow on untouched
+                    if decoder.failed == "message_budget":
+                        self._abandon("message_budget")
+                    else:
+                        call.decode_error = decoder.failed
+                        call.obs.parse_error("decode_" + decoder.failed)
+                        self._release()  # abandon parsing; the bytes flow on untouched
+                    parser = None
             if parser is not None:
-                changed = parser.feed_response(body, end)
+                if parser.work_items(body) > p.max_lines_per_message:
+                    self._abandon("message_budget")
+                else:
+                    changed = parser.feed_response(body, end)
+                    held = parser.held_bytes()
+                    if held != self.held:
+                        p.held += held - self.held
+                        self.held = held
+                        if p.held > p.max_held:
+                            self._abandon("worker_held_bytes")
         if end:
             self._response_done = True
         if not call.outcome and (end or (parser is not None and parser.complete)):
@@ -306,6 +336,23 @@ class Stream:
     @property
     def response_done(self) -> bool:
         return self._response_done
+
+    def _release(self) -> None:
+        """Stop parsing this stream and give back what its parser held."""
+        self.parser = None
+        self.decoder = None
+        if self.held:
+            self.p.held -= self.held
+            self.held = 0
+
+    def _abandon(self, reason: str) -> None:
+        """Past a work or memory budget: parsing stops (the traffic is untouched), counted on
+        the call (parse error ``reason``) and per worker, logged at most every 10 s."""
+        self._release()
+        self.call.obs.parse_error(reason)
+        p = self.p
+        p.abandoned[reason] = p.abandoned.get(reason, 0) + 1
+        abandoned_log.warning("stream parsing abandoned", reason=reason, api=self.call.api, abandoned=p.abandoned[reason])
 
     def _complete(self) -> None:
         self.call.outcome = ERROR if self.call.status >= 400 else OK
@@ -355,6 +402,7 @@ class Stream:
         if self._done:
             return
         self._done = True
+        self._release()
         call = self.call
         call.end = time.perf_counter()
         # Price LLM calls that could have cost something: usage seen, or a response that was not
