@@ -256,7 +256,10 @@ class BadStream(Exception):
 _PARSE = pb.ProcessingRequest.FromString
 
 
-async def requests(stream: Stream, max_bytes: Callable[[], int]) -> Any:
+LARGE_MESSAGE = 256 << 10
+
+
+async def requests(stream: Stream, max_bytes: Callable[[], int], on_large: Callable[[int], None] | None = None) -> Any:
     """The stream's ext_proc messages, read frame by frame: a message larger than ``max_bytes()``
     is refused from its 5-byte prefix, before any of it is buffered (grpclib itself accepts any
     size, acknowledging the bytes as it accumulates them); a compressed, truncated or undecodable
@@ -274,6 +277,8 @@ async def requests(stream: Stream, max_bytes: Callable[[], int]) -> Any:
         size = int.from_bytes(prefix[1:5], "big")
         if size > max_bytes():
             raise BadStream(Status.RESOURCE_EXHAUSTED, "message larger than limits.maxGrpcMessageBytes")
+        if size >= LARGE_MESSAGE and on_large is not None:
+            on_large(size)
         try:
             data = await h2s.recv_data(size)
         except AssertionError:
@@ -298,8 +303,11 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     def max_bytes() -> int:
         return processor.max_message  # read per message: a reload applies at once
 
+    def on_large(size: int) -> None:
+        processor.large += size  # freed when the stream ends: worth a malloc_trim
+
     async def handle(stream: Stream) -> None:
-        replies = process(requests(stream, max_bytes), stream.metadata)
+        replies = process(requests(stream, max_bytes, on_large), stream.metadata)
         try:
             async with contextlib.aclosing(replies):  # type: ignore[type-var]  # cancelled while sending: the Processor still reports
                 send = stream.send_message

@@ -101,6 +101,7 @@ class Processor:
         self.internal_errors = 0
         self.bad_streams = 0  # streams ended for malformed gRPC input (see grpc_server.requests)
         self.held = 0  # bytes held by the parsers of all streams (limits.maxHeldBytes)
+        self.large = 0  # bytes held at peaks / received in large messages since the last trim
         self.abandoned: dict[str, int] = {}  # streams whose parsing was abandoned, by reason
         self.apply(settings(config), observers)
 
@@ -129,6 +130,16 @@ class Processor:
         self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]
         # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
         self.capture = any(getattr(o, "wants_content", False) for o in self.observers)
+
+    def trim_due(self) -> bool:
+        """True (once) if large buffers were used and released since the last call (see
+        :mod:`extproc.server.memory`)."""
+        from extproc.server.memory import TRIM_AFTER_BYTES
+
+        if self.large >= TRIM_AFTER_BYTES and self.held < self.large // 2:
+            self.large = 0
+            return True
+        return False
 
     async def Process(self, requests: AsyncIterator[pb.ProcessingRequest],
                       metadata: Mapping[str, Any] | None = None) -> AsyncIterator[bytes]:
@@ -316,6 +327,8 @@ class Stream:
                     if held != self.held:
                         p.held += held - self.held
                         self.held = held
+                        if p.held > p.large:
+                            p.large = p.held
                         if p.held > p.max_held:
                             self._abandon("worker_held_bytes")
         if end:

@@ -17,6 +17,7 @@ from extproc.core.call import CallObserver
 from extproc.core.config import Config, ConfigError
 from extproc.server.grpc_server import GrpclibServer, build_server, health_only_server
 from extproc.server.health import Health
+from extproc.server.memory import trim_loop
 from extproc.server.processor import Processor, Settings, settings
 
 log = logging.getLogger("extproc")
@@ -47,6 +48,7 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
     log.info("ext_proc listening", extra={"address": config.listen, "pid": os.getpid()})
     if ready is not None:
         ready()
+    trimmer = asyncio.create_task(trim_loop(processor.trim_due))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -54,6 +56,7 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
     if reload is not None and observer_factory is not None:
         loop.add_signal_handler(signal.SIGHUP, lambda: reconfigure(processor, reload, observer_factory))
     await stop.wait()
+    trimmer.cancel()
     await drain(server, health, processor, grace)
     if health_server is not None:
         await health_server.stop(0)

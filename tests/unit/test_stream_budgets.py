@@ -121,3 +121,20 @@ def test_bytes_held_by_all_streams_of_a_worker_are_capped():
         s.finish()
     assert p.held == 0
     assert [c.obs.parse_error_reason for c in rec.calls] == [None, "worker_held_bytes", "worker_held_bytes"]
+
+
+def test_memory_held_by_ended_streams_is_returned():
+    """Memory held by ended streams was not returned under grpclib: 16 streams of 4 MiB bodies
+    left ~+75 MiB RSS after they ended, round after round (glibc keeps freed heap). The worker's
+    trimmer gives it back."""
+    import json
+    import subprocess
+    import sys
+
+    from tests.support.harness import REPO
+
+    out = subprocess.run([sys.executable, "-m", "tests.support.held_memory"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120, check=True)
+    rss = json.loads(out.stdout.strip().splitlines()[-1])
+    assert rss["held"] == 0
+    assert max(rss["after"]) - rss["before"] < 25, rss
