@@ -57,12 +57,21 @@ class SSEDecoder:
             self._hold(chunk[end + 1 :])
         if head is None:
             return
-        for line in head.split(b"\n"):
-            if line:
-                self._field(line)
-            elif self._drop_event:
+        lines = head.split(b"\n")
+        i, n = 0, len(lines)
+        while i < n:
+            if self._drop_event:  # skip the rest of an oversized event in C: to its blank line
+                try:
+                    i = lines.index(b"", i) + 1
+                except ValueError:
+                    return
                 self._drop_event = False
                 self._event = b""
+                continue
+            line = lines[i]
+            i += 1
+            if line:
+                self._field(line)
             elif self._data or self._event:
                 yield self._dispatch()
 
