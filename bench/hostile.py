@@ -116,7 +116,14 @@ async def _connection(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
             head = await r.readuntil(b"\r\n\r\n")
             headers = {k.strip().lower(): v.strip() for k, _, v in
                        (line.partition(":") for line in head.decode("latin-1").split("\r\n")[1:] if line)}
-            await r.readexactly(int(headers.get("content-length", "0")))
+            if "chunked" in headers.get("transfer-encoding", "").lower():  # Envoy may re-frame a body it buffered
+                while True:
+                    size = int((await r.readuntil(b"\r\n")).split(b";")[0], 16)
+                    await r.readexactly(size + 2)
+                    if size == 0:
+                        break
+            else:
+                await r.readexactly(int(headers.get("content-length", "0")))
             await _answer(headers.get("x-kind", ""), w)
     except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError):
         pass
