@@ -37,7 +37,10 @@ def test_gzip_sse_of_tiny_lines_costs_one_bounded_message():
     replies = run(p, stream_msgs([bomb[i:i + 16384] for i in range(0, len(bomb), 16384)], "gzip"))
     elapsed = time.perf_counter() - t0
     assert elapsed < 1.0, f"{elapsed:.2f} s"
-    assert all(r.SerializeToString() == CONTINUE_RESPONSE_BODY for r in replies[3:])
+    body_replies = replies[3:]
+    assert len(body_replies) == len(range(0, len(bomb), 16384)) + 1  # one reply per message
+    assert all(r.HasField("response_body") and not r.response_body.response.HasField("body_mutation") for r in body_replies)
+    assert all(r.SerializeToString() == CONTINUE_RESPONSE_BODY for r in body_replies[:-1])  # nothing to report until the end
     assert rec.calls[0].obs.parse_error_reason == "message_budget"
     assert p.abandoned == {"message_budget": 1} and p.held == 0 and p.internal_errors == 0
 
