@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 from extproc.core import config as config_mod
-from extproc.devtools import envoy_config
 
 
 def envoy_binary() -> str:
@@ -159,6 +158,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, upstream: str, workdir: Path,
          stopping: list[int]) -> int:
     envoy_yaml = workdir / "envoy.yaml"
+    from extproc.devtools import envoy_config  # typed Envoy messages: ~1 s to import, so only here
+
     envoy_yaml.write_text(envoy_config.dump(envoy_config.bootstrap(
         upstreams=[envoy_config.Upstream("/", upstream)],
         listen=f"127.0.0.1:{args.port}",

@@ -5,6 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
 
 from extproc.devtools import envoy_config
 from extproc.devtools.dev import envoy_binary
@@ -42,8 +43,9 @@ def test_built_configs_validate(tmp_path, variant):
 
 def test_receiving_namespace_matches_metadata_namespace():
     f = envoy_config.ext_proc_filter("my.ns")
-    assert f["metadata_options"]["receiving_namespaces"]["untyped"] == ["my.ns"]
-    assert f["failure_mode_allow"] is True
+    assert f.metadata_options is not None and f.metadata_options.receiving_namespaces is not None
+    assert f.metadata_options.receiving_namespaces.untyped == ["my.ns"]
+    assert f.failure_mode_allow is True
 
 
 @pytest.mark.parametrize("variant", sorted(envoy_config.VARIANTS))
@@ -54,10 +56,10 @@ def test_generated_configs_are_current(variant):
 
 def test_service_name_ext_proc_cluster_is_strict_dns():
     cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://mock-llm:8000")], extproc="extproc:18080")
-    ext = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_proc")
-    assert ext["type"] == "STRICT_DNS"
+    ext = next(c for c in cfg.static_resources.clusters if c.name == "ext_proc")
+    assert ext.type == ClusterDiscoveryType.STRICT_DNS
     ip = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")])
-    assert next(c for c in ip["static_resources"]["clusters"] if c["name"] == "ext_proc")["type"] == "STATIC"
+    assert next(c for c in ip.static_resources.clusters if c.name == "ext_proc").type == ClusterDiscoveryType.STATIC
 
 
 @pytest.mark.integration
