@@ -70,6 +70,7 @@ class Processor:
                              max_capture_chars=config.tracing.max_content_chars)
         self.max_decoded = lim.max_decoded_bytes
         self.pricer = Pricer(config.pricing)
+        self.budget = metadata.Budget(config.budgets) if config.budgets.enabled else None  # ratelimit_cost
         routes = default_routes()
         self.router = Router(routes, extra=_config_routes(config, routes))
         self.observers = list(observers)
@@ -225,7 +226,7 @@ class Stream:
         if call.obs.usage.seen():
             self._price()
         resp.mode_override.CopyFrom(_STREAMED if parser is not None and not msg.end_of_stream else _NO_BODY)
-        metadata.write(resp.dynamic_metadata, self.p.namespace, call)
+        metadata.write(resp.dynamic_metadata, self.p.namespace, call, self.p.budget)
         return resp.SerializeToString()
 
     def _response_body(self, msg: pb.HttpBody) -> bytes:
@@ -258,7 +259,7 @@ class Stream:
             self._price()
         resp = pb.ProcessingResponse()
         resp.response_body.SetInParent()
-        metadata.write(resp.dynamic_metadata, self.p.namespace, call)
+        metadata.write(resp.dynamic_metadata, self.p.namespace, call, self.p.budget)
         return resp.SerializeToString()
 
     # ---- end ---------------------------------------------------------------------------------
