@@ -16,7 +16,7 @@ import pytest
 from extproc.core import config
 from extproc.devtools.dev import free_port
 from extproc.devtools.envoy_config import RateLimitService, Upstream
-from tests.support.harness import Stack
+from tests.support.harness import Stack, scrape
 from tests.support.jwt_keys import jwks_json, token
 from tests.support.ratelimit_service import RateLimitDouble
 from tests.support.recordings import load
@@ -141,6 +141,9 @@ def test_over_budget_gets_429_without_reaching_the_upstream(tmp_path, replay, rl
         assert len(replay.requests) == upstream_calls  # never reached the upstream
         entry = s.log_entry(rid)
         assert entry["response_code"] == 429 and entry["response_flags"] == "RL" and entry["ratelimit_cost"] is None
+        # the sidecar (before the limiter in the filter chain) saw the refusal too
+        assert any(v >= 1 for n, labels, v in scrape(s.metrics_port)
+                   if n == "ai_requests_total" and labels.get("status_code") == "429")
         assert call("ops")[0].status_code == 200  # another team's budget
         assert rls.wait_charged(team("dev"), 770) == 770  # the refused call was not charged
 
