@@ -110,12 +110,13 @@ ANTHROPIC = [
 
 
 def test_streamed_call_carries_its_running_cost_on_each_usage_message():
-    """Anthropic reports input tokens first and output at the end: ratelimit_cost follows, so a
-    stream cut after message_start is charged what was seen, and a complete one its total."""
+    """Anthropic reports input tokens first (message_start's output count is a placeholder, not
+    counted) and output at the end: ratelimit_cost follows, so a stream cut after message_start
+    is charged its input tokens, and a complete one its total."""
     proc = Processor(parse({"budgets": {"enabled": True}}), [Recorder()])
     replies = _stream(proc, ANTHROPIC)
     costs = [meta(r)["ratelimit_cost"] for r in replies if "ratelimit_cost" in meta(r)]
-    assert costs[0] == 31 and costs[-1] == 42
+    assert costs[0] == 30 and costs[-1] == 42
     off = Processor(parse({}), [Recorder()])
     assert all("ratelimit_cost" not in meta(r) for r in _stream(off, ANTHROPIC))
 
