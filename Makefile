@@ -53,11 +53,12 @@ protos: $(STAMP)
 	$(PY) protos/generate.py
 
 # Regenerate the Envoy configs from extproc/devtools/envoy_config.py (tests check they agree):
-# envoy/envoy.yaml (reference), envoy/envoy-compose.yaml, deploy/kubernetes/envoy.yaml.
+# envoy/envoy.yaml (reference), envoy/envoy-compose.yaml, deploy/kubernetes/envoy.yaml, envoy/envoy-budgets.yaml.
 envoy-config: $(STAMP)
 	$(VENV)/bin/extproc envoy-config > envoy/envoy.yaml
 	$(VENV)/bin/extproc envoy-config --variant compose > envoy/envoy-compose.yaml
 	$(VENV)/bin/extproc envoy-config --variant kubernetes > deploy/kubernetes/envoy.yaml
+	$(VENV)/bin/extproc envoy-config --variant budgets > envoy/envoy-budgets.yaml
 
 # Regenerate deploy/kubernetes/prometheusrule.yaml from deploy/prometheus/alerts.yml (tests check).
 deploy-rules: $(STAMP)

@@ -34,7 +34,7 @@ a = ap.parse_args()
 d = Path(tempfile.mkdtemp(prefix="extproc-ab-"))
 procs = []
 try:
-    up = free_port(); (d / "up.yaml").write_text(yaml.safe_dump(direct_response_envoy(up)))
+    up = free_port(); (d / "up.yaml").write_text(direct_response_envoy(up))
     procs.append(subprocess.Popen(envoy_command(d / "up.yaml", "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     sport = free_port()
     cfg = {"listen": f"127.0.0.1:{sport}", "stats": {"port": 0}, "logging": {"level": "warning"}}

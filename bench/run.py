@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.monotonic()
     try:
         up_port, sse_port = free_port(), free_port()
-        (workdir / "upstream.yaml").write_text(yaml.safe_dump(direct_response_envoy(up_port)))
+        (workdir / "upstream.yaml").write_text(direct_response_envoy(up_port))
         procs.append(subprocess.Popen(envoy_command(workdir / "upstream.yaml", "--concurrency", "1"),
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         procs.append(subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(sse_port)], cwd=ROOT))

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
-from typing import Any
 
 import orjson
 
@@ -48,30 +47,12 @@ STREAM_REQUEST = orjson.dumps({
 })
 
 
-def direct_response_envoy(listen_port: int, admin_port: int | None = None) -> dict[str, Any]:
-    """Bootstrap of the non-streaming upstream Envoy."""
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "up",
-        "route_config": {"virtual_hosts": [{
-            "name": "all", "domains": ["*"],
-            "routes": [{
-                "match": {"prefix": "/"},
-                "direct_response": {"status": 200, "body": {"inline_string": CHAT_RESPONSE}},
-                "response_headers_to_add": [{"header": {"key": "content-type", "value": "application/json"}}],
-            }],
-        }]},
-        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-    }
-    cfg: dict[str, Any] = {"static_resources": {"listeners": [{
-        "name": "up",
-        "address": {"socket_address": {"address": "127.0.0.1", "port_value": listen_port}},
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-    }]}}
-    if admin_port:
-        cfg["admin"] = {"address": {"socket_address": {"address": "127.0.0.1", "port_value": admin_port}}}
-    return cfg
+def direct_response_envoy(listen_port: int, admin_port: int | None = None) -> str:
+    """Bootstrap (YAML) of the non-streaming upstream Envoy."""
+    from extproc.devtools import envoy_config
+
+    admin = f"127.0.0.1:{admin_port}" if admin_port else None
+    return envoy_config.dump(envoy_config.direct_response(f"127.0.0.1:{listen_port}", CHAT_RESPONSE, admin=admin))
 
 
 def _event(i: int, n: int, t_ns: int) -> bytes:

@@ -74,10 +74,29 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
+    from extproc.core import config
     from extproc.devtools import envoy_config
 
-    sys.stdout.write(envoy_config.render(args.variant))
+    ratelimit = None
+    if args.ratelimit_service:
+        try:
+            cfg = config.load(args.config)  # its budgets section: domain, descriptors, failure mode
+        except ConfigError as e:
+            print(f"extproc: {e}", file=sys.stderr)
+            return 2
+        ratelimit = envoy_config.RateLimitService(args.ratelimit_service, cfg.budgets)
+    elif args.config:
+        print("extproc: --config is read for its budgets section: give --ratelimit-service too", file=sys.stderr)
+        return 2
+    sys.stdout.write(envoy_config.render(args.variant, ratelimit))
     return 0
+
+
+def _host_port(v: str) -> str:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"{v!r}: expected HOST:PORT")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,8 +130,12 @@ def main(argv: list[str] | None = None) -> int:
     h.set_defaults(func=_health)
 
     e = sub.add_parser("envoy-config", help="print the reference Envoy config (or another --variant)")
-    e.add_argument("--variant", default="reference", choices=["reference", "compose", "kubernetes"],
-                   help="reference: envoy/envoy.yaml; compose: envoy/envoy-compose.yaml; kubernetes: deploy/kubernetes/envoy.yaml")
+    e.add_argument("--variant", default="reference", choices=["reference", "compose", "kubernetes", "budgets"],
+                   help="reference: envoy/envoy.yaml; compose: envoy/envoy-compose.yaml; kubernetes: deploy/kubernetes/envoy.yaml; "
+                        "budgets: envoy/envoy-budgets.yaml")
+    e.add_argument("--ratelimit-service", metavar="HOST:PORT", type=_host_port,
+                   help="enforce budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)")
+    e.add_argument("--config", help="sidecar config file whose budgets section sets the domain, descriptors, failure mode")
     e.set_defaults(func=_envoy_config)
 
     sp = sub.add_parser("spend", help="LLM spend per team/user/model over a window, from Prometheus or access logs")

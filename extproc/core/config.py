@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 from extproc.core.pricing import PricingConfig
@@ -209,6 +209,79 @@ class TracingConfig(_Section):
         return v
 
 
+BUDGET_UNITS = ("total_tokens", "input_tokens", "output_tokens", "weighted", "micro_usd")
+DEFAULT_BUDGET_DOMAIN = "ai-budgets"
+
+
+class BudgetEntry(_Section):
+    """One entry of a rate limit descriptor: ``key`` as the rate limit service matches it, the
+    value from a verified JWT claim (``claim``: a jwt_authn payload path, ``team``, ``sub``,
+    ``org.id``) or a request header (``header``). A request without the value sends no descriptor
+    (it is not limited), unless ``default`` (claims only) stands in."""
+
+    key: str = Field(min_length=1)
+    claim: str | None = None
+    header: str | None = None
+    default: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> BudgetEntry:
+        if (self.claim is None) == (self.header is None):
+            raise ValueError("set exactly one of claim or header")
+        if self.claim is not None and not all(self.claim.split(".")):
+            raise ValueError(f"claim {self.claim!r}: empty path segment")
+        if self.header is not None and self.default is not None:
+            raise ValueError("default: only for a claim (Envoy's request_headers action has none)")
+        return self
+
+
+class BudgetDescriptor(_Section):
+    """One budget: the descriptor Envoy sends (its entries in order), e.g. ``[{key: team, claim: team}]``."""
+
+    entries: list[BudgetEntry] = Field(min_length=1)
+
+
+def _default_descriptors() -> list[BudgetDescriptor]:
+    return [BudgetDescriptor(entries=[BudgetEntry(key="team", claim="team")])]
+
+
+class BudgetsConfig(_Section):
+    """Token or dollar budgets enforced by Envoy's rate limit filter (docs/budgets.md).
+
+    The sidecar's part: with ``enabled``, it writes each call's cost in ``unit`` as the integer
+    dynamic metadata ``ratelimit_cost`` whenever usage is seen (``extproc.telemetry.metadata``).
+    ``unit``: ``total_tokens``, ``input_tokens``, ``output_tokens``, ``weighted`` (the CEL
+    expression ``weight`` over ``llm.*``, e.g. ``llm.input_tokens + 4 * llm.output_tokens``) or
+    ``micro_usd`` (the call's priced cost in millionths of a dollar; needs ``pricing``).
+    Envoy's part (``extproc envoy-config``/``extproc dev`` with ``--ratelimit-service``):
+    ``domain``, ``descriptors`` (one budget each), ``failureModeDeny``, ``timeoutMs``,
+    ``xRateLimitHeaders``.
+    """
+
+    enabled: bool = False
+    unit: Literal["total_tokens", "input_tokens", "output_tokens", "weighted", "micro_usd"] = "total_tokens"
+    weight: CelExpression | None = None  # unit: weighted
+    domain: str = Field(DEFAULT_BUDGET_DOMAIN, min_length=1)
+    descriptors: list[BudgetDescriptor] = Field(default_factory=_default_descriptors, min_length=1)
+    failure_mode_deny: bool = False  # limiter down or slow: false lets traffic through (uncharged)
+    timeout_ms: int = Field(500, ge=1, le=60000)  # each call to the rate limit service
+    x_ratelimit_headers: bool = True  # X-RateLimit-Limit/-Remaining/-Reset on responses
+
+    @model_validator(mode="after")
+    def _weight(self) -> BudgetsConfig:
+        if self.unit == "weighted" and self.weight is None:
+            raise ValueError("unit weighted needs weight (a CEL expression over llm.*)")
+        if self.unit != "weighted" and self.weight is not None:
+            raise ValueError(f"weight: only used with unit weighted (unit is {self.unit})")
+        if self.weight is not None:
+            from extproc.core.cel import compile_field
+
+            _, flatten, used = compile_field(self.weight)
+            if flatten or used - {"llm"}:
+                raise ValueError("weight: a number computed from llm.* only (no flatten, jwt, request...)")
+        return self
+
+
 def _readable(v: str | None) -> str | None:
     if v is None:
         return v
@@ -274,6 +347,7 @@ class Config(_Section):
     tracing: TracingConfig = Field(default_factory=TracingConfig)
     tls: TlsConfig = Field(default_factory=TlsConfig)  # TLS / mTLS on `listen` (not healthListen)
     pricing: PricingConfig = Field(default_factory=PricingConfig)  # cost in USD; see extproc.core.pricing
+    budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)  # ratelimit_cost for Envoy's rate limit filter
     # SIGTERM: health turns NOT_SERVING, no new streams are accepted, and the streams in flight get
     # this long to finish (their metrics are recorded) before they are cancelled and we exit 0.
     # Keep it below Kubernetes' terminationGracePeriodSeconds (minus any preStop sleep).
@@ -298,6 +372,14 @@ class Config(_Section):
         if self.tls.enabled and self.listen.startswith("unix:"):
             raise ValueError("tls: not used on a unix: listen address (protect the socket with file permissions)")
         return self
+
+    @field_validator("budgets")
+    @classmethod
+    def _budget_priced(cls, v: BudgetsConfig, info: ValidationInfo) -> BudgetsConfig:
+        pricing = info.data.get("pricing")
+        if v.enabled and v.unit == "micro_usd" and pricing is not None and not pricing.enabled:
+            raise ValueError("unit micro_usd needs pricing.enabled: true")
+        return v
 
 
 def parse(data: Any, source: str = "config") -> Config:

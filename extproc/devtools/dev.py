@@ -3,7 +3,8 @@
 Contract (tests and the benchmark rely on it): Envoy listens on ``--port``; ``--upstream URL``
 sends every route there instead of the mock (path kept); ``--jwks FILE`` enables ``jwt_authn``
 with that JWKS (any issuer, no audience check; requests without a valid token still pass);
-``--access-log FILE`` (default stdout); ``--metrics-port``; ``--config FILE`` for the sidecar.
+``--access-log FILE`` (default stdout); ``--metrics-port``; ``--config FILE`` for the sidecar;
+``--ratelimit-service HOST:PORT`` adds Envoy's rate limit filter for the config's ``budgets``.
 Every listener it starts is on 127.0.0.1 (the sidecar's metrics endpoint included).
 
 SIGINT (Ctrl-C) and SIGTERM are handled explicitly, whatever disposition was inherited (a process
@@ -28,7 +29,6 @@ import time
 from pathlib import Path
 
 from extproc.core import config as config_mod
-from extproc.devtools import envoy_config
 
 
 def envoy_binary() -> str:
@@ -116,6 +116,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=1, help="sidecar worker processes")
     ap.add_argument("--mock-port", type=int, default=8000, help="mock LLM port (when no --upstream)")
     ap.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port")
+    ap.add_argument("--ratelimit-service", metavar="HOST:PORT",
+                    help="enforce the config's budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -123,6 +125,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = config_mod.load(args.config)
     except config_mod.ConfigError as e:
         print(f"extproc: {e}", file=sys.stderr)
+        return 2
+    if args.ratelimit_service and not cfg.budgets.enabled:
+        print("extproc: --ratelimit-service needs `budgets: {enabled: true}` in the sidecar config (--config): "
+              "the sidecar computes what each call is charged", file=sys.stderr)
         return 2
     jwks = None
     if args.jwks:
@@ -159,6 +165,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, upstream: str, workdir: Path,
          stopping: list[int]) -> int:
     envoy_yaml = workdir / "envoy.yaml"
+    from extproc.devtools import envoy_config  # typed Envoy messages: ~1 s to import, so only here
+
     envoy_yaml.write_text(envoy_config.dump(envoy_config.bootstrap(
         upstreams=[envoy_config.Upstream("/", upstream)],
         listen=f"127.0.0.1:{args.port}",
@@ -167,6 +175,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, ups
         access_log=args.access_log,
         admin=f"127.0.0.1:{args.admin_port}",
         namespace=cfg.metadata.namespace,
+        ratelimit=envoy_config.RateLimitService(args.ratelimit_service, cfg.budgets) if args.ratelimit_service else None,
     )))
     py = sys.executable
     procs: list[subprocess.Popen] = []

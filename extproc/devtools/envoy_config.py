@@ -2,30 +2,138 @@
 
 One builder, so the reference file ``envoy/envoy.yaml`` and what the tests exercise cannot drift
 (``tests/e2e/test_envoy_config.py`` checks the committed file equals ``reference()``).
+
+Every piece is a typed message of ``envoy-data-plane`` (``envoy_data_plane.*``: a Python class per
+Envoy API message), so a misspelt field fails here rather than when Envoy loads the file, and each
+``typed_config``'s ``@type`` comes from ``Any.pack(message)``. Importing those classes takes about a
+second: only config generation imports this module (``extproc dev``, ``extproc envoy-config``, the
+tests); ``extproc serve`` never does (``tests/unit/test_layers.py`` checks), and the sidecar image
+does not install the library (it is in the ``dev`` extra).
 """
 from __future__ import annotations
 
+import ipaddress
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
+import betterproto2
 import yaml
+from envoy_data_plane.envoy.config.accesslog.v3 import AccessLog
+from envoy_data_plane.envoy.config.bootstrap.v3 import Admin, Bootstrap, BootstrapStaticResources
+from envoy_data_plane.envoy.config.cluster.v3 import (
+    CircuitBreakers,
+    CircuitBreakersThresholds,
+    Cluster,
+    ClusterDiscoveryType,
+    ClusterDnsLookupFamily,
+)
+from envoy_data_plane.envoy.config.core.v3 import (
+    Address,
+    ApiVersion,
+    DataSource,
+    GrpcService,
+    GrpcServiceEnvoyGrpc,
+    HeaderValue,
+    HeaderValueOption,
+    Http2ProtocolOptions,
+    Pipe,
+    SocketAddress,
+    SubstitutionFormatString,
+    TransportSocket,
+    TypedExtensionConfig,
+)
+from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
+from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
+from envoy_data_plane.envoy.config.ratelimit.v3 import RateLimitServiceConfig
+from envoy_data_plane.envoy.config.route.v3 import (
+    DirectResponseAction,
+    HeaderMatcher,
+    RateLimit,
+    RateLimitAction,
+    RateLimitActionMetaData,
+    RateLimitActionMetaDataSource,
+    RateLimitActionRequestHeaders,
+    RateLimitHitsAddend,
+    Route,
+    RouteAction,
+    RouteConfiguration,
+    RouteMatch,
+    VirtualHost,
+)
+from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
+from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
+    ExternalProcessor,
+    ExtProcOverrides,
+    ExtProcPerRoute,
+    MetadataOptions,
+    MetadataOptionsMetadataNamespaces,
+    ProcessingMode,
+    ProcessingModeBodySendMode,
+    ProcessingModeHeaderSendMode,
+)
+from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
+    JwtAuthentication,
+    JwtProvider,
+    JwtRequirement,
+    JwtRequirementOrList,
+    RequirementRule,
+)
+from envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3 import RateLimit as RateLimitFilter
+from envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3 import RateLimitPerRoute, RateLimitXRateLimitHeadersRfcVersion
+from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
+from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
+    HttpConnectionManager,
+    HttpConnectionManagerTracing,
+    HttpFilter,
+)
+from envoy_data_plane.envoy.extensions.formatter.req_without_query.v3 import ReqWithoutQuery
+from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
+    CertificateValidationContext,
+    CommonTlsContext,
+    SubjectAltNameMatcher,
+    SubjectAltNameMatcherSanType,
+    TlsCertificate,
+    UpstreamTlsContext,
+)
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptions, HttpProtocolOptionsExplicitHttpConfig
+from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
+from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
+from envoy_data_plane.envoy.type.v3 import Percent
+from envoy_data_plane.google.protobuf import Any as AnyMessage
+from envoy_data_plane.google.protobuf import Empty, Struct
 
-from extproc.core.config import DEFAULT_NAMESPACE
+from extproc.core.config import DEFAULT_NAMESPACE, BudgetEntry, BudgetsConfig
 
 JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
+JWT_PAYLOAD_KEY = "principal"  # jwt_authn's payload_in_metadata: the verified claims land here
+RATELIMIT_COST_KEY = "ratelimit_cost"  # the sidecar's dynamic metadata key (docs/budgets.md)
 # ext_proc cluster: streams per HTTP/2 connection before Envoy opens another (docs/performance.md).
 EXTPROC_STREAMS_PER_CONNECTION = 8
+HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+
+
+def pack(message: betterproto2.Message) -> AnyMessage:
+    """A ``typed_config``: the message with its ``@type`` URL."""
+    return AnyMessage.pack(message)
+
+
+def to_dict(message: betterproto2.Message) -> dict[str, Any]:
+    """Envoy-ready JSON/YAML: field names as in Envoy's docs (snake_case), defaults omitted."""
+    return message.to_dict(casing=betterproto2.Casing.SNAKE)
+
 
 # The access-log fields of the kgateway example, plus model/provider_model/provider.
-def access_log_format(namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
+def access_log_format(namespace: str = DEFAULT_NAMESPACE, budgets: bool = False) -> dict[str, str]:
     ai = lambda key: f"%DYNAMIC_METADATA({namespace}:{key})%"  # noqa: E731
-    return {
+    fmt = {
         "http_method": "%REQ(:METHOD)%",
         # without the query string: Gemini API keys travel as ?key=...
         "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
-        "user": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:principal:sub)%",
-        "team": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:principal:team)%",
+        "user": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:{JWT_PAYLOAD_KEY}:sub)%",
+        "team": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:{JWT_PAYLOAD_KEY}:team)%",
         "request_id": "%REQ(X-REQUEST-ID)%",
         "response_code": "%RESPONSE_CODE%",
         "system_time": "%START_TIME%",
@@ -44,6 +152,10 @@ def access_log_format(namespace: str = DEFAULT_NAMESPACE) -> dict[str, str]:
         "operation": ai("operation"),
         "outcome": ai("outcome"),
     }
+    if budgets:
+        fmt["ratelimit_cost"] = ai(RATELIMIT_COST_KEY)  # what the call was charged
+        fmt["response_flags"] = "%RESPONSE_FLAGS%"  # RL: rejected by the rate limit service
+    return fmt
 
 
 @dataclass(frozen=True)
@@ -76,63 +188,54 @@ class ExtProcTls:
         if (self.cert_file is None) != (self.key_file is None):
             raise ValueError("ExtProcTls: set both cert_file and key_file, or neither")
 
-    def transport_socket(self) -> dict[str, Any]:
-        validation: dict[str, Any] = {"trusted_ca": {"filename": self.ca_file}}
+    def transport_socket(self) -> TransportSocket:
+        validation = CertificateValidationContext(trusted_ca=DataSource(filename=self.ca_file))
         if self.sni is not None:
-            validation["match_typed_subject_alt_names"] = [{"san_type": "DNS", "matcher": {"exact": self.sni}}]
-        common: dict[str, Any] = {
-            "alpn_protocols": ["h2"],  # gRPC over TLS negotiates HTTP/2 by ALPN
-            "validation_context": validation,
-        }
+            validation.match_typed_subject_alt_names = [
+                SubjectAltNameMatcher(san_type=SubjectAltNameMatcherSanType.DNS, matcher=StringMatcher(exact=self.sni))
+            ]
+        common = CommonTlsContext(
+            alpn_protocols=["h2"],  # gRPC over TLS negotiates HTTP/2 by ALPN
+            validation_context=validation,
+        )
         if self.cert_file is not None:
-            common["tls_certificates"] = [{
-                "certificate_chain": {"filename": self.cert_file},
-                "private_key": {"filename": self.key_file},
-            }]
-        ctx: dict[str, Any] = {
-            "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-            "common_tls_context": common,
-        }
-        if self.sni is not None:
-            ctx["sni"] = self.sni
-        return {"name": "envoy.transport_sockets.tls", "typed_config": ctx}
+            common.tls_certificates = [TlsCertificate(
+                certificate_chain=DataSource(filename=self.cert_file),
+                private_key=DataSource(filename=self.key_file),
+            )]
+        ctx = UpstreamTlsContext(common_tls_context=common, sni=self.sni or "")
+        return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
 
 
-def _address(addr: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RateLimitService:
+    """Envoy's global rate limit filter enforcing token or dollar budgets (docs/budgets.md).
+
+    ``address`` is the rate limit service (gRPC ``envoy.service.ratelimit.v3``, e.g.
+    envoyproxy/ratelimit); ``budgets`` the sidecar config's ``budgets`` section, which names the
+    domain, the descriptors and the failure mode. Per route, each descriptor is checked with zero
+    hits when the request arrives (over budget: 429 before the upstream is called) and charged
+    the sidecar's ``ratelimit_cost`` when the stream is done."""
+
+    address: str
+    budgets: BudgetsConfig = BudgetsConfig()
+
+
+def _address(addr: str) -> Address:
     if addr.startswith("unix:"):
-        return {"pipe": {"path": addr[5:]}}
+        return Address(pipe=Pipe(path=addr[5:]))
     host, _, port = addr.rpartition(":")
-    return {"socket_address": {"address": host.strip("[]"), "port_value": int(port)}}
+    return Address(socket_address=SocketAddress(address=host.strip("[]"), port_value=int(port)))
 
 
-def _cluster(up: Upstream) -> dict[str, Any]:
-    u = urlsplit(up.url)
-    tls = u.scheme == "https"
-    port = u.port or (443 if tls else 80)
-    cluster: dict[str, Any] = {
-        "name": up.cluster,
-        "type": "STATIC" if _is_ip(u.hostname or "") else "STRICT_DNS",
-        "connect_timeout": "5s",
-        "dns_lookup_family": "V4_PREFERRED",
-        "load_assignment": {
-            "cluster_name": up.cluster,
-            "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(f"{u.hostname}:{port}")}}]}],
-        },
-    }
-    if tls:
-        cluster["transport_socket"] = {
-            "name": "envoy.transport_sockets.tls",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext",
-                "sni": u.hostname,
-            },
-        }
-    return cluster
+def _load_assignment(name: str, addr: str) -> ClusterLoadAssignment:
+    return ClusterLoadAssignment(
+        cluster_name=name,
+        endpoints=[LocalityLbEndpoints(lb_endpoints=[LbEndpoint(endpoint=Endpoint(address=_address(addr)))])],
+    )
 
 
 def _is_ip(host: str) -> bool:
-    import ipaddress
-
     try:
         ipaddress.ip_address(host)
     except ValueError:
@@ -140,65 +243,157 @@ def _is_ip(host: str) -> bool:
     return True
 
 
+def _cluster(up: Upstream) -> Cluster:
+    u = urlsplit(up.url)
+    tls = u.scheme == "https"
+    port = u.port or (443 if tls else 80)
+    cluster = Cluster(
+        name=up.cluster,
+        type=ClusterDiscoveryType.STATIC if _is_ip(u.hostname or "") else ClusterDiscoveryType.STRICT_DNS,
+        connect_timeout=timedelta(seconds=5),
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED,
+        load_assignment=_load_assignment(up.cluster, f"{u.hostname}:{port}"),
+    )
+    if tls:
+        cluster.transport_socket = TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(UpstreamTlsContext(sni=u.hostname or "")))
+    return cluster
+
+
+def _grpc_cluster(name: str, address: str, max_concurrent_streams: int | None = None) -> Cluster:
+    """A cluster speaking HTTP/2 (gRPC). A service name (docker compose: extproc:18080) is
+    resolved, and re-resolved, by DNS; an IP or a unix socket is static."""
+    by_name = not address.startswith("unix:") and not _is_ip(address.rpartition(":")[0].strip("[]"))
+    http2 = Http2ProtocolOptions()
+    if max_concurrent_streams is not None:
+        http2.max_concurrent_streams = max_concurrent_streams
+    return Cluster(
+        name=name,
+        type=ClusterDiscoveryType.STRICT_DNS if by_name else ClusterDiscoveryType.STATIC,
+        dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED if by_name else ClusterDnsLookupFamily.AUTO,
+        connect_timeout=timedelta(seconds=1),
+        typed_extension_protocol_options={
+            HTTP_PROTOCOL_OPTIONS: pack(HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=http2)))
+        },
+        load_assignment=_load_assignment(name, address),
+    )
+
+
 def ext_proc_filter(
     namespace: str = DEFAULT_NAMESPACE,
     message_timeout_ms: int = 500,
     observability_mode: bool = False,
-) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor",
-        "grpc_service": {"envoy_grpc": {"cluster_name": "ext_proc"}},
+) -> ExternalProcessor:
+    send, skip = ProcessingModeHeaderSendMode.SEND, ProcessingModeHeaderSendMode.SKIP
+    cfg = ExternalProcessor(
+        grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="ext_proc")),
         # Fail open: if the sidecar is down, slow or errors, traffic flows unobserved.
-        "failure_mode_allow": True,
-        "message_timeout": f"{message_timeout_ms / 1000:g}s",
+        failure_mode_allow=True,
+        message_timeout=timedelta(milliseconds=message_timeout_ms),
         # The sidecar picks the response body mode per response (STREAMED for LLM APIs, NONE else).
-        "allow_mode_override": True,
-        "processing_mode": {
-            "request_header_mode": "SEND",
-            "response_header_mode": "SEND",
+        allow_mode_override=True,
+        processing_mode=ProcessingMode(
+            request_header_mode=send,
+            response_header_mode=send,
             # Up to the buffer limit, then the prefix only: no 413 for large request bodies.
-            "request_body_mode": "BUFFERED_PARTIAL",
-            "response_body_mode": "NONE",
-            "request_trailer_mode": "SKIP",
-            "response_trailer_mode": "SKIP",
-        },
-        "metadata_options": {
-            "forwarding_namespaces": {"untyped": [JWT_NAMESPACE]},
+            request_body_mode=ProcessingModeBodySendMode.BUFFERED_PARTIAL,
+            response_body_mode=ProcessingModeBodySendMode.NONE,  # the default, so not written out
+            request_trailer_mode=skip,
+            response_trailer_mode=skip,
+        ),
+        metadata_options=MetadataOptions(
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[JWT_NAMESPACE]),
             # Without this Envoy silently drops the metadata the sidecar returns.
-            "receiving_namespaces": {"untyped": [namespace]},
-        },
-    }
+            receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[namespace]),
+        ),
+    )
     if observability_mode:
-        cfg["observability_mode"] = True
-        cfg["processing_mode"]["response_body_mode"] = "STREAMED"
-        cfg["processing_mode"]["request_body_mode"] = "STREAMED"
-        cfg.pop("allow_mode_override")
-        cfg.pop("message_timeout")
+        cfg.observability_mode = True
+        assert cfg.processing_mode is not None
+        cfg.processing_mode.response_body_mode = ProcessingModeBodySendMode.STREAMED
+        cfg.processing_mode.request_body_mode = ProcessingModeBodySendMode.STREAMED
+        cfg.allow_mode_override = False
+        cfg.message_timeout = None
     return cfg
 
 
-def jwt_filter(jwks_json: str) -> dict[str, Any]:
-    return {
-        "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
-        "providers": {
+def jwt_filter(jwks_json: str) -> JwtAuthentication:
+    return JwtAuthentication(
+        providers={
             # Any token signed by a key of the JWKS is accepted, whatever its issuer (no audience
             # check). Its claims land in dynamic metadata under "principal".
-            "local": {
-                "local_jwks": {"inline_string": jwks_json},
-                "forward": True,
-                "payload_in_metadata": "principal",
-            }
+            "local": JwtProvider(
+                local_jwks=DataSource(inline_string=jwks_json),
+                forward=True,
+                payload_in_metadata=JWT_PAYLOAD_KEY,
+            )
         },
         # Observability must not gate traffic: a request with no token, or a token that fails to
         # verify (e.g. an "sk-..." API key in Authorization), still passes, just with no claims.
         # Only a verified token sets principal.*, so labels cannot be forged.
-        "rules": [
-            {
-                "match": {"prefix": "/"},
-                "requires": {"requires_any": {"requirements": [{"provider_name": "local"}, {"allow_missing_or_failed": {}}]}},
-            }
+        rules=[
+            RequirementRule(
+                match=RouteMatch(prefix="/"),
+                requires=JwtRequirement(requires_any=JwtRequirementOrList(requirements=[
+                    JwtRequirement(provider_name="local"), JwtRequirement(allow_missing_or_failed=Empty()),
+                ])),
+            )
         ],
-    }
+    )
+
+
+def ratelimit_filter(rls: RateLimitService) -> RateLimitFilter:
+    """The global rate limit filter: asks ``rls.address`` (cluster ``ratelimit``) per request.
+    Which descriptors it sends is set per route (``ratelimit_per_route``)."""
+    b = rls.budgets
+    return RateLimitFilter(
+        domain=b.domain,
+        timeout=timedelta(milliseconds=b.timeout_ms),
+        # false: when the service is down or slow, requests pass (and that call goes uncharged).
+        failure_mode_deny=b.failure_mode_deny,
+        # X-RateLimit-Limit/-Remaining/-Reset on responses: clients see their budget.
+        enable_x_ratelimit_headers=RateLimitXRateLimitHeadersRfcVersion.DRAFT_VERSION_03 if b.x_ratelimit_headers
+        else RateLimitXRateLimitHeadersRfcVersion.OFF,
+        rate_limit_service=RateLimitServiceConfig(
+            grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="ratelimit")),
+            transport_api_version=ApiVersion.V3,
+        ),
+    )
+
+
+def ratelimit_per_route(rls: RateLimitService, namespace: str = DEFAULT_NAMESPACE) -> RateLimitPerRoute:
+    """Per descriptor, two entries (the mechanism Envoy AI Gateway uses for token limits):
+
+    - on the request, ``hits_addend: 0``: only asks whether the budget is already spent (429 if so);
+    - on stream done (``apply_on_stream_done``), ``hits_addend.format`` reads the sidecar's
+      ``ratelimit_cost`` from dynamic metadata: the call is charged exactly what it used.
+
+    ``hits_addend`` is honoured only in a route's ``typed_per_filter_config`` (RateLimitPerRoute),
+    not in the route's own ``rate_limits``: hence this per-route config."""
+    limits: list[RateLimit] = []
+    for d in rls.budgets.descriptors:
+        actions = [_descriptor_action(e) for e in d.entries]
+        limits.append(RateLimit(actions=actions, hits_addend=RateLimitHitsAddend(number=0)))
+        limits.append(RateLimit(
+            actions=actions,
+            hits_addend=RateLimitHitsAddend(format=f"%DYNAMIC_METADATA({namespace}:{RATELIMIT_COST_KEY})%"),
+            apply_on_stream_done=True,
+        ))
+    return RateLimitPerRoute(rate_limits=limits)
+
+
+def _descriptor_action(entry: BudgetEntry) -> RateLimitAction:
+    """One descriptor entry: a verified JWT claim (jwt_authn's ``principal``) or a request header.
+    Absent (and no ``default`` for a claim): the descriptor is not sent, so that request is not limited."""
+    if entry.header is not None:
+        return RateLimitAction(request_headers=RateLimitActionRequestHeaders(header_name=entry.header, descriptor_key=entry.key))
+    assert entry.claim is not None
+    path = [MetadataKeyPathSegment(key=k) for k in (JWT_PAYLOAD_KEY, *entry.claim.split("."))]
+    return RateLimitAction(metadata=RateLimitActionMetaData(
+        descriptor_key=entry.key,
+        metadata_key=MetadataKey(key=JWT_NAMESPACE, path=path),
+        default_value=entry.default or "",
+        source=RateLimitActionMetaDataSource.DYNAMIC,
+    ))
 
 
 def bootstrap(
@@ -217,7 +412,8 @@ def bootstrap(
     tracing_service_name: str = "envoy",
     extproc_tls: ExtProcTls | None = None,
     extproc_streams_per_connection: int = EXTPROC_STREAMS_PER_CONNECTION,
-) -> dict[str, Any]:
+    ratelimit: RateLimitService | None = None,
+) -> Bootstrap:
     """A complete Envoy bootstrap. ``extproc=None`` builds the same proxy without the sidecar.
 
     ``tracing_otlp`` (a collector's ``host:port``, OTLP/gRPC) turns on Envoy's own OpenTelemetry
@@ -232,169 +428,143 @@ def bootstrap(
 
     ``extproc_streams_per_connection`` caps the ext_proc streams per HTTP/2 connection: lower
     means more connections, spread over more sidecar workers.
+
+    ``ratelimit`` enforces budgets with Envoy's global rate limit filter (docs/budgets.md); it
+    needs the sidecar (which computes each call's cost) in non-observability mode.
     """
-    http_filters: list[dict[str, Any]] = []
+    if ratelimit is not None and (extproc is None or observability_mode):
+        raise ValueError("ratelimit needs the sidecar in its default mode: observability_mode ignores the metadata it returns")
+    http_filters: list[HttpFilter] = []
     if jwks_json is not None:
-        http_filters.append({"name": JWT_NAMESPACE, "typed_config": jwt_filter(jwks_json)})
+        http_filters.append(HttpFilter(name=JWT_NAMESPACE, typed_config=pack(jwt_filter(jwks_json))))
     if extproc is not None:
-        http_filters.append(
-            {"name": "envoy.filters.http.ext_proc", "typed_config": ext_proc_filter(namespace, message_timeout_ms, observability_mode)}
-        )
-    http_filters.append(
-        {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-    )
+        http_filters.append(HttpFilter(name="envoy.filters.http.ext_proc",
+                                       typed_config=pack(ext_proc_filter(namespace, message_timeout_ms, observability_mode))))
+    if ratelimit is not None:
+        # After jwt_authn (its descriptors read the claims) and ext_proc (the sidecar also sees
+        # the calls the limiter rejects, as 429s).
+        http_filters.append(HttpFilter(name="envoy.filters.http.ratelimit", typed_config=pack(ratelimit_filter(ratelimit))))
+    http_filters.append(HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router())))
     routes = []
     for up in upstreams:
-        r: dict[str, Any] = {
-            "match": {"prefix": up.prefix},
-            "route": {"cluster": up.cluster, "timeout": "600s", "auto_host_rewrite": True},
-        }
+        r = Route(
+            match=RouteMatch(prefix=up.prefix),
+            route=RouteAction(cluster=up.cluster, timeout=timedelta(seconds=600), auto_host_rewrite=True),
+        )
         if up.provider and extproc is not None:
-            r["typed_per_filter_config"] = {
-                "envoy.filters.http.ext_proc": {
-                    "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute",
-                    "overrides": {"grpc_initial_metadata": [{"key": "x-llm-provider", "value": up.provider}]},
-                }
-            }
+            r.typed_per_filter_config["envoy.filters.http.ext_proc"] = pack(ExtProcPerRoute(
+                overrides=ExtProcOverrides(grpc_initial_metadata=[HeaderValue(key="x-llm-provider", value=up.provider)])
+            ))
+        if ratelimit is not None:
+            r.typed_per_filter_config["envoy.filters.http.ratelimit"] = pack(ratelimit_per_route(ratelimit, namespace))
         routes.append(r)
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "llm",
-        "access_log": [
-            {
-                "name": "envoy.access_loggers.file",
-                "typed_config": {
-                    "@type": "type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog",
-                    "path": access_log,
-                    "log_format": {
-                        "json_format": access_log_format(namespace),
-                        "formatters": [{
-                            "name": "envoy.formatter.req_without_query",
-                            "typed_config": {"@type": "type.googleapis.com/envoy.extensions.formatter.req_without_query.v3.ReqWithoutQuery"},
-                        }],
-                    },
-                },
-            }
-        ],
-        "route_config": {"name": "llm", "virtual_hosts": [{"name": "llm", "domains": ["*"], "routes": routes}]},
-        "http_filters": http_filters,
-    }
+    hcm = HttpConnectionManager(
+        stat_prefix="llm",
+        access_log=[AccessLog(
+            name="envoy.access_loggers.file",
+            typed_config=pack(FileAccessLog(
+                path=access_log,
+                log_format=SubstitutionFormatString(
+                    json_format=Struct.from_dict(access_log_format(namespace, budgets=ratelimit is not None)),
+                    formatters=[TypedExtensionConfig(name="envoy.formatter.req_without_query", typed_config=pack(ReqWithoutQuery()))],
+                ),
+            )),
+        )],
+        route_config=RouteConfiguration(name="llm", virtual_hosts=[VirtualHost(name="llm", domains=["*"], routes=routes)]),
+        http_filters=http_filters,
+    )
     if tracing_otlp is not None:
-        hcm["tracing"] = envoy_tracing(tracing_service_name)
-    clusters: dict[str, dict[str, Any]] = {}
+        hcm.tracing = envoy_tracing(tracing_service_name)
+    clusters: dict[str, Cluster] = {}
     for up in upstreams:
         clusters.setdefault(up.cluster, _cluster(up))
     if extproc is not None:
-        by_name = not extproc.startswith("unix:") and not _is_ip(extproc.rpartition(":")[0].strip("[]"))
-        clusters["ext_proc"] = {
-            "name": "ext_proc",
-            # A service name (docker compose: extproc:18080) is resolved, and re-resolved, by DNS.
-            "type": "STRICT_DNS" if by_name else "STATIC",
-            **({"dns_lookup_family": "V4_PREFERRED"} if by_name else {}),
-            "connect_timeout": "1s",
-            # ext_proc is gRPC: the cluster must speak HTTP/2.
-            "typed_extension_protocol_options": {
-                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                    # At most this many streams per HTTP/2 connection: under load Envoy opens more
-                    # connections (not just one per worker thread), so the kernel's SO_REUSEPORT
-                    # hashing spreads them over every sidecar worker process.
-                    "explicit_http_config": {"http2_protocol_options": {"max_concurrent_streams": extproc_streams_per_connection}},
-                }
-            },
-            # Every in-flight LLM call holds one stream: raise the default 1024 limits.
-            "circuit_breakers": {"thresholds": [{"max_requests": 100000, "max_pending_requests": 100000, "max_connections": 1000}]},
-            "load_assignment": {"cluster_name": "ext_proc", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(extproc)}}]}]},
-        }
+        ext = _grpc_cluster("ext_proc", extproc, extproc_streams_per_connection)
+        # At most extproc_streams_per_connection streams per HTTP/2 connection: under load Envoy
+        # opens more connections (not just one per worker thread), so the kernel's SO_REUSEPORT
+        # hashing spreads them over every sidecar worker process. And every in-flight LLM call
+        # holds one stream: raise the default 1024 limits.
+        ext.circuit_breakers = CircuitBreakers(thresholds=[CircuitBreakersThresholds(
+            max_requests=100000, max_pending_requests=100000, max_connections=1000,
+        )])
         if extproc_tls is not None:
-            clusters["ext_proc"]["transport_socket"] = extproc_tls.transport_socket()
+            ext.transport_socket = extproc_tls.transport_socket()
+        clusters["ext_proc"] = ext
     if tracing_otlp is not None:
         clusters["otel_collector"] = _grpc_cluster("otel_collector", tracing_otlp)
-    listeners: list[dict[str, Any]] = []
+    if ratelimit is not None:
+        clusters["ratelimit"] = _grpc_cluster("ratelimit", ratelimit.address)
+    listeners = [Listener(
+        name="llm",
+        address=_address(listen),
+        filter_chains=[FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))])],
+    )]
     if ops_listen is not None:
         if admin is None:
             raise ValueError("ops_listen needs an admin address")
         listeners.append(_ops_listener(ops_listen))
-        clusters["envoy_admin"] = {
-            "name": "envoy_admin",
-            "type": "STATIC",
-            "connect_timeout": "1s",
-            "load_assignment": {"cluster_name": "envoy_admin", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(admin)}}]}]},
-        }
-    cfg: dict[str, Any] = {
-        "static_resources": {
-            "listeners": [
-                {
-                    "name": "llm",
-                    "address": _address(listen),
-                    "filter_chains": [
-                        {
-                            "filters": [
-                                {"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}
-                            ]
-                        }
-                    ],
-                }
-            ] + listeners,
-            "clusters": list(clusters.values()),
-        }
-    }
+        clusters["envoy_admin"] = Cluster(
+            name="envoy_admin", type=ClusterDiscoveryType.STATIC, connect_timeout=timedelta(seconds=1),
+            load_assignment=_load_assignment("envoy_admin", admin),
+        )
+    cfg = Bootstrap(static_resources=BootstrapStaticResources(listeners=listeners, clusters=list(clusters.values())))
     if admin is not None:
-        cfg["admin"] = {"address": _address(admin)}
+        cfg.admin = Admin(address=_address(admin))
     return cfg
 
 
-def envoy_tracing(service_name: str = "envoy") -> dict[str, Any]:
+def envoy_tracing(service_name: str = "envoy") -> HttpConnectionManagerTracing:
     """HCM ``tracing``: Envoy's OpenTelemetry tracer, exporting to the ``otel_collector`` cluster."""
-    return {
-        "random_sampling": {"value": 100},  # an incoming traceparent's sampled flag still decides
-        "spawn_upstream_span": True,
-        "provider": {
-            "name": "envoy.tracers.opentelemetry",
-            "typed_config": {
-                "@type": "type.googleapis.com/envoy.config.trace.v3.OpenTelemetryConfig",
-                "grpc_service": {"envoy_grpc": {"cluster_name": "otel_collector"}, "timeout": "1s"},
-                "service_name": service_name,
-            },
-        },
-    }
+    return HttpConnectionManagerTracing(
+        random_sampling=Percent(value=100),  # an incoming traceparent's sampled flag still decides
+        spawn_upstream_span=True,
+        provider=TracingHttp(
+            name="envoy.tracers.opentelemetry",
+            typed_config=pack(OpenTelemetryConfig(
+                grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="otel_collector"), timeout=timedelta(seconds=1)),
+                service_name=service_name,
+            )),
+        ),
+    )
 
 
-def _grpc_cluster(name: str, address: str) -> dict[str, Any]:
-    return {
-        "name": name,
-        "type": "STATIC" if _is_ip(address.rpartition(":")[0].strip("[]")) else "STRICT_DNS",
-        "connect_timeout": "1s",
-        "typed_extension_protocol_options": {
-            "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
-                "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
-                "explicit_http_config": {"http2_protocol_options": {}},
-            }
-        },
-        "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": _address(address)}}]}]},
-    }
-
-
-def _ops_listener(addr: str) -> dict[str, Any]:
+def _ops_listener(addr: str) -> Listener:
     """Readiness and Prometheus stats for kubelet/Prometheus, proxied to the loopback admin."""
     routes = [
-        {"match": {"path": path, "headers": [{"name": ":method", "string_match": {"exact": "GET"}}]},
-         "route": {"cluster": "envoy_admin"}}
+        Route(match=RouteMatch(path=path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="GET"))]),
+              route=RouteAction(cluster="envoy_admin"))
         for path in ("/ready", "/stats/prometheus")
     ]
-    hcm = {
-        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-        "stat_prefix": "ops",
-        "route_config": {"name": "ops", "virtual_hosts": [{"name": "ops", "domains": ["*"], "routes": routes}]},
-        "http_filters": [
-            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-        ],
-    }
-    return {
-        "name": "ops",
-        "address": _address(addr),
-        "filter_chains": [{"filters": [{"name": "envoy.filters.network.http_connection_manager", "typed_config": hcm}]}],
-    }
+    hcm = HttpConnectionManager(
+        stat_prefix="ops",
+        route_config=RouteConfiguration(name="ops", virtual_hosts=[VirtualHost(name="ops", domains=["*"], routes=routes)]),
+        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router()))],
+    )
+    return Listener(
+        name="ops",
+        address=_address(addr),
+        filter_chains=[FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))])],
+    )
+def direct_response(listen: str, body: str, content_type: str = "application/json", admin: str | None = None) -> Bootstrap:
+    """An Envoy answering every request with ``body`` (200): the benchmark's non-streaming upstream."""
+    route = Route(
+        match=RouteMatch(prefix="/"),
+        direct_response=DirectResponseAction(status=200, body=DataSource(inline_string=body)),
+        response_headers_to_add=[HeaderValueOption(header=HeaderValue(key="content-type", value=content_type))],
+    )
+    hcm = HttpConnectionManager(
+        stat_prefix="up",
+        route_config=RouteConfiguration(virtual_hosts=[VirtualHost(name="all", domains=["*"], routes=[route])]),
+        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router()))],
+    )
+    cfg = Bootstrap(static_resources=BootstrapStaticResources(listeners=[Listener(
+        name="up",
+        address=_address(listen),
+        filter_chains=[FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))])],
+    )]))
+    if admin is not None:
+        cfg.admin = Admin(address=_address(admin))
+    return cfg
 
 
 # An example JWKS (public key only) so the reference config validates; replace it with yours.
@@ -418,12 +588,12 @@ _REFERENCE: dict[str, Any] = {
 }
 
 
-def reference() -> dict[str, Any]:
+def reference(ratelimit: RateLimitService | None = None) -> Bootstrap:
     """envoy/envoy.yaml: the config users copy."""
-    return bootstrap(**_REFERENCE)
+    return bootstrap(**_REFERENCE, ratelimit=ratelimit)
 
 
-def compose() -> dict[str, Any]:
+def compose(ratelimit: RateLimitService | None = None) -> Bootstrap:
     """envoy/envoy-compose.yaml: docker-compose.yaml's Envoy; peers are reached by service name."""
     return bootstrap(
         listen="0.0.0.0:10000",
@@ -431,12 +601,22 @@ def compose() -> dict[str, Any]:
         extproc="extproc:18080",  # deploy/compose/extproc.yaml listens on 0.0.0.0:18080
         access_log="/dev/stdout",  # `docker compose logs envoy`
         admin="0.0.0.0:9901",  # Prometheus scrapes /stats/prometheus; published on host loopback only
+        ratelimit=ratelimit,
     )
 
 
-def kubernetes() -> dict[str, Any]:
+def kubernetes(ratelimit: RateLimitService | None = None) -> Bootstrap:
     """deploy/kubernetes/envoy.yaml: the reference, plus the ops listener the pod's probes use."""
-    return bootstrap(**_REFERENCE, ops_listen="0.0.0.0:9902")  # readinessProbe /ready and the PodMonitor
+    return bootstrap(**_REFERENCE, ops_listen="0.0.0.0:9902", ratelimit=ratelimit)  # readinessProbe /ready and the PodMonitor
+
+
+# The rate limit service of docs/budgets.md (envoyproxy/ratelimit's gRPC port, by service name).
+EXAMPLE_RATELIMIT_SERVICE = "ratelimit:8081"
+
+
+def budgets(ratelimit: RateLimitService | None = None) -> Bootstrap:
+    """envoy/envoy-budgets.yaml: the reference with budgets per JWT ``team`` (docs/budgets.md)."""
+    return reference(ratelimit or RateLimitService(EXAMPLE_RATELIMIT_SERVICE))
 
 
 HEADER = """\
@@ -447,8 +627,9 @@ HEADER = """\
 """
 
 
-def dump(cfg: dict[str, Any], header: str = "") -> str:
-    return header + yaml.safe_dump(cfg, sort_keys=False, width=120)
+def dump(cfg: Bootstrap, header: str = "") -> str:
+    """YAML for ``envoy -c``."""
+    return header + yaml.safe_dump(to_dict(cfg), sort_keys=False, width=120)
 
 
 COMPOSE_HEADER = """\
@@ -463,14 +644,23 @@ KUBERNETES_HEADER = """\
 # /ready and /stats/prometheus.
 """
 
+BUDGETS_HEADER = """\
+# The reference Envoy config with token budgets (docs/budgets.md): Envoy's rate limit filter asks the
+# rate limit service at ratelimit:8081 (domain ai-budgets) whether the JWT's team is over budget, and
+# charges each call the sidecar's ratelimit_cost when it is done. Generated by `make envoy-config` from
+# extproc/devtools/envoy_config.py:budgets() (tests fail if it drifts); the sidecar needs
+# `budgets: {enabled: true}`. Other settings: `extproc envoy-config --config SIDECAR.yaml --ratelimit-service HOST:PORT`.
+"""
+
 # Generated files: path in the repo -> (builder, header). `extproc envoy-config --variant NAME`.
 VARIANTS = {
     "reference": ("envoy/envoy.yaml", reference, HEADER),
     "compose": ("envoy/envoy-compose.yaml", compose, COMPOSE_HEADER),
     "kubernetes": ("deploy/kubernetes/envoy.yaml", kubernetes, KUBERNETES_HEADER),
+    "budgets": ("envoy/envoy-budgets.yaml", budgets, BUDGETS_HEADER),
 }
 
 
-def render(variant: str) -> str:
+def render(variant: str, ratelimit: RateLimitService | None = None) -> str:
     _, build, header = VARIANTS[variant]
-    return dump(build(), header)
+    return dump(build(ratelimit), header)

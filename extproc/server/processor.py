@@ -70,6 +70,7 @@ class Settings:
     max_held: int
     router: Router
     pricer: Pricer
+    budget: metadata.Budget | None  # ratelimit_cost per call (budgets.enabled)
 
 
 def settings(config: Config) -> Settings:
@@ -90,6 +91,7 @@ def settings(config: Config) -> Settings:
         max_held=lim.max_held_bytes,
         router=Router(routes, extra=_config_routes(config, routes)),
         pricer=Pricer(config.pricing),
+        budget=metadata.Budget(config.budgets) if config.budgets.enabled else None,
     )
 
 
@@ -126,6 +128,7 @@ class Processor:
         self.max_held = s.max_held
         self.router = s.router
         self.pricer = s.pricer
+        self.budget = s.budget
         self.observers = list(observers)
         self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]
         # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
@@ -293,7 +296,7 @@ class Stream:
         if call.obs.usage.seen():
             self._price()
         resp.mode_override.CopyFrom(_STREAMED if parser is not None and not msg.end_of_stream else _NO_BODY)
-        metadata.write(resp.dynamic_metadata, self.p.namespace, call)
+        metadata.write(resp.dynamic_metadata, self.p.namespace, call, self.p.budget)
         return resp.SerializeToString()
 
     def _response_body(self, msg: pb.HttpBody) -> bytes:
@@ -342,7 +345,7 @@ class Stream:
             self._price()
         resp = pb.ProcessingResponse()
         resp.response_body.SetInParent()
-        metadata.write(resp.dynamic_metadata, self.p.namespace, call)
+        metadata.write(resp.dynamic_metadata, self.p.namespace, call, self.p.budget)
         return resp.SerializeToString()
 
     # ---- end ---------------------------------------------------------------------------------

@@ -4,7 +4,9 @@ Keys (numbers as numbers, booleans as booleans; a key is absent until its value 
 ``model`` (requested), ``provider_model`` (from the response), ``provider``, ``streaming``,
 ``operation``, ``prompt_tokens``, ``completion_tokens``, ``total_tokens``, ``cached_tokens``,
 ``cache_creation_tokens``, ``reasoning_tokens``, ``cost_usd`` (US dollars, absent when unpriced),
-``outcome``.
+``outcome``; with ``budgets.enabled``, ``ratelimit_cost``: the call's cost so far in
+``budgets.unit``, an integer, which Envoy's rate limit filter charges when the stream is done
+(docs/budgets.md).
 
 ``outcome`` is what the call amounted to, as in ``ai_requests_total``: written as
 ``client_abort`` with the response headers, and replaced by ``ok``/``error`` on the message that
@@ -20,10 +22,81 @@ from google.protobuf.struct_pb2 import Struct
 
 from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, Call
+from extproc.core.config import BudgetsConfig
 from extproc.core.pricing import Cost
 
+# Envoy rejects a hits_addend above this (RateLimit.HitsAddend): the charge is capped to it.
+MAX_RATELIMIT_COST = 1_000_000_000
 
-def fields(call: Call) -> dict[str, Any]:
+
+class Budget:
+    """``budgets.unit`` as a function of the call: an integer >= 0, or None (no usage seen yet,
+    or the ``weighted`` expression failed: then nothing is charged)."""
+
+    def __init__(self, cfg: BudgetsConfig) -> None:
+        self.unit = cfg.unit
+        self.program: Any = None
+        self.errors = 0  # weighted expressions that failed or gave no number
+        if cfg.unit == "weighted":
+            from extproc.core import cel  # only configs that use it pay for CEL
+
+            assert cfg.weight is not None
+            self.program = cel.compile_field(cfg.weight)[0]  # compiled once (config validation already did)
+
+    def cost(self, call: Call) -> int | None:
+        u = call.obs.usage
+        if not u.seen():
+            return None
+        unit = self.unit
+        value: float | int | None
+        if unit == "total_tokens":
+            value = u.total()
+        elif unit == "input_tokens":
+            value = u.input_tokens or 0
+        elif unit == "output_tokens":
+            value = u.output_tokens or 0
+        elif unit == "micro_usd":
+            value = round(call.cost.total * 1_000_000) if isinstance(call.cost, Cost) else 0  # unpriced: free
+        else:
+            value = self._weighted(call)
+        if value is None:
+            return None
+        return min(max(int(value), 0), MAX_RATELIMIT_COST)
+
+    def _weighted(self, call: Call) -> int | None:
+        import cel
+
+        from extproc.core.cel import EVAL_ERRORS
+
+        obs = call.obs
+        u = obs.usage
+        llm: dict[str, Any] = {  # token counts the provider did not report count as 0
+            "input_tokens": u.input_tokens or 0,
+            "output_tokens": u.output_tokens or 0,
+            "total_tokens": u.total() or 0,
+            "cached_tokens": u.cached_input_tokens or 0,
+            "cache_creation_tokens": u.cache_creation_input_tokens or 0,
+            "reasoning_tokens": u.reasoning_tokens or 0,
+            "provider": call.provider,
+            "operation": obs.operation,
+            "streaming": obs.streaming,
+        }
+        if obs.request_model:
+            llm["request_model"] = obs.request_model
+        if obs.response_model:
+            llm["response_model"] = obs.response_model
+        try:
+            value = self.program.execute(cel.Context(variables={"llm": llm}))
+        except EVAL_ERRORS:
+            self.errors += 1
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN
+            self.errors += 1
+            return None
+        return round(value)
+
+
+def fields(call: Call, budget: Budget | None = None) -> dict[str, Any]:
     """String values are cut to 128 characters (client- or upstream-chosen: docs/security.md)."""
     obs = call.obs
     out: dict[str, Any] = {"provider": clip(call.provider), "streaming": obs.streaming, "operation": clip(obs.operation),
@@ -48,9 +121,13 @@ def fields(call: Call) -> dict[str, Any]:
         out["reasoning_tokens"] = u.reasoning_tokens
     if isinstance(call.cost, Cost):
         out["cost_usd"] = call.cost.total
+    if budget is not None:
+        charge = budget.cost(call)
+        if charge is not None:
+            out["ratelimit_cost"] = charge
     return out
 
 
-def write(target: Struct, namespace: str, call: Call) -> None:
+def write(target: Struct, namespace: str, call: Call, budget: Budget | None = None) -> None:
     """Fill ``target`` (a ProcessingResponse.dynamic_metadata) with the call's fields."""
-    target.fields[namespace].struct_value.update(fields(call))
+    target.fields[namespace].struct_value.update(fields(call, budget))

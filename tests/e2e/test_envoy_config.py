@@ -5,7 +5,9 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
 
+from extproc.core import config
 from extproc.devtools import envoy_config
 from extproc.devtools.dev import envoy_binary
 
@@ -24,7 +26,13 @@ def test_repo_config_validates(path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
 
 
-@pytest.mark.parametrize("variant", ["plain", "jwt", "no_extproc", "observability", "unix"])
+BUDGETS_BY_USER_AND_HEADER = config.parse({"budgets": {"descriptors": [
+    {"entries": [{"key": "user", "claim": "sub", "default": "anonymous"}]},
+    {"entries": [{"key": "org", "claim": "org.id"}, {"key": "project", "header": "x-project"}]},
+]}}).budgets
+
+
+@pytest.mark.parametrize("variant", ["plain", "jwt", "no_extproc", "observability", "unix", "budgets"])
 def test_built_configs_validate(tmp_path, variant):
     kw = {
         "plain": {},
@@ -32,6 +40,8 @@ def test_built_configs_validate(tmp_path, variant):
         "no_extproc": {"extproc": None},
         "observability": {"observability_mode": True},
         "unix": {"extproc": "unix:/tmp/extproc.sock"},
+        "budgets": {"jwks_json": envoy_config.EXAMPLE_JWKS,
+                    "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},
     }[variant]
     cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")], **kw)
     f = tmp_path / "envoy.yaml"
@@ -40,10 +50,33 @@ def test_built_configs_validate(tmp_path, variant):
     assert p.returncode == 0, p.stderr[-2000:]
 
 
+def test_budget_descriptors_check_on_request_and_charge_when_done():
+    per_route = envoy_config.to_dict(envoy_config.ratelimit_per_route(
+        envoy_config.RateLimitService("rls:8081", BUDGETS_BY_USER_AND_HEADER), "my.ns"))
+    limits = per_route["rate_limits"]
+    assert len(limits) == 4  # two budgets, each a check and a charge
+    check, charge = limits[0], limits[1]
+    assert check["hits_addend"] == {"number": 0} and "apply_on_stream_done" not in check
+    assert charge["hits_addend"] == {"format": "%DYNAMIC_METADATA(my.ns:ratelimit_cost)%"} and charge["apply_on_stream_done"] is True
+    assert check["actions"] == charge["actions"] == [{"metadata": {
+        "descriptor_key": "user", "default_value": "anonymous",  # source DYNAMIC is the default
+        "metadata_key": {"key": "envoy.filters.http.jwt_authn", "path": [{"key": "principal"}, {"key": "sub"}]},
+    }}]
+    assert limits[2]["actions"][0]["metadata"]["metadata_key"]["path"] == [{"key": "principal"}, {"key": "org"}, {"key": "id"}]
+    assert limits[2]["actions"][1] == {"request_headers": {"header_name": "x-project", "descriptor_key": "project"}}
+
+
+def test_budgets_need_the_sidecar_out_of_observability_mode():
+    with pytest.raises(ValueError, match="observability_mode"):
+        envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")], observability_mode=True,
+                               ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"))
+
+
 def test_receiving_namespace_matches_metadata_namespace():
     f = envoy_config.ext_proc_filter("my.ns")
-    assert f["metadata_options"]["receiving_namespaces"]["untyped"] == ["my.ns"]
-    assert f["failure_mode_allow"] is True
+    assert f.metadata_options is not None and f.metadata_options.receiving_namespaces is not None
+    assert f.metadata_options.receiving_namespaces.untyped == ["my.ns"]
+    assert f.failure_mode_allow is True
 
 
 @pytest.mark.parametrize("variant", sorted(envoy_config.VARIANTS))
@@ -54,10 +87,10 @@ def test_generated_configs_are_current(variant):
 
 def test_service_name_ext_proc_cluster_is_strict_dns():
     cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://mock-llm:8000")], extproc="extproc:18080")
-    ext = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_proc")
-    assert ext["type"] == "STRICT_DNS"
+    ext = next(c for c in cfg.static_resources.clusters if c.name == "ext_proc")
+    assert ext.type == ClusterDiscoveryType.STRICT_DNS
     ip = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")])
-    assert next(c for c in ip["static_resources"]["clusters"] if c["name"] == "ext_proc")["type"] == "STATIC"
+    assert next(c for c in ip.static_resources.clusters if c.name == "ext_proc").type == ClusterDiscoveryType.STATIC
 
 
 @pytest.mark.integration

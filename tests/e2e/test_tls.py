@@ -179,8 +179,9 @@ def test_server_only_tls_end_to_end(tmp_path, replay, pki):
 def test_envoy_config_with_extproc_tls_validates(tmp_path, pki):
     cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")],
                                  extproc="10.0.0.7:18080", extproc_tls=_envoy_tls(pki))
-    cluster = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_proc")
+    cluster = next(c for c in envoy_config.to_dict(cfg)["static_resources"]["clusters"] if c["name"] == "ext_proc")
     ctx = cluster["transport_socket"]["typed_config"]
+    assert ctx["@type"].endswith("/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")
     assert ctx["common_tls_context"]["alpn_protocols"] == ["h2"]
     assert ctx["sni"] == "localhost"
     assert ctx["common_tls_context"]["tls_certificates"][0]["certificate_chain"]["filename"] == pki["client_cert"]
@@ -198,8 +199,8 @@ def test_extproc_tls_needs_cert_and_key_together(pki):
 
 def test_no_transport_socket_without_extproc_tls():
     cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")])
-    cluster = next(c for c in cfg["static_resources"]["clusters"] if c["name"] == "ext_proc")
-    assert "transport_socket" not in cluster
+    cluster = next(c for c in cfg.static_resources.clusters if c.name == "ext_proc")
+    assert cluster.transport_socket is None
 
 
 # ---- config ----------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ pytestmark = pytest.mark.integration
 
 def test_bootstrap_with_tracing_validates(tmp_path):
     boot = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")], tracing_otlp="otel-collector.observability:4317")
-    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    hcm = envoy_config.to_dict(boot)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
-    assert any(c["name"] == "otel_collector" for c in boot["static_resources"]["clusters"])
+    assert any(c.name == "otel_collector" for c in boot.static_resources.clusters)
     path = tmp_path / "envoy.yaml"
     path.write_text(envoy_config.dump(boot))
     p = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(path)], capture_output=True, text=True, timeout=60)

@@ -62,3 +62,33 @@ def test_lower_layers_never_import_upper_ones():
             if target_layer is not None and target_layer > own:
                 violations.append(f"{path.relative_to(ROOT.parent)}:{line} imports {target}")
     assert violations == []
+
+
+def test_serve_never_imports_envoy_data_plane(tmp_path):
+    """envoy-data-plane is for config generation (the `dev` extra, ~1 s to import): a running
+    `extproc serve`, its workers included, must not import it (the sidecar image lacks it)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from extproc.devtools.dev import free_port, wait_port
+
+    port = free_port()
+    log = tmp_path / "serve.log"
+    cmd = [sys.executable, "-X", "importtime", "-m", "extproc", "serve", "--listen", f"127.0.0.1:{port}",
+           "--metrics-port", str(free_port()), "--workers", "1"]
+    with log.open("wb") as err:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
+        try:
+            wait_port(port, proc=proc)
+            deadline = time.monotonic() + 20
+            while b"ext_proc listening" not in log.read_bytes():
+                assert time.monotonic() < deadline and proc.poll() is None, log.read_text()[-2000:]
+                time.sleep(0.05)
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(20)
+    imported = [line.rsplit("|", 1)[-1].strip() for line in log.read_text().splitlines() if line.startswith("import time:")]
+    assert "extproc.server.processor" in imported  # the trace covers the serving path
+    assert not [m for m in imported if m.startswith(("envoy_data_plane", "betterproto2", "extproc.devtools.envoy_config"))]

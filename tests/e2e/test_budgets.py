@@ -1,0 +1,160 @@
+"""Budgets end to end: a real Envoy charges each call's ``ratelimit_cost`` (set by the sidecar) to a
+rate limit service double, checks the budget before the upstream is called, and lets traffic
+through when the limiter is down (``failure_mode_deny: false``).
+
+Ground truth for tokens is the known usage of the replayed recordings (tests/support/workload.py).
+"""
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections import defaultdict
+
+import httpx
+import pytest
+
+from extproc.core import config
+from extproc.devtools.dev import free_port
+from extproc.devtools.envoy_config import RateLimitService, Upstream
+from tests.support.harness import Stack, scrape
+from tests.support.jwt_keys import jwks_json, token
+from tests.support.ratelimit_service import RateLimitDouble
+from tests.support.recordings import load
+from tests.support.workload import drive
+
+pytestmark = pytest.mark.integration
+
+TOKENS = {"dev": token("alice", "dev"), "ops": token("bob", "ops")}
+DOMAIN = "ai-budgets"
+
+
+def team(name: str) -> tuple[tuple[str, str], ...]:
+    return (("team", name),)
+
+
+@pytest.fixture
+def rls():
+    double = RateLimitDouble()
+    yield double
+    double.close()
+
+
+def budget_stack(path, upstream: str, rls_address: str, **budgets) -> Stack:
+    sidecar = {"budgets": {"enabled": True, **budgets}}
+    return Stack(path, upstream, jwks_json=jwks_json(), sidecar_config=sidecar,
+                 ratelimit=RateLimitService(rls_address, config.parse(sidecar).budgets))
+
+
+def log_sums(stack: Stack, rids: set[str], key: str) -> dict[str, float]:
+    entries = []
+    for rid in rids:
+        entries.append(stack.log_entry(rid))
+    sums: dict[str, float] = defaultdict(float)
+    for e in entries:
+        sums[e["team"]] += e.get(key) or 0
+    return sums
+
+
+def test_each_call_is_charged_exactly_its_tokens_under_its_team(tmp_path, replay, rls):
+    """Mixed calls, streamed ones included, 30% of the streams hung up by their client before
+    any usage was sent: each team's charges add up exactly to its tokens."""
+    with budget_stack(tmp_path, replay.url, rls.address) as s:
+        run = asyncio.run(drive(s.url(""), n=42, concurrency=8, tokens=TOKENS, abort_ratio=0.3, upstream=replay))
+        assert all(r.error is None and r.status == 200 for r in run.results), [r.error for r in run.results if r.error][:3]
+        assert any(r.aborted for r in run.results) and any(r.item.streaming and not r.aborted for r in run.results)
+        logged = log_sums(s, {r.rid for r in run.results}, "ratelimit_cost")
+        for name in TOKENS:
+            want = run.expected(name)["total"]  # aborted streams: no usage seen, nothing charged
+            assert want > 0
+            assert rls.wait_charged(team(name), want) == want, name
+            assert logged[name] == want, ("access log ratelimit_cost", name)
+            mine = [r for r in run.results if r.team == name]
+            hits = [h for h in rls.hits() if h.key == team(name)]
+            # one budget check per request (hits_addend 0, before the upstream) ...
+            assert sum(1 for h in hits if h.hits == 0) == len(mine)
+            # ... and one charge per call whose usage was seen, when its stream was done
+            assert sum(1 for h in hits if h.hits > 0) == sum(1 for r in mine if not r.aborted)
+        assert all(h.explicit and h.domain == DOMAIN for h in rls.hits())
+        assert {h.key for h in rls.hits()} == {team(n) for n in TOKENS}
+
+
+def test_aborted_stream_is_charged_what_was_seen(tmp_path, replay, rls):
+    """Anthropic reports input tokens in message_start (its output count is a placeholder, not
+    counted): a stream the client drops right after it is charged those; a complete one its final usage."""
+    rec = load("agw__anthropic__stream_basic.sse")  # message_start: 15 in; final: 15 + 21
+    with budget_stack(tmp_path, replay.url, rls.address) as s:
+        rid = str(uuid.uuid4())
+        headers = {"authorization": f"Bearer {TOKENS['ops']}", "x-fixture": rec.name, "x-gate": rid,
+                   "x-request-id": rid, "content-type": "application/json"}
+        body = b'{"model":"claude-haiku-4-5","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"hi"}]}'
+        with httpx.Client(timeout=10) as client, client.stream("POST", s.url("/v1/messages"), content=body, headers=headers) as r:
+            assert r.status_code == 200
+            next(r.iter_raw())  # message_start arrived; hang up
+        assert replay.wait_disconnected(rid)
+        assert rls.wait_charged(team("ops"), 15) == 15
+        assert s.log_entry(rid)["ratelimit_cost"] == 15
+        done = httpx.post(s.url("/v1/messages"), content=body, timeout=10,
+                          headers={k: v for k, v in headers.items() if k not in ("x-gate", "x-request-id")})
+        assert done.status_code == 200 and done.content == rec.body
+        assert rls.wait_charged(team("ops"), 15 + 36) == 51
+
+
+def test_micro_usd_charges_sum_to_each_teams_cost(tmp_path, replay, rls):
+    with budget_stack(tmp_path, replay.url, rls.address, unit="micro_usd") as s:
+        run = asyncio.run(drive(s.url(""), n=21, concurrency=6, tokens=TOKENS))
+        assert all(r.error is None and r.status == 200 for r in run.results)
+        rids = {r.rid for r in run.results}
+        entries = [s.log_entry(rid) for rid in rids]
+        for name in TOKENS:
+            mine = [e for e in entries if e["team"] == name]
+            want = sum(e["ratelimit_cost"] for e in mine)
+            # each charge is that call's priced cost, in micro-dollars
+            assert all(e["ratelimit_cost"] == round((e["cost_usd"] or 0) * 1_000_000) for e in mine)
+            assert want > 0
+            assert rls.wait_charged(team(name), want) == want, name
+
+
+def test_over_budget_gets_429_without_reaching_the_upstream(tmp_path, replay, rls):
+    """dev may spend 500 tokens; each call costs 385. The check (hits 0) passes while the spend
+    is within the budget: two calls go through, the third is refused by Envoy. ops is unaffected."""
+    rls.limits[team("dev")] = 500
+    rec = load("aigw__chat-basic.yaml")  # 385 tokens
+    with budget_stack(tmp_path, replay.url, rls.address) as s:
+
+        def call(who: str) -> tuple[httpx.Response, str]:
+            rid = str(uuid.uuid4())
+            return httpx.post(s.url(rec.path), content=rec.request_body, timeout=10, headers={
+                "authorization": f"Bearer {TOKENS[who]}", "x-fixture": rec.name, "x-request-id": rid,
+                "content-type": "application/json"}), rid
+
+        first, _ = call("dev")
+        assert first.status_code == 200
+        assert first.headers["x-ratelimit-limit"].startswith("500") and first.headers["x-ratelimit-remaining"] == "500"
+        assert rls.wait_charged(team("dev"), 385, settle=0) == 385
+        assert call("dev")[0].status_code == 200
+        assert rls.wait_charged(team("dev"), 770, settle=0) == 770
+        upstream_calls = len(replay.requests)
+        refused, rid = call("dev")
+        assert refused.status_code == 429
+        assert refused.headers["x-envoy-ratelimited"] == "true"
+        assert refused.headers["x-ratelimit-remaining"] == "0" and refused.headers["x-ratelimit-reset"] == "3600"
+        assert len(replay.requests) == upstream_calls  # never reached the upstream
+        entry = s.log_entry(rid)
+        assert entry["response_code"] == 429 and entry["response_flags"] == "RL" and entry["ratelimit_cost"] is None
+        # the sidecar (before the limiter in the filter chain) saw the refusal too
+        assert any(v >= 1 for n, labels, v in scrape(s.metrics_port)
+                   if n == "ai_requests_total" and labels.get("status_code") == "429")
+        assert call("ops")[0].status_code == 200  # another team's budget
+        assert rls.wait_charged(team("dev"), 770) == 770  # the refused call was not charged
+
+
+def test_limiter_down_lets_traffic_through_with_failure_mode_allow(tmp_path, replay):
+    rec = load("aigw__chat-basic.yaml")
+    with budget_stack(tmp_path, replay.url, f"127.0.0.1:{free_port()}") as s:  # nothing listens there
+        r = httpx.post(s.url(rec.path), content=rec.request_body, timeout=10, headers={
+            "authorization": f"Bearer {TOKENS['dev']}", "x-fixture": rec.name, "content-type": "application/json"})
+        assert r.status_code == 200 and r.content == rec.body
+        # the filter's stats are under the route's cluster: the check failed, and was let through
+        stats = f"cluster.{Upstream('/', replay.url).cluster}.ratelimit"
+        assert s.envoy_stat(f"{stats}.error") >= 1 and s.envoy_stat(f"{stats}.failure_mode_allowed") >= 1
+        assert s.envoy_stat(f"{stats}.over_limit") == 0
