@@ -202,7 +202,7 @@ class Stream:
     """The state of one ext_proc stream (= one HTTP exchange)."""
 
     __slots__ = ("p", "call", "parser", "decoder", "held", "_grpc_provider", "_done", "_response_done", "_priced",
-                 "_priceable")
+                 "_priceable", "_content_length", "_body_complete")
 
     def __init__(self, processor: Processor, grpc_provider: str | None) -> None:
         self.p = processor
@@ -215,6 +215,8 @@ class Stream:
         self._response_done = False
         self._priced: tuple[object, ...] | None = None  # what call.cost was computed from
         self._priceable = False  # an LLM call that consumes tokens (set with its parser)
+        self._content_length: int | None = None  # the response's, when it declares one
+        self._body_complete = False  # the whole response body has been parsed
 
     def handle(self, req: pb.ProcessingRequest) -> bytes | None:
         call = self.call
@@ -272,13 +274,15 @@ class Stream:
         content_type = encoding = ""
         for h in msg.headers.headers:
             key = h.key
-            if key == ":status" or key == "content-type" or key == "content-encoding":
+            if key == ":status" or key == "content-type" or key == "content-encoding" or key == "content-length":
                 value = h.raw_value.decode("latin-1") if h.raw_value else h.value
                 if key == ":status":
                     # isascii: str.isdigit() accepts "²" and other digits int() refuses
                     call.status = int(value) if value.isascii() and value.isdigit() and len(value) <= 3 else 0
                 elif key == "content-type":
                     content_type = value
+                elif key == "content-length":
+                    self._content_length = int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
                 else:
                     encoding = value
         parser = self.parser
@@ -306,7 +310,14 @@ class Stream:
         body = msg.body
         call.response_bytes += len(body)
         end = msg.end_of_stream
-        parser = self.parser
+        # The body is complete once its Content-Length has arrived, which can be a message before
+        # Envoy's end_of_stream (an HTTP/1.1 upstream: the data, then an empty end of stream).
+        # Envoy hands this chunk to the client on our reply, and a client that has its
+        # Content-Length bytes may close at once: Envoy then resets the stream and logs without
+        # the end-of-stream reply. So the usage goes on the reply to the chunk that completes it.
+        length = self._content_length
+        complete = end or (length is not None and call.response_bytes >= length)
+        parser = self.parser if not self._body_complete else None  # parsed already: nothing more
         changed = False
         if parser is not None:
             p = self.p
@@ -325,7 +336,8 @@ class Stream:
                 if parser.work_items(body) > p.max_lines_per_message:
                     self._abandon("message_budget")
                 else:
-                    changed = parser.feed_response(body, end)
+                    changed = parser.feed_response(body, complete)
+                    self._body_complete = complete
                     held = parser.held_bytes()
                     if held != self.held:
                         p.held += held - self.held
@@ -336,7 +348,7 @@ class Stream:
                             self._abandon("worker_held_bytes")
         if end:
             self._response_done = True
-        if not call.outcome and (end or (parser is not None and parser.complete)):
+        if not call.outcome and (complete or (parser is not None and parser.complete)):
             self._settle()
             changed = True  # hand Envoy the outcome on this very message
         if not changed:

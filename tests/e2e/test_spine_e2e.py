@@ -5,6 +5,7 @@ the usage the provider reported (expected numbers are literals read off the reco
 """
 from __future__ import annotations
 
+import asyncio
 import signal
 import time
 import uuid
@@ -13,7 +14,10 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from extproc.core import config
+from extproc.server.processor import Processor
 from tests.support.harness import Stack
+from tests.support.inproc_sidecar import InProcessSidecar
 from tests.support.recordings import load
 
 pytestmark = pytest.mark.integration
@@ -164,3 +168,36 @@ def test_fail_open_when_sidecar_is_down(tmp_path, replay):
             r, entry = _post(s, fixture)
             assert r.status_code == 200 and r.content == load(fixture).body
             assert entry["total_tokens"] is None  # unobserved, but served
+
+
+class _SlowToEnd(Processor):
+    """Reads Envoy's trailing empty end_of_stream message late, as a busy sidecar may."""
+
+    async def Process(self, requests, context):  # type: ignore[override]
+        async def slowed():
+            async for req in requests:
+                if req.WhichOneof("request") == "response_body" and req.response_body.end_of_stream and not req.response_body.body:
+                    await asyncio.sleep(0.3)  # well inside the message timeout
+                yield req
+
+        async for reply in super().Process(slowed(), context):
+            yield reply
+
+
+def test_usage_is_logged_when_the_client_closes_after_the_content_length(tmp_path, replay):
+    """A non-streamed response from an HTTP/1.1 upstream reaches the sidecar as its data, then an
+    empty end_of_stream message. The client has the whole body (Content-Length) once the data's
+    reply is in, and a one-shot client closes then: Envoy resets the stream and writes the access
+    log at once. The usage must already be in the metadata of the data's reply."""
+    stack = Stack(tmp_path, replay.url, start_sidecar=False)
+    sidecar = InProcessSidecar(config.parse({"listen": f"127.0.0.1:{stack.sidecar_port}"}), [], _SlowToEnd)
+    try:
+        with stack:
+            # the body comes after the response-headers reply: Envoy streams it, then the end
+            r, entry = _post(stack, "aigw__chat-basic.yaml", **{"x-body-delay-ms": "100"})
+            assert r.status_code == 200 and r.content == load("aigw__chat-basic.yaml").body
+            assert stack.envoy_stat("http.llm.ext_proc.message_timeouts") == 0
+    finally:
+        sidecar.close()
+    assert entry["provider_model"] == "gpt-5-nano-2025-08-07"
+    assert (entry["prompt_tokens"], entry["completion_tokens"], entry["total_tokens"]) == (8, 377, 385)

@@ -12,8 +12,8 @@ from extproc.server.processor import Processor
 
 
 class InProcessSidecar:
-    def __init__(self, config: Config, observers: Sequence[CallObserver]) -> None:
-        self.processor = Processor(config, observers)
+    def __init__(self, config: Config, observers: Sequence[CallObserver], processor: type[Processor] = Processor) -> None:
+        self.processor = processor(config, observers)
         self.loop = asyncio.new_event_loop()
         self._started = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)

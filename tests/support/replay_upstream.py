@@ -3,6 +3,7 @@
 Request headers choose the behaviour:
 - ``x-fixture: NAME``: the recording to replay (status, content type, body).
 - ``x-chunk-delay-ms``: pause between streamed chunks (SSE events / eventstream frames).
+- ``x-body-delay-ms``: pause between the response headers and the body.
 - ``x-gate: ID``: send the first chunk, hold the rest until the test calls ``open_gate(ID)``.
 - ``x-case: NAME`` (instead of ``x-fixture``): a body of tests/support/provider_cases, sent one
   protocol unit (SSE event, NDJSON line, eventstream frame, JSON-array element) per chunk.
@@ -166,6 +167,8 @@ class ReplayUpstream:
         if len(chunks) == 1 and not encoding and not gate:
             resp.content_length = len(chunks[0])
         await resp.prepare(request)
+        if "x-body-delay-ms" in h:  # prepare() has sent the headers
+            await asyncio.sleep(int(h["x-body-delay-ms"]) / 1000)
         enc = _Encoder(encoding) if encoding else None
         reset_after = int(h.get("x-reset-after", "-1"))
         for i, chunk in enumerate(chunks):

@@ -98,6 +98,53 @@ def test_non_streaming_chat(proc, rec):
     assert call.outcome == OK and call.status == 200 and proc.active == 0
 
 
+def _content_length_response(payload: bytes, status: str = "200", **extra: str) -> list[pb.ProcessingRequest]:
+    """An HTTP/1.1 upstream's Content-Length response as Envoy streams it: the data, then an
+    empty end_of_stream message of its own."""
+    return [
+        req_headers(),
+        body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
+        headers("response_headers", **{":status": status, "content-type": "application/json",
+                                       "content-length": str(len(payload)), **extra}),
+        body("response_body", payload[:40]),
+        body("response_body", payload[40:]),
+    ]
+
+
+def test_usage_is_sent_on_the_chunk_that_completes_the_content_length(proc, rec):
+    """Envoy hands each chunk to the client on its reply. Once the client has Content-Length
+    bytes it may close the connection; Envoy then resets the stream and writes the access log
+    without waiting for the reply to the trailing empty end_of_stream message. So the metadata
+    must come on the reply to the chunk that completes the body, not on the end_of_stream one."""
+    replies = run(proc, [*_content_length_response(CHAT_JSON), body("response_body", b"", end=True)])
+    assert not replies[3].HasField("dynamic_metadata")
+    m = meta(replies[4])
+    assert (m["prompt_tokens"], m["completion_tokens"], m["total_tokens"]) == (5, 7, 12)
+    assert m["provider_model"] == "gpt-4o-2024"
+    assert replies[5] == pb.ProcessingResponse(response_body=pb.BodyResponse())  # nothing new: the constant
+    (call,) = rec.calls
+    assert call.outcome == OK and call.obs.usage.total_tokens == 12
+    assert call.obs.parse_errors == 0 and call.response_bytes == len(CHAT_JSON)
+
+
+def test_client_gone_after_the_content_length_is_a_complete_call(proc, rec):
+    """Envoy resets the stream before the end_of_stream message: the call still completed."""
+    run(proc, _content_length_response(CHAT_JSON), abort=True)
+    bad = b'{"error":{"type":"invalid_request_error","message":"no such model, none at all"}}'
+    run(proc, _content_length_response(bad, status="400"), abort=True)
+    ok, err = rec.calls
+    assert ok.outcome == OK and ok.obs.usage.total_tokens == 12
+    assert err.outcome == ERROR and err.obs.error_type == "invalid_request_error"
+
+
+def test_gzip_body_complete_by_content_length(proc, rec):
+    """Content-Length counts the encoded bytes, which is what arrives."""
+    import gzip
+
+    replies = run(proc, _content_length_response(gzip.compress(CHAT_JSON), **{"content-encoding": "gzip"}))
+    assert meta(replies[4])["total_tokens"] == 12 and rec.calls[0].decode_error is None
+
+
 SSE = (
     b'data: {"id":"c","model":"m-1","choices":[{"delta":{"content":"a"},"finish_reason":null}],"usage":null}\n\n'
     b'data: {"id":"c","model":"m-1","choices":[{"delta":{},"finish_reason":"stop"}],"usage":null}\n\n'
