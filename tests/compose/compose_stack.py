@@ -1,6 +1,6 @@
 """Driving the docker-compose.yaml stack for tests/compose (make test-compose).
 
-The session fixture `stack` (conftest.py) writes the files the override
+The session fixture `stack` (below; test_compose.py imports it) writes the files the override
 (tests/compose/docker-compose.local.yaml) mounts, builds the images, brings the stack up, waits for
 it, and takes it down with its volumes at the end (tests/compose/run.sh sets up Docker around it
 and removes whatever a killed session left).
@@ -12,14 +12,18 @@ port nothing listens on.
 from __future__ import annotations
 
 import json
+import shutil
 import os
 import subprocess
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 import jwt_keys
@@ -162,3 +166,45 @@ class Compose:
                 except ValueError:
                     pass
         return out
+
+
+@pytest.fixture(scope="session")
+def stack(request: pytest.FixtureRequest) -> Iterator[Compose]:
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    capture = request.config.pluginmanager.getplugin("capturemanager")
+
+    def say(line: str) -> None:  # progress on the terminal, past pytest's output capture
+        with capture.global_and_fixture_disabled():
+            reporter.write_line(f"\n[test-compose] {line}")
+
+    if shutil.which("docker-compose") is None:
+        pytest.fail("docker-compose not on PATH (tests/compose/run.sh installs it)")
+    run_dir = Path(tempfile.mkdtemp(prefix="envoy-ai-extproc-compose-"))
+    run_dir.chmod(0o755)
+    c = Compose(run_dir)
+    c.write_files()
+    if BREAK:
+        say(f"COMPOSE_TEST_BREAK={BREAK}: the stack is sabotaged, the tests must fail")
+    try:
+        t0 = time.monotonic()
+        # Two at once first (the classic builder has no cross-build cache: never the same stages
+        # twice at once): the project's runtime image and Prometheus. Then the rest, whose stages
+        # are mostly cached; mock-llm's dev image comes before the Envoy image taken from it.
+        for args in (("build", "--parallel", "jaeger", "prometheus"), ("build",)):
+            build = c.run(*args, timeout=1200, check=False)
+            with open(run_dir / "build.log", "a") as f:
+                f.write(build.stdout + build.stderr)
+            if build.returncode != 0:
+                pytest.fail(f"docker-compose {' '.join(args)} failed (exit {build.returncode}):\n{(build.stdout + build.stderr)[-6000:]}")
+        t1 = time.monotonic()
+        c.run("up", "-d", "--no-build", timeout=300)
+        wait_until("Envoy ready", lambda: http_get(f"{ENVOY_ADMIN}/ready")[0] == 200, 60)
+        wait_until("Prometheus ready", lambda: http_get(f"{PROMETHEUS}/-/ready")[0] == 200, 60)
+        wait_until("OTLP receiver up", lambda: http_get(f"{JAEGER}/api/services")[0] == 200, 60)
+        say(f"images built in {t1 - t0:.0f}s, stack up in {time.monotonic() - t1:.0f}s")
+        yield c
+    finally:
+        down = c.run("down", "-v", "--remove-orphans", "--timeout", "35", timeout=180, check=False)
+        if down.returncode != 0:
+            say(f"docker-compose down failed (run.sh removes what is left): {down.stderr[-2000:]}")
+        shutil.rmtree(run_dir, ignore_errors=True)

@@ -176,7 +176,7 @@ else
 fi
 log "base images: $BASE_MODE ($COMPOSE_TEST_PYTHON_IMAGE)"
 
-# ---- 4. the tests (build, up, test, down: tests/compose/conftest.py) ------------------------
+# ---- 4. the tests (build, up, test, down: the `stack` fixture in tests/compose/compose_stack.py)
 export EXTPROC_COMPOSE_TEST=1 COMPOSE_TEST_PROJECT=$PROJECT
 # shellcheck disable=SC2086
 "$PY" -m pytest -q -p no:cacheprovider -m compose tests/compose ${PYTEST_ARGS:-}

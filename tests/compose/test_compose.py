@@ -20,7 +20,13 @@ import openai
 import pytest
 
 import jwt_keys
-from compose_stack import ENVOY, ENVOY_ADMIN, JAEGER, METRICS, PROMETHEUS, Compose, http_get, wait_until
+from compose_stack import ENABLED, ENVOY, ENVOY_ADMIN, JAEGER, METRICS, PROMETHEUS, Compose, http_get, wait_until
+from compose_stack import stack  # noqa: F401 (the session fixture)
+
+pytestmark = [
+    pytest.mark.compose,
+    pytest.mark.skipif(not ENABLED, reason="runs in Docker: `make test-compose` (tests/compose/run.sh)"),
+]
 
 
 @dataclass
