@@ -25,22 +25,35 @@ ENV PATH=/opt/extproc/bin:$PATH \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1
 
-# The package and its dependencies, installed into the virtualenv (copied whole into the targets:
-# no wheel files or build caches in their layers).
-FROM python AS build
+# The dependencies, then the package, installed into the virtualenv (copied whole into the
+# targets: no wheel files or build caches in their layers). The dependency layers depend on
+# pyproject.toml alone (a stub package stands in), so a code change reinstalls only the package.
+FROM python AS deps
 ARG INDEX_URL=
 WORKDIR /src
-COPY pyproject.toml README.md ./
-COPY extproc ./extproc
-RUN pip install --no-cache-dir --disable-pip-version-check ${INDEX_URL:+--index-url "$INDEX_URL"} .
+COPY pyproject.toml ./
+RUN mkdir extproc && touch README.md extproc/__init__.py \
+ && pip install --no-cache-dir --disable-pip-version-check ${INDEX_URL:+--index-url "$INDEX_URL"} . \
+ && pip uninstall -y -q envoy-ai-extproc
+
+FROM deps AS deps-dev
+ARG INDEX_URL=
+RUN pip install --no-cache-dir --disable-pip-version-check ${INDEX_URL:+--index-url "$INDEX_URL"} '.[dev]' \
+ && pip uninstall -y -q envoy-ai-extproc
 
 # The runtime needs no installer in its virtualenv.
-FROM build AS build-runtime
-RUN pip uninstall -y -q pip setuptools
-
-FROM build AS build-dev
+FROM deps AS build-runtime
 ARG INDEX_URL=
-RUN pip install --no-cache-dir --disable-pip-version-check ${INDEX_URL:+--index-url "$INDEX_URL"} '.[dev]'
+COPY README.md ./
+COPY extproc ./extproc
+RUN pip install --no-cache-dir --disable-pip-version-check --no-deps ${INDEX_URL:+--index-url "$INDEX_URL"} . \
+ && pip uninstall -y -q pip setuptools
+
+FROM deps-dev AS build-dev
+ARG INDEX_URL=
+COPY README.md ./
+COPY extproc ./extproc
+RUN pip install --no-cache-dir --disable-pip-version-check --no-deps ${INDEX_URL:+--index-url "$INDEX_URL"} .
 
 # What both images run: user, default config, health check, entrypoint.
 FROM python AS app
