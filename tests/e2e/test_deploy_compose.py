@@ -1,4 +1,5 @@
-"""docker-compose.yaml, the Dockerfile and the files they use: checked offline (no Docker engine here).
+"""docker-compose.yaml, the Dockerfile and the files they use: checked offline (tests/compose runs
+them in Docker: `make test-compose`).
 
 - the compose file against the compose-spec JSON schema (vendored by check-jsonschema);
 - every image pinned to an explicit tag; every bind-mounted file exists;
@@ -180,10 +181,16 @@ def _dockerfile() -> list[tuple[str, str]]:
 def test_dockerfile():
     steps = _dockerfile()
     args = {k: v for i, a in steps if i == "ARG" for k, _, v in [a.partition("=")]}
-    bases = [a.split()[0] for i, a in steps if i == "FROM"]
-    for base in bases:
-        image = args.get(base.strip("${}"), base) if base.startswith("$") else base
-        assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", image), f"base image {image} not pinned"
+    stages: list[str] = []
+    for base, *rest in (a.split() for i, a in steps if i == "FROM"):
+        if base not in stages:  # an earlier stage, else the (pinned) base image
+            image = args.get(base.strip("${}"), base) if base.startswith("$") else base
+            assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", image), f"base image {image} not pinned"
+        stages.append(rest[-1] if len(rest) == 2 and rest[0].upper() == "AS" else "")
+    # The default target (the last stage) is the runtime; `dev` adds the dev extra.
+    assert stages[-1] == "runtime" and "dev" in stages
+    dev_installs = [a for i, a in steps if i == "RUN" and "[dev]" in a]
+    assert len(dev_installs) == 1, "only the dev target installs the dev extra"
     user = [a for i, a in steps if i == "USER"]
     assert user and not user[-1].startswith(("root", "0")), "must run as non-root"
     for i, a in steps:
@@ -205,6 +212,14 @@ def test_dockerfile():
     config_mod.load(REPO / copied[0])  # the baked-in default config is valid
     health_cmd = json.loads(health[health.index("["):])
     assert health_cmd[health_cmd.index("--config") + 1] == config_path
+
+
+def test_compose_builds_the_right_targets(compose):
+    """The sidecar runs the runtime image (no dev stack); the mock LLM needs the dev extra."""
+    svcs = compose["services"]
+    assert svcs["extproc"]["build"] == "." or "target" not in svcs["extproc"]["build"]
+    assert svcs["mock-llm"]["build"]["target"] == "dev"
+    assert svcs["mock-llm"]["image"] != svcs["extproc"]["image"]
 
 
 def test_dockerfile_commands_parse():
