@@ -41,6 +41,7 @@ class AnthropicEvents(ApiParser):
     default_provider = "anthropic"
     param_keys = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences")
     input_keys = ("messages",)
+    end_user_keys = (("metadata", "user_id"),)
     stream_markers = True
     _start_output: Any = None  # message_start's placeholder output_tokens (see module doc)
 

@@ -34,6 +34,7 @@ from typing import Any, ClassVar
 import orjson
 
 from extproc.codecs.sse import SSEDecoder
+from extproc.core.bounded import clip
 from extproc.core.observation import Observation
 
 JSON, SSE, NDJSON, JSON_ARRAY, NONE = "json", "sse", "ndjson", "json_array", "none"
@@ -85,6 +86,8 @@ class ApiParser:
     param_keys: ClassVar[tuple[str, ...]] = ()
     # request-body keys holding the prompt, first present wins (captured only with capture on)
     input_keys: ClassVar[tuple[str, ...]] = ()
+    # request-body paths holding the end user the call is made for, first string found wins
+    end_user_keys: ClassVar[tuple[tuple[str, ...], ...]] = ()
     # False for calls that consume no tokens (count_tokens, MCP): never priced, never "unpriced"
     priced: ClassVar[bool] = True
     # True: a streamed response is complete only when mark_complete() saw the API's end marker
@@ -133,6 +136,11 @@ class ApiParser:
                 value = obj.get(key)
                 if value is not None:
                     self.obs.params[key] = value
+            for path in self.end_user_keys:
+                user = dig(obj, *path)
+                if isinstance(user, str) and user:
+                    self.obs.end_user = clip(user)
+                    break
             if self.capture:
                 for key in self.input_keys:
                     if key in obj:

@@ -16,6 +16,10 @@ _SAMPLING = (
 )
 
 
+# The end user: OpenAI's safety_identifier (its newer name), else the older user field.
+_END_USER = (("safety_identifier",), ("user",))
+
+
 def _service_tier(parser: ApiParser, obj: dict[str, Any]) -> None:
     """The tier that served the call (``default``, ``flex``, ``priority``...): it sets the price."""
     tier = obj.get("service_tier")
@@ -40,6 +44,7 @@ class _ChatLike(ApiParser):
 
     param_keys = _SAMPLING
     input_keys = ("messages", "prompt")
+    end_user_keys = _END_USER
 
     def on_request_json(self, obj: dict[str, Any]) -> None:
         super().on_request_json(obj)
@@ -131,6 +136,7 @@ class OpenAIEmbeddings(ApiParser):
     default_provider = "openai"
     param_keys = ("dimensions", "encoding_format")
     input_keys = ("input",)
+    end_user_keys = _END_USER
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -153,6 +159,7 @@ class OpenAIResponses(ApiParser):
     default_provider = "openai"
     param_keys = ("temperature", "top_p", "max_output_tokens", "service_tier")
     input_keys = ("input",)
+    end_user_keys = _END_USER
     _USEFUL = (b"response.created", b"response.completed", b"response.incomplete", b"response.failed")
 
     def on_response_json(self, obj: Any) -> None:

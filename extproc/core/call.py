@@ -40,6 +40,16 @@ class Call:
     decode_error: str | None = None  # Content-Encoding trouble (bomb, corrupt, unsupported)
     request_complete: bool = True  # False when Envoy sent only a prefix of a large request body
     cost: Cost | Unpriced | None = None  # priced when usage is seen and at the end (None: not an LLM call to price)
+    completed: float | None = None  # perf_counter() when the response was complete (end marker / last byte)
+    # Attribution (extproc.core.attribution), each cut to 128 characters; None: not known.
+    session_id: str | None = None
+    key_id: str | None = None
+    end_user_header: str | None = None  # attribution.endUserHeader's value; wins over the body's
+
+    @property
+    def end_user(self) -> str | None:
+        """Who the call was made for: the configured header, else the request body's field."""
+        return self.end_user_header or self.obs.end_user
 
     @property
     def duration(self) -> float | None:
@@ -48,6 +58,17 @@ class Call:
     @property
     def ttft(self) -> float | None:
         return None if self.first_chunk is None else self.first_chunk - self.start
+
+    @property
+    def tpot(self) -> float | None:
+        """Mean time per output token after the first: (last byte - first chunk) / (output - 1),
+        once the response is complete (else at the stream's end). Metadata and the histogram
+        both read this, so the access log and the metrics agree."""
+        n = self.obs.usage.output_tokens
+        end = self.completed if self.completed is not None else self.end
+        if self.first_chunk is None or end is None or n is None or n <= 1:
+            return None
+        return max(end - self.first_chunk, 0.0) / (n - 1)
 
 
 class CallObserver(Protocol):

@@ -7,7 +7,8 @@ evaluated once per call, at its end, against these variables (absent values are 
 - ``llm``: ``provider``, ``operation``, ``request_model``, ``response_model``, ``response_id``,
   ``input_tokens``, ``output_tokens``, ``total_tokens``, ``cached_tokens``,
   ``cache_creation_tokens``, ``reasoning_tokens``, ``streaming``, ``params`` (map of request
-  parameters), ``finish_reasons`` (list), ``prompt`` (list of ``{role, content}``) and
+  parameters), ``finish_reasons`` (list), ``end_user``, ``session_id``, ``key_id`` (see
+  ``extproc.core.attribution``), ``prompt`` (list of ``{role, content}``) and
   ``completion`` (list of strings): these two only with ``tracing.captureContent: true``.
 - ``jwt``: the verified JWT claims Envoy's jwt_authn forwarded (empty map without a token).
 - ``request``: ``headers`` (lower-case names; credentials removed), ``path`` (no query string),

@@ -11,7 +11,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic.alias_generators import to_camel
 
 from extproc.core.pricing import PricingConfig
@@ -79,16 +89,20 @@ LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 BUILTIN_LABELS = frozenset({
     "llm", "model", "operation", "status_code", "outcome", "error_type", "reason", "label",
     "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
-    "gen_ai_token_type", "metric", "le", "quantile", "job", "instance",
+    "gen_ai_token_type", "metric", "le", "quantile", "job", "instance", "finish_reason",
 })
+# Per-call attribution values a custom label may take (``stats.customLabels[].field``).
+CALL_FIELDS = ("end_user", "session_id", "key_id")
 
 
 class CustomLabel(_Section):
     """An extra label on the AI metrics, like kgateway's ``stats.customLabels``.
 
     Its value comes from dynamic metadata Envoy forwards to the sidecar (``metadataKey``: a path
-    inside ``metadataNamespace``, e.g. ``principal:team`` for a jwt_authn claim) or from a request
-    header (``header``, for API-key setups where a trusted filter sets it). Missing: empty string.
+    inside ``metadataNamespace``, e.g. ``principal:team`` for a jwt_authn claim), from a request
+    header (``header``, for API-key setups where a trusted filter sets it), or from a per-call
+    attribution value (``field``: ``end_user``, ``session_id`` or ``key_id``, see ``attribution``).
+    Missing: empty string. Never a label unless configured here (each is capped by maxLabelValues).
     """
 
     name: str
@@ -96,6 +110,7 @@ class CustomLabel(_Section):
     metadata_key: str | None = None
     key_delimiter: str = Field(":", min_length=1)
     header: str | None = None
+    field: Literal["end_user", "session_id", "key_id"] | None = None
 
     @field_validator("name")
     @classmethod
@@ -118,11 +133,24 @@ class CustomLabel(_Section):
 
     @model_validator(mode="after")
     def _one_source(self) -> CustomLabel:
-        if (self.metadata_key is None) == (self.header is None):
-            raise ValueError("set exactly one of metadataKey or header")
+        if sum(x is not None for x in (self.metadata_key, self.header, self.field)) != 1:
+            raise ValueError("set exactly one of metadataKey, header or field")
         if self.metadata_key is not None and not self.metadata_key.strip(self.key_delimiter):
             raise ValueError("metadataKey is empty")
         return self
+
+
+class OtlpMetricsConfig(_Section):
+    """Metrics pushed over OTLP (``extproc.telemetry.otlp_metrics``), besides or instead of the
+    Prometheus endpoint. Off unless ``enabled: true`` here, or (unset) ``OTEL_METRICS_EXPORTER``
+    lists ``otlp``. Unset keys fall back to the standard OTEL_* variables, as for traces."""
+
+    enabled: bool | None = None  # None: OTEL_METRICS_EXPORTER contains "otlp" (and OTEL_SDK_DISABLED is not true)
+    endpoint: str | None = None  # grpc: host:port or http(s)://host:port; http: base or full /v1/metrics URL
+    protocol: Literal["grpc", "http"] | None = None  # default: OTEL_EXPORTER_OTLP_[METRICS_]PROTOCOL, else grpc
+    headers: dict[str, str] = Field(default_factory=dict)
+    export_interval_ms: int | None = Field(None, ge=50)  # default OTEL_METRIC_EXPORT_INTERVAL, else 60000
+    export_timeout_ms: int | None = Field(None, ge=1)  # default OTEL_METRIC_EXPORT_TIMEOUT, else 10000
 
 
 class StatsConfig(_Section):
@@ -150,6 +178,7 @@ class StatsConfig(_Section):
     # whose label set would exceed it is recorded in the family's "__overflow__" label set
     # (counted by ai_series_overflow_total).
     max_series: int = Field(2000, ge=1)
+    otlp: OtlpMetricsConfig = Field(default_factory=OtlpMetricsConfig)
 
     @field_validator("custom_labels")
     @classmethod
@@ -160,6 +189,70 @@ class StatsConfig(_Section):
                 raise ValueError(f"duplicate label name {label.name!r}")
             seen.add(label.name)
         return v
+
+
+KEY_ID_SECRET_ENV = "EXTPROC_KEY_ID_SECRET"
+MIN_KEY_ID_SECRET = 16
+
+
+def _plain_header(v: str | None) -> str | None:
+    from extproc.core.redact import is_credential_header
+
+    if v is not None and is_credential_header(v):
+        raise ValueError(f"{v!r} may carry a credential (its name contains auth, key, token, secret, cookie, "
+                         "password, session, credential or signature): not an end-user id")
+    return v.lower() if v is not None else v
+
+
+def _session_headers(v: list[str]) -> list[str]:
+    from extproc.core.redact import is_credential_header
+
+    for name in v:
+        # "session" is the point of these headers; any other credential word is refused.
+        if is_credential_header(name.lower().replace("session", "")):
+            raise ValueError(f"{name!r} may carry a credential (its name contains auth, key, token, secret, cookie, "
+                             "password, credential or signature): not a session id")
+    return [n.lower() for n in v]
+
+
+class AttributionConfig(_Section):
+    """Who a call was for (``extproc.core.attribution``): end user, session, API key id.
+
+    ``end_user``: the request body's own field (OpenAI ``user``/``safety_identifier``, Anthropic
+    ``metadata.user_id``), overridden by ``endUserHeader`` when set and present. ``session_id``:
+    the first of ``sessionHeaders`` present. ``key_id``: HMAC-SHA256 of the caller's API key with
+    ``keyIdSecret`` (else the ``EXTPROC_KEY_ID_SECRET`` variable), first 12 hex characters; off
+    without a secret. Values are cut to 128 characters."""
+
+    end_user_header: Annotated[str | None, AfterValidator(_plain_header)] = None
+    session_headers: Annotated[list[str], AfterValidator(_session_headers)] = Field(
+        default_factory=lambda: ["x-session-id", "agent-session-id"])
+    key_id_secret: SecretStr | None = None
+
+    @field_validator("key_id_secret")
+    @classmethod
+    def _secret_length(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value()) < MIN_KEY_ID_SECRET:
+            raise ValueError(f"too short: use at least {MIN_KEY_ID_SECRET} random characters")
+        return v
+
+    @model_validator(mode="after")
+    def _env_secret(self) -> AttributionConfig:
+        import os
+
+        env = os.environ.get(KEY_ID_SECRET_ENV)
+        if self.key_id_secret is None and env is not None and len(env) < MIN_KEY_ID_SECRET:
+            raise ValueError(f"{KEY_ID_SECRET_ENV} is too short: use at least {MIN_KEY_ID_SECRET} random characters")
+        return self
+
+    def secret(self) -> bytes | None:
+        """The key-id secret: this config's, else the environment's; None: key ids off."""
+        import os
+
+        if self.key_id_secret is not None:
+            return self.key_id_secret.get_secret_value().encode()
+        env = os.environ.get(KEY_ID_SECRET_ENV)
+        return env.encode() if env else None
 
 
 class LoggingConfig(_Section):
@@ -348,6 +441,7 @@ class Config(_Section):
     tls: TlsConfig = Field(default_factory=TlsConfig)  # TLS / mTLS on `listen` (not healthListen)
     pricing: PricingConfig = Field(default_factory=PricingConfig)  # cost in USD; see extproc.core.pricing
     budgets: BudgetsConfig = Field(default_factory=BudgetsConfig)  # ratelimit_cost for Envoy's rate limit filter
+    attribution: AttributionConfig = Field(default_factory=AttributionConfig)  # end user, session, key id
     # SIGTERM: health turns NOT_SERVING, no new streams are accepted, and the streams in flight get
     # this long to finish (their metrics are recorded) before they are cancelled and we exit 0.
     # Keep it below Kubernetes' terminationGracePeriodSeconds (minus any preStop sleep).

@@ -44,6 +44,7 @@ class Observation:
     response_id: str | None = None
     finish_reasons: list[str] = field(default_factory=list)
     params: dict[str, Any] = field(default_factory=dict)  # request parameters (temperature, ...)
+    end_user: str | None = None  # the request body's end-user id (OpenAI user, Anthropic metadata.user_id), <= 128 chars
     error_type: str | None = None  # provider error type/code from an error body
     parse_errors: int = 0  # payloads we could not parse (counted, never raised)
     parse_error_reason: str | None = None

@@ -20,6 +20,7 @@ from extproc._pb.envoy_api import processing_mode_pb2 as mode_pb
 from extproc.apis.base import ApiParser, Limits
 from extproc.apis.routing import Route, Router, default_routes, provider_for_host, route
 from extproc.codecs.encodings import Decoder, make_decoder
+from extproc.core.attribution import Attribution
 from extproc.core.call import CLIENT_ABORT, ERROR, INCOMPLETE_STREAM, NO_RESPONSE, OK, Call, CallObserver
 from extproc.core.config import Config, ConfigError
 from extproc.core.logs import RateLimited
@@ -71,6 +72,7 @@ class Settings:
     router: Router
     pricer: Pricer
     budget: metadata.Budget | None  # ratelimit_cost per call (budgets.enabled)
+    attribution: Attribution
 
 
 def settings(config: Config) -> Settings:
@@ -92,6 +94,7 @@ def settings(config: Config) -> Settings:
         router=Router(routes, extra=_config_routes(config, routes)),
         pricer=Pricer(config.pricing),
         budget=metadata.Budget(config.budgets) if config.budgets.enabled else None,
+        attribution=Attribution(config.attribution),
     )
 
 
@@ -129,6 +132,7 @@ class Processor:
         self.router = s.router
         self.pricer = s.pricer
         self.budget = s.budget
+        self.attribution = s.attribution
         self.observers = list(observers)
         self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]
         # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
@@ -248,6 +252,7 @@ class Stream:
         call.method = headers.get(":method", "")
         call.path = headers.get(":path", "")
         call.host = headers.get(":authority", "") or headers.get("host", "")
+        self.p.attribution.read(call)
         match = self.p.router.resolve(call.path)
         provider = self._grpc_provider or headers.get(self.p.provider_key)
         if match is None:

@@ -2,8 +2,9 @@
 how many distinct values any one label may take.
 
 Custom label values come only from dynamic metadata Envoy forwarded (``Call.forwarded``: for
-jwt_authn, claims of a token Envoy verified) or from a configured request header; the sidecar never
-decodes ``Authorization`` itself, so a label cannot be forged with an unverified token.
+jwt_authn, claims of a token Envoy verified), from a configured request header, or from a call's
+attribution (end user, session, key id: ``extproc.core.attribution``); the sidecar never decodes
+``Authorization`` itself, so a label cannot be forged with an unverified token.
 """
 from __future__ import annotations
 
@@ -21,15 +22,18 @@ OVERFLOW = "__overflow__"
 class LabelSource:
     """Reads one custom label's value from a finished call ("" when absent)."""
 
-    __slots__ = ("name", "_namespace", "_path", "_header")
+    __slots__ = ("name", "_namespace", "_path", "_header", "_field")
 
     def __init__(self, cfg: CustomLabel) -> None:
         self.name = cfg.name
         self._namespace = cfg.metadata_namespace
         self._path = tuple(k for k in (cfg.metadata_key or "").split(cfg.key_delimiter) if k)
         self._header = cfg.header.lower() if cfg.header else None
+        self._field = cfg.field
 
     def value(self, call: Call) -> str:
+        if self._field is not None:  # end_user, session_id, key_id: already cut to 128 characters
+            return getattr(call, self._field) or ""
         if self._header is not None:
             return call.headers.get(self._header, "")[:MAX_VALUE_CHARS]
         return metadata_value(call.forwarded, self._namespace, self._path)[:MAX_VALUE_CHARS]

@@ -6,7 +6,8 @@ Keys (numbers as numbers, booleans as booleans; a key is absent until its value 
 ``cache_creation_tokens``, ``reasoning_tokens``, ``cost_usd`` (US dollars, absent when unpriced),
 ``outcome``; with ``budgets.enabled``, ``ratelimit_cost``: the call's cost so far in
 ``budgets.unit``, an integer, which Envoy's rate limit filter charges when the stream is done
-(docs/budgets.md).
+(docs/budgets.md); attribution (``extproc.core.attribution``): ``end_user``, ``session_id``,
+``key_id``.
 
 ``outcome`` is what the call amounted to, as in ``ai_requests_total``: written as
 ``client_abort`` with the response headers, and replaced by ``ok``/``error`` on the message that
@@ -125,6 +126,13 @@ def fields(call: Call, budget: Budget | None = None) -> dict[str, Any]:
         charge = budget.cost(call)
         if charge is not None:
             out["ratelimit_cost"] = charge
+    end_user = call.end_user
+    if end_user:
+        out["end_user"] = end_user  # already cut to 128 characters, like session_id
+    if call.session_id:
+        out["session_id"] = call.session_id
+    if call.key_id:
+        out["key_id"] = call.key_id
     return out
 
 

@@ -166,6 +166,7 @@ def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]
         a["gen_ai.usage.output_cost"] = call.cost.output
     if call.ttft is not None and obs.streaming:
         a["gen_ai.response.time_to_first_chunk"] = round(call.ttft, 6)
+    _attribution(a, call)
     if call.host:
         a["server.address"] = clip(call.host.rsplit(":", 1)[0] if call.host.count(":") == 1 else call.host)
     if call.status:
@@ -178,6 +179,15 @@ def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]
     if capture:
         _content(a, call, max_chars)
     return a
+
+
+def _attribution(a: dict[str, Any], call: Call) -> None:
+    """Who the call was for (extproc.core.attribution; values already cut to 128 characters)."""
+    _put(a, "user.id", call.end_user)
+    if call.session_id:
+        a["session.id"] = call.session_id
+        a["gen_ai.conversation.id"] = call.session_id
+    _put(a, "extproc.key_id", call.key_id)
 
 
 def _mcp_attributes(a: dict[str, Any], call: Call) -> None:
@@ -276,7 +286,8 @@ def variables(call: Call, capture: bool) -> dict[str, Any]:
         ("response_id", obs.response_id), ("input_tokens", u.input_tokens),
         ("output_tokens", u.output_tokens), ("total_tokens", u.total()),
         ("cached_tokens", u.cached_input_tokens), ("cache_creation_tokens", u.cache_creation_input_tokens),
-        ("reasoning_tokens", u.reasoning_tokens),
+        ("reasoning_tokens", u.reasoning_tokens), ("end_user", call.end_user),
+        ("session_id", call.session_id), ("key_id", call.key_id),
     ):
         if value is not None:
             llm[key] = value
