@@ -70,6 +70,7 @@ class _ChatLike(ApiParser):
             or (b'"usage"' in data and b'"usage":null' not in data)
             or b'"finish_reason":"' in data
             or b'"finish_reason": "' in data
+            or data.startswith(b'{"error"')  # an in-stream error event ends the stream
         )
 
     def on_sse_event(self, event: bytes, obj: Any) -> None:
@@ -200,7 +201,9 @@ class OpenAIResponses(ApiParser):
         _service_tier(self, obj)
         status = obj.get("status")
         if isinstance(status, str) and status not in ("in_progress", "queued"):
-            self.obs.finish_reasons.append(status)
+            # incomplete: why (max_output_tokens, content_filter) says more than the status
+            why = dig(obj, "incomplete_details", "reason") if status == "incomplete" else None
+            self.obs.finish_reasons.append(why if isinstance(why, str) and why else status)
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.set_usage(

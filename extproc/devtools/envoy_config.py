@@ -125,7 +125,8 @@ def to_dict(message: betterproto2.Message) -> dict[str, Any]:
     return message.to_dict(casing=betterproto2.Casing.SNAKE)
 
 
-# The access-log fields of the kgateway example, plus model/provider_model/provider.
+# The access-log fields of the kgateway example, plus model/provider_model/provider, how the call
+# ended, stream timings and attribution (end user, session, API-key id).
 def access_log_format(namespace: str = DEFAULT_NAMESPACE, budgets: bool = False) -> dict[str, str]:
     ai = lambda key: f"%DYNAMIC_METADATA({namespace}:{key})%"  # noqa: E731
     fmt = {
@@ -151,6 +152,12 @@ def access_log_format(namespace: str = DEFAULT_NAMESPACE, budgets: bool = False)
         "provider": ai("provider"),
         "operation": ai("operation"),
         "outcome": ai("outcome"),
+        "finish_reason": ai("finish_reason"),
+        "ttft_ms": ai("ttft_ms"),
+        "tpot_ms": ai("tpot_ms"),
+        "end_user": ai("end_user"),
+        "session_id": ai("session_id"),
+        "key_id": ai("key_id"),
     }
     if budgets:
         fmt["ratelimit_cost"] = ai(RATELIMIT_COST_KEY)  # what the call was charged

@@ -397,7 +397,10 @@ class Stream:
         seen". A stream the upstream closed before its end marker is an ``error``
         (``incomplete_stream``); one the client abandoned never gets here (see ``finish``)."""
         call = self.call
+        call.completed = time.perf_counter()
         parser = self.parser
+        if parser is not None and parser.stream_error and not call.obs.finish_reasons:
+            call.obs.finish_reasons.append("error")  # the stream ended with an error event
         if call.status >= 400 or (parser is not None and parser.stream_error):
             call.outcome = ERROR
         elif parser is None or parser.complete:

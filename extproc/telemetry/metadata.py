@@ -4,10 +4,13 @@ Keys (numbers as numbers, booleans as booleans; a key is absent until its value 
 ``model`` (requested), ``provider_model`` (from the response), ``provider``, ``streaming``,
 ``operation``, ``prompt_tokens``, ``completion_tokens``, ``total_tokens``, ``cached_tokens``,
 ``cache_creation_tokens``, ``reasoning_tokens``, ``cost_usd`` (US dollars, absent when unpriced),
-``outcome``; with ``budgets.enabled``, ``ratelimit_cost``: the call's cost so far in
-``budgets.unit``, an integer, which Envoy's rate limit filter charges when the stream is done
-(docs/budgets.md); attribution (``extproc.core.attribution``): ``end_user``, ``session_id``,
-``key_id``.
+``outcome``, ``finish_reason`` (normalised: stop, length, tool_calls, content_filter, error,
+other; see ``extproc.core.finish``); streams only: ``ttft_ms`` (request start to the first
+response chunk) and ``tpot_ms`` (mean time per output token after the first, once the response
+is complete), milliseconds, the same values the TTFT/TPOT histograms record; with
+``budgets.enabled``, ``ratelimit_cost``: the call's cost so far in ``budgets.unit``, an integer,
+which Envoy's rate limit filter charges when the stream is done (docs/budgets.md); attribution
+(``extproc.core.attribution``): ``end_user``, ``session_id``, ``key_id``.
 
 ``outcome`` is what the call amounted to, as in ``ai_requests_total``: written as
 ``client_abort`` with the response headers, and replaced by ``ok``/``error`` on the message that
@@ -22,8 +25,9 @@ from typing import Any
 from google.protobuf.struct_pb2 import Struct
 
 from extproc.core.bounded import clip
-from extproc.core.call import CLIENT_ABORT, Call
+from extproc.core.call import CLIENT_ABORT, OK, Call
 from extproc.core.config import BudgetsConfig
+from extproc.core.finish import finish_reason
 from extproc.core.pricing import Cost
 
 # Envoy rejects a hits_addend above this (RateLimit.HitsAddend): the charge is capped to it.
@@ -126,6 +130,16 @@ def fields(call: Call, budget: Budget | None = None) -> dict[str, Any]:
         charge = budget.cost(call)
         if charge is not None:
             out["ratelimit_cost"] = charge
+    if obs.streaming and call.status < 400:
+        ttft = call.ttft
+        if ttft is not None:
+            out["ttft_ms"] = round(ttft * 1000, 3)
+            tpot = call.tpot if call.outcome == OK else None
+            if tpot is not None:
+                out["tpot_ms"] = round(tpot * 1000, 3)
+    finish = finish_reason(call)
+    if finish is not None:
+        out["finish_reason"] = finish
     end_user = call.end_user
     if end_user:
         out["end_user"] = end_user  # already cut to 128 characters, like session_id

@@ -16,6 +16,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
 from extproc.core.config import BUILTIN_LABELS, StatsConfig
+from extproc.core.finish import finish_reason
 from extproc.core.pricing import Cost
 from extproc.telemetry.labels import LabelGuard, LabelSource, SeriesBudget, folded
 
@@ -70,6 +71,9 @@ class Metrics:
         self.unpriced = Counter(
             "ai_cost_unpriced", "LLM calls that could not be priced, by reason (unknown_model, no_usage, error)",
             ["llm", "model", "reason", *c], registry=registry)
+        self.finish_reasons = Counter(
+            "ai_finish_reasons", "LLM responses by how they ended (stop, length, tool_calls, content_filter, error, other)",
+            ["llm", "model", "finish_reason", *c], registry=registry)
         self.parse_errors = Counter("ai_parse_errors", "Payloads the sidecar could not parse", ["llm", "reason"], registry=registry)
         self.overflow = Counter(
             "ai_label_values_overflow", "Label values folded into __overflow__ by the cardinality cap (stats.maxLabelValues)",
@@ -90,12 +94,13 @@ class Metrics:
             "gen_ai_server_time_to_first_token_seconds", "Streams: request start to first response chunk (gen_ai.server.time_to_first_token)",
             genai, buckets=TTFT_BUCKETS, registry=registry)
         self.tpot = Histogram(
-            "gen_ai_server_time_per_output_token_seconds", "Streams: (duration - time to first token) / (output tokens - 1) (gen_ai.server.time_per_output_token)",
+            "gen_ai_server_time_per_output_token_seconds", "Streams: (response complete - first chunk) / (output tokens - 1) (gen_ai.server.time_per_output_token)",
             genai, buckets=TPOT_BUCKETS, registry=registry)
 
     def label_names(self) -> set[str]:
         names: set[str] = set()
-        for m in (self.prompt_tokens, self.completion_tokens, self.requests, self.usage_missing, self.cost, self.unpriced, self.parse_errors,
+        for m in (self.prompt_tokens, self.completion_tokens, self.requests, self.usage_missing, self.cost, self.unpriced,
+                  self.finish_reasons, self.parse_errors,
                   self.overflow, self.series_overflow, self.token_usage, self.duration, self.ttft, self.tpot):
             names.update(m._labelnames)
         return names
@@ -119,7 +124,8 @@ class _Series:
     stays None while its family's series budget folds this combination (so each later
     observation is folded, and counted, again)."""
 
-    __slots__ = ("ai", "genai", "req", "miss", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "cost", "tokens")
+    __slots__ = ("ai", "genai", "req", "miss", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "cost", "tokens",
+                 "finish")
 
     def __init__(self, ai: tuple[str, ...], genai: tuple[str, ...], req: tuple[str, ...], miss: tuple[str, ...]) -> None:
         self.ai = ai  # llm, model, *custom
@@ -135,6 +141,7 @@ class _Series:
         self.missing: Any = None
         self.cost: Any = None
         self.tokens: dict[str, Any] = {}
+        self.finish: dict[str, Any] = {}  # finish_reason -> child
 
 
 def series_per_label_set(metric: Any) -> int:
@@ -145,6 +152,7 @@ def series_per_label_set(metric: Any) -> int:
 
 _OUTCOME = (4,)  # ai_requests: the outcome keeps its value in the overflow series (four values)
 _TOKEN_TYPE = (4,)  # gen_ai_client_token_usage: the token type likewise (five values)
+_FINISH = (2,)  # ai_finish_reasons: the finish reason likewise (six values)
 
 
 class MetricsObserver:
@@ -225,9 +233,9 @@ class MetricsObserver:
             (series.prompt or new(series, "prompt", m.prompt_tokens, series.ai)).inc(usage.input_tokens)
         if usage.output_tokens is not None:
             (series.completion or new(series, "completion", m.completion_tokens, series.ai)).inc(usage.output_tokens)
-            if ttft is not None and duration is not None and usage.output_tokens > 1 and call.outcome == OK:
-                (series.tpot or new(series, "tpot", m.tpot, series.genai)).observe(
-                    max(duration - ttft, 0.0) / (usage.output_tokens - 1))
+            tpot = call.tpot if ttft is not None and call.outcome == OK else None
+            if tpot is not None:
+                (series.tpot or new(series, "tpot", m.tpot, series.genai)).observe(tpot)
         for token_type, count in (("input", usage.input_tokens), ("output", usage.output_tokens),
                                   ("cached_input", usage.cached_input_tokens),
                                   ("cache_creation_input", usage.cache_creation_input_tokens),
@@ -249,6 +257,16 @@ class MetricsObserver:
             (series.cost or new(series, "cost", m.cost, series.ai)).inc(cost.total)
         elif cost is not None and cost.reason != "disabled":
             new(None, "", m.unpriced, (provider, model, cost.reason, *custom), (2,)).inc()
+        finish = finish_reason(call)
+        if finish is not None:
+            child = series.finish.get(finish)
+            if child is None:
+                labels = (provider, model, finish, *custom)
+                if self.budget.admit(m.finish_reasons._name, labels):
+                    child = series.finish[finish] = m.finish_reasons.labels(*labels)
+                else:
+                    child = m.finish_reasons.labels(*folded(labels, _FINISH))
+            child.inc()
         if obs.parse_errors:
             new(None, "", m.parse_errors, (provider, clip(obs.parse_error_reason or "unknown"))).inc(obs.parse_errors)
         if self.guard.overflowed:
