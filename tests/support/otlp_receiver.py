@@ -1,4 +1,4 @@
-"""In-test OTLP trace receivers (gRPC and HTTP/protobuf) that keep every span they are sent."""
+"""In-test OTLP receivers (gRPC and HTTP/protobuf): trace receivers keep every span, metric receivers the latest points."""
 from __future__ import annotations
 
 import threading
@@ -141,6 +141,128 @@ class HttpReceiver(_Store):
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# ---- metrics -------------------------------------------------------------------------------------
+CUMULATIVE = 2  # AggregationTemporality.AGGREGATION_TEMPORALITY_CUMULATIVE
+
+
+class MetricStore:
+    """Keeps what OTLP metric exports say: for each (service.instance.id, metric, attributes) the
+    latest cumulative value (a counter's value, a histogram's sum and count), deltas added up."""
+
+    def __init__(self) -> None:
+        self.points: dict[tuple[str, str, frozenset], dict[str, float]] = {}
+        self.exports = 0
+        self.raw: list[bytes] = []
+        self._lock = threading.Lock()
+
+    def add(self, body: bytes) -> None:
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+
+        req = metrics_service_pb2.ExportMetricsServiceRequest.FromString(body)
+        with self._lock:
+            self.exports += 1
+            self.raw.append(body)
+            for rm in req.resource_metrics:
+                res = {kv.key: _value(kv.value) for kv in rm.resource.attributes}
+                instance = str(res.get("service.instance.id", ""))
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        kind = m.WhichOneof("data")
+                        data = getattr(m, kind)
+                        for p in data.data_points:
+                            attrs = frozenset((kv.key, _value(kv.value)) for kv in p.attributes)
+                            if kind == "histogram":
+                                value = {"sum": p.sum, "count": float(p.count)}
+                            else:
+                                value = {"value": p.as_double if p.WhichOneof("value") == "as_double" else float(p.as_int)}
+                            key = (instance, m.name, attrs)
+                            if getattr(data, "aggregation_temporality", CUMULATIVE) != CUMULATIVE and key in self.points:
+                                old = self.points[key]
+                                value = {k: old.get(k, 0.0) + v for k, v in value.items()}
+                            self.points[key] = value
+
+    def total(self, name: str, field: str = "value", **match: str) -> float:
+        """The sum over instances and attribute sets of ``name`` whose attributes include ``match``."""
+        with self._lock:
+            return sum(v.get(field, 0.0) for (_, n, attrs), v in self.points.items()
+                       if n == name and all((k, w) in attrs for k, w in match.items()))
+
+    def instances(self, name: str) -> set[str]:
+        with self._lock:
+            return {i for (i, n, _) in self.points if n == name}
+
+    def attribute_sets(self, name: str) -> list[dict[str, Any]]:
+        with self._lock:
+            return [dict(attrs) for (_, n, attrs) in self.points if n == name]
+
+
+class MetricsGrpcReceiver(MetricStore):
+    def __init__(self) -> None:
+        super().__init__()
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+
+        self.port = free_port()
+        store = self
+
+        class Service(metrics_service_pb2_grpc.MetricsServiceServicer):
+            def Export(self, request, context):  # noqa: N802
+                store.add(request.SerializeToString())
+                return metrics_service_pb2.ExportMetricsServiceResponse()
+
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Service(), self.server)
+        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
+        self.server.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.server.stop(0)
+
+
+class MetricsHttpReceiver(MetricStore):
+    """POST /v1/metrics with application/x-protobuf."""
+
+    def __init__(self, path: str = "/v1/metrics") -> None:
+        super().__init__()
+        from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
+
+        self.port = free_port()
+        self.path = path
+        store = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("content-length", "0")))
+                if self.path != store.path:
+                    self.send_response(404)
+                    self.end_headers()
+                    return
+                store.add(body)
+                out = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+                self.send_response(200)
+                self.send_header("content-type", "application/x-protobuf")
+                self.send_header("content-length", str(len(out)))
+                self.end_headers()
+                self.wfile.write(out)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}{self.path}"
 
     def close(self) -> None:
         self.httpd.shutdown()
