@@ -33,7 +33,7 @@ def call(capture: bool = True) -> Call:
                                                      "x-team": "blue", "x-conversation-id": "s-1",
                                                      "x-session-id": "sess-secret"},
                 forwarded={"envoy.filters.http.jwt_authn": claims}, status=200, outcome=OK,
-                start_time_ns=1_700_000_000_000_000_000, start=10.0, end=10.25, first_chunk=10.1)
+                start_time_ns=1_700_000_000_000_000_000, start=10.0, end=10.25, first_chunk=10.1, session_id="s-1")
 
 
 def spans_for(cfg: config.TracingConfig, c: Call) -> dict:
@@ -145,6 +145,16 @@ def test_presets_load_and_produce_their_attributes(preset, expected):
     a = spans_for(cfg, call())
     for key, value in expected.items():
         assert a.get(key) == value, (key, a.get(key))
+
+
+@pytest.mark.parametrize("preset, key", [("langfuse.yaml", "langfuse.user.id"), ("jaeger.yaml", "user.id"), ("phoenix.yaml", "user.id")])
+def test_presets_prefer_the_end_user_to_the_jwt_subject(preset, key):
+    c = call()
+    c.obs.end_user = "u-end"
+    a = spans_for(config.load(PRESETS / preset).tracing, c)
+    assert a[key] == "u-end"
+    if preset == "langfuse.yaml":
+        assert a["langfuse.session.id"] == "s-1"
 
 
 def test_presets_cover_every_file():
