@@ -51,8 +51,13 @@ CONTINUE_RESPONSE_TRAILERS = _reply(response_trailers=True)
 SKIP_REQUEST_BODY = pb.ProcessingResponse(
     request_headers=pb.HeadersResponse(), mode_override=Mode(request_body_mode=Mode.NONE)
 ).SerializeToString()
-_STREAMED = Mode(response_body_mode=Mode.STREAMED)
-_NO_BODY = Mode(response_body_mode=Mode.NONE)
+# Response-headers replies choosing the response body mode; the metadata is appended to them.
+HEADERS_STREAMED = pb.ProcessingResponse(
+    response_headers=pb.HeadersResponse(), mode_override=Mode(response_body_mode=Mode.STREAMED)
+).SerializeToString()
+HEADERS_NO_BODY = pb.ProcessingResponse(
+    response_headers=pb.HeadersResponse(), mode_override=Mode(response_body_mode=Mode.NONE)
+).SerializeToString()
 
 
 @dataclass(frozen=True, slots=True)
@@ -291,8 +296,6 @@ class Stream:
                 else:
                     encoding = value
         parser = self.parser
-        resp = pb.ProcessingResponse()
-        resp.response_headers.SetInParent()
         if parser is not None:
             parser.start_response(call.status, content_type)
             if encoding:
@@ -304,9 +307,8 @@ class Stream:
             self._complete()  # not an LLM path: its body is not observed, the response is all we see
         if call.obs.usage.seen():
             self._price()
-        resp.mode_override.CopyFrom(_STREAMED if parser is not None and not msg.end_of_stream else _NO_BODY)
-        metadata.write(resp.dynamic_metadata, self.p.namespace, call, self.p.budget)
-        return resp.SerializeToString()
+        head = HEADERS_STREAMED if parser is not None and not msg.end_of_stream else HEADERS_NO_BODY
+        return head + metadata.encoded(self.p.namespace, call, self.p.budget)
 
     def _response_body(self, msg: pb.HttpBody) -> bytes:
         call = self.call
@@ -360,10 +362,7 @@ class Stream:
             return CONTINUE_RESPONSE_BODY
         if call.obs.usage.seen():
             self._price()
-        resp = pb.ProcessingResponse()
-        resp.response_body.SetInParent()
-        metadata.write(resp.dynamic_metadata, self.p.namespace, call, self.p.budget)
-        return resp.SerializeToString()
+        return CONTINUE_RESPONSE_BODY + metadata.encoded(self.p.namespace, call, self.p.budget)
 
     # ---- end ---------------------------------------------------------------------------------
     @property

@@ -153,3 +153,29 @@ def fields(call: Call, budget: Budget | None = None) -> dict[str, Any]:
 def write(target: Struct, namespace: str, call: Call, budget: Budget | None = None) -> None:
     """Fill ``target`` (a ProcessingResponse.dynamic_metadata) with the call's fields."""
     target.fields[namespace].struct_value.update(fields(call, budget))
+
+
+# ---- the reply path: the metadata serialised once per message, appended to a constant reply ------
+# A serialised ProcessingResponse is the concatenation of its fields, so a reply carrying metadata
+# is a constant, pre-serialised reply (e.g. ``response_body {}``) followed by ``encoded(...)``: no
+# ProcessingResponse is built or serialised per message, only the Struct. (Encoding the Struct by
+# hand in Python measured slower than google.protobuf's C serialiser: 15.8 vs 12.3 us.)
+_DYNAMIC_METADATA_TAG = 0x42  # ProcessingResponse.dynamic_metadata = 8, length-delimited
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def encoded(namespace: str, call: Call, budget: Budget | None = None) -> bytes:
+    """The call's fields as a serialised ``ProcessingResponse.dynamic_metadata`` field (tag
+    included), to append to a serialised reply; parses to what :func:`write` builds."""
+    s = Struct()
+    s.fields[namespace].struct_value.update(fields(call, budget))
+    b = s.SerializeToString()
+    return (b"\x42" + bytes((len(b),)) if len(b) < 0x80 else b"\x42" + _varint(len(b))) + b
