@@ -88,7 +88,7 @@ def _envoy_config(args: argparse.Namespace) -> int:
     elif args.config:
         print("extproc: --config is read for its budgets section: give --ratelimit-service too", file=sys.stderr)
         return 2
-    sys.stdout.write(envoy_config.render(args.variant, ratelimit))
+    sys.stdout.write(envoy_config.render(args.variant, ratelimit, fewer_messages=args.mode == "fewer-messages"))
     return 0
 
 
@@ -136,6 +136,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ratelimit-service", metavar="HOST:PORT", type=_host_port,
                    help="enforce budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)")
     e.add_argument("--config", help="sidecar config file whose budgets section sets the domain, descriptors, failure mode")
+    e.add_argument("--mode", default="headers", choices=["headers", "fewer-messages"],
+                   help="ext_proc processing mode: headers (default) or fewer-messages (docs/performance.md)")
     e.set_defaults(func=_envoy_config)
 
     sp = sub.add_parser("spend", help="LLM spend per team/user/model over a window, from Prometheus or access logs")

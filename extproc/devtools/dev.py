@@ -118,6 +118,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port")
     ap.add_argument("--ratelimit-service", metavar="HOST:PORT",
                     help="enforce the config's budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)")
+    ap.add_argument("--mode", default="headers", choices=["headers", "fewer-messages"],
+                    help="ext_proc processing mode: headers (default) or fewer-messages (docs/performance.md)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -176,6 +178,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, ups
         admin=f"127.0.0.1:{args.admin_port}",
         namespace=cfg.metadata.namespace,
         ratelimit=envoy_config.RateLimitService(args.ratelimit_service, cfg.budgets) if args.ratelimit_service else None,
+        fewer_messages=args.mode == "fewer-messages",
     )))
     py = sys.executable
     procs: list[subprocess.Popen] = []

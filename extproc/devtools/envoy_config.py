@@ -74,6 +74,12 @@ from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ProcessingModeBodySendMode,
     ProcessingModeHeaderSendMode,
 )
+from envoy_data_plane.envoy.extensions.filters.http.header_to_metadata.v3 import Config as HeaderToMetadata
+from envoy_data_plane.envoy.extensions.filters.http.header_to_metadata.v3 import (
+    ConfigKeyValuePair,
+    ConfigRule,
+    ConfigValueType,
+)
 from envoy_data_plane.envoy.extensions.filters.http.jwt_authn.v3 import (
     JwtAuthentication,
     JwtProvider,
@@ -323,6 +329,40 @@ def ext_proc_filter(
     return cfg
 
 
+# ---- fewer-messages mode (docs/performance.md) ----------------------------------------------------
+# No headers messages: the request line and a few request headers arrive as attributes on the
+# request-body message; the status, and the content type/encoding/length (copied into metadata by
+# a header_to_metadata filter after ext_proc, which sees the response first), on the first
+# response-body message. 2 ext_proc messages per non-streamed call from an HTTP/2 upstream, 3 from
+# HTTP/1.1, instead of 4.
+RESPONSE_HEADERS_NAMESPACE = "envoy.ai.response_headers"
+RESPONSE_HEADERS = ("content-type", "content-encoding", "content-length")
+# Request headers the sidecar reads (provider override, trace context, MCP session).
+ATTRIBUTE_HEADERS = ("x-llm-provider", "traceparent", "tracestate", "mcp-session-id", "mcp-protocol-version")
+_REQUEST_LINE = ["request.path", "request.host", "request.method"]
+
+
+def fewer_messages_mode(cfg: ExternalProcessor, headers: tuple[str, ...] = ATTRIBUTE_HEADERS) -> None:
+    """Turn an ext_proc filter config (from :func:`ext_proc_filter`) into fewer-messages mode."""
+    assert cfg.processing_mode is not None
+    cfg.allow_mode_override = False  # Envoy ignores mode_override on body replies
+    cfg.processing_mode.request_header_mode = ProcessingModeHeaderSendMode.SKIP
+    cfg.processing_mode.response_header_mode = ProcessingModeHeaderSendMode.SKIP
+    cfg.processing_mode.response_body_mode = ProcessingModeBodySendMode.STREAMED
+    cfg.request_attributes = _REQUEST_LINE + [f'request.headers["{h}"]' for h in headers]
+    # A GET (no request body) sends no request message: the request line comes with the response.
+    cfg.response_attributes = ["response.code", *_REQUEST_LINE] + [
+        f'metadata.filter_metadata["{RESPONSE_HEADERS_NAMESPACE}"]["{h}"]' for h in RESPONSE_HEADERS]
+
+
+def response_headers_filter() -> HttpFilter:
+    """header_to_metadata, placed after ext_proc: copies the response headers the sidecar needs
+    where the fewer-messages ext_proc reads them as attributes."""
+    rules = [ConfigRule(header=h, on_header_present=ConfigKeyValuePair(
+        metadata_namespace=RESPONSE_HEADERS_NAMESPACE, key=h, type=ConfigValueType.STRING)) for h in RESPONSE_HEADERS]
+    return HttpFilter(name="envoy.filters.http.header_to_metadata", typed_config=pack(HeaderToMetadata(response_rules=rules)))
+
+
 def jwt_filter(jwks_json: str) -> JwtAuthentication:
     return JwtAuthentication(
         providers={
@@ -420,6 +460,7 @@ def bootstrap(
     extproc_tls: ExtProcTls | None = None,
     extproc_streams_per_connection: int = EXTPROC_STREAMS_PER_CONNECTION,
     ratelimit: RateLimitService | None = None,
+    fewer_messages: bool = False,
 ) -> Bootstrap:
     """A complete Envoy bootstrap. ``extproc=None`` builds the same proxy without the sidecar.
 
@@ -438,6 +479,9 @@ def bootstrap(
 
     ``ratelimit`` enforces budgets with Envoy's global rate limit filter (docs/budgets.md); it
     needs the sidecar (which computes each call's cost) in non-observability mode.
+
+    ``fewer_messages`` selects the fewer-messages mode (no headers messages; docs/performance.md
+    says when to choose it).
     """
     if ratelimit is not None and (extproc is None or observability_mode):
         raise ValueError("ratelimit needs the sidecar in its default mode: observability_mode ignores the metadata it returns")
@@ -445,8 +489,12 @@ def bootstrap(
     if jwks_json is not None:
         http_filters.append(HttpFilter(name=JWT_NAMESPACE, typed_config=pack(jwt_filter(jwks_json))))
     if extproc is not None:
-        http_filters.append(HttpFilter(name="envoy.filters.http.ext_proc",
-                                       typed_config=pack(ext_proc_filter(namespace, message_timeout_ms, observability_mode))))
+        ep = ext_proc_filter(namespace, message_timeout_ms, observability_mode)
+        if fewer_messages:
+            fewer_messages_mode(ep)
+        http_filters.append(HttpFilter(name="envoy.filters.http.ext_proc", typed_config=pack(ep)))
+        if fewer_messages:
+            http_filters.append(response_headers_filter())
     if ratelimit is not None:
         # After jwt_authn (its descriptors read the claims) and ext_proc (the sidecar also sees
         # the calls the limiter rejects, as 429s).
@@ -595,12 +643,12 @@ _REFERENCE: dict[str, Any] = {
 }
 
 
-def reference(ratelimit: RateLimitService | None = None) -> Bootstrap:
+def reference(ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> Bootstrap:
     """envoy/envoy.yaml: the config users copy."""
-    return bootstrap(**_REFERENCE, ratelimit=ratelimit)
+    return bootstrap(**_REFERENCE, ratelimit=ratelimit, fewer_messages=fewer_messages)
 
 
-def compose(ratelimit: RateLimitService | None = None) -> Bootstrap:
+def compose(ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> Bootstrap:
     """envoy/envoy-compose.yaml: docker-compose.yaml's Envoy; peers are reached by service name."""
     return bootstrap(
         listen="0.0.0.0:10000",
@@ -609,21 +657,22 @@ def compose(ratelimit: RateLimitService | None = None) -> Bootstrap:
         access_log="/dev/stdout",  # `docker compose logs envoy`
         admin="0.0.0.0:9901",  # Prometheus scrapes /stats/prometheus; published on host loopback only
         ratelimit=ratelimit,
+        fewer_messages=fewer_messages,
     )
 
 
-def kubernetes(ratelimit: RateLimitService | None = None) -> Bootstrap:
+def kubernetes(ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> Bootstrap:
     """deploy/kubernetes/envoy.yaml: the reference, plus the ops listener the pod's probes use."""
-    return bootstrap(**_REFERENCE, ops_listen="0.0.0.0:9902", ratelimit=ratelimit)  # readinessProbe /ready and the PodMonitor
+    return bootstrap(**_REFERENCE, ops_listen="0.0.0.0:9902", ratelimit=ratelimit, fewer_messages=fewer_messages)  # readinessProbe /ready and the PodMonitor
 
 
 # The rate limit service of docs/budgets.md (envoyproxy/ratelimit's gRPC port, by service name).
 EXAMPLE_RATELIMIT_SERVICE = "ratelimit:8081"
 
 
-def budgets(ratelimit: RateLimitService | None = None) -> Bootstrap:
+def budgets(ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> Bootstrap:
     """envoy/envoy-budgets.yaml: the reference with budgets per JWT ``team`` (docs/budgets.md)."""
-    return reference(ratelimit or RateLimitService(EXAMPLE_RATELIMIT_SERVICE))
+    return reference(ratelimit or RateLimitService(EXAMPLE_RATELIMIT_SERVICE), fewer_messages)
 
 
 HEADER = """\
@@ -668,6 +717,8 @@ VARIANTS = {
 }
 
 
-def render(variant: str, ratelimit: RateLimitService | None = None) -> str:
+def render(variant: str, ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> str:
     _, build, header = VARIANTS[variant]
-    return dump(build(ratelimit), header)
+    if fewer_messages:
+        header += "# fewer-messages mode (`--mode fewer-messages`; docs/performance.md).\n"
+    return dump(build(ratelimit, fewer_messages), header)

@@ -211,7 +211,7 @@ class Stream:
     """The state of one ext_proc stream (= one HTTP exchange)."""
 
     __slots__ = ("p", "call", "parser", "decoder", "held", "_grpc_provider", "_done", "_response_done", "_priced",
-                 "_priceable", "_content_length", "_body_complete")
+                 "_priceable", "_content_length", "_body_complete", "_routed")
 
     def __init__(self, processor: Processor, grpc_provider: str | None) -> None:
         self.p = processor
@@ -226,6 +226,7 @@ class Stream:
         self._priceable = False  # an LLM call that consumes tokens (set with its parser)
         self._content_length: int | None = None  # the response's, when it declares one
         self._body_complete = False  # the whole response body has been parsed
+        self._routed = False  # path, host and method read (request headers, or attributes)
 
     def handle(self, req: pb.ProcessingRequest) -> bytes | None:
         call = self.call
@@ -234,10 +235,17 @@ class Stream:
         kind = req.WhichOneof("request")
         try:
             if kind == "response_body":
+                if call.response_start is None:
+                    # fewer-messages mode: no headers messages; the first response message
+                    # carries the status (and the request line, for a GET) as attributes
+                    self._response_start_from(req)
+                    return self._response_body(req.response_body, first=True)
                 return self._response_body(req.response_body)
             if kind == "request_headers":
                 return self._request_headers(req.request_headers)
             if kind == "request_body":
+                if not self._routed:
+                    self._route_from(req)  # fewer-messages mode: the request line as attributes
                 return self._request_body(req.request_body)
             if kind == "response_headers":
                 return self._response_headers(req.response_headers)
@@ -257,49 +265,73 @@ class Stream:
         call.method = headers.get(":method", "")
         call.path = headers.get(":path", "")
         call.host = headers.get(":authority", "") or headers.get("host", "")
-        self.p.attribution.read(call)
+        if not self._route() and not msg.end_of_stream:
+            return SKIP_REQUEST_BODY
+        return CONTINUE_REQUEST_HEADERS
+
+    def _route(self) -> bool:
+        """Pick the parser for ``call.path`` (False: not an LLM path) and name the provider."""
+        self._routed = True
+        call = self.call
+        self.p.attribution.read(call)  # session, end user, API key id: from the headers read
         match = self.p.router.resolve(call.path)
-        provider = self._grpc_provider or headers.get(self.p.provider_key)
+        provider = self._grpc_provider or call.headers.get(self.p.provider_key)
         if match is None:
             call.provider = provider or provider_for_host(call.host) or "unknown"
-            return CONTINUE_REQUEST_HEADERS if msg.end_of_stream else SKIP_REQUEST_BODY
+            return False
         parser = match.parser(call.obs, path_model=match.path_model, limits=self.p.limits, capture=self.p.capture)
         self.parser = parser
         self._priceable = parser.priced
         call.api = parser.api
         call.provider = provider or match.provider or provider_for_host(call.host) or parser.default_provider
-        return CONTINUE_REQUEST_HEADERS
+        return True
+
+    def _route_from(self, req: pb.ProcessingRequest) -> None:
+        """fewer-messages mode: route by the request attributes (``request.path``, ``.host``,
+        ``.method``, ``request.headers["name"]``) of the first message Envoy sends."""
+        attrs = req.attributes.get(ATTRIBUTES_KEY)
+        if attrs is None:
+            return
+        call = self.call
+        headers = call.headers
+        for key, v in attrs.fields.items():
+            value = _text(v)
+            if key == "request.path":
+                call.path = value
+            elif key == "request.host":
+                call.host = value
+            elif key == "request.method":
+                call.method = value
+            elif key.startswith('request.headers["') and key.endswith('"]') and value:
+                headers[key[17:-2].lower()] = value
+        self._route()
 
     def _request_body(self, msg: pb.HttpBody) -> bytes:
         parser = self.parser
-        if parser is not None:
+        if parser is not None and self.call.response_start is None:  # not after an early reply
             self.call.request_complete = msg.end_of_stream
             parser.feed_request(msg.body, complete=msg.end_of_stream)
         return CONTINUE_REQUEST_BODY
 
     # ---- response phase ----------------------------------------------------------------------
     def _response_headers(self, msg: pb.HttpHeaders) -> bytes:
-        call = self.call
-        call.response_start = time.perf_counter()
         content_type = encoding = ""
+        status = "0"
         for h in msg.headers.headers:
             key = h.key
             if key == ":status" or key == "content-type" or key == "content-encoding" or key == "content-length":
                 value = h.raw_value.decode("latin-1") if h.raw_value else h.value
                 if key == ":status":
-                    # isascii: str.isdigit() accepts "²" and other digits int() refuses
-                    call.status = int(value) if value.isascii() and value.isdigit() and len(value) <= 3 else 0
+                    status = value
                 elif key == "content-type":
                     content_type = value
                 elif key == "content-length":
                     self._content_length = int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
                 else:
                     encoding = value
+        self._response_start(status, content_type, encoding)
+        call = self.call
         parser = self.parser
-        if parser is not None:
-            parser.start_response(call.status, content_type)
-            if encoding:
-                self.decoder = make_decoder(encoding, self.p.max_decoded)
         if msg.end_of_stream:
             self._response_done = True
             self._complete()
@@ -310,7 +342,42 @@ class Stream:
         head = HEADERS_STREAMED if parser is not None and not msg.end_of_stream else HEADERS_NO_BODY
         return head + metadata.encoded(self.p.namespace, call, self.p.budget)
 
-    def _response_body(self, msg: pb.HttpBody) -> bytes:
+    def _response_start(self, status: str, content_type: str, encoding: str) -> None:
+        call = self.call
+        call.response_start = time.perf_counter()
+        # isascii: str.isdigit() accepts "²" and other digits int() refuses
+        call.status = int(status) if status.isascii() and status.isdigit() and len(status) <= 3 else 0
+        parser = self.parser
+        if parser is not None:
+            parser.start_response(call.status, content_type)
+            if encoding:
+                self.decoder = make_decoder(encoding, self.p.max_decoded)
+
+    def _response_start_from(self, req: pb.ProcessingRequest) -> None:
+        """fewer-messages mode: the response's start, from the attributes of its first body
+        message: ``response.code``, the content type, encoding and length (copied into metadata by
+        Envoy's header_to_metadata filter), and the request line when no request message came
+        (a GET, an early or local reply)."""
+        attrs = req.attributes.get(ATTRIBUTES_KEY)
+        status = content_type = encoding = ""
+        if attrs is not None:
+            if not self._routed:
+                self._route_from(req)
+            for key, v in attrs.fields.items():
+                if key == "response.code":
+                    status = _text(v)
+                elif key.endswith('["content-type"]'):
+                    content_type = _text(v)
+                elif key.endswith('["content-encoding"]'):
+                    encoding = _text(v)
+                elif key.endswith('["content-length"]'):
+                    length = _text(v)
+                    self._content_length = int(length) if length.isascii() and length.isdigit() and len(length) <= 18 else None
+        self._response_start(status, content_type, encoding)
+        if self.parser is None:
+            self._complete()  # not an LLM path: the status is all we observe
+
+    def _response_body(self, msg: pb.HttpBody, first: bool = False) -> bytes:
         call = self.call
         if call.first_chunk is None:
             call.first_chunk = time.perf_counter()
@@ -325,7 +392,7 @@ class Stream:
         length = self._content_length
         complete = end or (length is not None and call.response_bytes >= length)
         parser = self.parser if not self._body_complete else None  # parsed already: nothing more
-        changed = False
+        changed = first  # fewer-messages mode: the first response message hands over the metadata
         if parser is not None:
             p = self.p
             decoder = self.decoder
@@ -343,7 +410,7 @@ class Stream:
                 if parser.work_items(body) > p.max_lines_per_message:
                     self._abandon("message_budget")
                 else:
-                    changed = parser.feed_response(body, complete)
+                    changed = parser.feed_response(body, complete) or first
                     self._body_complete = complete
                     held = parser.held_bytes()
                     if held != self.held:
@@ -447,6 +514,19 @@ class Stream:
         if not call.outcome:
             call.outcome = NO_RESPONSE if call.response_start is None else CLIENT_ABORT
         self.p.report(call)
+
+
+ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # ProcessingRequest.attributes: the filter's name
+
+
+def _text(v: Any) -> str:
+    """An attribute's value as text: strings as they are, numbers (``response.code``) as integers."""
+    kind = v.WhichOneof("kind")
+    if kind == "string_value":
+        return str(v.string_value)
+    if kind == "number_value":
+        return str(int(v.number_value))
+    return ""
 
 
 _CONTINUE = {

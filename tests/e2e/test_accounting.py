@@ -35,10 +35,11 @@ def collector():
     c.close()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["default", "fewer"])
 def stack(request, tmp_path_factory, replay, collector):
     cfg = {**SIDECAR, "tracing": {**SIDECAR["tracing"], "otlpEndpoint": collector.endpoint}}
-    with Stack(tmp_path_factory.mktemp("acct"), replay.url, jwks_json=jwks_json(), workers=2, sidecar_config=cfg) as s:
+    with Stack(tmp_path_factory.mktemp("acct"), replay.url, jwks_json=jwks_json(), workers=2, sidecar_config=cfg,
+               fewer_messages=request.param == "fewer") as s:
         yield s
 
 

@@ -18,9 +18,9 @@ from tests.support.replay_upstream import _Encoder, split_stream
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, replay) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("providers"), replay.url) as s:
+@pytest.fixture(scope="module", params=["default", "fewer"])
+def stack(request, tmp_path_factory, replay) -> Iterator[Stack]:
+    with Stack(tmp_path_factory.mktemp("providers"), replay.url, fewer_messages=request.param == "fewer") as s:
         yield s
 
 

@@ -23,9 +23,10 @@ from tests.support.recordings import load
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def stack(tmp_path_factory, replay) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("spine"), replay.url) as s:
+@pytest.fixture(scope="module", params=["default", "fewer"])
+def stack(request, tmp_path_factory, replay) -> Iterator[Stack]:
+    """Both ext_proc processing modes: headers messages, and fewer messages (attributes)."""
+    with Stack(tmp_path_factory.mktemp("spine"), replay.url, fewer_messages=request.param == "fewer") as s:
         yield s
 
 
@@ -201,3 +202,47 @@ def test_usage_is_logged_when_the_client_closes_after_the_content_length(tmp_pat
         sidecar.close()
     assert entry["provider_model"] == "gpt-5-nano-2025-08-07"
     assert (entry["prompt_tokens"], entry["completion_tokens"], entry["total_tokens"]) == (8, 377, 385)
+
+
+def _fewer(stack: Stack) -> bool:
+    return "request_header_mode: SKIP" in stack.envoy_config_path.read_text()
+
+
+def test_messages_per_call(stack):
+    """A non-streamed call from this HTTP/1.1 upstream: 4 ext_proc messages (request headers and
+    body, response headers and body), or 3 in fewer-messages mode (request body; response data and
+    its empty end-of-stream). Envoy's own counters say so."""
+    name = "http.llm.ext_proc.stream_msgs_sent"
+    before = stack.envoy_stat(name)
+    r, entry = _post(stack, "aigw__chat-basic.yaml")
+    assert r.status_code == 200 and entry["total_tokens"] == 385 and entry["outcome"] == "ok"
+    assert stack.envoy_stat(name) - before == (3 if _fewer(stack) else 4)
+
+
+def test_get_is_observed_by_path_status_and_method(stack):
+    """A GET sends no request message in fewer-messages mode: the request line comes with the
+    response's attributes, and the call is reported like in the default mode."""
+    rid = str(uuid.uuid4())
+    r = httpx.get(stack.url("/some/other/api"), headers={"x-status": "503", "x-body": "down", "x-request-id": rid}, timeout=10)
+    assert r.status_code == 503 and r.text == "down"
+    entry = stack.log_entry(rid)
+    assert entry["outcome"] == "error" and entry["operation"] == "unknown"
+
+
+def test_gzip_response_is_decoded(stack):
+    """The content encoding reaches the sidecar in both modes (fewer messages: header_to_metadata
+    copies it into metadata, read as a response attribute)."""
+    r, entry = _post(stack, "aigw__chat-streaming-detailed-usage.yaml", **{"x-encode": "gzip", "accept-encoding": "gzip"})
+    assert r.status_code == 200 and entry["total_tokens"] == 112 and entry["outcome"] == "ok"
+
+
+def test_bodyless_response(stack):
+    """A response without a body (204 here) sends no response message in fewer-messages mode: the
+    call's status and outcome are then unknown to the sidecar (docs/performance.md)."""
+    rid = str(uuid.uuid4())
+    r = httpx.post(stack.url("/v1/chat/completions"), content=b'{"model":"gpt-4o","messages":[]}',
+                   headers={"x-status": "204", "x-request-id": rid}, timeout=10)
+    assert r.status_code == 204
+    entry = stack.log_entry(rid)
+    assert entry["response_code"] == 204 and entry["model"] == ("gpt-4o" if not _fewer(stack) else None)
+    assert entry["outcome"] == ("ok" if not _fewer(stack) else None)

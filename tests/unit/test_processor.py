@@ -312,3 +312,64 @@ def test_status_that_is_not_an_ascii_number_is_zero_without_raising(status):
     run(p, [req_headers(), resp])
     assert p.internal_errors == 0
     assert rec.calls[0].status == 0
+
+
+# ---- fewer-messages mode: no headers messages, attributes instead ------------------------------
+def with_attrs(msg: pb.ProcessingRequest, **attrs: Any) -> pb.ProcessingRequest:
+    s = msg.attributes["envoy.filters.http.ext_proc"]
+    s.update(attrs)
+    return msg
+
+
+REQ_LINE = {"request.path": "/v1/chat/completions", "request.host": "api.openai.com", "request.method": "POST"}
+RESP = {"response.code": 200, 'metadata.filter_metadata["envoy.ai.response_headers"]["content-type"]': "application/json"}
+
+
+def test_fewer_messages_non_streaming_chat(proc, rec):
+    replies = run(proc, [
+        with_attrs(body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True), **REQ_LINE),
+        with_attrs(body("response_body", CHAT_JSON, end=True), **RESP, **REQ_LINE),
+    ])
+    assert [r.WhichOneof("response") for r in replies] == ["request_body", "response_body"]
+    m = meta(replies[1])
+    assert (m["model"], m["provider_model"], m["total_tokens"], m["outcome"]) == ("gpt-4o", "gpt-4o-2024", 12, "ok")
+    (call,) = rec.calls
+    assert (call.outcome, call.status, call.method, call.host, call.api) == (OK, 200, "POST", "api.openai.com", "openai.chat")
+
+
+def test_fewer_messages_http1_gzip_and_provider_header(proc, rec):
+    import gzip
+
+    data = gzip.compress(CHAT_JSON)
+    enc = 'metadata.filter_metadata["envoy.ai.response_headers"]["content-encoding"]'
+    replies = run(proc, [
+        with_attrs(body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
+                   **REQ_LINE, **{'request.headers["x-llm-provider"]': "azure"}),
+        with_attrs(body("response_body", data), **RESP, **{enc: "gzip"}),
+        body("response_body", b"", end=True),
+    ])
+    assert meta(replies[1])["outcome"] == "client_abort"  # the first response message hands over the metadata
+    assert meta(replies[2])["total_tokens"] == 12 and meta(replies[2])["provider"] == "azure"
+    assert rec.calls[0].outcome == OK
+
+
+def test_fewer_messages_get_and_early_reply(proc, rec):
+    """A GET sends no request message: the request line comes with the response. An upstream that
+    answers before the request body: the late request body is not parsed into the response."""
+    run(proc, [with_attrs(body("response_body", b"{}", end=True), **{**REQ_LINE, "request.method": "GET"}, **{"response.code": 404})])
+    run(proc, [
+        with_attrs(body("response_body", b'{"error":{"message":"x"}}', end=True), **REQ_LINE, **{"response.code": 429}),
+        with_attrs(body("request_body", b'{"model":"gpt-4o"}', end=True), **REQ_LINE),
+    ])
+    get, early = rec.calls
+    assert (get.method, get.status, get.outcome) == ("GET", 404, ERROR)
+    assert (early.status, early.outcome, early.api) == (429, ERROR, "openai.chat")
+
+
+def test_fewer_messages_unknown_path_streams_through(proc, rec):
+    replies = run(proc, [
+        with_attrs(body("response_body", b"abc"), **{**REQ_LINE, "request.path": "/other"}, **{"response.code": 200}),
+        body("response_body", b"def", end=True),
+    ])
+    assert meta(replies[0])["outcome"] == "ok" and not replies[1].HasField("dynamic_metadata")
+    assert rec.calls[0].outcome == OK and rec.calls[0].api == "unknown"
