@@ -37,6 +37,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     GrpcServiceEnvoyGrpc,
     HeaderValue,
     HeaderValueOption,
+    Http1ProtocolOptions,
     Http2ProtocolOptions,
     Pipe,
     SocketAddress,
@@ -104,7 +105,11 @@ from envoy_data_plane.envoy.extensions.transport_sockets.tls.v3 import (
     TlsCertificate,
     UpstreamTlsContext,
 )
-from envoy_data_plane.envoy.extensions.upstreams.http.v3 import HttpProtocolOptions, HttpProtocolOptionsExplicitHttpConfig
+from envoy_data_plane.envoy.extensions.upstreams.http.v3 import (
+    HttpProtocolOptions,
+    HttpProtocolOptionsAutoHttpConfig,
+    HttpProtocolOptionsExplicitHttpConfig,
+)
 from envoy_data_plane.envoy.type.matcher.v3 import StringMatcher
 from envoy_data_plane.envoy.type.metadata.v3 import MetadataKey, MetadataKeyPathSegment
 from envoy_data_plane.envoy.type.v3 import Percent
@@ -178,6 +183,10 @@ class Upstream:
     prefix: str
     url: str
     provider: str | None = None  # sent to the sidecar as grpc_initial_metadata x-llm-provider
+    # HTTP/2 to the upstream: negotiated by ALPN over TLS (falling back to HTTP/1.1), prior
+    # knowledge in cleartext. A non-streamed response then reaches ext_proc as one body message
+    # (HTTP/1.1: the data, then an empty end of stream). All major LLM APIs speak it.
+    http2: bool = False
 
     @property
     def cluster(self) -> str:
@@ -269,6 +278,11 @@ def _cluster(up: Upstream) -> Cluster:
     )
     if tls:
         cluster.transport_socket = TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(UpstreamTlsContext(sni=u.hostname or "")))
+    if up.http2:
+        options = (HttpProtocolOptions(auto_config=HttpProtocolOptionsAutoHttpConfig(
+            http_protocol_options=Http1ProtocolOptions(), http2_protocol_options=Http2ProtocolOptions())) if tls else
+            HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())))
+        cluster.typed_extension_protocol_options = {HTTP_PROTOCOL_OPTIONS: pack(options)}
     return cluster
 
 
@@ -633,8 +647,8 @@ EXAMPLE_JWKS = (
 _REFERENCE: dict[str, Any] = {
     "listen": "0.0.0.0:10000",
     "upstreams": [
-        Upstream("/v1/messages", "https://api.anthropic.com", "anthropic"),
-        Upstream("/", "https://api.openai.com", "openai"),
+        Upstream("/v1/messages", "https://api.anthropic.com", "anthropic", http2=True),
+        Upstream("/", "https://api.openai.com", "openai", http2=True),
     ],
     "extproc": "127.0.0.1:18080",
     "jwks_json": EXAMPLE_JWKS,
