@@ -66,7 +66,8 @@ def rss_mb(pid: int) -> float:
 
 @dataclass
 class Stack:
-    name: str  # envoy | inline | observe | traced (inline, tracing, collector down) | traced-live (collector up)
+    name: str  # envoy | inline | fewer (fewer-messages mode, HTTP/2 upstream) | observe | traced (inline, tracing,
+    # collector down) | traced-live (collector up)
     workdir: Path
     upstreams: list[envoy_config.Upstream]
     workers: int
@@ -106,9 +107,12 @@ class Stack:
                 [sys.executable, "-m", "bench.sidecar", "--config", str(cfg), "--workers", str(self.workers), "--counts", str(self.counts)],
                 cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=(d / "sidecar.log").open("wb"))
             wait_port(sport, proc=self.sidecar)
-        boot = envoy_config.bootstrap(upstreams=self.upstreams, listen=f"127.0.0.1:{self.port}", extproc=extproc,
+        upstreams = self.upstreams
+        if self.name == "fewer":  # HTTP/2 to the (Envoy) non-streaming upstream: 2 messages per call
+            upstreams = [envoy_config.Upstream(u.prefix, u.url, u.provider, http2=not u.prefix.startswith("/sse/")) for u in upstreams]
+        boot = envoy_config.bootstrap(upstreams=upstreams, listen=f"127.0.0.1:{self.port}", extproc=extproc,
                                       access_log=str(d / "access.log"), admin=f"127.0.0.1:{self.admin}",
-                                      observability_mode=self.name == "observe")
+                                      observability_mode=self.name == "observe", fewer_messages=self.name == "fewer")
         (d / "envoy.yaml").write_text(envoy_config.dump(boot))
         self.envoy = subprocess.Popen(envoy_command(d / "envoy.yaml", "--concurrency", str(self.envoy_concurrency)),
                                       stdout=subprocess.DEVNULL, stderr=(d / "envoy.log").open("wb"))
@@ -137,6 +141,8 @@ class Stack:
             "worker_cpu": cpu_by_pid(self.worker_pids()),
             "envoy_cpu": cpu_seconds([self.envoy.pid]) if self.envoy else 0.0,
             "counts": read_counts(self.counts) if self.counts else {},
+            # ext_proc messages Envoy sent to / received from the sidecar (its own counters)
+            "msgs": {k.rpartition(".")[2]: v for k, v in self.envoy_stats("ext_proc.stream_msgs").items()} if self.has_sidecar else {},
             "t": time.monotonic(),
         }
 
@@ -157,6 +163,7 @@ def delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
         "envoy_cpu_s": after["envoy_cpu"] - before["envoy_cpu"],
         "worker_cpu_s": sorted(per_worker.values(), reverse=True),
         "counts": {k: after["counts"].get(k, 0) - before["counts"].get(k, 0) for k in after["counts"]},
+        "msgs": {k: after["msgs"].get(k, 0) - before["msgs"].get(k, 0) for k in after["msgs"]},
         "wall_s": after["t"] - before["t"],
     }
 
@@ -288,6 +295,11 @@ def summarize(res: dict[str, dict[str, Any]], prof: Profile) -> list[dict[str, A
     add(f"sidecar CPU per request, c={c} (us)", f"c{c}", per_req, 0, "none")
     add(f"sidecar CPU per request @{prof.rates[0]} req/s (us)", f"rate{prof.rates[0]}", per_req, 0, "none")
     add(f"Envoy CPU per request, c={c} (us)", f"c{c}", lambda r: 1e6 * r["envoy_cpu_s"] / r["requests"], 0)
+    msgs = lambda r: r["msgs"]["stream_msgs_sent"] / r["requests"] if r["msgs"] else 0.0  # noqa: E731
+    add(f"ext_proc messages per call, c={c} (Envoy stream_msgs_sent)", f"c{c}", msgs, 2, "none")
+    add(f"ext_proc replies per call, c={c} (Envoy stream_msgs_received)", f"c{c}",
+        lambda r: r["msgs"]["stream_msgs_received"] / r["requests"] if r["msgs"] else 0.0, 2, "none")
+    add(f"ext_proc messages per stream ({prof.chunks} chunks)", "stream", msgs, 1, "none")
     add(f"busiest/idlest sidecar worker CPU share, c={c}", f"c{c}",
         lambda r: r["worker_cpu_s"][0] / max(1e-9, r["worker_cpu_s"][-1]) if len(r["worker_cpu_s"]) > 1 else 1.0, 2, "none")
     add(f"fully observed calls, c={c} (%)", f"c{c}", lambda r: 100 * r["counts"]["observed"] / r["requests"] if r["counts"] else None, 1, "none")
@@ -298,6 +310,7 @@ def summarize(res: dict[str, dict[str, Any]], prof: Profile) -> list[dict[str, A
     add(f"per-chunk transit p50 ({prof.chunks} chunks/stream) (ms)", "stream", lambda r: r["chunk_p50_ms"], 3)
     add("per-chunk transit p99 (ms)", "stream", lambda r: r["chunk_p99_ms"], 3)
     add("sidecar CPU per chunk (us)", "stream", lambda r: 1e6 * r["sidecar_cpu_s"] / r["events"], 1, "none")
+    add("Envoy CPU per chunk (us)", "stream", lambda r: 1e6 * r["envoy_cpu_s"] / r["events"], 1)
     add("fully observed streams (%)", "stream", lambda r: 100 * r["counts"]["observed"] / r["sent"] if r["counts"] else None, 1, "none")
     add("sidecar RSS per worker, idle (MB)", "hold", lambda r: r["rss_idle_max_mb"], 1, "none")
     add(f"sidecar RSS per worker, {prof.hold_streams} open streams (MB)", "hold", lambda r: r["rss_streams_max_mb"], 1, "none")
@@ -330,8 +343,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quick", action="store_true", help="a few seconds: check every figure is produced")
     ap.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="sidecar workers (default: CPU count)")
     ap.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
-    ap.add_argument("--stacks", default="envoy,inline,observe,traced,traced-live",
-                    help="which stacks (comma separated): envoy alone, inline, observe (observability_mode), "
+    ap.add_argument("--stacks", default="envoy,inline,fewer,observe,traced,traced-live",
+                    help="which stacks (comma separated): envoy alone, inline, fewer (fewer-messages mode, HTTP/2 "
+                         "upstream), observe (observability_mode), "
                          "traced (inline, tracing on, OTLP collector unreachable), traced-live (collector up)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--label", default="", help="suffix for the result file names")

@@ -70,6 +70,24 @@ def _chunk(payload: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(payload), payload)
 
 
+def _chunked_end(buf: bytes, pos: int) -> int:
+    """Where a chunked body starting at ``pos`` ends (after its last chunk and trailers); -1 if
+    ``buf`` does not hold all of it yet."""
+    while True:
+        eol = buf.find(b"\r\n", pos)
+        if eol < 0:
+            return -1
+        size = int(buf[pos:eol].split(b";", 1)[0], 16)
+        if size == 0:
+            trailers_end = buf.find(b"\r\n\r\n", eol)  # the empty line after optional trailers
+            if buf.startswith(b"\r\n", eol + 2):
+                return eol + 4
+            return -1 if trailers_end < 0 else trailers_end + 4
+        pos = eol + 2 + size + 2
+        if pos > len(buf):
+            return -1
+
+
 class SSEServer(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.t = transport  # type: ignore[assignment]
@@ -85,19 +103,26 @@ class SSEServer(asyncio.Protocol):
             return
         head = self.buf[:end].decode("latin-1").lower()
         length = 0
+        chunked = False
         chunks, interval = 50, 1.0
         for line in head.split("\r\n")[1:]:
             k, _, v = line.partition(":")
             v = v.strip()
             if k == "content-length":
                 length = int(v)
+            elif k == "transfer-encoding":
+                chunked = "chunked" in v
             elif k == "x-chunks":
                 chunks = max(1, int(v))
             elif k == "x-chunk-interval-ms":
                 interval = float(v)
-        if len(self.buf) < end + 4 + length:
+        # Read the whole request before answering: Envoy forwards a body it buffered for ext_proc
+        # chunked (BUFFERED_PARTIAL drops content-length). Answering early would leave the body
+        # to be read as a second request, answered with an unsolicited response.
+        body_end = _chunked_end(self.buf, end + 4) if chunked else end + 4 + length
+        if body_end < 0 or len(self.buf) < body_end:
             return
-        self.buf = self.buf[end + 4 + length:]
+        self.buf = self.buf[body_end:]
         self.busy = True
         asyncio.ensure_future(self.stream(chunks, interval / 1000))
 

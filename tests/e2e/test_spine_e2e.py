@@ -209,14 +209,14 @@ def _fewer(stack: Stack) -> bool:
 
 
 def test_messages_per_call(stack):
-    """A non-streamed call from this HTTP/1.1 upstream: 4 ext_proc messages (request headers and
-    body, response headers and body), or 3 in fewer-messages mode (request body; response data and
-    its empty end-of-stream). Envoy's own counters say so."""
+    """A non-streamed call from this HTTP/1.1 upstream: 5 ext_proc messages (request headers and
+    body, response headers, the response data and its empty end of stream), or 3 in fewer-messages
+    mode (no headers messages). Envoy's own counters say so."""
     name = "http.llm.ext_proc.stream_msgs_sent"
     before = stack.envoy_stat(name)
     r, entry = _post(stack, "aigw__chat-basic.yaml")
     assert r.status_code == 200 and entry["total_tokens"] == 385 and entry["outcome"] == "ok"
-    assert stack.envoy_stat(name) - before == (3 if _fewer(stack) else 4)
+    assert stack.envoy_stat(name) - before == (3 if _fewer(stack) else 5)
 
 
 def test_get_is_observed_by_path_status_and_method(stack):
@@ -246,3 +246,15 @@ def test_bodyless_response(stack):
     entry = stack.log_entry(rid)
     assert entry["response_code"] == 204 and entry["model"] == ("gpt-4o" if not _fewer(stack) else None)
     assert entry["outcome"] == ("ok" if not _fewer(stack) else None)
+
+
+def test_keep_alive_requests_all_reach_the_sidecar(stack):
+    """Sequential POSTs on one keep-alive connection: every request body reaches the sidecar (the
+    requested model is read from it), in both modes."""
+    rec = load("aigw__chat-basic.yaml")
+    rids = [str(uuid.uuid4()) for _ in range(20)]
+    with httpx.Client(timeout=20) as client:
+        for rid in rids:
+            h = {"content-type": "application/json", "x-fixture": rec.name, "x-request-id": rid}
+            assert client.post(stack.url(rec.path), content=rec.request_body, headers=h).status_code == 200
+    assert [stack.log_entry(rid)["model"] for rid in rids] == ["gpt-5-nano"] * 20
