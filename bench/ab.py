@@ -1,6 +1,6 @@
 """One Envoy + sidecar stack, closed-loop wrk: sidecar and Envoy CPU per request, for quick A/Bs.
 
-    .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live
+    .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live, --mode fewer-messages
     .venv/bin/python -m bench.ab grpclib --prof /tmp/w.prof      # the sidecar under cProfile (1 worker)
 
 Lighter than ``python -m bench`` (one stack, one scenario), so A and B can be interleaved several
@@ -28,6 +28,10 @@ ap.add_argument("-c", type=int, default=16, help="wrk connections")
 ap.add_argument("-d", type=float, default=5, help="seconds per measurement")
 ap.add_argument("--workers", type=int, default=1)
 ap.add_argument("--reps", type=int, default=1)
+ap.add_argument("--mode", choices=["headers", "fewer-messages"], default="headers",
+                help="ext_proc processing mode (fewer-messages: with HTTP/2 to the upstream)")
+ap.add_argument("--upstream", choices=["http1", "http2", "auto"], default="auto",
+                help="protocol to the upstream (auto: HTTP/2 in fewer-messages mode, else HTTP/1.1)")
 ap.add_argument("--tracing", choices=["off", "dead", "live"], default="off",
                 help="OTLP tracing: off; dead (collector port closed); live (an in-process OTLP/gRPC receiver)")
 a = ap.parse_args()
@@ -49,8 +53,10 @@ try:
     pre = [sys.executable, "-m", "cProfile", "-o", a.prof] if a.prof else [sys.executable]
     sc = subprocess.Popen([*pre, "-m", "bench.sidecar", "--config", str(d / "s.yaml"), "--workers", str(a.workers), "--counts", str(d / "counts")], stderr=open(d / "sidecar.log", "wb"))
     procs.append(sc)
-    port = free_port()
-    boot = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", f"http://127.0.0.1:{up}")], listen=f"127.0.0.1:{port}", extproc=f"127.0.0.1:{sport}", access_log="/dev/null", admin=f"127.0.0.1:{free_port()}")
+    port, admin = free_port(), free_port()
+    fewer = a.mode == "fewer-messages"
+    boot = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", f"http://127.0.0.1:{up}", http2=fewer if a.upstream == "auto" else a.upstream == "http2")], listen=f"127.0.0.1:{port}",
+                                  extproc=f"127.0.0.1:{sport}", access_log=str(d / "access.log"), admin=f"127.0.0.1:{admin}", fewer_messages=fewer)
     (d / "e.yaml").write_text(envoy_config.dump(boot))
     ev = subprocess.Popen(envoy_command(d / "e.yaml", "--concurrency", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); procs.append(ev)
     wait_port(up, proc=procs[0]); wait_port(sport, proc=sc); wait_port(port, proc=ev)
@@ -81,6 +87,15 @@ try:
     rss = []
     for w in tree(sc.pid)[1:] or [sc.pid]:
         rss.append(process_rss(w) / 2**20)
+    import urllib.request
+    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=(ext_proc\\.(stream|failure|message|spurious)|rq_5xx|rq_503|reset|overflow|cx_destroy|llm_)", timeout=5) as resp:
+        stats = [line for line in resp.read().decode().splitlines() if not line.endswith(": 0")]
+    print("Envoy stats (non-zero):", "; ".join(stats), flush=True)
+    codes: dict[str, int] = {}
+    for line in (d / "access.log").read_text().splitlines():
+        code = line.split('"response_code":', 1)[1].split(",", 1)[0]
+        codes[code] = codes.get(code, 0) + 1
+    print("response codes (access log):", codes, flush=True)
     print(f"sidecar RSS per worker after the runs: {'/'.join(f'{x:.1f}' for x in rss)} MB", flush=True)
 finally:
     for p in reversed(procs):
