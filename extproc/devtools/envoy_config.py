@@ -351,8 +351,10 @@ def ext_proc_filter(
 # HTTP/1.1, instead of 4.
 RESPONSE_HEADERS_NAMESPACE = "envoy.ai.response_headers"
 RESPONSE_HEADERS = ("content-type", "content-encoding", "content-length")
-# Request headers the sidecar reads (provider override, trace context, MCP session).
-ATTRIBUTE_HEADERS = ("x-llm-provider", "traceparent", "tracestate", "mcp-session-id", "mcp-protocol-version")
+# Request headers the sidecar reads (provider override, trace context, MCP session, the default
+# attribution.sessionHeaders). Not the API-key headers: key_id needs them added (docs/performance.md).
+ATTRIBUTE_HEADERS = ("x-llm-provider", "traceparent", "tracestate", "mcp-session-id", "mcp-protocol-version",
+                     "x-session-id", "agent-session-id")
 _REQUEST_LINE = ["request.path", "request.host", "request.method"]
 
 

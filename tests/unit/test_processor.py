@@ -373,3 +373,12 @@ def test_fewer_messages_unknown_path_streams_through(proc, rec):
     ])
     assert meta(replies[0])["outcome"] == "ok" and not replies[1].HasField("dynamic_metadata")
     assert rec.calls[0].outcome == OK and rec.calls[0].api == "unknown"
+
+
+def test_fewer_messages_attribution_reads_the_listed_headers(proc, rec):
+    run(proc, [
+        with_attrs(body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
+                   **REQ_LINE, **{'request.headers["x-session-id"]': "s-1"}),
+        with_attrs(body("response_body", CHAT_JSON, end=True), **RESP),
+    ])
+    assert rec.calls[0].session_id == "s-1"
