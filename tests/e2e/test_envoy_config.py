@@ -32,7 +32,8 @@ BUDGETS_BY_USER_AND_HEADER = config.parse({"budgets": {"descriptors": [
 ]}}).budgets
 
 
-@pytest.mark.parametrize("variant", ["plain", "jwt", "no_extproc", "observability", "unix", "budgets"])
+@pytest.mark.parametrize("variant", ["plain", "jwt", "no_extproc", "observability", "unix", "budgets", "fewer_messages",
+                                     "fewer_messages_budgets"])
 def test_built_configs_validate(tmp_path, variant):
     kw = {
         "plain": {},
@@ -42,8 +43,12 @@ def test_built_configs_validate(tmp_path, variant):
         "unix": {"extproc": "unix:/tmp/extproc.sock"},
         "budgets": {"jwks_json": envoy_config.EXAMPLE_JWKS,
                     "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},
+        "fewer_messages": {"fewer_messages": True},
+        "fewer_messages_budgets": {"fewer_messages": True, "jwks_json": envoy_config.EXAMPLE_JWKS,
+                                   "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},
     }[variant]
-    cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")], **kw)
+    up = envoy_config.Upstream("/", "http://127.0.0.1:8000", http2=variant.startswith("fewer"))
+    cfg = envoy_config.bootstrap(upstreams=[up, envoy_config.Upstream("/tls/", "https://example.com", http2=True)], **kw)
     f = tmp_path / "envoy.yaml"
     f.write_text(envoy_config.dump(cfg))
     p = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f)], capture_output=True, text=True, timeout=60)
