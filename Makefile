@@ -20,7 +20,7 @@ run: $(STAMP)
 
 # Lint, type check, then every test (unit and end-to-end).
 test: lint $(STAMP) tools
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not compose" $(PYTEST_ARGS)
 	@if [ "$$CI" = true ]; then $(MAKE) --no-print-directory test-compose; \
 	elif tests/compose/run.sh --check; then echo "test-compose: not run (CI unset): \`make test-compose\` runs docker-compose.yaml in Docker"; \
 	else echo "test-compose: SKIPPED: Docker cannot run on this machine (and CI is not set)"; fi
