@@ -88,7 +88,13 @@ def _envoy_config(args: argparse.Namespace) -> int:
     elif args.config:
         print("extproc: --config is read for its budgets section: give --ratelimit-service too", file=sys.stderr)
         return 2
-    sys.stdout.write(envoy_config.render(args.variant, ratelimit, fewer_messages=args.mode == "fewer-messages"))
+    try:
+        out = envoy_config.render(args.variant, ratelimit, fewer_messages=args.mode == "fewer-messages",
+                                  passthrough=tuple(args.passthrough))
+    except ValueError as e:  # a passthrough prefix that no route matches
+        print(f"extproc: {e}", file=sys.stderr)
+        return 2
+    sys.stdout.write(out)
     return 0
 
 
@@ -96,6 +102,12 @@ def _host_port(v: str) -> str:
     host, sep, port = v.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
         raise argparse.ArgumentTypeError(f"{v!r}: expected HOST:PORT")
+    return v
+
+
+def _path_prefix(v: str) -> str:
+    if not v.startswith("/"):
+        raise argparse.ArgumentTypeError(f"{v!r}: expected a path prefix starting with /")
     return v
 
 
@@ -138,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--config", help="sidecar config file whose budgets section sets the domain, descriptors, failure mode")
     e.add_argument("--mode", default="headers", choices=["headers", "fewer-messages"],
                    help="ext_proc processing mode: headers (default) or fewer-messages (docs/performance.md)")
+    e.add_argument("--passthrough", metavar="PREFIX", action="append", default=[], type=_path_prefix,
+                   help="requests whose path starts with PREFIX bypass the sidecar (ExtProcPerRoute disabled): "
+                        "zero ext_proc messages for non-LLM paths; repeatable")
     e.set_defaults(func=_envoy_config)
 
     sp = sub.add_parser("spend", help="LLM spend per team/user/model over a window, from Prometheus or access logs")

@@ -120,6 +120,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
                     help="enforce the config's budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)")
     ap.add_argument("--mode", default="headers", choices=["headers", "fewer-messages"],
                     help="ext_proc processing mode: headers (default) or fewer-messages (docs/performance.md)")
+    ap.add_argument("--passthrough", metavar="PREFIX", action="append", default=[],
+                    help="requests whose path starts with PREFIX bypass the sidecar (no ext_proc messages); repeatable")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -131,6 +133,9 @@ def run(args: argparse.Namespace) -> int:
     if args.ratelimit_service and not cfg.budgets.enabled:
         print("extproc: --ratelimit-service needs `budgets: {enabled: true}` in the sidecar config (--config): "
               "the sidecar computes what each call is charged", file=sys.stderr)
+        return 2
+    if bad := [p for p in args.passthrough if not p.startswith("/")]:
+        print(f"extproc: --passthrough {bad[0]!r}: expected a path prefix starting with /", file=sys.stderr)
         return 2
     jwks = None
     if args.jwks:
@@ -179,6 +184,7 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, ups
         namespace=cfg.metadata.namespace,
         ratelimit=envoy_config.RateLimitService(args.ratelimit_service, cfg.budgets) if args.ratelimit_service else None,
         fewer_messages=args.mode == "fewer-messages",
+        passthrough=tuple(args.passthrough),
     )))
     py = sys.executable
     procs: list[subprocess.Popen] = []

@@ -12,6 +12,7 @@ does not install the library (it is in the ``dev`` extra).
 """
 from __future__ import annotations
 
+import dataclasses
 import ipaddress
 from dataclasses import dataclass
 from datetime import timedelta
@@ -124,6 +125,7 @@ RATELIMIT_COST_KEY = "ratelimit_cost"  # the sidecar's dynamic metadata key (doc
 # ext_proc cluster: streams per HTTP/2 connection before Envoy opens another (docs/performance.md).
 EXTPROC_STREAMS_PER_CONNECTION = 8
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+EXT_PROC_FILTER = "envoy.filters.http.ext_proc"  # the filter's name: per-route configs are keyed by it
 
 
 def pack(message: betterproto2.Message) -> AnyMessage:
@@ -187,6 +189,9 @@ class Upstream:
     # knowledge in cleartext. A non-streamed response then reaches ext_proc as one body message
     # (HTTP/1.1: the data, then an empty end of stream). All major LLM APIs speak it.
     http2: bool = False
+    # False: the route bypasses the sidecar (ExtProcPerRoute {disabled: true}): no ext_proc message,
+    # no metadata, no budget check. For non-LLM paths (bootstrap's ``passthrough``).
+    observe: bool = True
 
     @property
     def cluster(self) -> str:
@@ -241,6 +246,25 @@ class RateLimitService:
 
     address: str
     budgets: BudgetsConfig = BudgetsConfig()
+
+
+def with_passthrough(upstreams: list[Upstream], prefixes: tuple[str, ...] | list[str]) -> list[Upstream]:
+    """The routes with each passthrough prefix added as an ``observe=False`` route.
+
+    A request whose path starts with one of ``prefixes`` goes to the upstream it went to before,
+    but bypasses the sidecar: the new route sits just before the first route matching the prefix
+    (or replaces it, for the same prefix), so routes listed earlier still win."""
+    placed: set[str] = set()
+    out: list[Upstream] = []
+    for up in upstreams:
+        mine = [p for p in prefixes if p not in placed and p.startswith(up.prefix)]
+        placed.update(mine)
+        out.extend(dataclasses.replace(up, prefix=p, observe=False) for p in sorted(mine, key=len, reverse=True))
+        if up.prefix not in mine:
+            out.append(up)
+    if missing := [p for p in prefixes if p not in placed]:
+        raise ValueError(f"passthrough prefixes matching no upstream route: {', '.join(missing)}")
+    return out
 
 
 def _address(addr: str) -> Address:
@@ -477,6 +501,7 @@ def bootstrap(
     extproc_streams_per_connection: int = EXTPROC_STREAMS_PER_CONNECTION,
     ratelimit: RateLimitService | None = None,
     fewer_messages: bool = False,
+    passthrough: tuple[str, ...] = (),
 ) -> Bootstrap:
     """A complete Envoy bootstrap. ``extproc=None`` builds the same proxy without the sidecar.
 
@@ -498,6 +523,8 @@ def bootstrap(
 
     ``fewer_messages`` selects the fewer-messages mode (no headers messages; docs/performance.md
     says when to choose it).
+
+    ``passthrough`` lists path prefixes that bypass the sidecar (see :func:`with_passthrough`).
     """
     if ratelimit is not None and (extproc is None or observability_mode):
         raise ValueError("ratelimit needs the sidecar in its default mode: observability_mode ignores the metadata it returns")
@@ -508,7 +535,7 @@ def bootstrap(
         ep = ext_proc_filter(namespace, message_timeout_ms, observability_mode)
         if fewer_messages:
             fewer_messages_mode(ep)
-        http_filters.append(HttpFilter(name="envoy.filters.http.ext_proc", typed_config=pack(ep)))
+        http_filters.append(HttpFilter(name=EXT_PROC_FILTER, typed_config=pack(ep)))
         if fewer_messages:
             http_filters.append(response_headers_filter())
     if ratelimit is not None:
@@ -516,14 +543,20 @@ def bootstrap(
         # the calls the limiter rejects, as 429s).
         http_filters.append(HttpFilter(name="envoy.filters.http.ratelimit", typed_config=pack(ratelimit_filter(ratelimit))))
     http_filters.append(HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router())))
+    upstreams = with_passthrough(upstreams, passthrough)
     routes = []
     for up in upstreams:
         r = Route(
             match=RouteMatch(prefix=up.prefix),
             route=RouteAction(cluster=up.cluster, timeout=timedelta(seconds=600), auto_host_rewrite=True),
         )
+        if not up.observe:
+            if extproc is not None:
+                r.typed_per_filter_config[EXT_PROC_FILTER] = pack(ExtProcPerRoute(disabled=True))
+            routes.append(r)  # nor rate limited: the sidecar, which computes the cost, never sees it
+            continue
         if up.provider and extproc is not None:
-            r.typed_per_filter_config["envoy.filters.http.ext_proc"] = pack(ExtProcPerRoute(
+            r.typed_per_filter_config[EXT_PROC_FILTER] = pack(ExtProcPerRoute(
                 overrides=ExtProcOverrides(grpc_initial_metadata=[HeaderValue(key="x-llm-provider", value=up.provider)])
             ))
         if ratelimit is not None:
@@ -659,12 +692,14 @@ _REFERENCE: dict[str, Any] = {
 }
 
 
-def reference(ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> Bootstrap:
+def reference(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
+              passthrough: tuple[str, ...] = ()) -> Bootstrap:
     """envoy/envoy.yaml: the config users copy."""
-    return bootstrap(**_REFERENCE, ratelimit=ratelimit, fewer_messages=fewer_messages)
+    return bootstrap(**_REFERENCE, ratelimit=ratelimit, fewer_messages=fewer_messages, passthrough=passthrough)
 
 
-def compose(ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> Bootstrap:
+def compose(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
+            passthrough: tuple[str, ...] = ()) -> Bootstrap:
     """envoy/envoy-compose.yaml: docker-compose.yaml's Envoy; peers are reached by service name."""
     return bootstrap(
         listen="0.0.0.0:10000",
@@ -674,21 +709,25 @@ def compose(ratelimit: RateLimitService | None = None, fewer_messages: bool = Fa
         admin="0.0.0.0:9901",  # Prometheus scrapes /stats/prometheus; published on host loopback only
         ratelimit=ratelimit,
         fewer_messages=fewer_messages,
+        passthrough=passthrough,
     )
 
 
-def kubernetes(ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> Bootstrap:
+def kubernetes(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
+               passthrough: tuple[str, ...] = ()) -> Bootstrap:
     """deploy/kubernetes/envoy.yaml: the reference, plus the ops listener the pod's probes use."""
-    return bootstrap(**_REFERENCE, ops_listen="0.0.0.0:9902", ratelimit=ratelimit, fewer_messages=fewer_messages)  # readinessProbe /ready and the PodMonitor
+    return bootstrap(**_REFERENCE, ops_listen="0.0.0.0:9902",  # readinessProbe /ready and the PodMonitor
+                     ratelimit=ratelimit, fewer_messages=fewer_messages, passthrough=passthrough)
 
 
 # The rate limit service of docs/budgets.md (envoyproxy/ratelimit's gRPC port, by service name).
 EXAMPLE_RATELIMIT_SERVICE = "ratelimit:8081"
 
 
-def budgets(ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> Bootstrap:
+def budgets(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
+            passthrough: tuple[str, ...] = ()) -> Bootstrap:
     """envoy/envoy-budgets.yaml: the reference with budgets per JWT ``team`` (docs/budgets.md)."""
-    return reference(ratelimit or RateLimitService(EXAMPLE_RATELIMIT_SERVICE), fewer_messages)
+    return reference(ratelimit or RateLimitService(EXAMPLE_RATELIMIT_SERVICE), fewer_messages, passthrough)
 
 
 HEADER = """\
@@ -733,8 +772,11 @@ VARIANTS = {
 }
 
 
-def render(variant: str, ratelimit: RateLimitService | None = None, fewer_messages: bool = False) -> str:
+def render(variant: str, ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
+           passthrough: tuple[str, ...] = ()) -> str:
     _, build, header = VARIANTS[variant]
     if fewer_messages:
         header += "# fewer-messages mode (`--mode fewer-messages`; docs/performance.md).\n"
-    return dump(build(ratelimit, fewer_messages), header)
+    if passthrough:
+        header += f"# not observed (`--passthrough`): paths starting with {', '.join(passthrough)}\n"
+    return dump(build(ratelimit, fewer_messages, passthrough), header)

@@ -33,7 +33,7 @@ BUDGETS_BY_USER_AND_HEADER = config.parse({"budgets": {"descriptors": [
 
 
 @pytest.mark.parametrize("variant", ["plain", "jwt", "no_extproc", "observability", "unix", "budgets", "fewer_messages",
-                                     "fewer_messages_budgets"])
+                                     "fewer_messages_budgets", "passthrough", "fewer_messages_passthrough"])
 def test_built_configs_validate(tmp_path, variant):
     kw = {
         "plain": {},
@@ -46,11 +46,16 @@ def test_built_configs_validate(tmp_path, variant):
         "fewer_messages": {"fewer_messages": True},
         "fewer_messages_budgets": {"fewer_messages": True, "jwks_json": envoy_config.EXAMPLE_JWKS,
                                    "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},
+        # routes with ExtProcPerRoute {disabled: true} (tests/unit/test_envoy_config.py checks where)
+        "passthrough": {"passthrough": ("/v1/files", "/health"), "jwks_json": envoy_config.EXAMPLE_JWKS,
+                        "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},
+        "fewer_messages_passthrough": {"fewer_messages": True, "passthrough": ("/v1/files", "/health")},
     }[variant]
     up = envoy_config.Upstream("/", "http://127.0.0.1:8000", http2=variant.startswith("fewer"))
     cfg = envoy_config.bootstrap(upstreams=[up, envoy_config.Upstream("/tls/", "https://example.com", http2=True)], **kw)
     f = tmp_path / "envoy.yaml"
     f.write_text(envoy_config.dump(cfg))
+    assert f.read_text().count("disabled: true") == (2 if "passthrough" in variant else 0)
     p = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 0, p.stderr[-2000:]
 

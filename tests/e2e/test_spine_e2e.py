@@ -23,10 +23,15 @@ from tests.support.recordings import load
 pytestmark = pytest.mark.integration
 
 
+PASSTHROUGH = "/passthrough/"
+
+
 @pytest.fixture(scope="module", params=["default", "fewer"])
 def stack(request, tmp_path_factory, replay) -> Iterator[Stack]:
-    """Both ext_proc processing modes: headers messages, and fewer messages (attributes)."""
-    with Stack(tmp_path_factory.mktemp("spine"), replay.url, fewer_messages=request.param == "fewer") as s:
+    """Both ext_proc processing modes: headers messages, and fewer messages (attributes). Paths
+    under /passthrough/ go to the same upstream without the sidecar."""
+    with Stack(tmp_path_factory.mktemp("spine"), replay.url, fewer_messages=request.param == "fewer",
+               passthrough=(PASSTHROUGH,)) as s:
         yield s
 
 
@@ -217,6 +222,28 @@ def test_messages_per_call(stack):
     r, entry = _post(stack, "aigw__chat-basic.yaml")
     assert r.status_code == 200 and entry["total_tokens"] == 385 and entry["outcome"] == "ok"
     assert stack.envoy_stat(name) - before in ((2, 3) if _fewer(stack) else (4, 5))
+
+
+def test_passthrough_route_sends_no_ext_proc_messages(stack):
+    """A passthrough route (ExtProcPerRoute disabled): zero ext_proc messages and streams, even for
+    an LLM response, and the client gets the upstream's bytes; the LLM route beside it is still
+    observed. In the fewer-messages mode this is how non-LLM paths avoid streaming through the
+    sidecar (docs/performance.md)."""
+    msgs, streams = "http.llm.ext_proc.stream_msgs_sent", "http.llm.ext_proc.streams_started"
+    fixture = "aigw__chat-streaming-detailed-usage.yaml"
+    rec = load(fixture)
+    before = stack.envoy_stat(msgs), stack.envoy_stat(streams)
+    r, entry = _post(stack, fixture, path=PASSTHROUGH + "v1/chat/completions")
+    assert r.status_code == rec.status and r.content == rec.body
+    assert entry["response_code"] == rec.status and entry["model"] is None and entry["total_tokens"] is None
+    rid = str(uuid.uuid4())
+    g = httpx.get(stack.url(PASSTHROUGH + "status"), headers={"x-status": "200", "x-body": "up", "x-request-id": rid}, timeout=10)
+    assert g.status_code == 200 and g.text == "up" and stack.log_entry(rid)["outcome"] is None
+    assert (stack.envoy_stat(msgs), stack.envoy_stat(streams)) == before
+
+    r, entry = _post(stack, fixture)  # the same call on the observed route
+    assert r.content == rec.body and entry["total_tokens"] == 112 and entry["outcome"] == "ok"
+    assert stack.envoy_stat(msgs) > before[0] and stack.envoy_stat(streams) == before[1] + 1
 
 
 def test_get_is_observed_by_path_status_and_method(stack):

@@ -1,0 +1,105 @@
+"""The generated Envoy config's routes: passthrough routes bypass the sidecar, the others do not.
+
+(``envoy --mode validate`` of these configs: tests/e2e/test_envoy_config.py.)"""
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from extproc import cli
+from extproc.devtools import envoy_config
+from extproc.devtools.envoy_config import Upstream
+
+EXT_PROC = "envoy.filters.http.ext_proc"
+DISABLED = {"@type": "type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExtProcPerRoute", "disabled": True}
+UPSTREAMS = [
+    Upstream("/v1/messages", "https://api.anthropic.com", "anthropic", http2=True),
+    Upstream("/", "https://api.openai.com", "openai", http2=True),
+]
+
+
+def routes(cfg: Any) -> list[dict[str, Any]]:
+    listener = envoy_config.to_dict(cfg)["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm["route_config"]["virtual_hosts"][0]["routes"]
+
+
+def table(cfg: Any) -> list[tuple[str, str, bool]]:
+    """(prefix, cluster, ext_proc disabled) per route, in match order."""
+    return [(r["match"]["prefix"], r["route"]["cluster"], r.get("typed_per_filter_config", {}).get(EXT_PROC) == DISABLED)
+            for r in routes(cfg)]
+
+
+@pytest.mark.parametrize("fewer_messages", [False, True])
+def test_passthrough_prefix_disables_ext_proc_on_its_route_only(fewer_messages):
+    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, passthrough=("/v1/files", "/v1/messages/count_tokens"),
+                                 fewer_messages=fewer_messages)
+    anthropic, openai = UPSTREAMS[0].cluster, UPSTREAMS[1].cluster
+    # Each passthrough route sits just before the route it carves from and keeps its upstream.
+    assert table(cfg) == [
+        ("/v1/messages/count_tokens", anthropic, True),
+        ("/v1/messages", anthropic, False),
+        ("/v1/files", openai, True),
+        ("/", openai, False),
+    ]
+    rs = routes(cfg)
+    assert rs[0]["typed_per_filter_config"] == {EXT_PROC: DISABLED}  # no provider override either
+    assert rs[1]["typed_per_filter_config"][EXT_PROC]["overrides"]["grpc_initial_metadata"] == [
+        {"key": "x-llm-provider", "value": "anthropic"}]
+    # The filter itself stays in the chain, under the name the per-route configs use.
+    listener = envoy_config.to_dict(cfg)["static_resources"]["listeners"][0]
+    filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
+    assert EXT_PROC in [f["name"] for f in filters]
+    # Same upstream, same cluster: no duplicate clusters.
+    names = [c["name"] for c in envoy_config.to_dict(cfg)["static_resources"]["clusters"]]
+    assert len(names) == len(set(names)) and {anthropic, openai} <= set(names)
+
+
+def test_no_passthrough_no_disabled_route():
+    assert not any(disabled for _, _, disabled in table(envoy_config.bootstrap(upstreams=UPSTREAMS)))
+
+
+def test_upstream_observe_false():
+    cfg = envoy_config.bootstrap(upstreams=[Upstream("/health", "http://127.0.0.1:8001", observe=False),
+                                            Upstream("/", "http://127.0.0.1:8000")])
+    assert [(p, d) for p, _, d in table(cfg)] == [("/health", True), ("/", False)]
+
+
+def test_passthrough_of_a_whole_route_replaces_it():
+    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, passthrough=("/v1/messages",))
+    assert table(cfg) == [("/v1/messages", UPSTREAMS[0].cluster, True), ("/", UPSTREAMS[1].cluster, False)]
+
+
+def test_passthrough_matching_no_route_is_an_error():
+    with pytest.raises(ValueError, match="/health"):
+        envoy_config.bootstrap(upstreams=[Upstream("/v1/", "http://127.0.0.1:8000")], passthrough=("/v1/models", "/health"))
+
+
+def test_passthrough_routes_are_not_rate_limited():
+    """The sidecar computes the cost a budget is charged; it never sees a passthrough route."""
+    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, passthrough=("/v1/files",),
+                                 ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"))
+    per_route = {r["match"]["prefix"]: r.get("typed_per_filter_config", {}) for r in routes(cfg)}
+    assert "envoy.filters.http.ratelimit" not in per_route["/v1/files"]
+    assert "envoy.filters.http.ratelimit" in per_route["/"]
+
+
+def test_without_the_sidecar_no_ext_proc_route_config():
+    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, passthrough=("/v1/files",), extproc=None)
+    assert all(EXT_PROC not in r.get("typed_per_filter_config", {}) for r in routes(cfg))
+
+
+def test_cli_passthrough(capsys):
+    assert cli.main(["envoy-config", "--mode", "fewer-messages", "--passthrough", "/v1/files", "--passthrough", "/v1/models"]) == 0
+    out = capsys.readouterr().out
+    assert "# not observed (`--passthrough`): paths starting with /v1/files, /v1/models" in out
+    assert out.count("disabled: true") == 2
+    assert cli.main(["envoy-config"]) == 0
+    assert "disabled: true" not in capsys.readouterr().out
+
+
+def test_cli_passthrough_rejects_a_non_path(capsys):
+    with pytest.raises(SystemExit) as e:
+        cli.main(["envoy-config", "--passthrough", "v1/files"])
+    assert e.value.code == 2 and "starting with /" in capsys.readouterr().err
