@@ -192,6 +192,11 @@ class Upstream:
     # False: the route bypasses the sidecar (ExtProcPerRoute {disabled: true}): no ext_proc message,
     # no metadata, no budget check. For non-LLM paths (bootstrap's ``passthrough``).
     observe: bool = True
+    # False: the sidecar gets no request body on this route (per-route processing_mode with
+    # request_body_mode NONE): one ext_proc message fewer per call, for routes whose model is in
+    # the path (Gemini's :generateContent, Bedrock, Azure deployments). Lost: whatever comes from
+    # the request body (prompt capture, request parameters such as max tokens, a body's model).
+    request_body: bool = True
 
     @property
     def cluster(self) -> str:
@@ -529,6 +534,7 @@ def bootstrap(
     if ratelimit is not None and (extproc is None or observability_mode):
         raise ValueError("ratelimit needs the sidecar in its default mode: observability_mode ignores the metadata it returns")
     http_filters: list[HttpFilter] = []
+    ep: ExternalProcessor | None = None
     if jwks_json is not None:
         http_filters.append(HttpFilter(name=JWT_NAMESPACE, typed_config=pack(jwt_filter(jwks_json))))
     if extproc is not None:
@@ -555,10 +561,16 @@ def bootstrap(
                 r.typed_per_filter_config[EXT_PROC_FILTER] = pack(ExtProcPerRoute(disabled=True))
             routes.append(r)  # nor rate limited: the sidecar, which computes the cost, never sees it
             continue
-        if up.provider and extproc is not None:
-            r.typed_per_filter_config[EXT_PROC_FILTER] = pack(ExtProcPerRoute(
-                overrides=ExtProcOverrides(grpc_initial_metadata=[HeaderValue(key="x-llm-provider", value=up.provider)])
-            ))
+        if ep is not None and (up.provider or not up.request_body):
+            overrides = ExtProcOverrides()
+            if up.provider:
+                overrides.grpc_initial_metadata = [HeaderValue(key="x-llm-provider", value=up.provider)]
+            if not up.request_body:
+                # The route's mode replaces the filter's whole processing_mode: copy it.
+                assert ep.processing_mode is not None
+                overrides.processing_mode = dataclasses.replace(
+                    ep.processing_mode, request_body_mode=ProcessingModeBodySendMode.NONE)
+            r.typed_per_filter_config[EXT_PROC_FILTER] = pack(ExtProcPerRoute(overrides=overrides))
         if ratelimit is not None:
             r.typed_per_filter_config["envoy.filters.http.ratelimit"] = pack(ratelimit_per_route(ratelimit, namespace))
         routes.append(r)

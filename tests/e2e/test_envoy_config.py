@@ -33,7 +33,8 @@ BUDGETS_BY_USER_AND_HEADER = config.parse({"budgets": {"descriptors": [
 
 
 @pytest.mark.parametrize("variant", ["plain", "jwt", "no_extproc", "observability", "unix", "budgets", "fewer_messages",
-                                     "fewer_messages_budgets", "passthrough", "fewer_messages_passthrough"])
+                                     "fewer_messages_budgets", "passthrough", "fewer_messages_passthrough",
+                                     "no_request_body", "fewer_messages_no_request_body"])
 def test_built_configs_validate(tmp_path, variant):
     kw = {
         "plain": {},
@@ -50,8 +51,10 @@ def test_built_configs_validate(tmp_path, variant):
         "passthrough": {"passthrough": ("/v1/files", "/health"), "jwks_json": envoy_config.EXAMPLE_JWKS,
                         "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},
         "fewer_messages_passthrough": {"fewer_messages": True, "passthrough": ("/v1/files", "/health")},
+        "no_request_body": {}, "fewer_messages_no_request_body": {"fewer_messages": True},  # per-route processing_mode
     }[variant]
-    up = envoy_config.Upstream("/", "http://127.0.0.1:8000", http2=variant.startswith("fewer"))
+    up = envoy_config.Upstream("/", "http://127.0.0.1:8000", "openai", http2=variant.startswith("fewer"),
+                               request_body="no_request_body" not in variant)
     cfg = envoy_config.bootstrap(upstreams=[up, envoy_config.Upstream("/tls/", "https://example.com", http2=True)], **kw)
     f = tmp_path / "envoy.yaml"
     f.write_text(envoy_config.dump(cfg))

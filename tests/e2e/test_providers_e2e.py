@@ -5,13 +5,15 @@ bytes), and the access log shows the usage the recording holds (literals below).
 """
 from __future__ import annotations
 
+import time
 import uuid
 from collections.abc import Iterator
 
 import httpx
 import pytest
 
-from tests.support.harness import Stack
+from extproc.devtools.envoy_config import Upstream
+from tests.support.harness import Stack, scrape, total
 from tests.support.recordings import load
 from tests.support.replay_upstream import _Encoder, split_stream
 
@@ -80,3 +82,34 @@ def test_compressed_json_through_envoy(stack):
 
     assert status == 200 and gzip.decompress(raw) == rec.body
     assert entry["total_tokens"] == 385
+
+
+@pytest.mark.parametrize("mode", ["default", "fewer"])
+def test_model_in_path_route_without_request_body(tmp_path, replay, mode):
+    """``Upstream(request_body=False)`` (per-route request_body_mode NONE): the sidecar never gets
+    the request body, so one ext_proc message fewer, and still reports the call, model from the
+    path and usage from the response. The evidence the body is not sent: the same unparsable body
+    is a request parse error on a route with bodies, and none on this one."""
+    fixture, body = "agw__gemini__generate_content_basic.json", b'{"contents": ['  # truncated JSON
+    upstreams = [Upstream("/v1beta/models/gemini-2.5-pro:", replay.url, "gemini", request_body=False),
+                 Upstream("/", replay.url)]
+    msgs = "http.llm.ext_proc.stream_msgs_sent"
+    with Stack(tmp_path, replay.url, fewer_messages=mode == "fewer", upstreams=upstreams) as stack:
+        def request_parse_errors() -> float:
+            return total(scrape(stack.metrics_port), "ai_parse_errors_total", reason="request_json")
+
+        before = stack.envoy_stat(msgs)
+        status, raw, entry = _raw(stack, fixture, "/v1beta/models/gemini-2.5-pro:generateContent", body)
+        assert status == 200 and raw == load(fixture).body
+        assert (entry["provider"], entry["model"], entry["total_tokens"], entry["outcome"]) == ("gemini", "gemini-2.5-pro", 14, "ok")
+        # request headers (default mode), response headers (default mode), the data and maybe
+        # an empty end of stream: no request body message
+        assert stack.envoy_stat(msgs) - before in ((1, 2) if mode == "fewer" else (3, 4))
+        assert request_parse_errors() == 0
+
+        status, raw, entry = _raw(stack, fixture, "/v1beta/models/gemini-2.5-flash:generateContent", body)
+        assert status == 200 and entry["model"] == "gemini-2.5-flash" and entry["total_tokens"] == 14
+        deadline = time.monotonic() + 10
+        while request_parse_errors() == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert request_parse_errors() == 1  # the body route: the sidecar got (and failed to parse) it

@@ -103,3 +103,19 @@ def test_cli_passthrough_rejects_a_non_path(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["envoy-config", "--passthrough", "v1/files"])
     assert e.value.code == 2 and "starting with /" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("fewer_messages", [False, True])
+def test_route_without_request_body_overrides_only_the_request_body_mode(fewer_messages):
+    gemini = Upstream("/v1beta/models/", "https://generativelanguage.googleapis.com", "gemini", request_body=False)
+    cfg = envoy_config.bootstrap(upstreams=[gemini, *UPSTREAMS], fewer_messages=fewer_messages)
+    listener = envoy_config.to_dict(cfg)["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    filter_mode = next(f for f in hcm["http_filters"] if f["name"] == EXT_PROC)["typed_config"]["processing_mode"]
+    assert filter_mode["request_body_mode"] == "BUFFERED_PARTIAL"  # the filter's own mode is untouched
+    rs = routes(cfg)
+    overrides = rs[0]["typed_per_filter_config"][EXT_PROC]["overrides"]
+    # Envoy replaces the filter's whole processing_mode with the route's: all else is copied.
+    assert overrides["processing_mode"] == {k: v for k, v in filter_mode.items() if k != "request_body_mode"}  # NONE
+    assert overrides["grpc_initial_metadata"] == [{"key": "x-llm-provider", "value": "gemini"}]
+    assert all("processing_mode" not in r["typed_per_filter_config"][EXT_PROC]["overrides"] for r in rs[1:])
