@@ -9,6 +9,7 @@ so an upgrade that breaks one fails a named test instead of a stream in producti
 from __future__ import annotations
 
 import asyncio
+import struct
 from collections.abc import Callable
 from typing import Any
 
@@ -16,15 +17,16 @@ from grpclib.config import Configuration
 from grpclib.events import _DispatchServerEvents
 from grpclib.protocol import H2Protocol
 from grpclib.server import Handler
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import StreamReset
+from h2.stream import StreamState
 from h2.utilities import SizeLimitDict
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
-    "StreamReset", "cancelled_tasks", "h2_connection", "h2_stream", "limit_closed_streams", "on_stream_reset",
-    "send_goaway", "server_configuration", "server_events", "stream_of",
+    "StreamReset", "cancelled_tasks", "h2_connection", "h2_stream", "limit_closed_streams",
+    "on_stream_reset", "send_goaway", "send_message_now", "server_configuration", "server_events", "stream_of",
 )
 
 
@@ -83,3 +85,35 @@ def send_goaway(protocol: H2Protocol) -> None:
 def cancelled_tasks(handler: Handler) -> list[asyncio.Task[Any]]:
     """Stream tasks a handler cancelled in ``close()`` that have not finished unwinding."""
     return [t for t in handler._cancelled if not t.done()]
+
+
+_DATA_HEAD = struct.Struct(">HBBBLBL")  # DATA frame header (length: 16 + 8 bits, type 0, flags 0, stream) + gRPC prefix
+_SENDABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+
+
+def send_message_now(stream: Any, message: bytes) -> bool:
+    """Send one serialised gRPC message on a server ``Stream`` whose initial metadata went out,
+    as a single DATA frame written at once, if h2 would accept it right now: connection and stream
+    open for sending, both flow-control windows and the peer's maximum frame size large enough,
+    the transport not paused. Returns False, having done nothing, otherwise (the caller then uses
+    grpclib's ``send_message``, which waits for the window or raises as usual).
+
+    This is what grpclib's ``send_message`` -> ``send_data`` -> h2's ``send_data`` amount to for
+    a message that fits (h2 keeps no other state for an outgoing DATA frame: the transitions are
+    state-preserving and have no side effects), without their per-message coroutines, frame
+    objects and checks: h2's windows are debited exactly as h2 does it."""
+    ps = stream._stream  # grpclib.protocol.Stream
+    conn: H2Connection = ps._h2_connection
+    h2s = conn.streams.get(ps.id)
+    size = len(message) + 5
+    if (h2s is None or h2s.state_machine.state not in _SENDABLE
+            or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+            or size > conn.outbound_flow_control_window or size > h2s.outbound_flow_control_window
+            or size > conn.max_outbound_frame_size or not ps.connection.write_ready.is_set()):
+        return False
+    h2s.outbound_flow_control_window -= size
+    conn.outbound_flow_control_window -= size
+    pending = conn.data_to_send() if conn._data_to_send else b""
+    ps._transport.write(pending + _DATA_HEAD.pack(size >> 8, size & 0xFF, 0, 0, ps.id, 0, len(message)) + message)
+    return True
+
