@@ -43,6 +43,7 @@ log = logging.getLogger("extproc")
 # hpack log every frame and header at DEBUG.
 for _name in ("grpclib", "h2", "hpack"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+h2compat.lazy_frame_repr()
 
 PROCESS = f"/{EXT_PROC_SERVICE}/Process"
 # grpc core (grpcio) does not limit concurrent streams per connection; h2 defaults to 100.

@@ -9,10 +9,12 @@ so an upgrade that breaks one fails a named test instead of a stream in producti
 from __future__ import annotations
 
 import asyncio
+import builtins
 import struct
 from collections.abc import Callable
 from typing import Any
 
+import h2.connection
 from grpclib.config import Configuration
 from grpclib.events import _DispatchServerEvents
 from grpclib.protocol import H2Protocol
@@ -25,7 +27,7 @@ from h2.utilities import SizeLimitDict
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
-    "StreamReset", "cancelled_tasks", "h2_connection", "h2_stream", "limit_closed_streams",
+    "StreamReset", "cancelled_tasks", "h2_connection", "h2_stream", "lazy_frame_repr", "limit_closed_streams",
     "on_stream_reset", "send_goaway", "send_message_now", "server_configuration", "server_events", "stream_of",
 )
 
@@ -117,3 +119,25 @@ def send_message_now(stream: Any, message: bytes) -> bool:
     ps._transport.write(pending + _DATA_HEAD.pack(size >> 8, size & 0xFF, 0, 0, ps.id, 0, len(message)) + message)
     return True
 
+
+class _LazyRepr:
+    """``repr(obj)``, computed only if formatted (a log line that is emitted)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return builtins.repr(self.obj)
+
+    __repr__ = __str__
+
+
+def lazy_frame_repr() -> None:
+    """h2 (``H2Connection._receive_frame``) computes ``repr(frame)`` of every frame it receives,
+    for a trace log line that its default logger drops: a few percent of the CPU per streamed
+    chunk. ``repr`` is looked up in ``h2.connection``'s globals before the builtins, so a
+    module-level ``repr`` there makes that formatting lazy (the trace line, when a logger does
+    emit it, reads the same). That call is the module's only use of ``repr``."""
+    h2.connection.repr = _LazyRepr  # type: ignore[attr-defined]

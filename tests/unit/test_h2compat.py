@@ -68,6 +68,24 @@ def test_connection_internals_on_a_live_connection():
     assert REQ.HasField("request_headers")
 
 
+def test_lazy_frame_repr():
+    """h2.connection calls ``repr`` once, for the trace line of each received frame; ours formats
+    the same text, only when the line is emitted."""
+    import ast
+    import inspect
+
+    import h2.connection
+    from hyperframe.frame import DataFrame
+
+    tree = ast.parse(inspect.getsource(h2.connection))
+    calls = [(fn.name, node) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+             for node in ast.walk(fn) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "repr"]
+    assert [name for name, _ in calls] == ["_receive_frame"]
+    h2compat.lazy_frame_repr()
+    frame = DataFrame(1, b"hello")
+    assert str(h2.connection.repr(frame)) == repr(frame)  # as logging formats "%s"
+
+
 def _grpc_frame(msg) -> bytes:
     data = msg.SerializeToString()
     return b"\0" + len(data).to_bytes(4, "big") + data
