@@ -1,29 +1,44 @@
-"""One Envoy + sidecar stack, closed-loop wrk: sidecar and Envoy CPU per request, for quick A/Bs.
+"""Envoy + sidecar stacks on one upstream: sidecar and Envoy CPU per request (or per streamed
+chunk), for quick A/Bs.
 
     .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live, --mode fewer-messages
-    .venv/bin/python -m bench.ab grpclib --prof /tmp/w.prof      # the sidecar under cProfile (1 worker)
+    .venv/bin/python -m bench.ab --prof /tmp/w.prof      # the sidecar under cProfile (1 worker)
+    .venv/bin/python -m bench.ab --sse 50 --rate 40 -d 5 --reps 3   # streams: CPU per chunk, and Envoy alone's
+    .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout /work/main --checkout .   # A/B of two checkouts
 
-Lighter than ``python -m bench`` (one stack, one scenario), so A and B can be interleaved several
-times within a minute on a noisy machine.
+Lighter than ``python -m bench`` (one scenario), so A and B can be interleaved several times
+within a minute on a noisy machine. With several ``--checkout``s, each gets its own sidecar (run
+from that directory's code) and its own Envoy, and every rep measures each stack in turn.
+
+``--sse N``: open-loop streams (``--rate`` per second) of N SSE events each, one every
+``--interval`` ms, through ``bench.upstream``; an Envoy without the sidecar is measured in the
+same reps, so the per-chunk ratio sidecar / Envoy alone comes from one run.
 """
 import argparse
+import asyncio
 import os
 import shutil
+import socket
+import statistics
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from bench import load
 from bench.procstat import cpu_seconds, process_rss, tree
-from bench.run import wrk, wrk_script
-from bench.upstream import CHAT_REQUEST, direct_response_envoy
+from bench.run import SSE_PATH, wrk, wrk_script
+from bench.upstream import CHAT_REQUEST, STREAM_REQUEST, direct_response_envoy
 from extproc.devtools import envoy_config
 from extproc.devtools.dev import envoy_command, free_port, wait_port
 
 ap = argparse.ArgumentParser(prog="bench.ab")
-ap.add_argument("--prof", help="run the sidecar under cProfile, writing this file")
+ap.add_argument("--prof", help="run the (first) sidecar under cProfile, writing this file")
 ap.add_argument("-c", type=int, default=16, help="wrk connections")
 ap.add_argument("-d", type=float, default=5, help="seconds per measurement")
 ap.add_argument("--workers", type=int, default=1)
@@ -34,69 +49,178 @@ ap.add_argument("--upstream", choices=["http1", "http2", "auto"], default="auto"
                 help="protocol to the upstream (auto: HTTP/2 in fewer-messages mode, else HTTP/1.1)")
 ap.add_argument("--tracing", choices=["off", "dead", "live"], default="off",
                 help="OTLP tracing: off; dead (collector port closed); live (an in-process OTLP/gRPC receiver)")
+ap.add_argument("--sse", type=int, metavar="N", help="streamed responses of N SSE events (instead of wrk)")
+ap.add_argument("--rate", type=float, default=40, help="--sse: streams started per second")
+ap.add_argument("--interval", type=float, default=2.0, help="--sse: ms between a stream's events")
+ap.add_argument("--unix", action="store_true", help="Envoy reaches the sidecar on a Unix socket instead of TCP")
+ap.add_argument("--checkout", action="append", metavar="DIR",
+                help="run a sidecar from this checkout's code (repeat for an A/B; default: the current directory)")
 a = ap.parse_args()
+checkouts = [str(Path(c).resolve()) for c in a.checkout or ["."]]
 d = Path(tempfile.mkdtemp(prefix="extproc-ab-"))
-procs = []
+procs: list[subprocess.Popen] = []
+
+
+def wait_unix(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the sidecar exited with {proc.returncode} before listening on {path}")
+        with socket.socket(socket.AF_UNIX) as s:
+            try:
+                s.connect(path)
+                return
+            except OSError:
+                time.sleep(0.1)
+    raise TimeoutError(path)
+
+
+class Stack:
+    def __init__(self, name: str, checkout: str | None, prof: str | None) -> None:
+        self.name = name
+        self.dir = d / f"stack{len(stacks)}"
+        self.dir.mkdir()
+        self.sidecar: subprocess.Popen | None = None
+        extproc = None
+        if checkout is not None:
+            sport = free_port()
+            extproc = f"unix:{self.dir / 'extproc.sock'}" if a.unix else f"127.0.0.1:{sport}"
+            cfg: dict[str, Any] = {"listen": extproc, "stats": {"port": 0}, "logging": {"level": "warning"}}
+            if a.tracing == "live":
+                cfg["tracing"] = {"otlpEndpoint": receiver.endpoint}
+            elif a.tracing == "dead":
+                cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{free_port()}"}
+            (self.dir / "s.yaml").write_text(yaml.safe_dump(cfg))
+            (self.dir / "counts").mkdir()
+            pre = [sys.executable, "-m", "cProfile", "-o", prof] if prof else [sys.executable]
+            self.sidecar = subprocess.Popen([*pre, "-m", "bench.sidecar", "--config", str(self.dir / "s.yaml"), "--workers", str(a.workers),
+                                             "--counts", str(self.dir / "counts")], cwd=checkout, env={**os.environ, "PYTHONPATH": checkout},
+                                            stderr=open(self.dir / "sidecar.log", "wb"))
+            procs.append(self.sidecar)
+        self.port, self.admin = free_port(), free_port()
+        fewer = a.mode == "fewer-messages"
+        boot = envoy_config.bootstrap(upstreams=upstreams, listen=f"127.0.0.1:{self.port}", extproc=extproc,
+                                      access_log=str(self.dir / "access.log"), admin=f"127.0.0.1:{self.admin}", fewer_messages=fewer)
+        (self.dir / "e.yaml").write_text(envoy_config.dump(boot))
+        self.envoy = subprocess.Popen(envoy_command(self.dir / "e.yaml", "--concurrency", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(self.envoy)
+        if self.sidecar is not None:
+            if a.unix:
+                wait_unix(str(self.dir / "extproc.sock"), self.sidecar)
+            else:
+                wait_port(sport, proc=self.sidecar)
+        wait_port(self.port, proc=self.envoy)
+        self.results: list[dict[str, float]] = []
+
+    def workers(self) -> list[int]:
+        return tree(self.sidecar.pid)[1:] if self.sidecar else []
+
+    def stats(self, filt: str) -> list[str]:
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?filter={filt}", timeout=5) as resp:
+            return [line for line in resp.read().decode().splitlines()
+                    if not line.endswith(": 0") and "P0(" not in line and "No recorded values" not in line]
+
+    def msgs_sent(self) -> int:
+        return sum(int(line.rpartition(": ")[2]) for line in self.stats("ext_proc.stream_msgs_sent"))
+
+
+def run_wrk(s: Stack) -> tuple[int, str]:
+    r = wrk(s.port, script, a.c, a.d)
+    return r["requests"], (f"{r['rps']:.0f} req/s p99 {r['p99_us'] / 1000:.1f} ms non2xx {r['non2xx']} err {r['errors']}")
+
+
+def run_sse(s: Stack) -> tuple[int, str]:
+    r = asyncio.run(load.fixed_rate("127.0.0.1", s.port, sse_raw, a.rate, a.d, sse=True))
+    return r.events, (f"{r.ok} streams {r.events} chunks, chunk transit p50 {1000 * (load.percentile(r.chunk_transit, 50) or 0):.2f} ms "
+                      f"p99 {1000 * (load.percentile(r.chunk_transit, 99) or 0):.2f} ms, err {r.errors}")
+
+
+def measure(s: Stack) -> None:
+    workers = s.workers()
+
+    def waits() -> list[float]:  # seconds runnable but not running (all threads), per worker
+        out = []
+        for w in workers:
+            total = 0
+            for tid in os.listdir(f"/proc/{w}/task"):
+                with open(f"/proc/{w}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[1])
+            out.append(total / 1e9)
+        return out
+
+    q0 = waits()
+    m0 = s.msgs_sent() if s.sidecar else 0
+    s0, e0, w0 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
+    n, text = run_sse(s) if a.sse else run_wrk(s)
+    s1, e1, w1 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
+    m1 = s.msgs_sent() if s.sidecar else 0
+    share = sorted((y - x for x, y in zip(w0, w1)), reverse=True)
+    rq = [y - x for x, y in zip(q0, waits())]
+    unit = "chunk" if a.sse else "req"
+    n = max(1, n)
+    res = {"sidecar": 1e6 * (s1 - s0) / n, "envoy": 1e6 * (e1 - e0) / n}
+    s.results.append(res)
+    print(f"{s.name:10} {text}: " + (f"sidecar {res['sidecar']:.0f} us/{unit} " if s.sidecar else "")
+          + f"envoy {res['envoy']:.0f} us/{unit}"
+          + (f" ext_proc msgs/{unit} {(m1 - m0) / n:.2f}" if s.sidecar else "")
+          + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else "")
+          + (f" run-queue wait {'/'.join(f'{x:.2f}' for x in rq)} s" if rq else ""), flush=True)
+
+
 try:
-    up = free_port(); (d / "up.yaml").write_text(direct_response_envoy(up))
-    procs.append(subprocess.Popen(envoy_command(d / "up.yaml", "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    sport = free_port()
-    cfg = {"listen": f"127.0.0.1:{sport}", "stats": {"port": 0}, "logging": {"level": "warning"}}
     if a.tracing == "live":
         from tests.support.otlp_receiver import GrpcReceiver
         receiver = GrpcReceiver()
-        cfg["tracing"] = {"otlpEndpoint": receiver.endpoint}
-    elif a.tracing == "dead":
-        cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{free_port()}"}
-    (d / "s.yaml").write_text(yaml.safe_dump(cfg))
-    (d / "counts").mkdir()
-    pre = [sys.executable, "-m", "cProfile", "-o", a.prof] if a.prof else [sys.executable]
-    sc = subprocess.Popen([*pre, "-m", "bench.sidecar", "--config", str(d / "s.yaml"), "--workers", str(a.workers), "--counts", str(d / "counts")], stderr=open(d / "sidecar.log", "wb"))
-    procs.append(sc)
-    port, admin = free_port(), free_port()
-    fewer = a.mode == "fewer-messages"
-    boot = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", f"http://127.0.0.1:{up}", http2=fewer if a.upstream == "auto" else a.upstream == "http2")], listen=f"127.0.0.1:{port}",
-                                  extproc=f"127.0.0.1:{sport}", access_log=str(d / "access.log"), admin=f"127.0.0.1:{admin}", fewer_messages=fewer)
-    (d / "e.yaml").write_text(envoy_config.dump(boot))
-    ev = subprocess.Popen(envoy_command(d / "e.yaml", "--concurrency", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL); procs.append(ev)
-    wait_port(up, proc=procs[0]); wait_port(sport, proc=sc); wait_port(port, proc=ev)
+    up = free_port()
+    (d / "up.yaml").write_text(direct_response_envoy(up))
+    procs.append(subprocess.Popen(envoy_command(d / "up.yaml", "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    wait_port(up, proc=procs[0])
+    http2 = a.mode == "fewer-messages" if a.upstream == "auto" else a.upstream == "http2"
+    upstreams = [envoy_config.Upstream("/", f"http://127.0.0.1:{up}", http2=http2)]
+    if a.sse:
+        sse_up = free_port()
+        procs.append(subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(sse_up)]))
+        wait_port(sse_up, proc=procs[-1])
+        upstreams.insert(0, envoy_config.Upstream("/sse/", f"http://127.0.0.1:{sse_up}"))
+    stacks: list[Stack] = []
+    for i, c in enumerate(checkouts):
+        stacks.append(Stack(c if len(checkouts) > 1 else "sidecar", c, a.prof if i == 0 else None))
+    if a.sse:
+        stacks.append(Stack("envoy-alone", None, None))
     script = wrk_script(d / "chat.lua", CHAT_REQUEST)
-    wrk(port, script, a.c, 1)
+    sse_raw = load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": str(a.sse or 1), "x-chunk-interval-ms": str(a.interval)})
+    warm = load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": "5", "x-chunk-interval-ms": "0"})
+    for s in stacks:  # warm-up: connections, ext_proc HTTP/2 pools, code paths
+        if a.sse:
+            asyncio.run(load.fixed_rate("127.0.0.1", s.port, warm, 20, 1, sse=True, warm_connections=4))
+        else:
+            wrk(s.port, script, a.c, 1)
     for _ in range(a.reps):
-        workers = tree(sc.pid)[1:]
-
-        def waits() -> list[float]:  # seconds runnable but not running (all threads), per worker
-            out = []
-            for w in workers:
-                total = 0
-                for tid in os.listdir(f"/proc/{w}/task"):
-                    with open(f"/proc/{w}/task/{tid}/schedstat") as f:
-                        total += int(f.read().split()[1])
-                out.append(total / 1e9)
-            return out
-
-        q0 = waits()
-        s0, e0, w0 = cpu_seconds(tree(sc.pid)), cpu_seconds([ev.pid]), [cpu_seconds([w]) for w in workers]
-        r = wrk(port, script, a.c, a.d)
-        s1, e1, w1 = cpu_seconds(tree(sc.pid)), cpu_seconds([ev.pid]), [cpu_seconds([w]) for w in workers]
-        share = sorted((y - x for x, y in zip(w0, w1)), reverse=True)
-        rq = [y - x for x, y in zip(q0, waits())]
-        print(f"c={a.c}: {r['rps']:.0f} req/s sidecar {1e6*(s1-s0)/r['requests']:.0f} us/req envoy {1e6*(e1-e0)/r['requests']:.0f} us/req p99 {r['p99_us']/1000:.1f} ms non2xx {r['non2xx']} err {r['errors']}"
-              + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else "")
-              + (f" run-queue wait {'/'.join(f'{x:.2f}' for x in rq)} s" if rq else ""), flush=True)
-    rss = []
-    for w in tree(sc.pid)[1:] or [sc.pid]:
-        rss.append(process_rss(w) / 2**20)
-    import urllib.request
-    with urllib.request.urlopen(f"http://127.0.0.1:{admin}/stats?filter=(ext_proc\\.(stream|failure|message|spurious)|rq_5xx|rq_503|reset|overflow|cx_destroy|llm_)", timeout=5) as resp:
-        stats = [line for line in resp.read().decode().splitlines() if not line.endswith(": 0")]
-    print("Envoy stats (non-zero):", "; ".join(stats), flush=True)
-    codes: dict[str, int] = {}
-    for line in (d / "access.log").read_text().splitlines():
-        code = line.split('"response_code":', 1)[1].split(",", 1)[0]
-        codes[code] = codes.get(code, 0) + 1
-    print("response codes (access log):", codes, flush=True)
-    print(f"sidecar RSS per worker after the runs: {'/'.join(f'{x:.1f}' for x in rss)} MB", flush=True)
+        for s in stacks:
+            measure(s)
+    for s in stacks:
+        med = {k: statistics.median(r[k] for r in s.results) for k in ("sidecar", "envoy")}
+        unit = "chunk" if a.sse else "req"
+        alone = next((x for x in stacks if x.sidecar is None), None)
+        line = f"median {s.name}: envoy {med['envoy']:.1f} us/{unit}"
+        if s.sidecar:
+            line = f"median {s.name}: sidecar {med['sidecar']:.1f} us/{unit}, envoy {med['envoy']:.1f} us/{unit}, sidecar/envoy {med['sidecar'] / med['envoy']:.2f}"
+            if alone is not None:
+                base = statistics.median(r["envoy"] for r in alone.results)
+                line += f", sidecar/envoy-alone {med['sidecar'] / base:.2f}"
+        print(line, flush=True)
+    for s in stacks:
+        if s.sidecar is None:
+            continue
+        rss = [process_rss(w) / 2**20 for w in s.workers() or [s.sidecar.pid]]
+        stats = s.stats("(ext_proc\\.(stream|failure|message|spurious)|rq_5xx|rq_503|reset|overflow|cx_destroy|llm_)")
+        print(f"{s.name}: Envoy stats (non-zero):", "; ".join(stats), flush=True)
+        codes: dict[str, int] = {}
+        for line in (s.dir / "access.log").read_text().splitlines():
+            code = line.split('"response_code":', 1)[1].split(",", 1)[0]
+            codes[code] = codes.get(code, 0) + 1
+        print(f"{s.name}: response codes (access log):", codes, flush=True)
+        print(f"{s.name}: sidecar RSS per worker after the runs: {'/'.join(f'{x:.1f}' for x in rss)} MB", flush=True)
 finally:
     for p in reversed(procs):
         p.terminate()

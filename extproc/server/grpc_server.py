@@ -43,6 +43,7 @@ log = logging.getLogger("extproc")
 # hpack log every frame and header at DEBUG.
 for _name in ("grpclib", "h2", "hpack"):
     logging.getLogger(_name).setLevel(logging.WARNING)
+h2compat.lazy_frame_repr()
 
 PROCESS = f"/{EXT_PROC_SERVICE}/Process"
 # grpc core (grpcio) does not limit concurrent streams per connection; h2 defaults to 100.
@@ -299,6 +300,7 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     """The ext_proc server on ``address``: TLS/mTLS when ``tls`` is enabled, else plaintext."""
     server = GrpclibServer(address, tls)
     process = processor.Process
+    send_now = h2compat.send_message_now
 
     def max_bytes() -> int:
         return processor.max_message  # read per message: a reload applies at once
@@ -311,8 +313,13 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
         try:
             async with contextlib.aclosing(replies):  # type: ignore[type-var]  # cancelled while sending: the Processor still reports
                 send = stream.send_message
+                first = True
                 async for reply in replies:
-                    await send(reply)
+                    # after the first reply (it also sends the response headers), a reply the
+                    # flow-control windows let through now is framed and written directly
+                    if first or not send_now(stream, reply):
+                        await send(reply)
+                        first = False
         except BadStream as e:  # the call was reported; the client gets the status, the log one line
             processor.bad_streams += 1
             bad_stream_log.warning("malformed ext_proc stream", reason=e.reason)

@@ -9,22 +9,26 @@ so an upgrade that breaks one fails a named test instead of a stream in producti
 from __future__ import annotations
 
 import asyncio
+import builtins
+import struct
 from collections.abc import Callable
 from typing import Any
 
+import h2.connection
 from grpclib.config import Configuration
 from grpclib.events import _DispatchServerEvents
 from grpclib.protocol import H2Protocol
 from grpclib.server import Handler
-from h2.connection import H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import StreamReset
+from h2.stream import StreamState
 from h2.utilities import SizeLimitDict
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
-    "StreamReset", "cancelled_tasks", "h2_connection", "h2_stream", "limit_closed_streams", "on_stream_reset",
-    "send_goaway", "server_configuration", "server_events", "stream_of",
+    "StreamReset", "cancelled_tasks", "h2_connection", "h2_stream", "lazy_frame_repr", "limit_closed_streams",
+    "on_stream_reset", "send_goaway", "send_message_now", "server_configuration", "server_events", "stream_of",
 )
 
 
@@ -83,3 +87,57 @@ def send_goaway(protocol: H2Protocol) -> None:
 def cancelled_tasks(handler: Handler) -> list[asyncio.Task[Any]]:
     """Stream tasks a handler cancelled in ``close()`` that have not finished unwinding."""
     return [t for t in handler._cancelled if not t.done()]
+
+
+_DATA_HEAD = struct.Struct(">HBBBLBL")  # DATA frame header (length: 16 + 8 bits, type 0, flags 0, stream) + gRPC prefix
+_SENDABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
+
+
+def send_message_now(stream: Any, message: bytes) -> bool:
+    """Send one serialised gRPC message on a server ``Stream`` whose initial metadata went out,
+    as a single DATA frame written at once, if h2 would accept it right now: connection and stream
+    open for sending, both flow-control windows and the peer's maximum frame size large enough,
+    the transport not paused. Returns False, having done nothing, otherwise (the caller then uses
+    grpclib's ``send_message``, which waits for the window or raises as usual).
+
+    This is what grpclib's ``send_message`` -> ``send_data`` -> h2's ``send_data`` amount to for
+    a message that fits (h2 keeps no other state for an outgoing DATA frame: the transitions are
+    state-preserving and have no side effects), without their per-message coroutines, frame
+    objects and checks: h2's windows are debited exactly as h2 does it."""
+    ps = stream._stream  # grpclib.protocol.Stream
+    conn: H2Connection = ps._h2_connection
+    h2s = conn.streams.get(ps.id)
+    size = len(message) + 5
+    if (h2s is None or h2s.state_machine.state not in _SENDABLE
+            or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+            or size > conn.outbound_flow_control_window or size > h2s.outbound_flow_control_window
+            or size > conn.max_outbound_frame_size or not ps.connection.write_ready.is_set()):
+        return False
+    h2s.outbound_flow_control_window -= size
+    conn.outbound_flow_control_window -= size
+    pending = conn.data_to_send() if conn._data_to_send else b""
+    ps._transport.write(pending + _DATA_HEAD.pack(size >> 8, size & 0xFF, 0, 0, ps.id, 0, len(message)) + message)
+    return True
+
+
+class _LazyRepr:
+    """``repr(obj)``, computed only if formatted (a log line that is emitted)."""
+
+    __slots__ = ("obj",)
+
+    def __init__(self, obj: object) -> None:
+        self.obj = obj
+
+    def __str__(self) -> str:
+        return builtins.repr(self.obj)
+
+    __repr__ = __str__
+
+
+def lazy_frame_repr() -> None:
+    """h2 (``H2Connection._receive_frame``) computes ``repr(frame)`` of every frame it receives,
+    for a trace log line that its default logger drops: a few percent of the CPU per streamed
+    chunk. ``repr`` is looked up in ``h2.connection``'s globals before the builtins, so a
+    module-level ``repr`` there makes that formatting lazy (the trace line, when a logger does
+    emit it, reads the same). That call is the module's only use of ``repr``."""
+    h2.connection.repr = _LazyRepr  # type: ignore[attr-defined]

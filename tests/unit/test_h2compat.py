@@ -66,3 +66,124 @@ def test_connection_internals_on_a_live_connection():
 
     asyncio.run(main())
     assert REQ.HasField("request_headers")
+
+
+def test_lazy_frame_repr():
+    """h2.connection calls ``repr`` once, for the trace line of each received frame; ours formats
+    the same text, only when the line is emitted."""
+    import ast
+    import inspect
+
+    import h2.connection
+    from hyperframe.frame import DataFrame
+
+    tree = ast.parse(inspect.getsource(h2.connection))
+    calls = [(fn.name, node) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
+             for node in ast.walk(fn) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "repr"]
+    assert [name for name, _ in calls] == ["_receive_frame"]
+    h2compat.lazy_frame_repr()
+    frame = DataFrame(1, b"hello")
+    assert str(h2.connection.repr(frame)) == repr(frame)  # as logging formats "%s"
+
+
+def _grpc_frame(msg) -> bytes:
+    data = msg.SerializeToString()
+    return b"\0" + len(data).to_bytes(4, "big") + data
+
+
+def test_send_message_now_within_flow_control(monkeypatch):
+    """Replies after the first go out through ``send_message_now`` while the client's windows
+    allow; a client that stops acknowledging (a 64-byte stream window, as a slow Envoy) stalls
+    them (grpclib's ``send_message`` waits for the window instead), and once it acknowledges the
+    rest arrive, in order. h2 on the client side rejects any frame beyond its window, so an
+    over-sent reply fails this test as a protocol error."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, StreamEnded, TrailersReceived
+    from h2.settings import SettingCodes
+
+    from extproc._pb.envoy_api import external_processor_pb2 as pb
+    from tests.unit.test_processor import body, headers, req_headers
+
+    sent_now = []
+    real = h2compat.send_message_now
+
+    def counting(stream, message):
+        ok = real(stream, message)
+        sent_now.append(ok)
+        return ok
+
+    monkeypatch.setattr(h2compat, "send_message_now", counting)
+    port = free_port()
+    processor = Processor(parse({"listen": f"127.0.0.1:{port}"}), [Recorder()])
+    server = build_server(processor, f"127.0.0.1:{port}")
+    n = 40
+    messages = [req_headers(), body("request_body", b'{"model":"m","stream":true}', end=True),
+                headers("response_headers", **{":status": "200", "content-type": "text/event-stream"})]
+    messages += [body("response_body", b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') for _ in range(n)]
+
+    async def main() -> None:
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        c.initiate_connection()
+        c.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 64})
+        sid = c.get_next_available_stream_id()
+        c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+                             (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
+        c.send_data(sid, b"".join(_grpc_frame(m) for m in messages))
+        writer.write(c.data_to_send())
+        received = bytearray()
+        unacked = 0
+        trailers = None
+
+        async def pump(ack: bool, until) -> None:
+            nonlocal unacked, trailers
+            while not until():
+                if ack and unacked:
+                    c.acknowledge_received_data(unacked, sid)
+                    unacked = 0
+                    writer.write(c.data_to_send())
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data
+                for ev in c.receive_data(data):
+                    if isinstance(ev, DataReceived):
+                        received.extend(ev.data)
+                        unacked += ev.flow_controlled_length
+                    elif isinstance(ev, TrailersReceived):
+                        trailers = dict(ev.headers)
+                    elif isinstance(ev, StreamEnded):
+                        return
+                writer.write(c.data_to_send())
+
+        await pump(False, lambda: len(received) >= 64)  # the stream window is full
+        await asyncio.sleep(0.3)  # the server holds the rest back: nothing more may arrive
+        assert len(received) == 64
+        await pump(True, lambda: _count(received) == len(messages))
+        c.end_stream(sid)
+        writer.write(c.data_to_send())
+        await pump(True, lambda: trailers is not None)
+        assert trailers is not None and trailers["grpc-status"] == "0"
+        replies = _messages(bytes(received))
+        kinds = [pb.ProcessingResponse.FromString(r).WhichOneof("response") for r in replies]
+        assert kinds == ["request_headers", "request_body", "response_headers"] + ["response_body"] * n
+        writer.close()
+        await server.stop(0)
+
+    asyncio.run(main())
+    assert sent_now.count(True) > 0 and sent_now.count(False) > 0  # both paths were taken
+
+
+def _messages(data: bytes) -> list[bytes]:
+    out, pos = [], 0
+    while pos + 5 <= len(data):
+        size = int.from_bytes(data[pos + 1:pos + 5], "big")
+        if pos + 5 + size > len(data):
+            break
+        out.append(data[pos + 5:pos + 5 + size])
+        pos += 5 + size
+    return out
+
+
+def _count(data: bytearray) -> int:
+    return len(_messages(bytes(data)))
