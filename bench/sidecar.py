@@ -1,8 +1,8 @@
 """The sidecar as ``extproc serve`` runs it, plus a counting observer for the benchmark.
 
 Each worker maps a small file ``<counts-dir>/<pid>`` and keeps its totals there (calls ended,
-calls whose usage was observed, response-body messages): the runner sums them to learn how many
-calls the sidecar fully observed (observability mode drops messages under overload).
+calls whose usage was observed, calls that ended ok, streams refused at ``limits.maxStreams``): the
+runner sums them to learn how many calls the sidecar fully observed, and how many it shed.
 Experiment knobs (environment): ``BENCH_SWITCH_INTERVAL`` (seconds; GIL switch interval),
 ``BENCH_UVLOOP=1`` (uvloop event loop).
 """
@@ -20,7 +20,7 @@ from extproc.core.call import Call
 from extproc.server import supervisor
 from extproc.telemetry import observers as app
 
-FIELDS = ("calls", "observed", "ok")
+FIELDS = ("calls", "observed", "ok", "refused")
 _FMT = "<" + "q" * len(FIELDS)
 
 
@@ -31,7 +31,7 @@ class Counter:
             f.write(b"\0" * mmap.PAGESIZE)
         self._fd = os.open(path, os.O_RDWR)
         self._m = mmap.mmap(self._fd, mmap.PAGESIZE)
-        self.calls = self.observed = self.ok = 0
+        self.calls = self.observed = self.ok = self.refused = 0
 
     def on_call_end(self, call: Call) -> None:
         self.calls += 1
@@ -39,7 +39,14 @@ class Counter:
             self.observed += 1
         if call.outcome == "ok":
             self.ok += 1
-        struct.pack_into(_FMT, self._m, 0, self.calls, self.observed, self.ok)
+        self._store()
+
+    def on_stream_refused(self, reason: str) -> None:
+        self.refused += 1
+        self._store()
+
+    def _store(self) -> None:
+        struct.pack_into(_FMT, self._m, 0, self.calls, self.observed, self.ok, self.refused)
 
 
 def read_counts(directory: str | Path) -> dict[str, int]:

@@ -80,6 +80,14 @@ class LimitsConfig(_Section):
     # limits, 1 MiB by default). Larger ones end the stream with RESOURCE_EXHAUSTED before they are
     # read, like gRPC's own default receive limit (4 MiB).
     max_grpc_message_bytes: int = Field(4 << 20, ge=64 << 10)
+    # ext_proc streams (calls) one worker takes on. A new stream past either bound is refused as it
+    # opens (HTTP/2 REFUSED_STREAM, nothing of it read; counted in ai_streams_refused_total):
+    # Envoy lets that call through unobserved (failure_mode_allow).
+    max_streams: int = Field(4096, ge=1)  # open at once (each holds ~15-20 KB while open)
+    # Accepted but not yet started because the worker is busy with others: none in normal
+    # operation; they pile up (with everything Envoy sent on them) when Envoy sends more than the
+    # worker processes, as observability mode does, so this bounds a worker's memory under overload.
+    max_waiting_streams: int = Field(128, ge=1)
 
 
 JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"

@@ -108,18 +108,82 @@ class _CoalescingTransport:
 
 
 class _Handler(Handler):
-    """grpclib's per-connection request dispatcher; while draining, new streams are refused."""
+    """grpclib's per-connection request dispatcher. A new stream is refused (REFUSED_STREAM,
+    nothing of it read) while draining, and a capped method's stream while the worker holds
+    its :class:`StreamCap` (one count across the worker's connections)."""
 
     def __init__(self, owner: GrpclibServer, *args: Any) -> None:
         super().__init__(*args)
         self._owner = owner
 
     def accept(self, stream: Any, headers: Any, release_stream: Callable[[], Any]) -> None:
-        if self._owner.draining:
+        owner = self._owner
+        cap = owner.cap if owner.cap is not None and _path(headers) == owner.cap.path else None
+        reason = "draining" if owner.draining else cap.full() if cap is not None else None
+        if reason is not None:
             stream.reset_nowait(ErrorCodes.REFUSED_STREAM)
             release_stream()
+            if cap is not None:
+                cap.on_refused(reason)
             return
         super().accept(stream, headers, release_stream)
+        task = h2compat.forget_when_done(self, stream)
+        if cap is not None:
+            cap.opened(task)
+
+    def cancel(self, stream: Any) -> None:
+        h2compat.cancel_stream(self, stream)
+
+
+class StreamCap:
+    """How many streams of one method (ext_proc's ``Process``) a worker takes on, read per new
+    stream (a reload applies at once):
+
+    - ``max_open()``: streams open at once (``limits.maxStreams``): refused past it with reason
+      ``max_streams``;
+    - ``max_waiting()``: streams accepted whose handler has not started yet because the event
+      loop is busy with others (``limits.maxWaitingStreams``): refused past it with reason
+      ``overloaded``. In normal operation none waits; when Envoy sends more than the worker can
+      process (observability mode never waits for replies) they pile up with everything Envoy
+      sent on them, so this is what bounds a worker's memory under overload.
+
+    Counted at accept and released by the task's done callback (a task cancelled before it ran
+    never runs its own ``finally``)."""
+
+    def __init__(self, path: str, max_open: Callable[[], int], max_waiting: Callable[[], int],
+                 on_refused: Callable[[str], None]) -> None:
+        self.path = path
+        self.max_open = max_open
+        self.max_waiting = max_waiting
+        self.on_refused = on_refused
+        self.open = 0
+        self.waiting: set[asyncio.Task[Any]] = set()
+
+    def full(self) -> str | None:
+        if self.open >= self.max_open():
+            return "max_streams"
+        if len(self.waiting) >= self.max_waiting():
+            return "overloaded"
+        return None
+
+    def opened(self, task: asyncio.Task[Any]) -> None:
+        self.open += 1
+        self.waiting.add(task)
+        task.add_done_callback(self._closed)
+
+    def started(self, task: asyncio.Task[Any] | None) -> None:
+        self.waiting.discard(task)  # type: ignore[arg-type]
+
+    def _closed(self, task: asyncio.Task[Any]) -> None:
+        self.open -= 1
+        self.waiting.discard(task)
+
+
+def _path(headers: Any) -> str | None:
+    for name, value in headers:
+        if name == ":path":
+            return value  # type: ignore[no-any-return]
+    return None
 
 
 class _Protocol(H2Protocol):
@@ -185,6 +249,7 @@ class GrpclibServer:
         self._server: asyncio.AbstractServer | None = None
         self._inflight: set[asyncio.Task[Any]] = set()  # streams a drain waits for (ext_proc, not health Watch)
         self.draining = False
+        self.cap: StreamCap | None = None  # one method's streams can be capped (ext_proc's)
 
     def add_method(self, path: str, func: Callable[[Stream], Any], cardinality: Cardinality,
                    request_type: Any, reply_type: Any, *, drain_waits: bool = False) -> None:
@@ -308,7 +373,13 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     def on_large(size: int) -> None:
         processor.large += size  # freed when the stream ends: worth a malloc_trim
 
+    cap = server.cap = StreamCap(PROCESS, lambda: processor.max_streams, lambda: processor.max_waiting_streams,
+                                 processor.refuse)
+    started = cap.started
+    current_task = asyncio.current_task
+
     async def handle(stream: Stream) -> None:
+        started(current_task())
         replies = process(requests(stream, max_bytes, on_large), stream.metadata)
         try:
             async with contextlib.aclosing(replies):  # type: ignore[type-var]  # cancelled while sending: the Processor still reports
@@ -334,4 +405,4 @@ def health_only_server(address: str) -> GrpclibServer:
     return GrpclibServer(address)
 
 
-__all__ = ("GrpclibServer", "build_server", "health_only_server")
+__all__ = ("GrpclibServer", "StreamCap", "build_server", "health_only_server")

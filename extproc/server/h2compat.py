@@ -27,8 +27,9 @@ from h2.utilities import SizeLimitDict
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
-    "StreamReset", "cancelled_tasks", "h2_connection", "h2_stream", "lazy_frame_repr", "limit_closed_streams",
-    "on_stream_reset", "send_goaway", "send_message_now", "server_configuration", "server_events", "stream_of",
+    "StreamReset", "cancel_stream", "cancelled_tasks", "forget_when_done", "h2_connection", "h2_stream",
+    "lazy_frame_repr", "limit_closed_streams", "on_stream_reset", "send_goaway", "send_message_now",
+    "server_configuration", "server_events", "stream_of",
 )
 
 
@@ -141,3 +142,25 @@ def lazy_frame_repr() -> None:
     module-level ``repr`` there makes that formatting lazy (the trace line, when a logger does
     emit it, reads the same). That call is the module's only use of ``repr``."""
     h2.connection.repr = _LazyRepr  # type: ignore[attr-defined]
+
+
+def forget_when_done(handler: Handler, stream: Any) -> asyncio.Task[Any]:
+    """The task ``Handler.accept`` just started for ``stream``, set to leave the handler's table
+    as soon as it is done. grpclib prunes that table only every 10th new stream *on the same
+    connection*, so each connection kept up to ~10 finished streams (their buffers, queues and
+    events: ~10 KB each) until its next streams came: with hundreds of Envoy connections that
+    is tens of MB per worker after a burst."""
+    tasks = handler._tasks
+    task = tasks[stream]
+    task.add_done_callback(lambda _t: tasks.pop(stream, None))
+    return task
+
+
+def cancel_stream(handler: Handler, stream: Any) -> None:
+    """``Handler.cancel`` for a stream whose task may already be done (and forgotten)."""
+    task = handler._tasks.pop(stream, None)
+    if task is not None and not task.done():
+        task.cancel()
+        cancelled = handler._cancelled
+        cancelled.add(task)
+        task.add_done_callback(cancelled.discard)

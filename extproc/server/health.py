@@ -10,8 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2
 from grpclib.const import Cardinality, Status
 from grpclib.server import Stream
 
@@ -121,7 +120,11 @@ def probe_target(listen: str) -> str:
 
 
 def check(target: str, service: str = "", timeout: float = 3.0) -> tuple[bool, str]:
-    """One Check call: (True, "SERVING") or (False, what went wrong)."""
+    """One Check call: (True, "SERVING") or (False, what went wrong). grpcio is imported here,
+    by the probe command only: in a serving worker it would cost ~20 MB of RSS for nothing."""
+    import grpc
+    from grpc_health.v1 import health_pb2_grpc
+
     with grpc.insecure_channel(target) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:

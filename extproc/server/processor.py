@@ -74,6 +74,8 @@ class Settings:
     max_decoded_per_message: int
     max_lines_per_message: int
     max_held: int
+    max_streams: int
+    max_waiting_streams: int
     router: Router
     pricer: Pricer
     budget: metadata.Budget | None  # ratelimit_cost per call (budgets.enabled)
@@ -96,6 +98,8 @@ def settings(config: Config) -> Settings:
         max_decoded_per_message=lim.max_decoded_bytes_per_message,
         max_lines_per_message=lim.max_lines_per_message,
         max_held=lim.max_held_bytes,
+        max_streams=lim.max_streams,
+        max_waiting_streams=lim.max_waiting_streams,
         router=Router(routes, extra=_config_routes(config, routes)),
         pricer=Pricer(config.pricing),
         budget=metadata.Budget(config.budgets) if config.budgets.enabled else None,
@@ -113,6 +117,7 @@ class Processor:
         self.held = 0  # bytes held by the parsers of all streams (limits.maxHeldBytes)
         self.large = 0  # bytes held at peaks / received in large messages since the last trim
         self.abandoned: dict[str, int] = {}  # streams whose parsing was abandoned, by reason
+        self.refused: dict[str, int] = {}  # streams refused as they opened, by reason (see grpc_server)
         self.apply(settings(config), observers)
 
     def reconfigure(self, config: Config, observers: Sequence[CallObserver]) -> None:
@@ -134,12 +139,15 @@ class Processor:
         self.max_decoded_per_message = s.max_decoded_per_message
         self.max_lines_per_message = s.max_lines_per_message
         self.max_held = s.max_held
+        self.max_streams = s.max_streams
+        self.max_waiting_streams = s.max_waiting_streams
         self.router = s.router
         self.pricer = s.pricer
         self.budget = s.budget
         self.attribution = s.attribution
         self.observers = list(observers)
         self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]
+        self._on_refused = [o.on_stream_refused for o in self.observers if hasattr(o, "on_stream_refused")]
         # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
         self.capture = any(getattr(o, "wants_content", False) for o in self.observers)
 
@@ -176,6 +184,18 @@ class Processor:
         finally:
             self.active -= 1
             stream.finish()
+
+    def refuse(self, reason: str) -> None:
+        """A stream was refused as it opened (``max_streams``: the worker holds
+        ``limits.maxStreams``; ``overloaded``: ``limits.maxWaitingStreams`` wait for the busy
+        worker; ``draining``: shutting down): no call, nothing read; counted per reason."""
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+        for hook in self._on_refused:
+            try:
+                hook(reason)
+            except Exception:
+                self.internal_errors += 1
+                log.exception("observer hook on_stream_refused failed")
 
     def report(self, call: Call) -> None:
         for observer in self.observers:

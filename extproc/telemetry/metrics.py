@@ -84,6 +84,9 @@ class Metrics:
         # livesum: across worker processes, the sum over the live ones (a dead worker's streams are gone).
         self.active = Gauge("ai_active_streams", "ext_proc streams (HTTP exchanges) in flight", registry=registry,
                             multiprocess_mode="livesum")
+        self.refused = Counter(
+            "ai_streams_refused", "ext_proc streams refused as they opened, unobserved (max_streams: the worker held "
+            "limits.maxStreams; overloaded: limits.maxWaitingStreams waited for the busy worker; draining: shutting down)", ["reason"], registry=registry)
         self.token_usage = Histogram(
             "gen_ai_client_token_usage", "Tokens used per call (OpenTelemetry gen_ai.client.token.usage)",
             [*GENAI_LABELS, "gen_ai_token_type", *c], buckets=TOKEN_BUCKETS, registry=registry)
@@ -101,7 +104,7 @@ class Metrics:
         names: set[str] = set()
         for m in (self.prompt_tokens, self.completion_tokens, self.requests, self.usage_missing, self.cost, self.unpriced,
                   self.finish_reasons, self.parse_errors,
-                  self.overflow, self.series_overflow, self.token_usage, self.duration, self.ttft, self.tpot):
+                  self.overflow, self.series_overflow, self.refused, self.token_usage, self.duration, self.ttft, self.tpot):
             names.update(m._labelnames)
         return names
 
@@ -177,6 +180,9 @@ class MetricsObserver:
 
     def on_stream_start(self) -> None:
         self.metrics.active.inc()
+
+    def on_stream_refused(self, reason: str) -> None:
+        self.metrics.refused.labels(reason).inc()
 
     def on_call_end(self, call: Call) -> None:
         try:

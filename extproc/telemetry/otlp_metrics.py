@@ -161,9 +161,13 @@ class OtlpMetrics:
         self.finish_reasons = count("ai.finish_reasons", "{call}", "LLM responses by how they ended")
         self.parse_errors = count("ai.parse_errors", "{payload}", "Payloads the sidecar could not parse")
         self.active = meter.create_up_down_counter("ai.active_streams", "{stream}", "ext_proc streams (HTTP exchanges) in flight")
+        self.refused = count("ai.streams_refused", "{stream}", "ext_proc streams refused as they opened, unobserved")
 
     def on_stream_start(self) -> None:
         self.active.add(1)
+
+    def on_stream_refused(self, reason: str) -> None:
+        self.refused.add(1, {"reason": reason})
 
     def on_call_end(self, call: Call) -> None:
         try:

@@ -187,3 +187,40 @@ def _messages(data: bytes) -> list[bytes]:
 
 def _count(data: bytearray) -> int:
     return len(_messages(bytes(data)))
+
+
+def test_finished_streams_leave_the_handler_table_at_once():
+    """grpclib prunes a connection's table of stream tasks only every 10th new stream on that
+    connection; forget_when_done drops each finished one at once, and cancel_stream accepts a
+    stream already dropped."""
+    address = f"127.0.0.1:{free_port()}"
+    processor = Processor(parse({"listen": address}), [Recorder()])
+    server = build_server(processor, address)
+
+    async def main() -> None:
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(address) as ch:
+                calls = [await _in_flight(ch) for _ in range(3)]
+                [proto] = server._protocols
+                assert len(proto.handler._tasks) == 3
+                for call in calls:
+                    await call.done_writing()
+                    await call.code()
+                await _wait(lambda: not proto.handler._tasks)
+                stream = object()
+                h2compat.cancel_stream(proto.handler, stream)  # unknown or already forgotten: nothing to do
+        finally:
+            await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_a_serving_worker_does_not_import_grpcio():
+    """grpcio (~20 MB of RSS) is for the `extproc health` probe only."""
+    import subprocess
+    import sys
+
+    code = ("import sys, extproc.cli, extproc.server.worker, extproc.server.supervisor; "
+            "assert 'grpc' not in sys.modules, 'grpcio imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -327,3 +327,13 @@ def test_mcp_tool_names_fold_under_both_caps():
         tight.on_call_end(tools_call(f"t{i}"))
     assert tight.budget.live("mcp_requests") == 2
     assert _v(reg, "ai_series_overflow_total", metric="mcp_requests") == 3
+
+
+def test_refused_streams_are_counted_by_reason():
+    reg = CollectorRegistry()
+    obs = MetricsObserver(_stats(), reg)
+    obs.on_stream_refused("max_streams")
+    obs.on_stream_refused("overloaded")
+    obs.on_stream_refused("overloaded")
+    assert reg.get_sample_value("ai_streams_refused_total", {"reason": "overloaded"}) == 2
+    assert reg.get_sample_value("ai_streams_refused_total", {"reason": "max_streams"}) == 1

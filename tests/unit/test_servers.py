@@ -17,7 +17,7 @@ from extproc.core.config import ConfigError, parse
 from extproc.devtools.dev import free_port
 from extproc.server import h2compat
 from extproc.server import worker as server_mod
-from extproc.server.grpc_server import CLOSED_STREAMS_KEPT, build_server
+from extproc.server.grpc_server import CLOSED_STREAMS_KEPT, StreamCap, build_server
 from extproc.server.health import Health
 from extproc.server.processor import CONTINUE_REQUEST_HEADERS, Processor
 from tests.unit.test_processor import Recorder
@@ -263,3 +263,80 @@ def test_oversized_grpc_message_is_refused_before_it_is_read():
 
 def body_msg(n: int) -> bytes:
     return pb.ProcessingRequest(response_body=pb.HttpBody(body=b"x" * n)).SerializeToString()
+
+
+class _Refusals:
+    """An observer that records the streams the server refused, by reason."""
+
+    def __init__(self) -> None:
+        self.reasons: list[str] = []
+
+    def on_stream_refused(self, reason: str) -> None:
+        self.reasons.append(reason)
+
+    def on_call_end(self, call: object) -> None:
+        pass
+
+
+def test_streams_past_max_streams_are_refused_unread_and_counted():
+    """limits.maxStreams: the next ext_proc stream is refused as it opens (Envoy then lets the
+    call through unobserved); health streams are not counted; a slot frees when a stream ends."""
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(address, {"limits": {"maxStreams": 2}}) as r, _channel(address) as ch:
+            refusals = _Refusals()
+            r.processor.apply(r.processor.settings, [r.recorder, refusals])
+            first, second = await _in_flight(ch), await _in_flight(ch)
+            assert r.server.cap is not None and r.server.cap.open == 2
+            third = _stream(ch)
+            with pytest.raises(grpc.aio.AioRpcError) as e:
+                await third.write(REQ)
+                await third.read()
+            # REFUSED_STREAM: grpcio reports UNAVAILABLE, or INTERNAL when its write races the reset
+            assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
+            assert r.processor.refused == {"max_streams": 1} and refusals.reasons == ["max_streams"]
+            assert r.processor.active == 2  # the refused stream never became a call
+            stub = health_pb2_grpc.HealthStub(ch)  # not an ext_proc stream: not capped
+            assert (await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
+            await first.write(RESP)
+            await first.read()
+            await first.done_writing()
+            assert await first.code() == grpc.StatusCode.OK
+            await _wait(lambda: r.server.cap.open == 1)
+            again = await _in_flight(ch)  # a slot is free again
+            for call in (second, again):
+                call.cancel()
+            await _wait(lambda: r.processor.active == 0 and r.server.cap.open == 0)
+            assert len(r.recorder.calls) == 3 and r.processor.refused == {"max_streams": 1}
+
+    asyncio.run(main())
+
+
+def test_stream_cap_counts_streams_waiting_for_a_busy_worker():
+    """limits.maxWaitingStreams: streams accepted whose handler has not run yet (the event loop is
+    busy) are what piles up under overload; past the bound new ones are refused as "overloaded".
+    A task cancelled before it ran (its connection closed) is released too."""
+    async def main() -> None:
+        cap = StreamCap(METHOD, lambda: 10, lambda: 2, lambda reason: None)
+
+        async def handler() -> None:
+            cap.started(asyncio.current_task())
+            await asyncio.sleep(0.05)
+
+        tasks = [asyncio.create_task(handler()) for _ in range(2)]
+        for t in tasks:
+            cap.opened(t)
+        assert cap.full() == "overloaded" and cap.open == 2  # accepted in one loop pass, none ran
+        await asyncio.sleep(0)  # they start
+        assert cap.full() is None and not cap.waiting and cap.open == 2
+        never_ran = asyncio.create_task(handler())
+        cap.opened(never_ran)
+        never_ran.cancel()
+        await asyncio.gather(*tasks, never_ran, return_exceptions=True)
+        await asyncio.sleep(0)  # done callbacks
+        assert cap.open == 0 and not cap.waiting
+        cap.max_open = lambda: 0
+        assert cap.full() == "max_streams"
+
+    asyncio.run(main())
