@@ -16,6 +16,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from dataclasses import dataclass, field
@@ -62,6 +63,37 @@ def cpu_by_pid(pids: list[int]) -> dict[int, float]:
 
 def rss_mb(pid: int) -> float:
     return process_rss(pid) / 2**20
+
+
+class RssPeak:
+    """The largest RSS any of ``pids`` reached while the block ran (sampled every 50 ms)."""
+
+    def __init__(self, pids: list[int], interval: float = 0.05) -> None:
+        self.pids, self.interval = pids, interval
+        self.max_mb: float | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while True:
+            for p in self.pids:
+                try:
+                    mb = rss_mb(p)
+                except OSError:  # a worker that exited
+                    continue
+                self.max_mb = mb if self.max_mb is None else max(self.max_mb, mb)
+            if self._stop.wait(self.interval):
+                return
+
+    def __enter__(self) -> RssPeak:
+        if self.pids:
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.pids:
+            self._thread.join()
 
 
 @dataclass
@@ -209,9 +241,11 @@ def run_scenarios(stacks: list[Stack], prof: Profile, workdir: Path, log: Any) -
 
     def measure(s: Stack, key: str, fn: Any) -> dict[str, Any]:
         before = s.snapshot()
-        out = fn()
-        time.sleep(0.3 if s.name == "observe" else 0.05)  # let async (observability) streams finish
+        with RssPeak(s.worker_pids() if s.has_sidecar else []) as peak:
+            out = fn()
+            time.sleep(0.3 if s.name == "observe" else 0.05)  # let async (observability) streams finish
         out.update(delta(before, s.snapshot()))
+        out["rss_peak_mb"] = peak.max_mb
         res[s.name][key] = out
         return out
 
@@ -312,6 +346,10 @@ def summarize(res: dict[str, dict[str, Any]], prof: Profile) -> list[dict[str, A
     add("sidecar CPU per chunk (us)", "stream", lambda r: 1e6 * r["sidecar_cpu_s"] / r["events"], 1, "none")
     add("Envoy CPU per chunk (us)", "stream", lambda r: 1e6 * r["envoy_cpu_s"] / r["events"], 1)
     add("fully observed streams (%)", "stream", lambda r: 100 * r["counts"]["observed"] / r["sent"] if r["counts"] else None, 1, "none")
+    add(f"streams refused @{prof.rates[-1]} req/s (% of sent; limits.maxStreams / maxWaitingStreams)", f"rate{prof.rates[-1]}",
+        lambda r: 100 * r["counts"]["refused"] / r["sent"] if r["counts"] else None, 1, "none")
+    add(f"sidecar RSS per worker, peak during c={c} (MB)", f"c{c}", lambda r: r["rss_peak_mb"], 1, "none")
+    add(f"sidecar RSS per worker, peak during @{prof.rates[-1]} req/s (MB)", f"rate{prof.rates[-1]}", lambda r: r["rss_peak_mb"], 1, "none")
     add("sidecar RSS per worker, idle (MB)", "hold", lambda r: r["rss_idle_max_mb"], 1, "none")
     add(f"sidecar RSS per worker, {prof.hold_streams} open streams (MB)", "hold", lambda r: r["rss_streams_max_mb"], 1, "none")
     add("open streams reached", "hold", lambda r: r["open_streams"], 0, "none")
