@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -143,12 +144,16 @@ class StreamCap:
       ``max_streams``;
     - ``max_waiting()``: streams accepted whose handler has not started yet because the event
       loop is busy with others (``limits.maxWaitingStreams``): refused past it with reason
-      ``overloaded``. In normal operation none waits; when Envoy sends more than the worker can
-      process (observability mode never waits for replies) they pile up with everything Envoy
-      sent on them, so this is what bounds a worker's memory under overload.
+      ``overloaded``, once the oldest of them has waited ``WAIT_GRACE`` (a burst of streams
+      arriving together on a healthy worker is accepted in full). In normal operation none
+      waits; when Envoy sends more than the worker can process (observability mode never waits
+      for replies) they pile up with everything Envoy sent on them, so this is what bounds a
+      worker's memory under overload.
 
     Counted at accept and released by the task's done callback (a task cancelled before it ran
     never runs its own ``finally``)."""
+
+    WAIT_GRACE = 0.05  # seconds
 
     def __init__(self, path: str, max_open: Callable[[], int], max_waiting: Callable[[], int],
                  on_refused: Callable[[str], None]) -> None:
@@ -157,26 +162,29 @@ class StreamCap:
         self.max_waiting = max_waiting
         self.on_refused = on_refused
         self.open = 0
-        self.waiting: set[asyncio.Task[Any]] = set()
+        # accept time of each stream not started yet, oldest first (dicts keep insertion order)
+        self.waiting: dict[asyncio.Task[Any], float] = {}
+        self._clock = time.monotonic
 
     def full(self) -> str | None:
         if self.open >= self.max_open():
             return "max_streams"
-        if len(self.waiting) >= self.max_waiting():
+        waiting = self.waiting
+        if len(waiting) >= self.max_waiting() and self._clock() - next(iter(waiting.values())) >= self.WAIT_GRACE:
             return "overloaded"
         return None
 
     def opened(self, task: asyncio.Task[Any]) -> None:
         self.open += 1
-        self.waiting.add(task)
+        self.waiting[task] = self._clock()
         task.add_done_callback(self._closed)
 
     def started(self, task: asyncio.Task[Any] | None) -> None:
-        self.waiting.discard(task)  # type: ignore[arg-type]
+        self.waiting.pop(task, None)  # type: ignore[arg-type]
 
     def _closed(self, task: asyncio.Task[Any]) -> None:
         self.open -= 1
-        self.waiting.discard(task)
+        self.waiting.pop(task, None)
 
 
 def _path(headers: Any) -> str | None:
