@@ -124,6 +124,11 @@ JWT_PAYLOAD_KEY = "principal"  # jwt_authn's payload_in_metadata: the verified c
 RATELIMIT_COST_KEY = "ratelimit_cost"  # the sidecar's dynamic metadata key (docs/budgets.md)
 # ext_proc cluster: streams per HTTP/2 connection before Envoy opens another (docs/performance.md).
 EXTPROC_STREAMS_PER_CONNECTION = 8
+# Observability mode: connections to the sidecar (x streams per connection = streams in flight),
+# and ext_proc streams Envoy may queue for a connection; past them Envoy sheds the call's
+# observation at once (docs/operations.md, "Overload").
+OBSERVE_MAX_CONNECTIONS = 128
+OBSERVE_MAX_PENDING = 1024
 HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
 EXT_PROC_FILTER = "envoy.filters.http.ext_proc"  # the filter's name: per-route configs are keyed by it
 
@@ -504,6 +509,7 @@ def bootstrap(
     tracing_service_name: str = "envoy",
     extproc_tls: ExtProcTls | None = None,
     extproc_streams_per_connection: int = EXTPROC_STREAMS_PER_CONNECTION,
+    extproc_max_connections: int | None = None,
     ratelimit: RateLimitService | None = None,
     fewer_messages: bool = False,
     passthrough: tuple[str, ...] = (),
@@ -521,7 +527,9 @@ def bootstrap(
     sidecar that is not on loopback, with its ``tls`` config section set (docs/security-tls.md).
 
     ``extproc_streams_per_connection`` caps the ext_proc streams per HTTP/2 connection: lower
-    means more connections, spread over more sidecar workers.
+    means more connections, spread over more sidecar workers. ``extproc_max_connections`` caps
+    the connections to the sidecar (default: 1,000; 128 in observability mode, see
+    :data:`OBSERVE_MAX_CONNECTIONS`), so the streams in flight to it, at most their product.
 
     ``ratelimit`` enforces budgets with Envoy's global rate limit filter (docs/budgets.md); it
     needs the sidecar (which computes each call's cost) in non-observability mode.
@@ -600,9 +608,19 @@ def bootstrap(
         # opens more connections (not just one per worker thread), so the kernel's SO_REUSEPORT
         # hashing spreads them over every sidecar worker process. And every in-flight LLM call
         # holds one stream: raise the default 1024 limits.
-        ext.circuit_breakers = CircuitBreakers(thresholds=[CircuitBreakersThresholds(
-            max_requests=100000, max_pending_requests=100000, max_connections=1000,
-        )])
+        if observability_mode:
+            # Envoy never waits for the sidecar here: when it falls behind, the calls it cannot
+            # take are better shed by Envoy at once (a stream past the limits fails, the call
+            # goes on unobserved: ext_proc's streams_failed, the cluster's
+            # upstream_rq_pending_overflow) than queued in Envoy or piled up as HTTP/2
+            # connections in the sidecar (each one ~20-40 KB of a worker's memory).
+            max_connections = extproc_max_connections or OBSERVE_MAX_CONNECTIONS
+            limits = CircuitBreakersThresholds(max_requests=max_connections * extproc_streams_per_connection,
+                                               max_pending_requests=OBSERVE_MAX_PENDING, max_connections=max_connections)
+        else:
+            limits = CircuitBreakersThresholds(max_requests=100000, max_pending_requests=100000,
+                                               max_connections=extproc_max_connections or 1000)
+        ext.circuit_breakers = CircuitBreakers(thresholds=[limits])
         if extproc_tls is not None:
             ext.transport_socket = extproc_tls.transport_socket()
         clusters["ext_proc"] = ext

@@ -119,3 +119,24 @@ def test_route_without_request_body_overrides_only_the_request_body_mode(fewer_m
     assert overrides["processing_mode"] == {k: v for k, v in filter_mode.items() if k != "request_body_mode"}  # NONE
     assert overrides["grpc_initial_metadata"] == [{"key": "x-llm-provider", "value": "gemini"}]
     assert all("processing_mode" not in r["typed_per_filter_config"][EXT_PROC]["overrides"] for r in rs[1:])
+
+
+def _ext_proc_limits(cfg: Any) -> dict[str, Any]:
+    clusters = envoy_config.to_dict(cfg)["static_resources"]["clusters"]
+    [ext] = [c for c in clusters if c["name"] == "ext_proc"]
+    [limits] = ext["circuit_breakers"]["thresholds"]
+    return limits
+
+
+def test_observability_mode_bounds_the_streams_envoy_opens_to_the_sidecar():
+    """Envoy never waits for the sidecar in observability mode: past 128 connections x 8 streams
+    (and 1,024 queued) it sheds a call's observation at once instead of piling connections up
+    in the sidecar. The default mode keeps room for every in-flight call (it waits for replies)."""
+    observe = _ext_proc_limits(envoy_config.bootstrap(upstreams=UPSTREAMS, observability_mode=True))
+    assert (observe["max_connections"], observe["max_requests"], observe["max_pending_requests"]) == (
+        envoy_config.OBSERVE_MAX_CONNECTIONS, envoy_config.OBSERVE_MAX_CONNECTIONS * envoy_config.EXTPROC_STREAMS_PER_CONNECTION,
+        envoy_config.OBSERVE_MAX_PENDING) == (128, 1024, 1024)
+    inline = _ext_proc_limits(envoy_config.bootstrap(upstreams=UPSTREAMS))
+    assert (inline["max_connections"], inline["max_requests"], inline["max_pending_requests"]) == (1000, 100000, 100000)
+    chosen = _ext_proc_limits(envoy_config.bootstrap(upstreams=UPSTREAMS, observability_mode=True, extproc_max_connections=32))
+    assert (chosen["max_connections"], chosen["max_requests"]) == (32, 256)
