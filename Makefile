@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit test-compose lint tools protos envoy-config deploy-rules bench soak clean bench-metrics
+.PHONY: install run test test-unit test-compose lint tools protos envoy-config deploy-rules bench soak clean bench-metrics bench-litellm-install
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -78,8 +78,13 @@ deploy-rules: $(STAMP)
 bench: $(STAMP) tools
 	$(PY) -m bench $(BENCH_ARGS)
 
+# The pinned LiteLLM proxy (bench/litellm-requirements.txt) in its own venv, .venv-litellm, for the
+# bench's litellm stack: BENCH_ARGS="--stacks envoy,inline,litellm" (which also installs it on first use).
+bench-litellm-install: $(STAMP)
+	$(PY) -m bench.litellm --install
+
 clean:
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-litellm .pytest_cache build *.egg-info
 
 # 10 minutes of mixed traffic with client aborts; prints expected vs counted tokens and RSS.
 soak: $(STAMP)

@@ -19,6 +19,7 @@ import orjson
 
 MODEL = "gpt-4o-mini"
 PROVIDER_MODEL = "gpt-4o-mini-2024-07-18"
+PROMPT_TOKENS = 9  # every response's usage.prompt_tokens
 
 CHAT_RESPONSE = orjson.dumps({
     "id": "chatcmpl-bench0000000000000000000000",
@@ -32,7 +33,7 @@ CHAT_RESPONSE = orjson.dumps({
         "finish_reason": "stop",
     }],
     "usage": {
-        "prompt_tokens": 9, "completion_tokens": 36, "total_tokens": 45,
+        "prompt_tokens": PROMPT_TOKENS, "completion_tokens": 36, "total_tokens": PROMPT_TOKENS + 36,
         "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
     },
@@ -62,7 +63,8 @@ def _event(i: int, n: int, t_ns: int) -> bytes:
         body = head + b'"choices":[{"index":0,"delta":' + delta + b"t" + str(t_ns).encode() + b' "},"logprobs":null,"finish_reason":null}],"usage":null}'
     else:  # the last event: finish reason and usage (include_usage)
         body = (head + b'"choices":[{"index":0,"delta":{"content":"t' + str(t_ns).encode() + b' "},"logprobs":null,"finish_reason":"stop"}],'
-                b'"usage":{"prompt_tokens":9,"completion_tokens":' + str(n).encode() + b',"total_tokens":' + str(9 + n).encode() + b"}}")
+                b'"usage":{"prompt_tokens":' + str(PROMPT_TOKENS).encode() + b',"completion_tokens":' + str(n).encode()
+                + b',"total_tokens":' + str(PROMPT_TOKENS + n).encode() + b"}}")
     return b"data: " + body + b"\n\n"
 
 

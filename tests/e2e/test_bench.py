@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from bench import litellm
 from tests.support.harness import REPO
 
 pytestmark = pytest.mark.integration
@@ -29,3 +30,22 @@ def test_bench_quick(tmp_path: Path) -> None:
                 continue  # sidecar-only figures
             assert value is not None, (row["metric"], stack)
     assert doc["results"]["inline"]["hold"]["open_streams"] > 0
+
+
+@pytest.mark.skipif(shutil.which("wrk") is None or not litellm.installed(),
+                    reason="wrk or the bench's LiteLLM venv absent (`make bench-litellm-install`)")
+def test_bench_quick_litellm(tmp_path: Path) -> None:
+    """The litellm stack (LiteLLM's proxy on the same upstreams): its figures, token counts and the
+    side-by-side summary."""
+    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--stacks", "envoy,inline,litellm", "--out", str(tmp_path)],
+                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    doc = json.loads((tmp_path / "latest-quick.json").read_text())
+    got = doc["results"]["litellm"]
+    assert got["stream"]["events"] > 0 and got["stream"]["errors"] == 0
+    assert got["hold"]["open_streams"] > 0
+    rate = f"rate{doc['meta']['profile']['rates'][0]}"  # the rate LiteLLM keeps up with
+    assert got[rate]["errors"] == 0
+    assert got[rate]["counts"]["observed"] >= 0.9 * got[rate]["sent"]  # its Prometheus prompt-token counter
+    assert got[rate]["litellm_cpu_s"] > 0 and got[rate]["envoy_cpu_s"] is None
+    assert "**LiteLLM side by side**" in (tmp_path / "latest-quick.md").read_text()
