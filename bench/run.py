@@ -596,8 +596,12 @@ def main(argv: list[str] | None = None) -> int:
                          "litellm (the LiteLLM proxy, pinned, in .venv-litellm: installed on first use; only when asked)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--label", default="", help="suffix for the result file names")
+    ap.add_argument("--rates", help="fixed rates in req/s, comma separated (default 500,1500); the last one is "
+                                    "the overload row (refused streams, peak RSS)")
     args = ap.parse_args(argv)
     prof = QUICK if args.quick else Profile()
+    if args.rates:
+        prof = replace(prof, rates=tuple(int(r) for r in args.rates.split(",")))
     if "litellm" in args.stacks.split(","):
         prof = replace(prof, rates=(prof.litellm_rate, *prof.rates), stream_rate=min(prof.stream_rate, prof.litellm_stream_rate))
     if shutil.which("wrk") is None:
