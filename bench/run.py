@@ -119,7 +119,7 @@ def _is_worker(pid: int) -> bool:
 
 @dataclass
 class Stack:
-    name: str  # envoy | inline | fewer (fewer-messages mode, HTTP/2 upstream) | observe | traced (inline, tracing,
+    name: str  # envoy | inline | fewer (fewer-messages mode, HTTP/2 upstream) | observe | observe-fewer | traced (inline, tracing,
     # collector down) | traced-live (collector up) | litellm (the LiteLLM proxy alone, no Envoy)
     workdir: Path
     upstreams: list[envoy_config.Upstream]
@@ -188,11 +188,12 @@ class Stack:
                 cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=(d / "sidecar.log").open("wb"))
             wait_port(sport, proc=self.sidecar)
         upstreams = self.upstreams
-        if self.name == "fewer":  # HTTP/2 to the (Envoy) non-streaming upstream: 2 messages per call
+        fewer = self.name in ("fewer", "observe-fewer")
+        if fewer:  # HTTP/2 to the (Envoy) non-streaming upstream: 2 messages per call
             upstreams = [envoy_config.Upstream(u.prefix, u.url, u.provider, http2=not u.prefix.startswith("/sse/")) for u in upstreams]
         boot = envoy_config.bootstrap(upstreams=upstreams, listen=f"127.0.0.1:{self.port}", extproc=extproc,
                                       access_log=str(d / "access.log"), admin=f"127.0.0.1:{self.admin}",
-                                      observability_mode=self.name == "observe", fewer_messages=self.name == "fewer")
+                                      observability_mode=self.name.startswith("observe"), fewer_messages=fewer)
         (d / "envoy.yaml").write_text(envoy_config.dump(boot))
         self.envoy = subprocess.Popen(envoy_command(d / "envoy.yaml", "--concurrency", str(self.envoy_concurrency)),
                                       stdout=subprocess.DEVNULL, stderr=(d / "envoy.log").open("wb"))
@@ -375,7 +376,7 @@ def run_scenarios(stacks: list[Stack], prof: Profile, workdir: Path, log: Any) -
         with RssPeak(s.worker_pids() if s.has_sidecar or s.is_litellm else []) as peak:
             out = fn()
             # let async work finish: observability-mode streams, LiteLLM's logging callbacks
-            time.sleep(0.5 if s.is_litellm else 0.3 if s.name == "observe" else 0.05)
+            time.sleep(0.5 if s.is_litellm else 0.3 if s.name.startswith("observe") else 0.05)
         out.update(delta(before, s.snapshot()))
         out["rss_peak_mb"] = peak.max_mb
         res[s.name][key] = out
@@ -591,7 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
     ap.add_argument("--stacks", default=DEFAULT_STACKS,
                     help=f"which stacks (comma separated; default {DEFAULT_STACKS}): envoy alone, inline, fewer "
-                         "(fewer-messages mode, HTTP/2 upstream), observe (observability_mode), "
+                         "(fewer-messages mode, HTTP/2 upstream), observe (observability_mode), observe-fewer (both, HTTP/2 "
+                         "upstream; only when asked), "
                          "traced (inline, tracing on, OTLP collector unreachable), traced-live (collector up), "
                          "litellm (the LiteLLM proxy, pinned, in .venv-litellm: installed on first use; only when asked)")
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")

@@ -34,13 +34,14 @@ BUDGETS_BY_USER_AND_HEADER = config.parse({"budgets": {"descriptors": [
 
 @pytest.mark.parametrize("variant", ["plain", "jwt", "no_extproc", "observability", "unix", "budgets", "fewer_messages",
                                      "fewer_messages_budgets", "passthrough", "fewer_messages_passthrough",
-                                     "no_request_body", "fewer_messages_no_request_body"])
+                                     "no_request_body", "fewer_messages_no_request_body", "observability_fewer_messages"])
 def test_built_configs_validate(tmp_path, variant):
     kw = {
         "plain": {},
         "jwt": {"jwks_json": envoy_config.EXAMPLE_JWKS},
         "no_extproc": {"extproc": None},
         "observability": {"observability_mode": True},
+        "observability_fewer_messages": {"observability_mode": True, "fewer_messages": True},
         "unix": {"extproc": "unix:/tmp/extproc.sock"},
         "budgets": {"jwks_json": envoy_config.EXAMPLE_JWKS,
                     "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},

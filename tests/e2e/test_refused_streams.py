@@ -20,7 +20,8 @@ from tests.support.recordings import load
 
 pytestmark = pytest.mark.integration
 
-MODES = {"default": {}, "fewer": {"fewer_messages": True}, "observability": {"observability_mode": True}}
+MODES = {"default": {}, "fewer": {"fewer_messages": True}, "observability": {"observability_mode": True},
+         "observability-fewer": {"observability_mode": True, "fewer_messages": True}}
 HELD = "aigw__chat-streaming-detailed-usage.yaml"  # 12 prompt + 100 completion tokens
 OTHER = "aigw__chat-basic.yaml"  # 8 prompt + 377 completion tokens
 EXT_PROC = "http.llm.ext_proc."
@@ -62,7 +63,7 @@ def _post(stack: Stack, fixture: str, **extra: str) -> tuple[httpx.Response, str
 
 @pytest.mark.parametrize("mode", MODES)
 def test_refused_stream_is_let_through_unobserved(tmp_path, replay, mode):
-    observability = mode == "observability"
+    observability = mode.startswith("observability")
     # renderIntervalSeconds 0: every scrape sees the counters as they are now.
     cfg = {"limits": {"maxStreams": 1}, "stats": {"renderIntervalSeconds": 0}}
     with Stack(tmp_path, replay.url, sidecar_config=cfg, workers=1, **MODES[mode]) as s:

@@ -140,3 +140,17 @@ def test_observability_mode_bounds_the_streams_envoy_opens_to_the_sidecar():
     assert (inline["max_connections"], inline["max_requests"], inline["max_pending_requests"]) == (1000, 100000, 100000)
     chosen = _ext_proc_limits(envoy_config.bootstrap(upstreams=UPSTREAMS, observability_mode=True, extproc_max_connections=32))
     assert (chosen["max_connections"], chosen["max_requests"]) == (32, 256)
+
+
+def test_observability_mode_with_fewer_messages_streams_both_bodies_and_skips_headers():
+    """Observability mode sends bodies only in STREAMED mode (Envoy ignores BUFFERED_PARTIAL there and
+    sends nothing), so the combination keeps the request body STREAMED; the request line rides on
+    its first message as attributes."""
+    cfg = envoy_config.to_dict(envoy_config.bootstrap(upstreams=UPSTREAMS, observability_mode=True, fewer_messages=True))
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    [ep] = [f["typed_config"] for f in hcm["http_filters"] if f["name"] == EXT_PROC]
+    mode = ep["processing_mode"]
+    assert ep["observability_mode"] is True
+    assert (mode["request_header_mode"], mode["response_header_mode"]) == ("SKIP", "SKIP")
+    assert (mode["request_body_mode"], mode["response_body_mode"]) == ("STREAMED", "STREAMED")
+    assert "request.path" in ep["request_attributes"] and "response.code" in ep["response_attributes"]
