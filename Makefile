@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit test-compose lint tools protos envoy-config deploy-rules bench soak clean bench-metrics bench-litellm-install
+.PHONY: install run test test-unit test-compose lint tools protos envoy-config deploy-rules bench soak clean bench-metrics bench-litellm-install test-litellm
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -20,7 +20,7 @@ run: $(STAMP)
 
 # Lint, type check, then every test (unit and end-to-end).
 test: lint $(STAMP) tools
-	$(PY) -m pytest -q -m "not compose" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not compose and not litellm" $(PYTEST_ARGS)
 	@if [ "$$CI" = true ]; then $(MAKE) --no-print-directory test-compose; \
 	elif tests/compose/run.sh --check; then echo "test-compose: not run (CI unset): \`make test-compose\` runs docker-compose.yaml in Docker"; \
 	else echo "test-compose: SKIPPED: Docker cannot run on this machine (and CI is not set)"; fi
@@ -80,6 +80,10 @@ bench: $(STAMP) tools
 
 # The pinned LiteLLM proxy (bench/litellm-requirements.txt) in its own venv, .venv-litellm, for the
 # bench's litellm stack: BENCH_ARGS="--stacks envoy,inline,litellm" (which also installs it on first use).
+# The bench's litellm stack end to end (--quick), after installing the pinned LiteLLM (~1 min).
+test-litellm: bench-litellm-install tools
+	$(PY) -m pytest -q -m litellm tests/e2e/test_bench.py
+
 bench-litellm-install: $(STAMP)
 	$(PY) -m bench.litellm --install
 

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from bench import litellm
 from tests.support.harness import REPO
 
 pytestmark = pytest.mark.integration
@@ -32,8 +31,7 @@ def test_bench_quick(tmp_path: Path) -> None:
     assert doc["results"]["inline"]["hold"]["open_streams"] > 0
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None or not litellm.installed(),
-                    reason="wrk or the bench's LiteLLM venv absent (`make bench-litellm-install`)")
+@pytest.mark.litellm  # `make test-litellm` (installs the pinned LiteLLM first); not part of `make test`
 def test_bench_quick_litellm(tmp_path: Path) -> None:
     """The litellm stack (LiteLLM's proxy on the same upstreams): its figures, token counts and the
     side-by-side summary."""
