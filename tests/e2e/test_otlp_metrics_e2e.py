@@ -98,32 +98,40 @@ def _figures(lat: list[float]) -> dict[str, float]:
 
 
 def test_a_dead_collector_does_not_slow_calls(tmp_path, mock_llm):
+    """Calls with OTLP metrics on and the collector a black hole take as long as calls with them
+    off. Measured in alternating rounds (the sidecar restarted with each config in turn) so a
+    change in the shared machine's load during the test falls on both sides alike."""
     # A black hole: connections are accepted (listen backlog), nothing ever answers.
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)
     dead = {"stats": {"otlp": {"enabled": True, "endpoint": f"127.0.0.1:{hole.getsockname()[1]}",
                                "exportIntervalMs": 500, "exportTimeoutMs": 300}}}
-    n = 300
+    rounds, n = 3, 100
+    runs: dict[str, list[list[float]]] = {"off": [], "dead": []}
     try:
         with Stack(tmp_path, mock_llm, sidecar_config={}, message_timeout_ms=5000) as stack:
-            _latencies(stack, 30)  # warm up
-            base = _latencies(stack, n)
-            stack.stop_sidecar()
-            cfg = yaml.safe_load(stack.sidecar_config_path.read_text())
-            stack.sidecar_config_path.write_text(yaml.safe_dump({**cfg, **dead}))
-            stack.start_sidecar()
-            _latencies(stack, 30)
-            with_dead = _latencies(stack, n)
-            deadline = time.monotonic() + 10
-            while (dropped := total(scrape(stack.metrics_port), "ai_otlp_metric_points_dropped_total")) == 0 and time.monotonic() < deadline:
-                time.sleep(0.1)
+            off = yaml.safe_load(stack.sidecar_config_path.read_text())
+            for _ in range(rounds):
+                for name, cfg in (("off", off), ("dead", {**off, **dead})):
+                    stack.stop_sidecar()
+                    stack.sidecar_config_path.write_text(yaml.safe_dump(cfg))
+                    stack.start_sidecar()
+                    _latencies(stack, 20)  # warm up
+                    runs[name].append(_latencies(stack, n))
+                    if name == "dead":
+                        deadline = time.monotonic() + 10  # this sidecar's exports failed, and were counted
+                        while (dropped := total(scrape(stack.metrics_port), "ai_otlp_metric_points_dropped_total")) == 0 \
+                                and time.monotonic() < deadline:
+                            time.sleep(0.1)
+                        assert dropped > 0
     finally:
         hole.close()
-    b, d = _figures(base), _figures(with_dead)
-    print(f"\nOTLP metrics, {n} sequential calls each (half streamed) through Envoy:\n  off:            {b}\n  dead collector: {d}\n"
-          f"  data points dropped: {dropped:.0f}")
-    assert dropped > 0  # the exports did fail, and were counted
-    assert d["p50_ms"] <= b["p50_ms"] * 1.3 + 1.0
+    b, d = (_figures(sorted(x for r in runs[k] for x in r)) for k in ("off", "dead"))
+    p50 = {k: statistics.median(statistics.median(r) * 1000 for r in runs[k]) for k in runs}  # median of the rounds' p50s
+    print(f"\nOTLP metrics, {rounds} alternating rounds of {n} sequential calls (half streamed) through Envoy:\n"
+          f"  off:            {b}, round p50s {[round(statistics.median(r) * 1000, 2) for r in runs['off']]}\n"
+          f"  dead collector: {d}, round p50s {[round(statistics.median(r) * 1000, 2) for r in runs['dead']]}")
+    assert p50["dead"] <= p50["off"] * 1.3 + 1.0
     assert d["p95_ms"] <= b["p95_ms"] * 2 + 5.0  # tails are noisy on small shared machines
     assert d["max_ms"] < 1000  # no call waited for an export (300 ms timeout, retried)
