@@ -3,10 +3,10 @@ request carries ``x-sse: 1``. Tool ``boom`` is a JSON-RPC error (-32602), ``flak
 from __future__ import annotations
 
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 from extproc.devtools.dev import free_port
+from tests.support.http_server import serve_http
 
 
 class McpUpstream:
@@ -58,13 +58,11 @@ class McpUpstream:
             def log_message(self, *args: object) -> None:
                 pass
 
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        _, self._stop = serve_http(Handler, self.port)
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._stop()

@@ -5,7 +5,7 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import grpc
@@ -13,6 +13,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from extproc.devtools.dev import free_port
+from tests.support.http_server import serve_http
 
 
 @dataclass
@@ -87,10 +88,58 @@ class _Store:
             return b"".join(self.raw)
 
 
-class GrpcReceiver(_Store):
+class _Served:
+    """An OTLP service on a free loopback port, served from threads (see :func:`_serve_grpc`,
+    :func:`_serve_http`)."""
+
+    port: int
+    _stop: Any
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._stop()
+
+
+def _serve_grpc(add_servicer: Any, servicer: Any) -> tuple[int, Any]:
+    """(port, stop) of a gRPC server with one servicer (``add_<Service>Servicer_to_server``)."""
+    port = free_port()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    add_servicer(servicer, server)
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return port, lambda: server.stop(0)
+
+
+def _serve_http(path: str, accept: Any, reply: bytes) -> tuple[int, Any]:
+    """(port, stop) of an OTLP/HTTP endpoint: a protobuf POST to ``path`` goes to
+    ``accept(body, headers)`` and is answered ``reply``; any other path gets 404."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = self.rfile.read(int(self.headers.get("content-length", "0")))
+            if self.path != path:
+                self.send_response(404)
+                self.end_headers()
+                return
+            accept(body, {k.lower(): v for k, v in self.headers.items()})
+            self.send_response(200)
+            self.send_header("content-type", "application/x-protobuf")
+            self.send_header("content-length", str(len(reply)))
+            self.end_headers()
+            self.wfile.write(reply)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    return serve_http(Handler)
+
+
+class GrpcReceiver(_Store, _Served):
     def __init__(self) -> None:
         super().__init__()
-        self.port = free_port()
         store = self
 
         class Service(trace_service_pb2_grpc.TraceServiceServicer):
@@ -99,52 +148,16 @@ class GrpcReceiver(_Store):
                 store.add(request.SerializeToString(), md)
                 return trace_service_pb2.ExportTraceServiceResponse()
 
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Service(), self.server)
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-        self.server.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.server.stop(0)
+        self.port, self._stop = _serve_grpc(trace_service_pb2_grpc.add_TraceServiceServicer_to_server, Service())
 
 
-class HttpReceiver(_Store):
+class HttpReceiver(_Store, _Served):
     """POST {path} with application/x-protobuf, like Langfuse's /api/public/otel/v1/traces."""
 
     def __init__(self, path: str = "/api/public/otel/v1/traces") -> None:
         super().__init__()
-        self.port = free_port()
         self.path = path
-        store = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                if self.path != store.path:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                store.add(body, {k.lower(): v for k, v in self.headers.items()})
-                out = trace_service_pb2.ExportTraceServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self.port, self._stop = _serve_http(path, self.add, trace_service_pb2.ExportTraceServiceResponse().SerializeToString())
 
 
 # ---- metrics -------------------------------------------------------------------------------------
@@ -202,12 +215,11 @@ class MetricStore:
             return [dict(attrs) for (_, n, attrs) in self.points if n == name]
 
 
-class MetricsGrpcReceiver(MetricStore):
+class MetricsGrpcReceiver(MetricStore, _Served):
     def __init__(self) -> None:
         super().__init__()
         from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 
-        self.port = free_port()
         store = self
 
         class Service(metrics_service_pb2_grpc.MetricsServiceServicer):
@@ -215,55 +227,20 @@ class MetricsGrpcReceiver(MetricStore):
                 store.add(request.SerializeToString())
                 return metrics_service_pb2.ExportMetricsServiceResponse()
 
-        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
-        metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Service(), self.server)
-        self.server.add_insecure_port(f"127.0.0.1:{self.port}")
-        self.server.start()
-
-    @property
-    def endpoint(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def close(self) -> None:
-        self.server.stop(0)
+        self.port, self._stop = _serve_grpc(metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server, Service())
 
 
-class MetricsHttpReceiver(MetricStore):
+class MetricsHttpReceiver(MetricStore, _Served):
     """POST /v1/metrics with application/x-protobuf."""
 
     def __init__(self, path: str = "/v1/metrics") -> None:
         super().__init__()
         from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 
-        self.port = free_port()
         self.path = path
-        store = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802
-                body = self.rfile.read(int(self.headers.get("content-length", "0")))
-                if self.path != store.path:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                store.add(body)
-                out = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
-                self.send_response(200)
-                self.send_header("content-type", "application/x-protobuf")
-                self.send_header("content-length", str(len(out)))
-                self.end_headers()
-                self.wfile.write(out)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.port, self._stop = _serve_http(path, lambda body, _headers: self.add(body),
+                                            metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString())
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}{self.path}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()

@@ -1,0 +1,21 @@
+"""A threaded HTTP server on a free loopback port, for in-test upstreams and collectors."""
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from extproc.devtools.dev import free_port
+
+
+def serve_http(handler: type[BaseHTTPRequestHandler], port: int | None = None) -> tuple[int, Callable[[], None]]:
+    """(port, stop) of a threaded HTTP server on 127.0.0.1 running ``handler``."""
+    port = port or free_port()
+    httpd = ThreadingHTTPServer(("127.0.0.1", port), handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+
+    def stop() -> None:
+        httpd.shutdown()
+        httpd.server_close()
+
+    return port, stop
