@@ -9,8 +9,11 @@ from __future__ import annotations
 import os
 
 from extproc.core.config import OtlpMetricsConfig
+from extproc.telemetry import otlp_env
+from extproc.telemetry.otlp_env import GRPC, HTTP
 
-GRPC, HTTP = "grpc", "http"
+__all__ = ("DEFAULT_INTERVAL_MS", "DEFAULT_TIMEOUT_MS", "GRPC", "HTTP", "enabled", "endpoint", "http_metrics_url", "interval_ms",
+           "protocol", "timeout_ms")
 DEFAULT_INTERVAL_MS = 60000  # the OTel SDK's default export interval
 DEFAULT_TIMEOUT_MS = 10000
 
@@ -28,21 +31,16 @@ def enabled(cfg: OtlpMetricsConfig) -> bool:
 def endpoint(cfg: OtlpMetricsConfig) -> str | None:
     """The collector: config, else OTEL_EXPORTER_OTLP_METRICS_ENDPOINT / OTEL_EXPORTER_OTLP_ENDPOINT,
     else None (the exporter's default, localhost:4317 or http://localhost:4318/v1/metrics)."""
-    env = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    return cfg.endpoint or env or None
+    return otlp_env.endpoint("METRICS", cfg.endpoint)
 
 
 def protocol(cfg: OtlpMetricsConfig) -> str:
-    if cfg.protocol:
-        return cfg.protocol
-    env = os.environ.get("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or GRPC
-    return HTTP if env.startswith("http") else GRPC
+    return otlp_env.protocol("METRICS", cfg.protocol)
 
 
 def http_metrics_url(base: str) -> str:
     """``OTEL_EXPORTER_OTLP_ENDPOINT`` semantics: a base URL gets ``/v1/metrics`` appended."""
-    base = base.rstrip("/")
-    return base if base.endswith("/v1/metrics") else base + "/v1/metrics"
+    return otlp_env.http_url(base, "METRICS")
 
 
 def _env_ms(name: str, default: int) -> int:

@@ -8,14 +8,15 @@ from __future__ import annotations
 import os
 
 from extproc.core.config import TracingConfig
+from extproc.telemetry import otlp_env
+from extproc.telemetry.otlp_env import GRPC, HTTP
 
-GRPC, HTTP = "grpc", "http"
+__all__ = ("GRPC", "HTTP", "enabled", "endpoint", "http_traces_url", "protocol")
 
 
 def endpoint(cfg: TracingConfig) -> str | None:
     """The collector, or None (tracing off): config first, then the OTEL_* variables."""
-    env = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT")
-    return cfg.otlp_endpoint or env or None
+    return otlp_env.endpoint("TRACES", cfg.otlp_endpoint)
 
 
 def enabled(cfg: TracingConfig) -> bool:
@@ -23,13 +24,9 @@ def enabled(cfg: TracingConfig) -> bool:
 
 
 def protocol(cfg: TracingConfig) -> str:
-    if cfg.otlp_protocol:
-        return cfg.otlp_protocol
-    env = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL") or GRPC
-    return HTTP if env.startswith("http") else GRPC
+    return otlp_env.protocol("TRACES", cfg.otlp_protocol)
 
 
 def http_traces_url(base: str) -> str:
     """``OTEL_EXPORTER_OTLP_ENDPOINT`` semantics: a base URL gets ``/v1/traces`` appended."""
-    base = base.rstrip("/")
-    return base if base.endswith("/v1/traces") else base + "/v1/traces"
+    return otlp_env.http_url(base, "TRACES")
