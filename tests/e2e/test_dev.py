@@ -18,6 +18,7 @@ import pytest
 import yaml
 
 from extproc.devtools.dev import free_port, wait_port
+from tests.support.harness import json_lines
 from tests.support.jwt_keys import jwks_json, token
 
 pytestmark = pytest.mark.integration
@@ -51,9 +52,7 @@ def test_dev_stack_with_upstream_jwks_and_access_log(tmp_path, replay):
         deadline = time.monotonic() + 10
         entry = None
         while entry is None and time.monotonic() < deadline:
-            for line in log.read_text().splitlines() if log.exists() else []:
-                if json.loads(line)["request_id"] == rid:
-                    entry = json.loads(line)
+            entry = next((e for e in json_lines(log) if e["request_id"] == rid), None)
             time.sleep(0.05)
         assert entry is not None
         assert (entry["user"], entry["team"], entry["total_tokens"]) == ("alice", "dev", 385)

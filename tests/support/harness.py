@@ -38,6 +38,18 @@ def total(samples: list[tuple[str, dict[str, str], float]], name: str, **match: 
     return sum(v for n, labels, v in samples if n == name and all(labels.get(k) == w for k, w in match.items()))
 
 
+
+def json_lines(path: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines of a file another process is appending to (Envoy's access log). A read can
+    land in the middle of Envoy's write: the unterminated tail is not a line yet and is left for the next
+    read, never parsed."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return []
+    complete = data[: data.rfind(b"\n") + 1]
+    return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
 class Stack:
     def __init__(
         self,
@@ -123,7 +135,8 @@ class Stack:
         """Pids of the workers that logged "ext_proc listening" since the sidecar last started."""
         with self.sidecar_log.open("rb") as f:
             f.seek(self._log_start)
-            lines = f.read().decode("utf-8", "replace").splitlines()
+            data = f.read()
+        lines = data[: data.rfind(b"\n") + 1].decode("utf-8", "replace").splitlines()  # complete lines only
         return {json.loads(line)["pid"] for line in lines if line.startswith("{") and '"ext_proc listening"' in line}
 
     def wait_listening(self, n: int, timeout: float = 20) -> set[int]:
@@ -160,9 +173,7 @@ class Stack:
         return f"http://127.0.0.1:{self.port}{path}"
 
     def log_entries(self) -> list[dict[str, Any]]:
-        if not self.access_log.exists():
-            return []
-        return [json.loads(line) for line in self.access_log.read_text().splitlines() if line.strip()]
+        return json_lines(self.access_log)
 
     def log_entry(self, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
         """The access-log line of one request (tests send their own x-request-id)."""
