@@ -14,10 +14,10 @@ stream at once).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -36,6 +36,7 @@ from extproc.core.config import TlsConfig
 from extproc.core.logs import RateLimited
 from extproc.server import h2compat
 from extproc.server.health import EXT_PROC_SERVICE
+from extproc.server.message_buffer import BadStream, MessageBuffer
 from extproc.server.processor import Processor
 from extproc.server.tls import ssl_context, warn_if_plaintext
 
@@ -119,7 +120,8 @@ class _Handler(Handler):
 
     def accept(self, stream: Any, headers: Any, release_stream: Callable[[], Any]) -> None:
         owner = self._owner
-        cap = owner.cap if owner.cap is not None and _path(headers) == owner.cap.path else None
+        path = _path(headers)
+        cap = owner.cap if owner.cap is not None and path == owner.cap.path else None
         reason = "draining" if owner.draining else cap.full() if cap is not None else None
         if reason is not None:
             stream.reset_nowait(ErrorCodes.REFUSED_STREAM)
@@ -127,6 +129,9 @@ class _Handler(Handler):
             if cap is not None:
                 cap.on_refused(reason)
             return
+        buffer = owner.buffers.get(path) if path is not None else None
+        if buffer is not None:
+            h2compat.use_buffer(stream, buffer(partial(stream.connection.ack, stream.id)))
         super().accept(stream, headers, release_stream)
         task = h2compat.forget_when_done(self, stream)
         if cap is not None:
@@ -221,6 +226,13 @@ class _Protocol(H2Protocol):
             self.handler.cancel(stream)
         self.connection.streams_failed += 1
 
+    def data_received(self, data: bytes) -> None:
+        # The DATA frames of ext_proc messages on open streams go straight to their streams; h2
+        # gets whatever else there is (see h2compat.receive_data_frames).
+        taken = h2compat.receive_data_frames(self, data)
+        if taken < len(data):
+            super().data_received(data[taken:] if taken else data)
+
     def connection_lost(self, exc: BaseException | None) -> None:
         self._owner._protocols.discard(self)
         super().connection_lost(exc)
@@ -258,6 +270,9 @@ class GrpclibServer:
         self._inflight: set[asyncio.Task[Any]] = set()  # streams a drain waits for (ext_proc, not health Watch)
         self.draining = False
         self.cap: StreamCap | None = None  # one method's streams can be capped (ext_proc's)
+        # methods whose streams get another receive buffer (ext_proc's: a MessageBuffer), made
+        # from the stream's acknowledge function
+        self.buffers: dict[str, Callable[[Callable[[int], None]], Any]] = {}
 
     def add_method(self, path: str, func: Callable[[Stream], Any], cardinality: Cardinality,
                    request_type: Any, reply_type: Any, *, drain_waits: bool = False) -> None:
@@ -318,51 +333,7 @@ class GrpclibServer:
         await asyncio.sleep(0)  # let the transports flush and close
 
 
-class BadStream(Exception):
-    """What a client sent on a stream is not a valid ext_proc message sequence (input, not a bug)."""
-
-    def __init__(self, status: Status, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
-
-
 _PARSE = pb.ProcessingRequest.FromString
-
-
-LARGE_MESSAGE = 256 << 10
-
-
-async def requests(stream: Stream, max_bytes: Callable[[], int], on_large: Callable[[int], None] | None = None) -> Any:
-    """The stream's ext_proc messages, read frame by frame: a message larger than ``max_bytes()``
-    is refused from its 5-byte prefix, before any of it is buffered (grpclib itself accepts any
-    size, acknowledging the bytes as it accumulates them); a compressed, truncated or undecodable
-    message raises :class:`BadStream`."""
-    h2s = h2compat.h2_stream(stream)
-    while True:
-        try:
-            prefix = await h2s.recv_data(5)
-        except AssertionError:
-            raise BadStream(Status.INVALID_ARGUMENT, "truncated message prefix") from None
-        if not prefix:
-            return
-        if prefix[0]:
-            raise BadStream(Status.UNIMPLEMENTED, "compressed message")
-        size = int.from_bytes(prefix[1:5], "big")
-        if size > max_bytes():
-            raise BadStream(Status.RESOURCE_EXHAUSTED, "message larger than limits.maxGrpcMessageBytes")
-        if size >= LARGE_MESSAGE and on_large is not None:
-            on_large(size)
-        try:
-            data = await h2s.recv_data(size)
-        except AssertionError:
-            raise BadStream(Status.INVALID_ARGUMENT, "truncated message") from None
-        try:
-            message = _PARSE(data)
-        except DecodeError:
-            raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
-        del data
-        yield message
 
 
 # One line per malformed stream at most every 10 s (a client can send them at will).
@@ -372,11 +343,7 @@ bad_stream_log = RateLimited(log)
 def build_server(processor: Processor, address: str, tls: TlsConfig | None = None) -> GrpclibServer:
     """The ext_proc server on ``address``: TLS/mTLS when ``tls`` is enabled, else plaintext."""
     server = GrpclibServer(address, tls)
-    process = processor.Process
     send_now = h2compat.send_message_now
-
-    def max_bytes() -> int:
-        return processor.max_message  # read per message: a reload applies at once
 
     def on_large(size: int) -> None:
         processor.large += size  # freed when the stream ends: worth a malloc_trim
@@ -385,24 +352,50 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
                                  processor.refuse)
     started = cap.started
     current_task = asyncio.current_task
+    open_stream, close_stream = processor.open_stream, processor.close_stream
+    server.buffers[PROCESS] = lambda ack: MessageBuffer(ack, on_large)
 
     async def handle(stream: Stream) -> None:
+        """One ext_proc stream, message by message (what ``Processor.Process`` does, without its
+        two async generators per message)."""
         started(current_task())
-        replies = process(requests(stream, max_bytes, on_large), stream.metadata)
+        buf: MessageBuffer = h2compat.h2_stream(stream).buffer
+        next_message, wait = buf.next_message, buf.wait
+        s = open_stream(stream.metadata)
+        handle_message = s.handle
+        send = stream.send_message
+        first = True
         try:
-            async with contextlib.aclosing(replies):  # type: ignore[type-var]  # cancelled while sending: the Processor still reports
-                send = stream.send_message
-                first = True
-                async for reply in replies:
+            while True:
+                data = next_message(processor.max_message)  # read per message: a reload applies at once
+                if data is None:
+                    if buf.ended:
+                        return
+                    await wait()
+                    continue
+                try:
+                    req = _PARSE(data)
+                except DecodeError:
+                    raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
+                del data
+                reply = handle_message(req)
+                if req.observability_mode:
+                    # Envoy expects no reply, and would hold the stream open for its
+                    # deferred_close_timeout (5 s) after the response: end it at the response's end.
+                    if s.response_done:
+                        return
+                elif reply is not None:
                     # after the first reply (it also sends the response headers), a reply the
                     # flow-control windows let through now is framed and written directly
                     if first or not send_now(stream, reply):
                         await send(reply)
                         first = False
-        except BadStream as e:  # the call was reported; the client gets the status, the log one line
+        except BadStream as e:  # the client gets the status, the log one line
             processor.bad_streams += 1
             bad_stream_log.warning("malformed ext_proc stream", reason=e.reason)
             raise GRPCError(e.status, e.reason) from None
+        finally:  # however the stream ended (cancelled when Envoy reset it): reported once
+            close_stream(s)
 
     server.add_method(PROCESS, handle, Cardinality.STREAM_STREAM, pb.ProcessingRequest, bytes, drain_waits=True)
     return server

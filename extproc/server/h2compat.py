@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import struct
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -28,8 +29,8 @@ from hyperframe.frame import GoAwayFrame
 
 __all__ = (
     "StreamReset", "cancel_stream", "cancelled_tasks", "forget_when_done", "h2_connection", "h2_stream",
-    "lazy_frame_repr", "limit_closed_streams", "on_stream_reset", "send_goaway", "send_message_now",
-    "server_configuration", "server_events", "stream_of",
+    "lazy_frame_repr", "limit_closed_streams", "on_stream_reset", "receive_data_frames", "send_goaway",
+    "send_message_now", "server_configuration", "server_events", "stream_of", "use_buffer",
 )
 
 
@@ -53,6 +54,13 @@ def h2_stream(stream: Any) -> Any:
     ``recv_data(n)`` returns exactly ``n`` bytes, ``b""`` at the end, and raises AssertionError if
     the stream ends inside them (a truncated message)."""
     return stream._stream
+
+
+def use_buffer(stream: Any, buffer: Any) -> None:
+    """Give a stream just accepted (nothing of its body received yet) another receive buffer:
+    grpclib calls ``add(data, ack_size)`` per DATA frame, ``eof()`` at END_STREAM and, when the
+    stream is released, acknowledges ``unacked_size()``."""
+    stream.buffer = buffer
 
 
 def limit_closed_streams(protocol: H2Protocol, kept: int) -> bool:
@@ -119,6 +127,64 @@ def send_message_now(stream: Any, message: bytes) -> bool:
     pending = conn.data_to_send() if conn._data_to_send else b""
     ps._transport.write(pending + _DATA_HEAD.pack(size >> 8, size & 0xFF, 0, 0, ps.id, 0, len(message)) + message)
     return True
+
+
+_FRAME_HEAD = struct.Struct(">HBBBL")  # length (16 + 8 bits), type, flags, R + stream id
+_RECEIVABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
+
+
+def receive_data_frames(protocol: H2Protocol, data: bytes) -> int:
+    """Take the plain DATA frames at the start of ``data`` (what Envoy sends for each ext_proc
+    message on an open stream) past h2's frame parser and event objects, straight into grpclib's
+    stream buffer; return how many bytes were taken. The rest (from the first frame that is
+    anything else: another type, END_STREAM or PADDED flags, an unknown or closing stream, a frame
+    that overdraws a flow-control window or is incomplete) is for h2's ``receive_data``, which
+    then handles it, and its errors, exactly as before. Nothing is taken while h2 holds bytes of
+    its own (a partial frame, the preface, a header block awaiting CONTINUATION): frames keep
+    their order.
+
+    For each frame taken this does what h2's ``_receive_data_frame`` -> ``H2Stream.receive_data``
+    and grpclib's ``process_data_received`` do for it: the connection's RECV_DATA input in
+    SERVER_OPEN and the stream's in OPEN / HALF_CLOSED_LOCAL keep their states and only make the
+    ``DataReceived`` event; both inbound windows are debited; the stream's received length is
+    counted (a stream with a content-length header is left to h2); the payload goes into the
+    stream's buffer with its flow-controlled length (acknowledged when the handler reads it)."""
+    conn: H2Connection = protocol.connection._connection
+    incoming = conn.incoming_buffer
+    if (incoming._data or incoming._headers_buffer or incoming._preamble_len
+            or conn.state_machine.state is not ConnectionState.SERVER_OPEN):
+        return 0
+    streams = conn.streams
+    grpc_streams = protocol.processor.streams
+    window = conn._inbound_flow_control_window_manager
+    max_size = conn.max_inbound_frame_size
+    unpack = _FRAME_HEAD.unpack_from
+    end = len(data)
+    offset = taken = 0
+    while offset + 9 <= end:
+        high, low, kind, flags, stream_id = unpack(data, offset)
+        size = (high << 8) | low
+        start = offset + 9
+        if kind or flags or start + size > end or size > max_size or size > window.current_window_size:
+            break
+        h2s = streams.get(stream_id & 0x7FFFFFFF)
+        stream = grpc_streams.get(stream_id & 0x7FFFFFFF)
+        if (h2s is None or stream is None or h2s.state_machine.state not in _RECEIVABLE
+                or not h2s.state_machine.headers_received or h2s._expected_content_length is not None
+                or size > h2s._inbound_window_manager.current_window_size):
+            break
+        window.current_window_size -= size
+        h2s._inbound_window_manager.current_window_size -= size
+        h2s._actual_content_length += size
+        stream.buffer.add(data[start:start + size], size)
+        stream.data_received += size
+        taken += size
+        offset = start + size
+    if taken:
+        grpc_conn = protocol.connection
+        grpc_conn.data_received += taken
+        grpc_conn.last_data_received = time.monotonic()
+    return offset
 
 
 class _LazyRepr:

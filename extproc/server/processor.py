@@ -165,12 +165,7 @@ class Processor:
                       metadata: Mapping[str, Any] | None = None) -> AsyncIterator[bytes]:
         """One ext_proc stream: ``requests`` as Envoy sends them, ``metadata`` the stream's gRPC
         metadata (lower-case keys); yields each reply, already serialised."""
-        stream = Stream(self, None)
-        if metadata:
-            _read_grpc_metadata(metadata.items(), self.provider_key, stream)
-        self.active += 1
-        for hook in self._on_start:
-            hook()
+        stream = self.open_stream(metadata)
         try:
             async for req in requests:
                 reply = stream.handle(req)
@@ -182,8 +177,24 @@ class Processor:
                 elif reply is not None:
                     yield reply
         finally:
-            self.active -= 1
-            stream.finish()
+            self.close_stream(stream)
+
+    def open_stream(self, metadata: Mapping[str, Any] | None = None) -> Stream:
+        """What :meth:`Process` does per stream, for a server that drives it message by message:
+        ``open_stream``, then ``stream.handle(req)`` per message (the reply to send, or None:
+        none, as in observability mode, where the stream ends once ``stream.response_done``),
+        then ``close_stream`` exactly once, however the stream ended."""
+        stream = Stream(self, None)
+        if metadata:
+            _read_grpc_metadata(metadata.items(), self.provider_key, stream)
+        self.active += 1
+        for hook in self._on_start:
+            hook()
+        return stream
+
+    def close_stream(self, stream: Stream) -> None:
+        self.active -= 1
+        stream.finish()
 
     def refuse(self, reason: str) -> None:
         """A stream was refused as it opened (``max_streams``: the worker holds

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import grpc
+import pytest
 from grpclib.server import Handler
 from h2.connection import H2Connection
 
@@ -224,3 +225,122 @@ def test_a_serving_worker_does_not_import_grpcio():
     code = ("import sys, extproc.cli, extproc.server.worker, extproc.server.supervisor; "
             "assert 'grpc' not in sys.modules, 'grpcio imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class _Transport:
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+def _client_bytes() -> bytes:
+    """What an Envoy might send: the preface and settings, two ext_proc streams, their messages
+    as DATA frames of several shapes (one message per frame, several per frame, one split over
+    frames, padded, END_STREAM, an empty one), window updates and a ping in between."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    from tests.unit.test_processor import body
+
+    c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    c.initiate_connection()
+    hdrs = [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+            (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")]
+    c.send_headers(1, hdrs)
+    c.send_headers(3, hdrs)
+    chunk = _grpc_frame(body("response_body", b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'))
+    for _ in range(6):
+        c.send_data(1, chunk)
+        c.send_data(3, chunk * 2)
+    c.increment_flow_control_window(1000)
+    big = _grpc_frame(body("response_body", b"y" * 40000))
+    for i in range(0, len(big), 9000):
+        c.send_data(1, big[i:i + 9000])
+    c.send_data(3, chunk, pad_length=7)
+    c.ping(b"12345678")
+    c.send_data(1, b"")
+    c.send_data(1, chunk, end_stream=True)
+    c.send_data(3, chunk)
+    return c.data_to_send()
+
+
+def _pieces(data: bytes, split: int | str) -> list[bytes]:
+    """``data`` cut every ``split`` bytes, or ("frames", "2frames") at every (second) frame's end,
+    the connection preface alone first (as Envoy's reads would cut it)."""
+    if isinstance(split, int):
+        return [data[i:i + split] for i in range(0, len(data), split)]
+    ends, pos = [24], 24
+    while pos < len(data):
+        pos += 9 + int.from_bytes(data[pos:pos + 3], "big")
+        ends.append(pos)
+    step = 2 if split == "2frames" else 1
+    cuts = [0, 24] + ends[1::step] + [len(data)]
+    return [data[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
+
+
+def _receive(data: bytes, split: int | str, fast: bool, monkeypatch) -> tuple[object, int]:
+    """Feed ``data`` in pieces (see ``_pieces``) to a server connection; its h2, grpclib and
+    buffer state after, and how many bytes the fast path took."""
+    taken = 0
+    real = h2compat.receive_data_frames
+
+    def counting(protocol, piece):
+        nonlocal taken
+        n = real(protocol, piece) if fast else 0
+        taken += n
+        return n
+
+    monkeypatch.setattr(h2compat, "receive_data_frames", counting)
+    processor = Processor(parse({"listen": "127.0.0.1:1"}), [Recorder()])
+    server = build_server(processor, "127.0.0.1:1")
+
+    async def main() -> object:
+        proto = server._protocol_factory()
+        transport = _Transport()
+        proto.connection_made(transport)
+        for piece in _pieces(data, split):
+            proto.data_received(piece)
+        conn = h2compat.h2_connection(proto)
+        streams = {}
+        for sid in (1, 3):
+            h2s = conn.streams[sid]
+            buf = h2compat.stream_of(proto, sid).buffer
+            messages = []
+            while (m := buf.next_message(1 << 20)) is not None:
+                messages.append(m)
+            streams[sid] = (h2s.state_machine.state, h2s._inbound_window_manager.current_window_size,
+                            h2s._actual_content_length, messages, buf.ended, buf.unacked_size())
+        proto.connection._transport.flush()
+        state = (conn._inbound_flow_control_window_manager.current_window_size, proto.connection.data_received,
+                 streams, bytes(transport.written))
+        for task in list(proto.handler._tasks.values()):
+            task.cancel()
+        return state
+
+    return asyncio.run(main()), taken
+
+
+@pytest.mark.parametrize("split", [1, 7, 9, 64, 1000, 1 << 20, "frames", "2frames"])
+def test_data_frames_past_h2_leave_the_same_state(split, monkeypatch):
+    """``receive_data_frames`` (DATA frames straight into the stream's buffer) against h2's own
+    path, on the same bytes cut at every kind of boundary: the same windows, stream states,
+    counts, messages read and bytes written back (WINDOW_UPDATEs, the PING ack); and it does take
+    the frames when they arrive whole."""
+    data = _client_bytes()
+    fast, taken = _receive(data, split, True, monkeypatch)
+    slow, none = _receive(data, split, False, monkeypatch)
+    assert fast == slow and none == 0
+    assert len(fast[2][1][3]) == 8 and len(fast[2][3][3]) == 14  # every message read
+    if isinstance(split, str):  # whole frames per read, as Envoy's: the DATA frames go past h2
+        assert taken > 30000

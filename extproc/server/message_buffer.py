@@ -1,0 +1,133 @@
+"""The receive buffer of an ext_proc stream: the bytes of its DATA frames, read as whole gRPC
+messages, at most one wake-up of the stream's task per message.
+
+grpclib's own per-stream buffer hands out bytes through an ``asyncio.Queue`` (a queue item and a
+wake-up per frame, two awaited reads per message: the 5-byte prefix, then the body); Envoy sends
+each ext_proc message as one DATA frame, so most of that machinery runs per streamed chunk for
+nothing. This buffer keeps the same contract with grpclib (``add`` per frame with its
+flow-controlled length, ``eof`` at END_STREAM, ``unacked_size`` when the stream is released) and
+the same flow control: a frame is acknowledged (its bytes given back to Envoy's windows) when the
+reader needs its bytes, never on arrival, so what Envoy can queue here stays bounded by the
+stream's window whatever the reader does; and a message larger than the window still arrives,
+its frames acknowledged as they come while the reader waits for the rest.
+"""
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable
+
+from grpclib.const import Status
+
+LARGE_MESSAGE = 256 << 10  # a message this large is reported to ``on_large`` (worth a malloc_trim)
+
+
+class BadStream(Exception):
+    """What a client sent on a stream is not a valid ext_proc message sequence (input, not a bug)."""
+
+    def __init__(self, status: Status, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+        self.reason = reason
+
+
+class MessageBuffer:
+    """The reader's side: ``next_message(max_size)`` and ``wait()``; grpclib's side: ``add``,
+    ``eof``, ``unacked_size`` (installed with :func:`extproc.server.h2compat.use_buffer`)."""
+
+    __slots__ = ("_ack", "_on_large", "_frames", "_head", "_eof", "_need", "_size", "_waiter", "_unacked")
+
+    def __init__(self, ack: Callable[[int], None], on_large: Callable[[int], None] | None = None) -> None:
+        self._ack = ack  # gives ``n`` flow-controlled bytes back to the peer's windows
+        self._on_large = on_large
+        self._frames: deque[tuple[bytes, int]] = deque()  # frames not acknowledged yet
+        self._head = bytearray()  # acknowledged bytes not taken yet
+        self._eof = False
+        self._need = 5  # bytes of ``_head`` the reader needs next
+        self._size = -1  # the size of the message being read, once its prefix was taken
+        self._waiter: asyncio.Future[None] | None = None
+        self._unacked = 0
+
+    # ---- grpclib's side ------------------------------------------------------------------------
+    def add(self, data: bytes, ack_size: int) -> None:
+        self._frames.append((data, ack_size))
+        self._unacked += ack_size
+        if self._waiter is not None and self._fill(self._need):
+            self._wake()
+
+    def eof(self) -> None:
+        self._eof = True
+        if self._waiter is not None:
+            self._wake()
+
+    def unacked_size(self) -> int:
+        return self._unacked
+
+    # ---- the reader's side ---------------------------------------------------------------------
+    @property
+    def ended(self) -> bool:
+        """END_STREAM arrived and every message was taken."""
+        return self._eof and not self._frames and not self._head
+
+    def next_message(self, max_size: int) -> bytes | None:
+        """The next whole message's bytes; None if they have not all arrived (``wait()`` for
+        them) or, once ``ended``, at the end of the stream. A message larger than ``max_size`` is
+        refused from its 5-byte prefix, before any more of it is acknowledged or buffered;
+        compressed or truncated messages are refused too (:class:`BadStream`)."""
+        size = self._size
+        if size < 0:
+            if not self._fill(5):
+                if self._eof and self._head:
+                    raise BadStream(Status.INVALID_ARGUMENT, "truncated message prefix")
+                self._need = 5
+                return None
+            prefix = self._take(5)
+            if prefix[0]:
+                raise BadStream(Status.UNIMPLEMENTED, "compressed message")
+            size = int.from_bytes(prefix[1:5], "big")
+            if size > max_size:
+                raise BadStream(Status.RESOURCE_EXHAUSTED, "message larger than limits.maxGrpcMessageBytes")
+            if size >= LARGE_MESSAGE and self._on_large is not None:
+                self._on_large(size)
+            self._size = size
+        if not self._fill(size):
+            if self._eof:
+                raise BadStream(Status.INVALID_ARGUMENT, "truncated message")
+            self._need = size
+            return None
+        self._size = -1
+        return self._take(size)
+
+    async def wait(self) -> None:
+        """Until what ``next_message`` lacked has arrived, or the stream ended."""
+        while not self._fill(self._need) and not self._eof:
+            self._waiter = asyncio.get_running_loop().create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    # ---- internals -----------------------------------------------------------------------------
+    def _fill(self, n: int) -> bool:
+        """Whether ``n`` bytes can be taken now; acknowledges the frames it moves into ``_head``
+        (the reader is about to use their bytes)."""
+        head = self._head
+        frames = self._frames
+        while len(head) < n and frames:
+            data, ack_size = frames.popleft()
+            head += data
+            if ack_size:
+                self._unacked -= ack_size
+                self._ack(ack_size)
+        return len(head) >= n
+
+    def _take(self, n: int) -> bytes:
+        head = self._head
+        out = bytes(head[:n])
+        del head[:n]
+        return out
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
