@@ -207,7 +207,8 @@ class _Protocol(H2Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._owner._protocols.add(self)
-        super().connection_made(_CoalescingTransport(transport))  # type: ignore[arg-type]
+        self._out = _CoalescingTransport(transport)  # type: ignore[arg-type]
+        super().connection_made(self._out)  # type: ignore[arg-type]
         h2compat.on_stream_reset(self, self._stream_reset)
         h2compat.h2_connection(self).update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS})
         h2compat.limit_closed_streams(self, CLOSED_STREAMS_KEPT)
@@ -232,6 +233,9 @@ class _Protocol(H2Protocol):
         taken = h2compat.receive_data_frames(self, data)
         if taken < len(data):
             super().data_received(data[taken:] if taken else data)
+        # what handling this read produced (replies made inline, window updates) leaves now, in
+        # one write: no further event-loop iteration per streamed chunk
+        self._out.flush()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._owner._protocols.discard(self)
@@ -353,48 +357,63 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     started = cap.started
     current_task = asyncio.current_task
     open_stream, close_stream = processor.open_stream, processor.close_stream
-    server.buffers[PROCESS] = lambda ack: MessageBuffer(ack, on_large)
+    server.buffers[PROCESS] = lambda ack: MessageBuffer(ack, lambda: processor.max_message, on_large)
 
     async def handle(stream: Stream) -> None:
         """One ext_proc stream, message by message (what ``Processor.Process`` does, without its
-        two async generators per message)."""
+        two async generators per message). While this task waits, the messages that arrive are
+        handled by ``one`` where their frames are received (see ``MessageBuffer.inline``); it hands
+        back to the task what needs awaiting: the first reply (grpclib sends the response headers
+        with it), a reply the flow-control windows hold back, the end of the stream."""
         started(current_task())
         buf: MessageBuffer = h2compat.h2_stream(stream).buffer
-        next_message, wait = buf.next_message, buf.wait
         s = open_stream(stream.metadata)
         handle_message = s.handle
         send = stream.send_message
         first = True
+        held: bytes | None = None  # a reply for the task to send
+        end = False
+
+        def one(data: bytes) -> bool:
+            nonlocal held, end
+            try:
+                req = _PARSE(data)
+            except DecodeError:
+                raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
+            reply = handle_message(req)
+            if req.observability_mode:
+                # Envoy expects no reply, and would hold the stream open for its
+                # deferred_close_timeout (5 s) after the response: end it at the response's end.
+                if s.response_done:
+                    end = True
+                    return False
+            elif reply is not None and (first or not send_now(stream, reply)):
+                held = reply
+                return False
+            return True
+
+        buf.inline = one
         try:
             while True:
-                data = next_message(processor.max_message)  # read per message: a reload applies at once
-                if data is None:
-                    if buf.ended:
-                        return
-                    await wait()
-                    continue
-                try:
-                    req = _PARSE(data)
-                except DecodeError:
-                    raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
-                del data
-                reply = handle_message(req)
-                if req.observability_mode:
-                    # Envoy expects no reply, and would hold the stream open for its
-                    # deferred_close_timeout (5 s) after the response: end it at the response's end.
-                    if s.response_done:
-                        return
-                elif reply is not None:
-                    # after the first reply (it also sends the response headers), a reply the
-                    # flow-control windows let through now is framed and written directly
-                    if first or not send_now(stream, reply):
-                        await send(reply)
-                        first = False
+                if held is not None:
+                    reply, held = held, None
+                    await send(reply)
+                    first = False
+                if end:
+                    return
+                data = buf.next_message()
+                if data is not None:
+                    one(data)
+                elif buf.ended:
+                    return
+                else:
+                    await buf.wait()
         except BadStream as e:  # the client gets the status, the log one line
             processor.bad_streams += 1
             bad_stream_log.warning("malformed ext_proc stream", reason=e.reason)
             raise GRPCError(e.status, e.reason) from None
         finally:  # however the stream ended (cancelled when Envoy reset it): reported once
+            buf.inline = None
             close_stream(s)
 
     server.add_method(PROCESS, handle, Cardinality.STREAM_STREAM, pb.ProcessingRequest, bytes, drain_waits=True)

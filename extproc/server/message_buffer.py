@@ -32,13 +32,22 @@ class BadStream(Exception):
 
 
 class MessageBuffer:
-    """The reader's side: ``next_message(max_size)`` and ``wait()``; grpclib's side: ``add``,
-    ``eof``, ``unacked_size`` (installed with :func:`extproc.server.h2compat.use_buffer`)."""
+    """The reader's side: ``next_message()`` and ``wait()``; grpclib's side: ``add``, ``eof``,
+    ``unacked_size`` (installed with :func:`extproc.server.h2compat.use_buffer`).
 
-    __slots__ = ("_ack", "_on_large", "_frames", "_head", "_eof", "_need", "_size", "_waiter", "_unacked")
+    ``inline``: while the reader waits, each message that arrives whole is handed to
+    ``inline(message)`` right where its frame is received (no wake-up of the reader's task: a
+    streamed chunk costs one event-loop iteration, not three); when it returns False the reader
+    is woken to take over, and an exception it (or a bad message) raises is raised to the reader
+    by ``wait()``."""
 
-    def __init__(self, ack: Callable[[int], None], on_large: Callable[[int], None] | None = None) -> None:
+    __slots__ = ("_ack", "_max_size", "_on_large", "_frames", "_head", "_eof", "_need", "_size", "_waiter",
+                 "_unacked", "_error", "inline")
+
+    def __init__(self, ack: Callable[[int], None], max_size: Callable[[], int],
+                 on_large: Callable[[int], None] | None = None) -> None:
         self._ack = ack  # gives ``n`` flow-controlled bytes back to the peer's windows
+        self._max_size = max_size  # read per message: a reload applies at once
         self._on_large = on_large
         self._frames: deque[tuple[bytes, int]] = deque()  # frames not acknowledged yet
         self._head = bytearray()  # acknowledged bytes not taken yet
@@ -47,13 +56,19 @@ class MessageBuffer:
         self._size = -1  # the size of the message being read, once its prefix was taken
         self._waiter: asyncio.Future[None] | None = None
         self._unacked = 0
+        self._error: Exception | None = None
+        self.inline: Callable[[bytes], bool] | None = None
 
     # ---- grpclib's side ------------------------------------------------------------------------
     def add(self, data: bytes, ack_size: int) -> None:
         self._frames.append((data, ack_size))
         self._unacked += ack_size
-        if self._waiter is not None and self._fill(self._need):
-            self._wake()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            if self.inline is not None:
+                self._run_inline(self.inline)
+            elif self._fill(self._need):
+                waiter.set_result(None)
 
     def eof(self) -> None:
         self._eof = True
@@ -69,9 +84,9 @@ class MessageBuffer:
         """END_STREAM arrived and every message was taken."""
         return self._eof and not self._frames and not self._head
 
-    def next_message(self, max_size: int) -> bytes | None:
+    def next_message(self) -> bytes | None:
         """The next whole message's bytes; None if they have not all arrived (``wait()`` for
-        them) or, once ``ended``, at the end of the stream. A message larger than ``max_size`` is
+        them) or, once ``ended``, at the end of the stream. A message larger than ``max_size()`` is
         refused from its 5-byte prefix, before any more of it is acknowledged or buffered;
         compressed or truncated messages are refused too (:class:`BadStream`)."""
         size = self._size
@@ -85,7 +100,7 @@ class MessageBuffer:
             if prefix[0]:
                 raise BadStream(Status.UNIMPLEMENTED, "compressed message")
             size = int.from_bytes(prefix[1:5], "big")
-            if size > max_size:
+            if size > self._max_size():
                 raise BadStream(Status.RESOURCE_EXHAUSTED, "message larger than limits.maxGrpcMessageBytes")
             if size >= LARGE_MESSAGE and self._on_large is not None:
                 self._on_large(size)
@@ -99,13 +114,17 @@ class MessageBuffer:
         return self._take(size)
 
     async def wait(self) -> None:
-        """Until what ``next_message`` lacked has arrived, or the stream ended."""
-        while not self._fill(self._need) and not self._eof:
+        """Until what ``next_message`` lacked has arrived, the stream ended, or ``inline`` handed
+        over; raises what ``inline`` or a bad message raised meanwhile."""
+        if not self._fill(self._need) and not self._eof:
             self._waiter = asyncio.get_running_loop().create_future()
             try:
                 await self._waiter
             finally:
                 self._waiter = None
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
 
     # ---- internals -----------------------------------------------------------------------------
     def _fill(self, n: int) -> bool:
@@ -126,6 +145,17 @@ class MessageBuffer:
         out = bytes(head[:n])
         del head[:n]
         return out
+
+    def _run_inline(self, inline: Callable[[bytes], bool]) -> None:
+        try:
+            while (message := self.next_message()) is not None:
+                if not inline(message):
+                    break
+            else:
+                return  # every whole message handled; the reader waits on
+        except Exception as e:  # raised to the reader, in its task
+            self._error = e
+        self._wake()
 
     def _wake(self) -> None:
         waiter = self._waiter

@@ -317,7 +317,7 @@ def _receive(data: bytes, split: int | str, fast: bool, monkeypatch) -> tuple[ob
             h2s = conn.streams[sid]
             buf = h2compat.stream_of(proto, sid).buffer
             messages = []
-            while (m := buf.next_message(1 << 20)) is not None:
+            while (m := buf.next_message()) is not None:
                 messages.append(m)
             streams[sid] = (h2s.state_machine.state, h2s._inbound_window_manager.current_window_size,
                             h2s._actual_content_length, messages, buf.ended, buf.unacked_size())

@@ -14,9 +14,9 @@ def framed(*messages: bytes) -> bytes:
     return b"".join(b"\0" + len(m).to_bytes(4, "big") + m for m in messages)
 
 
-def drain(buf: MessageBuffer, max_size: int = 1 << 20) -> list[bytes]:
+def drain(buf: MessageBuffer) -> list[bytes]:
     out = []
-    while (m := buf.next_message(max_size)) is not None:
+    while (m := buf.next_message()) is not None:
         out.append(m)
     return out
 
@@ -27,7 +27,7 @@ MESSAGES = [b"a" * 10, b"", b"b" * 300, b"c"]
 @pytest.mark.parametrize("cut", [1, 2, 3, 5, 6, 7, 50, 1000])
 def test_messages_across_any_frame_boundaries(cut):
     acked = []
-    buf = MessageBuffer(acked.append)
+    buf = MessageBuffer(acked.append, lambda: 1 << 20)
     data = framed(*MESSAGES)
     frames = [data[i:i + cut] for i in range(0, len(data), cut)]
     for f in frames:
@@ -37,16 +37,16 @@ def test_messages_across_any_frame_boundaries(cut):
     assert sum(acked) == len(data) + len(frames) and buf.unacked_size() == 0
     assert not buf.ended
     buf.eof()
-    assert buf.next_message(1 << 20) is None and buf.ended
+    assert buf.next_message() is None and buf.ended
 
 
 def test_only_the_frames_the_reader_needs_are_acknowledged():
     acked = []
-    buf = MessageBuffer(acked.append)
+    buf = MessageBuffer(acked.append, lambda: 1 << 20)
     one, two = framed(b"x" * 20), framed(b"y" * 20)
     buf.add(one, len(one))
     buf.add(two, len(two))
-    assert buf.next_message(100) == b"x" * 20
+    assert buf.next_message() == b"x" * 20
     assert acked == [len(one)] and buf.unacked_size() == len(two)  # the second frame is still Envoy's to wait for
 
 
@@ -55,10 +55,10 @@ def test_a_waiting_reader_acknowledges_frames_as_they_arrive():
     reader waits for the rest, or the peer could never send the rest."""
     async def main() -> None:
         acked = []
-        buf = MessageBuffer(acked.append)
+        buf = MessageBuffer(acked.append, lambda: 1 << 20)
 
         async def reader() -> bytes:
-            while (m := buf.next_message(1 << 20)) is None:
+            while (m := buf.next_message()) is None:
                 await buf.wait()
             return m
 
@@ -76,26 +76,26 @@ def test_a_waiting_reader_acknowledges_frames_as_they_arrive():
 
 def test_wait_returns_at_the_end_of_the_stream():
     async def main() -> None:
-        buf = MessageBuffer(lambda n: None)
-        assert buf.next_message(10) is None
+        buf = MessageBuffer(lambda n: None, lambda: 1 << 20)
+        assert buf.next_message() is None
         waiter = asyncio.ensure_future(buf.wait())
         await asyncio.sleep(0)
         assert not waiter.done()
         buf.eof()
         await asyncio.wait_for(waiter, 1)
-        assert buf.next_message(10) is None and buf.ended
+        assert buf.next_message() is None and buf.ended
 
     asyncio.run(main())
 
 
 def test_an_oversized_message_is_refused_from_its_prefix():
     acked = []
-    buf = MessageBuffer(acked.append)
+    buf = MessageBuffer(acked.append, lambda: 999)
     data = framed(b"q" * 1000)
     buf.add(data[:5], 5)
     buf.add(data[5:], 1000)
     with pytest.raises(BadStream) as e:
-        buf.next_message(999)
+        buf.next_message()
     assert e.value.status == Status.RESOURCE_EXHAUSTED
     assert acked == [5] and buf.unacked_size() == 1000  # the body was never acknowledged
 
@@ -106,17 +106,80 @@ def test_an_oversized_message_is_refused_from_its_prefix():
     (b"\0\0\0\0\x09abc", Status.INVALID_ARGUMENT, "truncated message"),
 ])
 def test_bad_input_ends_the_stream_with_a_status(data, status, reason):
-    buf = MessageBuffer(lambda n: None)
+    buf = MessageBuffer(lambda n: None, lambda: 1 << 20)
     buf.add(data, len(data))
     buf.eof()
     with pytest.raises(BadStream) as e:
-        buf.next_message(1 << 20)
+        buf.next_message()
     assert (e.value.status, e.value.reason) == (status, reason)
 
 
 def test_large_messages_are_reported():
     sizes = []
-    buf = MessageBuffer(lambda n: None, sizes.append)
+    buf = MessageBuffer(lambda n: None, lambda: 1 << 20, sizes.append)
     data = framed(b"l" * LARGE_MESSAGE, b"s")
     buf.add(data, len(data))
     assert drain(buf) == [b"l" * LARGE_MESSAGE, b"s"] and sizes == [LARGE_MESSAGE]
+
+
+def test_inline_handles_messages_while_the_reader_waits():
+    """Messages arriving while the reader waits go to ``inline`` as their frames arrive, in order,
+    without waking the reader; a False from it wakes the reader, and messages arriving before the
+    reader waits again are the reader's (order kept); a bad message is raised to the reader."""
+    async def main() -> None:
+        seen: list[tuple[str, bytes]] = []
+        wakes = 0
+        buf = MessageBuffer(lambda n: None, lambda: 1 << 20)
+        buf.inline = lambda m: seen.append(("inline", m)) or m != b"stop"
+
+        async def reader() -> None:
+            nonlocal wakes
+            while True:
+                m = buf.next_message()
+                if m is not None:
+                    seen.append(("reader", m))
+                elif buf.ended:
+                    return
+                else:
+                    await buf.wait()
+                    wakes += 1
+
+        task = asyncio.ensure_future(reader())
+        await asyncio.sleep(0)
+        one, two = framed(b"1"), framed(b"2")
+        buf.add(one[:3], 3)
+        buf.add(one[3:] + two, 7)
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert seen == [("inline", b"1"), ("inline", b"2")] and wakes == 0
+        data = framed(b"stop", b"3")
+        buf.add(data, len(data))  # "stop" hands over: "3" is the reader's
+        buf.add(framed(b"4"), 6)  # still the reader's: it has not waited again yet
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert seen[2:] == [("inline", b"stop"), ("reader", b"3"), ("reader", b"4")] and wakes == 1
+        buf.add(framed(b"5"), 6)
+        assert seen[-1] == ("inline", b"5")
+        buf.add(b"\1\0\0\0\0", 5)  # compressed: raised in the reader's task
+        with pytest.raises(BadStream) as e:
+            await asyncio.wait_for(task, 1)
+        assert e.value.status == Status.UNIMPLEMENTED
+
+    asyncio.run(main())
+
+
+def test_the_end_of_the_stream_wakes_an_inline_reader():
+    async def main() -> None:
+        buf = MessageBuffer(lambda n: None, lambda: 1 << 20)
+        buf.inline = lambda m: True
+        assert buf.next_message() is None
+        waiter = asyncio.ensure_future(buf.wait())
+        await asyncio.sleep(0)
+        buf.add(framed(b"x"), 6)
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        buf.eof()
+        await asyncio.wait_for(waiter, 1)
+        assert buf.next_message() is None and buf.ended
+
+    asyncio.run(main())
