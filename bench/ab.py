@@ -5,6 +5,7 @@ chunk), for quick A/Bs.
     .venv/bin/python -m bench.ab --prof /tmp/w.prof      # the sidecar under cProfile (1 worker)
     .venv/bin/python -m bench.ab --sse 50 --rate 40 -d 5 --reps 3   # streams: CPU per chunk, and Envoy alone's
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout /work/main --checkout .   # A/B of two checkouts
+    .venv/bin/python -m bench.ab --sse 50 --reps 4 --event-loop asyncio    # the sidecar on asyncio's loop
 
 Lighter than ``python -m bench`` (one scenario), so A and B can be interleaved several times
 within a minute on a noisy machine. With several ``--checkout``s, each gets its own sidecar (run
@@ -52,6 +53,7 @@ ap.add_argument("--tracing", choices=["off", "dead", "live"], default="off",
 ap.add_argument("--sse", type=int, metavar="N", help="streamed responses of N SSE events (instead of wrk)")
 ap.add_argument("--rate", type=float, default=40, help="--sse: streams started per second")
 ap.add_argument("--interval", type=float, default=2.0, help="--sse: ms between a stream's events")
+ap.add_argument("--event-loop", choices=["uvloop", "asyncio"], help="the sidecar's eventLoop (default: its config default)")
 ap.add_argument("--unix", action="store_true", help="Envoy reaches the sidecar on a Unix socket instead of TCP")
 ap.add_argument("--checkout", action="append", metavar="DIR",
                 help="run a sidecar from this checkout's code (repeat for an A/B; default: the current directory)")
@@ -86,6 +88,8 @@ class Stack:
             sport = free_port()
             extproc = f"unix:{self.dir / 'extproc.sock'}" if a.unix else f"127.0.0.1:{sport}"
             cfg: dict[str, Any] = {"listen": extproc, "stats": {"port": 0}, "logging": {"level": "warning"}}
+            if a.event_loop:
+                cfg["eventLoop"] = a.event_loop
             if a.tracing == "live":
                 cfg["tracing"] = {"otlpEndpoint": receiver.endpoint}
             elif a.tracing == "dead":

@@ -3,8 +3,6 @@
 Each worker maps a small file ``<counts-dir>/<pid>`` and keeps its totals there (calls ended,
 calls whose usage was observed, calls that ended ok, streams refused at ``limits.maxStreams``): the
 runner sums them to learn how many calls the sidecar fully observed, and how many it shed.
-Experiment knobs (environment): ``BENCH_SWITCH_INTERVAL`` (seconds; GIL switch interval),
-``BENCH_UVLOOP=1`` (uvloop event loop).
 """
 from __future__ import annotations
 
@@ -66,13 +64,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = config.load(args.config)
     logs.setup(cfg.logging.level)
-    if os.environ.get("BENCH_UVLOOP") == "1":
-        import asyncio
-
-        import uvloop
-
-        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
     def observers(c: config.Config) -> list:
         return [*app.observers(c), Counter(args.counts)]
 

@@ -454,6 +454,9 @@ class Config(_Section):
     # this long to finish (their metrics are recorded) before they are cancelled and we exit 0.
     # Keep it below Kubernetes' terminationGracePeriodSeconds (minus any preStop sleep).
     shutdown_grace_seconds: float = Field(20.0, ge=0, le=3600)
+    # The workers' event loop, read at start: uvloop (libuv; less CPU per streamed chunk, see
+    # docs/performance.md) or the standard library's asyncio loop.
+    event_loop: Literal["uvloop", "asyncio"] = "uvloop"
 
     @field_validator("listen", "health_listen")
     @classmethod

@@ -12,7 +12,8 @@ import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
+from typing import Any
 
 from extproc.core.config import Config
 from extproc.server.worker import REPORT_WAIT, ObserverFactory, Reloader, prepare, run_worker
@@ -26,13 +27,24 @@ def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace
     supervising parent whenever a worker exits (metrics: prometheus-client ``mark_process_dead``).
     ``reload`` re-reads the config on SIGHUP (each worker applies it; see ``reconfigure``)."""
     if workers <= 1:
-        asyncio.run(run_worker(config, observer_factory(config), grace, reload=reload, observer_factory=observer_factory))
+        run_loop(config, run_worker(config, observer_factory(config), grace, reload=reload, observer_factory=observer_factory))
         return 0
     if config.listen.startswith("unix:"):
         log.error("several workers need a TCP listen address (SO_REUSEPORT); got %s", config.listen)
         return 2
     return _supervise(config, workers, observer_factory, config.shutdown_grace_seconds if grace is None else grace,
                       on_worker_exit, reload)
+
+
+def run_loop(config: Config, main: Coroutine[Any, Any, Any]) -> None:
+    """Run a worker's ``main`` on the configured event loop (``eventLoop``)."""
+    if config.event_loop == "uvloop":
+        import uvloop
+
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main)
+    else:
+        asyncio.run(main)
 
 
 def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, grace: float,
@@ -48,7 +60,8 @@ def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, 
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its event loop installs the reload handler
             code = 0
             try:
-                asyncio.run(run_worker(config, observer_factory(config), grace, reload=reload, observer_factory=observer_factory))
+                run_loop(config, run_worker(config, observer_factory(config), grace, reload=reload,
+                                            observer_factory=observer_factory))
             except BaseException:
                 log.exception("worker failed")
                 code = 1

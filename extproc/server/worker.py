@@ -26,7 +26,7 @@ ObserverFactory = Callable[[Config], Sequence[CallObserver]]
 
 
 # Keys a SIGHUP reload cannot change in a running process (sockets, metric label sets).
-RESTART_ONLY = ("listen", "health_listen", "stats")
+RESTART_ONLY = ("listen", "health_listen", "stats", "event_loop")
 
 Reloader = Callable[[], Config]
 

@@ -47,3 +47,13 @@ def test_bench_quick_litellm(tmp_path: Path) -> None:
     assert got[rate]["counts"]["observed"] >= 0.9 * got[rate]["sent"]  # its Prometheus prompt-token counter
     assert got[rate]["litellm_cpu_s"] > 0 and got[rate]["envoy_cpu_s"] is None
     assert "**LiteLLM side by side**" in (tmp_path / "latest-quick.md").read_text()
+
+
+def test_bench_floor() -> None:
+    """`python -m bench.floor` measures the echo floor on both event loops."""
+    p = subprocess.run([sys.executable, "-m", "bench.floor", "--messages", "100"], cwd=REPO,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = p.stdout.splitlines()
+    assert [line.split()[0] for line in lines] == ["asyncio", "uvloop"]
+    assert all(float(line.split("=")[1].split()[0]) > 0 for line in lines)

@@ -52,3 +52,21 @@ def test_unreadable_and_invalid_yaml(tmp_path):
     (tmp_path / "b.yaml").write_text("a: [")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load(tmp_path / "b.yaml")
+
+
+@pytest.mark.parametrize("value, module", [(None, "uvloop"), ("uvloop", "uvloop"), ("asyncio", "asyncio")])
+def test_event_loop(value, module):
+    """eventLoop picks the workers' event loop (uvloop by default); anything else is a config error."""
+    import asyncio
+
+    from extproc.server.supervisor import run_loop
+
+    seen = []
+
+    async def main() -> None:
+        seen.append(type(asyncio.get_running_loop()).__module__.split(".")[0])
+
+    run_loop(parse({} if value is None else {"eventLoop": value}), main())
+    assert seen == [module]
+    with pytest.raises(ConfigError, match="eventLoop"):
+        parse({"eventLoop": "trio"})

@@ -154,4 +154,6 @@ def test_supervisor_check_is_the_workers_check():
         worker.prepare(config_mod.parse(changed(providers={"routes": [{"pathRegex": "^/x$", "api": "nope"}]})), running_cfg)
     with pytest.raises(worker.RestartNeeded):
         worker.prepare(config_mod.parse(changed(listen="127.0.0.1:1")), running_cfg)
+    with pytest.raises(worker.RestartNeeded, match="event_loop"):  # a running worker keeps its loop
+        worker.prepare(config_mod.parse(changed(eventLoop="asyncio")), running_cfg)
     assert worker.prepare(config_mod.parse(changed()), running_cfg).namespace == "ns.two"
