@@ -1,13 +1,15 @@
 """The gRPC server: ext_proc and ``grpc.health.v1`` on grpclib (plain asyncio and ``h2``).
 
 No C core, no poller thread and no cross-thread wake-up per message: the event loop reads Envoy's
-frames, the stream task answers, and everything a connection has to send in one loop iteration
-leaves in one ``write`` (see ``_CoalescingTransport``). Servers have ``start()`` and
-``stop(grace)``; :mod:`extproc.server.worker` drives them.
+frames; an ext_proc message that arrives while its stream's task waits is answered right there
+(``MessageBuffer.inline``), the rest by the stream's task; and everything a connection has to send
+leaves in one ``write`` per read or loop iteration (see ``_CoalescingTransport``). Servers have
+``start()`` and ``stop(grace)``; :mod:`extproc.server.worker` drives them.
 
 grpclib provides the HTTP/2 connection handling (``H2Protocol``) and per-stream request handling
 (``Handler`` / ``request_handler``: headers, deadlines, trailers, resets). We add here: the
-pass-through codec, the listener (TCP with SO_REUSEPORT, ``unix:``, TLS), the health service on
+pass-through codec, the ext_proc streams' receive path (DATA frames past h2's parser into a
+:class:`MessageBuffer`), the listener (TCP with SO_REUSEPORT, ``unix:``, TLS), the health service on
 ``grpc_health``'s messages, and a graceful stop (grpclib's own ``Server.close`` cancels every
 stream at once).
 """
@@ -72,7 +74,8 @@ class _Codec(CodecBase):
 class _CoalescingTransport:
     """Stands in for a connection's transport: writes made during one event-loop iteration
     (HEADERS + DATA of a first reply, replies of several streams, WINDOW_UPDATEs) are joined and
-    handed to the socket once, at the next iteration."""
+    handed to the socket once, at the next iteration, or at the end of the read that made them
+    (``_Protocol.data_received`` flushes)."""
 
     __slots__ = ("_t", "_buf", "_scheduled", "_loop")
 

@@ -113,7 +113,7 @@ class Processor:
     def __init__(self, config: Config, observers: Sequence[CallObserver] = ()) -> None:
         self.active = 0  # streams in flight (tests check it returns to 0)
         self.internal_errors = 0
-        self.bad_streams = 0  # streams ended for malformed gRPC input (see grpc_server.requests)
+        self.bad_streams = 0  # streams ended for malformed gRPC input (see message_buffer.BadStream)
         self.held = 0  # bytes held by the parsers of all streams (limits.maxHeldBytes)
         self.large = 0  # bytes held at peaks / received in large messages since the last trim
         self.abandoned: dict[str, int] = {}  # streams whose parsing was abandoned, by reason
