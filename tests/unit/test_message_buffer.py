@@ -74,12 +74,20 @@ def test_a_waiting_reader_acknowledges_frames_as_they_arrive():
     asyncio.run(main())
 
 
-def test_wait_returns_at_the_end_of_the_stream():
+@pytest.mark.parametrize("inline", [False, True])
+def test_wait_returns_at_the_end_of_the_stream(inline):
+    """END_STREAM wakes a waiting reader, also one whose messages are handled inline (a message
+    handled inline does not wake it)."""
     async def main() -> None:
         buf = MessageBuffer(lambda n: None, lambda: 1 << 20)
+        if inline:
+            buf.inline = lambda m: True
         assert buf.next_message() is None
         waiter = asyncio.ensure_future(buf.wait())
         await asyncio.sleep(0)
+        if inline:
+            buf.add(framed(b"x"), 6)
+            await asyncio.sleep(0)
         assert not waiter.done()
         buf.eof()
         await asyncio.wait_for(waiter, 1)
@@ -164,22 +172,5 @@ def test_inline_handles_messages_while_the_reader_waits():
         with pytest.raises(BadStream) as e:
             await asyncio.wait_for(task, 1)
         assert e.value.status == Status.UNIMPLEMENTED
-
-    asyncio.run(main())
-
-
-def test_the_end_of_the_stream_wakes_an_inline_reader():
-    async def main() -> None:
-        buf = MessageBuffer(lambda n: None, lambda: 1 << 20)
-        buf.inline = lambda m: True
-        assert buf.next_message() is None
-        waiter = asyncio.ensure_future(buf.wait())
-        await asyncio.sleep(0)
-        buf.add(framed(b"x"), 6)
-        await asyncio.sleep(0)
-        assert not waiter.done()
-        buf.eof()
-        await asyncio.wait_for(waiter, 1)
-        assert buf.next_message() is None and buf.ended
 
     asyncio.run(main())
