@@ -98,40 +98,47 @@ def _figures(lat: list[float]) -> dict[str, float]:
 
 
 def test_a_dead_collector_does_not_slow_calls(tmp_path, mock_llm):
-    """Calls with OTLP metrics on and the collector a black hole take as long as calls with them
-    off. Measured in alternating rounds (the sidecar restarted with each config in turn) so a
-    change in the shared machine's load during the test falls on both sides alike."""
+    """Calls with the OTLP collector a black hole take as long as calls with a collector that
+    answers. Both sides export every 500 ms (collecting and encoding the points costs the same
+    whether or not anyone answers: comparing with OTLP off measured that, ~0.5-1.5 ms of p50 at
+    this interval on 2 shared CPUs, not the dead collector). Measured in alternating rounds (the
+    sidecar restarted with each config in turn) so a change in the shared machine's load during
+    the test falls on both sides alike."""
     # A black hole: connections are accepted (listen backlog), nothing ever answers.
     hole = socket.socket()
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)
-    dead = {"stats": {"otlp": {"enabled": True, "endpoint": f"127.0.0.1:{hole.getsockname()[1]}",
-                               "exportIntervalMs": 500, "exportTimeoutMs": 300}}}
+    receiver = MetricsGrpcReceiver()
+    otlp = {"enabled": True, "exportIntervalMs": 500, "exportTimeoutMs": 300}
     rounds, n = 3, 100
-    runs: dict[str, list[list[float]]] = {"off": [], "dead": []}
+    runs: dict[str, list[list[float]]] = {"live": [], "dead": []}
     try:
         with Stack(tmp_path, mock_llm, sidecar_config={}, message_timeout_ms=5000) as stack:
-            off = yaml.safe_load(stack.sidecar_config_path.read_text())
+            base = yaml.safe_load(stack.sidecar_config_path.read_text())
+            configs = {name: {**base, "stats": {**base.get("stats", {}), "otlp": {**otlp, "endpoint": endpoint}}}
+                       for name, endpoint in (("live", receiver.endpoint), ("dead", f"127.0.0.1:{hole.getsockname()[1]}"))}
             for _ in range(rounds):
-                for name, cfg in (("off", off), ("dead", {**off, **dead})):
+                for name, cfg in configs.items():
                     stack.stop_sidecar()
                     stack.sidecar_config_path.write_text(yaml.safe_dump(cfg))
                     stack.start_sidecar()
                     _latencies(stack, 20)  # warm up
                     runs[name].append(_latencies(stack, n))
-                    if name == "dead":
-                        deadline = time.monotonic() + 10  # this sidecar's exports failed, and were counted
-                        while (dropped := total(scrape(stack.metrics_port), "ai_otlp_metric_points_dropped_total")) == 0 \
-                                and time.monotonic() < deadline:
-                            time.sleep(0.1)
-                        assert dropped > 0
+                    # this sidecar's exports reached the receiver, or failed and were counted
+                    deadline = time.monotonic() + 10
+                    while (dropped := total(scrape(stack.metrics_port), "ai_otlp_metric_points_dropped_total")) == 0 \
+                            and name == "dead" and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                    assert (dropped > 0) == (name == "dead")
+        assert receiver.exports > 0
     finally:
         hole.close()
-    b, d = (_figures(sorted(x for r in runs[k] for x in r)) for k in ("off", "dead"))
+        receiver.close()
+    b, d = (_figures(sorted(x for r in runs[k] for x in r)) for k in ("live", "dead"))
     p50 = {k: statistics.median(statistics.median(r) * 1000 for r in runs[k]) for k in runs}  # median of the rounds' p50s
     print(f"\nOTLP metrics, {rounds} alternating rounds of {n} sequential calls (half streamed) through Envoy:\n"
-          f"  off:            {b}, round p50s {[round(statistics.median(r) * 1000, 2) for r in runs['off']]}\n"
+          f"  live collector: {b}, round p50s {[round(statistics.median(r) * 1000, 2) for r in runs['live']]}\n"
           f"  dead collector: {d}, round p50s {[round(statistics.median(r) * 1000, 2) for r in runs['dead']]}")
-    assert p50["dead"] <= p50["off"] * 1.3 + 1.0
+    assert p50["dead"] <= p50["live"] * 1.3 + 1.0
     assert d["p95_ms"] <= b["p95_ms"] * 2 + 5.0  # tails are noisy on small shared machines
     assert d["max_ms"] < 1000  # no call waited for an export (300 ms timeout, retried)
