@@ -352,6 +352,9 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     server = GrpclibServer(address, tls)
     send_now = h2compat.send_message_now
 
+    def max_message() -> int:
+        return processor.max_message  # read per message: a reload applies at once
+
     def on_large(size: int) -> None:
         processor.large += size  # freed when the stream ends: worth a malloc_trim
 
@@ -360,7 +363,7 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     started = cap.started
     current_task = asyncio.current_task
     open_stream, close_stream = processor.open_stream, processor.close_stream
-    server.buffers[PROCESS] = lambda ack: MessageBuffer(ack, lambda: processor.max_message, on_large)
+    server.buffers[PROCESS] = lambda ack: MessageBuffer(ack, max_message, on_large)
 
     async def handle(stream: Stream) -> None:
         """One ext_proc stream, message by message (what ``Processor.Process`` does, without its
@@ -384,14 +387,11 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
             except DecodeError:
                 raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
             reply = handle_message(req)
-            if req.observability_mode:
-                # Envoy expects no reply, and would hold the stream open for its
-                # deferred_close_timeout (5 s) after the response: end it at the response's end.
-                if s.response_done:
-                    end = True
-                    return False
-            elif reply is not None and (first or not send_now(stream, reply)):
+            if reply is not None and (first or not send_now(stream, reply)):
                 held = reply
+                return False
+            if s.end_stream:
+                end = True
                 return False
             return True
 

@@ -51,8 +51,7 @@ def h2_connection(protocol: H2Protocol) -> H2Connection:
 
 def h2_stream(stream: Any) -> Any:
     """The transport-level stream (``grpclib.protocol.Stream``) behind a server ``Stream``: its
-    ``recv_data(n)`` returns exactly ``n`` bytes, ``b""`` at the end, and raises AssertionError if
-    the stream ends inside them (a truncated message)."""
+    ``buffer`` is what :func:`use_buffer` set, for an ext_proc stream its ``MessageBuffer``."""
     return stream._stream
 
 

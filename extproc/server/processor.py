@@ -169,21 +169,18 @@ class Processor:
         try:
             async for req in requests:
                 reply = stream.handle(req)
-                if req.observability_mode:
-                    # Envoy expects no reply, and would hold the stream open for its
-                    # deferred_close_timeout (5 s) after the response: end it at the response's end.
-                    if stream.response_done:
-                        break
-                elif reply is not None:
+                if reply is not None:
                     yield reply
+                if stream.end_stream:
+                    break
         finally:
             self.close_stream(stream)
 
     def open_stream(self, metadata: Mapping[str, Any] | None = None) -> Stream:
         """What :meth:`Process` does per stream, for a server that drives it message by message:
-        ``open_stream``, then ``stream.handle(req)`` per message (the reply to send, or None:
-        none, as in observability mode, where the stream ends once ``stream.response_done``),
-        then ``close_stream`` exactly once, however the stream ended."""
+        ``open_stream``, then ``stream.handle(req)`` per message (the reply to send, or None) until
+        the messages end or ``stream.end_stream``, then ``close_stream`` exactly once, however the
+        stream ended."""
         stream = Stream(self, None)
         if metadata:
             _read_grpc_metadata(metadata.items(), self.provider_key, stream)
@@ -241,8 +238,8 @@ def _config_routes(config: Config, routes: list[Route]) -> list[Route]:
 class Stream:
     """The state of one ext_proc stream (= one HTTP exchange)."""
 
-    __slots__ = ("p", "call", "parser", "decoder", "held", "_grpc_provider", "_done", "_response_done", "_priced",
-                 "_priceable", "_content_length", "_body_complete", "_routed")
+    __slots__ = ("p", "call", "parser", "decoder", "held", "_grpc_provider", "_done", "_response_done", "_observe_only",
+                 "_priced", "_priceable", "_content_length", "_body_complete", "_routed")
 
     def __init__(self, processor: Processor, grpc_provider: str | None) -> None:
         self.p = processor
@@ -253,6 +250,7 @@ class Stream:
         self._grpc_provider = grpc_provider
         self._done = False
         self._response_done = False
+        self._observe_only = False  # a message came in observability mode
         self._priced: tuple[object, ...] | None = None  # what call.cost was computed from
         self._priceable = False  # an LLM call that consumes tokens (set with its parser)
         self._content_length: int | None = None  # the response's, when it declares one
@@ -260,6 +258,16 @@ class Stream:
         self._routed = False  # path, host and method read (request headers, or attributes)
 
     def handle(self, req: pb.ProcessingRequest) -> bytes | None:
+        """One message from Envoy: the reply to send, or None when there is none (observability
+        mode: Envoy expects no reply; the stream is then over at the response's end, see
+        ``end_stream``)."""
+        reply = self._reply(req)
+        if req.observability_mode:
+            self._observe_only = True
+            return None
+        return reply
+
+    def _reply(self, req: pb.ProcessingRequest) -> bytes | None:
         call = self.call
         if call.forwarded is None and req.HasField("metadata_context"):
             call.forwarded = req.metadata_context.filter_metadata
@@ -464,8 +472,11 @@ class Stream:
 
     # ---- end ---------------------------------------------------------------------------------
     @property
-    def response_done(self) -> bool:
-        return self._response_done
+    def end_stream(self) -> bool:
+        """The server should end the stream now: in observability mode, once the response has
+        ended (Envoy would otherwise hold the stream open for its deferred_close_timeout, 5 s,
+        before the call is reported)."""
+        return self._observe_only and self._response_done
 
     def _release(self) -> None:
         """Stop parsing this stream and give back what its parser held."""

@@ -5,7 +5,6 @@ the usage the provider reported (expected numbers are literals read off the reco
 """
 from __future__ import annotations
 
-import asyncio
 import signal
 import time
 import uuid
@@ -177,17 +176,34 @@ def test_fail_open_when_sidecar_is_down(tmp_path, replay):
 
 
 class _SlowToEnd(Processor):
-    """Reads Envoy's trailing empty end_of_stream message late, as a busy sidecar may."""
+    """Answers Envoy's trailing empty end_of_stream message late, as a busy sidecar may: its
+    worker's event loop is held for 0.3 s (well inside the message timeout) before the reply."""
 
-    async def Process(self, requests, context):  # type: ignore[override]
-        async def slowed():
-            async for req in requests:
-                if req.WhichOneof("request") == "response_body" and req.response_body.end_of_stream and not req.response_body.body:
-                    await asyncio.sleep(0.3)  # well inside the message timeout
-                yield req
+    slowed = 0
 
-        async for reply in super().Process(slowed(), context):
-            yield reply
+    def open_stream(self, metadata=None):  # type: ignore[override]
+        return _SlowEnd(self, super().open_stream(metadata))
+
+
+class _SlowEnd:
+    """An ext_proc stream (what ``Processor.open_stream`` returns) whose empty end of stream is
+    handled late."""
+
+    def __init__(self, processor: _SlowToEnd, stream) -> None:
+        self.processor, self.stream = processor, stream
+
+    def handle(self, req):
+        if req.WhichOneof("request") == "response_body" and req.response_body.end_of_stream and not req.response_body.body:
+            self.processor.slowed += 1
+            time.sleep(0.3)
+        return self.stream.handle(req)
+
+    @property
+    def end_stream(self) -> bool:
+        return self.stream.end_stream
+
+    def finish(self) -> None:
+        self.stream.finish()
 
 
 def test_usage_is_logged_when_the_client_closes_after_the_content_length(tmp_path, replay):
@@ -203,6 +219,7 @@ def test_usage_is_logged_when_the_client_closes_after_the_content_length(tmp_pat
             r, entry = _post(stack, "aigw__chat-basic.yaml", **{"x-body-delay-ms": "100"})
             assert r.status_code == 200 and r.content == load("aigw__chat-basic.yaml").body
             assert stack.envoy_stat("http.llm.ext_proc.message_timeouts") == 0
+            assert sidecar.processor.slowed == 1  # the end of stream did come late
     finally:
         sidecar.close()
     assert entry["provider_model"] == "gpt-5-nano-2025-08-07"

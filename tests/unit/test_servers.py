@@ -344,3 +344,26 @@ def test_stream_cap_counts_streams_waiting_for_a_busy_worker():
         assert cap.full() == "max_streams"
 
     asyncio.run(main())
+
+
+def test_observability_mode_streams_get_no_replies_and_end_at_the_response_end():
+    """Observability mode: Envoy expects no reply and would keep the stream open for its
+    deferred_close_timeout (5 s) after the response; the server sends nothing and ends the stream
+    (OK) at the response's end, without waiting for Envoy to half-close, and reports the call."""
+    address = f"127.0.0.1:{free_port()}"
+    from tests.unit.test_processor import CHAT_JSON, body, req_headers
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            call = _stream(ch)
+            msgs = [req_headers(), _headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+                    body("response_body", CHAT_JSON[:20]), body("response_body", CHAT_JSON[20:], end=True)]
+            for m in msgs:
+                m.observability_mode = True
+                await call.write(m)
+            assert await asyncio.wait_for(call.code(), 2) == grpc.StatusCode.OK  # ended by the server
+            assert [reply async for reply in call] == []
+            await _wait(lambda: len(r.recorder.calls) == 1)
+            assert r.recorder.calls[0].obs.usage.total_tokens == 12
+
+    asyncio.run(main())
