@@ -5,12 +5,10 @@ import gzip
 import json
 import shutil
 import subprocess
-import threading
 import time
 import urllib.parse
 import urllib.request
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import yaml
 from extproc import cli
 from extproc.devtools.dev import free_port, wait_port
 from extproc.spend import counter_increase, duration, timestamp
+from tests.support.http_server import QuietHandler, serve_http
 
 T0 = 1_790_000_000.0  # 2026-09-21T...Z: crafted log lines sit after this
 
@@ -154,21 +153,11 @@ class Exposition:
         self.text = ""
         outer = self
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             def do_GET(self) -> None:  # noqa: N802
-                body = outer.text.encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.respond(200, outer.text.encode(), "text/plain; version=0.0.4")
 
-            def log_message(self, *args: Any) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.server.server_address[1]
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.port, self._stop = serve_http(Handler)
 
     def set(self, calls: dict[tuple[str, str, str, str], tuple[int, int, int, float]]) -> None:
         """(team, user, llm, model) -> cumulative (calls, prompt, completion, usd)."""
@@ -182,7 +171,7 @@ class Exposition:
         self.text = "\n".join(out) + "\n"
 
     def close(self) -> None:
-        self.server.shutdown()
+        self._stop()
 
 
 class Prometheus:

@@ -3,26 +3,23 @@ request carries ``x-sse: 1``. Tool ``boom`` is a JSON-RPC error (-32602), ``flak
 from __future__ import annotations
 
 import json
-from http.server import BaseHTTPRequestHandler
 
 from extproc.devtools.dev import free_port
-from tests.support.http_server import serve_http
+from tests.support.http_server import QuietHandler, serve_http
 
 
 class McpUpstream:
     def __init__(self) -> None:
         self.port = free_port()
 
-        class Handler(BaseHTTPRequestHandler):
+        class Handler(QuietHandler):
             protocol_version = "HTTP/1.1"
 
             def do_POST(self) -> None:  # noqa: N802
                 req = json.loads(self._body())
                 rid, method, params = req.get("id"), req.get("method"), req.get("params") or {}
                 if rid is None:  # a notification: 202, no body
-                    self.send_response(202)
-                    self.send_header("content-length", "0")
-                    self.end_headers()
+                    self.respond(202)
                     return
                 if method == "tools/call" and params.get("name") == "boom":
                     msg = {"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "unknown tool"}}
@@ -37,12 +34,7 @@ class McpUpstream:
                     ctype = "text/event-stream"
                 else:
                     body, ctype = json.dumps(msg).encode(), "application/json"
-                self.send_response(200)
-                self.send_header("content-type", ctype)
-                self.send_header("mcp-session-id", "sess-1")
-                self.send_header("content-length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
+                self.respond(200, body, ctype, (("mcp-session-id", "sess-1"),))
 
             def _body(self) -> bytes:
                 if self.headers.get("transfer-encoding", "").lower() != "chunked":
@@ -54,9 +46,6 @@ class McpUpstream:
                     if size == 0:
                         return out
                     out += chunk
-
-            def log_message(self, *args: object) -> None:
-                pass
 
         _, self._stop = serve_http(Handler, self.port)
 

@@ -5,7 +5,6 @@ import threading
 import time
 from concurrent import futures
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import grpc
@@ -13,7 +12,7 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 from opentelemetry.proto.common.v1.common_pb2 import AnyValue
 
 from extproc.devtools.dev import free_port
-from tests.support.http_server import serve_http
+from tests.support.http_server import QuietHandler, serve_http
 
 
 @dataclass
@@ -117,22 +116,14 @@ def _serve_http(path: str, accept: Any, reply: bytes) -> tuple[int, Any]:
     """(port, stop) of an OTLP/HTTP endpoint: a protobuf POST to ``path`` goes to
     ``accept(body, headers)`` and is answered ``reply``; any other path gets 404."""
 
-    class Handler(BaseHTTPRequestHandler):
+    class Handler(QuietHandler):
         def do_POST(self) -> None:  # noqa: N802
             body = self.rfile.read(int(self.headers.get("content-length", "0")))
             if self.path != path:
-                self.send_response(404)
-                self.end_headers()
+                self.respond(404)
                 return
             accept(body, {k.lower(): v for k, v in self.headers.items()})
-            self.send_response(200)
-            self.send_header("content-type", "application/x-protobuf")
-            self.send_header("content-length", str(len(reply)))
-            self.end_headers()
-            self.wfile.write(reply)
-
-        def log_message(self, *args: object) -> None:
-            pass
+            self.respond(200, reply, "application/x-protobuf")
 
     return serve_http(Handler)
 
