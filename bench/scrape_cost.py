@@ -46,7 +46,7 @@ def main() -> None:
     ap.add_argument("--series", type=int, default=10_000)
     args = ap.parse_args()
     from extproc.core import config
-    from extproc.telemetry.endpoint import Runtime
+    from extproc.telemetry.prometheus_endpoint import Runtime
 
     runtime = Runtime(config.parse({"stats": {"port": 0, "renderIntervalSeconds": 1.0}}).stats, workers=2)
     try:

@@ -40,7 +40,7 @@ def _serve(args: argparse.Namespace) -> int:
         if cfg.stats.port:
             # Before anything imports prometheus-client: with several workers this sets up its
             # multiprocess directory, which the workers forked later inherit.
-            from extproc.telemetry.endpoint import Runtime
+            from extproc.telemetry.prometheus_endpoint import Runtime
 
             metrics = Runtime(cfg.stats, workers)
         from extproc.server import supervisor

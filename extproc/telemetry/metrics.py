@@ -3,7 +3,7 @@ histograms, request outcomes. Updated once per call, when it ends (never per chu
 
 The registry is injectable (tests use a fresh ``CollectorRegistry`` each); ``extproc serve`` uses
 :func:`process_registry`. With several workers, prometheus-client's multiprocess mode stores the
-values in files that the parent's endpoint sums (``extproc.telemetry.endpoint``).
+values in files that the parent's endpoint sums (``extproc.telemetry.prometheus_endpoint``).
 """
 from __future__ import annotations
 

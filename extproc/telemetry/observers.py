@@ -36,10 +36,10 @@ def observers(config: Config) -> list[CallObserver]:
     out: list[CallObserver] = [CallLog()]
     try:
         if config.stats.port:  # 0: no endpoint, so nothing to record
-            from extproc.telemetry import storage
+            from extproc.telemetry import prometheus_store
             from extproc.telemetry.metrics import MetricsObserver, process_registry
 
-            storage.register_counter(process_registry())  # multiprocess mode: counts what cannot be stored
+            prometheus_store.register_counter(process_registry())  # multiprocess mode: counts what cannot be stored
             ai = MetricsObserver(config.stats, process_registry())
             out += [McpMetrics(config.stats, ai.metrics), ai]
         if metric_settings.enabled(config.stats.otlp):

@@ -15,7 +15,7 @@ respawn dies the same way. Here:
   ``ai_metrics_storage_errors_total`` counter when its own value could still be stored). ext_proc
   keeps serving (fail open).
 
-:func:`install` switches prometheus-client over; ``extproc.telemetry.endpoint`` calls it before
+:func:`install` switches prometheus-client over; ``extproc.telemetry.prometheus_endpoint`` calls it before
 the workers fork.
 """
 from __future__ import annotations

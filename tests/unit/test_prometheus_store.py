@@ -16,22 +16,22 @@ from tests.support.tmpfs import tiny_tmpfs
 RECORD = r"""
 import json, logging, sys
 from extproc.core import logs
-from extproc.telemetry.endpoint import MultiprocDir
+from extproc.telemetry.prometheus_endpoint import MultiprocDir
 logs.setup("info")
 MultiprocDir()  # PROMETHEUS_MULTIPROC_DIR is the tmpfs
 from prometheus_client import CollectorRegistry
 from extproc.core import config
 from extproc.core.call import OK, Call
-from extproc.telemetry import storage
+from extproc.telemetry import prometheus_store
 from extproc.telemetry.metrics import MetricsObserver, process_registry
-storage.register_counter(process_registry())
+prometheus_store.register_counter(process_registry())
 obs = MetricsObserver(config.Config().stats, process_registry())
 for i in range(int(sys.argv[1])):
     c = Call(provider="openai", api="openai.chat", status=200, outcome=OK, start=0.0, first_chunk=0.1, end=0.5)
     c.obs.operation, c.obs.request_model, c.obs.streaming = "chat", f"model-{i:04d}-" + "x" * 100, True
     c.obs.usage.input_tokens, c.obs.usage.output_tokens = 3, 4
     obs.on_call_end(c)
-print(json.dumps({"failures": obs.failures, "dropped": storage.dropped()}))
+print(json.dumps({"failures": obs.failures, "dropped": prometheus_store.dropped()}))
 """
 
 

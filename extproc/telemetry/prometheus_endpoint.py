@@ -52,9 +52,9 @@ class MultiprocDir:
             from prometheus_client import values
 
             values.ValueClass = values.get_value_class()
-        from extproc.telemetry import storage
+        from extproc.telemetry import prometheus_store
 
-        storage.install()  # a full or unwritable directory costs metrics, never a worker (SIGBUS)
+        prometheus_store.install()  # a full or unwritable directory costs metrics, never a worker (SIGBUS)
 
     def worker_exited(self, pid: int) -> None:
         from prometheus_client import multiprocess

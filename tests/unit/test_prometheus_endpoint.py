@@ -16,7 +16,7 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.core import GaugeMetricFamily
 
 from extproc.core import config
-from extproc.telemetry.endpoint import Endpoint
+from extproc.telemetry.prometheus_endpoint import Endpoint
 
 
 class SlowCollector:
