@@ -1,4 +1,4 @@
-"""`python -m bench.hostile`: normal traffic next to hostile upstreams and clients (issue 18).
+"""`python -m bench.hostile`: normal traffic next to hostile upstreams and clients.
 
 Through the real topology (Envoy + the sidecar with 2 workers, 127.0.0.1 only) for --duration
 seconds (default 60):

@@ -1,4 +1,4 @@
-"""`make soak`: a long accounting run through the real topology (issue 8).
+"""`make soak`: a long accounting run through the real topology.
 
 Mixed workload (streaming and not, several APIs, two teams) at concurrency 64 through Envoy + the
 sidecar with 2 workers for --duration seconds, 10% of streaming clients aborting mid-stream.

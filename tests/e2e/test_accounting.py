@@ -1,4 +1,4 @@
-"""Exact accounting under concurrency, several workers and aborted clients (issue 8).
+"""Exact accounting under concurrency, several workers and aborted clients.
 
 Ground truth is the known usage of the replayed recordings. Three independent outputs must each
 add up to it exactly, per team: Envoy's access log (our dynamic metadata), the Prometheus

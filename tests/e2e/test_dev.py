@@ -179,8 +179,9 @@ def test_sigterm_while_starting_exits_0_and_cleans_up(tmp_path):
 
 
 def test_dev_sidecar_does_not_import_modules_from_the_cwd(tmp_path):
-    """Issue 18, class 8: `extproc dev` ran `python -m extproc`, which puts the current directory
-    first on sys.path: a json.py there replaced the standard library's in the sidecar."""
+    """The sidecar `extproc dev` starts imports nothing from the current directory (`python -m
+    extproc` would put it first on sys.path, and a json.py there would replace the standard
+    library's)."""
     marker = tmp_path / "shadow-imported"
     (tmp_path / "json.py").write_text(f"open({str(marker)!r}, 'w').close()\nraise SystemExit('shadowed json imported')\n")
     ports = {"port": free_port(), "metrics": free_port(), "admin": free_port(), "sidecar": free_port()}

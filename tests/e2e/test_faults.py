@@ -1,4 +1,4 @@
-"""Faults: upstream resets and errors, Envoy's own errors, a frozen sidecar (issue 8).
+"""Faults: upstream resets and errors, Envoy's own errors, a frozen sidecar.
 
 Traffic always flows; no tokens are invented; nothing raises in the sidecar.
 """

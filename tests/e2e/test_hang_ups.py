@@ -1,4 +1,4 @@
-"""Clients hanging up early, through the real Envoy, for every streaming API (issue 12).
+"""Clients hanging up early, through the real Envoy, for every streaming API.
 
 The upstream sends a provider stream one protocol unit per chunk, stops after the hang-up point
 and holds; the client reads exactly those bytes and hangs up. The access log, ai_requests_total,

@@ -1,4 +1,4 @@
-"""SIGHUP reloads the sidecar config (issue 8): streams in flight finish and are counted, counters
+"""SIGHUP reloads the sidecar config: streams in flight finish and are counted, counters
 are not reset, new settings apply to the next requests, and a bad file or a change that needs a
 restart leaves the running config in place."""
 from __future__ import annotations
@@ -74,10 +74,10 @@ def test_sighup_applies_new_config_without_dropping_streams(tmp_path, replay, wo
 
 
 def test_rejected_reload_is_not_half_applied_nor_adopted_by_the_supervisor(tmp_path, replay):
-    """Issue 18, class 4, through Envoy: a file that fails only in the servicer's check (an
-    unknown providers.routes[].api) used to replace namespace, limits and provider key anyway
-    (access-log fields null, a stray maxBodyBytes), and the supervisor adopted it, so the next
-    worker restarted failed on it until the sidecar gave up. Now neither happens."""
+    """Through Envoy: a file that fails only in the servicer's check (an unknown
+    providers.routes[].api) changes nothing (not the namespace, the limits or the provider key:
+    the access-log fields stay set, no stray maxBodyBytes), and the supervisor does not adopt it
+    (else the next worker restarted would fail on it until the sidecar gave up)."""
     with Stack(tmp_path, replay.url, workers=2) as s:
         assert _post(s, "/v1/chat/completions", "aigw__chat-basic.yaml")["total_tokens"] == 385
         cfg = yaml.safe_load(s.sidecar_config_path.read_text())

@@ -1,4 +1,4 @@
-"""No secret leaks (issues 8, 18): with credentials in every usual header (and gateway headers
+"""No secret leaks: with credentials in every usual header (and gateway headers
 found by name pattern), the query string and a
 request body's auth field, nothing the sidecar emits contains them: not its log lines (at debug
 level), not an exported span (content capture on, and a field that tries to copy all request
@@ -24,7 +24,7 @@ SECRETS = {
     "cookie": "session=SECRET-cookie-0004",
     "x-goog-api-key": "SECRET-goog-0005",
     "proxy-authorization": "Basic SECRET-proxy-0006",
-    # gateway/SDK headers no fixed list knew (issue 18): redacted by the name pattern
+    # gateway/SDK headers no fixed list knew: redacted by the name pattern
     "x-portkey-api-key": "SECRET-portkey-0009",
     "cf-aig-authorization": "Bearer SECRET-cf-aig-0010",
     "helicone-auth": "Bearer SECRET-helicone-0011",

@@ -9,7 +9,7 @@ import pytest
 
 from extproc.devtools import envoy_config
 from extproc.devtools.dev import envoy_binary
-from tests.e2e.test_tracing_e2e import grpc_receiver, traceparent  # noqa: F401  (fixtures)
+from tests.e2e.test_tracing import grpc_receiver, traceparent  # noqa: F401  (fixtures)
 from tests.support.harness import Stack
 
 pytestmark = pytest.mark.integration

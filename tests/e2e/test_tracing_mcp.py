@@ -10,7 +10,7 @@ import pytest
 from extproc.core import config
 from extproc.telemetry import observers as app
 from extproc.telemetry.mcp import MCP_REQUESTS
-from tests.e2e.test_tracing_e2e import CLIENT, STATUS_ERROR, traceparent
+from tests.e2e.test_tracing import CLIENT, STATUS_ERROR, traceparent
 from tests.support.harness import Stack
 from tests.support.inproc_sidecar import InProcessSidecar
 from tests.support.mcp_upstream import McpUpstream

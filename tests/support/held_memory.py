@@ -1,4 +1,4 @@
-"""Run by tests/unit/test_stream_budgets.py in its own process: a worker's gRPC server (grpclib)
+"""Run by tests/unit/test_stream_limits.py in its own process: a worker's gRPC server (grpclib)
 and its memory trimmer, 3 rounds of 16 streams each holding a 4 MiB response body; prints the
 process RSS (MiB) before and after each round as JSON."""
 from __future__ import annotations

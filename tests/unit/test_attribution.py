@@ -1,4 +1,5 @@
-"""Attribution (issue 14): end user, session id and API-key id, into metadata, spans and labels."""
+"""Attribution: the end user, session id and API-key id reach the metadata, the spans and the
+metric labels (the key only as a keyed hash, never the key itself)."""
 from __future__ import annotations
 
 import hashlib

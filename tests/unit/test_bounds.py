@@ -1,5 +1,5 @@
 """Client- and upstream-chosen values are cut to 128 characters before they become a metric
-label, a dynamic-metadata value or a span attribute (issue 18, class 1; docs/security.md)."""
+label, a dynamic-metadata value or a span attribute (docs/security.md)."""
 from __future__ import annotations
 
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor

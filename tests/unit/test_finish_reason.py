@@ -1,4 +1,5 @@
-"""finish_reason (issue 14): providers' values normalised in metadata and ai_finish_reasons_total."""
+"""finish_reason: each provider's values are normalised to one vocabulary, in the metadata and in
+ai_finish_reasons_total."""
 from __future__ import annotations
 
 import pytest

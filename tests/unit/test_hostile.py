@@ -1,4 +1,4 @@
-"""Hostile payloads through the real servicer (issue 8): arbitrary bytes, truncations, absurd
+"""Hostile payloads through the real servicer: arbitrary bytes, truncations, absurd
 numbers, deep nesting, giant lines. The handler never raises (internal_errors stays 0), never
 mutates the traffic (every reply is a plain CONTINUE, possibly with metadata), and every token
 count it reports is a sane non-negative integer.

@@ -1,4 +1,4 @@
-"""Metrics over OTLP (issue 14): the same calls and values as the Prometheus instruments, under
+"""Metrics over OTLP: the same calls and values as the Prometheus instruments, under
 OpenTelemetry names; loaded only when enabled; a failing export is counted, never raised."""
 from __future__ import annotations
 

@@ -209,8 +209,8 @@ def _raw_stream(channel: grpc.aio.Channel):
 
 
 def test_malformed_streams_log_one_line_each_rate_limited_without_tracebacks(caplog, monkeypatch):
-    """Issue 18, class 8: grpclib logged a ~1.8 KB "Application error" traceback per stream whose
-    message was not a ProcessingRequest; now the client gets INVALID_ARGUMENT, the call is still
+    """A stream whose message is not a ProcessingRequest (grpclib alone would log a ~1.8 KB
+    "Application error" traceback for each): the client gets INVALID_ARGUMENT, the call is still
     reported, and the log has one line (no traceback) however many such streams arrive."""
     from extproc.core.logs import RateLimited
     from extproc.server import grpc_server
@@ -239,8 +239,7 @@ def test_malformed_streams_log_one_line_each_rate_limited_without_tracebacks(cap
 
 
 def test_oversized_grpc_message_is_refused_before_it_is_read():
-    """Issue 18, class 8: grpclib accepts a message of any size (one of 300 MB grew a worker to
-    940 MB). Past limits.maxGrpcMessageBytes the stream ends with RESOURCE_EXHAUSTED from the
+    """grpclib alone accepts a message of any size (one of 300 MB grew a worker to 940 MB). Past limits.maxGrpcMessageBytes the stream ends with RESOURCE_EXHAUSTED from the
     message's 5-byte prefix, and the server has not buffered the body."""
     address = f"127.0.0.1:{free_port()}"
 

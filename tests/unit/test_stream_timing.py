@@ -1,4 +1,5 @@
-"""ttft_ms / tpot_ms in the metadata (issue 14): streams only, the histograms' own values."""
+"""ttft_ms / tpot_ms in the metadata: set for streams only, and equal to the values the
+histograms record."""
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,4 @@
-"""The spine, end to end: real Envoy + the sidecar + an upstream replaying recorded responses.
+"""Recorded calls end to end: real Envoy + the sidecar + an upstream replaying recorded responses.
 
 For each recording: the client receives exactly the recorded bytes, and Envoy's access log shows
 the usage the provider reported (expected numbers are literals read off the recordings).

@@ -1,9 +1,9 @@
-"""Hostile values through the real Envoy (issue 18, telemetry half): a client or upstream picks
+"""Hostile values through the real Envoy: a client or upstream picks
 label values, so none of them may grow the exposition, the access log or a span without bound.
 
-- class 1: a 900 KB model string and a 4 KB provider header are cut to 128 characters in every
+- a 900 KB model string and a 4 KB provider header are cut to 128 characters in every
   place they are exported (metrics, our dynamic metadata in Envoy's access log, span attributes);
-- class 3: the series budget (``stats.maxSeries``) holds however many distinct label sets the
+- the series budget (``stats.maxSeries``) holds however many distinct label sets the
   clients invent; folded calls keep their tokens (under ``__overflow__``) and are counted; MCP
   tool names are folded by the same rules.
 """

@@ -1,4 +1,4 @@
-"""Other providers and compressed streams through the real Envoy (issue 4 acceptance).
+"""Other providers and compressed streams through the real Envoy.
 
 Each replayed recording reaches the client byte for byte (compressed streams: the exact encoded
 bytes), and the access log shows the usage the recording holds (literals below).

@@ -1,4 +1,4 @@
-"""A SIGHUP reload is transactional (issue 18, class 4): at each point where a new config can be
+"""A SIGHUP reload is transactional: at each point where a new config can be
 refused, the running state stays exactly as it was (settings, observers) and nothing built for
 the refused config (a tracer's export thread) is left running; a FIFO is refused without
 blocking. The supervisor adopts only a file the workers accept."""

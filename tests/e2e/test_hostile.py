@@ -1,4 +1,4 @@
-"""Issue 18 acceptance, short version of `python -m bench.hostile` (which runs 60 s): normal
+"""Hostile traffic does not disturb normal traffic; a short version of `python -m bench.hostile` (which runs 60 s): normal
 traffic at c=32 through Envoy next to hostile upstream responses (gzip-compressed tiny SSE
 lines, an 8 MB SSE event, an NDJSON line dripped a byte at a time) and hostile clients
 (2 MB request bodies, aborted streams; on the gRPC port undecodable and 8 MB messages, 300 idle

@@ -1,4 +1,4 @@
-"""Metrics over OTLP end to end (issue 14): two workers push to an in-test collector (gRPC and
+"""Metrics over OTLP end to end: two workers push to an in-test collector (gRPC and
 HTTP); its token sums equal the Prometheus counters for the same traffic. A dead collector does
 not slow calls (timing comparison; run with -s to see the figures)."""
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Per-stream work and memory are bounded (issue 18, class 5): one ext_proc message costs a
+"""Per-stream work and memory are bounded: one ext_proc message costs a
 bounded amount of decoding and parsing, a whole SSE event and an NDJSON line are capped, line
 assembly is linear, and the bytes held by all streams of a worker have a ceiling. Every reply is
 still a plain CONTINUE sent at once; what was given up is counted."""

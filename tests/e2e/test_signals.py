@@ -1,5 +1,5 @@
-"""Per-call signals through a real Envoy (issue 14): attribution (end user, session, key id),
-finish_reason, stream timings in the access log, on spans and on the counters."""
+"""Per-call signals through a real Envoy: attribution (end user, session, key id),
+finish_reason and stream timings reach the access log, the spans and the counters."""
 from __future__ import annotations
 
 import hashlib
