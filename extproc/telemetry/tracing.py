@@ -22,7 +22,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 from extproc.apis.routing import semconv_name
 from extproc.core import cel
 from extproc.core.bounded import MAX_LIST_ITEMS, MAX_VALUE_CHARS, clip, clip_opt
-from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, Call
+from extproc.core.call import ERROR, OK, Call
 from extproc.core.config import TracingConfig
 from extproc.core.pricing import Cost
 from extproc.core.redact import safe_headers
@@ -53,6 +53,7 @@ PARAM_ATTRIBUTES = {
 }
 
 _PROPAGATOR = TraceContextTextMapPropagator()
+_OK = Status(StatusCode.OK)
 
 
 def sampler(cfg: TracingConfig) -> Sampler | None:
@@ -109,8 +110,8 @@ class Tracer:
             span_name(call), context=parent_context(call), kind=SpanKind.CLIENT,
             attributes=attrs, start_time=start,
         )
-        if call.outcome == ERROR or call.obs.error_type is not None or call.outcome in (NO_RESPONSE, CLIENT_ABORT):
-            span.set_status(Status(StatusCode.ERROR, call.obs.error_type or call.outcome))
+        error = _error_type(call)
+        span.set_status(_OK if error is None else Status(StatusCode.ERROR, clip(error)))
         span.end(end_time=start + int(duration * 1e9))
 
     def shutdown(self) -> None:
@@ -202,13 +203,15 @@ def _mcp_attributes(a: dict[str, Any], call: Call) -> None:
 
 
 def _error_type(call: Call) -> str | None:
+    """None for a call that succeeded (outcome ``ok``, no provider error); else what went wrong:
+    the provider's error type, else the HTTP status, else the outcome (``client_abort``, ...)."""
     if call.obs.error_type is not None:
         return call.obs.error_type
-    if call.outcome == ERROR:
+    if call.outcome == OK:
+        return None
+    if call.outcome == ERROR and call.status:
         return str(call.status)
-    if call.outcome in (NO_RESPONSE, CLIENT_ABORT):
-        return call.outcome
-    return None
+    return call.outcome or "unknown"
 
 
 def _put(a: dict[str, Any], key: str, value: Any) -> None:

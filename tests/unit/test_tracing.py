@@ -10,9 +10,10 @@ import pytest
 from google.protobuf.struct_pb2 import Struct
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+from opentelemetry.trace import StatusCode
 
 from extproc.core import config
-from extproc.core.call import OK, Call
+from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, OK, Call
 from extproc.core.observation import Observation, Usage
 from extproc.telemetry.tracing import Tracer
 
@@ -185,3 +186,35 @@ def test_disabled_tracing_costs_nothing():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout.split()
     # CallLog + McpMetrics + MetricsObserver; no tracer, no capture, no SDK loaded
     assert out == ["3", "False", "False", "False"]
+
+
+def test_usage_attributes_follow_the_genai_conventions():
+    """The normalised counts as they are, the breakdowns in their own attributes."""
+    c = call(capture=False)
+    c.obs.usage = Usage(input_tokens=2800, output_tokens=40, cached_input_tokens=2000, cache_creation_input_tokens=300,
+                        reasoning_tokens=10)
+    a = spans_for(tracing_cfg(), c)
+    assert a["gen_ai.usage.input_tokens"] == 2800 and a["gen_ai.usage.output_tokens"] == 40
+    assert a["gen_ai.usage.cache_read.input_tokens"] == 2000
+    assert a["gen_ai.usage.cache_creation.input_tokens"] == 300
+    assert a["gen_ai.usage.reasoning.output_tokens"] == 10
+
+
+def test_a_successful_call_has_status_ok_and_no_error_type():
+    a = spans_for(tracing_cfg(), call(capture=False))
+    assert a["span"].status.status_code is StatusCode.OK and "error.type" not in a
+
+
+@pytest.mark.parametrize("outcome, status, provider_error, expected", [
+    (ERROR, 429, "rate_limit_exceeded", "rate_limit_exceeded"),  # the provider's error type first
+    (ERROR, 503, None, "503"),  # else the HTTP status
+    (CLIENT_ABORT, 200, None, "client_abort"),
+    (NO_RESPONSE, 0, None, "no_response"),
+    (OK, 200, "tool_error", "tool_error"),  # complete, but the body reported an error
+])
+def test_a_failed_call_has_status_error_with_its_error_type(outcome, status, provider_error, expected):
+    c = call(capture=False)
+    c.outcome, c.status, c.obs.error_type = outcome, status, provider_error
+    a = spans_for(tracing_cfg(), c)
+    assert a["span"].status.status_code is StatusCode.ERROR
+    assert a["error.type"] == expected and a["span"].status.description == expected
