@@ -6,7 +6,7 @@ import logging
 from extproc.core.bounded import clip, clip_opt
 from extproc.core.call import Call, CallObserver
 from extproc.core.config import Config
-from extproc.telemetry import metric_settings, trace_settings
+from extproc.telemetry import otlp_settings
 from extproc.telemetry.mcp import McpMetrics
 
 log = logging.getLogger("extproc.calls")
@@ -42,11 +42,11 @@ def observers(config: Config) -> list[CallObserver]:
             prometheus_store.register_counter(process_registry())  # multiprocess mode: counts what cannot be stored
             ai = MetricsObserver(config.stats, process_registry())
             out += [McpMetrics(config.stats, ai.metrics), ai]
-        if metric_settings.enabled(config.stats.otlp):
+        if otlp_settings.metrics_enabled(config.stats.otlp):
             from extproc.telemetry import otlp_metrics  # the OTel metrics SDK loads only when OTLP metrics are on
 
             out.append(otlp_metrics.observer(config.stats))
-        if trace_settings.enabled(config.tracing):
+        if otlp_settings.traces_enabled(config.tracing):
             from extproc.telemetry.tracing import Tracer  # the OTel SDK loads only when tracing is on
 
             out.append(Tracer(config.tracing))

@@ -53,7 +53,7 @@ from extproc.core.call import OK, Call
 from extproc.core.config import StatsConfig
 from extproc.core.finish import finish_reason
 from extproc.core.pricing import Cost
-from extproc.telemetry import metric_settings
+from extproc.telemetry import otlp_settings
 from extproc.telemetry.labels import LabelGuard, LabelSource
 from extproc.telemetry.metrics import DURATION_BUCKETS, TOKEN_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, error_type
 
@@ -99,12 +99,12 @@ def _points(data: MetricsData) -> int:
 
 def build_exporter(stats: StatsConfig) -> MetricExporter:
     cfg = stats.otlp
-    timeout = metric_settings.timeout_ms(cfg) / 1000
+    timeout = otlp_settings.metrics_timeout_ms(cfg) / 1000
     headers = dict(cfg.headers) or None  # None: the exporter reads OTEL_EXPORTER_OTLP_[METRICS_]HEADERS
-    if metric_settings.protocol(cfg) == metric_settings.HTTP:
+    if otlp_settings.metrics_protocol(cfg) == otlp_settings.HTTP:
         from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter as HttpExporter
 
-        url = metric_settings.http_metrics_url(cfg.endpoint) if cfg.endpoint else None
+        url = otlp_settings.http_metrics_url(cfg.endpoint) if cfg.endpoint else None
         return HttpExporter(endpoint=url, headers=headers, timeout=timeout)
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import OTLPMetricExporter as GrpcExporter
 
@@ -131,8 +131,8 @@ class OtlpMetrics:
         self.exporter = CountingExporter(exporter or build_exporter(stats))
         limit = stats.max_series
         self.reader = PeriodicExportingMetricReader(
-            self.exporter, export_interval_millis=metric_settings.interval_ms(stats.otlp),
-            export_timeout_millis=metric_settings.timeout_ms(stats.otlp),
+            self.exporter, export_interval_millis=otlp_settings.metrics_interval_ms(stats.otlp),
+            export_timeout_millis=otlp_settings.metrics_timeout_ms(stats.otlp),
             cardinality_limits={k: limit for k in (Counter, UpDownCounter, Histogram, ObservableCounter,
                                                    ObservableUpDownCounter, ObservableGauge)},
         )

@@ -20,7 +20,8 @@ from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client import Counter
 
 from extproc.core.config import TracingConfig
-from extproc.telemetry.trace_settings import HTTP, http_traces_url, protocol
+from extproc.telemetry.otlp_settings import HTTP, http_traces_url
+from extproc.telemetry.otlp_settings import traces_protocol as protocol
 
 log = logging.getLogger("extproc.telemetry.tracing")
 

@@ -11,7 +11,7 @@ from opentelemetry.sdk.metrics.export import AggregationTemporality, MetricExpor
 from prometheus_client import CollectorRegistry
 
 from extproc.core import config
-from extproc.telemetry import metric_settings
+from extproc.telemetry import otlp_settings
 from extproc.telemetry.metrics import MetricsObserver
 from extproc.telemetry.otlp_metrics import POINTS_DROPPED, OtlpMetrics
 from tests.support.otlp_receiver import MetricStore
@@ -109,7 +109,7 @@ def test_enabled(monkeypatch, env, cfg, want):
         monkeypatch.delenv(k, raising=False)
     for k, v in env.items():
         monkeypatch.setenv(k, v)
-    assert metric_settings.enabled(config.OtlpMetricsConfig.model_validate(cfg)) is want
+    assert otlp_settings.metrics_enabled(config.OtlpMetricsConfig.model_validate(cfg)) is want
 
 
 def test_settings_fall_back_to_the_otel_variables(monkeypatch):
@@ -117,10 +117,10 @@ def test_settings_fall_back_to_the_otel_variables(monkeypatch):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "1500")
     cfg = config.OtlpMetricsConfig()
-    assert (metric_settings.endpoint(cfg), metric_settings.protocol(cfg), metric_settings.interval_ms(cfg)) == ("http://collector:4318", "http", 1500)
+    assert (otlp_settings.metrics_endpoint(cfg), otlp_settings.metrics_protocol(cfg), otlp_settings.metrics_interval_ms(cfg)) == ("http://collector:4318", "http", 1500)
     cfg = config.OtlpMetricsConfig.model_validate({"endpoint": "127.0.0.1:4317", "protocol": "grpc", "exportIntervalMs": 200})
-    assert (metric_settings.endpoint(cfg), metric_settings.protocol(cfg), metric_settings.interval_ms(cfg)) == ("127.0.0.1:4317", "grpc", 200)
-    assert metric_settings.http_metrics_url("http://c:4318/") == "http://c:4318/v1/metrics"
+    assert (otlp_settings.metrics_endpoint(cfg), otlp_settings.metrics_protocol(cfg), otlp_settings.metrics_interval_ms(cfg)) == ("127.0.0.1:4317", "grpc", 200)
+    assert otlp_settings.http_metrics_url("http://c:4318/") == "http://c:4318/v1/metrics"
 
 
 def _observers_in_subprocess(env: str) -> list[str]:
