@@ -1,10 +1,11 @@
-# envoy-ai-extproc: `make run` starts the local stack, `make test` runs every test.
+# envoy-ai-extproc: `make run` starts the local stack, `make test` runs every test, `make help`
+# lists the targets (each target's help is the first line of the comment block right above it).
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install run test test-unit test-compose lint tools protos envoy-config deploy-rules bench soak clean bench-metrics bench-litellm-install test-litellm
+.PHONY: help install run test test-unit test-compose lint format format-check tools protos envoy-config deploy-rules bench soak clean bench-metrics bench-litellm-install test-litellm
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -12,7 +13,14 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,dev]'
 	@touch $(STAMP)
 
+# Create .venv with the package and its test and dev extras (redone when pyproject.toml changes).
 install: $(STAMP)
+
+# This list: every target with the first line of the comment above it.
+help:
+	@awk '/^# / { if (!doc) doc = substr($$0, 3); next } \
+	     /^[a-z][a-z0-9-]*:/ && !/:=/ { if (doc) printf "  %-22s %s\n", substr($$1, 1, length($$1) - 1), doc } \
+	     { doc = "" }' $(MAKEFILE_LIST)
 
 # Envoy + sidecar + built-in mock LLM on 127.0.0.1 (Envoy on :10000, metrics on :9092).
 run: $(STAMP)
@@ -25,8 +33,8 @@ test: lint $(STAMP) tools
 	elif tests/compose/run.sh --check; then echo "test-compose: not run (CI unset): \`make test-compose\` runs docker-compose.yaml in Docker"; \
 	else echo "test-compose: SKIPPED: Docker cannot run on this machine (and CI is not set)"; fi
 
-# docker-compose.yaml built and run in Docker here, tested from the host through its published
-# ports, then torn down (tests/compose/run.sh: installs Docker if missing, starts and stops dockerd,
+# docker-compose.yaml built and run in Docker, tested from the host through its published ports.
+# Torn down afterwards (tests/compose/run.sh: installs Docker if missing, starts and stops dockerd,
 # builds a local Debian base image when the public ones cannot be pulled). ~1 min warm.
 test-compose: $(STAMP)
 	tests/compose/run.sh
@@ -40,10 +48,18 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
-# Debian tools the tests drive: a real Prometheus server (metrics and PromQL tests) and the wrk
-# load generator (benchmark). Installed when missing; if that fails, the tests needing them say so
-# (skipped on a developer machine, failed under CI=true).
+# Rewrite the Python files in ruff's format (the pinned ruff, configured in pyproject.toml).
+format: $(STAMP)
+	$(VENV)/bin/ruff format .
+
+# Check the Python files are in ruff's format, changing nothing (`make format` fixes them).
+format-check: $(STAMP)
+	$(VENV)/bin/ruff format --check .
+
 TOOLS := prometheus wrk
+# Debian tools the tests drive: Prometheus (metrics and PromQL tests) and wrk (benchmark).
+# Installed when missing; if that fails, the tests needing them say so (skipped on a developer
+# machine, failed under CI=true).
 tools:
 	@missing=""; for t in $(TOOLS); do command -v $$t >/dev/null 2>&1 || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
@@ -61,7 +77,7 @@ bench-metrics: $(STAMP)
 protos: $(STAMP)
 	$(PY) protos/generate.py
 
-# Regenerate the Envoy configs from extproc/devtools/envoy_config.py (tests check they agree):
+# Regenerate the Envoy configs from extproc/devtools/envoy_config.py (tests check they agree).
 # envoy/envoy.yaml (reference), envoy/envoy-compose.yaml, deploy/kubernetes/envoy.yaml, envoy/envoy-budgets.yaml.
 envoy-config: $(STAMP)
 	$(VENV)/bin/extproc envoy-config > envoy/envoy.yaml
@@ -73,20 +89,21 @@ envoy-config: $(STAMP)
 deploy-rules: $(STAMP)
 	$(PY) deploy/render_rules.py
 
-# Envoy alone vs Envoy + sidecar (inline, observability-only), side by side; ~5 min on 2 CPUs.
+# Benchmark: Envoy alone vs Envoy + sidecar (inline, observability-only), side by side; ~5 min.
 # Results: bench/results/latest.{md,json}. BENCH_ARGS=--quick for a few-second smoke run.
 bench: $(STAMP) tools
 	$(PY) -m bench $(BENCH_ARGS)
 
-# The pinned LiteLLM proxy (bench/litellm-requirements.txt) in its own venv, .venv-litellm, for the
-# bench's litellm stack: BENCH_ARGS="--stacks envoy,inline,litellm" (which also installs it on first use).
 # The bench's litellm stack end to end (--quick), after installing the pinned LiteLLM (~1 min).
 test-litellm: bench-litellm-install tools
 	$(PY) -m pytest -q -m litellm tests/e2e/test_bench.py
 
+# The pinned LiteLLM proxy (bench/litellm-requirements.txt) in its own venv, .venv-litellm.
+# For the bench's litellm stack: BENCH_ARGS="--stacks envoy,inline,litellm" (which also installs it on first use).
 bench-litellm-install: $(STAMP)
 	$(PY) -m bench.litellm --install
 
+# Remove the venvs, caches and build output.
 clean:
 	rm -rf $(VENV) .venv-litellm .pytest_cache build *.egg-info
 
