@@ -24,9 +24,10 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from extproc.core.envoy_names import AI_GATEWAY_NAMESPACE, JWT_AUTHN_NAMESPACE
 from extproc.core.pricing import PricingConfig
 
-DEFAULT_NAMESPACE = "ai.gateway.kgateway.dev"
+DEFAULT_NAMESPACE = AI_GATEWAY_NAMESPACE
 DEFAULT_LISTEN = "127.0.0.1:18080"
 
 
@@ -90,7 +91,6 @@ class LimitsConfig(_Section):
     max_waiting_streams: int = Field(128, ge=1)
 
 
-JWT_AUTHN_NAMESPACE = "envoy.filters.http.jwt_authn"
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Label names the built-in metrics use (extproc.telemetry.metrics checks it uses no others), plus names
 # Prometheus itself gives meaning to: a custom label may not take any of them.

@@ -118,9 +118,23 @@ from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Empty, Struct
 
 from extproc.core.config import DEFAULT_NAMESPACE, BudgetEntry, BudgetsConfig
+from extproc.core.envoy_names import (
+    EXT_PROC_FILTER,
+    FILE_ACCESS_LOG,
+    HEADER_TO_METADATA_FILTER,
+    HTTP_CONNECTION_MANAGER,
+    HTTP_PROTOCOL_OPTIONS,
+    JWT_AUTHN_FILTER,
+    JWT_AUTHN_NAMESPACE,
+    JWT_PAYLOAD_KEY,
+    OPENTELEMETRY_TRACER,
+    RATELIMIT_FILTER,
+    REQ_WITHOUT_QUERY_FORMATTER,
+    RESPONSE_HEADERS_NAMESPACE,
+    ROUTER_FILTER,
+    TLS_TRANSPORT_SOCKET,
+)
 
-JWT_NAMESPACE = "envoy.filters.http.jwt_authn"
-JWT_PAYLOAD_KEY = "principal"  # jwt_authn's payload_in_metadata: the verified claims land here
 RATELIMIT_COST_KEY = "ratelimit_cost"  # the sidecar's dynamic metadata key (docs/budgets.md)
 # ext_proc cluster: streams per HTTP/2 connection before Envoy opens another (docs/performance.md).
 EXTPROC_STREAMS_PER_CONNECTION = 8
@@ -129,8 +143,6 @@ EXTPROC_STREAMS_PER_CONNECTION = 8
 # observation at once (docs/operations.md, "Overload").
 OBSERVE_MAX_CONNECTIONS = 128
 OBSERVE_MAX_PENDING = 1024
-HTTP_PROTOCOL_OPTIONS = "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
-EXT_PROC_FILTER = "envoy.filters.http.ext_proc"  # the filter's name: per-route configs are keyed by it
 
 
 def pack(message: betterproto2.Message) -> AnyMessage:
@@ -151,8 +163,8 @@ def access_log_format(namespace: str = DEFAULT_NAMESPACE, budgets: bool = False)
         "http_method": "%REQ(:METHOD)%",
         # without the query string: Gemini API keys travel as ?key=...
         "path": "%REQ_WITHOUT_QUERY(X-ENVOY-ORIGINAL-PATH?:PATH)%",
-        "user": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:{JWT_PAYLOAD_KEY}:sub)%",
-        "team": f"%DYNAMIC_METADATA({JWT_NAMESPACE}:{JWT_PAYLOAD_KEY}:team)%",
+        "user": f"%DYNAMIC_METADATA({JWT_AUTHN_NAMESPACE}:{JWT_PAYLOAD_KEY}:sub)%",
+        "team": f"%DYNAMIC_METADATA({JWT_AUTHN_NAMESPACE}:{JWT_PAYLOAD_KEY}:team)%",
         "request_id": "%REQ(X-REQUEST-ID)%",
         "response_code": "%RESPONSE_CODE%",
         "system_time": "%START_TIME%",
@@ -241,7 +253,7 @@ class ExtProcTls:
                 private_key=DataSource(filename=self.key_file),
             )]
         ctx = UpstreamTlsContext(common_tls_context=common, sni=self.sni or "")
-        return TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(ctx))
+        return TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=pack(ctx))
 
 
 @dataclass(frozen=True)
@@ -311,7 +323,7 @@ def _cluster(up: Upstream) -> Cluster:
         load_assignment=_load_assignment(up.cluster, f"{u.hostname}:{port}"),
     )
     if tls:
-        cluster.transport_socket = TransportSocket(name="envoy.transport_sockets.tls", typed_config=pack(UpstreamTlsContext(sni=u.hostname or "")))
+        cluster.transport_socket = TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=pack(UpstreamTlsContext(sni=u.hostname or "")))
     if up.http2:
         options = (HttpProtocolOptions(auto_config=HttpProtocolOptionsAutoHttpConfig(
             http_protocol_options=Http1ProtocolOptions(), http2_protocol_options=Http2ProtocolOptions())) if tls else
@@ -362,7 +374,7 @@ def ext_proc_filter(
             response_trailer_mode=skip,
         ),
         metadata_options=MetadataOptions(
-            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[JWT_NAMESPACE]),
+            forwarding_namespaces=MetadataOptionsMetadataNamespaces(untyped=[JWT_AUTHN_NAMESPACE]),
             # Without this Envoy silently drops the metadata the sidecar returns.
             receiving_namespaces=MetadataOptionsMetadataNamespaces(untyped=[namespace]),
         ),
@@ -383,7 +395,6 @@ def ext_proc_filter(
 # a header_to_metadata filter after ext_proc, which sees the response first), on the first
 # response-body message. 2 ext_proc messages per non-streamed call from an HTTP/2 upstream, 3 from
 # HTTP/1.1, instead of 4.
-RESPONSE_HEADERS_NAMESPACE = "envoy.ai.response_headers"
 RESPONSE_HEADERS = ("content-type", "content-encoding", "content-length")
 # Request headers the sidecar reads (provider override, trace context, MCP session, the default
 # attribution.sessionHeaders). Not the API-key headers: key_id needs them added (docs/performance.md).
@@ -410,7 +421,7 @@ def response_headers_filter() -> HttpFilter:
     where the fewer-messages ext_proc reads them as attributes."""
     rules = [ConfigRule(header=h, on_header_present=ConfigKeyValuePair(
         metadata_namespace=RESPONSE_HEADERS_NAMESPACE, key=h, type=ConfigValueType.STRING)) for h in RESPONSE_HEADERS]
-    return HttpFilter(name="envoy.filters.http.header_to_metadata", typed_config=pack(HeaderToMetadata(response_rules=rules)))
+    return HttpFilter(name=HEADER_TO_METADATA_FILTER, typed_config=pack(HeaderToMetadata(response_rules=rules)))
 
 
 def jwt_filter(jwks_json: str) -> JwtAuthentication:
@@ -487,7 +498,7 @@ def _descriptor_action(entry: BudgetEntry) -> RateLimitAction:
     path = [MetadataKeyPathSegment(key=k) for k in (JWT_PAYLOAD_KEY, *entry.claim.split("."))]
     return RateLimitAction(metadata=RateLimitActionMetaData(
         descriptor_key=entry.key,
-        metadata_key=MetadataKey(key=JWT_NAMESPACE, path=path),
+        metadata_key=MetadataKey(key=JWT_AUTHN_NAMESPACE, path=path),
         default_value=entry.default or "",
         source=RateLimitActionMetaDataSource.DYNAMIC,
     ))
@@ -544,7 +555,7 @@ def bootstrap(
     http_filters: list[HttpFilter] = []
     ep: ExternalProcessor | None = None
     if jwks_json is not None:
-        http_filters.append(HttpFilter(name=JWT_NAMESPACE, typed_config=pack(jwt_filter(jwks_json))))
+        http_filters.append(HttpFilter(name=JWT_AUTHN_FILTER, typed_config=pack(jwt_filter(jwks_json))))
     if extproc is not None:
         ep = ext_proc_filter(namespace, message_timeout_ms, observability_mode)
         if fewer_messages:
@@ -555,8 +566,8 @@ def bootstrap(
     if ratelimit is not None:
         # After jwt_authn (its descriptors read the claims) and ext_proc (the sidecar also sees
         # the calls the limiter rejects, as 429s).
-        http_filters.append(HttpFilter(name="envoy.filters.http.ratelimit", typed_config=pack(ratelimit_filter(ratelimit))))
-    http_filters.append(HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router())))
+        http_filters.append(HttpFilter(name=RATELIMIT_FILTER, typed_config=pack(ratelimit_filter(ratelimit))))
+    http_filters.append(HttpFilter(name=ROUTER_FILTER, typed_config=pack(Router())))
     upstreams = with_passthrough(upstreams, passthrough)
     routes = []
     for up in upstreams:
@@ -580,17 +591,17 @@ def bootstrap(
                     ep.processing_mode, request_body_mode=ProcessingModeBodySendMode.NONE)
             r.typed_per_filter_config[EXT_PROC_FILTER] = pack(ExtProcPerRoute(overrides=overrides))
         if ratelimit is not None:
-            r.typed_per_filter_config["envoy.filters.http.ratelimit"] = pack(ratelimit_per_route(ratelimit, namespace))
+            r.typed_per_filter_config[RATELIMIT_FILTER] = pack(ratelimit_per_route(ratelimit, namespace))
         routes.append(r)
     hcm = HttpConnectionManager(
         stat_prefix="llm",
         access_log=[AccessLog(
-            name="envoy.access_loggers.file",
+            name=FILE_ACCESS_LOG,
             typed_config=pack(FileAccessLog(
                 path=access_log,
                 log_format=SubstitutionFormatString(
                     json_format=Struct.from_dict(access_log_format(namespace, budgets=ratelimit is not None)),
-                    formatters=[TypedExtensionConfig(name="envoy.formatter.req_without_query", typed_config=pack(ReqWithoutQuery()))],
+                    formatters=[TypedExtensionConfig(name=REQ_WITHOUT_QUERY_FORMATTER, typed_config=pack(ReqWithoutQuery()))],
                 ),
             )),
         )],
@@ -631,7 +642,7 @@ def bootstrap(
     listeners = [Listener(
         name="llm",
         address=_address(listen),
-        filter_chains=[FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))])],
+        filter_chains=[FilterChain(filters=[Filter(name=HTTP_CONNECTION_MANAGER, typed_config=pack(hcm))])],
     )]
     if ops_listen is not None:
         if admin is None:
@@ -653,7 +664,7 @@ def envoy_tracing(service_name: str = "envoy") -> HttpConnectionManagerTracing:
         random_sampling=Percent(value=100),  # an incoming traceparent's sampled flag still decides
         spawn_upstream_span=True,
         provider=TracingHttp(
-            name="envoy.tracers.opentelemetry",
+            name=OPENTELEMETRY_TRACER,
             typed_config=pack(OpenTelemetryConfig(
                 grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="otel_collector"), timeout=timedelta(seconds=1)),
                 service_name=service_name,
@@ -672,12 +683,12 @@ def _ops_listener(addr: str) -> Listener:
     hcm = HttpConnectionManager(
         stat_prefix="ops",
         route_config=RouteConfiguration(name="ops", virtual_hosts=[VirtualHost(name="ops", domains=["*"], routes=routes)]),
-        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router()))],
+        http_filters=[HttpFilter(name=ROUTER_FILTER, typed_config=pack(Router()))],
     )
     return Listener(
         name="ops",
         address=_address(addr),
-        filter_chains=[FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))])],
+        filter_chains=[FilterChain(filters=[Filter(name=HTTP_CONNECTION_MANAGER, typed_config=pack(hcm))])],
     )
 def direct_response(listen: str, body: str, content_type: str = "application/json", admin: str | None = None) -> Bootstrap:
     """An Envoy answering every request with ``body`` (200): the benchmark's non-streaming upstream."""
@@ -689,12 +700,12 @@ def direct_response(listen: str, body: str, content_type: str = "application/jso
     hcm = HttpConnectionManager(
         stat_prefix="up",
         route_config=RouteConfiguration(virtual_hosts=[VirtualHost(name="all", domains=["*"], routes=[route])]),
-        http_filters=[HttpFilter(name="envoy.filters.http.router", typed_config=pack(Router()))],
+        http_filters=[HttpFilter(name=ROUTER_FILTER, typed_config=pack(Router()))],
     )
     cfg = Bootstrap(static_resources=BootstrapStaticResources(listeners=[Listener(
         name="up",
         address=_address(listen),
-        filter_chains=[FilterChain(filters=[Filter(name="envoy.filters.network.http_connection_manager", typed_config=pack(hcm))])],
+        filter_chains=[FilterChain(filters=[Filter(name=HTTP_CONNECTION_MANAGER, typed_config=pack(hcm))])],
     )]))
     if admin is not None:
         cfg.admin = Admin(address=_address(admin))

@@ -35,9 +35,9 @@ from h2.settings import SettingCodes
 
 from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.core.config import TlsConfig
+from extproc.core.envoy_names import EXT_PROC_METHOD
 from extproc.core.logs import RateLimited
 from extproc.server import h2compat
-from extproc.server.health import EXT_PROC_SERVICE
 from extproc.server.message_buffer import BadStream, MessageBuffer
 from extproc.server.processor import Processor
 from extproc.server.tls import ssl_context, warn_if_plaintext
@@ -49,7 +49,7 @@ for _name in ("grpclib", "h2", "hpack"):
     logging.getLogger(_name).setLevel(logging.WARNING)
 h2compat.lazy_frame_repr()
 
-PROCESS = f"/{EXT_PROC_SERVICE}/Process"
+PROCESS = EXT_PROC_METHOD
 # grpc core (grpcio) does not limit concurrent streams per connection; h2 defaults to 100.
 MAX_CONCURRENT_STREAMS = 2**31 - 1
 # h2 remembers how each of a connection's last 65,536 closed streams ended (~115 B each), to

@@ -15,10 +15,10 @@ from grpclib.const import Cardinality, Status
 from grpclib.server import Stream
 
 from extproc.core.config import Config, ConfigError
+from extproc.core.envoy_names import EXT_PROC_SERVICE
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
-EXT_PROC_SERVICE = "envoy.service.ext_proc.v3.ExternalProcessor"
 SERVICES = ("", EXT_PROC_SERVICE)
 
 

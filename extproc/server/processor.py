@@ -23,6 +23,7 @@ from extproc.codecs.encodings import Decoder, make_decoder
 from extproc.core.attribution import Attribution
 from extproc.core.call import CLIENT_ABORT, ERROR, INCOMPLETE_STREAM, NO_RESPONSE, OK, Call, CallObserver
 from extproc.core.config import Config, ConfigError
+from extproc.core.envoy_names import ATTRIBUTES_KEY
 from extproc.core.logs import RateLimited
 from extproc.core.pricing import Pricer
 from extproc.telemetry import metadata
@@ -556,9 +557,6 @@ class Stream:
         if not call.outcome:
             call.outcome = NO_RESPONSE if call.response_start is None else CLIENT_ABORT
         self.p.report(call)
-
-
-ATTRIBUTES_KEY = "envoy.filters.http.ext_proc"  # ProcessingRequest.attributes: the filter's name
 
 
 def _text(v: Any) -> str:

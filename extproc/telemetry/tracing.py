@@ -24,6 +24,7 @@ from extproc.core import cel
 from extproc.core.bounded import MAX_LIST_ITEMS, MAX_VALUE_CHARS, clip, clip_opt
 from extproc.core.call import ERROR, OK, Call
 from extproc.core.config import TracingConfig
+from extproc.core.envoy_names import JWT_AUTHN_NAMESPACE, JWT_PAYLOAD_KEY
 from extproc.core.pricing import Cost
 from extproc.core.redact import safe_headers
 from extproc.telemetry.trace_export import BoundedBatchProcessor, build_exporter
@@ -325,9 +326,9 @@ def variables(call: Call, capture: bool) -> dict[str, Any]:
 
 
 def jwt_claims(forwarded: Any) -> dict[str, Any]:
-    if not forwarded or "envoy.filters.http.jwt_authn" not in forwarded:
+    if not forwarded or JWT_AUTHN_NAMESPACE not in forwarded:
         return {}
     from google.protobuf.json_format import MessageToDict
 
-    claims = MessageToDict(forwarded["envoy.filters.http.jwt_authn"]).get("principal")
+    claims = MessageToDict(forwarded[JWT_AUTHN_NAMESPACE]).get(JWT_PAYLOAD_KEY)
     return claims if isinstance(claims, dict) else {}
