@@ -26,6 +26,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.base import ApiParser, items
+from extproc.apis.finish import CONTENT_FILTER, LENGTH, STOP, TOOL_CALLS
 from extproc.apis.routing import Provider, route
 
 # Events that can carry usage, the model or a finish/error; everything else is text deltas.
@@ -176,7 +177,12 @@ class AnthropicCountTokens(ApiParser):
 
 
 ORDER = 40
-PROVIDERS = (Provider("anthropic", "anthropic", ("api.anthropic.com",)),)
+PROVIDERS = (Provider("anthropic", "anthropic", ("api.anthropic.com",), catalogue=("anthropic",)),)
+# stop_reason (also Claude through Bedrock and Vertex AI)
+FINISH_REASONS = {
+    "end_turn": STOP, "stop_sequence": STOP, "max_tokens": LENGTH, "tool_use": TOOL_CALLS,
+    "refusal": CONTENT_FILTER, "model_context_window_exceeded": LENGTH,
+}
 ROUTES = [
     route(r"/v1/messages/count_tokens$", AnthropicCountTokens),
     route(r"/v1/messages$", AnthropicMessages),

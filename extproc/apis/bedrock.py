@@ -29,6 +29,7 @@ import orjson
 
 from extproc.apis.anthropic import AnthropicEvents
 from extproc.apis.base import NONE, ApiParser, dig, items
+from extproc.apis.finish import CONTENT_FILTER, LENGTH, STOP, TOOL_CALLS
 from extproc.apis.routing import Provider, route
 from extproc.codecs.eventstream import EventStreamDecoder, Message
 
@@ -278,7 +279,13 @@ def _converse_counts(usage: dict[str, Any]) -> dict[str, Any]:
 
 _M = r"^/model/(?P<model>[^/]+)"
 ORDER = 20
-PROVIDERS = (Provider("bedrock", "aws.bedrock", (".amazonaws.com",)),)
+PROVIDERS = (Provider("bedrock", "aws.bedrock", (".amazonaws.com",), catalogue=("aws",)),)
+# Converse stopReason (InvokeModel: the model's own, e.g. the Anthropic module's for Claude)
+FINISH_REASONS = {
+    "end_turn": STOP, "stop_sequence": STOP, "max_tokens": LENGTH, "tool_use": TOOL_CALLS,
+    "guardrail_intervened": CONTENT_FILTER, "content_filtered": CONTENT_FILTER,
+    "model_context_window_exceeded": LENGTH,
+}
 ROUTES = [
     route(_M + r"/converse(?:-stream)?$", BedrockConverse, "bedrock"),
     route(_M + r"/invoke(?:-with-response-stream)?$", BedrockInvoke, "bedrock"),

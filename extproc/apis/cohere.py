@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.base import NDJSON, ApiParser, dig, items
+from extproc.apis.finish import CONTENT_FILTER, ERROR, LENGTH, STOP, TOOL_CALLS
 from extproc.apis.routing import Provider, route
 
 
@@ -156,7 +157,12 @@ class CohereEmbed(_CohereUsage):
 
 
 ORDER = 50
-PROVIDERS = (Provider("cohere", "cohere", ("api.cohere.com", "api.cohere.ai")),)
+PROVIDERS = (Provider("cohere", "cohere", ("api.cohere.com", "api.cohere.ai"), catalogue=("cohere",)),)
+# finish_reason (v2 upper case, v1 upper case too)
+FINISH_REASONS = {
+    "COMPLETE": STOP, "STOP_SEQUENCE": STOP, "MAX_TOKENS": LENGTH, "TOOL_CALL": TOOL_CALLS, "ERROR": ERROR,
+    "ERROR_TOXIC": CONTENT_FILTER, "ERROR_LIMIT": LENGTH,
+}
 ROUTES = [
     route(r"^/v2/chat$", CohereChat, "cohere"),
     route(r"^/v1/chat$", CohereChatV1, "cohere"),

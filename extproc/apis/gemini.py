@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from extproc.apis.anthropic import AnthropicCountTokens, VertexAnthropic
 from extproc.apis.base import JSON, JSON_ARRAY, ApiParser, dig, items
+from extproc.apis.finish import CONTENT_FILTER, ERROR, LENGTH, OTHER, STOP
 from extproc.apis.routing import Provider, route
 
 _CONFIG_PARAMS = {
@@ -164,9 +165,17 @@ _VERTEX = r"^/v1(?:beta1)?/projects/[^/]+/locations/[^/]+/publishers/"
 _MODEL = r"(?P<model>[^/:]+)"
 ORDER = 30  # Vertex AI (incl. Claude on Vertex) and the Gemini API
 PROVIDERS = (
-    Provider("gemini", "gcp.gemini", ("generativelanguage.googleapis.com",)),
-    Provider("vertex_ai", "gcp.vertex_ai", ("aiplatform.googleapis.com",)),
+    Provider("gemini", "gcp.gemini", ("generativelanguage.googleapis.com",), catalogue=("google",)),
+    # Vertex AI also serves Claude: priced from Anthropic's list when Google's does not name the model
+    Provider("vertex_ai", "gcp.vertex_ai", ("aiplatform.googleapis.com",), catalogue=("google", "anthropic")),
 )
+# candidates[].finishReason (Claude on Vertex: the Anthropic module's stop reasons)
+FINISH_REASONS = {
+    "STOP": STOP, "MAX_TOKENS": LENGTH, "FINISH_REASON_UNSPECIFIED": OTHER, "SAFETY": CONTENT_FILTER,
+    "RECITATION": CONTENT_FILTER, "BLOCKLIST": CONTENT_FILTER, "PROHIBITED_CONTENT": CONTENT_FILTER,
+    "SPII": CONTENT_FILTER, "IMAGE_SAFETY": CONTENT_FILTER, "MALFORMED_FUNCTION_CALL": ERROR,
+    "UNEXPECTED_TOOL_CALL": ERROR,
+}
 ROUTES = [
     route(_VERTEX + r"anthropic/models/count-tokens:rawPredict$", AnthropicCountTokens, "vertex_ai"),
     route(_VERTEX + r"anthropic/models/" + _MODEL + r":(?:stream)?[rR]awPredict$", VertexAnthropic, "vertex_ai"),

@@ -82,4 +82,5 @@ class McpParser(ApiParser):
 
 ORDER = 10  # POST /mcp: JSON-RPC (tool calls); no LLM provider of its own
 PROVIDERS: tuple[Provider, ...] = ()
+FINISH_REASONS: dict[str, str] = {}
 ROUTES = [route(r"/mcp$", McpParser)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.base import ApiParser, dig
+from extproc.apis.finish import LENGTH, STOP
 from extproc.apis.routing import Provider, route
 
 _OPTIONS = {
@@ -88,7 +89,9 @@ class OllamaEmbed(_Ollama):
 
 
 ORDER = 60
+# No catalogue: a local model has no public price (price it with a pricing.models override).
 PROVIDERS = (Provider("ollama", "ollama", (":11434",)),)
+FINISH_REASONS = {"stop": STOP, "length": LENGTH}  # done_reason
 ROUTES = [
     route(r"^/api/chat$", OllamaChat, "ollama"),
     route(r"^/api/generate$", OllamaGenerate, "ollama"),

@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from extproc.apis.base import ApiParser, dig, items
+from extproc.apis.finish import CONTENT_FILTER, ERROR, LENGTH, STOP, TOOL_CALLS
 from extproc.apis.routing import Provider, route
 
 _SAMPLING = (
@@ -224,16 +225,28 @@ class OpenAIResponses(ApiParser):
 _AZ = r"^/openai/deployments/(?P<model>[^/]+)"
 ORDER = 100  # last: the generic OpenAI-compatible suffixes match almost anything
 PROVIDERS = (
-    Provider("openai", "openai", ("api.openai.com",)),
-    Provider("azure", "azure.ai.openai", (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com")),
+    Provider("openai", "openai", ("api.openai.com",), catalogue=("openai",)),
+    Provider("azure", "azure.ai.openai", (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"),
+             catalogue=("azure",)),
     # OpenAI-compatible APIs: the same schema on other hosts.
-    Provider("mistral", "mistral_ai", ("api.mistral.ai",)),
-    Provider("groq", "groq", ("api.groq.com",)),
-    Provider("deepseek", "deepseek", ("api.deepseek.com",)),
-    Provider("xai", "x_ai", ("api.x.ai",)),
-    Provider("openrouter", "openrouter", ("openrouter.ai",)),
-    Provider("perplexity", "perplexity", ("api.perplexity.ai",)),
+    Provider("mistral", "mistral_ai", ("api.mistral.ai",), catalogue=("mistral",)),
+    Provider("groq", "groq", ("api.groq.com",), catalogue=("groq",)),
+    Provider("deepseek", "deepseek", ("api.deepseek.com",), catalogue=("deepseek",)),
+    Provider("xai", "x_ai", ("api.x.ai",), catalogue=("x-ai",)),
+    Provider("openrouter", "openrouter", ("openrouter.ai",), catalogue=("openrouter",)),
+    Provider("perplexity", "perplexity", ("api.perplexity.ai",), catalogue=("perplexity",)),
+    # Named by an operator (providers.header, x-llm-provider, providers.routes): no host of their own here.
+    Provider("together", "together", catalogue=("together",)),
+    Provider("fireworks", "fireworks", catalogue=("fireworks",)),
+    Provider("cerebras", "cerebras", catalogue=("cerebras",)),
 )
+FINISH_REASONS = {
+    # chat/completions finish_reason (also Mistral, vLLM, other OpenAI-compatible servers)
+    "stop": STOP, "length": LENGTH, "tool_calls": TOOL_CALLS, "function_call": TOOL_CALLS,
+    "content_filter": CONTENT_FILTER, "model_length": LENGTH, "eos": STOP, "end": STOP, "error": ERROR,
+    # Responses: status, or incomplete_details.reason
+    "completed": STOP, "max_output_tokens": LENGTH, "failed": ERROR,
+}
 ROUTES = [
     route(_AZ + r"/chat/completions$", OpenAIChat, "azure"),
     route(_AZ + r"/completions$", OpenAICompletions, "azure"),

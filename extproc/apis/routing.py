@@ -3,9 +3,9 @@
 Each parser module in ``extproc.apis`` declares ``ROUTES``: path patterns (matched against the
 path without its query string) mapped to a parser class, an optional provider implied by the path,
 and an optional named group ``model`` for APIs that carry the model in the path; and ``PROVIDERS``:
-the providers it serves, with their host suffixes and GenAI semantic-convention names. The tables
-here are built from those declarations (see ``extproc.apis``). Operators add their own path
-mappings in config (``providers.routes``); those are tried first.
+the providers it serves, with their host suffixes, GenAI semantic-convention names and price
+catalogue ids. The tables here are built from those declarations (see ``extproc.apis``).
+Operators add their own path mappings in config (``providers.routes``); those are tried first.
 
 The provider is, in order: the per-route ext_proc ``grpc_initial_metadata`` (``x-llm-provider``),
 the configured provider header, a config path mapping, the request host, the path, and finally the
@@ -43,13 +43,17 @@ def route(pattern: str, parser: type[ApiParser], provider: str | None = None) ->
 
 @dataclass(frozen=True, slots=True)
 class Provider:
-    """A provider as the labels name it (``llm``), recognised by the host it is called on."""
+    """A provider as the labels name it (``llm``), recognised by the host it is called on.
+
+    ``catalogue`` names the provider in the ``genai-prices`` catalogue, fallbacks after the first
+    (Claude on Vertex AI: ``("google", "anthropic")``). A provider without one (Ollama, a
+    self-hosted server) is priced only by a configured override: public prices say nothing about
+    a private server."""
 
     name: str  # short name: the ``llm``/``provider`` label, the access log's ``provider``
     semconv: str  # ``gen_ai.provider.name`` (OpenTelemetry GenAI semantic conventions)
     hosts: tuple[str, ...] = ()  # host suffixes ("api.openai.com", ".amazonaws.com"); ":port" matches anywhere
-
-
+    catalogue: tuple[str, ...] = ()  # genai-prices provider ids, tried in order
 
 
 class Router:
@@ -98,6 +102,13 @@ def _semconv_names() -> dict[str, str]:
 def semconv_name(provider: str) -> str:
     """``gen_ai.provider.name`` for one of our provider names (unknown ones pass through)."""
     return _semconv_names().get(provider, provider)
+
+
+def catalogue_ids() -> dict[str, tuple[str, ...]]:
+    """Our provider name -> its ``genai-prices`` provider ids (for ``core.pricing.Pricer``)."""
+    from extproc import apis
+
+    return {p.name: p.catalogue for p in apis.all_providers() if p.catalogue}
 
 
 def default_routes() -> list[Route]:

@@ -25,6 +25,7 @@ import logging
 import math
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from typing import TYPE_CHECKING, Any, Literal
@@ -36,30 +37,6 @@ if TYPE_CHECKING:
     from extproc.core.observation import Usage
 
 log = logging.getLogger("extproc.core.pricing")
-
-# Our provider names (routing.HOST_PROVIDERS, the parsers' default_provider, operator-configured
-# names) -> genai-prices provider ids. A provider absent here (ollama, self-hosted, "unknown") is
-# priced only by an override: the catalogue's public prices say nothing about a private server.
-PROVIDER_IDS: dict[str, str] = {
-    "openai": "openai",
-    "azure": "azure",
-    "anthropic": "anthropic",
-    "gemini": "google",
-    "vertex_ai": "google",
-    "bedrock": "aws",
-    "mistral": "mistral",
-    "cohere": "cohere",
-    "groq": "groq",
-    "deepseek": "deepseek",
-    "xai": "x-ai",
-    "openrouter": "openrouter",
-    "together": "together",
-    "fireworks": "fireworks",
-    "cerebras": "cerebras",
-    "perplexity": "perplexity",
-}
-# When the first provider id does not list the model, try these (Claude on Vertex AI).
-_FALLBACK_IDS: dict[str, tuple[str, ...]] = {"vertex_ai": ("anthropic",)}
 
 # Usage conventions (see the module docstring), by parser api name prefix.
 OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
@@ -228,8 +205,14 @@ class Pricer:
     """Prices calls with one configuration; build a new one on reload. Not thread-safe (one per
     worker event loop). The catalogue is imported on first use, only when pricing is enabled."""
 
-    def __init__(self, config: PricingConfig | None = None) -> None:
+    def __init__(self, config: PricingConfig | None = None,
+                 catalogue: Mapping[str, tuple[str, ...]] | None = None) -> None:
+        """``catalogue``: our provider name -> its ``genai-prices`` provider ids, tried in order
+        (each provider module declares its own; ``extproc.apis.routing.catalogue_ids``). A
+        provider absent from it (Ollama, a self-hosted server, ``unknown``) is priced only by
+        an override."""
         self.config = config or PricingConfig()
+        self._ids = dict(catalogue or {})
         self.enabled = self.config.enabled
         self._overrides = tuple(_Override(m) for m in self.config.models)
         self._override_cache: dict[tuple[str, tuple[str, ...]], _Override | None] = {}
@@ -310,7 +293,7 @@ class Pricer:
         except KeyError:
             pass
         found = None
-        ids = (PROVIDER_IDS[provider], *_FALLBACK_IDS.get(provider, ())) if provider in PROVIDER_IDS else ()
+        ids = self._ids.get(provider, ())
         if ids:
             snapshot = self._catalogue()
             for provider_id in ids:

@@ -18,7 +18,7 @@ from typing import Any
 from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc._pb.envoy_api import processing_mode_pb2 as mode_pb
 from extproc.apis.base import ApiParser, Limits
-from extproc.apis.routing import Route, Router, default_routes, provider_for_host, route
+from extproc.apis.routing import Route, Router, catalogue_ids, default_routes, provider_for_host, route
 from extproc.codecs.encodings import Decoder, make_decoder
 from extproc.core.attribution import Attribution
 from extproc.core.call import CLIENT_ABORT, ERROR, INCOMPLETE_STREAM, NO_RESPONSE, OK, Call, CallObserver
@@ -102,7 +102,7 @@ def settings(config: Config) -> Settings:
         max_streams=lim.max_streams,
         max_waiting_streams=lim.max_waiting_streams,
         router=Router(routes, extra=_config_routes(config, routes)),
-        pricer=Pricer(config.pricing),
+        pricer=Pricer(config.pricing, catalogue_ids()),
         budget=metadata.Budget(config.budgets) if config.budgets.enabled else None,
         attribution=Attribution(config.attribution),
     )

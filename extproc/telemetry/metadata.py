@@ -5,7 +5,7 @@ Keys (numbers as numbers, booleans as booleans; a key is absent until its value 
 ``operation``, ``prompt_tokens``, ``completion_tokens``, ``total_tokens``, ``cached_tokens``,
 ``cache_creation_tokens``, ``reasoning_tokens``, ``cost_usd`` (US dollars, absent when unpriced),
 ``outcome``, ``finish_reason`` (normalised: stop, length, tool_calls, content_filter, error,
-other; see ``extproc.core.finish``); streams only: ``ttft_ms`` (request start to the first
+other; see ``extproc.apis.finish``); streams only: ``ttft_ms`` (request start to the first
 response chunk) and ``tpot_ms`` (mean time per output token after the first, once the response
 is complete), milliseconds, the same values the TTFT/TPOT histograms record; with
 ``budgets.enabled``, ``ratelimit_cost``: the call's cost so far in ``budgets.unit``, an integer,
@@ -24,10 +24,10 @@ from typing import Any
 
 from google.protobuf.struct_pb2 import Struct
 
+from extproc.apis.finish import finish_reason
 from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, OK, Call
 from extproc.core.config import BudgetsConfig
-from extproc.core.finish import finish_reason
 from extproc.core.pricing import Cost
 
 # Envoy rejects a hits_addend above this (RateLimit.HitsAddend): the charge is capped to it.

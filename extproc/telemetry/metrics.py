@@ -13,10 +13,10 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
+from extproc.apis.finish import finish_reason
 from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
 from extproc.core.config import BUILTIN_LABELS, StatsConfig
-from extproc.core.finish import finish_reason
 from extproc.core.pricing import Cost
 from extproc.telemetry.labels import LabelGuard, LabelSource, SeriesBudget, folded
 

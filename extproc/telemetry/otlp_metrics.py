@@ -48,10 +48,10 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import Counter as PromCounter
 
+from extproc.apis.finish import finish_reason
 from extproc.core.bounded import clip
 from extproc.core.call import OK, Call
 from extproc.core.config import StatsConfig
-from extproc.core.finish import finish_reason
 from extproc.core.pricing import Cost
 from extproc.telemetry import otlp_settings
 from extproc.telemetry.labels import LabelGuard, LabelSource

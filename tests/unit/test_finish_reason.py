@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 from prometheus_client import CollectorRegistry
 
+from extproc.apis.finish import REASONS, normalise
 from extproc.core import config
 from extproc.core.config import parse
-from extproc.core.finish import REASONS, normalise
 from extproc.server.processor import Processor
 from extproc.telemetry.metrics import MetricsObserver
 from extproc.telemetry.tracing import span_attributes

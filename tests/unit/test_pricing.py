@@ -11,6 +11,7 @@ import sys
 
 import pytest
 
+from extproc.apis.routing import catalogue_ids
 from extproc.core.config import ConfigError, parse
 from extproc.core.observation import Usage
 from extproc.core.pricing import Cost, Pricer, PricingConfig, Tokens, Unpriced, _library_cost, _plan, normalise
@@ -24,7 +25,7 @@ def usd(**parts: float) -> float:
 
 @pytest.fixture(scope="module")
 def pricer() -> Pricer:
-    return Pricer()
+    return Pricer(catalogue=catalogue_ids())
 
 
 def cost(result: Cost | Unpriced) -> Cost:
@@ -140,7 +141,7 @@ def test_azure_deployment_name_falls_back_to_the_response_model(pricer: Pricer) 
 
 # ---- overrides --------------------------------------------------------------------------------
 def overrides(*models: dict) -> Pricer:
-    return Pricer(parse({"pricing": {"models": list(models)}}).pricing)
+    return Pricer(parse({"pricing": {"models": list(models)}}).pricing, catalogue_ids())
 
 
 def test_override_model() -> None:
@@ -245,7 +246,7 @@ def test_normalise_meanings() -> None:
 
 
 def test_lookups_are_cached() -> None:
-    pricer = Pricer()
+    pricer = Pricer(catalogue=catalogue_ids())
     u = Usage(input_tokens=10, output_tokens=10)
     pricer.price("openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", u)
     n = len(pricer._lookup)
@@ -298,7 +299,7 @@ def test_warm_loads_the_catalogue_once_before_the_first_call(monkeypatch):
     real = data_snapshot.get_snapshot
     loads: list[int] = []
     monkeypatch.setattr(data_snapshot, "get_snapshot", lambda: loads.append(1) or real())
-    pricer = Pricer()
+    pricer = Pricer(catalogue=catalogue_ids())
     pricer.warm()
     assert loads == [1]
     cost = pricer.price("openai", "gpt-4o-mini", None, Usage(input_tokens=2, output_tokens=12, total_tokens=14), None, "openai.chat")

@@ -1,5 +1,5 @@
-"""Providers declare themselves in their parser module; the routing and tracing tables are built
-from those declarations."""
+"""Providers declare themselves in their parser module; the routing, tracing, price catalogue and
+finish-reason tables are built from those declarations."""
 from __future__ import annotations
 
 import pytest
@@ -8,11 +8,12 @@ from extproc import apis
 from extproc.apis import routing
 
 
-def test_every_parser_module_declares_routes_providers_and_order():
+def test_every_parser_module_declares_routes_providers_order_and_finish_reasons():
     names = [m.__name__.rsplit(".", 1)[1] for m in apis.modules()]
     assert set(names) == {"mcp", "bedrock", "gemini", "anthropic", "cohere", "ollama", "openai"}
     assert names[0] == "mcp" and names[-1] == "openai"  # specific first, generic suffixes last
     assert all(m.ROUTES for m in apis.modules())
+    assert all(isinstance(m.FINISH_REASONS, dict) for m in apis.modules())
 
 
 def test_provider_names_are_unique_and_hosts_resolve_to_them():
@@ -40,3 +41,40 @@ def test_host_and_semantic_convention_names(host, name, semconv):
 def test_unknown_provider_passes_through_and_unknown_host_is_none():
     assert routing.semconv_name("acme") == "acme"
     assert routing.provider_for_host("llm.internal.example") is None
+
+
+@pytest.mark.parametrize("name,ids", [
+    ("openai", ("openai",)),
+    ("anthropic", ("anthropic",)),
+    ("gemini", ("google",)),
+    ("vertex_ai", ("google", "anthropic")),  # Claude on Vertex: Anthropic's list when Google's lacks it
+    ("bedrock", ("aws",)),
+    ("xai", ("x-ai",)),
+    ("together", ("together",)),  # named by an operator; no host of its own
+])
+def test_price_catalogue_ids_come_from_the_provider_declarations(name, ids):
+    assert routing.catalogue_ids()[name] == ids
+
+
+def test_a_provider_without_catalogue_ids_is_priced_only_by_an_override():
+    assert "ollama" not in routing.catalogue_ids() and "mcp" not in routing.catalogue_ids()
+
+
+def test_finish_reasons_come_from_every_module_and_a_conflict_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from extproc.apis import finish
+
+    assert finish.table()["end_turn"] == "stop"  # the anthropic module's
+    assert finish.table()["guardrail_intervened"] == "content_filter"  # the bedrock module's
+    assert finish.table()["safety"] == "content_filter"  # the gemini module's, declared upper case
+    clash = SimpleNamespace(__name__="extproc.apis.acme", FINISH_REASONS={"END_TURN": "length"})
+    real = apis.modules()
+    monkeypatch.setattr(apis, "modules", lambda: (*real, clash))
+    monkeypatch.setattr(finish, "_table", None)
+    with pytest.raises(TypeError, match="acme.FINISH_REASONS.*another module maps it to 'stop'"):
+        finish.table()
+    bad = SimpleNamespace(__name__="extproc.apis.acme", FINISH_REASONS={"DONE": "finished"})
+    monkeypatch.setattr(apis, "modules", lambda: (bad,))
+    with pytest.raises(TypeError, match="not one of"):
+        finish.table()

@@ -6,6 +6,10 @@ safety, recitation, refusal, guardrail), ``error`` (the generation failed, or th
 with an error event), ``other`` (anything else). The provider's raw value stays on the span
 (``gen_ai.response.finish_reasons``). A call whose response has no finish reason (an error
 status, an embedding, a client abort before the end) has none.
+
+Each parser module declares ``FINISH_REASONS``, its API's raw values (as on the wire; compared
+without case) -> one of :data:`REASONS`. The table here is their union, built once: a raw value
+two modules map differently is refused at start-up, so one raw value always means one thing.
 """
 from __future__ import annotations
 
@@ -14,29 +18,31 @@ from extproc.core.call import Call
 STOP, LENGTH, TOOL_CALLS, CONTENT_FILTER, ERROR, OTHER = "stop", "length", "tool_calls", "content_filter", "error", "other"
 REASONS = (STOP, LENGTH, TOOL_CALLS, CONTENT_FILTER, ERROR, OTHER)
 
-_MAP = {
-    # OpenAI chat/completions, Ollama done_reason, Mistral, vLLM
-    "stop": STOP, "length": LENGTH, "tool_calls": TOOL_CALLS, "function_call": TOOL_CALLS, "content_filter": CONTENT_FILTER,
-    "model_length": LENGTH, "eos": STOP, "end": STOP,
-    # OpenAI Responses: status, or incomplete_details.reason
-    "completed": STOP, "max_output_tokens": LENGTH, "failed": ERROR,
-    # Anthropic (also through Bedrock and Vertex)
-    "end_turn": STOP, "stop_sequence": STOP, "max_tokens": LENGTH, "tool_use": TOOL_CALLS, "refusal": CONTENT_FILTER,
-    "model_context_window_exceeded": LENGTH,
-    # Bedrock Converse
-    "guardrail_intervened": CONTENT_FILTER, "content_filtered": CONTENT_FILTER,
-    # Gemini (upper case on the wire)
-    "finish_reason_unspecified": OTHER, "safety": CONTENT_FILTER, "recitation": CONTENT_FILTER,
-    "blocklist": CONTENT_FILTER, "prohibited_content": CONTENT_FILTER, "spii": CONTENT_FILTER,
-    "image_safety": CONTENT_FILTER, "malformed_function_call": ERROR, "unexpected_tool_call": ERROR,
-    # Cohere
-    "complete": STOP, "tool_call": TOOL_CALLS, "error": ERROR, "error_toxic": CONTENT_FILTER, "error_limit": LENGTH,
-}
+_table: dict[str, str] | None = None
+
+
+def table() -> dict[str, str]:
+    """Lower-cased raw finish reason -> normalised, from every module's ``FINISH_REASONS``."""
+    global _table
+    if _table is None:
+        from extproc import apis
+
+        out: dict[str, str] = {}
+        for module in apis.modules():
+            for raw, reason in module.FINISH_REASONS.items():
+                key = raw.lower()
+                if reason not in REASONS:
+                    raise TypeError(f"{module.__name__}.FINISH_REASONS[{raw!r}] = {reason!r}: not one of {REASONS}")
+                if out.setdefault(key, reason) != reason:
+                    raise TypeError(f"{module.__name__}.FINISH_REASONS[{raw!r}] = {reason!r}, "
+                                    f"but another module maps it to {out[key]!r}")
+        _table = out
+    return _table
 
 
 def normalise(raw: str) -> str:
     """One provider finish reason as one of :data:`REASONS`."""
-    return _MAP.get(raw.strip().lower(), OTHER)
+    return (_table if _table is not None else table()).get(raw.strip().lower(), OTHER)
 
 
 def finish_reason(call: Call) -> str | None:
