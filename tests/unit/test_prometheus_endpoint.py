@@ -1,4 +1,4 @@
-"""The /metrics endpoint's bounds (issue 18, class 2), with real sockets on 127.0.0.1: idle and
+"""The /metrics endpoint's bounds, with real sockets on 127.0.0.1: idle and
 half-sent requests are closed after readTimeoutSeconds without rendering; scrapes beyond
 maxConcurrentScrapes get 503 at once; concurrent scrapes share one render, later ones within
 renderIntervalSeconds reuse it; connections beyond maxConnections are closed at once."""

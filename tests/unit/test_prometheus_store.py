@@ -1,4 +1,4 @@
-"""A full metrics filesystem (issue 18, class 7): prometheus-client's mmap growth on a full tmpfs
+"""A full metrics filesystem: prometheus-client's mmap growth on a full tmpfs
 raised SIGBUS and killed the process. Now the space is reserved first (ENOSPC instead), the
 failure is logged once with its cause, the lost updates are counted, and the process goes on.
 
