@@ -141,11 +141,14 @@ class ApiParser:
                 if isinstance(user, str) and user:
                     self.obs.end_user = clip(user)
                     break
-            if self.capture:
-                for key in self.input_keys:
-                    if key in obj:
-                        self.obs.input_messages = obj[key]
-                        break
+            for key in self.input_keys:
+                value = obj.get(key)
+                if value is not None:
+                    # how many messages (a summary that carries no content), the messages with capture on
+                    self.obs.message_count = len(value) if isinstance(value, list) else 1
+                    if self.capture:
+                        self.obs.input_messages = value
+                    break
         else:
             self.obs.parse_error("request_not_object")
 

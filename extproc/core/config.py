@@ -284,6 +284,13 @@ class TracingFields(_Section):
     remove: list[str] = Field(default_factory=list)  # exact names, or a prefix ending in ".*"
 
 
+Convention = Literal["genai", "openinference"]
+
+
+def _default_conventions() -> list[Convention]:
+    return ["genai"]
+
+
 class TracingConfig(_Section):
     """OTLP traces; owned by ``extproc.telemetry.tracing``. Off unless an endpoint is set here or in
     ``OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT``. Unset keys fall back to the standard OTEL_* variables."""
@@ -294,6 +301,9 @@ class TracingConfig(_Section):
     random_sampling: bool | float | None = None  # true/false or a ratio; default OTEL_TRACES_SAMPLER
     service_name: str | None = None  # default OTEL_SERVICE_NAME, else envoy-ai-extproc
     resource_attributes: dict[str, str] = Field(default_factory=dict)
+    # Attribute sets on each span: "genai" (OpenTelemetry GenAI conventions), "openinference"
+    # (Arize Phoenix's; extproc.telemetry.openinference), or both.
+    conventions: list[Convention] = Field(default_factory=_default_conventions, min_length=1)
     capture_content: bool = False  # prompts and completions on spans (gen_ai.input/output.messages)
     max_content_chars: int = Field(16384, ge=0)  # cap on captured text per call (input, output each)
     max_queue_size: int = Field(2048, ge=1)  # spans waiting for export; beyond it they are dropped

@@ -48,6 +48,7 @@ class Observation:
     error_type: str | None = None  # provider error type/code from an error body
     parse_errors: int = 0  # payloads we could not parse (counted, never raised)
     parse_error_reason: str | None = None
+    message_count: int | None = None  # the request's prompt messages (inputs), counted with or without capture
     # Content capture (off unless tracing asks for it): request messages and the completion text.
     input_messages: Any = None
     output_text: list[str] | None = None

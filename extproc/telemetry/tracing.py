@@ -21,12 +21,13 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from extproc.apis.routing import semconv_name
 from extproc.core import cel
-from extproc.core.bounded import MAX_LIST_ITEMS, MAX_VALUE_CHARS, clip, clip_opt
+from extproc.core.bounded import MAX_LIST_ITEMS, bounded_attribute, clip, clip_opt
 from extproc.core.call import ERROR, OK, Call
 from extproc.core.config import TracingConfig
 from extproc.core.envoy_names import JWT_AUTHN_NAMESPACE, JWT_PAYLOAD_KEY
 from extproc.core.pricing import Cost
 from extproc.core.redact import safe_headers
+from extproc.telemetry import openinference as oi
 from extproc.telemetry.trace_export import BoundedBatchProcessor, build_exporter
 
 log = logging.getLogger("extproc.telemetry.tracing")
@@ -83,6 +84,8 @@ class Tracer:
         self.cfg = cfg
         self.wants_content = cfg.capture_content  # the Processor switches parser capture on
         self.max_chars = cfg.max_content_chars
+        self.genai = "genai" in cfg.conventions
+        self.openinference = "openinference" in cfg.conventions
         self.provider = TracerProvider(sampler=sampler(cfg), resource=resource(cfg))
         self.processor = processor or BoundedBatchProcessor(
             build_exporter(cfg), max_queue_size=cfg.max_queue_size,
@@ -100,7 +103,7 @@ class Tracer:
     def on_call_end(self, call: Call) -> None:
         if call.api == "unknown" or (call.api == "mcp" and "mcp.method" not in call.obs.extra):
             return  # not an LLM call or JSON-RPC request: Envoy's own tracing covers plain HTTP
-        attrs = span_attributes(call, self.wants_content, self.max_chars)
+        attrs = span_attributes(call, self.wants_content, self.max_chars, self.genai, self.openinference)
         if self.remove_exact or self.remove_prefix:
             attrs = {k: v for k, v in attrs.items() if k not in self.remove_exact and not k.startswith(self.remove_prefix)}
         if self.fields:
@@ -136,27 +139,51 @@ def span_name(call: Call) -> str:
     return f"{operation} {clip(obs.request_model)}" if obs.request_model else operation
 
 
-def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]:
+def span_attributes(call: Call, capture: bool, max_chars: int, genai: bool = True,
+                    openinference: bool = False) -> dict[str, Any]:
+    """The span's attributes: the conventions asked for, then those every convention shares
+    (who the call was for, server, HTTP status, error type, MCP)."""
+    a: dict[str, Any] = {}
+    if genai:
+        _genai_attributes(a, call, capture, max_chars)
+    if openinference:
+        oi.add_attributes(a, call, capture, max_chars)
+    _attribution(a, call, genai)
+    if call.host:
+        a["server.address"] = clip(call.host.rsplit(":", 1)[0] if call.host.count(":") == 1 else call.host)
+    if call.status:
+        a["http.response.status_code"] = call.status
+    if call.api == "mcp":
+        _mcp_attributes(a, call)
+    error = _error_type(call)
+    if error is not None:
+        a["error.type"] = clip(error)
+    return a
+
+
+def _genai_attributes(a: dict[str, Any], call: Call, capture: bool, max_chars: int) -> None:
+    """The OpenTelemetry GenAI semantic conventions (``tracing.conventions: [genai]``)."""
     obs = call.obs
     u = obs.usage
-    provider = clip(semconv_name(call.provider))
     # Values a client or upstream chose are cut to 128 characters (lists to 16 items).
-    a: dict[str, Any] = {"gen_ai.operation.name": clip(obs.operation)}
+    a["gen_ai.operation.name"] = clip(obs.operation)
     if call.api != "mcp":
+        provider = clip(semconv_name(call.provider))
         a["gen_ai.provider.name"] = provider
         a["gen_ai.system"] = provider  # the attribute older backends still read
+        a["gen_ai.request.stream"] = obs.streaming
     _put(a, "gen_ai.request.model", clip_opt(obs.request_model))
     _put(a, "gen_ai.response.model", clip_opt(obs.response_model))
     _put(a, "gen_ai.response.id", clip_opt(obs.response_id))
     if obs.finish_reasons:
         a["gen_ai.response.finish_reasons"] = [clip(str(r)) for r in dict.fromkeys(obs.finish_reasons)][:MAX_LIST_ITEMS]
-    if call.api != "mcp":
-        a["gen_ai.request.stream"] = obs.streaming
     for key, value in obs.params.items():
         name = PARAM_ATTRIBUTES.get(key)
         if name is not None:
             v = value if name != "gen_ai.request.stop_sequences" or isinstance(value, list) else [value]
             _put(a, name, bounded_attribute(cel.to_attribute(v)))
+    # Normalised counts (input: every input token, cache reads/writes included; output: every
+    # output token, reasoning included) and their breakdowns, as the conventions define them.
     _put(a, "gen_ai.usage.input_tokens", u.input_tokens)
     _put(a, "gen_ai.usage.output_tokens", u.output_tokens)
     _put(a, "gen_ai.usage.cache_read.input_tokens", u.cached_input_tokens)
@@ -168,34 +195,25 @@ def span_attributes(call: Call, capture: bool, max_chars: int) -> dict[str, Any]
         a["gen_ai.usage.output_cost"] = call.cost.output
     if call.ttft is not None and obs.streaming:
         a["gen_ai.response.time_to_first_chunk"] = round(call.ttft, 6)
-    _attribution(a, call)
-    if call.host:
-        a["server.address"] = clip(call.host.rsplit(":", 1)[0] if call.host.count(":") == 1 else call.host)
-    if call.status:
-        a["http.response.status_code"] = call.status
     if call.api == "mcp":
-        _mcp_attributes(a, call)
-    error = _error_type(call)
-    if error is not None:
-        a["error.type"] = clip(error)
+        _put(a, "gen_ai.tool.name", clip_opt(obs.extra.get("mcp.tool")))
     if capture:
         _content(a, call, max_chars)
-    return a
 
 
-def _attribution(a: dict[str, Any], call: Call) -> None:
+def _attribution(a: dict[str, Any], call: Call, genai: bool) -> None:
     """Who the call was for (extproc.core.attribution; values already cut to 128 characters)."""
     _put(a, "user.id", call.end_user)
     if call.session_id:
         a["session.id"] = call.session_id
-        a["gen_ai.conversation.id"] = call.session_id
+        if genai:
+            a["gen_ai.conversation.id"] = call.session_id
     _put(a, "extproc.key_id", call.key_id)
 
 
 def _mcp_attributes(a: dict[str, Any], call: Call) -> None:
     x = call.obs.extra
     _put(a, "mcp.method.name", clip_opt(x.get("mcp.method")))
-    _put(a, "gen_ai.tool.name", clip_opt(x.get("mcp.tool")))
     _put(a, "jsonrpc.request.id", None if x.get("jsonrpc.id") is None else clip(str(x["jsonrpc.id"])))
     _put(a, "rpc.jsonrpc.error_code", x.get("jsonrpc.error_code"))
     _put(a, "mcp.session.id", clip_opt(call.headers.get("mcp-session-id")))
@@ -218,15 +236,6 @@ def _error_type(call: Call) -> str | None:
 def _put(a: dict[str, Any], key: str, value: Any) -> None:
     if value is not None:
         a[key] = value
-
-
-def bounded_attribute(value: Any, max_chars: int = MAX_VALUE_CHARS) -> Any:
-    """A string cut to ``max_chars``, a list to 16 items of that length; numbers as they are."""
-    if isinstance(value, str):
-        return value if len(value) <= max_chars else value[:max_chars]
-    if isinstance(value, list):
-        return [v[:max_chars] if isinstance(v, str) else v for v in value[:MAX_LIST_ITEMS]]
-    return value
 
 
 # ---- content capture -------------------------------------------------------------------------
@@ -255,7 +264,8 @@ def input_messages(value: Any, max_chars: int) -> list[dict[str, Any]]:
         if isinstance(m, str):
             out.append({"role": "user", "parts": [_text(m, budget)]})
         elif isinstance(m, dict):
-            out.append({"role": str(m.get("role", "user")), "parts": _parts(m.get("content"), budget)})
+            content = m["parts"] if "parts" in m and "content" not in m else m.get("content")  # Gemini: parts
+            out.append({"role": str(m.get("role", "user")), "parts": _parts(content, budget)})
     return out
 
 

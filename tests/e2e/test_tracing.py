@@ -1,6 +1,7 @@
 """Traces end to end: real Envoy + the sidecar + the mock LLM, spans caught by in-test OTLP receivers."""
 from __future__ import annotations
 
+import json
 import os
 import secrets
 from collections.abc import Iterator
@@ -34,6 +35,7 @@ def _tracing(endpoint: str, **kw: object) -> dict:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, mock_llm, grpc_receiver) -> Iterator[Stack]:
     cfg = _tracing(grpc_receiver.endpoint, serviceName="sidecar-under-test", resourceAttributes={"deployment.environment": "test"},
+                   conventions=["genai", "openinference"],
                    fields={"add": {"team": 'request.headers["x-team"]', "tokens.total": "llm.total_tokens"}})
     with Stack(tmp_path_factory.mktemp("tracing"), mock_llm, sidecar_config=cfg) as s:
         yield s
@@ -90,6 +92,15 @@ def test_non_streaming_span(stack, grpc_receiver):
     assert "gen_ai.response.time_to_first_chunk" not in a
     # fields.add, evaluated by CEL
     assert a["team"] == "blue" and a["tokens.total"] == 15
+    # OpenInference, on the same span: the same counts, our price, a summary instead of content
+    assert a["openinference.span.kind"] == "LLM" and a["llm.model_name"] == "gpt-4o-mini"
+    assert a["llm.provider"] == "openai" and a["llm.system"] == "openai"
+    assert a["llm.token_count.prompt"] == 3 and a["llm.token_count.completion"] == 12 and a["llm.token_count.total"] == 15
+    assert a["llm.cost.total"] == a["gen_ai.usage.cost"] > 0
+    assert a["llm.cost.prompt"] + a["llm.cost.completion"] == pytest.approx(a["llm.cost.total"])
+    assert json.loads(a["llm.invocation_parameters"]) == {"temperature": 0.25, "max_tokens": 64, "top_p": 0.9}
+    assert a["input.value"] == "chat gpt-4o-mini: 1 message" and a["input.mime_type"] == "text/plain"
+    assert "output.value" not in a
 
 
 def test_streaming_span_with_usage(stack, grpc_receiver):
@@ -133,7 +144,8 @@ def test_no_secrets_and_no_content_when_capture_is_off(stack, grpc_receiver):
     assert SECRET.encode() not in sent
     assert PROMPT_WORD.encode() not in sent  # prompt text
     assert b"lazy dog" not in sent  # completion text (the mock's words)
-    assert not any(k.startswith("gen_ai.input") or k.startswith("gen_ai.output") for s in grpc_receiver.spans for k in s.attributes)
+    assert not any(k.startswith(("gen_ai.input", "gen_ai.output", "output.", "llm.input_messages", "llm.output_messages"))
+                   for s in grpc_receiver.spans for k in s.attributes)
 
 
 def test_untraced_paths_make_no_span(stack, grpc_receiver):
@@ -155,6 +167,7 @@ def http_receiver() -> Iterator[HttpReceiver]:
 def capture_stack(tmp_path_factory, mock_llm, http_receiver) -> Iterator[Stack]:
     cfg = _tracing(f"http://127.0.0.1:{http_receiver.port}/api/public/otel", otlpProtocol="http",
                    headers={"authorization": "Basic cGs6c2s="}, captureContent=True, maxContentChars=4096,
+                   conventions=["genai", "openinference"],
                    fields={"add": {"prompt.count": "size(llm.prompt)", "completion": "llm.completion[0]"}})
     with Stack(tmp_path_factory.mktemp("tracing-capture"), mock_llm, sidecar_config=cfg) as s:
         yield s
@@ -176,6 +189,10 @@ def test_content_capture_over_http_exporter(capture_stack, http_receiver):
     text = "the quick brown fox jumps over the lazy dog "
     assert outputs == [{"role": "assistant", "parts": [{"type": "text", "content": text}], "finish_reason": "stop"}]
     assert a["prompt.count"] == 1 and a["completion"] == text
+    assert json.loads(a["input.value"]) == {"messages": [{"role": "user", "content": f"say {PROMPT_WORD} please"}]}
+    assert a["input.mime_type"] == "application/json"
+    assert a["output.value"] == text and a["llm.output_messages.0.message.content"] == text
+    assert a["llm.token_count.completion"] == 9
     assert SECRET.encode() not in http_receiver.all_bytes()
 
 

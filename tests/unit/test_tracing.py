@@ -132,9 +132,12 @@ def test_credential_header_is_never_a_label(header):
                            "gen_ai.usage.prompt_tokens": 7, "gen_ai.usage.completion_tokens": 5, "gen_ai.usage.total_tokens": 12,
                            "langfuse.user.id": "alice", "langfuse.session.id": "s-1"}),
         ("phoenix.yaml", {"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-2024-08-06", "llm.provider": "azure",
-                          "llm.token_count.prompt": 7, "llm.token_count.completion": 5, "llm.token_count.total": 12,
+                          "llm.system": "openai", "llm.token_count.prompt": 7, "llm.token_count.completion": 5, "llm.token_count.total": 12,
+                          "llm.token_count.prompt_details.cache_read": 2, "llm.token_count.completion_details.reasoning": 1,
+                          "input.mime_type": "application/json", "output.value": "hello", "user.id": "alice", "session.id": "s-1",
                           "llm.input_messages.0.message.role": "system", "llm.input_messages.0.message.content": "be brief",
-                          "llm.output_messages.0.message.role": "assistant", "llm.output_messages.0.message.content": "hello"}),
+                          "llm.output_messages.0.message.role": "assistant", "llm.output_messages.0.message.content": "hello",
+                          "gen_ai.request.model": None}),
         ("openllmetry.yaml", {"llm.request.type": "chat", "llm.is_streaming": False, "llm.usage.total_tokens": 12,
                               "gen_ai.usage.prompt_tokens": 7, "gen_ai.usage.completion_tokens": 5,
                               "gen_ai.prompt.0.content": "be brief", "gen_ai.completion.0.content": "hello",
@@ -218,3 +221,143 @@ def test_a_failed_call_has_status_error_with_its_error_type(outcome, status, pro
     a = spans_for(tracing_cfg(), c)
     assert a["span"].status.status_code is StatusCode.ERROR
     assert a["error.type"] == expected and a["span"].status.description == expected
+
+
+# ---- OpenInference (tracing.conventions) -----------------------------------------------------
+def test_openinference_names_are_the_packages_constants():
+    """Every attribute name and value openinference.py writes is the package's own constant."""
+    from openinference.semconv import trace as sc
+
+    from extproc.telemetry import openinference as oi
+
+    names = {**{k: getattr(sc.SpanAttributes, k) for k in dir(sc.SpanAttributes) if k.isupper()},
+             **{k: getattr(sc.MessageAttributes, k) for k in dir(sc.MessageAttributes) if k.isupper()},
+             **{k: getattr(sc.ToolAttributes, k) for k in dir(sc.ToolAttributes) if k.isupper()}}
+    ours = {"SPAN_KIND": "OPENINFERENCE_SPAN_KIND"}
+    constants = [k for k in dir(oi) if k.isupper() and isinstance(getattr(oi, k), str) and "." in getattr(oi, k)]
+    assert len(constants) >= 25
+    for k in constants:
+        assert getattr(oi, k) == names[ours.get(k, k)], k
+    assert oi.KIND_LLM == sc.OpenInferenceSpanKindValues.LLM.value and oi.KIND_TOOL == sc.OpenInferenceSpanKindValues.TOOL.value
+    assert oi.MIME_JSON == sc.OpenInferenceMimeTypeValues.JSON.value and oi.MIME_TEXT == sc.OpenInferenceMimeTypeValues.TEXT.value
+
+
+def test_openinference_provider_and_system_are_values_phoenix_knows():
+    """Phoenix prices from llm.provider: every built-in provider maps to the package's values
+    (openrouter, which the package does not list, is sent by its own name)."""
+    from openinference.semconv.trace import OpenInferenceLLMProviderValues, OpenInferenceLLMSystemValues
+
+    from extproc import apis
+    from extproc.telemetry.openinference import provider_values
+
+    providers = {v.value for v in OpenInferenceLLMProviderValues}
+    systems = {v.value for v in OpenInferenceLLMSystemValues}
+    for p in apis.all_providers():
+        for model in (None, "gpt-4o", "anthropic.claude-3-5-sonnet-20240620-v1:0", "claude-sonnet-4@20250514", "gemini-2.5-pro"):
+            provider, system = provider_values(p.name, model)
+            if p.name == "openrouter":
+                assert (provider, system) == ("openrouter", None)
+                continue
+            assert provider in providers, p.name
+            assert system is None or system in systems, (p.name, model)
+    assert provider_values("azure", "gpt-4o") == ("azure", "openai")
+    assert provider_values("bedrock", "anthropic.claude-3-5-sonnet-20240620-v1:0") == ("aws", "anthropic")
+    assert provider_values("vertex_ai", "claude-sonnet-4@20250514") == ("google", "anthropic")
+    assert provider_values("vertex_ai", "gemini-2.5-pro") == ("google", "vertexai")
+    assert provider_values("gemini", "gemini-2.5-pro") == ("google", None)
+    assert provider_values("acme-llm", "m") == ("acme-llm", None)
+
+
+def priced_call(capture: bool) -> Call:
+    from extproc.core.pricing import Cost
+
+    c = call(capture)
+    c.obs.usage = Usage(input_tokens=2800, output_tokens=40, total_tokens=2840, cached_input_tokens=2000,
+                        cache_creation_input_tokens=300, reasoning_tokens=10)
+    c.obs.message_count = 2
+    c.obs.end_user = "u-1"
+    c.cost = Cost(total=0.0125, input=0.01, output=0.0025, model="gpt-4o", source="catalogue")
+    return c
+
+
+def test_openinference_span_with_content_capture():
+    a = spans_for(tracing_cfg(conventions=["openinference"], captureContent=True), priced_call(capture=True))
+    span = a.pop("span")
+    assert span.status.status_code is StatusCode.OK
+    assert not any(k.startswith("gen_ai.") for k in a)  # only the convention asked for
+    assert a == {
+        "openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-2024-08-06", "llm.provider": "azure", "llm.system": "openai",
+        "llm.invocation_parameters": '{"temperature":0.5,"max_tokens":100,"stop":"\\n"}',
+        "llm.token_count.prompt": 2800, "llm.token_count.completion": 40, "llm.token_count.total": 2840,
+        "llm.token_count.prompt_details.cache_read": 2000, "llm.token_count.prompt_details.cache_write": 300,
+        "llm.token_count.completion_details.reasoning": 10,
+        "llm.cost.prompt": 0.01, "llm.cost.completion": 0.0025, "llm.cost.total": 0.0125,
+        "input.value": '{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}',
+        "input.mime_type": "application/json",
+        "llm.input_messages.0.message.role": "system", "llm.input_messages.0.message.content": "be brief",
+        "llm.input_messages.1.message.role": "user", "llm.input_messages.1.message.content": "hi",
+        "output.value": "hello", "output.mime_type": "text/plain",
+        "llm.output_messages.0.message.role": "assistant", "llm.output_messages.0.message.content": "hello",
+        "session.id": "s-1", "user.id": "u-1", "server.address": "api.example.com", "http.response.status_code": 200,
+    }
+
+
+def test_openinference_without_capture_summarises_the_input_and_sends_no_content():
+    a = spans_for(tracing_cfg(conventions=["openinference"]), priced_call(capture=False))
+    assert a["input.value"] == "chat gpt-4o: 2 messages" and a["input.mime_type"] == "text/plain"
+    assert "output.value" not in a and not any(k.startswith(("llm.input_messages", "llm.output_messages")) for k in a)
+    assert a["llm.token_count.prompt"] == 2800 and a["llm.cost.total"] == 0.0125
+
+
+def test_openinference_failed_call_has_status_error():
+    c = priced_call(capture=False)
+    c.outcome, c.status, c.obs.error_type = ERROR, 429, "rate_limit_exceeded"
+    a = spans_for(tracing_cfg(conventions=["openinference"]), c)
+    assert a["span"].status.status_code is StatusCode.ERROR and a["error.type"] == "rate_limit_exceeded"
+
+
+def test_both_conventions_on_one_span():
+    a = spans_for(tracing_cfg(conventions=["genai", "openinference"], captureContent=True), priced_call(capture=True))
+    assert a["gen_ai.usage.input_tokens"] == a["llm.token_count.prompt"] == 2800
+    assert a["gen_ai.usage.cache_read.input_tokens"] == a["llm.token_count.prompt_details.cache_read"] == 2000
+    assert a["gen_ai.usage.cost"] == a["llm.cost.total"] == 0.0125
+    assert "gen_ai.input.messages" in a and "input.value" in a
+
+
+def test_openinference_input_messages_are_capped():
+    c = priced_call(capture=True)
+    c.obs.input_messages = [{"role": "user", "content": "x" * 10} for _ in range(40)]
+    a = spans_for(tracing_cfg(conventions=["openinference"], captureContent=True, maxContentChars=25), c)
+    messages = json.loads(a["input.value"])["messages"]
+    assert len(messages) == 40 and "".join(m["content"] for m in messages) == "x" * 25  # text capped in all
+    assert sum(k.startswith("llm.input_messages.") for k in a) == 2 * 16  # the last 16 as attributes
+
+
+def test_openinference_mcp_request_is_a_tool_span():
+    c = Call(obs=Observation(operation="execute_tool", extra={"mcp.method": "tools/call", "mcp.tool": "get_weather",
+                                                              "mcp.arguments": {"city": "Paris"}}),
+             provider="mcp", api="mcp", status=200, outcome=OK, start=1.0, end=1.1)
+    a = spans_for(tracing_cfg(conventions=["openinference"], captureContent=True), c)
+    assert a["openinference.span.kind"] == "TOOL" and a["tool.name"] == "get_weather"
+    assert a["input.value"] == '{"city":"Paris"}' and a["input.mime_type"] == "application/json"
+    a = spans_for(tracing_cfg(conventions=["openinference"]), c)
+    assert a["input.value"] == "tools/call get_weather" and "Paris" not in json.dumps(a, default=str)
+
+
+@pytest.mark.parametrize("value", [["genai", "zipkin"], [], "openinference"])
+def test_bad_conventions_exit_2_naming_the_key(tmp_path, value):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(json.dumps({"tracing": {"conventions": value}}))
+    p = subprocess.run([sys.executable, "-m", "extproc", "serve", "--config", str(bad)], capture_output=True, text=True, timeout=30)
+    assert p.returncode == 2 and "tracing.conventions" in p.stderr
+
+
+def test_gemini_contents_parts_are_captured():
+    c = call(capture=True)
+    c.obs.input_messages = [{"role": "user", "parts": [{"text": "why is the sky "}, {"text": "blue"}]}, {"role": "model", "parts": [{"text": "air"}]}]
+    a = spans_for(tracing_cfg(conventions=["genai", "openinference"], captureContent=True), c)
+    assert json.loads(a["gen_ai.input.messages"]) == [
+        {"role": "user", "parts": [{"type": "text", "content": "why is the sky "}, {"type": "text", "content": "blue"}]},
+        {"role": "model", "parts": [{"type": "text", "content": "air"}]},
+    ]
+    assert json.loads(a["input.value"]) == {"messages": [{"role": "user", "content": "why is the sky blue"}, {"role": "model", "content": "air"}]}
