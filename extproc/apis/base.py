@@ -1,4 +1,4 @@
-"""The interface every API schema parser implements, and the body framings they share.
+"""The interface every API schema parser implements, and its helpers.
 
 A parser is created per LLM call with the :class:`Observation` it fills. The servicer calls
 ``feed_request`` with the request body (complete, or the prefix Envoy buffered),
@@ -16,6 +16,10 @@ Hooks set ``self.changed = True`` when usage or the response model became known,
 sends dynamic metadata on that very message (clients may hang up before end of stream).
 Nothing here raises on bad input: it is counted on the observation and the call goes on.
 
+The response framing (``framing_for``: a JSON body, SSE, NDJSON, a streamed JSON array, or one a
+subclass adds through ``feed_other``) picks a decoder from ``extproc.codecs``; this class hands its
+items to the hooks and counts what the decoder refused.
+
 Completion is a protocol fact: ``complete`` becomes True when the response is whole by the API's
 own rules, and the servicer reads nothing else to decide a call's outcome. A non-streamed body is
 complete when its last byte arrived. A streamed one, for parsers with ``stream_markers``, only
@@ -27,12 +31,14 @@ know the end of) call a stream complete at its last byte.
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import orjson
 
+from extproc.codecs import Framing
+from extproc.codecs.json_array import JsonArrayDecoder
+from extproc.codecs.ndjson import NDJSONDecoder
 from extproc.codecs.sse import SSEDecoder
 from extproc.core.bounded import clip
 from extproc.core.observation import Observation
@@ -115,10 +121,9 @@ class ApiParser:
         self._body: list[bytes] = []
         self._body_len = 0
         self._sse: SSEDecoder | None = None
-        self._line_tail: list[bytes] = []  # NDJSON: the unfinished line
-        self._tail_len = 0  # its length (kept, not recomputed: linear in the bytes fed)
-        self._tail_dropping = False  # NDJSON: inside an oversized line, skip to its end
-        self._array: _JsonArrayStream | None = None
+        self._lines: NDJSONDecoder | None = None
+        self._array: JsonArrayDecoder | None = None
+        self._stream: Framing | None = None  # whichever of them (or a subclass's) is in use
 
     # ---- request ---------------------------------------------------------------------------
     def feed_request(self, body: bytes, complete: bool = True) -> None:
@@ -158,12 +163,13 @@ class ApiParser:
         self._framing = self.framing_for(status, content_type.lower())
         if self._framing == SSE:
             self.obs.streaming = True
-            self._sse = SSEDecoder(self.limits.max_event_bytes)
+            self._stream = self._sse = SSEDecoder(self.limits.max_event_bytes)
         elif self._framing == JSON_ARRAY:
             self.obs.streaming = True
-            self._array = _JsonArrayStream(self.limits.max_body_bytes)
+            self._stream = self._array = JsonArrayDecoder(self.limits.max_body_bytes)
         elif self._framing == NDJSON:
             self.obs.streaming = True
+            self._stream = self._lines = NDJSONDecoder(self.limits.max_event_bytes)
 
     def framing_for(self, status: int, content_type: str) -> str:
         if status >= 400:
@@ -178,25 +184,35 @@ class ApiParser:
         """Feed one decoded response chunk; True if usage or response model changed."""
         framing = self._framing
         if framing == SSE:
-            assert self._sse is not None
-            for event, data in self._sse.feed(chunk):
+            sse = self._sse
+            assert sse is not None
+            for event, data in sse.decode(chunk):
                 self._sse_event(event, data)
             if end:
-                for event, data in self._sse.flush():
+                for event, data in sse.flush():
                     self._sse_event(event, data)
-                if self._sse.oversized:
+                if sse.oversized:
                     self.obs.parse_error("sse_line_too_long")
         elif framing == JSON:
             self._accumulate(chunk, end)
             if end:
                 self.mark_complete()  # a non-streamed body: whole when its last byte arrived
         elif framing == NDJSON:
-            self._ndjson(chunk, end)
+            lines = self._lines
+            assert lines is not None
+            oversized = lines.oversized
+            for line in lines.decode(chunk):
+                self._ndjson_line(line)
+            if lines.oversized != oversized:
+                self.obs.parse_error("ndjson_line_too_long")
+            if end:
+                for line in lines.flush():
+                    self._ndjson_line(line)
         elif framing == JSON_ARRAY:
-            assert self._array is not None
             array = self._array
+            assert array is not None
             bad = array.oversized + array.invalid
-            for obj in array.feed(chunk):
+            for obj in array.decode(chunk):
                 self._json_object(obj)
             if array.oversized + array.invalid != bad:
                 self.obs.parse_error("json_array_element")
@@ -210,7 +226,8 @@ class ApiParser:
         return changed
 
     def feed_other(self, chunk: bytes, end: bool) -> None:
-        """Framings a subclass adds itself (AWS eventstream)."""
+        """Framings a subclass adds itself (AWS eventstream): it sets ``self._stream`` to its
+        decoder (``extproc.codecs.Framing``), so ``held_bytes`` counts what that holds."""
 
     def mark_complete(self, error: bool = False) -> None:
         """The response is whole (its end marker arrived); ``error``: it ended with an error event.
@@ -233,17 +250,9 @@ class ApiParser:
         return 0
 
     def held_bytes(self) -> int:
-        """Bytes this parser holds between chunks (bodies, unfinished lines and events)."""
-        held = max(self._body_len, 0) + self._tail_len
-        if self._sse is not None:
-            held += self._sse.held
-        if self._array is not None:
-            held += self._array._held
-        return held + self.held_other()
-
-    def held_other(self) -> int:
-        """Bytes a subclass framing holds (AWS eventstream's unfinished frame)."""
-        return 0
+        """Bytes this parser holds between chunks (bodies, unfinished lines, events, frames)."""
+        stream = self._stream
+        return max(self._body_len, 0) + (stream.held if stream is not None else 0)
 
     # ---- hooks -----------------------------------------------------------------------------
     def on_request_json(self, obj: dict[str, Any]) -> None:
@@ -322,7 +331,7 @@ class ApiParser:
         if room > 0:
             out.append(text[:room])
 
-    # ---- framings --------------------------------------------------------------------------
+    # ---- framed items -> hooks --------------------------------------------------------------------------
     def _accumulate(self, chunk: bytes, end: bool) -> None:
         if chunk and self._body_len >= 0:
             self._body_len += len(chunk)
@@ -364,40 +373,8 @@ class ApiParser:
             return
         self.on_sse_event(event, obj)
 
-    def _ndjson(self, chunk: bytes, end: bool) -> None:
-        start = 0
-        while True:
-            nl = chunk.find(b"\n", start)
-            if nl < 0:
-                break
-            piece = chunk[start:nl]
-            start = nl + 1
-            if self._tail_dropping:  # the end of an oversized line
-                self._tail_dropping = False
-                continue
-            if self._line_tail:
-                self._line_tail.append(piece)
-                piece = b"".join(self._line_tail)
-                self._line_tail = []
-                self._tail_len = 0
-            self._ndjson_line(piece)
-        if start < len(chunk) and not self._tail_dropping:
-            self._line_tail.append(chunk[start:])
-            self._tail_len += len(chunk) - start
-            if self._tail_len > self.limits.max_event_bytes:
-                self._line_tail = []
-                self._tail_len = 0
-                self._tail_dropping = True
-                self.obs.parse_error("ndjson_line_too_long")
-        if end:
-            if self._line_tail:
-                self._ndjson_line(b"".join(self._line_tail))
-            self._line_tail = []
-            self._tail_len = 0
-
     def _ndjson_line(self, line: bytes) -> None:
-        line = line.strip()
-        if not line or not self.want_json_line(line):
+        if not self.want_json_line(line):
             return
         try:
             obj = orjson.loads(line)
@@ -405,118 +382,3 @@ class ApiParser:
             self.obs.parse_error("ndjson")
             return
         self._json_object(obj)
-
-
-class _JsonArrayStream:
-    """Splits a streamed top-level JSON array (``[{...},{...}]``) into its elements incrementally.
-
-    Scans with ``re`` searches for the few structural bytes (quotes, backslashes, braces,
-    brackets) instead of a Python loop per byte. State (depth, inside-string, pending escape)
-    carries across chunks, so any chunk boundary gives the same elements. An element larger than
-    ``max_element`` is skipped to its end (counted in ``oversized``); one that is not valid JSON
-    is counted in ``invalid``.
-    """
-
-    __slots__ = (
-        "_pieces", "_held", "_depth", "_in_str", "_esc", "_started", "_skipping", "complete",
-        "_max", "oversized", "invalid",
-    )
-
-    def __init__(self, max_element: int) -> None:
-        self._pieces: list[bytes] = []  # the unfinished element, as received
-        self._held = 0
-        self._depth = 0
-        self._in_str = False
-        self._esc = False  # the previous chunk ended inside a string on a backslash
-        self._started = False
-        self._skipping = False  # inside an oversized element: scan on, hold nothing
-        self.complete = False
-        self._max = max_element
-        self.oversized = 0
-        self.invalid = 0
-
-    def feed(self, chunk: bytes) -> list[Any]:
-        out: list[Any] = []
-        n = len(chunk)
-        pos = 0
-        if self._esc and n:
-            self._esc = False
-            pos = 1
-        elem = 0  # where the current element starts in this chunk
-        while pos < n and not self.complete:
-            if not self._started:
-                i = chunk.find(b"[", pos)
-                if i < 0:
-                    return out
-                self._started = True
-                pos = i + 1
-            elif self._depth == 0:
-                m = _TOP.search(chunk, pos)
-                if m is None:
-                    return out
-                pos = m.end()
-                if chunk[m.start()] == 0x5D:  # ]
-                    self.complete = True
-                else:
-                    self._depth = 1
-                    elem = m.start()
-            elif self._in_str:
-                m = _IN_STR.search(chunk, pos)
-                if m is None:
-                    pos = n
-                elif chunk[m.start()] == 0x22:  # closing quote
-                    self._in_str = False
-                    pos = m.end()
-                elif m.end() < n:  # backslash: skip the escaped byte
-                    pos = m.end() + 1
-                else:
-                    self._esc = True
-                    pos = n
-            else:
-                m = _STRUCT.search(chunk, pos)
-                if m is None:
-                    pos = n
-                    continue
-                pos = m.end()
-                c = chunk[m.start()]
-                if c == 0x22:
-                    self._in_str = True
-                elif c == 0x7B or c == 0x5B:
-                    self._depth += 1
-                else:
-                    self._depth -= 1
-                    if self._depth == 0:
-                        self._element(chunk[elem:pos], out)
-        if self._depth > 0 and not self._skipping:
-            piece = chunk[elem:]
-            self._held += len(piece)
-            if self._held > self._max:
-                self._pieces = []
-                self._held = 0
-                self._skipping = True
-                self.oversized += 1
-            else:
-                self._pieces.append(piece)
-        return out
-
-    def _element(self, tail: bytes, out: list[Any]) -> None:
-        if self._skipping:
-            self._skipping = False
-            return
-        if self._pieces:
-            self._pieces.append(tail)
-            tail = b"".join(self._pieces)
-            self._pieces = []
-            self._held = 0
-        if len(tail) > self._max:
-            self.oversized += 1
-            return
-        try:
-            out.append(orjson.loads(tail))
-        except orjson.JSONDecodeError:
-            self.invalid += 1
-
-
-_TOP = re.compile(rb"[{\]]")
-_IN_STR = re.compile(rb'["\\]')
-_STRUCT = re.compile(rb'["{}\[\]]')

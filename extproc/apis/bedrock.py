@@ -60,17 +60,14 @@ class _EventStreamParser(ApiParser):
         super().start_response(status, content_type)
         if self._framing == NONE:
             self.obs.streaming = True
-            self._events = EventStreamDecoder(max(self.limits.max_event_bytes, 1 << 20))
-
-    def held_other(self) -> int:
-        return self._events.pending if self._events is not None else 0
+            self._stream = self._events = EventStreamDecoder(max(self.limits.max_event_bytes, 1 << 20))
 
     def feed_other(self, chunk: bytes, end: bool) -> None:
         events = self._events
         if events is None:
             return
         failed = events.failed
-        for message in events.feed(chunk):
+        for message in events.decode(chunk):
             if message.headers.get(":message-type", "event") == "event":
                 self.on_stream_message(message.headers.get(":event-type", ""), message)
             else:
@@ -80,7 +77,7 @@ class _EventStreamParser(ApiParser):
             self.obs.parse_error("eventstream_crc")
         if events.failed is not None and failed is None:
             self.obs.parse_error("eventstream_" + events.failed)
-        if end and events.pending:
+        if end and events.held:
             self.obs.parse_error("eventstream_truncated")
 
     def on_stream_message(self, event_type: str, message: Message) -> None:

@@ -9,7 +9,8 @@ Each header is ``name length (u8) | name | type (u8) | value``; value sizes by t
 0/1 bool (0 bytes), 2 byte (1), 3 short (2), 4 int (4), 5 long (8), 6 bytes and 7 string
 (u16 length + data), 8 timestamp (8), 9 uuid (16). Only string values are kept.
 
-Frames may be split across chunks at any byte. A frame whose message CRC (or header block) is
+``EventStreamDecoder`` has the ``extproc.codecs.Framing`` interface. Frames may be split across
+chunks at any byte. A frame whose message CRC (or header block) is
 bad is skipped and counted in ``bad_frames``; later frames still decode. A bad prelude CRC or an
 absurd declared length means the length cannot be trusted, so decoding stops (``failed``).
 Nothing raises.
@@ -45,7 +46,7 @@ class EventStreamDecoder:
         self.bad_frames = 0
         self.failed: str | None = None  # "prelude_crc" or "frame_too_large": stream abandoned
 
-    def feed(self, chunk: bytes) -> list[Message]:
+    def decode(self, chunk: bytes) -> list[Message]:
         if self.failed is not None:
             return []
         buf = self._buf
@@ -72,8 +73,12 @@ class EventStreamDecoder:
             del buf[:pos]
         return out
 
+    def flush(self) -> list[Message]:
+        """End of body: an unfinished frame is no message (``held`` > 0 then: a truncated stream)."""
+        return []
+
     @property
-    def pending(self) -> int:
+    def held(self) -> int:
         """Bytes held of an unfinished frame (non-zero at end of body: truncated stream)."""
         return len(self._buf)
 

@@ -1,14 +1,13 @@
 """Incremental server-sent-events decoder.
 
-Feed it body chunks as they arrive; it returns the complete events each chunk finishes. Work per
+Give it body chunks as they arrive (``decode``); it returns the complete events each chunk
+finishes (the ``extproc.codecs.Framing`` interface). Work per
 chunk is proportional to the chunk (an unfinished line is kept as pieces and joined once, when it
 ends), events split across chunks are reassembled, and a line longer than ``max_line`` is dropped
 and counted rather than buffered without bound. The same cap applies to a whole event: many
 short ``data:`` lines adding up to more than ``max_line`` drop that event (counted too).
 """
 from __future__ import annotations
-
-from collections.abc import Iterator
 
 Event = tuple[bytes, bytes]  # (event name, data); name is b"" when the event has no "event:" field
 
@@ -29,7 +28,8 @@ class SSEDecoder:
         self._max_line = max_line
         self.oversized = 0  # lines dropped for exceeding max_line
 
-    def feed(self, chunk: bytes) -> Iterator[Event]:
+    def decode(self, chunk: bytes) -> list[Event]:
+        out: list[Event] = []
         if self._skip_lf:
             self._skip_lf = False
             if chunk[:1] == b"\n":
@@ -40,7 +40,7 @@ class SSEDecoder:
         end = chunk.rfind(b"\n")
         if end < 0:
             self._hold(chunk)
-            return
+            return out
         head = chunk[:end]
         if self._dropping:
             self._dropping = False
@@ -56,7 +56,7 @@ class SSEDecoder:
         if end + 1 < len(chunk):
             self._hold(chunk[end + 1 :])
         if head is None:
-            return
+            return out
         lines = head.split(b"\n")
         i, n = 0, len(lines)
         while i < n:
@@ -64,7 +64,7 @@ class SSEDecoder:
                 try:
                     i = lines.index(b"", i) + 1
                 except ValueError:
-                    return
+                    return out
                 self._drop_event = False
                 self._event = b""
                 continue
@@ -73,9 +73,10 @@ class SSEDecoder:
             if line:
                 self._field(line)
             elif self._data or self._event:
-                yield self._dispatch()
+                out.append(self._dispatch())
+        return out
 
-    def flush(self) -> Iterator[Event]:
+    def flush(self) -> list[Event]:
         """End of body: an unterminated last line and event still count."""
         if self._pieces and not self._dropping:
             self._field(b"".join(self._pieces))
@@ -85,7 +86,8 @@ class SSEDecoder:
         if self._drop_event:
             self._drop_event = False
         elif self._data or self._event:
-            yield self._dispatch()
+            return [self._dispatch()]
+        return []
 
     def _hold(self, piece: bytes) -> None:
         if self._dropping or not piece:

@@ -19,7 +19,7 @@ def _frame_with_headers(block: bytes, payload: bytes) -> bytes:
 
 def test_recorded_converse_stream_frames(fixtures_dir: Path) -> None:
     body = (fixtures_dir / "agw__bedrock__converse_stream_basic.bin").read_bytes()
-    messages = EventStreamDecoder().feed(body)
+    messages = EventStreamDecoder().decode(body)
     assert [m.headers[":event-type"] for m in messages] == [
         "messageStart", "contentBlockDelta", "contentBlockDelta", "contentBlockDelta",
         "contentBlockStop", "messageStop", "metadata",
@@ -36,7 +36,7 @@ def test_every_header_type_is_skipped_by_its_size() -> None:
         (":event-type", 7, b"\x00\x08metadata"),
     ]:
         block += bytes([len(name)]) + name.encode() + bytes([kind]) + value
-    messages = EventStreamDecoder().feed(_frame_with_headers(block, b"{}"))
+    messages = EventStreamDecoder().decode(_frame_with_headers(block, b"{}"))
     assert len(messages) == 1
     assert messages[0].headers == {":event-type": "metadata"}
     assert messages[0].payload == b"{}"
@@ -46,7 +46,7 @@ def test_unknown_header_type_is_a_bad_frame_not_an_exception() -> None:
     bad = _frame_with_headers(b"\x01x\x0a\x00", b"{}")
     good = event_frame("metadata", {"usage": {}})
     dec = EventStreamDecoder()
-    messages = dec.feed(bad + good)
+    messages = dec.decode(bad + good)
     assert dec.bad_frames == 1
     assert [m.headers[":event-type"] for m in messages] == ["metadata"]
 
@@ -58,7 +58,7 @@ def test_corrupted_message_crc_counts_and_later_frames_decode(fixtures_dir: Path
     dec = EventStreamDecoder()
     messages = []
     for i in range(0, len(body), 5):
-        messages += dec.feed(bytes(body[i : i + 5]))
+        messages += dec.decode(bytes(body[i : i + 5]))
     assert dec.bad_frames == 1
     assert dec.failed is None
     assert len(messages) == 6
@@ -80,18 +80,18 @@ def test_bad_prelude_crc_stops_decoding_without_raising() -> None:
     data = bytearray(event_frame("metadata", {}))
     data[9] ^= 0xFF
     dec = EventStreamDecoder()
-    assert dec.feed(bytes(data) + event_frame("metadata", {})) == []
+    assert dec.decode(bytes(data) + event_frame("metadata", {})) == []
     assert dec.failed == "prelude_crc"
-    assert dec.feed(event_frame("metadata", {})) == []
+    assert dec.decode(event_frame("metadata", {})) == []
 
 
 def test_oversized_declared_frame_is_refused_without_buffering() -> None:
     prelude = struct.pack(">II", 1 << 30, 0)
     prelude += struct.pack(">I", zlib.crc32(prelude))
     dec = EventStreamDecoder(max_frame=16 << 20)
-    assert dec.feed(prelude + b"x" * 100) == []
+    assert dec.decode(prelude + b"x" * 100) == []
     assert dec.failed == "frame_too_large"
-    assert dec.pending == 0
+    assert dec.held == 0
 
 
 def test_truncated_stream_is_counted() -> None:

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from extproc.apis.base import _JsonArrayStream
+from extproc.codecs.json_array import JsonArrayDecoder
 
 _json = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | st.text(alphabet=st.sampled_from('ab{}[]",\\\n é')),
@@ -17,12 +17,12 @@ _json = st.recursive(
 )
 
 
-def _split_feed(data: bytes, cuts: list[int]) -> tuple[list[object], _JsonArrayStream]:
-    s = _JsonArrayStream(1 << 20)
+def _split_feed(data: bytes, cuts: list[int]) -> tuple[list[object], JsonArrayDecoder]:
+    s = JsonArrayDecoder(1 << 20)
     out: list[object] = []
     prev = 0
     for cut in sorted(set(c for c in cuts if 0 <= c <= len(data))) + [len(data)]:
-        out += s.feed(data[prev:cut])
+        out += s.decode(data[prev:cut])
         prev = cut
     return out, s
 
@@ -47,17 +47,17 @@ def test_escaped_quote_and_backslash_at_chunk_edges() -> None:
 def test_oversized_element_is_skipped_and_the_next_still_parses() -> None:
     big = orjson.dumps({"x": "{" * 5000})
     data = b"[" + big + b"," + b'{"ok": true}' + b"]"
-    s = _JsonArrayStream(1000)
+    s = JsonArrayDecoder(1000)
     out = []
     for i in range(0, len(data), 300):
-        out += s.feed(data[i : i + 300])
+        out += s.decode(data[i : i + 300])
     assert out == [{"ok": True}]
     assert s.oversized == 1 and s.complete
 
 
 def test_invalid_element_is_counted() -> None:
-    s = _JsonArrayStream(1000)
-    assert s.feed(b'[{"a": 1,}, {"b": 2}]') == [{"b": 2}]
+    s = JsonArrayDecoder(1000)
+    assert s.decode(b'[{"a": 1,}, {"b": 2}]') == [{"b": 2}]
     assert s.invalid == 1
 
 
@@ -65,8 +65,8 @@ def test_invalid_element_is_counted() -> None:
 def test_scans_megabytes_quickly(chunk: int) -> None:
     element = orjson.dumps({"candidates": [{"content": {"parts": [{"text": "word " * 200}]}}]})
     data = b"[" + b",".join([element] * 4000) + b"]"  # ~4 MB
-    s = _JsonArrayStream(1 << 20)
+    s = JsonArrayDecoder(1 << 20)
     start = time.perf_counter()
-    n = sum(len(s.feed(data[i : i + chunk])) for i in range(0, len(data), chunk))
+    n = sum(len(s.decode(data[i : i + chunk])) for i in range(0, len(data), chunk))
     assert n == 4000
     assert time.perf_counter() - start < 1.0

@@ -18,7 +18,7 @@ def decode(chunks: list[bytes], max_line: int = 1 << 20) -> tuple[list, SSEDecod
     d = SSEDecoder(max_line)
     out = []
     for c in chunks:
-        out.extend(d.feed(c))
+        out.extend(d.decode(c))
     out.extend(d.flush())
     return out, d
 
