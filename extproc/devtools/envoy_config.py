@@ -134,6 +134,8 @@ from extproc.core.envoy_names import (
     ROUTER_FILTER,
     TLS_TRANSPORT_SOCKET,
 )
+from extproc.devtools.modes import DEFAULT as DEFAULT_MODE
+from extproc.devtools.modes import MODES, Mode
 
 RATELIMIT_COST_KEY = "ratelimit_cost"  # the sidecar's dynamic metadata key (docs/budgets.md)
 # ext_proc cluster: streams per HTTP/2 connection before Envoy opens another (docs/performance.md).
@@ -734,13 +736,14 @@ _REFERENCE: dict[str, Any] = {
 
 
 def reference(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
-              passthrough: tuple[str, ...] = ()) -> Bootstrap:
+              passthrough: tuple[str, ...] = (), observability_mode: bool = False) -> Bootstrap:
     """envoy/envoy.yaml: the config users copy."""
-    return bootstrap(**_REFERENCE, ratelimit=ratelimit, fewer_messages=fewer_messages, passthrough=passthrough)
+    return bootstrap(**_REFERENCE, ratelimit=ratelimit, fewer_messages=fewer_messages, passthrough=passthrough,
+                     observability_mode=observability_mode)
 
 
 def compose(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
-            passthrough: tuple[str, ...] = ()) -> Bootstrap:
+            passthrough: tuple[str, ...] = (), observability_mode: bool = False) -> Bootstrap:
     """envoy/envoy-compose.yaml: docker-compose.yaml's Envoy; peers are reached by service name."""
     return bootstrap(
         listen="0.0.0.0:10000",
@@ -751,14 +754,16 @@ def compose(ratelimit: RateLimitService | None = None, fewer_messages: bool = Fa
         ratelimit=ratelimit,
         fewer_messages=fewer_messages,
         passthrough=passthrough,
+        observability_mode=observability_mode,
     )
 
 
 def kubernetes(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
-               passthrough: tuple[str, ...] = ()) -> Bootstrap:
+               passthrough: tuple[str, ...] = (), observability_mode: bool = False) -> Bootstrap:
     """deploy/kubernetes/envoy.yaml: the reference, plus the ops listener the pod's probes use."""
     return bootstrap(**_REFERENCE, ops_listen="0.0.0.0:9902",  # readinessProbe /ready and the PodMonitor
-                     ratelimit=ratelimit, fewer_messages=fewer_messages, passthrough=passthrough)
+                     ratelimit=ratelimit, fewer_messages=fewer_messages, passthrough=passthrough,
+                     observability_mode=observability_mode)
 
 
 # The rate limit service of docs/budgets.md (envoyproxy/ratelimit's gRPC port, by service name).
@@ -766,9 +771,9 @@ EXAMPLE_RATELIMIT_SERVICE = "ratelimit:8081"
 
 
 def budgets(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
-            passthrough: tuple[str, ...] = ()) -> Bootstrap:
+            passthrough: tuple[str, ...] = (), observability_mode: bool = False) -> Bootstrap:
     """envoy/envoy-budgets.yaml: the reference with budgets per JWT ``team`` (docs/budgets.md)."""
-    return reference(ratelimit or RateLimitService(EXAMPLE_RATELIMIT_SERVICE), fewer_messages, passthrough)
+    return reference(ratelimit or RateLimitService(EXAMPLE_RATELIMIT_SERVICE), fewer_messages, passthrough, observability_mode)
 
 
 HEADER = """\
@@ -813,11 +818,12 @@ VARIANTS = {
 }
 
 
-def render(variant: str, ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
+def render(variant: str, ratelimit: RateLimitService | None = None, mode: Mode = MODES[DEFAULT_MODE],
            passthrough: tuple[str, ...] = ()) -> str:
+    """``extproc envoy-config``'s output; ValueError for a combination Envoy cannot honour
+    (budgets in observability mode, a passthrough prefix no route matches)."""
     _, build, header = VARIANTS[variant]
-    if fewer_messages:
-        header += "# fewer-messages mode (`--mode fewer-messages`; docs/performance.md).\n"
+    header += mode.comment()
     if passthrough:
         header += f"# not observed (`--passthrough`): paths starting with {', '.join(passthrough)}\n"
-    return dump(build(ratelimit, fewer_messages, passthrough), header)
+    return dump(build(ratelimit, mode.fewer_messages, passthrough, mode.observability), header)

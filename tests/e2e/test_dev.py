@@ -202,3 +202,38 @@ def test_dev_sidecar_does_not_import_modules_from_the_cwd(tmp_path):
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     assert not marker.exists(), err[-2000:]
+
+
+def test_dev_observability_mode_observes_calls_on_metrics_not_in_the_access_log(tmp_path):
+    """`--mode observability`: Envoy does not wait for the sidecar and ignores its replies. The call
+    is still observed (its tokens on /metrics), and, as the mode's --help says, the access log
+    carries no token fields."""
+    mock = free_port()
+    log = tmp_path / "access.log"
+    proc, ports = _dev(tmp_path, "--mock-port", str(mock), "--mode", "observability", "--access-log", str(log))
+    try:
+        wait_port(ports["port"], timeout=30, proc=proc)
+        rid = str(uuid.uuid4())
+        r = httpx.post(f"http://127.0.0.1:{ports['port']}/v1/chat/completions", headers={"x-request-id": rid},
+                       json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}, timeout=20)
+        assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
+        completion = re.compile(r'^ai_completion_tokens_total\{[^}]*model="gpt-4o-mini"[^}]*\} (\S+)$', re.M)
+        deadline, seen = time.monotonic() + 10, None
+        while time.monotonic() < deadline:
+            m = completion.search(httpx.get(f"http://127.0.0.1:{ports['metrics']}/metrics", timeout=5).text)
+            if m and float(m.group(1)) == 12:
+                seen = float(m.group(1))
+                break
+            time.sleep(0.1)
+        assert seen == 12
+        entry = None
+        while entry is None and time.monotonic() < deadline + 5:
+            entry = next((e for e in json_lines(log) if e["request_id"] == rid), None)
+            time.sleep(0.05)
+        assert entry is not None and entry["response_code"] == 200
+        assert entry["total_tokens"] is None and entry["model"] is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err[-2000:]
+    assert "Observability mode" in err  # the banner says where the tokens are

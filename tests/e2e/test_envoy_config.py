@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import yaml
 from envoy_data_plane.envoy.config.cluster.v3 import ClusterDiscoveryType
 
 from extproc.core import config
@@ -137,3 +139,31 @@ def test_ops_listener_exposes_only_ready_and_stats(tmp_path):
     finally:
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.mark.parametrize("mode", ["observability", "observability-fewer-messages"])
+def test_envoy_config_mode_observability_validates(tmp_path, mode):
+    """`extproc envoy-config --mode observability` (the command line, not only the Python API) gives
+    a config with Envoy's observability_mode on, which `envoy --mode validate` accepts."""
+    out = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--mode", mode], capture_output=True, text=True,
+                         timeout=60, check=True).stdout
+    ext_proc = next(f["typed_config"] for f in _http_filters(yaml.safe_load(out)) if f["name"] == "envoy.filters.http.ext_proc")
+    assert ext_proc["observability_mode"] is True
+    assert ext_proc["processing_mode"]["request_header_mode"] == ("SKIP" if mode.endswith("fewer-messages") else "SEND")
+    f = tmp_path / "envoy.yaml"
+    f.write_text(out)
+    p = subprocess.run([envoy_binary(), "--mode", "validate", "-c", str(f)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_envoy_config_refuses_budgets_in_observability_mode():
+    """Budgets charge the cost the sidecar returns, which Envoy ignores in observability mode."""
+    p = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--variant", "budgets", "--mode", "observability"],
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == ""
+    assert "--mode observability" in p.stderr and "Traceback" not in p.stderr
+
+
+def _http_filters(cfg: dict) -> list[dict]:
+    hcm = cfg["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return hcm["http_filters"]
