@@ -6,6 +6,8 @@ chunk), for quick A/Bs.
     .venv/bin/python -m bench.ab --sse 50 --rate 40 -d 5 --reps 3   # streams: CPU per chunk, and Envoy alone's
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout /work/main --checkout .   # A/B of two checkouts
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --event-loop asyncio    # the sidecar on asyncio's loop
+    .venv/bin/python -m bench.ab --tracing live --reps 4 --checkout . --checkout . \
+        --tracing-conventions genai --tracing-conventions genai,openinference   # what a convention costs
 
 Lighter than ``python -m bench`` (one scenario), so A and B can be interleaved several times
 within a minute on a noisy machine. With several ``--checkout``s, each gets its own sidecar (run
@@ -50,6 +52,9 @@ ap.add_argument("--upstream", choices=["http1", "http2", "auto"], default="auto"
                 help="protocol to the upstream (auto: HTTP/2 in fewer-messages mode, else HTTP/1.1)")
 ap.add_argument("--tracing", choices=["off", "dead", "live"], default="off",
                 help="OTLP tracing: off; dead (collector port closed); live (an in-process OTLP/gRPC receiver)")
+ap.add_argument("--tracing-conventions", action="append", metavar="LIST",
+                help="tracing.conventions, e.g. genai,openinference: once for all stacks, or once per --checkout in order")
+ap.add_argument("--capture", action="store_true", help="tracing.captureContent: true")
 ap.add_argument("--sse", type=int, metavar="N", help="streamed responses of N SSE events (instead of wrk)")
 ap.add_argument("--rate", type=float, default=40, help="--sse: streams started per second")
 ap.add_argument("--interval", type=float, default=2.0, help="--sse: ms between a stream's events")
@@ -94,6 +99,13 @@ class Stack:
                 cfg["tracing"] = {"otlpEndpoint": receiver.endpoint}
             elif a.tracing == "dead":
                 cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{free_port()}"}
+            if a.tracing != "off":
+                conventions = a.tracing_conventions or []
+                mine = conventions[min(len(stacks), len(conventions) - 1)] if conventions else None
+                if mine:
+                    cfg["tracing"]["conventions"] = mine.split(",")
+                if a.capture:
+                    cfg["tracing"]["captureContent"] = True
             (self.dir / "s.yaml").write_text(yaml.safe_dump(cfg))
             (self.dir / "counts").mkdir()
             pre = [sys.executable, "-m", "cProfile", "-o", prof] if prof else [sys.executable]
@@ -187,8 +199,12 @@ try:
         wait_port(sse_up, proc=procs[-1])
         upstreams.insert(0, envoy_config.Upstream("/sse/", f"http://127.0.0.1:{sse_up}"))
     stacks: list[Stack] = []
+    per_stack = a.tracing_conventions or []
     for i, c in enumerate(checkouts):
-        stacks.append(Stack(c if len(checkouts) > 1 else "sidecar", c, a.prof if i == 0 else None))
+        name = c if len(checkouts) > 1 else "sidecar"
+        if len(per_stack) > 1:
+            name += f" [{per_stack[min(i, len(per_stack) - 1)]}]"
+        stacks.append(Stack(name, c, a.prof if i == 0 else None))
     if a.sse:
         stacks.append(Stack("envoy-alone", None, None))
     script = wrk_script(d / "chat.lua", CHAT_REQUEST)
