@@ -558,6 +558,20 @@ def bootstrap(
     ep: ExternalProcessor | None = None
     if jwks_json is not None:
         http_filters.append(HttpFilter(name=JWT_AUTHN_FILTER, typed_config=pack(jwt_filter(jwks_json))))
+    # The rate limit filter comes after jwt_authn (its descriptors read the claims). In the
+    # default mode it comes after ext_proc too, so the sidecar also sees the calls it refuses (as
+    # 429s). In the fewer-messages mode it must come BEFORE ext_proc: there ext_proc lets the
+    # request headers through at once while it holds the body in a queue of its own; a rate
+    # limit filter after it, resuming once the limiter answered, found the request complete
+    # downstream and no body buffered, so ended the request at the headers (the upstream got an
+    # empty body, and ext_proc's body then went nowhere: some calls 500). Before ext_proc, the
+    # limiter holds headers and body together (StopAllIterationAndWatermark) and releases them
+    # in order. The sidecar sees no refused call in that mode either way (a 429 without a body
+    # sends no response message; docs/budgets.md).
+    limiter = None if ratelimit is None else HttpFilter(name=RATELIMIT_FILTER, typed_config=pack(ratelimit_filter(ratelimit)))
+    if limiter is not None and fewer_messages:
+        http_filters.append(limiter)
+        limiter = None
     if extproc is not None:
         ep = ext_proc_filter(namespace, message_timeout_ms, observability_mode)
         if fewer_messages:
@@ -565,10 +579,8 @@ def bootstrap(
         http_filters.append(HttpFilter(name=EXT_PROC_FILTER, typed_config=pack(ep)))
         if fewer_messages:
             http_filters.append(response_headers_filter())
-    if ratelimit is not None:
-        # After jwt_authn (its descriptors read the claims) and ext_proc (the sidecar also sees
-        # the calls the limiter rejects, as 429s).
-        http_filters.append(HttpFilter(name=RATELIMIT_FILTER, typed_config=pack(ratelimit_filter(ratelimit))))
+    if limiter is not None:
+        http_filters.append(limiter)
     http_filters.append(HttpFilter(name=ROUTER_FILTER, typed_config=pack(Router())))
     upstreams = with_passthrough(upstreams, passthrough)
     routes = []

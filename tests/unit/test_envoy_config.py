@@ -154,3 +154,21 @@ def test_observability_mode_with_fewer_messages_streams_both_bodies_and_skips_he
     assert (mode["request_header_mode"], mode["response_header_mode"]) == ("SKIP", "SKIP")
     assert (mode["request_body_mode"], mode["response_body_mode"]) == ("STREAMED", "STREAMED")
     assert "request.path" in ep["request_attributes"] and "response.code" in ep["response_attributes"]
+
+
+def filter_names(cfg: Any) -> list[str]:
+    listener = envoy_config.to_dict(cfg)["static_resources"]["listeners"][0]
+    return [f["name"] for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]]
+
+
+@pytest.mark.parametrize(("fewer_messages", "order"), [
+    (False, ["envoy.filters.http.jwt_authn", EXT_PROC, "envoy.filters.http.ratelimit", "envoy.filters.http.router"]),
+    # ext_proc lets the headers through while it holds the body: a limiter after it would end the
+    # request at the headers (tests/e2e/test_budgets.py checks the bytes the upstream receives)
+    (True, ["envoy.filters.http.jwt_authn", "envoy.filters.http.ratelimit", EXT_PROC,
+            "envoy.filters.http.header_to_metadata", "envoy.filters.http.router"]),
+])
+def test_the_rate_limit_filter_precedes_ext_proc_only_in_the_fewer_messages_mode(fewer_messages, order):
+    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, jwks_json=envoy_config.EXAMPLE_JWKS, fewer_messages=fewer_messages,
+                                 ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"))
+    assert filter_names(cfg) == order
