@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     s = sub.add_parser("serve", help="run the ext_proc gRPC service")
-    s.add_argument("--config", help="YAML config file (see README)")
+    s.add_argument("--config", help="YAML config file (docs/configuration.md)")
     s.add_argument("--listen", help="override config 'listen' (host:port or unix:/path)")
     s.add_argument("--workers", type=int, help="worker processes sharing the port (default: CPU count)")
     s.add_argument("--metrics-port", type=int, help="override config 'stats.port'")

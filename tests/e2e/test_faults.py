@@ -57,7 +57,7 @@ def test_upstream_reset_mid_stream(stack):
     """The upstream sends two events, then drops the connection: the client gets exactly those
     bytes and then an error; no usage is recorded. (A reset within microseconds of the response
     headers reaches Envoy while it awaits the sidecar's headers reply and becomes Envoy's 503
-    "reset before headers": see README.)"""
+    "reset before headers": see docs/configuration.md.)"""
     rec = load("aigw__chat-streaming-detailed-usage.yaml")
     rid = str(uuid.uuid4())
     got = b""
