@@ -11,6 +11,8 @@ import asyncio
 import logging
 import os
 import signal
+import threading
+import time
 from collections.abc import Callable, Sequence
 
 from extproc.core.call import CallObserver
@@ -60,6 +62,7 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
     await drain(server, health, processor, grace)
     if health_server is not None:
         await health_server.stop(0)
+    finish_closing()
     close_observers(processor.observers)
     log.info("stopped", extra={"pid": os.getpid()})
 
@@ -86,8 +89,10 @@ def reconfigure(processor: Processor, reload: Reloader, observer_factory: Observ
 
     Transactional: the new config, its settings (routes, limits, namespace, provider key) and its
     observers (a tracer and its export thread) are all built aside; only when every part
-    succeeded are they swapped in, in one step, and the replaced observers shut down (their
-    threads end). A bad file, a change only a restart can apply, or an observer that cannot be
+    succeeded are they swapped in, in one step, and the replaced observers shut down on a thread of
+    their own (their threads end): a tracer's shutdown joins its export thread and waits on its
+    exporter, seconds with a collector that does not answer, and the event loop must not wait
+    with it (every stream would miss Envoy's message timeout). A bad file, a change only a restart can apply, or an observer that cannot be
     built leaves the running state exactly as it was and releases what was built."""
     try:
         new = reload()
@@ -106,7 +111,7 @@ def reconfigure(processor: Processor, reload: Reloader, observer_factory: Observ
         return False
     previous = processor.observers
     processor.apply(built, observers)
-    close_observers([o for o in previous if o not in observers])  # e.g. the old tracer
+    close_later([o for o in previous if o not in observers])  # e.g. the old tracer, off the event loop
     logging.getLogger().setLevel(new.logging.level.upper())
     log.info("config reloaded", extra={"pid": os.getpid()})
     return True
@@ -121,6 +126,30 @@ def close_observers(observers: Sequence[CallObserver]) -> None:
                 shutdown()
             except Exception:  # a failing flush must not block exit or a reload
                 log.exception("observer shutdown failed")
+
+
+_CLOSING: list[threading.Thread] = []  # replaced observers being shut down (close_later)
+CLOSE_WAIT = 10.0  # at exit, how long the last replaced observers may take to flush
+
+
+def close_later(observers: Sequence[CallObserver]) -> threading.Thread | None:
+    """Shut ``observers`` down on a daemon thread: the caller (the event loop) returns at once."""
+    if not any(getattr(o, "shutdown", None) is not None for o in observers):
+        return None
+    _CLOSING[:] = [t for t in _CLOSING if t.is_alive()]
+    t = threading.Thread(target=close_observers, args=(list(observers),), name="extproc-observer-close", daemon=True)
+    t.start()
+    _CLOSING.append(t)
+    return t
+
+
+def finish_closing(timeout: float = CLOSE_WAIT) -> None:
+    """At exit: give the replaced observers still shutting down (a reload just before) up to
+    ``timeout`` in all to flush, so their spans are not cut off by the process ending."""
+    deadline = time.monotonic() + timeout
+    for t in _CLOSING:
+        t.join(max(0.0, deadline - time.monotonic()))
+    _CLOSING.clear()
 
 
 # How long, after the grace period, we wait for cancelled streams to report (their ``finally``).

@@ -1,8 +1,11 @@
 """A dead collector never slows traffic: spans are dropped (and counted), requests flow on."""
 from __future__ import annotations
 
+import signal
 import socket
+import threading
 import time
+import uuid
 
 import httpx
 import pytest
@@ -54,3 +57,54 @@ def test_requests_flow_and_drops_are_counted_when_the_collector_is_dead(tmp_path
     for o in observers:
         if hasattr(o, "shutdown"):
             o.shutdown()
+
+
+def test_a_reload_with_a_dead_collector_loses_no_call(tmp_path, mock_llm):
+    """SIGHUP replaces the tracer while its export thread hangs on a collector that accepts and
+    never answers: the old one is shut down off the event loop, so no call waits past Envoy's
+    500 ms message timeout and every call's tokens reach the access log."""
+    hole = socket.socket()  # accepts (listen backlog), never answers
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(64)
+    tracing = {"otlpEndpoint": f"127.0.0.1:{hole.getsockname()[1]}", "scheduleDelayMs": 20,
+               "maxExportBatchSize": 4, "exportTimeoutMs": 3000}
+    ids: list[str] = []
+    failures: list[str] = []
+    stop = threading.Event()
+
+    def client(stack: Stack) -> None:
+        with httpx.Client(timeout=10) as c:
+            while not stop.is_set():
+                rid = str(uuid.uuid4())
+                r = c.post(stack.url("/v1/chat/completions"), headers={"x-request-id": rid},
+                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                ids.append(rid)
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code}")
+
+    try:
+        with Stack(tmp_path, mock_llm, sidecar_config={"tracing": tracing}, message_timeout_ms=500) as s:
+            threads = [threading.Thread(target=client, args=(s,)) for _ in range(4)]
+            for t in threads:
+                t.start()
+            try:
+                for n in (1, 2):
+                    time.sleep(1.5)  # spans queued, the export thread hangs in an export
+                    s.sidecar.send_signal(signal.SIGHUP)
+                    deadline = time.monotonic() + 15
+                    while s.sidecar_stderr().count('"msg":"config reloaded"') < n:
+                        assert time.monotonic() < deadline, s.sidecar_stderr()[-1500:]
+                        time.sleep(0.05)
+                time.sleep(1.5)
+            finally:
+                stop.set()
+                for t in threads:
+                    t.join(20)
+            assert not failures
+            assert len(ids) > 40
+            s.log_entry(ids[-1])  # the access log is written
+            tokens = {e.get("request_id"): e.get("completion_tokens") for e in s.log_entries()}
+            lost = [rid for rid in ids if tokens.get(rid) != 12]
+            assert lost == [], f"{len(lost)} of {len(ids)} calls lost their tokens"
+    finally:
+        hole.close()
