@@ -285,6 +285,8 @@ class TracingFields(_Section):
 
 
 Convention = Literal["genai", "openinference"]
+DEFAULT_NO_CAPTURE_HEADER = "x-extproc-no-capture"
+HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}\Z")
 
 
 def _default_conventions() -> list[Convention]:
@@ -305,12 +307,22 @@ class TracingConfig(_Section):
     # (Arize Phoenix's; extproc.telemetry.openinference), or both.
     conventions: list[Convention] = Field(default_factory=_default_conventions, min_length=1)
     capture_content: bool = False  # prompts and completions on spans (gen_ai.input/output.messages)
+    # A request carrying this header (any value) gets no content capture, whatever captureContent
+    # says; null: no per-request switch. Read for its presence only, never a label.
+    no_capture_header: str | None = DEFAULT_NO_CAPTURE_HEADER
     max_content_chars: int = Field(16384, ge=0)  # cap on captured text per call (input, output each)
     max_queue_size: int = Field(2048, ge=1)  # spans waiting for export; beyond it they are dropped
     max_export_batch_size: int = Field(512, ge=1)
     schedule_delay_ms: int = Field(1000, ge=1)
     export_timeout_ms: int = Field(10000, ge=1)
     fields: TracingFields = Field(default_factory=TracingFields)
+
+    @field_validator("no_capture_header")
+    @classmethod
+    def _header_name(cls, v: str | None) -> str | None:
+        if v is not None and not HEADER_NAME.match(v):
+            raise ValueError(f"{v!r} is not an HTTP header name (letters, digits, !#$%&'*+-.^_`|~; up to 128)")
+        return v.lower() if v is not None else v
 
     @field_validator("random_sampling")
     @classmethod
@@ -496,6 +508,25 @@ class Config(_Section):
             raise ValueError("unit micro_usd needs pricing.enabled: true")
         return v
 
+    @model_validator(mode="after")
+    def _switch_is_never_a_value(self) -> Config:
+        """``tracing.noCaptureHeader`` turns capture off for a request; read for its presence only,
+        it may not also be read as a value: a metric label, an attribution value, a budget key."""
+        switch = self.tracing.no_capture_header
+        if switch is None:
+            return self
+        a = self.attribution
+        uses = [*((f"stats.customLabels.{i}.header", c.header) for i, c in enumerate(self.stats.custom_labels)),
+                ("attribution.endUserHeader", a.end_user_header),
+                *((f"attribution.sessionHeaders.{i}", h) for i, h in enumerate(a.session_headers)),
+                *((f"budgets.descriptors.{i}.entries.{j}.header", e.header)
+                  for i, d in enumerate(self.budgets.descriptors) for j, e in enumerate(d.entries))]
+        for key, header in uses:
+            if header is not None and header.lower() == switch:
+                raise ValueError(f"{key}: {header!r} is tracing.noCaptureHeader, the per-request capture switch: "
+                                 "never a label or a value")
+        return self
+
 
 def parse(data: Any, source: str = "config") -> Config:
     if data is None:
@@ -514,6 +545,8 @@ def parse(data: Any, source: str = "config") -> Config:
             msg = "unknown key"
         elif err["type"] == "value_error":
             msg = str(err["ctx"]["error"])  # our validators' own words, without pydantic's prefix
+            if not err["loc"]:
+                raise ConfigError(f"{source}: {msg}") from None  # a check across sections names its keys itself
         raise ConfigError(f"{source}: {key}: {msg}") from None
 
 

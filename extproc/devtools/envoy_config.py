@@ -399,9 +399,10 @@ def ext_proc_filter(
 # HTTP/1.1, instead of 4.
 RESPONSE_HEADERS = ("content-type", "content-encoding", "content-length")
 # Request headers the sidecar reads (provider override, trace context, MCP session, the default
-# attribution.sessionHeaders). Not the API-key headers: key_id needs them added (docs/performance.md).
+# attribution.sessionHeaders, the default tracing.noCaptureHeader). Not the API-key headers: key_id
+# needs them added (docs/performance.md).
 ATTRIBUTE_HEADERS = ("x-llm-provider", "traceparent", "tracestate", "mcp-session-id", "mcp-protocol-version",
-                     "x-session-id", "agent-session-id")
+                     "x-session-id", "agent-session-id", "x-extproc-no-capture")
 _REQUEST_LINE = ["request.path", "request.host", "request.method"]
 
 

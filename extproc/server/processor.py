@@ -151,6 +151,8 @@ class Processor:
         self._on_refused = [o.on_stream_refused for o in self.observers if hasattr(o, "on_stream_refused")]
         # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
         self.capture = any(getattr(o, "wants_content", False) for o in self.observers)
+        # tracing.noCaptureHeader: a request carrying it is not captured (its presence is all that is read)
+        self.no_capture_header = s.config.tracing.no_capture_header
 
     def trim_due(self) -> bool:
         """True (once) if large buffers were used and released since the last call (see
@@ -319,7 +321,8 @@ class Stream:
         if match is None:
             call.provider = provider or provider_for_host(call.host) or "unknown"
             return False
-        parser = match.parser(call.obs, path_model=match.path_model, limits=self.p.limits, capture=self.p.capture)
+        capture = self.p.capture and self.p.no_capture_header not in call.headers
+        parser = match.parser(call.obs, path_model=match.path_model, limits=self.p.limits, capture=capture)
         self.parser = parser
         self._priceable = parser.priced
         call.api = parser.api

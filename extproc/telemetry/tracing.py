@@ -84,6 +84,7 @@ class Tracer:
         self.cfg = cfg
         self.wants_content = cfg.capture_content  # the Processor switches parser capture on
         self.max_chars = cfg.max_content_chars
+        self.no_capture_header = cfg.no_capture_header
         self.genai = "genai" in cfg.conventions
         self.openinference = "openinference" in cfg.conventions
         self.provider = TracerProvider(sampler=sampler(cfg), resource=resource(cfg))
@@ -103,11 +104,13 @@ class Tracer:
     def on_call_end(self, call: Call) -> None:
         if call.api == "unknown" or (call.api == "mcp" and "mcp.method" not in call.obs.extra):
             return  # not an LLM call or JSON-RPC request: Envoy's own tracing covers plain HTTP
-        attrs = span_attributes(call, self.wants_content, self.max_chars, self.genai, self.openinference)
+        # tracing.noCaptureHeader: the caller asked for no content capture on this call
+        capture = self.wants_content and self.no_capture_header not in call.headers
+        attrs = span_attributes(call, capture, self.max_chars, self.genai, self.openinference)
         if self.remove_exact or self.remove_prefix:
             attrs = {k: v for k, v in attrs.items() if k not in self.remove_exact and not k.startswith(self.remove_prefix)}
         if self.fields:
-            self.field_errors += cel.evaluate(self.fields, variables(call, self.wants_content), attrs, self.field_chars)
+            self.field_errors += cel.evaluate(self.fields, variables(call, capture), attrs, self.field_chars)
         start = call.start_time_ns
         duration = call.duration or 0.0
         span = self.tracer.start_span(

@@ -196,6 +196,15 @@ def test_content_capture_over_http_exporter(capture_stack, http_receiver):
     assert SECRET.encode() not in http_receiver.all_bytes()
 
 
+def test_no_capture_header_keeps_that_calls_content_off_the_span(capture_stack, http_receiver):
+    r, trace_id, _ = chat(capture_stack, stream=True, headers={"x-extproc-no-capture": "1"})
+    assert r.status_code == 200
+    a = http_receiver.wait_trace(trace_id).attributes
+    assert not any(k.startswith(("gen_ai.input", "gen_ai.output", "output.", "llm.input_messages", "completion")) for k in a)
+    assert a["input.value"] == "chat gpt-4o-mini: 1 message" and "prompt.count" not in a
+    assert a["gen_ai.usage.output_tokens"] > 0
+
+
 def test_content_capture_is_capped(capture_stack, http_receiver):
     import json
 

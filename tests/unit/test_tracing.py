@@ -361,3 +361,87 @@ def test_gemini_contents_parts_are_captured():
         {"role": "model", "parts": [{"type": "text", "content": "air"}]},
     ]
     assert json.loads(a["input.value"]) == {"messages": [{"role": "user", "content": "why is the sky blue"}, {"role": "model", "content": "air"}]}
+
+
+# ---- per-request privacy (tracing.noCaptureHeader) ------------------------------------------
+def _through_processor(cfg: config.Config, **request_headers: str) -> tuple[dict, Call]:
+    """One streamed chat through a real Processor with the Tracer as its observer."""
+    from extproc.server.processor import Processor
+    from tests.unit.test_processor import body, headers, req_headers, run
+
+    exporter = InMemorySpanExporter()
+    tracer = Tracer(cfg.tracing, processor=SimpleSpanProcessor(exporter))
+    calls: list[Call] = []
+
+    class Keep:
+        def on_call_end(self, c: Call) -> None:
+            calls.append(c)
+
+    sse = (b'data: {"id":"c1","model":"gpt-4o","choices":[{"delta":{"content":"the secret answer"}}]}\n\n'
+           b'data: {"id":"c1","model":"gpt-4o","choices":[{"delta":{},"finish_reason":"stop"}],'
+           b'"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\ndata: [DONE]\n\n')
+    run(Processor(cfg, [tracer, Keep()]), [
+        req_headers(**request_headers),
+        body("request_body", b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"my private question"}]}', end=True),
+        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+        body("response_body", sse, end=True),
+    ])
+    (span,) = exporter.get_finished_spans()
+    return {"span": span, **dict(span.attributes)}, calls[0]
+
+
+def _privacy_cfg(**tracing) -> config.Config:
+    return config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1", "captureContent": True, "conventions": ["genai", "openinference"],
+                                     "fields": {"add": {"prompt": "llm.prompt", "completion": "llm.completion"}}, **tracing}})
+
+
+def test_capture_is_on_without_the_no_capture_header():
+    a, c = _through_processor(_privacy_cfg())
+    assert "my private question" in a["gen_ai.input.messages"] and "my private question" in a["input.value"]
+    assert a["output.value"] == "the secret answer" and "my private question" in a["prompt"]
+
+
+@pytest.mark.parametrize("tracing, header", [({}, "x-extproc-no-capture"), ({"noCaptureHeader": "X-Private"}, "x-private")])
+def test_the_no_capture_header_turns_capture_off_for_that_call(tracing, header):
+    a, c = _through_processor(_privacy_cfg(**tracing), **{header: "1"})
+    assert c.obs.input_messages is None and c.obs.output_text is None  # the parser never held the content
+    dump = json.dumps({k: v for k, v in a.items() if k != "span"}, default=list)
+    assert "my private question" not in dump and "the secret answer" not in dump
+    assert not any(k.startswith(("gen_ai.input", "gen_ai.output", "output.", "llm.input_messages", "llm.output_messages", "prompt",
+                                 "completion")) for k in a)
+    assert a["input.value"] == "chat gpt-4o: 1 message" and a["input.mime_type"] == "text/plain"
+    assert a["gen_ai.usage.input_tokens"] == 5 and a["llm.token_count.completion"] == 3  # the rest of the span as usual
+
+
+def test_the_tracer_alone_honours_the_no_capture_header():
+    """Content a parser did hold (captured before the switch was read) still never reaches the span."""
+    c = call(capture=True)
+    c.headers["x-extproc-no-capture"] = "yes"
+    a = spans_for(_privacy_cfg().tracing, c)
+    assert not any(k.startswith(("gen_ai.input", "gen_ai.output", "output.", "llm.input_messages", "prompt", "completion")) for k in a)
+    assert "be brief" not in json.dumps({k: v for k, v in a.items() if k != "span"}, default=list)
+
+
+def test_no_capture_header_null_disables_the_switch():
+    a, c = _through_processor(_privacy_cfg(noCaptureHeader=None), **{"x-extproc-no-capture": "1"})
+    assert "my private question" in a["input.value"]
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"stats": {"customLabels": [{"name": "nc", "header": "X-Extproc-No-Capture"}]}}, "stats.customLabels.0.header"),
+    ({"attribution": {"endUserHeader": "x-extproc-no-capture"}}, "attribution.endUserHeader"),
+    ({"attribution": {"sessionHeaders": ["x-s", "x-extproc-no-capture"]}}, "attribution.sessionHeaders.1"),
+    ({"budgets": {"descriptors": [{"entries": [{"key": "k", "header": "x-extproc-no-capture"}]}]}}, "budgets.descriptors.0.entries.0.header"),
+    ({"tracing": {"noCaptureHeader": "x-mine"}, "stats": {"customLabels": [{"name": "nc", "header": "x-mine"}]}}, "stats.customLabels.0.header"),
+    ({"tracing": {"noCaptureHeader": "no capture"}}, "tracing.noCaptureHeader"),
+])
+def test_the_no_capture_header_is_never_a_label_or_a_value(data, key):
+    with pytest.raises(config.ConfigError, match=rf"^c\.yaml: {key.replace('.', '[.]')}: "):
+        config.parse(data, "c.yaml")
+
+
+def test_the_no_capture_header_is_a_fewer_messages_attribute():
+    """In fewer-messages mode Envoy sends only the request headers it is told to: the default switch is one."""
+    from extproc.devtools.envoy_config import ATTRIBUTE_HEADERS
+
+    assert config.DEFAULT_NO_CAPTURE_HEADER in ATTRIBUTE_HEADERS
