@@ -1,5 +1,7 @@
 """Prometheus metrics for LLM calls: kgateway-compatible token counters, OpenTelemetry GenAI
-histograms, request outcomes. Updated once per call, when it ends (never per chunk).
+histograms, request outcomes. Updated once per call, when it ends (never per chunk), from the
+call's :class:`~extproc.telemetry.measurements.Measurements`: this module records, it derives no
+label or value of its own.
 
 The registry is injectable (tests use a fresh ``CollectorRegistry`` each); ``extproc serve`` uses
 :func:`process_registry`. With several workers, prometheus-client's multiprocess mode stores the
@@ -13,24 +15,24 @@ from typing import Any
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-from extproc.apis.finish import finish_reason
-from extproc.core.bounded import clip
-from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
+from extproc.core.call import Call
 from extproc.core.config import BUILTIN_LABELS, StatsConfig
-from extproc.core.pricing import Cost
-from extproc.telemetry.labels import LabelGuard, LabelSource, SeriesBudget, folded
+from extproc.telemetry.labels import SeriesBudget, folded
+from extproc.telemetry.measurements import (
+    DURATION_BUCKETS,
+    TOKEN_BUCKETS,
+    TOKEN_TYPES,
+    TPOT_BUCKETS,
+    TTFT_BUCKETS,
+    Measurements,
+    Measurer,
+    error_type,
+)
+
+__all__ = ("DURATION_BUCKETS", "TOKEN_BUCKETS", "TPOT_BUCKETS", "TTFT_BUCKETS", "Metrics", "MetricsObserver", "error_type",
+           "process_registry")
 
 log = logging.getLogger("extproc.telemetry.metrics")
-
-# gen_ai.client.operation.duration advice (0.01 .. 81.92 s, doubling), stretched to 300 s for long
-# generations.
-DURATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 163.84, 300.0)
-# gen_ai.server.time_to_first_token advice, from 10 ms, stretched to 300 s (queued/reasoning models).
-TTFT_BUCKETS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 30.0, 60.0, 300.0)
-# gen_ai.server.time_per_output_token advice.
-TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
-# gen_ai.client.token.usage advice: powers of 4, 1 .. 4M.
-TOKEN_BUCKETS = tuple(float(4**i) for i in range(12))
 
 GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model")
 _SERIES_CACHE_MAX = 4096  # label combinations whose children we keep at hand (then start over)
@@ -40,16 +42,6 @@ def process_registry() -> CollectorRegistry:
     prometheus-client's default one, so metrics other modules declare at import (MCP, tracing
     drops) and the process collectors are served too."""
     return REGISTRY
-
-
-def error_type(call: Call) -> str:
-    """OTel ``error.type``: "" for a successful call, else the provider's error type, else the
-    HTTP status, else how the exchange ended."""
-    if call.outcome == OK:
-        return ""
-    if call.outcome == CLIENT_ABORT or call.outcome == NO_RESPONSE:
-        return call.outcome
-    return call.obs.error_type or (str(call.status) if call.status else "_OTHER")
 
 
 class Metrics:
@@ -143,7 +135,7 @@ class _Series:
         self.completion: Any = None
         self.missing: Any = None
         self.cost: Any = None
-        self.tokens: dict[str, Any] = {}
+        self.tokens: list[Any] = [None] * len(TOKEN_TYPES)  # children, in TOKEN_TYPES order
         self.finish: dict[str, Any] = {}  # finish_reason -> child
 
 
@@ -162,20 +154,23 @@ class MetricsObserver:
     """A :class:`~extproc.core.call.CallObserver` recording each finished LLM call. Never raises.
 
     Two caps keep the exposition bounded whatever clients send: per label, ``stats.maxLabelValues``
-    distinct values (then ``__overflow__``); per metric family, ``stats.maxSeries`` live series as
-    Prometheus counts them (a histogram label set: one per bucket, plus _sum and _count); a call
-    whose label set would take a family past it is recorded in the family's ``__overflow__`` label
-    set and counted in ``ai_series_overflow_total``. Both are per process.
+    distinct values (then ``__overflow__``: the measurement step's cap); per metric family,
+    ``stats.maxSeries`` live series as Prometheus counts them (a histogram label set: one per
+    bucket, plus _sum and _count); a call whose label set would take a family past it is recorded
+    in the family's ``__overflow__`` label set and counted in ``ai_series_overflow_total``. Both
+    are per process.
+
+    ``measurer``: shared with the OTLP backend when both are on, so a call is measured once.
     """
 
-    def __init__(self, stats: StatsConfig, registry: CollectorRegistry) -> None:
-        self.sources = tuple(LabelSource(c) for c in stats.custom_labels)
-        self.metrics = instruments(registry, tuple(s.name for s in self.sources))
-        unknown = self.metrics.label_names() - BUILTIN_LABELS - {s.name for s in self.sources}
+    def __init__(self, stats: StatsConfig, registry: CollectorRegistry, measurer: Measurer | None = None) -> None:
+        self.measurer = measurer or Measurer(stats)
+        self.guard = self.measurer.guard
+        self.metrics = instruments(registry, self.measurer.names)
+        unknown = self.metrics.label_names() - BUILTIN_LABELS - set(self.measurer.names)
         assert not unknown, f"config.BUILTIN_LABELS misses {unknown}"
-        self.guard = LabelGuard(stats.max_label_values)
         self.budget = SeriesBudget(stats.max_series)
-        self._series: dict[tuple[object, ...], _Series] = {}
+        self._series: dict[tuple[str, ...], _Series] = {}
         self.failures = 0
 
     def on_stream_start(self) -> None:
@@ -193,6 +188,12 @@ class MetricsObserver:
             if self.failures <= 10 or self.failures % 1000 == 0:
                 log.exception("recording metrics failed", extra={"failures": self.failures})
 
+    def record(self, call: Call) -> None:
+        """Measure ``call`` and record it (nothing for a call that is not an LLM call)."""
+        m = self.measurer.measure(call)
+        if m is not None:
+            self.record_measurements(m)
+
     def _child(self, series: _Series | None, slot: str, metric: Any, labels: tuple[str, ...], keep: tuple[int, ...] = ()) -> Any:
         """A new child of ``metric`` (the series budget admits ``labels``: cached in ``slot``),
         else its overflow child (not cached)."""
@@ -203,84 +204,68 @@ class MetricsObserver:
             return child
         return metric.labels(*folded(labels, keep))
 
-    def record(self, call: Call) -> None:
-        if call.api == "unknown":  # not an LLM API path: nothing to account
-            return
-        obs = call.obs
-        fold = self.guard.fold
-        m = self.metrics
-        # Every client- or upstream-chosen value is cut to 128 characters, then capped per label.
-        provider = fold("llm", clip(call.provider))
-        request_model = fold("model", clip(obs.request_model or ""))
-        response_model = fold("response_model", clip(obs.response_model or ""))
-        model = request_model or response_model or "unknown"
-        err = fold("error_type", clip(error_type(call)))
-        operation = fold("operation", clip(obs.operation))  # MCP: the client's method name
-        custom = tuple(fold(s.name, s.value(call)) for s in self.sources)
-        key = (provider, model, request_model, response_model, operation, err, call.outcome, call.status, *custom)
+    def record_measurements(self, m: Measurements) -> None:
+        m_ = self.metrics
+        key = m.labels
         series = self._series.get(key)
         if series is None:
             if len(self._series) >= _SERIES_CACHE_MAX:
                 self._series.clear()
+            llm, model, request_model, response_model, operation, err, status, outcome, *custom = key
             series = self._series[key] = _Series(
-                (provider, model, *custom), (operation, provider, request_model, response_model, err, *custom),
-                (provider, model, operation, str(call.status), call.outcome, err, *custom), (provider, model, operation, *custom))
+                (llm, model, *custom), (operation, llm, request_model, response_model, err, *custom),
+                (llm, model, operation, status, outcome, err, *custom), (llm, model, operation, *custom))
         new = self._child
 
-        duration = call.duration
-        if duration is not None:
-            (series.duration or new(series, "duration", m.duration, series.genai)).observe(duration)
-        ttft = call.ttft if obs.streaming and call.status < 400 else None
-        if ttft is not None:
-            (series.ttft or new(series, "ttft", m.ttft, series.genai)).observe(ttft)
-
-        usage = obs.usage
-        if usage.input_tokens is not None:
-            (series.prompt or new(series, "prompt", m.prompt_tokens, series.ai)).inc(usage.input_tokens)
-        if usage.output_tokens is not None:
-            (series.completion or new(series, "completion", m.completion_tokens, series.ai)).inc(usage.output_tokens)
-            tpot = call.tpot if ttft is not None and call.outcome == OK else None
-            if tpot is not None:
-                (series.tpot or new(series, "tpot", m.tpot, series.genai)).observe(tpot)
-        for token_type, count in (("input", usage.input_tokens), ("output", usage.output_tokens),
-                                  ("cached_input", usage.cached_input_tokens),
-                                  ("cache_creation_input", usage.cache_creation_input_tokens),
-                                  ("reasoning", usage.reasoning_tokens)):
+        if m.duration is not None:
+            (series.duration or new(series, "duration", m_.duration, series.genai)).observe(m.duration)
+        if m.ttft is not None:
+            (series.ttft or new(series, "ttft", m_.ttft, series.genai)).observe(m.ttft)
+        tokens = m.tokens
+        if tokens[0] is not None:
+            (series.prompt or new(series, "prompt", m_.prompt_tokens, series.ai)).inc(tokens[0])
+        if tokens[1] is not None:
+            (series.completion or new(series, "completion", m_.completion_tokens, series.ai)).inc(tokens[1])
+        if m.tpot is not None:
+            (series.tpot or new(series, "tpot", m_.tpot, series.genai)).observe(m.tpot)
+        children = series.tokens
+        for i, count in enumerate(tokens):
             if count is not None:
-                child = series.tokens.get(token_type)
+                child = children[i]
                 if child is None:
                     g = series.genai
-                    labels = (*g[:4], token_type, *g[5:])
-                    if self.budget.admit(m.token_usage._name, labels, series_per_label_set(m.token_usage)):
-                        child = series.tokens[token_type] = m.token_usage.labels(*labels)
+                    labels = (*g[:4], TOKEN_TYPES[i], *g[5:])
+                    if self.budget.admit(m_.token_usage._name, labels, series_per_label_set(m_.token_usage)):
+                        child = children[i] = m_.token_usage.labels(*labels)
                     else:
-                        child = m.token_usage.labels(*folded(labels, _TOKEN_TYPE))
+                        child = m_.token_usage.labels(*folded(labels, _TOKEN_TYPE))
                 child.observe(count)
-        if call.outcome == OK and not usage.seen():
-            (series.missing or new(series, "missing", m.usage_missing, series.miss)).inc()
-        cost = call.cost
-        if isinstance(cost, Cost):
-            (series.cost or new(series, "cost", m.cost, series.ai)).inc(cost.total)
-        elif cost is not None and cost.reason != "disabled":
-            new(None, "", m.unpriced, (provider, model, cost.reason, *custom), (2,)).inc()
-        finish = finish_reason(call)
+        if m.usage_missing:
+            (series.missing or new(series, "missing", m_.usage_missing, series.miss)).inc()
+        if m.cost_usd is not None:
+            (series.cost or new(series, "cost", m_.cost, series.ai)).inc(m.cost_usd)
+        elif m.unpriced is not None:
+            a = series.ai
+            new(None, "", m_.unpriced, (a[0], a[1], m.unpriced, *a[2:]), (2,)).inc()
+        finish = m.finish_reason
         if finish is not None:
             child = series.finish.get(finish)
             if child is None:
-                labels = (provider, model, finish, *custom)
-                if self.budget.admit(m.finish_reasons._name, labels):
-                    child = series.finish[finish] = m.finish_reasons.labels(*labels)
+                a = series.ai
+                labels = (a[0], a[1], finish, *a[2:])
+                if self.budget.admit(m_.finish_reasons._name, labels):
+                    child = series.finish[finish] = m_.finish_reasons.labels(*labels)
                 else:
-                    child = m.finish_reasons.labels(*folded(labels, _FINISH))
+                    child = m_.finish_reasons.labels(*folded(labels, _FINISH))
             child.inc()
-        if obs.parse_errors:
-            new(None, "", m.parse_errors, (provider, clip(obs.parse_error_reason or "unknown"))).inc(obs.parse_errors)
+        if m.parse_errors:
+            new(None, "", m_.parse_errors, (key[0], m.parse_error_reason)).inc(m.parse_errors)
         if self.guard.overflowed:
             for label, n in self.guard.take_overflows().items():
-                m.overflow.labels(label).inc(n)
-        requests = series.requests or new(series, "requests", m.requests, series.req, _OUTCOME)
+                m_.overflow.labels(label).inc(n)
+        requests = series.requests or new(series, "requests", m_.requests, series.req, _OUTCOME)
         if self.budget.folded:
             for family, n in self.budget.take_folded().items():
-                m.series_overflow.labels(family).inc(n)
+                m_.series_overflow.labels(family).inc(n)
         # Last: a scrape that counts a call in ai_requests_total also sees all its other updates.
         requests.inc()

@@ -35,17 +35,21 @@ def observers(config: Config) -> list[CallObserver]:
     (a tracer's export thread must not outlive a rejected reload) and the error is raised."""
     out: list[CallObserver] = [CallLog()]
     try:
+        otlp = None
+        if otlp_settings.metrics_enabled(config.stats.otlp):
+            from extproc.telemetry import otlp_metrics  # the OTel metrics SDK loads only when OTLP metrics are on
+
+            otlp = otlp_metrics.observer(config.stats)
         if config.stats.port:  # 0: no endpoint, so nothing to record
             from extproc.telemetry import prometheus_store
             from extproc.telemetry.metrics import MetricsObserver, process_registry
 
             prometheus_store.register_counter(process_registry())  # multiprocess mode: counts what cannot be stored
-            ai = MetricsObserver(config.stats, process_registry())
+            # With OTLP on too, both backends record one measurement per call (one Measurer).
+            ai = MetricsObserver(config.stats, process_registry(), otlp.measurer if otlp else None)
             out += [McpMetrics(config.stats, ai.metrics), ai]
-        if otlp_settings.metrics_enabled(config.stats.otlp):
-            from extproc.telemetry import otlp_metrics  # the OTel metrics SDK loads only when OTLP metrics are on
-
-            out.append(otlp_metrics.observer(config.stats))
+        if otlp is not None:
+            out.append(otlp)
         if otlp_settings.traces_enabled(config.tracing):
             from extproc.telemetry.tracing import Tracer  # the OTel SDK loads only when tracing is on
 

@@ -1,7 +1,8 @@
 """The AI metrics pushed over OTLP with the OpenTelemetry SDK (``stats.otlp`` /
 ``OTEL_METRICS_EXPORTER=otlp``), besides or instead of the Prometheus endpoint.
 
-The same calls and values as :mod:`extproc.telemetry.metrics`, under OpenTelemetry names:
+The same calls and values as :mod:`extproc.telemetry.metrics` (both record a call's
+:class:`~extproc.telemetry.measurements.Measurements`), under OpenTelemetry names:
 
 - ``gen_ai.client.token.usage`` ({token}), ``gen_ai.client.operation.duration`` (s),
   ``gen_ai.server.time_to_first_token`` (s), ``gen_ai.server.time_per_output_token`` (s):
@@ -48,14 +49,18 @@ from opentelemetry.sdk.metrics.export import (
 from opentelemetry.sdk.resources import Resource
 from prometheus_client import Counter as PromCounter
 
-from extproc.apis.finish import finish_reason
-from extproc.core.bounded import clip
-from extproc.core.call import OK, Call
+from extproc.core.call import Call
 from extproc.core.config import StatsConfig
-from extproc.core.pricing import Cost
 from extproc.telemetry import otlp_settings
-from extproc.telemetry.labels import LabelGuard, LabelSource
-from extproc.telemetry.metrics import DURATION_BUCKETS, TOKEN_BUCKETS, TPOT_BUCKETS, TTFT_BUCKETS, error_type
+from extproc.telemetry.measurements import (
+    DURATION_BUCKETS,
+    TOKEN_BUCKETS,
+    TOKEN_TYPES,
+    TPOT_BUCKETS,
+    TTFT_BUCKETS,
+    Measurements,
+    Measurer,
+)
 
 log = logging.getLogger("extproc.telemetry.metrics")
 
@@ -120,6 +125,26 @@ def resource(instance_id: str) -> Resource:
     return res
 
 
+_ATTRS_CACHE_MAX = 4096  # label combinations whose attribute sets we keep at hand (then start over)
+
+
+class _Attributes:
+    """The attribute sets of one label combination, built once and reused by later calls."""
+
+    __slots__ = ("ai", "timed", "tokens", "missing", "requests")
+
+    def __init__(self, labels: tuple[str, ...], names: tuple[str, ...]) -> None:
+        llm, model, request_model, response_model, operation, err, status, outcome, *values = labels
+        custom = dict(zip(names, values))
+        self.ai = {"llm": llm, "model": model, **custom}
+        genai = {"gen_ai.operation.name": operation, "gen_ai.provider.name": llm,
+                 "gen_ai.request.model": request_model, "gen_ai.response.model": response_model, **custom}
+        self.timed = {**genai, "error.type": err} if err else genai
+        self.tokens = tuple({**genai, "gen_ai.token.type": t} for t in TOKEN_TYPES)
+        self.missing = {**self.ai, "operation": operation}
+        self.requests = {**self.ai, "operation": operation, "status_code": status, "outcome": outcome, "error_type": err}
+
+
 class OtlpMetrics:
     """The call observer recording each finished LLM call into OTel instruments. Never raises."""
 
@@ -138,8 +163,8 @@ class OtlpMetrics:
         )
         self.provider = MeterProvider(resource=resource(self.instance_id), metric_readers=[self.reader], shutdown_on_exit=False)
         meter = self.provider.get_meter("envoy-ai-extproc")
-        self.sources = tuple(LabelSource(c) for c in stats.custom_labels)
-        self.guard = LabelGuard(stats.max_label_values)
+        self.measurer = Measurer(stats)  # shared with the Prometheus backend (see observers.py)
+        self._attrs: dict[tuple[str, ...], _Attributes] = {}
         self.failures = 0
         self.closed = False
         hist = meter.create_histogram
@@ -179,55 +204,42 @@ class OtlpMetrics:
                 log.exception("recording OTLP metrics failed", extra={"failures": self.failures})
 
     def record(self, call: Call) -> None:
-        if call.api == "unknown":
-            return
-        obs = call.obs
-        fold = self.guard.fold
-        provider = fold("llm", clip(call.provider))
-        request_model = fold("model", clip(obs.request_model or ""))
-        response_model = fold("response_model", clip(obs.response_model or ""))
-        model = request_model or response_model or "unknown"
-        err = fold("error_type", clip(error_type(call)))
-        operation = fold("operation", clip(obs.operation))
-        custom = {s.name: fold(s.name, s.value(call)) for s in self.sources}
-        ai = {"llm": provider, "model": model, **custom}
-        genai: dict[str, Any] = {"gen_ai.operation.name": operation, "gen_ai.provider.name": provider,
-                                 "gen_ai.request.model": request_model, "gen_ai.response.model": response_model, **custom}
-        timed = {**genai, "error.type": err} if err else genai
+        """Measure ``call`` and record it (nothing for a call that is not an LLM call)."""
+        m = self.measurer.measure(call)
+        if m is not None:
+            self.record_measurements(m)
 
-        duration = call.duration
-        if duration is not None:
-            self.duration.record(duration, timed)
-        ttft = call.ttft if obs.streaming and call.status < 400 else None
-        if ttft is not None:
-            self.ttft.record(ttft, timed)
-        usage = obs.usage
-        if usage.input_tokens is not None:
-            self.prompt_tokens.add(usage.input_tokens, ai)
-        if usage.output_tokens is not None:
-            self.completion_tokens.add(usage.output_tokens, ai)
-            tpot = call.tpot if ttft is not None and call.outcome == OK else None
-            if tpot is not None:
-                self.tpot.record(tpot, timed)
-        for token_type, n in (("input", usage.input_tokens), ("output", usage.output_tokens),
-                              ("cached_input", usage.cached_input_tokens),
-                              ("cache_creation_input", usage.cache_creation_input_tokens),
-                              ("reasoning", usage.reasoning_tokens)):
+    def record_measurements(self, m: Measurements) -> None:
+        a = self._attrs.get(m.labels)
+        if a is None:
+            if len(self._attrs) >= _ATTRS_CACHE_MAX:
+                self._attrs.clear()
+            a = self._attrs[m.labels] = _Attributes(m.labels, self.measurer.names)
+        if m.duration is not None:
+            self.duration.record(m.duration, a.timed)
+        if m.ttft is not None:
+            self.ttft.record(m.ttft, a.timed)
+        tokens = m.tokens
+        if tokens[0] is not None:
+            self.prompt_tokens.add(tokens[0], a.ai)
+        if tokens[1] is not None:
+            self.completion_tokens.add(tokens[1], a.ai)
+        if m.tpot is not None:
+            self.tpot.record(m.tpot, a.timed)
+        for attrs, n in zip(a.tokens, tokens):
             if n is not None:
-                self.token_usage.record(n, {**genai, "gen_ai.token.type": token_type})
-        if call.outcome == OK and not usage.seen():
-            self.usage_missing.add(1, {**ai, "operation": operation})
-        cost = call.cost
-        if isinstance(cost, Cost):
-            self.cost.add(cost.total, ai)
-        elif cost is not None and cost.reason != "disabled":
-            self.unpriced.add(1, {**ai, "reason": cost.reason})
-        finish = finish_reason(call)
-        if finish is not None:
-            self.finish_reasons.add(1, {**ai, "finish_reason": finish})
-        if obs.parse_errors:
-            self.parse_errors.add(obs.parse_errors, {"llm": provider, "reason": clip(obs.parse_error_reason or "unknown")})
-        self.requests.add(1, {**ai, "operation": operation, "status_code": str(call.status), "outcome": call.outcome, "error_type": err})
+                self.token_usage.record(n, attrs)
+        if m.usage_missing:
+            self.usage_missing.add(1, a.missing)
+        if m.cost_usd is not None:
+            self.cost.add(m.cost_usd, a.ai)
+        elif m.unpriced is not None:
+            self.unpriced.add(1, {**a.ai, "reason": m.unpriced})
+        if m.finish_reason is not None:
+            self.finish_reasons.add(1, {**a.ai, "finish_reason": m.finish_reason})
+        if m.parse_errors:
+            self.parse_errors.add(m.parse_errors, {"llm": m.llm, "reason": m.parse_error_reason})
+        self.requests.add(1, a.requests)
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
         return self.provider.force_flush(timeout_millis)
