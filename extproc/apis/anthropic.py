@@ -1,13 +1,14 @@
 """Anthropic Messages API (``/v1/messages``) and its token counter (``/v1/messages/count_tokens``).
 
-Token fields are kept exactly as Anthropic reports them: ``input_tokens`` EXCLUDES prompt tokens
-read from or written to the prompt cache, which are reported separately as
-``cached_input_tokens`` (``cache_read_input_tokens``) and ``cache_creation_input_tokens``. We never
-add them together; the full prompt size is input + cached + cache_creation.
+Token semantics (declared on :class:`AnthropicEvents`): Anthropic's ``input_tokens`` EXCLUDES
+prompt tokens read from or written to the prompt cache, which it reports separately
+(``cache_read_input_tokens`` -> cached_input, ``cache_creation_input_tokens`` ->
+cache_creation_input). The normalised input is their sum: every prompt token the model
+processed, the same meaning as OpenAI's ``prompt_tokens``. Output includes thinking.
 
 Streaming: ``message_start`` carries the first usage (input, cache, a small output count) and
 ``message_delta`` the cumulative usage so far; each overwrites the fields it carries, so the final
-value wins. Some Anthropic-compatible servers report input and cache usage only on
+value wins (the normalised input is recomputed from the latest pieces, never added twice). Some Anthropic-compatible servers report input and cache usage only on
 ``message_delta``; that works the same way.
 
 The ``output_tokens`` of ``message_start`` is a placeholder (1 to a few tokens, before any text
@@ -35,7 +36,11 @@ _USEFUL_TYPES = (b'"message_start"', b'"message_delta"', b'"message_stop"', b'"e
 
 
 class AnthropicEvents(ApiParser):
-    """Anthropic message bodies and stream events, whatever transport carries them."""
+    """Anthropic message bodies and stream events, whatever transport carries them.
+
+    Token semantics: ``input_tokens`` EXCLUDES cache reads (``cache_read_input_tokens``) and
+    writes (``cache_creation_input_tokens``); the normalised input adds them. Output includes
+    thinking. No total is reported (input + output)."""
 
     operation = "chat"
     api = "anthropic.messages"
@@ -44,6 +49,7 @@ class AnthropicEvents(ApiParser):
     input_keys = ("messages",)
     end_user_keys = (("metadata", "user_id"),)
     stream_markers = True
+    input_excludes_cache = True
     _start_output: Any = None  # message_start's placeholder output_tokens (see module doc)
 
     def on_response_json(self, obj: Any) -> None:
@@ -89,7 +95,7 @@ class AnthropicEvents(ApiParser):
             self.mark_complete(error=True)
 
     def _stream_complete(self) -> None:
-        if self.obs.usage.output_tokens is None and self._start_output is not None:
+        if self.reported.output_tokens is None and self._start_output is not None:
             self.set_usage(output_tokens=self._start_output)  # no message_delta count came
         self.mark_complete()
 

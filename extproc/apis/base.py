@@ -14,6 +14,14 @@ response chunk. Subclasses only implement the ``on_*`` hooks for their schema:
 
 Hooks set ``self.changed = True`` when usage or the response model became known, so the servicer
 sends dynamic metadata on that very message (clients may hang up before end of stream).
+
+Token semantics: hooks pass the counts to ``set_usage`` as the API reports them, and each parser
+class declares what those mean (``input_excludes_cache``, ``output_excludes_reasoning``).
+``set_usage`` keeps the reported pieces and derives ``Observation.usage`` in one meaning for every
+API: input = every input token the model processed (uncached + cache read + cache write), output
+= every output token billed (visible + reasoning), the breakdowns as reported. A stream whose
+events overwrite pieces (Anthropic's ``message_start`` then ``message_delta``) is recomputed from
+the latest pieces, never added twice. The table per API is in docs/metrics.md (Token semantics).
 Nothing here raises on bad input: it is counted on the observation and the call goes on.
 
 The response framing (``framing_for``: a JSON body, SSE, NDJSON, a streamed JSON array, or one a
@@ -41,7 +49,7 @@ from extproc.codecs.json_array import JsonArrayDecoder
 from extproc.codecs.ndjson import NDJSONDecoder
 from extproc.codecs.sse import SSEDecoder
 from extproc.core.bounded import clip
-from extproc.core.observation import Observation
+from extproc.core.observation import Observation, Usage
 
 JSON, SSE, NDJSON, JSON_ARRAY, NONE = "json", "sse", "ndjson", "json_array", "none"
 
@@ -76,6 +84,12 @@ def items(value: Any) -> list[Any] | tuple[()]:
     return value if isinstance(value, list) else ()
 
 
+def _sum(*parts: int | None) -> int | None:
+    """The sum of the parts the API reported; None when it reported none of them."""
+    known = [p for p in parts if p is not None]
+    return min(sum(known), MAX_TOKENS) if known else None
+
+
 def dig(obj: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(obj, dict):
@@ -98,6 +112,9 @@ class ApiParser:
     priced: ClassVar[bool] = True
     # True: a streamed response is complete only when mark_complete() saw the API's end marker
     stream_markers: bool = False
+    # Token semantics of the counts this API reports (see the module docstring):
+    input_excludes_cache: ClassVar[bool] = False  # input leaves out cache reads and writes (Anthropic, Bedrock)
+    output_excludes_reasoning: ClassVar[bool] = False  # output leaves out reasoning (Gemini's thoughts)
 
     def __init__(
         self,
@@ -117,6 +134,7 @@ class ApiParser:
         self.complete = False  # the response is whole by the API's own end marker (see module doc)
         self.stream_error = False  # it ended with an in-stream error event (a 200 that failed)
         self.status = 0
+        self.reported = Usage()  # the counts as the API reported them; obs.usage is derived from them
         self._framing = JSON
         self._body: list[bytes] = []
         self._body_len = 0
@@ -307,8 +325,11 @@ class ApiParser:
             self.changed = True
 
     def set_usage(self, **counts: Any) -> None:
-        """Record provider-reported counts; values that are not sane integers are refused."""
-        usage = self.obs.usage
+        """Record counts as the API reports them (``Usage`` field names, the API's own meaning;
+        a later value of a field replaces the earlier one), then derive ``obs.usage`` from the
+        latest pieces. Values that are not sane integers are refused."""
+        reported = self.reported
+        fresh = False
         for name, value in counts.items():
             if value is None:
                 continue
@@ -316,9 +337,26 @@ class ApiParser:
             if n is None:
                 self.obs.parse_error("bad_token_count")
                 continue
-            if getattr(usage, name) != n:
-                setattr(usage, name, n)
-                self.changed = True
+            if getattr(reported, name) != n:
+                setattr(reported, name, n)
+                fresh = True
+        if fresh:
+            self._normalise()
+
+    def _normalise(self) -> None:
+        """``obs.usage`` from ``self.reported``: one meaning whatever the API (module docstring)."""
+        r, usage = self.reported, self.obs.usage
+        inp, out = r.input_tokens, r.output_tokens
+        if self.input_excludes_cache:
+            inp = _sum(inp, r.cached_input_tokens, r.cache_creation_input_tokens)
+        if self.output_excludes_reasoning:
+            out = _sum(out, r.reasoning_tokens)
+        normal = (inp, out, r.total_tokens, r.cached_input_tokens, r.cache_creation_input_tokens, r.reasoning_tokens)
+        if normal != (usage.input_tokens, usage.output_tokens, usage.total_tokens, usage.cached_input_tokens,
+                      usage.cache_creation_input_tokens, usage.reasoning_tokens):
+            (usage.input_tokens, usage.output_tokens, usage.total_tokens, usage.cached_input_tokens,
+             usage.cache_creation_input_tokens, usage.reasoning_tokens) = normal
+            self.changed = True
 
     def capture_text(self, text: Any) -> None:
         if not self.capture or not isinstance(text, str) or not text:

@@ -8,6 +8,8 @@ Streams are binary ``application/vnd.amazon.eventstream`` frames (see ``extproc.
 
 - ConverseStream: the ``metadata`` event carries ``usage`` (inputTokens, outputTokens,
   totalTokens, cacheReadInputTokens -> cached_input, cacheWriteInputTokens -> cache_creation).
+  As with Anthropic, every Bedrock API's input count EXCLUDES cache reads and writes: the
+  normalised input adds them (``input_excludes_cache``); totalTokens already includes them.
 - InvokeModelWithResponseStream: ``chunk`` events whose JSON ``{"bytes": "<base64>"}`` holds the
   model's own stream event: Anthropic events for Claude, Converse-shaped ones (``metadata.usage``)
   for Nova. The last chunk may add ``amazon-bedrock-invocationMetrics`` (inputTokenCount,
@@ -102,6 +104,7 @@ class BedrockConverse(_EventStreamParser):
     operation = "chat"
     api = "bedrock.converse"
     default_provider = "bedrock"
+    input_excludes_cache = True  # inputTokens leaves out cacheReadInputTokens and cacheWriteInputTokens
     input_keys = ("messages",)
     stream_markers = True
     _stopped = False  # messageStop seen
@@ -167,6 +170,9 @@ class BedrockInvoke(_EventStreamParser, AnthropicEvents):
     operation = "chat"
     api = "bedrock.invoke"
     default_provider = "bedrock"
+    # Claude's input_tokens, Nova's inputTokens and invocationMetrics' inputTokenCount all leave out
+    # cache reads and writes (Llama reports no cache)
+    input_excludes_cache = True
     stream_markers = True
     _stopped = False  # Nova: messageStop seen
     _metadata = False  # Nova: metadata (usage) seen
@@ -245,7 +251,7 @@ class BedrockInvoke(_EventStreamParser, AnthropicEvents):
             )
 
     def _fallback(self, metrics: dict[str, Any]) -> None:
-        usage = self.obs.usage
+        usage = self.reported
         self.set_usage(
             input_tokens=metrics.get("inputTokenCount") if usage.input_tokens is None else None,
             output_tokens=metrics.get("outputTokenCount") if usage.output_tokens is None else None,

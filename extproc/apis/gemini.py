@@ -1,10 +1,11 @@
 """Google Gemini API and Vertex AI: ``:generateContent`` and ``:streamGenerateContent``.
 
 The model is in the path (``.../models/{model}:generateContent``); the response's
-``modelVersion`` is the response model. ``usageMetadata`` is read as reported:
-promptTokenCount -> input, candidatesTokenCount -> output, totalTokenCount -> total (kept exactly:
-it may exceed prompt + candidates because it includes thinking tokens), cachedContentTokenCount
--> cached_input, thoughtsTokenCount -> reasoning. Gemini's candidatesTokenCount EXCLUDES thoughts.
+``modelVersion`` is the response model. ``usageMetadata``: promptTokenCount -> input (it includes
+cachedContentTokenCount), candidatesTokenCount + thoughtsTokenCount -> output (Gemini's
+candidatesTokenCount EXCLUDES thoughts, which are billed as output: declared by
+``output_excludes_reasoning``), totalTokenCount -> total (kept as reported), cachedContentTokenCount
+-> cached_input, thoughtsTokenCount -> reasoning.
 
 ``:embedContent``/``:batchEmbedContents`` (embeddings; usage only where Vertex reports it) and
 ``:countTokens`` (a count, kept apart from usage) are recognised too.
@@ -41,6 +42,7 @@ class GeminiGenerate(ApiParser):
     operation = "generate_content"
     api = "gemini.generate_content"
     default_provider = "gemini"
+    output_excludes_reasoning = True  # candidatesTokenCount leaves out thoughtsTokenCount
     input_keys: ClassVar[tuple[str, ...]] = ("contents",)
 
     def on_request_json(self, obj: dict[str, Any]) -> None:

@@ -11,13 +11,17 @@ from typing import Any
 
 @dataclass(slots=True)
 class Usage:
-    """Token usage exactly as the provider reported it (``None``: not reported)."""
+    """Token usage in one meaning whatever the provider (``None``: not reported).
 
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    total_tokens: int | None = None
-    cached_input_tokens: int | None = None  # prompt tokens read from the provider's cache
-    cache_creation_input_tokens: int | None = None  # prompt tokens written to the cache
+    The parser derives it from the counts as reported, by its API's declared semantics
+    (``extproc.apis.base``; the table per API is in docs/metrics.md, Token semantics). Every
+    output (metadata, metrics, spans, budgets, cost) reads these fields as they are."""
+
+    input_tokens: int | None = None  # every input token processed: uncached + cache read + cache write
+    output_tokens: int | None = None  # every output token billed: visible + reasoning
+    total_tokens: int | None = None  # the provider's total, when it reports one
+    cached_input_tokens: int | None = None  # part of input_tokens read from the provider's cache
+    cache_creation_input_tokens: int | None = None  # part of input_tokens written to the cache
     reasoning_tokens: int | None = None  # part of output_tokens spent on hidden reasoning
 
     def seen(self) -> bool:

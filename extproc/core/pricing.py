@@ -4,17 +4,10 @@ Prices come from configured overrides first (``pricing.models``: negotiated disc
 models, fine-tunes, models newer than the catalogue), then from the ``genai-prices`` catalogue
 (pinned in pyproject; its data ships in the wheel, no network). See docs/cost.md.
 
-The hard part is the meaning of the token counts, which differs per API schema (``Call.api``):
-
-- OpenAI schema (OpenAI, Azure, Mistral, Groq, DeepSeek, xAI, OpenRouter, Cohere, Ollama...):
-  input INCLUDES cached (and cache-written) tokens; output INCLUDES reasoning tokens.
-- Anthropic schema (Anthropic, Claude on Vertex, every Bedrock API): input EXCLUDES cache reads
-  and cache writes, which come as separate counts; output includes thinking.
-- Gemini schema (Gemini API, Vertex AI): input (promptTokenCount) INCLUDES cached tokens; output
-  (candidatesTokenCount) EXCLUDES thinking (thoughtsTokenCount), which is billed as output.
-
-Each is normalised to one form: ``input`` = every prompt token (cache reads and writes included),
-``output`` = every generated token (reasoning included). That is also ``genai-prices``' form.
+The usage it reads is already in one meaning whatever the API (the parsers normalise it:
+``extproc.core.observation.Usage``): ``input`` = every prompt token, cache reads and writes
+included; ``output`` = every generated token, reasoning included. That is also ``genai-prices``'
+form, so no schema knowledge lives here: the breakdowns (cache read, cache write) set the rates.
 
 :meth:`Pricer.price` never raises: a model nobody prices, a call without usage, or usage the
 catalogue finds inconsistent becomes :class:`Unpriced` with a reason.
@@ -37,15 +30,6 @@ if TYPE_CHECKING:
     from extproc.core.observation import Usage
 
 log = logging.getLogger("extproc.core.pricing")
-
-# Usage conventions (see the module docstring), by parser api name prefix.
-OPENAI, ANTHROPIC, GEMINI = "openai", "anthropic", "gemini"
-_API_CONVENTIONS: tuple[tuple[str, str], ...] = (
-    ("anthropic.", ANTHROPIC),
-    ("vertex.anthropic", ANTHROPIC),
-    ("bedrock.", ANTHROPIC),
-    ("gemini.", GEMINI),
-)
 
 UnpricedReason = Literal["disabled", "unknown_model", "no_usage", "error"]
 _LOOKUP_CACHE_MAX = 4096
@@ -136,35 +120,13 @@ class Tokens:
     reasoning: int = 0
 
 
-def convention(api: str | None, provider: str, model: str | None) -> str:
-    """Which schema's token semantics apply: from the parser's api name, else from the provider
-    (Claude on Vertex speaks Anthropic's schema)."""
-    if api:
-        for prefix, conv in _API_CONVENTIONS:
-            if api.startswith(prefix):
-                return conv
-        return OPENAI
-    if provider in ("anthropic", "bedrock"):
-        return ANTHROPIC
-    if provider in ("gemini", "vertex_ai"):
-        return ANTHROPIC if model and "claude" in model.lower() else GEMINI
-    return OPENAI
-
-
-def normalise(usage: Usage, conv: str) -> Tokens | None:
-    """``usage`` as reported -> :class:`Tokens`; ``None`` when neither input nor output is known."""
+def tokens(usage: Usage) -> Tokens | None:
+    """``usage`` (normalised by the parser) -> :class:`Tokens`; ``None`` when neither input nor
+    output is known."""
     if usage.input_tokens is None and usage.output_tokens is None:
         return None
-    inp = usage.input_tokens or 0
-    out = usage.output_tokens or 0
-    read = usage.cached_input_tokens or 0
-    write = usage.cache_creation_input_tokens or 0
-    reasoning = usage.reasoning_tokens or 0
-    if conv == ANTHROPIC:
-        inp += read + write
-    elif conv == GEMINI:
-        out += reasoning
-    return Tokens(inp, out, read, write, reasoning)
+    return Tokens(usage.input_tokens or 0, usage.output_tokens or 0, usage.cached_input_tokens or 0,
+                  usage.cache_creation_input_tokens or 0, usage.reasoning_tokens or 0)
 
 
 # ---- the calculator ---------------------------------------------------------------------------
@@ -230,19 +192,17 @@ class Pricer:
         response_model: str | None,
         usage: Usage,
         service_tier: str | None = None,
-        api: str | None = None,
     ) -> Cost | Unpriced:
         """The call's cost, or why there is none. Never raises.
 
-        ``provider`` is our provider name (``Call.provider``), ``api`` the parser's schema name
-        (``Call.api``; it decides what the token counts mean, see :func:`convention`), and
-        ``service_tier`` the tier the response reported (OpenAI ``service_tier``), which selects
-        the catalogue's tier rates where it has them.
+        ``provider`` is our provider name (``Call.provider``), ``usage`` the call's normalised
+        usage, and ``service_tier`` the tier the response reported (OpenAI ``service_tier``),
+        which selects the catalogue's tier rates where it has them.
         """
         if not self.enabled:
             return DISABLED
         try:
-            result = self._price(provider, request_model, response_model, usage, service_tier, api)
+            result = self._price(provider, request_model, response_model, usage, service_tier)
             if isinstance(result, Cost):  # to the pico-dollar: 7.5e-06, not 7.499999999999999e-06
                 result = Cost(round(result.total, 12), round(result.input, 12), round(result.output, 12),
                               result.model, result.source)
@@ -255,14 +215,14 @@ class Pricer:
             return ERROR
 
     def _price(self, provider: str, request_model: str | None, response_model: str | None, usage: Usage,
-               service_tier: str | None, api: str | None) -> Cost | Unpriced:
+               service_tier: str | None) -> Cost | Unpriced:
         models = tuple(m for m in (response_model, request_model) if m)
         if not models:
             return UNKNOWN_MODEL
-        tokens = normalise(usage, convention(api, provider, models[0]))
+        t = tokens(usage)
         override = self._override(provider, models) if self._overrides else None
         if override is not None:
-            return override.cost(tokens) if tokens is not None else NO_USAGE
+            return override.cost(t) if t is not None else NO_USAGE
         found = None
         for model in models:  # the response model first: it is what served (and is billed)
             found = self._find(provider, model)
@@ -270,9 +230,9 @@ class Pricer:
                 break
         if found is None:
             return UNKNOWN_MODEL
-        if tokens is None:
+        if t is None:
             return NO_USAGE
-        return self._catalogue_cost(found, tokens, service_tier)
+        return self._catalogue_cost(found, t, service_tier)
 
     def _override(self, provider: str, models: tuple[str, ...]) -> _Override | None:
         key = (provider, models)

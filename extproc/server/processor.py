@@ -537,7 +537,7 @@ class Stream:
             return
         self._priced = key
         call.cost = self.p.pricer.price(call.provider, obs.request_model, obs.response_model, u,
-                                        obs.extra.get("service_tier"), call.api)
+                                        obs.extra.get("service_tier"))
 
     def finish(self) -> None:
         """The gRPC stream ended (normally, or because Envoy reset it). Report exactly once.

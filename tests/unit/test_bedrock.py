@@ -13,13 +13,14 @@ def test_invocation_metrics_used_only_when_the_model_gave_no_usage() -> None:
             "inputTokenCount": 31, "outputTokenCount": 9, "cacheReadInputTokenCount": 2}})
     case = Case("x", "/model/anthropic.claude-x/invoke-with-response-stream", EVENTSTREAM, body=body, expect={})
     obs = run(case, [body])
-    assert (obs.usage.input_tokens, obs.usage.output_tokens, obs.usage.cached_input_tokens) == (31, 9, 2)
+    # inputTokenCount excludes the cache read, like Claude's own input_tokens: normalised input 31 + 2
+    assert (obs.usage.input_tokens, obs.usage.output_tokens, obs.usage.cached_input_tokens) == (31 + 2, 9, 2)
 
 
 def test_anthropic_usage_wins_over_invocation_metrics(load_case: Callable[[Case], bytes]) -> None:
     case = BY_NAME["bedrock_invoke_stream_claude"]
     obs = run(case, [load_case(case)])
-    assert (obs.usage.input_tokens, obs.usage.output_tokens) == (25, 40)  # not the metrics' 999/998
+    assert (obs.usage.input_tokens, obs.usage.output_tokens) == (25 + 7 + 3, 40)  # not the metrics' 999/998
 
 
 def test_bad_base64_chunk_is_counted() -> None:

@@ -1,4 +1,6 @@
-"""Cost in USD per call (extproc.core.pricing).
+"""Cost in USD per call (extproc.core.pricing), from usage in its normalised meaning (input
+includes cache reads and writes, output includes reasoning: the parsers derive it; see
+tests/unit/test_token_semantics.py for every API's reported fields).
 
 Expected amounts are computed here from the providers' published per-million rates, written as
 literals: a catalogue (genai-prices) bump that changes a price or a token meaning fails these.
@@ -14,7 +16,7 @@ import pytest
 from extproc.apis.routing import catalogue_ids
 from extproc.core.config import ConfigError, parse
 from extproc.core.observation import Usage
-from extproc.core.pricing import Cost, Pricer, PricingConfig, Tokens, Unpriced, _library_cost, _plan, normalise
+from extproc.core.pricing import Cost, Pricer, PricingConfig, Tokens, Unpriced, _library_cost, _plan, tokens
 
 M = 1_000_000
 
@@ -38,7 +40,7 @@ def test_openai_gpt_4o_mini_cached_and_reasoning(pricer: Pricer) -> None:
     # gpt-4o-mini: $0.15 input, $0.075 cached input, $0.60 output per 1M tokens.
     # OpenAI's prompt_tokens INCLUDE the cached ones; completion_tokens INCLUDE reasoning.
     u = Usage(input_tokens=12_000, output_tokens=900, total_tokens=12_900, cached_input_tokens=8_064, reasoning_tokens=256)
-    c = cost(pricer.price("openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", u, api="openai.chat"))
+    c = cost(pricer.price("openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", u))
     want_in = (12_000 - 8_064) * 0.15 / M + 8_064 * 0.075 / M
     want_out = 900 * 0.60 / M
     assert c.input == pytest.approx(want_in, abs=1e-9)
@@ -60,41 +62,42 @@ def test_openai_service_tier_selects_the_rate(pricer: Pricer) -> None:
 def test_openai_responses_api_same_meaning(pricer: Pricer) -> None:
     # o4-mini: $1.10 input, $0.275 cached, $4.40 output; reasoning is billed as output.
     u = Usage(input_tokens=5_000, output_tokens=3_000, cached_input_tokens=1_000, reasoning_tokens=2_500)
-    c = cost(pricer.price("openai", "o4-mini", "o4-mini-2025-04-16", u, api="openai.responses"))
+    c = cost(pricer.price("openai", "o4-mini", "o4-mini-2025-04-16", u))
     assert c.total == pytest.approx((4_000 * 1.10 + 1_000 * 0.275 + 3_000 * 4.40) / M, abs=1e-9)
 
 
 def test_anthropic_cache_reads_and_writes(pricer: Pricer) -> None:
     # Claude Sonnet 4: $3 input, $0.30 cache read, $3.75 cache write (5 min), $15 output.
-    # Anthropic's input_tokens EXCLUDE cache reads and writes.
-    u = Usage(input_tokens=1_500, output_tokens=700, cached_input_tokens=20_000, cache_creation_input_tokens=4_000)
-    c = cost(pricer.price("anthropic", "claude-sonnet-4-20250514", "claude-sonnet-4-20250514", u, api="anthropic.messages"))
+    # Anthropic reports input_tokens 1,500 EXCLUDING the cache: normalised input 25,500.
+    u = Usage(input_tokens=25_500, output_tokens=700, cached_input_tokens=20_000, cache_creation_input_tokens=4_000)
+    c = cost(pricer.price("anthropic", "claude-sonnet-4-20250514", "claude-sonnet-4-20250514", u))
     want_in = 1_500 * 3 / M + 20_000 * 0.30 / M + 4_000 * 3.75 / M
     assert c.input == pytest.approx(want_in, abs=1e-9)
     assert c.output == pytest.approx(700 * 15 / M, abs=1e-9)
     assert c.total == pytest.approx(want_in + 700 * 15 / M, abs=1e-9)
 
 
-def test_claude_on_vertex_uses_anthropic_meaning(pricer: Pricer) -> None:
-    u = Usage(input_tokens=100, output_tokens=50, cached_input_tokens=1_000, cache_creation_input_tokens=200)
+def test_claude_on_vertex_falls_back_to_the_anthropic_catalogue(pricer: Pricer) -> None:
+    u = Usage(input_tokens=1_300, output_tokens=50, cached_input_tokens=1_000, cache_creation_input_tokens=200)
     want = (100 * 3 + 1_000 * 0.30 + 200 * 3.75 + 50 * 15) / M  # Claude 3.5 Sonnet v2
-    c = cost(pricer.price("vertex_ai", "claude-3-5-sonnet-v2@20241022", "claude-3-5-sonnet-v2-20241022", u, api="vertex.anthropic"))
+    c = cost(pricer.price("vertex_ai", "claude-3-5-sonnet-v2@20241022", "claude-3-5-sonnet-v2-20241022", u))
     assert c.total == pytest.approx(want, abs=1e-9)
-    # Without the api name, a Claude model on vertex_ai is still read the Anthropic way.
+    # Priced by the request model when the response names none.
     assert cost(pricer.price("vertex_ai", "claude-3-5-sonnet-v2@20241022", None, u)).total == pytest.approx(want, abs=1e-9)
 
 
 def test_gemini_thoughts_are_output(pricer: Pricer) -> None:
     # Gemini 2.5 Flash: $0.30 input, $0.03 cached, $2.50 output (thinking included).
-    # promptTokenCount INCLUDES cachedContentTokenCount; candidatesTokenCount EXCLUDES thoughts.
-    u = Usage(input_tokens=10_000, output_tokens=400, total_tokens=11_600, cached_input_tokens=6_000, reasoning_tokens=1_200)
-    c = cost(pricer.price("gemini", "gemini-2.5-flash", "gemini-2.5-flash", u, api="gemini.generate_content"))
+    # promptTokenCount INCLUDES cachedContentTokenCount; candidatesTokenCount 400 EXCLUDES the
+    # 1,200 thoughts: normalised output 1,600.
+    u = Usage(input_tokens=10_000, output_tokens=1_600, total_tokens=11_600, cached_input_tokens=6_000, reasoning_tokens=1_200)
+    c = cost(pricer.price("gemini", "gemini-2.5-flash", "gemini-2.5-flash", u))
     want_in = 4_000 * 0.30 / M + 6_000 * 0.03 / M
     want_out = (400 + 1_200) * 2.50 / M
     assert c.input == pytest.approx(want_in, abs=1e-9)
     assert c.output == pytest.approx(want_out, abs=1e-9)
     # Same model on Vertex AI.
-    assert cost(pricer.price("vertex_ai", "gemini-2.5-flash", "gemini-2.5-flash", u, api="gemini.generate_content")).total \
+    assert cost(pricer.price("vertex_ai", "gemini-2.5-flash", "gemini-2.5-flash", u)).total \
         == pytest.approx(want_in + want_out, abs=1e-9)
 
 
@@ -103,9 +106,9 @@ def test_gemini_long_context_tier(pricer: Pricer) -> None:
     # prompts $2.50 / $0.25 / $15 for the WHOLE call.
     short = Usage(input_tokens=200_000, output_tokens=1_000, cached_input_tokens=0)
     long = Usage(input_tokens=200_001, output_tokens=1_000, cached_input_tokens=100_000)
-    assert cost(pricer.price("gemini", "gemini-2.5-pro", None, short, api="gemini.generate_content")).total \
+    assert cost(pricer.price("gemini", "gemini-2.5-pro", None, short)).total \
         == pytest.approx((200_000 * 1.25 + 1_000 * 10) / M, abs=1e-9)
-    assert cost(pricer.price("gemini", "gemini-2.5-pro", None, long, api="gemini.generate_content")).total \
+    assert cost(pricer.price("gemini", "gemini-2.5-pro", None, long)).total \
         == pytest.approx((100_001 * 2.50 + 100_000 * 0.25 + 1_000 * 15) / M, abs=1e-9)
 
 
@@ -114,25 +117,25 @@ def test_gemini_long_context_tier(pricer: Pricer) -> None:
     "us.anthropic.claude-3-5-sonnet-20240620-v1:0",
     "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-sonnet-20240620-v1:0",
 ])
-@pytest.mark.parametrize("api", ["bedrock.converse", "bedrock.invoke"])
-def test_bedrock_model_ids(pricer: Pricer, model_id: str, api: str) -> None:
+def test_bedrock_model_ids(pricer: Pricer, model_id: str) -> None:
     # Claude 3.5 Sonnet on Bedrock: $3 input, $0.30 cache read, $3.75 cache write, $15 output.
-    # Converse's inputTokens (and Claude's invoke input_tokens) EXCLUDE cache reads and writes.
-    u = Usage(input_tokens=2_000, output_tokens=300, total_tokens=5_300, cached_input_tokens=2_500, cache_creation_input_tokens=500)
-    c = cost(pricer.price("bedrock", model_id, None, u, api=api))
+    # Converse's inputTokens (and Claude's invoke input_tokens) 2,000 EXCLUDE cache reads and
+    # writes: normalised input 5,000.
+    u = Usage(input_tokens=5_000, output_tokens=300, total_tokens=5_300, cached_input_tokens=2_500, cache_creation_input_tokens=500)
+    c = cost(pricer.price("bedrock", model_id, None, u))
     assert c.total == pytest.approx((2_000 * 3 + 2_500 * 0.30 + 500 * 3.75 + 300 * 15) / M, abs=1e-9)
 
 
 def test_bedrock_nova(pricer: Pricer) -> None:
     # Amazon Nova Pro: $0.80 input, $0.20 cache read, $3.20 output.
-    u = Usage(input_tokens=1_000, output_tokens=100, cached_input_tokens=3_000)
-    c = cost(pricer.price("bedrock", "amazon.nova-pro-v1:0", None, u, api="bedrock.converse"))
+    u = Usage(input_tokens=4_000, output_tokens=100, cached_input_tokens=3_000)  # inputTokens 1,000 + 3,000 read
+    c = cost(pricer.price("bedrock", "amazon.nova-pro-v1:0", None, u))
     assert c.total == pytest.approx((1_000 * 0.80 + 3_000 * 0.20 + 100 * 3.20) / M, abs=1e-9)
 
 
 def test_azure_deployment_name_falls_back_to_the_response_model(pricer: Pricer) -> None:
     u = Usage(input_tokens=1_000, output_tokens=100)
-    c = cost(pricer.price("azure", "my-prod-deployment", "gpt-4o-mini-2024-07-18", u, api="openai.chat"))
+    c = cost(pricer.price("azure", "my-prod-deployment", "gpt-4o-mini-2024-07-18", u))
     assert c.total == pytest.approx((1_000 * 0.15 + 100 * 0.60) / M, abs=1e-9)
     # The response model is unknown to the catalogue: the request model is tried next.
     c = cost(pricer.price("openai", "gpt-4o-mini", "gpt-4o-mini-experimental-xyz", u))
@@ -148,7 +151,7 @@ def test_override_model() -> None:
     p = overrides({"model": "acme-large", "provider": "acme", "inputPerMillion": 2.0, "outputPerMillion": 8.0,
                    "cachedInputPerMillion": 0.5, "cacheWritePerMillion": 2.5})
     u = Usage(input_tokens=10_000, output_tokens=2_000, cached_input_tokens=3_000, cache_creation_input_tokens=1_000)
-    c = cost(p.price("acme", "acme-large", None, u, api="openai.chat"))  # OpenAI meaning: input includes cache
+    c = cost(p.price("acme", "acme-large", None, u))  # input includes the cache
     want_in = (6_000 * 2.0 + 3_000 * 0.5 + 1_000 * 2.5) / M
     assert (c.input, c.output, c.source, c.model) == (pytest.approx(want_in, abs=1e-9), pytest.approx(2_000 * 8.0 / M, abs=1e-9), "override", "acme-large")
     assert c.total == pytest.approx(want_in + 16_000 / M, abs=1e-9)
@@ -167,15 +170,15 @@ def test_override_defaults_and_order_and_regex() -> None:
     assert cost(p.price("openai", "ft:gpt-4o-mini:acme::abc", None, u)).total == pytest.approx((1_000 * 0.30 + 100 * 1.20) / M, abs=1e-9)
     # matched on the request model although the response model differs; beats the catalogue
     assert cost(p.price("openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", u)).total == pytest.approx((1_000 * 0.10 + 100 * 0.40) / M, abs=1e-9)
-    free = cost(p.price("ollama", "llama3.2:3b", "llama3.2:3b", Usage(input_tokens=50, output_tokens=60), api="ollama.chat"))
+    free = cost(p.price("ollama", "llama3.2:3b", "llama3.2:3b", Usage(input_tokens=50, output_tokens=60)))
     assert free.total == 0.0 and free.source == "override"
 
 
-def test_override_with_anthropic_meaning() -> None:
+def test_override_prices_anthropic_cache_at_its_rates() -> None:
     p = overrides({"model": "claude-private", "inputPerMillion": 1, "outputPerMillion": 5,
                    "cachedInputPerMillion": 0.1, "cacheWritePerMillion": 1.25})
-    u = Usage(input_tokens=100, output_tokens=10, cached_input_tokens=1_000, cache_creation_input_tokens=400)
-    c = cost(p.price("anthropic", "claude-private", None, u, api="anthropic.messages"))
+    u = Usage(input_tokens=1_500, output_tokens=10, cached_input_tokens=1_000, cache_creation_input_tokens=400)
+    c = cost(p.price("anthropic", "claude-private", None, u))
     assert c.total == pytest.approx((100 * 1 + 1_000 * 0.1 + 400 * 1.25 + 10 * 5) / M, abs=1e-9)
 
 
@@ -183,7 +186,7 @@ def test_override_with_anthropic_meaning() -> None:
 def test_unknown_model_and_provider(pricer: Pricer) -> None:
     u = Usage(input_tokens=10, output_tokens=10)
     assert pricer.price("openai", "no-such-model-9000", None, u) == Unpriced("unknown_model")
-    assert pricer.price("ollama", "llama3.2", "llama3.2", u, api="ollama.chat") == Unpriced("unknown_model")
+    assert pricer.price("ollama", "llama3.2", "llama3.2", u) == Unpriced("unknown_model")
     # a self-hosted server named like a public model is not priced at the public rate
     assert pricer.price("unknown", "gpt-4o-mini", None, u) == Unpriced("unknown_model")
     assert pricer.price("openai", None, None, u) == Unpriced("unknown_model")
@@ -237,12 +240,10 @@ def test_fast_path_agrees_with_the_library_on_every_catalogue_model() -> None:
     assert checked > 500 and fast / checked > 0.8, (checked, fast)
 
 
-def test_normalise_meanings() -> None:
+def test_the_pricer_reads_the_normalised_usage_as_it_is() -> None:
     u = Usage(input_tokens=100, output_tokens=10, cached_input_tokens=30, cache_creation_input_tokens=5, reasoning_tokens=4)
-    assert normalise(u, "openai") == Tokens(100, 10, 30, 5, 4)
-    assert normalise(u, "anthropic") == Tokens(135, 10, 30, 5, 4)
-    assert normalise(u, "gemini") == Tokens(100, 14, 30, 5, 4)
-    assert normalise(Usage(total_tokens=3), "openai") is None
+    assert tokens(u) == Tokens(100, 10, 30, 5, 4)
+    assert tokens(Usage(total_tokens=3)) is None
 
 
 def test_lookups_are_cached() -> None:
@@ -302,7 +303,7 @@ def test_warm_loads_the_catalogue_once_before_the_first_call(monkeypatch):
     pricer = Pricer(catalogue=catalogue_ids())
     pricer.warm()
     assert loads == [1]
-    cost = pricer.price("openai", "gpt-4o-mini", None, Usage(input_tokens=2, output_tokens=12, total_tokens=14), None, "openai.chat")
+    cost = pricer.price("openai", "gpt-4o-mini", None, Usage(input_tokens=2, output_tokens=12, total_tokens=14), None)
     assert loads == [1] and isinstance(cost, Cost)
     assert cost.total == 7.5e-06  # rounded to the pico-dollar: no 7.499999999999999e-06 in the access log
     Pricer(PricingConfig(enabled=False)).warm()  # disabled: nothing to load
