@@ -42,7 +42,7 @@ CASES = [
      ("anthropic", "claude-haiku-4-5", "claude-haiku-4-5-20251001", 15, 21, 36, 0)),
     ("agw__anthropic__stream_message_delta_usage.sse", "/v1/messages",
      b'{"model":"glm-5.2","max_tokens":64,"stream":true,"messages":[]}',
-     ("anthropic", "glm-5.2", "glm-5.2", 3883, 49, 3932, 30464)),
+     ("anthropic", "glm-5.2", "glm-5.2", 3883 + 30464, 49, 3883 + 30464 + 49, 30464)),  # input includes the cache read
     ("agw__gemini__stream_generate_content_sse.sse", "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
      b'{"contents":[{"role":"user","parts":[{"text":"weather in Tokyo?"}]}]}',
      ("gemini", "gemini-2.5-pro", "gemini-2.5-pro", 15, 12, 27, None)),
