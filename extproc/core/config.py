@@ -169,13 +169,13 @@ class StatsConfig(_Section):
     port: int = Field(9092, ge=0, lt=65536)  # 0 disables the endpoint (and metrics)
     # The endpoint's own bounds (docs/security.md): an exposition is rendered at most once per
     # renderIntervalSeconds and shared by the scrapes of that interval; at most
-    # maxConcurrentScrapes are served at once (others: 503 at once); at most maxConnections are
-    # open; a connection must send its request within readTimeoutSeconds and take the response
+    # maxConcurrentScrapes wait for a render at once (others: 503 at once); at most maxConnections
+    # are open (at the cap a new one closes the oldest waiting on its client); a connection must send its request within readTimeoutSeconds and take the response
     # within writeTimeoutSeconds, or it is closed.
     render_interval_seconds: float = Field(1.0, ge=0, le=60)
     max_concurrent_scrapes: int = Field(4, ge=1, le=1000)
     max_connections: int = Field(64, ge=1, le=10000)
-    read_timeout_seconds: float = Field(5.0, gt=0, le=300)
+    read_timeout_seconds: float = Field(2.0, gt=0, le=300)  # the request head; scrapers send it at once
     write_timeout_seconds: float = Field(30.0, gt=0, le=600)
     custom_labels: list[CustomLabel] = Field(default_factory=list)
     # Distinct values kept per label (custom labels, model, provider, error type) per process;

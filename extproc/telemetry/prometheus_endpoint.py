@@ -141,12 +141,15 @@ class Endpoint:
     """``/metrics`` and ``/healthz`` on ``address:port``: an asyncio HTTP/1.1 server in one daemon
     thread (an idle connection costs a socket, not a thread), rendering in a second one.
 
-    Bounds (``stats.*``, docs/security.md): ``maxConnections`` open connections (more are closed
-    at once); the request head (16 KiB at most) must arrive within ``readTimeoutSeconds`` of the
-    connection opening, else the connection is closed and nothing is rendered; at most
-    ``maxConcurrentScrapes`` scrapes are served at once (others get 503 at once); one exposition
-    per ``renderIntervalSeconds``, shared; the response must be taken within
-    ``writeTimeoutSeconds``. One request per connection (``Connection: close``).
+    Bounds (``stats.*``, docs/security.md): ``maxConnections`` open connections; at the cap a new
+    connection closes the oldest one that is waiting on its client (for its request head, or to
+    take its response) and takes its place, so connections held open cannot lock scrapes out; only
+    when every connection waits for a render is the new one closed at once. The request head
+    (16 KiB at most) must arrive within ``readTimeoutSeconds`` of the connection opening, else the
+    connection is closed and nothing is rendered; at most ``maxConcurrentScrapes`` scrapes wait for
+    a render at once (others get 503 at once); one exposition per ``renderIntervalSeconds``,
+    shared; the response must be taken within ``writeTimeoutSeconds``. One request per
+    connection (``Connection: close``).
     """
 
     def __init__(self, stats: StatsConfig, registry: Any) -> None:
@@ -158,6 +161,10 @@ class Endpoint:
         self.rejected: dict[str, int] = {}
         self.connections = 0
         self.scrapes = 0
+        # Open connections waiting on their client, oldest first (dicts keep insertion order):
+        # the ones a new connection may evict at the cap. Not in it: those waiting for a render.
+        self._waiting: dict[asyncio.WriteTransport, None] = {}
+        self._evicted: set[asyncio.WriteTransport] = set()
         self._registry = registry
         self._stats = EndpointStats(self)
         registry.register(self._stats)
@@ -193,17 +200,27 @@ class Endpoint:
         self.rejected[reason] = self.rejected.get(reason, 0) + 1
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        transport = writer.transport
         if self.connections >= self.cfg.max_connections:
-            self._reject("connections")
-            writer.transport.abort()
-            return
+            victim = next(iter(self._waiting), None)
+            if victim is None:  # every connection is waiting for a render: they are scrapes
+                self._reject("connections")
+                transport.abort()
+                return
+            del self._waiting[victim]  # the oldest connection waiting on its client makes room
+            self._evicted.add(victim)
+            self._reject("evicted")
+            victim.abort()
         self.connections += 1
+        self._waiting[transport] = None
         try:
             await self._exchange(reader, writer)
         except Exception:  # a bug here must not stop the endpoint; the connection is dropped
             log.exception("metrics endpoint: request failed")
         finally:
             self.connections -= 1
+            self._waiting.pop(transport, None)
+            self._evicted.discard(transport)
             if writer.transport.get_write_buffer_size():
                 writer.transport.abort()  # a reader too slow for writeTimeoutSeconds: drop what is left
             else:
@@ -217,7 +234,8 @@ class Endpoint:
             self._reject("read_timeout")
             return
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
-            self._reject("bad_request")  # closed before a complete request head, or a huge one
+            if writer.transport not in self._evicted:  # (an evicted one is counted as such)
+                self._reject("bad_request")  # closed before a complete request head, or a huge one
             return
         lines = head.decode("latin-1").split("\r\n")
         parts = lines[0].split(" ")
@@ -237,22 +255,29 @@ class Endpoint:
                 self._reject("busy")
                 await self._send(writer, 503, b"busy: too many scrapes in progress\n", extra=(("Retry-After", "1"),))
                 return
+            accept = ""
+            for line in lines[1:]:
+                name, _, value = line.partition(":")
+                if name.strip().lower() == "accept":
+                    accept = value.strip()
+            # Waiting for the render: not evictable, and holding one of the scrape slots. Taking
+            # the (already rendered, shared) bytes is waiting on the client again: evictable, no slot.
+            transport = writer.transport
+            self._waiting.pop(transport, None)
             self.scrapes += 1
             try:
-                accept = ""
-                for line in lines[1:]:
-                    name, _, value = line.partition(":")
-                    if name.strip().lower() == "accept":
-                        accept = value.strip()
-                try:
-                    body, content_type = await self.exposition.get(accept)
-                except Exception:
-                    log.exception("rendering /metrics failed")
-                    await self._send(writer, 500, b"rendering failed\n")
-                    return
-                await self._send(writer, 200, body, content_type, head_only=method == "HEAD")
+                body, content_type = await self.exposition.get(accept)
+            except Exception:
+                log.exception("rendering /metrics failed")
+                body, content_type = b"", ""
             finally:
                 self.scrapes -= 1
+                if not transport.is_closing():
+                    self._waiting[transport] = None
+            if not content_type:
+                await self._send(writer, 500, b"rendering failed\n")
+                return
+            await self._send(writer, 200, body, content_type, head_only=method == "HEAD")
         else:
             await self._send(writer, 404, b"not found: try /metrics or /healthz\n")
 

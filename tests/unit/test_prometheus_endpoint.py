@@ -131,21 +131,95 @@ def test_idle_and_half_sent_requests_are_closed_without_rendering():
         ep.close()
 
 
-def test_connections_beyond_the_cap_are_closed_at_once():
-    ep, slow = endpoint(maxConnections=3, readTimeoutSeconds=1)
+def test_at_the_cap_a_new_connection_evicts_the_oldest_idle_one():
+    ep, slow = endpoint(maxConnections=3, readTimeoutSeconds=30)
+    held = []
     try:
-        held = [socket.create_connection(("127.0.0.1", ep.port)) for _ in range(3)]
+        for _ in range(3):
+            held.append(socket.create_connection(("127.0.0.1", ep.port)))
+            time.sleep(0.05)  # an order the server sees
         time.sleep(0.2)
-        extra = socket.create_connection(("127.0.0.1", ep.port))
-        took = closed_within(extra, 2)
-        assert took is not None and took < 0.5
-        extra.close()
+        code, _, _ = get(ep.port)  # a scrape over the cap: the oldest idle connection makes room
+        closed = [closed_within(held[0], 2), closed_within(held[1], 0.3), closed_within(held[2], 0.3)]
+        rejected = dict(ep.rejected)
+    finally:
         for s in held:
             s.close()
-        time.sleep(0.2)
-        assert get(ep.port)[0] == 200  # the cap counts open connections, not past ones
+        ep.close()
+    assert code == 200
+    assert closed[0] is not None and closed[0] < 0.5 and closed[1:] == [None, None]
+    assert rejected == {"evicted": 1}
+
+
+def test_at_the_cap_with_every_connection_waiting_for_a_render_a_new_one_is_closed_at_once():
+    ep, slow = endpoint(delay=1.5, maxConnections=2, maxConcurrentScrapes=4)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            scrapes = [pool.submit(get, ep.port) for _ in range(2)]
+            time.sleep(0.5)  # both wait for the render: not evictable
+            extra = socket.create_connection(("127.0.0.1", ep.port))
+            took = closed_within(extra, 2)
+            assert took is not None and took < 0.5
+            extra.close()
+            assert [f.result()[0] for f in scrapes] == [200, 200]
+        assert ep.rejected.get("connections") == 1
     finally:
         ep.close()
+
+
+def test_scrapes_keep_working_while_connections_are_held_and_reopened():
+    """An adversary holds every connection slot, idle or as a request that never reads its
+    answer, and re-opens each as soon as the server closes it: every scrape still succeeds."""
+    ep, slow = endpoint(series=20_000, readTimeoutSeconds=2)
+    stop = threading.Event()
+    opened = [0]
+
+    def hold(slots: int, request: bytes) -> None:
+        socks: list[socket.socket] = []
+        while not stop.is_set():
+            while len(socks) < slots:
+                s = socket.create_connection(("127.0.0.1", ep.port))
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                if request:
+                    s.sendall(request)  # and never read the answer
+                s.setblocking(False)
+                socks.append(s)
+                opened[0] += 1
+            for s in list(socks):  # re-open what the server closed
+                try:
+                    data = s.recv(1, socket.MSG_PEEK)
+                except BlockingIOError:
+                    continue  # open, nothing sent
+                except OSError:
+                    data = b""  # reset
+                if data:
+                    continue  # an answer waiting, never read: still held
+                socks.remove(s)
+                s.close()
+            time.sleep(0.005)
+        for s in socks:
+            s.close()
+
+    holders = [threading.Thread(target=hold, args=(64, b"")),
+               threading.Thread(target=hold, args=(8, b"GET /metrics HTTP/1.1\r\n\r\n"))]
+    codes: list[int | str] = []
+    try:
+        for t in holders:
+            t.start()
+        time.sleep(0.5)
+        for _ in range(40):
+            try:
+                codes.append(get(ep.port, timeout=5)[0])
+            except OSError as e:
+                codes.append(type(e).__name__)
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        for t in holders:
+            t.join(10)
+        ep.close()
+    assert codes == [200] * 40
+    assert opened[0] > 72  # the slots were held and re-opened
 
 
 def test_healthz_404_and_bad_requests():
