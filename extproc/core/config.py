@@ -284,7 +284,7 @@ class TracingFields(_Section):
     remove: list[str] = Field(default_factory=list)  # exact names, or a prefix ending in ".*"
 
 
-Convention = Literal["genai", "openinference"]
+Convention = Literal["genai", "openinference", "langfuse", "openllmetry"]
 DEFAULT_NO_CAPTURE_HEADER = "x-extproc-no-capture"
 HEADER_NAME = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}\Z")
 
@@ -303,8 +303,8 @@ class TracingConfig(_Section):
     random_sampling: bool | float | None = None  # true/false or a ratio; default OTEL_TRACES_SAMPLER
     service_name: str | None = None  # default OTEL_SERVICE_NAME, else envoy-ai-extproc
     resource_attributes: dict[str, str] = Field(default_factory=dict)
-    # Attribute sets on each span: "genai" (OpenTelemetry GenAI conventions), "openinference"
-    # (Arize Phoenix's; extproc.telemetry.openinference), or both.
+    # Attribute sets on each span, any of: "genai" (OpenTelemetry GenAI conventions),
+    # "openinference" (Arize Phoenix), "langfuse" (langfuse.*), "openllmetry" (Traceloop's names).
     conventions: list[Convention] = Field(default_factory=_default_conventions, min_length=1)
     capture_content: bool = False  # prompts and completions on spans (gen_ai.input/output.messages)
     # A request carrying this header (any value) gets no content capture, whatever captureContent

@@ -9,6 +9,7 @@ attributes (CEL, see ``extproc.core.cel``). Nothing runs per ext_proc message.
 from __future__ import annotations
 
 import logging
+from collections.abc import Collection
 from typing import Any
 
 import orjson
@@ -27,6 +28,7 @@ from extproc.core.config import TracingConfig
 from extproc.core.envoy_names import JWT_AUTHN_NAMESPACE, JWT_PAYLOAD_KEY
 from extproc.core.pricing import Cost
 from extproc.core.redact import safe_headers
+from extproc.telemetry import langfuse, openllmetry
 from extproc.telemetry import openinference as oi
 from extproc.telemetry.trace_export import BoundedBatchProcessor, build_exporter
 
@@ -85,8 +87,7 @@ class Tracer:
         self.wants_content = cfg.capture_content  # the Processor switches parser capture on
         self.max_chars = cfg.max_content_chars
         self.no_capture_header = cfg.no_capture_header
-        self.genai = "genai" in cfg.conventions
-        self.openinference = "openinference" in cfg.conventions
+        self.conventions = frozenset(cfg.conventions)
         self.provider = TracerProvider(sampler=sampler(cfg), resource=resource(cfg))
         self.processor = processor or BoundedBatchProcessor(
             build_exporter(cfg), max_queue_size=cfg.max_queue_size,
@@ -106,7 +107,7 @@ class Tracer:
             return  # not an LLM call or JSON-RPC request: Envoy's own tracing covers plain HTTP
         # tracing.noCaptureHeader: the caller asked for no content capture on this call
         capture = self.wants_content and self.no_capture_header not in call.headers
-        attrs = span_attributes(call, capture, self.max_chars, self.genai, self.openinference)
+        attrs = span_attributes(call, capture, self.max_chars, self.conventions)
         if self.remove_exact or self.remove_prefix:
             attrs = {k: v for k, v in attrs.items() if k not in self.remove_exact and not k.startswith(self.remove_prefix)}
         if self.fields:
@@ -142,15 +143,21 @@ def span_name(call: Call) -> str:
     return f"{operation} {clip(obs.request_model)}" if obs.request_model else operation
 
 
-def span_attributes(call: Call, capture: bool, max_chars: int, genai: bool = True,
-                    openinference: bool = False) -> dict[str, Any]:
+def span_attributes(call: Call, capture: bool, max_chars: int,
+                    conventions: Collection[str] = ("genai",)) -> dict[str, Any]:
     """The span's attributes: the conventions asked for, then those every convention shares
     (who the call was for, server, HTTP status, error type, MCP)."""
     a: dict[str, Any] = {}
+    genai = "genai" in conventions
+    error = _error_type(call)
     if genai:
         _genai_attributes(a, call, capture, max_chars)
-    if openinference:
+    if "openinference" in conventions:
         oi.add_attributes(a, call, capture, max_chars)
+    if "openllmetry" in conventions:
+        openllmetry.add_attributes(a, call, capture, max_chars)
+    if "langfuse" in conventions:
+        langfuse.add_attributes(a, call, capture, max_chars, error)
     _attribution(a, call, genai)
     if call.host:
         a["server.address"] = clip(call.host.rsplit(":", 1)[0] if call.host.count(":") == 1 else call.host)
@@ -158,7 +165,6 @@ def span_attributes(call: Call, capture: bool, max_chars: int, genai: bool = Tru
         a["http.response.status_code"] = call.status
     if call.api == "mcp":
         _mcp_attributes(a, call)
-    error = _error_type(call)
     if error is not None:
         a["error.type"] = clip(error)
     return a

@@ -127,10 +127,8 @@ def test_credential_header_is_never_a_label(header):
     [
         ("jaeger.yaml", {"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 7, "user.id": "alice",
                          "gen_ai.request.temperature": 0.5, "gen_ai.usage.total_tokens": 12}),
-        ("langfuse.yaml", {"gen_ai.prompt.0.role": "system", "gen_ai.prompt.1.content": "hi",
-                           "gen_ai.completion.0.role": "assistant", "gen_ai.completion.0.content": "hello",
-                           "gen_ai.usage.prompt_tokens": 7, "gen_ai.usage.completion_tokens": 5, "gen_ai.usage.total_tokens": 12,
-                           "langfuse.user.id": "alice", "langfuse.session.id": "s-1"}),
+        ("langfuse.yaml", {"langfuse.observation.type": "generation", "langfuse.observation.model.name": "gpt-4o-2024-08-06",
+                           "langfuse.user.id": "alice", "langfuse.session.id": "s-1", "gen_ai.usage.input_tokens": 7}),
         ("phoenix.yaml", {"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-2024-08-06", "llm.provider": "azure",
                           "llm.system": "openai", "llm.token_count.prompt": 7, "llm.token_count.completion": 5, "llm.token_count.total": 12,
                           "llm.token_count.prompt_details.cache_read": 2, "llm.token_count.completion_details.reasoning": 1,
@@ -141,7 +139,7 @@ def test_credential_header_is_never_a_label(header):
         ("openllmetry.yaml", {"llm.request.type": "chat", "llm.is_streaming": False, "llm.usage.total_tokens": 12,
                               "gen_ai.usage.prompt_tokens": 7, "gen_ai.usage.completion_tokens": 5,
                               "gen_ai.prompt.0.content": "be brief", "gen_ai.completion.0.content": "hello",
-                              "gen_ai.system": "azure.ai.openai"}),
+                              "gen_ai.system": "azure.ai.openai", "gen_ai.usage.input_tokens": 7}),
     ],
 )
 def test_presets_load_and_produce_their_attributes(preset, expected):
@@ -445,3 +443,102 @@ def test_the_no_capture_header_is_a_fewer_messages_attribute():
     from extproc.devtools.envoy_config import ATTRIBUTE_HEADERS
 
     assert config.DEFAULT_NO_CAPTURE_HEADER in ATTRIBUTE_HEADERS
+
+
+# ---- Langfuse and OpenLLMetry presets: every attribute they produce, by name and value ----------
+def streamed_priced_call() -> Call:
+    c = priced_call(capture=True)
+    c.obs.streaming = True
+    c.first_chunk = 10.05  # 50 ms after the start: completion_start_time
+    return c
+
+
+def _only(a: dict, names: set[str] | None = None, prefixes: tuple[str, ...] = ()) -> dict:
+    return {k: v for k, v in a.items() if (names is not None and k in names) or (prefixes and k.startswith(prefixes))}
+
+
+def test_langfuse_preset_attributes():
+    """https://langfuse.com/integrations/native/opentelemetry#property-mapping: langfuse.* first."""
+    a = spans_for(config.load(PRESETS / "langfuse.yaml").tracing, streamed_priced_call())
+    assert _only(a, prefixes=("langfuse.",)) == {
+        "langfuse.observation.type": "generation",
+        "langfuse.observation.model.name": "gpt-4o-2024-08-06",
+        "langfuse.observation.model.parameters": '{"temperature":0.5,"max_tokens":100,"stop":"\\n"}',
+        # parts that do not overlap: Langfuse adds up every usage type containing input / output
+        "langfuse.observation.usage_details": '{"input":500,"input_cache_read":2000,"input_cache_creation":300,'
+                                              '"output":30,"output_reasoning":10,"total":2840}',
+        "langfuse.observation.cost_details": '{"input":0.01,"output":0.0025,"total":0.0125}',
+        "langfuse.observation.completion_start_time": '"2023-11-14T22:13:20.050000+00:00"',
+        "langfuse.observation.input": '[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]',
+        "langfuse.observation.output": '{"role":"assistant","content":"hello"}',
+        "langfuse.user.id": "u-1", "langfuse.session.id": "s-1",
+    }
+    usage = json.loads(a["langfuse.observation.usage_details"])
+    assert sum(v for k, v in usage.items() if "input" in k) == a["gen_ai.usage.input_tokens"] == 2800
+    assert sum(v for k, v in usage.items() if "output" in k) == a["gen_ai.usage.output_tokens"] == 40
+    assert a["gen_ai.usage.cost"] == json.loads(a["langfuse.observation.cost_details"])["total"]
+
+
+def test_langfuse_failed_call_is_an_error_level_generation():
+    c = priced_call(capture=False)
+    c.outcome, c.status, c.obs.error_type = ERROR, 429, "rate_limit_exceeded"
+    a = spans_for(config.load(PRESETS / "langfuse.yaml").tracing, c)
+    assert a["langfuse.observation.level"] == "ERROR" and a["langfuse.observation.status_message"] == "rate_limit_exceeded"
+    assert "langfuse.observation.input" not in a and "langfuse.observation.output" not in a  # no content: capture is off
+    assert "langfuse.observation.completion_start_time" not in a  # not streamed
+
+
+def test_openllmetry_preset_attributes():
+    """https://traceloop.com/docs/openllmetry/contributing/semantic-conventions, names as in
+    opentelemetry-semantic-conventions-ai's SpanAttributes."""
+    from extproc.telemetry import openllmetry
+
+    a = spans_for(config.load(PRESETS / "openllmetry.yaml").tracing, streamed_priced_call())
+    names = {getattr(openllmetry, k) for k in dir(openllmetry) if k.isupper() and isinstance(getattr(openllmetry, k), str)}
+    assert _only(a, names, prefixes=("gen_ai.prompt.", "gen_ai.completion.")) == {
+        "llm.request.type": "chat", "llm.is_streaming": True, "gen_ai.is_streaming": True,
+        "llm.usage.total_tokens": 2840, "gen_ai.usage.total_tokens": 2840,
+        "gen_ai.usage.prompt_tokens": 2800, "gen_ai.usage.completion_tokens": 40,
+        "gen_ai.usage.cache_read_input_tokens": 2000, "gen_ai.usage.cache_creation_input_tokens": 300,
+        "llm.usage.reasoning_tokens": 10, "gen_ai.usage.reasoning_tokens": 10,
+        "llm.user": "u-1", "gen_ai.user": "u-1", "llm.response.finish_reason": "stop",
+        "gen_ai.prompt.0.role": "system", "gen_ai.prompt.0.content": "be brief",
+        "gen_ai.prompt.1.role": "user", "gen_ai.prompt.1.content": "hi",
+        "gen_ai.completion.0.role": "assistant", "gen_ai.completion.0.content": "hello", "gen_ai.completion.0.finish_reason": "stop",
+    }
+    # and the OpenTelemetry GenAI names OpenLLMetry 0.5 moved to, from the genai convention
+    assert a["gen_ai.usage.input_tokens"] == 2800 and a["gen_ai.usage.cache_read.input_tokens"] == 2000
+    assert a["gen_ai.usage.cache_creation.input_tokens"] == 300 and a["gen_ai.request.model"] == "gpt-4o"
+
+
+def test_openllmetry_names_are_the_packages_constants():
+    from opentelemetry.semconv_ai import LLMRequestTypeValues, SpanAttributes
+
+    from extproc.telemetry import openllmetry
+
+    package = {k: getattr(SpanAttributes, k) for k in dir(SpanAttributes) if k.isupper()}
+    constants = [k for k in dir(openllmetry) if k.isupper() and isinstance(getattr(openllmetry, k), str) and "." in getattr(openllmetry, k)]
+    assert len(constants) == 16
+    for k in constants:
+        assert getattr(openllmetry, k) == package[k], k
+    values = {v.value for v in LLMRequestTypeValues}
+    assert set(openllmetry.REQUEST_TYPES.values()) | {openllmetry.UNKNOWN} <= values
+
+
+def test_langfuse_usage_details_never_go_negative():
+    """Before every provider reports input including cache reads, a count could be smaller than
+    its parts: the uncached part is then 0, never negative."""
+    from extproc.telemetry.langfuse import usage_details
+
+    c = call(capture=False)
+    c.obs.usage = Usage(input_tokens=500, output_tokens=5, cached_input_tokens=2000)
+    assert usage_details(c) == {"input": 0, "input_cache_read": 2000, "output": 5, "total": 505}
+
+
+def test_mcp_request_is_a_langfuse_tool_and_has_no_openllmetry_llm_attributes():
+    c = Call(obs=Observation(operation="execute_tool", extra={"mcp.method": "tools/call", "mcp.tool": "get_weather",
+                                                              "mcp.arguments": {"city": "Paris"}}),
+             provider="mcp", api="mcp", status=200, outcome=OK, start=1.0, end=1.1)
+    a = spans_for(tracing_cfg(conventions=["langfuse", "openllmetry"], captureContent=True), c)
+    assert a["langfuse.observation.type"] == "tool" and a["langfuse.observation.input"] == '{"city":"Paris"}'
+    assert "llm.request.type" not in a and a["mcp.method.name"] == "tools/call"
