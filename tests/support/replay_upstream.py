@@ -1,7 +1,8 @@
 """A test upstream that replays recorded provider responses byte for byte.
 
 Request headers choose the behaviour:
-- ``x-fixture: NAME``: the recording to replay (status, content type, body).
+- ``x-fixture: NAME``: the recording to replay (status, content type, body), or a response a test
+  registered under that name with :meth:`ReplayUpstream.add`.
 - ``x-chunk-delay-ms``: pause between streamed chunks (SSE events / eventstream frames).
 - ``x-body-delay-ms``: pause between the response headers and the body.
 - ``x-gate: ID``: send the first chunk, hold the rest until the test calls ``open_gate(ID)``.
@@ -23,7 +24,7 @@ from collections.abc import Iterator
 
 from aiohttp import web
 
-from tests.support.recordings import load
+from tests.support.recordings import Recording, load
 
 
 def split_stream(body: bytes, content_type: str) -> list[bytes]:
@@ -81,6 +82,7 @@ class ReplayUpstream:
         self.port = 0
         self.requests: list[tuple[str, dict[str, str], bytes]] = []
         self.disconnected: set[str] = set()  # gates whose client (Envoy) hung up while held
+        self._added: dict[str, Recording] = {}
         self._thread = threading.Thread(target=self._run, daemon=True)
         started = threading.Event()
         self._started = started
@@ -102,6 +104,10 @@ class ReplayUpstream:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         self._started.set()
         self.loop.run_forever()
+
+    def add(self, name: str, status: int, content_type: str, body: bytes) -> None:
+        """A response a test built (``x-fixture: name`` replays it like a recording)."""
+        self._added[name] = Recording(name, status, content_type, body)
 
     def open_gate(self, gate: str) -> None:
         self.loop.call_soon_threadsafe(self._gate(gate).set)
@@ -153,7 +159,7 @@ class ReplayUpstream:
             status, content_type = case.status, case.content_type
             chunks = [raw for raw, _ in units(case.load(), content_type)]
         else:
-            rec = load(h["x-fixture"])
+            rec = self._added.get(h["x-fixture"]) or load(h["x-fixture"])
             status, content_type = rec.status, rec.content_type
             chunks = split_stream(rec.body, rec.content_type)
         delay = int(h.get("x-chunk-delay-ms", "0")) / 1000
