@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: help install run test test-unit test-compose lint format format-check tools protos envoy-config deploy-rules bench soak clean bench-metrics bench-litellm-install test-litellm
+.PHONY: help install run test test-unit test-compose lint format format-check tools protos envoy-config deploy-rules bench soak clean bench-metrics bench-litellm-install test-litellm test-phoenix
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -28,16 +28,29 @@ run: $(STAMP)
 
 # Lint, type check, then every test (unit and end-to-end).
 test: lint $(STAMP) tools
-	$(PY) -m pytest -q -m "not compose and not litellm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not compose and not litellm and not phoenix" $(PYTEST_ARGS)
 	@if [ "$$CI" = true ]; then $(MAKE) --no-print-directory test-compose; \
 	elif tests/compose/run.sh --check; then echo "test-compose: not run (CI unset): \`make test-compose\` runs docker-compose.yaml in Docker"; \
 	else echo "test-compose: SKIPPED: Docker cannot run on this machine (and CI is not set)"; fi
+	@if [ "$$CI" = true ]; then $(MAKE) --no-print-directory test-phoenix; \
+	else echo "test-phoenix: not run (CI unset): \`make test-phoenix\` checks our traces in a real Arize Phoenix (~1 min; its first install ~3 min)"; fi
 
 # docker-compose.yaml built and run in Docker, tested from the host through its published ports.
 # Torn down afterwards (tests/compose/run.sh: installs Docker if missing, starts and stops dockerd,
 # builds a local Debian base image when the public ones cannot be pulled). ~1 min warm.
 test-compose: $(STAMP)
 	tests/compose/run.sh
+
+# Our traces checked in a real Arize Phoenix (~1 min; its pinned install ~2 min, once).
+# tests/e2e/test_phoenix.py: the pinned arize-phoenix (tests/phoenix-requirements.txt) is installed
+# into its own venv, .venv-phoenix, once per pin, `phoenix serve` starts on free loopback ports, Envoy + the sidecar run with
+# deploy/tracing/phoenix.yaml pointed at it, and five calls (OpenAI cached and streamed, Anthropic
+# with cache read + write, Gemini with thoughts, a 429) are checked through Phoenix's own REST and
+# GraphQL APIs: span kind, tokens and their details, input/output, status, session/user, and
+# Phoenix's cost (from its own price table) equal to our access log's cost_usd. Where the install
+# is impossible the test is skipped and says why (-rs); it never skips silently.
+test-phoenix: $(STAMP) tools
+	$(PY) -m pytest -q -rs -m phoenix tests/e2e/test_phoenix.py
 
 # The fast loop: parsers, codecs, processor, metrics, tracing, the gRPC server in-process (~30 s).
 test-unit: $(STAMP)
@@ -105,7 +118,7 @@ bench-litellm-install: $(STAMP)
 
 # Remove the venvs, caches and build output.
 clean:
-	rm -rf $(VENV) .venv-litellm .pytest_cache build *.egg-info
+	rm -rf $(VENV) .venv-litellm .venv-phoenix .pytest_cache build *.egg-info
 
 # 10 minutes of mixed traffic with client aborts; prints expected vs counted tokens and RSS.
 soak: $(STAMP)
