@@ -115,6 +115,8 @@ class ApiParser:
     # Token semantics of the counts this API reports (see the module docstring):
     input_excludes_cache: ClassVar[bool] = False  # input leaves out cache reads and writes (Anthropic, Bedrock)
     output_excludes_reasoning: ClassVar[bool] = False  # output leaves out reasoning (Gemini's thoughts)
+    # The servicer parses this call's bodies (False only for the servicer's pass-through parser)
+    observed: ClassVar[bool] = True
 
     def __init__(
         self,

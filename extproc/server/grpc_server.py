@@ -352,22 +352,24 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     server = GrpclibServer(address, tls)
     send_now = h2compat.send_message_now
 
+    counters = processor.counters
+
     def max_message() -> int:
-        return processor.max_message  # read per message: a reload applies at once
+        return processor.settings.limits.max_grpc_message_bytes  # read per message: a reload applies at once
 
     def on_large(size: int) -> None:
-        processor.large += size  # freed when the stream ends: worth a malloc_trim
+        counters.large += size  # freed when the stream ends: worth a malloc_trim
 
-    cap = server.cap = StreamCap(PROCESS, lambda: processor.max_streams, lambda: processor.max_waiting_streams,
-                                 processor.refuse)
+    cap = server.cap = StreamCap(PROCESS, lambda: processor.settings.limits.max_streams,
+                                 lambda: processor.settings.limits.max_waiting_streams, processor.refuse)
     started = cap.started
     current_task = asyncio.current_task
     open_stream, close_stream = processor.open_stream, processor.close_stream
     server.buffers[PROCESS] = lambda ack: MessageBuffer(ack, max_message, on_large)
 
     async def handle(stream: Stream) -> None:
-        """One ext_proc stream, message by message (what ``Processor.Process`` does, without its
-        two async generators per message). While this task waits, the messages that arrive are
+        """One ext_proc stream, message by message (``Processor.open_stream``, ``Stream.handle``,
+        ``Processor.close_stream``). While this task waits, the messages that arrive are
         handled by ``one`` where their frames are received (see ``MessageBuffer.inline``); it hands
         back to the task what needs awaiting: the first reply (grpclib sends the response headers
         with it), a reply the flow-control windows hold back, the end of the stream."""
@@ -412,7 +414,7 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
                 else:
                     await buf.wait()
         except BadStream as e:  # the client gets the status, the log one line
-            processor.bad_streams += 1
+            counters.bad_streams += 1
             bad_stream_log.warning("malformed ext_proc stream", reason=e.reason)
             raise GRPCError(e.status, e.reason) from None
         finally:  # however the stream ended (cancelled when Envoy reset it): reported once

@@ -4,7 +4,7 @@ Bodies a parser held, and large gRPC messages, are freed when their stream ends,
 freed heap memory for reuse: measured under grpclib, 16 streams of 4 MiB bodies left a process at
 ~143 MiB RSS after they had all ended (70 MiB before), round after round. ``malloc_trim(0)``
 returns it (62 MiB). The worker calls it at most once a second, and only after a stream held
-or received something large since the last call (Processor.trim_due).
+or received something large since the last call (WorkerCounters.trim_due).
 """
 from __future__ import annotations
 

@@ -4,121 +4,77 @@ One gRPC stream carries one HTTP exchange. Envoy may skip phases (its own 401/40
 response messages with no request phase), the client may hang up at any point, and a payload may
 be garbage: none of that raises into Envoy. Every message gets its reply at once (a constant,
 pre-serialised CONTINUE unless there is metadata to hand over), so nothing is ever held back.
-Parsing is delegated to the API parser the path selects; what the call amounted to is reported
-once, when the stream ends, to the observers (metrics, tracing).
+Parsing is delegated to the API parser the path selects (a path no API claims gets the
+pass-through parser); what the call amounted to is reported once, when the stream ends, to the
+observers (metrics, tracing).
+
+State lives in two places: per worker, the :class:`Processor` (its :class:`Settings`, swapped
+whole on a reload, its observers and its :class:`WorkerCounters`); per stream, the
+:class:`Stream` (the :class:`Call` record, the parser, the response decoder).
+
+The path of one ext_proc message, from the socket to its reply (headers mode; the server module
+explains why it takes this route):
+
+1. ``grpc_server._Protocol.data_received``: the bytes Envoy wrote on its HTTP/2 connection.
+2. ``h2compat.receive_data_frames``: plain DATA frames of open ext_proc streams go straight to the
+   stream's :class:`MessageBuffer` (``MessageBuffer.add``); anything else goes through h2 and
+   grpclib as usual, to the same buffer.
+3. ``MessageBuffer.add`` -> ``next_message``: the gRPC length prefix is checked
+   (``limits.maxGrpcMessageBytes``) and a whole message taken; while the stream's task waits, it
+   is handed to the task's ``one`` right there (``MessageBuffer.inline``), else the task
+   (``grpc_server.build_server.handle``) takes it in its loop.
+4. ``one``: ``ProcessingRequest.FromString``, then :meth:`Stream.handle` (this module): the phase
+   handler of its kind (``_request_headers``, ``_request_body``, ``_response_headers``,
+   ``_response_body``) routes, parses through the API parser (``extproc.apis``), settles and
+   prices the call, and returns the reply: a constant of :mod:`extproc.server.replies`, plus the
+   dynamic metadata (``telemetry.metadata.encoded``) when something changed.
+5. ``h2compat.send_message_now`` writes the reply as one DATA frame to the connection's
+   ``_CoalescingTransport`` (grpclib's ``send_message`` when flow control holds it back, and for
+   the stream's first reply, which carries the response headers); the transport hands everything
+   the read produced to the socket in one ``write`` at the end of ``data_received``.
+6. When the stream ends (Envoy's end of stream or reset, a drain), the task's ``finally`` calls
+   :meth:`Processor.close_stream` -> :meth:`Stream.finish`: the call is settled, priced and
+   reported to the observers (:meth:`Processor.report`).
 """
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from extproc._pb.envoy_api import external_processor_pb2 as pb
-from extproc._pb.envoy_api import processing_mode_pb2 as mode_pb
-from extproc.apis.base import ApiParser, Limits
-from extproc.apis.routing import Route, Router, catalogue_ids, default_routes, provider_for_host, route
+from extproc.apis.base import ApiParser
+from extproc.apis.routing import provider_for_host
 from extproc.codecs.encodings import Decoder, make_decoder
-from extproc.core.attribution import Attribution
 from extproc.core.call import CLIENT_ABORT, ERROR, INCOMPLETE_STREAM, NO_RESPONSE, OK, Call, CallObserver
-from extproc.core.config import Config, ConfigError
+from extproc.core.config import Config
 from extproc.core.envoy_names import ATTRIBUTES_KEY
 from extproc.core.logs import RateLimited
-from extproc.core.pricing import Pricer
+from extproc.server.counters import WorkerCounters
+from extproc.server.http_fields import content_length, read_request_attributes, read_response_attributes, status_code
+from extproc.server.pass_through import PASS_THROUGH, PassThrough
+from extproc.server.replies import (
+    CONTINUE,
+    CONTINUE_REQUEST_BODY,
+    CONTINUE_REQUEST_HEADERS,
+    CONTINUE_RESPONSE_BODY,
+    HEADERS_NO_BODY,
+    HEADERS_STREAMED,
+    SKIP_REQUEST_BODY,
+)
+from extproc.server.settings import Settings, settings
 from extproc.telemetry import metadata
 
 log = logging.getLogger("extproc")
 abandoned_log = RateLimited(log)
 
-Mode = mode_pb.ProcessingMode
-
-
-def _reply(**kw: Any) -> bytes:
-    msg = pb.ProcessingResponse()
-    for name in kw:
-        getattr(msg, name).SetInParent()
-    return msg.SerializeToString()
-
-
-# Constant replies, serialised once.
-CONTINUE_REQUEST_HEADERS = _reply(request_headers=True)
-CONTINUE_RESPONSE_HEADERS = _reply(response_headers=True)
-CONTINUE_REQUEST_BODY = _reply(request_body=True)
-CONTINUE_RESPONSE_BODY = _reply(response_body=True)
-CONTINUE_REQUEST_TRAILERS = _reply(request_trailers=True)
-CONTINUE_RESPONSE_TRAILERS = _reply(response_trailers=True)
-# An unrecognised path: skip its request body (the response headers still come, for the status).
-SKIP_REQUEST_BODY = pb.ProcessingResponse(
-    request_headers=pb.HeadersResponse(), mode_override=Mode(request_body_mode=Mode.NONE)
-).SerializeToString()
-# Response-headers replies choosing the response body mode; the metadata is appended to them.
-HEADERS_STREAMED = pb.ProcessingResponse(
-    response_headers=pb.HeadersResponse(), mode_override=Mode(response_body_mode=Mode.STREAMED)
-).SerializeToString()
-HEADERS_NO_BODY = pb.ProcessingResponse(
-    response_headers=pb.HeadersResponse(), mode_override=Mode(response_body_mode=Mode.NONE)
-).SerializeToString()
-
-
-@dataclass(frozen=True, slots=True)
-class Settings:
-    """Everything a config means to the servicer, built (and checked) before any of it is used,
-    so a reload either applies all of it or none (see :func:`settings`)."""
-
-    config: Config
-    namespace: str
-    provider_key: str
-    limits: Limits
-    max_decoded: int
-    max_message: int
-    max_decoded_per_message: int
-    max_lines_per_message: int
-    max_held: int
-    max_streams: int
-    max_waiting_streams: int
-    router: Router
-    pricer: Pricer
-    budget: metadata.Budget | None  # ratelimit_cost per call (budgets.enabled)
-    attribution: Attribution
-
-
-def settings(config: Config) -> Settings:
-    """Build the servicer's settings from a config; ConfigError names what is wrong (an unknown
-    ``providers.routes[].api``). Pure: no threads, no I/O, safe in the supervising parent."""
-    lim = config.limits
-    routes = default_routes()
-    return Settings(
-        config=config,
-        namespace=config.metadata.namespace,
-        provider_key=config.providers.header.lower(),
-        limits=Limits(max_body_bytes=lim.max_body_bytes, max_event_bytes=lim.max_event_bytes,
-                      max_capture_chars=config.tracing.max_content_chars),
-        max_decoded=lim.max_decoded_bytes,
-        max_message=lim.max_grpc_message_bytes,
-        max_decoded_per_message=lim.max_decoded_bytes_per_message,
-        max_lines_per_message=lim.max_lines_per_message,
-        max_held=lim.max_held_bytes,
-        max_streams=lim.max_streams,
-        max_waiting_streams=lim.max_waiting_streams,
-        router=Router(routes, extra=_config_routes(config, routes)),
-        pricer=Pricer(config.pricing, catalogue_ids()),
-        budget=metadata.Budget(config.budgets) if config.budgets.enabled else None,
-        attribution=Attribution(config.attribution),
-    )
-
 
 class Processor:
-    """Per-process state shared by all streams: config, router, observers."""
+    """Per-worker state shared by all streams: the settings, the observers, the counters."""
 
     def __init__(self, config: Config, observers: Sequence[CallObserver] = ()) -> None:
-        self.active = 0  # streams in flight (tests check it returns to 0)
-        self.internal_errors = 0
-        self.bad_streams = 0  # streams ended for malformed gRPC input (see message_buffer.BadStream)
-        self.held = 0  # bytes held by the parsers of all streams (limits.maxHeldBytes)
-        self.large = 0  # bytes held at peaks / received in large messages since the last trim
-        self.abandoned: dict[str, int] = {}  # streams whose parsing was abandoned, by reason
-        self.refused: dict[str, int] = {}  # streams refused as they opened, by reason (see grpc_server)
+        self.counters = WorkerCounters()
         self.apply(settings(config), observers)
 
     def reconfigure(self, config: Config, observers: Sequence[CallObserver]) -> None:
@@ -128,84 +84,43 @@ class Processor:
 
     def apply(self, s: Settings, observers: Sequence[CallObserver]) -> None:
         """Swap in settings built by :func:`settings` (cannot fail part-way). Streams in flight
-        are not interrupted: they read these settings message by message and report to the new
-        observers when they end."""
+        are not interrupted: they read ``self.settings`` message by message and report to the
+        new observers when they end."""
         self.settings = s
-        self.config = s.config
-        self.namespace = s.namespace
-        self.provider_key = s.provider_key
-        self.limits = s.limits
-        self.max_decoded = s.max_decoded
-        self.max_message = s.max_message
-        self.max_decoded_per_message = s.max_decoded_per_message
-        self.max_lines_per_message = s.max_lines_per_message
-        self.max_held = s.max_held
-        self.max_streams = s.max_streams
-        self.max_waiting_streams = s.max_waiting_streams
-        self.router = s.router
-        self.pricer = s.pricer
-        self.budget = s.budget
-        self.attribution = s.attribution
         self.observers = list(observers)
         self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]
         self._on_refused = [o.on_stream_refused for o in self.observers if hasattr(o, "on_stream_refused")]
         # Content capture (prompts, completions) only when an observer asks (tracing.captureContent).
         self.capture = any(getattr(o, "wants_content", False) for o in self.observers)
-        # tracing.noCaptureHeader: a request carrying it is not captured (its presence is all that is read)
-        self.no_capture_header = s.config.tracing.no_capture_header
-
-    def trim_due(self) -> bool:
-        """True (once) if large buffers were used and released since the last call (see
-        :mod:`extproc.server.memory`)."""
-        from extproc.server.memory import TRIM_AFTER_BYTES
-
-        if self.large >= TRIM_AFTER_BYTES and self.held < self.large // 2:
-            self.large = 0
-            return True
-        return False
-
-    async def Process(self, requests: AsyncIterator[pb.ProcessingRequest],
-                      metadata: Mapping[str, Any] | None = None) -> AsyncIterator[bytes]:
-        """One ext_proc stream: ``requests`` as Envoy sends them, ``metadata`` the stream's gRPC
-        metadata (lower-case keys); yields each reply, already serialised."""
-        stream = self.open_stream(metadata)
-        try:
-            async for req in requests:
-                reply = stream.handle(req)
-                if reply is not None:
-                    yield reply
-                if stream.end_stream:
-                    break
-        finally:
-            self.close_stream(stream)
 
     def open_stream(self, metadata: Mapping[str, Any] | None = None) -> Stream:
-        """What :meth:`Process` does per stream, for a server that drives it message by message:
-        ``open_stream``, then ``stream.handle(req)`` per message (the reply to send, or None) until
-        the messages end or ``stream.end_stream``, then ``close_stream`` exactly once, however the
-        stream ended."""
-        stream = Stream(self, None)
+        """The one way to drive an ext_proc stream: ``open_stream`` with the stream's gRPC
+        metadata (lower-case keys), then ``stream.handle(req)`` per message (the reply to send, or
+        None) until the messages end or ``stream.end_stream``, then ``close_stream`` exactly once,
+        however the stream ended (see ``grpc_server.build_server``)."""
+        stream = Stream(self)
         if metadata:
-            _read_grpc_metadata(metadata.items(), self.provider_key, stream)
-        self.active += 1
+            _read_grpc_metadata(metadata.items(), self.settings.provider_key, stream)
+        self.counters.active += 1
         for hook in self._on_start:
             hook()
         return stream
 
     def close_stream(self, stream: Stream) -> None:
-        self.active -= 1
+        self.counters.active -= 1
         stream.finish()
 
     def refuse(self, reason: str) -> None:
         """A stream was refused as it opened (``max_streams``: the worker holds
         ``limits.maxStreams``; ``overloaded``: ``limits.maxWaitingStreams`` wait for the busy
         worker; ``draining``: shutting down): no call, nothing read; counted per reason."""
-        self.refused[reason] = self.refused.get(reason, 0) + 1
+        refused = self.counters.refused
+        refused[reason] = refused.get(reason, 0) + 1
         for hook in self._on_refused:
             try:
                 hook(reason)
             except Exception:
-                self.internal_errors += 1
+                self.counters.internal_errors += 1
                 log.exception("observer hook on_stream_refused failed")
 
     def report(self, call: Call) -> None:
@@ -213,7 +128,7 @@ class Processor:
             try:
                 observer.on_call_end(call)
             except Exception:  # an observer bug must not break the stream; it is logged loudly
-                self.internal_errors += 1
+                self.counters.internal_errors += 1
                 log.exception("observer %s failed", type(observer).__name__)
 
 
@@ -227,30 +142,22 @@ def _read_grpc_metadata(md: Iterable[tuple[str, Any]] | None, provider_key: str,
             stream.call.trace_context[k] = v.decode() if isinstance(v, bytes) else v
 
 
-def _config_routes(config: Config, routes: list[Route]) -> list[Route]:
-    by_api = {r.parser.api: r.parser for r in routes}
-    extra = []
-    for i, r in enumerate(config.providers.routes):
-        parser = by_api.get(r.api)
-        if parser is None:
-            raise ConfigError(f"providers.routes.{i}.api: unknown api {r.api!r} (known: {', '.join(sorted(by_api))})")
-        extra.append(route(r.path_regex, parser, r.provider))
-    return extra
-
-
 class Stream:
-    """The state of one ext_proc stream (= one HTTP exchange)."""
+    """The state of one ext_proc stream (= one HTTP exchange): the phase handlers, and how the
+    call is settled, priced and finished."""
 
     __slots__ = ("p", "call", "parser", "decoder", "held", "_grpc_provider", "_done", "_response_done", "_observe_only",
                  "_priced", "_priceable", "_content_length", "_body_complete", "_routed")
 
-    def __init__(self, processor: Processor, grpc_provider: str | None) -> None:
+    def __init__(self, processor: Processor) -> None:
         self.p = processor
         self.call = Call(start_time_ns=time.time_ns(), start=time.perf_counter())
-        self.parser: ApiParser | None = None
+        # The API parser once routed; the pass-through parser before, for a path no API claims,
+        # and once parsing was abandoned.
+        self.parser: ApiParser | PassThrough = PASS_THROUGH
         self.decoder: Decoder | None = None
-        self.held = 0  # bytes the parser holds, as counted in Processor.held
-        self._grpc_provider = grpc_provider
+        self.held = 0  # bytes the parser holds, as counted in WorkerCounters.held
+        self._grpc_provider: str | None = None
         self._done = False
         self._response_done = False
         self._observe_only = False  # a message came in observability mode
@@ -292,11 +199,11 @@ class Stream:
             if kind == "response_headers":
                 return self._response_headers(req.response_headers)
         except Exception:  # fail open: a bug on one payload never becomes a client error
-            self.p.internal_errors += 1
+            self.p.counters.internal_errors += 1
             log.exception("processing %s failed; observing nothing more on this stream", kind)
             self._release()
             call.obs.parse_error("internal_error")
-        return _CONTINUE.get(kind)
+        return CONTINUE.get(kind)
 
     # ---- request phase -----------------------------------------------------------------------
     def _request_headers(self, msg: pb.HttpHeaders) -> bytes:
@@ -315,14 +222,17 @@ class Stream:
         """Pick the parser for ``call.path`` (False: not an LLM path) and name the provider."""
         self._routed = True
         call = self.call
-        self.p.attribution.read(call)  # session, end user, API key id: from the headers read
-        match = self.p.router.resolve(call.path)
-        provider = self._grpc_provider or call.headers.get(self.p.provider_key)
+        p = self.p
+        s = p.settings
+        s.attribution.read(call)  # session, end user, API key id: from the headers read
+        match = s.router.resolve(call.path)
+        provider = self._grpc_provider or call.headers.get(s.provider_key)
         if match is None:
             call.provider = provider or provider_for_host(call.host) or "unknown"
             return False
-        capture = self.p.capture and self.p.no_capture_header not in call.headers
-        parser = match.parser(call.obs, path_model=match.path_model, limits=self.p.limits, capture=capture)
+        # tracing.noCaptureHeader: a request carrying it is not captured (its presence is all that is read)
+        capture = p.capture and s.config.tracing.no_capture_header not in call.headers
+        parser = match.parser(call.obs, path_model=match.path_model, limits=s.parser_limits, capture=capture)
         self.parser = parser
         self._priceable = parser.priced
         call.api = parser.api
@@ -330,30 +240,17 @@ class Stream:
         return True
 
     def _route_from(self, req: pb.ProcessingRequest) -> None:
-        """fewer-messages mode: route by the request attributes (``request.path``, ``.host``,
-        ``.method``, ``request.headers["name"]``) of the first message Envoy sends."""
+        """fewer-messages mode: route by the request attributes of the first message Envoy sends."""
         attrs = req.attributes.get(ATTRIBUTES_KEY)
-        if attrs is None:
-            return
-        call = self.call
-        headers = call.headers
-        for key, v in attrs.fields.items():
-            value = _text(v)
-            if key == "request.path":
-                call.path = value
-            elif key == "request.host":
-                call.host = value
-            elif key == "request.method":
-                call.method = value
-            elif key.startswith('request.headers["') and key.endswith('"]') and value:
-                headers[key[17:-2].lower()] = value
-        self._route()
+        if attrs is not None:
+            read_request_attributes(attrs, self.call)
+            self._route()
 
     def _request_body(self, msg: pb.HttpBody) -> bytes:
-        parser = self.parser
-        if parser is not None and self.call.response_start is None:  # not after an early reply
-            self.call.request_complete = msg.end_of_stream
-            parser.feed_request(msg.body, complete=msg.end_of_stream)
+        call = self.call
+        if call.response_start is None:  # not after an early reply
+            call.request_complete = msg.end_of_stream
+            self.parser.feed_request(msg.body, complete=msg.end_of_stream)
         return CONTINUE_REQUEST_BODY
 
     # ---- response phase ----------------------------------------------------------------------
@@ -369,55 +266,45 @@ class Stream:
                 elif key == "content-type":
                     content_type = value
                 elif key == "content-length":
-                    self._content_length = int(value) if value.isascii() and value.isdigit() and len(value) <= 18 else None
+                    self._content_length = content_length(value)
                 else:
                     encoding = value
         self._response_start(status, content_type, encoding)
         call = self.call
-        parser = self.parser
+        observed = self.parser.observed
         if msg.end_of_stream:
             self._response_done = True
             self._complete()
-        elif parser is None:
+        elif not observed:
             self._complete()  # not an LLM path: its body is not observed, the response is all we see
         if call.obs.usage.seen():
             self._price()
-        head = HEADERS_STREAMED if parser is not None and not msg.end_of_stream else HEADERS_NO_BODY
-        return head + metadata.encoded(self.p.namespace, call, self.p.budget)
+        head = HEADERS_STREAMED if observed and not msg.end_of_stream else HEADERS_NO_BODY
+        s = self.p.settings
+        return head + metadata.encoded(s.config.metadata.namespace, call, s.budget)
 
     def _response_start(self, status: str, content_type: str, encoding: str) -> None:
         call = self.call
         call.response_start = time.perf_counter()
-        # isascii: str.isdigit() accepts "²" and other digits int() refuses
-        call.status = int(status) if status.isascii() and status.isdigit() and len(status) <= 3 else 0
+        call.status = status_code(status)
         parser = self.parser
-        if parser is not None:
-            parser.start_response(call.status, content_type)
-            if encoding:
-                self.decoder = make_decoder(encoding, self.p.max_decoded)
+        parser.start_response(call.status, content_type)
+        if encoding and parser.observed:
+            self.decoder = make_decoder(encoding, self.p.settings.limits.max_decoded_bytes)
 
     def _response_start_from(self, req: pb.ProcessingRequest) -> None:
         """fewer-messages mode: the response's start, from the attributes of its first body
-        message: ``response.code``, the content type, encoding and length (copied into metadata by
-        Envoy's header_to_metadata filter), and the request line when no request message came
-        (a GET, an early or local reply)."""
+        message (see :func:`read_response_attributes`), and the request line when no request
+        message came (a GET, an early or local reply)."""
         attrs = req.attributes.get(ATTRIBUTES_KEY)
         status = content_type = encoding = ""
         if attrs is not None:
             if not self._routed:
-                self._route_from(req)
-            for key, v in attrs.fields.items():
-                if key == "response.code":
-                    status = _text(v)
-                elif key.endswith('["content-type"]'):
-                    content_type = _text(v)
-                elif key.endswith('["content-encoding"]'):
-                    encoding = _text(v)
-                elif key.endswith('["content-length"]'):
-                    length = _text(v)
-                    self._content_length = int(length) if length.isascii() and length.isdigit() and len(length) <= 18 else None
+                read_request_attributes(attrs, self.call)
+                self._route()
+            status, content_type, encoding, self._content_length = read_response_attributes(attrs)
         self._response_start(status, content_type, encoding)
-        if self.parser is None:
+        if not self.parser.observed:
             self._complete()  # not an LLM path: the status is all we observe
 
     def _response_body(self, msg: pb.HttpBody, first: bool = False) -> bytes:
@@ -434,13 +321,14 @@ class Stream:
         # the end-of-stream reply. So the usage goes on the reply to the chunk that completes it.
         length = self._content_length
         complete = end or (length is not None and call.response_bytes >= length)
-        parser = self.parser if not self._body_complete else None  # parsed already: nothing more
+        parser = self.parser
         changed = first  # fewer-messages mode: the first response message hands over the metadata
-        if parser is not None:
+        if parser.observed and not self._body_complete:  # (parsed whole already: nothing more)
             p = self.p
+            limits = p.settings.limits
             decoder = self.decoder
             if decoder is not None:
-                body = decoder.decode(body, p.max_decoded_per_message)
+                body = decoder.decode(body, limits.max_decoded_bytes_per_message)
                 if decoder.failed is not None:
                     if decoder.failed == "message_budget":
                         self._abandon("message_budget")
@@ -448,31 +336,33 @@ class Stream:
                         call.decode_error = decoder.failed
                         call.obs.parse_error("decode_" + decoder.failed)
                         self._release()  # abandon parsing; the bytes flow on untouched
-                    parser = None
-            if parser is not None:
-                if parser.work_items(body) > p.max_lines_per_message:
+                    parser = PASS_THROUGH
+            if parser.observed:
+                if parser.work_items(body) > limits.max_lines_per_message:
                     self._abandon("message_budget")
                 else:
                     changed = parser.feed_response(body, complete) or first
                     self._body_complete = complete
                     held = parser.held_bytes()
                     if held != self.held:
-                        p.held += held - self.held
+                        counters = p.counters
+                        counters.held += held - self.held
                         self.held = held
-                        if p.held > p.large:
-                            p.large = p.held
-                        if p.held > p.max_held:
+                        if counters.held > counters.large:
+                            counters.large = counters.held
+                        if counters.held > limits.max_held_bytes:
                             self._abandon("worker_held_bytes")
         if end:
             self._response_done = True
-        if not call.outcome and (complete or (parser is not None and parser.complete)):
+        if not call.outcome and (complete or parser.complete):
             self._settle()
             changed = True  # hand Envoy the outcome on this very message
         if not changed:
             return CONTINUE_RESPONSE_BODY
         if call.obs.usage.seen():
             self._price()
-        return CONTINUE_RESPONSE_BODY + metadata.encoded(self.p.namespace, call, self.p.budget)
+        s = self.p.settings
+        return CONTINUE_RESPONSE_BODY + metadata.encoded(s.config.metadata.namespace, call, s.budget)
 
     # ---- end ---------------------------------------------------------------------------------
     @property
@@ -483,11 +373,12 @@ class Stream:
         return self._observe_only and self._response_done
 
     def _release(self) -> None:
-        """Stop parsing this stream and give back what its parser held."""
-        self.parser = None
+        """Stop parsing this stream (the pass-through parser from now on) and give back what its
+        parser held."""
+        self.parser = PASS_THROUGH
         self.decoder = None
         if self.held:
-            self.p.held -= self.held
+            self.p.counters.held -= self.held
             self.held = 0
 
     def _abandon(self, reason: str) -> None:
@@ -495,9 +386,9 @@ class Stream:
         the call (parse error ``reason``) and per worker, logged at most every 10 s."""
         self._release()
         self.call.obs.parse_error(reason)
-        p = self.p
-        p.abandoned[reason] = p.abandoned.get(reason, 0) + 1
-        abandoned_log.warning("stream parsing abandoned", reason=reason, api=self.call.api, abandoned=p.abandoned[reason])
+        abandoned = self.p.counters.abandoned
+        abandoned[reason] = abandoned.get(reason, 0) + 1
+        abandoned_log.warning("stream parsing abandoned", reason=reason, api=self.call.api, abandoned=abandoned[reason])
 
     def _complete(self) -> None:
         self.call.outcome = ERROR if self.call.status >= 400 else OK
@@ -511,12 +402,12 @@ class Stream:
         call = self.call
         call.completed = time.perf_counter()
         parser = self.parser
-        if parser is not None and parser.stream_error and not call.obs.finish_reasons:
+        if parser.stream_error and not call.obs.finish_reasons:
             call.obs.finish_reasons.append("error")  # the stream ended with an error event
-        if call.status >= 400 or (parser is not None and parser.stream_error):
+        if call.status >= 400 or parser.stream_error:
             call.outcome = ERROR
-        elif parser is None or parser.complete:
-            call.outcome = OK  # no parser (not an LLM path, or parsing abandoned): the HTTP response ended
+        elif parser.complete or not parser.observed:
+            call.outcome = OK  # not observed (not an LLM path, or parsing abandoned): the HTTP response ended
         else:
             call.outcome = ERROR
             if call.obs.error_type is None:
@@ -536,8 +427,8 @@ class Stream:
         if key == self._priced:
             return
         self._priced = key
-        call.cost = self.p.pricer.price(call.provider, obs.request_model, obs.response_model, u,
-                                        obs.extra.get("service_tier"))
+        call.cost = self.p.settings.pricer.price(call.provider, obs.request_model, obs.response_model, u,
+                                                 obs.extra.get("service_tier"))
 
     def finish(self) -> None:
         """The gRPC stream ended (normally, or because Envoy reset it). Report exactly once.
@@ -560,23 +451,3 @@ class Stream:
         if not call.outcome:
             call.outcome = NO_RESPONSE if call.response_start is None else CLIENT_ABORT
         self.p.report(call)
-
-
-def _text(v: Any) -> str:
-    """An attribute's value as text: strings as they are, numbers (``response.code``) as integers."""
-    kind = v.WhichOneof("kind")
-    if kind == "string_value":
-        return str(v.string_value)
-    if kind == "number_value":
-        return str(int(v.number_value))
-    return ""
-
-
-_CONTINUE = {
-    "request_headers": CONTINUE_REQUEST_HEADERS,
-    "response_headers": CONTINUE_RESPONSE_HEADERS,
-    "request_body": CONTINUE_REQUEST_BODY,
-    "response_body": CONTINUE_RESPONSE_BODY,
-    "request_trailers": CONTINUE_REQUEST_TRAILERS,
-    "response_trailers": CONTINUE_RESPONSE_TRAILERS,
-}

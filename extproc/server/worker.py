@@ -20,7 +20,8 @@ from extproc.core.config import Config, ConfigError
 from extproc.server.grpc_server import GrpclibServer, build_server, health_only_server
 from extproc.server.health import Health
 from extproc.server.memory import trim_loop
-from extproc.server.processor import Processor, Settings, settings
+from extproc.server.processor import Processor
+from extproc.server.settings import Settings, settings
 
 log = logging.getLogger("extproc")
 
@@ -38,7 +39,7 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
                      observer_factory: ObserverFactory | None = None) -> None:
     grace = config.shutdown_grace_seconds if grace is None else grace
     processor = Processor(config, observers)
-    processor.pricer.warm()  # before serving: the first call must not wait for the price catalogue
+    processor.settings.pricer.warm()  # before serving: the first call must not wait for the price catalogue
     server = build_server(processor, config.listen, tls=config.tls)
     health_server = health_only_server(config.health_listen) if config.health_listen else None
     health = Health(server, *([health_server] if health_server else []))
@@ -50,7 +51,7 @@ async def run_worker(config: Config, observers: Sequence[CallObserver], grace: f
     log.info("ext_proc listening", extra={"address": config.listen, "pid": os.getpid()})
     if ready is not None:
         ready()
-    trimmer = asyncio.create_task(trim_loop(processor.trim_due))
+    trimmer = asyncio.create_task(trim_loop(processor.counters.trim_due))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -96,7 +97,7 @@ def reconfigure(processor: Processor, reload: Reloader, observer_factory: Observ
     built leaves the running state exactly as it was and releases what was built."""
     try:
         new = reload()
-        built = prepare(new, processor.config)
+        built = prepare(new, processor.settings.config)
     except RestartNeeded as e:
         log.error("config reload: these keys need a restart; keeping the running config", extra={"keys": e.keys})
         return False
@@ -159,15 +160,16 @@ REPORT_WAIT = 5.0
 async def drain(server: GrpclibServer, health: Health, processor: Processor, grace: float) -> None:
     """Graceful stop: NOT_SERVING, no new streams, in-flight streams finish, every call reported."""
     await health.draining()
-    log.info("draining", extra={"grace_seconds": grace, "active_streams": processor.active})
+    counters = processor.counters
+    log.info("draining", extra={"grace_seconds": grace, "active_streams": counters.active})
     # stop() refuses new RPCs at once (GOAWAY; Envoy's ext_proc fails open for requests that start
     # now, they pass unobserved), waits up to `grace` for the streams in flight, then cancels them.
     await server.stop(grace)
-    # Observers run in Process()'s `finally` (Stream.finish); a stream cancelled at the deadline
+    # Observers run in the stream task's `finally` (Stream.finish); a stream cancelled at the deadline
     # gets there as its task unwinds. Don't let the process exit (and lose its metrics) before.
     loop = asyncio.get_running_loop()
     deadline = loop.time() + REPORT_WAIT
-    while processor.active and loop.time() < deadline:
+    while counters.active and loop.time() < deadline:
         await asyncio.sleep(0.01)
-    if processor.active:
-        log.warning("streams still open after drain", extra={"active_streams": processor.active})
+    if counters.active:
+        log.warning("streams still open after drain", extra={"active_streams": counters.active})

@@ -52,7 +52,7 @@ def test_requests_flow_and_drops_are_counted_when_the_collector_is_dead(tmp_path
     assert worst < 1.0  # no request waited on the collector
     assert SPANS_DROPPED.labels("queue_full")._value.get() > 0
     assert dropped() - before >= 20
-    assert sidecar.processor.internal_errors == 0
+    assert sidecar.processor.counters.internal_errors == 0
     hole.close()
     for o in observers:
         if hasattr(o, "shutdown"):

@@ -46,7 +46,7 @@ async def main(trim: bool) -> None:
     p = Processor(parse({"listen": address, "limits": {"maxHeldBytes": 256 << 20}}), [])
     server = build_server(p, address)
     await server.start()
-    trimmer = asyncio.create_task(trim_loop(p.trim_due, 0.1)) if trim else None
+    trimmer = asyncio.create_task(trim_loop(p.counters.trim_due, 0.1)) if trim else None
     out = {}
     async with grpc.aio.insecure_channel(address) as ch:
         await asyncio.gather(*(one(ch, 1 << 20) for _ in range(4)))
@@ -58,7 +58,7 @@ async def main(trim: bool) -> None:
             gc.collect()
             await asyncio.sleep(0.3)
             out["after"].append(rss_mib())
-    out["held"] = p.held
+    out["held"] = p.counters.held
     if trimmer is not None:
         trimmer.cancel()
     await server.stop(0)

@@ -23,7 +23,7 @@ class InProcessSidecar:
 
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
-        self.server = build_server(self.processor, self.processor.config.listen)
+        self.server = build_server(self.processor, self.processor.settings.config.listen)
         self.loop.run_until_complete(self.server.start())
         self._started.set()
         self.loop.run_forever()

@@ -50,9 +50,9 @@ def test_connection_internals_on_a_live_connection():
 
                 # RST_STREAM reaches our handler: the stream's task is cancelled and reported once.
                 second = await _in_flight(ch)
-                await _wait(lambda: processor.active == 2)
+                await _wait(lambda: processor.counters.active == 2)
                 second.cancel()
-                await _wait(lambda: processor.active == 1)
+                await _wait(lambda: processor.counters.active == 1)
 
                 # GOAWAY: the stream in flight keeps working to its end.
                 h2compat.send_goaway(proto)

@@ -37,8 +37,8 @@ class Collect:
 
 
 def check(processor: Processor, replies: list[pb.ProcessingResponse], rec: Collect) -> None:
-    assert processor.internal_errors == 0
-    assert processor.active == 0
+    assert processor.counters.internal_errors == 0
+    assert processor.counters.active == 0
     for r in replies:
         kind = r.WhichOneof("response")
         assert kind != "immediate_response"
@@ -115,7 +115,7 @@ def test_absurd_token_counts_are_refused(value):
     assert call.obs.usage.input_tokens is None  # refused, not coerced
     assert call.obs.usage.output_tokens == 2
     assert call.obs.parse_error_reason == "bad_token_count"
-    assert p.internal_errors == 0
+    assert p.counters.internal_errors == 0
 
 
 def test_gzip_bomb_is_abandoned_and_traffic_untouched():

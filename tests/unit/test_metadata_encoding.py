@@ -8,7 +8,7 @@ from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.core.call import OK, Call
 from extproc.core.observation import Observation, Usage
 from extproc.core.pricing import Cost
-from extproc.server.processor import CONTINUE_RESPONSE_BODY, HEADERS_STREAMED
+from extproc.server.replies import CONTINUE_RESPONSE_BODY, HEADERS_STREAMED
 from extproc.telemetry import metadata
 
 

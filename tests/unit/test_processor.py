@@ -1,7 +1,6 @@
 """The servicer's state machine, driven directly with ext_proc messages (no Envoy)."""
 from __future__ import annotations
 
-import asyncio
 from typing import Any
 
 import pytest
@@ -12,6 +11,7 @@ from extproc._pb.envoy_api import processing_mode_pb2 as mode_pb
 from extproc.core.call import CLIENT_ABORT, ERROR, NO_RESPONSE, OK, Call
 from extproc.core.config import parse
 from extproc.server.processor import Processor
+from tests.support.stream_driver import drive
 
 NS = "ai.gateway.kgateway.dev"
 
@@ -40,22 +40,9 @@ def body(kind: str, data: bytes, end: bool = False) -> pb.ProcessingRequest:
 
 
 def run(processor: Processor, messages: list[pb.ProcessingRequest], md: tuple = (), abort: bool = False) -> list[pb.ProcessingResponse]:
-    async def requests():
-        for m in messages:
-            yield m
-        if abort:
-            raise asyncio.CancelledError  # Envoy reset the stream
-
-    async def drive() -> list[bytes]:
-        out = []
-        try:
-            async for reply in processor.Process(requests(), dict(md)):
-                out.append(reply)
-        except asyncio.CancelledError:
-            pass
-        return out
-
-    return [pb.ProcessingResponse.FromString(b) for b in asyncio.run(drive())]
+    """The parsed replies to ``messages`` on one stream. ``abort``: Envoy resets the stream after
+    them (the server closes the stream then as when the messages end: the flag names the case)."""
+    return [pb.ProcessingResponse.FromString(b) for b in drive(processor, messages, dict(md))]
 
 
 def meta(reply: pb.ProcessingResponse) -> dict[str, Any]:
@@ -95,7 +82,7 @@ def test_non_streaming_chat(proc, rec):
     assert m["outcome"] == "ok"
     assert m["provider_model"] == "gpt-4o-2024"
     (call,) = rec.calls
-    assert call.outcome == OK and call.status == 200 and proc.active == 0
+    assert call.outcome == OK and call.status == 200 and proc.counters.active == 0
 
 
 def _content_length_response(payload: bytes, status: str = "200", **extra: str) -> list[pb.ProcessingRequest]:
@@ -179,7 +166,7 @@ def test_abort_mid_stream_is_client_abort_counted_once(proc, rec):
         body("response_body", SSE[:50]),
     ], abort=True)
     assert len(rec.calls) == 1 and rec.calls[0].outcome == CLIENT_ABORT
-    assert proc.active == 0
+    assert proc.counters.active == 0
 
 
 def test_response_without_request_phase(proc, rec):
@@ -232,7 +219,7 @@ def test_internal_error_fails_open(proc, rec, monkeypatch, caplog):
         body("response_body", CHAT_JSON, end=True),
     ])
     assert replies[-1].WhichOneof("response") == "response_body"  # still answered: CONTINUE
-    assert proc.internal_errors == 1 and rec.calls[0].obs.parse_errors == 1
+    assert proc.counters.internal_errors == 1 and rec.calls[0].obs.parse_errors == 1
 
 
 def test_observer_failure_is_contained(rec):
@@ -242,7 +229,7 @@ def test_observer_failure_is_contained(rec):
 
     p = Processor(parse({}), [Bad(), rec])
     run(p, [req_headers(), headers("response_headers", end=True, **{":status": "200"})])
-    assert len(rec.calls) == 1 and p.internal_errors == 1
+    assert len(rec.calls) == 1 and p.counters.internal_errors == 1
 
 
 def test_gzip_response(proc, rec):
@@ -311,7 +298,7 @@ def test_status_that_is_not_an_ascii_number_is_zero_without_raising(status):
     resp = headers("response_headers", True, **{"content-type": "application/json"})
     resp.response_headers.headers.headers.add(key=":status", raw_value=status)
     run(p, [req_headers(), resp])
-    assert p.internal_errors == 0
+    assert p.counters.internal_errors == 0
     assert rec.calls[0].status == 0
 
 

@@ -36,8 +36,15 @@ def running(tmp_path):
 
 
 def snapshot(p: Processor) -> tuple:
-    return (p.settings, p.config, p.namespace, p.provider_key, p.limits, p.router, p.max_decoded, p.max_message,
+    s = p.settings
+    return (s, s.config, s.config.metadata.namespace, s.provider_key, s.parser_limits, s.limits, s.router,
             tuple(p.observers), p.capture)
+
+
+def applied(p: Processor) -> tuple:
+    """The namespace, provider key and body limit the streams read."""
+    s = p.settings
+    return s.config.metadata.namespace, s.provider_key, s.parser_limits.max_body_bytes
 
 
 def reload_from(path):
@@ -65,7 +72,7 @@ def test_unknown_route_api_changes_nothing_and_leaks_no_tracer_thread(running):
     path.write_text(yaml.safe_dump(changed(providers={"header": "x-two", "routes": [{"pathRegex": "^/x$", "api": "nope"}]})))
     for _ in range(3):
         refused(p, path, before)
-    assert (p.namespace, p.provider_key, p.limits.max_body_bytes) == ("ns.one", "x-one", 1 << 20)
+    assert applied(p) == ("ns.one", "x-one", 1 << 20)
 
 
 def test_invalid_file_changes_nothing(running):
@@ -143,7 +150,7 @@ def test_accepted_reload_swaps_everything_and_ends_the_old_tracer_thread(running
     old_tracer = p.observers[-1]
     path.write_text(yaml.safe_dump(changed()))
     assert worker.reconfigure(p, reload_from(path), observers_mod.observers) is True
-    assert (p.namespace, p.provider_key, p.limits.max_body_bytes) == ("ns.two", "x-two", 1024)
+    assert applied(p) == ("ns.two", "x-two", 1024)
     assert old_tracer not in p.observers
     assert export_threads() == before  # the new tracer's thread replaced the old one's
 
@@ -156,4 +163,4 @@ def test_supervisor_check_is_the_workers_check():
         worker.prepare(config_mod.parse(changed(listen="127.0.0.1:1")), running_cfg)
     with pytest.raises(worker.RestartNeeded, match="event_loop"):  # a running worker keeps its loop
         worker.prepare(config_mod.parse(changed(eventLoop="asyncio")), running_cfg)
-    assert worker.prepare(config_mod.parse(changed()), running_cfg).namespace == "ns.two"
+    assert worker.prepare(config_mod.parse(changed()), running_cfg).config.metadata.namespace == "ns.two"

@@ -20,7 +20,8 @@ from extproc.server import h2compat
 from extproc.server import worker as server_mod
 from extproc.server.grpc_server import CLOSED_STREAMS_KEPT, StreamCap, build_server
 from extproc.server.health import Health
-from extproc.server.processor import CONTINUE_REQUEST_HEADERS, Processor
+from extproc.server.processor import Processor
+from extproc.server.replies import CONTINUE_REQUEST_HEADERS
 from tests.unit.test_processor import Recorder
 from tests.unit.test_processor import headers as _headers
 
@@ -97,7 +98,7 @@ def test_process_replies_and_metadata(address):
             await _wait(lambda: r.recorder.calls)
             [c] = r.recorder.calls
             assert c.provider == "acme" and c.outcome == OK and c.trace_context["traceparent"].startswith("00-111")
-            assert r.processor.active == 0
+            assert r.processor.counters.active == 0
 
     asyncio.run(main())
 
@@ -108,9 +109,9 @@ def test_client_cancel_reports_the_call_once():
     async def main() -> None:
         async with Running(address) as r, _channel(address) as ch:
             call = await _in_flight(ch)
-            await _wait(lambda: r.processor.active == 1)
+            await _wait(lambda: r.processor.counters.active == 1)
             call.cancel()  # Envoy resets the stream: the client hung up
-            await _wait(lambda: r.processor.active == 0)
+            await _wait(lambda: r.processor.counters.active == 0)
             await asyncio.sleep(0.1)
             assert [c.outcome for c in r.recorder.calls] == [NO_RESPONSE]
 
@@ -150,7 +151,7 @@ def test_health_check_watch_and_drain(address):
             await call.done_writing()
             assert await call.code() == grpc.StatusCode.OK
             await asyncio.wait_for(drain, 5)  # well before the 5 s grace: it left once the stream ended
-            assert [c.outcome for c in r.recorder.calls] == [OK] and r.processor.active == 0
+            assert [c.outcome for c in r.recorder.calls] == [OK] and r.processor.counters.active == 0
 
     asyncio.run(main())
 
@@ -162,7 +163,7 @@ def test_grace_expiry_cancels_and_reports():
         async with Running(address) as r, _channel(address) as ch:
             call = await _in_flight(ch)
             await server_mod.drain(r.server, r.health, r.processor, 0.3)
-            assert r.processor.active == 0
+            assert r.processor.counters.active == 0
             assert [c.outcome for c in r.recorder.calls] == [NO_RESPONSE]
             assert await call.code() != grpc.StatusCode.OK
 
@@ -229,7 +230,7 @@ def test_malformed_streams_log_one_line_each_rate_limited_without_tracebacks(cap
                     await call.read()
                 assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             await _wait(lambda: len(r.recorder.calls) == 20)
-            assert r.processor.bad_streams == 20 and r.processor.active == 0 and r.processor.internal_errors == 0
+            assert r.processor.counters.bad_streams == 20 and r.processor.counters.active == 0 and r.processor.counters.internal_errors == 0
 
     with caplog.at_level("INFO"):
         asyncio.run(main())
@@ -295,8 +296,8 @@ def test_streams_past_max_streams_are_refused_unread_and_counted():
                 await third.read()
             # REFUSED_STREAM: grpcio reports UNAVAILABLE, or INTERNAL when its write races the reset
             assert e.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.INTERNAL)
-            assert r.processor.refused == {"max_streams": 1} and refusals.reasons == ["max_streams"]
-            assert r.processor.active == 2  # the refused stream never became a call
+            assert r.processor.counters.refused == {"max_streams": 1} and refusals.reasons == ["max_streams"]
+            assert r.processor.counters.active == 2  # the refused stream never became a call
             stub = health_pb2_grpc.HealthStub(ch)  # not an ext_proc stream: not capped
             assert (await stub.Check(health_pb2.HealthCheckRequest(), timeout=5)).status == health_pb2.HealthCheckResponse.SERVING
             await first.write(RESP)
@@ -307,8 +308,8 @@ def test_streams_past_max_streams_are_refused_unread_and_counted():
             again = await _in_flight(ch)  # a slot is free again
             for call in (second, again):
                 call.cancel()
-            await _wait(lambda: r.processor.active == 0 and r.server.cap.open == 0)
-            assert len(r.recorder.calls) == 3 and r.processor.refused == {"max_streams": 1}
+            await _wait(lambda: r.processor.counters.active == 0 and r.server.cap.open == 0)
+            assert len(r.recorder.calls) == 3 and r.processor.counters.refused == {"max_streams": 1}
 
     asyncio.run(main())
 

@@ -11,7 +11,8 @@ from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.apis.base import ApiParser, Limits
 from extproc.core.config import parse
 from extproc.core.observation import Observation
-from extproc.server.processor import CONTINUE_RESPONSE_BODY, Processor, Stream
+from extproc.server.processor import Processor
+from extproc.server.replies import CONTINUE_RESPONSE_BODY
 from tests.unit.test_processor import Recorder, body, headers, req_headers, run
 
 SSE = {":status": "200", "content-type": "text/event-stream"}
@@ -42,7 +43,7 @@ def test_gzip_sse_of_tiny_lines_costs_one_bounded_message():
     assert all(r.HasField("response_body") and not r.response_body.response.HasField("body_mutation") for r in body_replies)
     assert all(r.SerializeToString() == CONTINUE_RESPONSE_BODY for r in body_replies[:-1])  # nothing to report until the end
     assert rec.calls[0].obs.parse_error_reason == "message_budget"
-    assert p.abandoned == {"message_budget": 1} and p.held == 0 and p.internal_errors == 0
+    assert p.counters.abandoned == {"message_budget": 1} and p.counters.held == 0 and p.counters.internal_errors == 0
 
 
 def test_identity_sse_message_with_too_many_lines_is_refused_before_parsing():
@@ -61,7 +62,7 @@ def test_normal_streams_are_within_the_budgets():
     run(p, stream_msgs([payload[i:i + 4096] for i in range(0, len(payload), 4096)], "gzip"))
     run(p, stream_msgs([events]))
     assert [c.obs.usage.total_tokens for c in rec.calls] == [33, 33]
-    assert p.abandoned == {} and p.held == 0
+    assert p.counters.abandoned == {} and p.counters.held == 0
 
 
 def test_whole_sse_event_of_many_short_data_lines_is_capped():
@@ -70,18 +71,18 @@ def test_whole_sse_event_of_many_short_data_lines_is_capped():
     goes on (the usage event after it is read)."""
     rec = Recorder()
     p = Processor(parse({"limits": {"maxEventBytes": 1 << 16}}), [rec])
-    stream = Stream(p, None)
+    stream = p.open_stream()
     for m in stream_msgs([])[:3]:
         stream.handle(m)
     peak = 0
     for _ in range(200):
         stream.handle(body("response_body", b"data: xxxxxxxxxxxxxxxxxxxxxxxxxxxxxx\n" * 100))  # 3.7 KB per message
-        peak = max(peak, p.held)
+        peak = max(peak, p.counters.held)
     stream.handle(body("response_body", b"\n" + USAGE_EVENT, end=True))
-    stream.finish()
+    p.close_stream(stream)
     assert peak <= 1 << 16
     assert rec.calls[0].obs.usage.total_tokens == 33
-    assert rec.calls[0].obs.parse_error_reason == "sse_line_too_long" and p.held == 0
+    assert rec.calls[0].obs.parse_error_reason == "sse_line_too_long" and p.counters.held == 0
 
 
 def test_ndjson_line_assembly_is_linear_and_capped():
@@ -112,17 +113,17 @@ def test_bytes_held_by_all_streams_of_a_worker_are_capped():
     json_resp = {":status": "200", "content-type": "application/json"}
     streams = []
     for _ in range(3):  # three non-streamed bodies of 600 KB each, none finished yet
-        s = Stream(p, None)
+        s = p.open_stream()
         s.handle(req_headers())
         s.handle(headers("response_headers", **json_resp))
         s.handle(body("response_body", b'{"pad":"' + b"x" * 600_000))
         streams.append(s)
-        assert p.held <= 1 << 20
-    assert p.abandoned == {"worker_held_bytes": 2}  # the second and third would have gone over
+        assert p.counters.held <= 1 << 20
+    assert p.counters.abandoned == {"worker_held_bytes": 2}  # the second and third would have gone over
     for s in streams:
         s.handle(body("response_body", b'"}', end=True))
-        s.finish()
-    assert p.held == 0
+        p.close_stream(s)
+    assert p.counters.held == 0
     assert [c.obs.parse_error_reason for c in rec.calls] == [None, "worker_held_bytes", "worker_held_bytes"]
 
 

@@ -2,7 +2,7 @@
 histograms record."""
 from __future__ import annotations
 
-import asyncio
+import time
 
 from google.protobuf.json_format import MessageToDict
 from prometheus_client import CollectorRegistry
@@ -11,6 +11,7 @@ from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.core import config
 from extproc.server.processor import Processor
 from extproc.telemetry.metrics import MetricsObserver
+from tests.support.stream_driver import drive
 from tests.unit.test_processor import NS, Recorder, body, headers, req_headers
 
 CHUNK = b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{"content":"w "},"finish_reason":null}],"usage":null}\n\n'
@@ -19,17 +20,15 @@ LAST = (b'data: {"id":"c","model":"m","choices":[{"index":0,"delta":{},"finish_r
         b"data: [DONE]\n\n")
 
 
-def drive(processor: Processor, messages: list[tuple[float, pb.ProcessingRequest]]) -> list[dict]:
-    async def requests():
+def spaced(processor: Processor, messages: list[tuple[float, pb.ProcessingRequest]]) -> list[dict]:
+    """The metadata of the replies to ``messages``, each sent ``delay`` seconds after the last."""
+    def requests():
         for delay, m in messages:
-            await asyncio.sleep(delay)
+            time.sleep(delay)
             yield m
 
-    async def go() -> list[dict]:
-        return [MessageToDict(pb.ProcessingResponse.FromString(r).dynamic_metadata).get(NS, {})
-                async for r in processor.Process(requests(), {})]
-
-    return asyncio.run(go())
+    return [MessageToDict(pb.ProcessingResponse.FromString(r).dynamic_metadata).get(NS, {})
+            for r in drive(processor, requests())]
 
 
 def stream_call(stream: bool = True):
@@ -42,7 +41,7 @@ def stream_call(stream: bool = True):
     if not stream:
         resp = [body("response_body", b'{"id":"c","model":"m","choices":[{"finish_reason":"stop","message":{"content":"a"}}],'
                                       b'"usage":{"prompt_tokens":3,"completion_tokens":5,"total_tokens":8}}', end=True)]
-    out = drive(p, [(0, req_headers()), (0, body("request_body", b'{"model":"m","stream":%s}' % (b"true" if stream else b"false"), end=True)),
+    out = spaced(p, [(0, req_headers()), (0, body("request_body", b'{"model":"m","stream":%s}' % (b"true" if stream else b"false"), end=True)),
                     (0, headers("response_headers", **{":status": "200", "content-type": ctype}))]
                 + [(0.03, m) for m in resp])
     return out[-1], rec.calls[0], registry
