@@ -147,13 +147,13 @@ class Stream:
     call is settled, priced and finished."""
 
     __slots__ = ("p", "call", "parser", "decoder", "held", "_grpc_provider", "_done", "_response_done", "_observe_only",
-                 "_priced", "_priceable", "_content_length", "_body_complete", "_routed")
+                 "_priced", "_priceable", "_content_length", "_routed")
 
     def __init__(self, processor: Processor) -> None:
         self.p = processor
         self.call = Call(start_time_ns=time.time_ns(), start=time.perf_counter())
         # The API parser once routed; the pass-through parser before, for a path no API claims,
-        # and once parsing was abandoned.
+        # once parsing was abandoned, and once the whole response body was parsed.
         self.parser: ApiParser | PassThrough = PASS_THROUGH
         self.decoder: Decoder | None = None
         self.held = 0  # bytes the parser holds, as counted in WorkerCounters.held
@@ -164,7 +164,6 @@ class Stream:
         self._priced: tuple[object, ...] | None = None  # what call.cost was computed from
         self._priceable = False  # an LLM call that consumes tokens (set with its parser)
         self._content_length: int | None = None  # the response's, when it declares one
-        self._body_complete = False  # the whole response body has been parsed
         self._routed = False  # path, host and method read (request headers, or attributes)
 
     def handle(self, req: pb.ProcessingRequest) -> bytes | None:
@@ -323,7 +322,7 @@ class Stream:
         complete = end or (length is not None and call.response_bytes >= length)
         parser = self.parser
         changed = first  # fewer-messages mode: the first response message hands over the metadata
-        if parser.observed and not self._body_complete:  # (parsed whole already: nothing more)
+        if parser.observed:
             p = self.p
             limits = p.settings.limits
             decoder = self.decoder
@@ -336,27 +335,27 @@ class Stream:
                         call.decode_error = decoder.failed
                         call.obs.parse_error("decode_" + decoder.failed)
                         self._release()  # abandon parsing; the bytes flow on untouched
-                    parser = PASS_THROUGH
-            if parser.observed:
-                if parser.work_items(body) > limits.max_lines_per_message:
-                    self._abandon("message_budget")
-                else:
-                    changed = parser.feed_response(body, complete) or first
-                    self._body_complete = complete
-                    held = parser.held_bytes()
-                    if held != self.held:
-                        counters = p.counters
-                        counters.held += held - self.held
-                        self.held = held
-                        if counters.held > counters.large:
-                            counters.large = counters.held
-                        if counters.held > limits.max_held_bytes:
-                            self._abandon("worker_held_bytes")
+                    parser = PASS_THROUGH  # (takes nothing below)
+            if parser.work_items(body) > limits.max_lines_per_message:
+                self._abandon("message_budget")
+            else:
+                changed = parser.feed_response(body, complete) or first
+                held = parser.held_bytes()
+                if held != self.held:
+                    counters = p.counters
+                    counters.held += held - self.held
+                    self.held = held
+                    if counters.held > counters.large:
+                        counters.large = counters.held
+                    if counters.held > limits.max_held_bytes:
+                        self._abandon("worker_held_bytes")
         if end:
             self._response_done = True
         if not call.outcome and (complete or parser.complete):
             self._settle()
             changed = True  # hand Envoy the outcome on this very message
+        if complete:
+            self._release()  # the whole body was parsed: nothing more to parse on this stream
         if not changed:
             return CONTINUE_RESPONSE_BODY
         if call.obs.usage.seen():
