@@ -55,6 +55,9 @@ ap.add_argument("--tracing", choices=["off", "dead", "live"], default="off",
 ap.add_argument("--tracing-conventions", action="append", metavar="LIST",
                 help="tracing.conventions, e.g. genai,openinference: once for all stacks, or once per --checkout in order")
 ap.add_argument("--capture", action="store_true", help="tracing.captureContent: true")
+ap.add_argument("--tracing-config", action="append", metavar="FILE",
+                help="use the tracing section of this sidecar config (e.g. deploy/tracing/langfuse.yaml), endpoint "
+                     "replaced: once for all stacks, or once per --checkout in order")
 ap.add_argument("--sse", type=int, metavar="N", help="streamed responses of N SSE events (instead of wrk)")
 ap.add_argument("--rate", type=float, default=40, help="--sse: streams started per second")
 ap.add_argument("--interval", type=float, default=2.0, help="--sse: ms between a stream's events")
@@ -99,6 +102,12 @@ class Stack:
                 cfg["tracing"] = {"otlpEndpoint": receiver.endpoint}
             elif a.tracing == "dead":
                 cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{free_port()}"}
+            if a.tracing != "off" and a.tracing_config:
+                endpoint = cfg["tracing"]["otlpEndpoint"]
+                preset = a.tracing_config[min(len(stacks), len(a.tracing_config) - 1)]
+                cfg["tracing"] = {**yaml.safe_load(Path(preset).read_text())["tracing"], "otlpEndpoint": endpoint}
+                cfg["tracing"].pop("otlpProtocol", None)
+                cfg["tracing"].pop("headers", None)
             if a.tracing != "off":
                 conventions = a.tracing_conventions or []
                 mine = conventions[min(len(stacks), len(conventions) - 1)] if conventions else None
@@ -204,6 +213,8 @@ try:
         name = c if len(checkouts) > 1 else "sidecar"
         if len(per_stack) > 1:
             name += f" [{per_stack[min(i, len(per_stack) - 1)]}]"
+        if a.tracing_config and len(a.tracing_config) > 1:
+            name += f" [{a.tracing_config[min(i, len(a.tracing_config) - 1)]}]"
         stacks.append(Stack(name, c, a.prof if i == 0 else None))
     if a.sse:
         stacks.append(Stack("envoy-alone", None, None))
