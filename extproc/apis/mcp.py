@@ -15,6 +15,29 @@ from extproc.apis.base import ApiParser
 from extproc.apis.routing import Provider, route
 
 TOOLS_CALL = "tools/call"
+EXECUTE_TOOL = "execute_tool"  # the GenAI operation of a tools/call
+
+# The MCP spec's methods: the values a metric label may take for an MCP method (others: "other"),
+# so a client sending junk methods cannot grow a label set.
+KNOWN_METHODS = frozenset({
+    "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
+    "resources/templates/list", "resources/subscribe", "resources/unsubscribe", "prompts/list",
+    "prompts/get", "completion/complete", "logging/setLevel", "notifications/initialized",
+    "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed",
+    "sampling/createMessage", "elicitation/create", "roots/list",
+})
+_OPERATIONS = KNOWN_METHODS | {EXECUTE_TOOL, "mcp"}  # "mcp": a request without a method
+
+
+def method_label(method: str) -> str:
+    """An MCP method as a metric label value: one of the spec's methods, else ``other``."""
+    return method if method in KNOWN_METHODS else "other"
+
+
+def operation_label(operation: str) -> str:
+    """An MCP call's operation (``execute_tool``, else its method) as a metric label value: never
+    a client's free string (``other`` for a method the spec does not define)."""
+    return operation if operation in _OPERATIONS else "other"
 
 
 class McpParser(ApiParser):
@@ -34,7 +57,7 @@ class McpParser(ApiParser):
         if isinstance(rid, (str, int)) and not isinstance(rid, bool):
             x["jsonrpc.id"] = rid
             self.stream_markers = True  # a request expects its response: that ends an SSE answer
-        self.obs.operation = "execute_tool" if method == TOOLS_CALL else method[:128]
+        self.obs.operation = EXECUTE_TOOL if method == TOOLS_CALL else method[:128]
         params = obj.get("params")
         if method == TOOLS_CALL and isinstance(params, dict):
             name = params.get("name")

@@ -14,21 +14,13 @@ from typing import Any
 
 from prometheus_client import Counter
 
+from extproc.apis.mcp import method_label
 from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, Call
 from extproc.core.config import StatsConfig
 from extproc.telemetry.labels import LabelGuard, SeriesBudget, folded
 
 MCP_REQUESTS = Counter("mcp_requests", "MCP JSON-RPC requests seen through Envoy.", ["method", "tool", "status"])
-
-KNOWN_METHODS = frozenset({
-    "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
-    "resources/templates/list", "resources/subscribe", "resources/unsubscribe", "prompts/list",
-    "prompts/get", "completion/complete", "logging/setLevel", "notifications/initialized",
-    "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed",
-    "sampling/createMessage", "elicitation/create", "roots/list",
-})
-
 
 def status(call: Call) -> str:
     x = call.obs.extra
@@ -59,7 +51,7 @@ class McpMetrics:
         x = call.obs.extra
         method = x["mcp.method"]
         tool = self.guard.fold("mcp_tool", clip(x.get("mcp.tool", ""))) if method == "tools/call" else ""
-        labels = (method if method in KNOWN_METHODS else "other", tool, status(call))
+        labels = (method_label(method), tool, status(call))
         child = self._children.get(labels)
         if child is None:
             if self.budget.admit(MCP_REQUESTS._name, labels):

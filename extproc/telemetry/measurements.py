@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from extproc.apis.finish import finish_reason
+from extproc.apis.mcp import operation_label
 from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
 from extproc.core.config import StatsConfig
@@ -141,7 +142,9 @@ class Measurer:
             request_model or response_model or "unknown",
             request_model,
             response_model,
-            fold("operation", clip(obs.operation)),  # MCP: the client's method name
+            # MCP methods are not GenAI operations: their own bounded set and cap, so junk methods
+            # cannot fill the cap of the operations every other call is recorded under.
+            fold("mcp_method", operation_label(obs.operation)) if call.api == "mcp" else fold("operation", clip(obs.operation)),
             fold("error_type", clip(error_type(call))),
             str(call.status),
             call.outcome,

@@ -329,6 +329,28 @@ def test_mcp_tool_names_fold_under_both_caps():
     assert _v(reg, "ai_series_overflow_total", metric="mcp_requests") == 3
 
 
+def test_junk_mcp_methods_do_not_take_the_genai_operations_label_values():
+    """5,000 distinct junk MCP methods, then real calls: chat and embeddings keep their
+    operation; the MCP calls are recorded under operation="other", their own bounded set."""
+    from extproc.apis.mcp import McpParser
+
+    obs, reg = _observer()  # the default cap: 1,000 values per label
+    for i in range(5000):
+        call = Call(path="/mcp", api="mcp", provider="mcp", status=200, outcome=OK)
+        McpParser(call.obs).on_request_json({"jsonrpc": "2.0", "id": i, "method": f"junk/{i}"})
+        obs.on_call_end(call)
+    obs.on_call_end(_call("aigw__chat-basic.yaml"))
+    embeddings = _call("aigw__embeddings-dimensions.yaml")
+    obs.on_call_end(embeddings)
+    assert _v(reg, "ai_requests_total", model="gpt-5-nano", llm="openai", operation="chat", status_code="200",
+              outcome="ok", error_type="") == 1
+    assert _v(reg, "ai_requests_total", model=embeddings.obs.request_model, llm="openai", operation="embeddings",
+              status_code="200", outcome="ok", error_type="") == 1
+    assert _v(reg, "ai_requests_total", model="unknown", llm="mcp", operation="other", status_code="200",
+              outcome="ok", error_type="") == 5000
+    assert _v(reg, "ai_label_values_overflow_total", label="operation") == 0
+
+
 def test_refused_streams_are_counted_by_reason():
     reg = CollectorRegistry()
     obs = MetricsObserver(_stats(), reg)
