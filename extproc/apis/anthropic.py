@@ -183,7 +183,8 @@ class AnthropicCountTokens(ApiParser):
 
 
 ORDER = 40
-PROVIDERS = (Provider("anthropic", "anthropic", ("api.anthropic.com",), catalogue=("anthropic",)),)
+PROVIDERS = (Provider("anthropic", "anthropic", ("api.anthropic.com",), catalogue=("anthropic",),
+                      openinference=("anthropic", "anthropic"), model_markers=("claude", "anthropic.")),)
 # stop_reason (also Claude through Bedrock and Vertex AI)
 FINISH_REASONS = {
     "end_turn": STOP, "stop_sequence": STOP, "max_tokens": LENGTH, "tool_use": TOOL_CALLS,

@@ -282,7 +282,8 @@ def _converse_counts(usage: dict[str, Any]) -> dict[str, Any]:
 
 _M = r"^/model/(?P<model>[^/]+)"
 ORDER = 20
-PROVIDERS = (Provider("bedrock", "aws.bedrock", (".amazonaws.com",), catalogue=("aws",)),)
+PROVIDERS = (Provider("bedrock", "aws.bedrock", (".amazonaws.com",), catalogue=("aws",), openinference=("aws", None),
+                      hosts_others=True),)
 # Converse stopReason (InvokeModel: the model's own, e.g. the Anthropic module's for Claude)
 FINISH_REASONS = {
     "end_turn": STOP, "stop_sequence": STOP, "max_tokens": LENGTH, "tool_use": TOOL_CALLS,

@@ -157,7 +157,8 @@ class CohereEmbed(_CohereUsage):
 
 
 ORDER = 50
-PROVIDERS = (Provider("cohere", "cohere", ("api.cohere.com", "api.cohere.ai"), catalogue=("cohere",)),)
+PROVIDERS = (Provider("cohere", "cohere", ("api.cohere.com", "api.cohere.ai"), catalogue=("cohere",),
+                      openinference=("cohere", "cohere"), model_markers=("cohere.",)),)
 # finish_reason (v2 upper case, v1 upper case too)
 FINISH_REASONS = {
     "COMPLETE": STOP, "STOP_SEQUENCE": STOP, "MAX_TOKENS": LENGTH, "TOOL_CALL": TOOL_CALLS, "ERROR": ERROR,

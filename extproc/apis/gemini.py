@@ -167,9 +167,11 @@ _VERTEX = r"^/v1(?:beta1)?/projects/[^/]+/locations/[^/]+/publishers/"
 _MODEL = r"(?P<model>[^/:]+)"
 ORDER = 30  # Vertex AI (incl. Claude on Vertex) and the Gemini API
 PROVIDERS = (
-    Provider("gemini", "gcp.gemini", ("generativelanguage.googleapis.com",), catalogue=("google",)),
+    Provider("gemini", "gcp.gemini", ("generativelanguage.googleapis.com",), catalogue=("google",),
+             openinference=("google", None)),
     # Vertex AI also serves Claude: priced from Anthropic's list when Google's does not name the model
-    Provider("vertex_ai", "gcp.vertex_ai", ("aiplatform.googleapis.com",), catalogue=("google", "anthropic")),
+    Provider("vertex_ai", "gcp.vertex_ai", ("aiplatform.googleapis.com",), catalogue=("google", "anthropic"),
+             openinference=("google", "vertexai"), hosts_others=True),
 )
 # candidates[].finishReason (Claude on Vertex: the Anthropic module's stop reasons)
 FINISH_REASONS = {

@@ -90,7 +90,7 @@ class OllamaEmbed(_Ollama):
 
 ORDER = 60
 # No catalogue: a local model has no public price (price it with a pricing.models override).
-PROVIDERS = (Provider("ollama", "ollama", (":11434",)),)
+PROVIDERS = (Provider("ollama", "ollama", (":11434",), openinference=("ollama", None)),)
 FINISH_REASONS = {"stop": STOP, "length": LENGTH}  # done_reason
 ROUTES = [
     route(r"^/api/chat$", OllamaChat, "ollama"),

@@ -225,16 +225,18 @@ class OpenAIResponses(ApiParser):
 _AZ = r"^/openai/deployments/(?P<model>[^/]+)"
 ORDER = 100  # last: the generic OpenAI-compatible suffixes match almost anything
 PROVIDERS = (
-    Provider("openai", "openai", ("api.openai.com",), catalogue=("openai",)),
+    Provider("openai", "openai", ("api.openai.com",), catalogue=("openai",), openinference=("openai", "openai")),
     Provider("azure", "azure.ai.openai", (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"),
-             catalogue=("azure",)),
+             catalogue=("azure",), openinference=("azure", "openai")),  # Azure hosts OpenAI's models
     # OpenAI-compatible APIs: the same schema on other hosts.
-    Provider("mistral", "mistral_ai", ("api.mistral.ai",), catalogue=("mistral",)),
-    Provider("groq", "groq", ("api.groq.com",), catalogue=("groq",)),
-    Provider("deepseek", "deepseek", ("api.deepseek.com",), catalogue=("deepseek",)),
-    Provider("xai", "x_ai", ("api.x.ai",), catalogue=("x-ai",)),
+    Provider("mistral", "mistral_ai", ("api.mistral.ai",), catalogue=("mistral",),
+             openinference=("mistralai", "mistralai"), model_markers=("mistral",)),
+    Provider("groq", "groq", ("api.groq.com",), catalogue=("groq",), openinference=("groq", None)),
+    Provider("deepseek", "deepseek", ("api.deepseek.com",), catalogue=("deepseek",), openinference=("deepseek", None)),
+    Provider("xai", "x_ai", ("api.x.ai",), catalogue=("x-ai",), openinference=("xai", None)),
     Provider("openrouter", "openrouter", ("openrouter.ai",), catalogue=("openrouter",)),
-    Provider("perplexity", "perplexity", ("api.perplexity.ai",), catalogue=("perplexity",)),
+    Provider("perplexity", "perplexity", ("api.perplexity.ai",), catalogue=("perplexity",),
+             openinference=("perplexity", None)),
     # Named by an operator (providers.header, x-llm-provider, providers.routes): no host of their own here.
     Provider("together", "together", catalogue=("together",)),
     Provider("fireworks", "fireworks", catalogue=("fireworks",)),

@@ -54,6 +54,11 @@ class Provider:
     semconv: str  # ``gen_ai.provider.name`` (OpenTelemetry GenAI semantic conventions)
     hosts: tuple[str, ...] = ()  # host suffixes ("api.openai.com", ".amazonaws.com"); ":port" matches anywhere
     catalogue: tuple[str, ...] = ()  # genai-prices provider ids, tried in order
+    # OpenInference (llm.provider, llm.system) values, as its own instrumentations set them
+    # (system None: the package has none); None: llm.provider is our name, no llm.system
+    openinference: tuple[str, str | None] | None = None
+    hosts_others: bool = False  # serves other makers' models (Bedrock, Vertex AI): the model id names the maker
+    model_markers: tuple[str, ...] = ()  # substrings of a (lower-case) model id naming this provider as its maker
 
 
 class Router:
@@ -102,6 +107,22 @@ def _semconv_names() -> dict[str, str]:
 def semconv_name(provider: str) -> str:
     """``gen_ai.provider.name`` for one of our provider names (unknown ones pass through)."""
     return _semconv_names().get(provider, provider)
+
+
+@lru_cache(maxsize=1)
+def declared() -> dict[str, Provider]:
+    """Our provider name -> its declaration."""
+    from extproc import apis
+
+    return {p.name: p for p in apis.all_providers()}
+
+
+@lru_cache(maxsize=1)
+def model_makers() -> tuple[tuple[str, Provider], ...]:
+    """(model id substring, the provider that makes that model), in module order."""
+    from extproc import apis
+
+    return tuple((marker, p) for p in apis.all_providers() for marker in p.model_markers)
 
 
 def catalogue_ids() -> dict[str, tuple[str, ...]]:

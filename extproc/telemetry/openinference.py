@@ -23,6 +23,7 @@ from typing import Any
 
 import orjson
 
+from extproc.apis.routing import declared, model_makers
 from extproc.core import cel
 from extproc.core.bounded import MAX_LIST_ITEMS, bounded_attribute, clip, clip_opt
 from extproc.core.call import Call
@@ -61,42 +62,20 @@ KIND_TOOL = "TOOL"
 MIME_JSON = "application/json"
 MIME_TEXT = "text/plain"
 
-# Our provider name -> (llm.provider, llm.system): OpenInferenceLLMProviderValues and
-# OpenInferenceLLMSystemValues, as OpenInference's own instrumentations set them (Azure hosts
-# OpenAI's models: provider azure, system openai; Vertex AI: google/vertexai; Bedrock: aws).
-# None: the package has no value for it (the attribute is left out). A provider not listed here
-# (a configured route's own name) is sent as llm.provider as it is.
-PROVIDERS: dict[str, tuple[str, str | None]] = {
-    "openai": ("openai", "openai"),
-    "azure": ("azure", "openai"),
-    "anthropic": ("anthropic", "anthropic"),
-    "gemini": ("google", None),
-    "vertex_ai": ("google", "vertexai"),
-    "bedrock": ("aws", None),
-    "cohere": ("cohere", "cohere"),
-    "mistral": ("mistralai", "mistralai"),
-    "groq": ("groq", None),
-    "deepseek": ("deepseek", None),
-    "xai": ("xai", None),
-    "perplexity": ("perplexity", None),
-    "ollama": ("ollama", None),
-}
-# Hosts of other makers' models: llm.system from the model id (Claude on Bedrock or Vertex AI).
-_MODEL_SYSTEMS = (("claude", "anthropic"), ("anthropic.", "anthropic"), ("cohere.", "cohere"), ("mistral", "mistralai"))
-_HOSTS_OF_OTHERS = frozenset({"bedrock", "vertex_ai"})
-
-
 def provider_values(provider: str, model: str | None) -> tuple[str, str | None]:
-    """``(llm.provider, llm.system)`` for one of our provider names and the call's model."""
-    known = PROVIDERS.get(provider)
-    if known is None:
+    """``(llm.provider, llm.system)`` for one of our provider names and the call's model, from
+    the provider's declaration (``Provider.openinference`` in ``extproc/apis/<provider>.py``). A
+    provider that declares none (a configured route's own name) is sent as llm.provider as it
+    is. On a host of other makers' models (Bedrock, Vertex AI) the model id names the system."""
+    known = declared().get(provider)
+    if known is None or known.openinference is None:
         return clip(provider), None
-    value, system = known
-    if provider in _HOSTS_OF_OTHERS and model:
+    value, system = known.openinference
+    if known.hosts_others and model:
         m = model.lower()
-        for marker, maker in _MODEL_SYSTEMS:
-            if marker in m:
-                return value, maker
+        for marker, maker in model_makers():
+            if marker in m and maker.openinference is not None:
+                return value, maker.openinference[1]
     return value, system
 
 
