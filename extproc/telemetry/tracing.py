@@ -3,8 +3,10 @@
 The span is a CLIENT span timed like the real request (start = the first ext_proc message, end =
 the stream's end) and is the child of, in order: the ``traceparent`` Envoy's own tracing put on
 the ext_proc gRPC stream, else the request's ``traceparent`` header, else a new trace. Attributes
-follow the OpenTelemetry GenAI semantic conventions; ``tracing.fields`` removes and adds
-attributes (CEL, see ``extproc.core.cel``). Nothing runs per ext_proc message.
+follow ``tracing.conventions``: the OpenTelemetry GenAI semantic conventions (here), OpenInference,
+Langfuse, OpenLLMetry (their own modules), any of them; ``tracing.fields`` then removes and adds
+attributes (CEL, see ``extproc.core.cel``). A request carrying ``tracing.noCaptureHeader`` is
+traced without content. Nothing runs per ext_proc message.
 """
 from __future__ import annotations
 
