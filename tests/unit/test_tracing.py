@@ -542,3 +542,35 @@ def test_mcp_request_is_a_langfuse_tool_and_has_no_openllmetry_llm_attributes():
     a = spans_for(tracing_cfg(conventions=["langfuse", "openllmetry"], captureContent=True), c)
     assert a["langfuse.observation.type"] == "tool" and a["langfuse.observation.input"] == '{"city":"Paris"}'
     assert "llm.request.type" not in a and a["mcp.method.name"] == "tools/call"
+
+
+def test_an_anthropic_cached_stream_reads_the_same_in_every_convention():
+    """The issue's case: 500 input + 2,000 cache-read + 300 cache-write tokens. Every convention
+    shows all 2,800 input tokens, the cache breakdown, and our price."""
+    from extproc.server.processor import Processor
+    from tests.unit.test_processor import body, headers, req_headers, run
+
+    cfg = config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1", "conventions": ["genai", "openinference", "langfuse", "openllmetry"]}})
+    exporter = InMemorySpanExporter()
+    sse = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-20250514",'
+           b'"usage":{"input_tokens":500,"cache_read_input_tokens":2000,"cache_creation_input_tokens":300,"output_tokens":1}}}\n\n'
+           b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}\n\n'
+           b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":40}}\n\n'
+           b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
+    run(Processor(cfg, [Tracer(cfg.tracing, processor=SimpleSpanProcessor(exporter))]), [
+        req_headers("/v1/messages", **{":authority": "api.anthropic.com"}),
+        body("request_body", b'{"model":"claude-sonnet-4-20250514","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"x"}]}', end=True),
+        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+        body("response_body", sse, end=True),
+    ])
+    (span,) = exporter.get_finished_spans()
+    a = dict(span.attributes)
+    assert a["gen_ai.usage.input_tokens"] == a["llm.token_count.prompt"] == a["gen_ai.usage.prompt_tokens"] == 2800
+    assert a["gen_ai.usage.cache_read.input_tokens"] == a["llm.token_count.prompt_details.cache_read"] == 2000
+    assert a["gen_ai.usage.cache_creation.input_tokens"] == a["llm.token_count.prompt_details.cache_write"] == 300
+    assert a["gen_ai.usage.output_tokens"] == a["llm.token_count.completion"] == 40
+    usage = json.loads(a["langfuse.observation.usage_details"])
+    assert usage == {"input": 500, "input_cache_read": 2000, "input_cache_creation": 300, "output": 40, "total": 2840}
+    assert a["llm.provider"] == a["llm.system"] == "anthropic" and a["llm.model_name"] == "claude-sonnet-4-20250514"
+    assert a["llm.cost.total"] == a["gen_ai.usage.cost"] == json.loads(a["langfuse.observation.cost_details"])["total"] > 0
+    assert span.status.status_code is StatusCode.OK
