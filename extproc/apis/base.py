@@ -84,12 +84,6 @@ def items(value: Any) -> list[Any] | tuple[()]:
     return value if isinstance(value, list) else ()
 
 
-def _sum(*parts: int | None) -> int | None:
-    """The sum of the parts the API reported; None when it reported none of them."""
-    known = [p for p in parts if p is not None]
-    return min(sum(known), MAX_TOKENS) if known else None
-
-
 def dig(obj: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(obj, dict):
@@ -136,7 +130,9 @@ class ApiParser:
         self.complete = False  # the response is whole by the API's own end marker (see module doc)
         self.stream_error = False  # it ended with an in-stream error event (a 200 that failed)
         self.status = 0
-        self.reported = Usage()  # the counts as the API reported them; obs.usage is derived from them
+        # The counts as the API reported them; obs.usage is derived from them. An API that reports
+        # in the normalised meaning already writes obs.usage itself (nothing to derive).
+        self.reported = Usage() if self.input_excludes_cache or self.output_excludes_reasoning else obs.usage
         self._framing = JSON
         self._body: list[bytes] = []
         self._body_len = 0
@@ -343,21 +339,26 @@ class ApiParser:
                 setattr(reported, name, n)
                 fresh = True
         if fresh:
-            self._normalise()
+            if reported is self.obs.usage:  # the API reports in the normalised meaning already
+                self.changed = True
+            else:
+                self._derive()
 
-    def _normalise(self) -> None:
-        """``obs.usage`` from ``self.reported``: one meaning whatever the API (module docstring)."""
-        r, usage = self.reported, self.obs.usage
+    def _derive(self) -> None:
+        """``obs.usage`` from the reported pieces (module docstring): input and output summed
+        where the API reports parts apart, total and the breakdowns as reported."""
+        r, u = self.reported, self.obs.usage
         inp, out = r.input_tokens, r.output_tokens
-        if self.input_excludes_cache:
-            inp = _sum(inp, r.cached_input_tokens, r.cache_creation_input_tokens)
-        if self.output_excludes_reasoning:
-            out = _sum(out, r.reasoning_tokens)
-        normal = (inp, out, r.total_tokens, r.cached_input_tokens, r.cache_creation_input_tokens, r.reasoning_tokens)
-        if normal != (usage.input_tokens, usage.output_tokens, usage.total_tokens, usage.cached_input_tokens,
-                      usage.cache_creation_input_tokens, usage.reasoning_tokens):
-            (usage.input_tokens, usage.output_tokens, usage.total_tokens, usage.cached_input_tokens,
-             usage.cache_creation_input_tokens, usage.reasoning_tokens) = normal
+        read, write, reasoning = r.cached_input_tokens, r.cache_creation_input_tokens, r.reasoning_tokens
+        if self.input_excludes_cache and (read is not None or write is not None):
+            inp = min((inp or 0) + (read or 0) + (write or 0), MAX_TOKENS)
+        if self.output_excludes_reasoning and reasoning is not None:
+            out = min((out or 0) + reasoning, MAX_TOKENS)
+        if (u.input_tokens != inp or u.output_tokens != out or u.total_tokens != r.total_tokens
+                or u.cached_input_tokens != read or u.cache_creation_input_tokens != write
+                or u.reasoning_tokens != reasoning):
+            u.input_tokens, u.output_tokens, u.total_tokens = inp, out, r.total_tokens
+            u.cached_input_tokens, u.cache_creation_input_tokens, u.reasoning_tokens = read, write, reasoning
             self.changed = True
 
     def capture_text(self, text: Any) -> None:
