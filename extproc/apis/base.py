@@ -64,8 +64,9 @@ class Limits:
 DEFAULT_LIMITS = Limits()
 
 
-# Token counts travel as doubles in Envoy's Struct metadata: beyond 2**53 they stop being exact.
-MAX_TOKENS = 2**53 - 1
+# One token count of one call, at most (docs/security.md): a billion, a hundred times the largest
+# context windows, and Envoy's largest hits_addend. Past it the count is a parse error, never counted.
+MAX_TOKENS = 10**9
 
 
 def as_int(value: Any) -> int | None:

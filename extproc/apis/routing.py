@@ -8,8 +8,10 @@ catalogue ids. The tables here are built from those declarations (see ``extproc.
 Operators add their own path mappings in config (``providers.routes``); those are tried first.
 
 The provider is, in order: the per-route ext_proc ``grpc_initial_metadata`` (``x-llm-provider``),
-the configured provider header, a config path mapping, the request host, the path, and finally the
-parser's default.
+the configured provider header (not with budgets: a client would choose its price), a config path
+mapping, the request host, the path, and finally the parser's default.
+
+Paths are matched normalised (:func:`normalise_path`), as the upstream serves them.
 """
 from __future__ import annotations
 
@@ -61,18 +63,70 @@ class Provider:
     model_markers: tuple[str, ...] = ()  # substrings of a (lower-case) model id naming this provider as its maker
 
 
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+_SLASHES = re.compile(r"//+")
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+
+
+def _unreserved(m: re.Match[str]) -> str:
+    c = chr(int(m.group(0)[1:], 16))
+    return c if c in _UNRESERVED else m.group(0).upper()
+
+
+def _without_dot_segments(path: str) -> str:
+    out: list[str] = []
+    segments = path.split("/")
+    for seg in segments:
+        if seg == "..":
+            if len(out) > 1:
+                out.pop()
+        elif seg != ".":
+            out.append(seg)
+    if segments[-1] in (".", ".."):
+        out.append("")  # /a/b/.. is the directory /a/
+    return "/".join(out) if out != [""] else "/"
+
+
+def normalise_path(path: str) -> str:
+    """The path as an upstream serves it (RFC 3986 section 6.2.2, plus merged slashes):
+    percent-encoded unreserved characters decoded (``%63`` is ``c``), other escapes upper-cased,
+    repeated slashes merged, dot segments resolved. What Envoy's ``normalize_path`` and
+    ``merge_slashes`` do (the generated configs set both), done here too for Envoy configs
+    without them: a client cannot dodge observation (and its budget) by spelling a path
+    differently from the routes."""
+    if "%" in path:
+        path = _ESCAPE.sub(_unreserved, path)
+    if "//" in path:
+        path = _SLASHES.sub("/", path)
+    if "/." in path:
+        path = _without_dot_segments(path)
+    return path
+
+
 class Router:
     def __init__(self, routes: list[Route], extra: list[Route] | None = None) -> None:
         self._routes = [*(extra or ()), *routes]
         self._resolve = lru_cache(maxsize=4096)(self._resolve_uncached)
 
     def resolve(self, path: str) -> Match | None:
+        """The route of a request path (its query string ignored), matched normalised
+        (:func:`normalise_path`). A path matching no route as it stands is tried once more with
+        every escape decoded (``/v1/chat%2Fcompletions``: many upstream frameworks route on
+        the decoded path; routes whose model sits in the path as ``%2F``, Bedrock's ARNs,
+        match the first way)."""
         q = path.find("?")
         if q >= 0:
             path = path[:q]
         return self._resolve(path)
 
     def _resolve_uncached(self, path: str) -> Match | None:
+        path = normalise_path(path)
+        match = self._first(path)
+        if match is None and "%" in path:
+            match = self._first(normalise_path(unquote(path)))
+        return match
+
+    def _first(self, path: str) -> Match | None:
         for r in self._routes:
             m = r.pattern.search(path)
             if m is not None:

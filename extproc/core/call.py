@@ -23,6 +23,7 @@ class Call:
     obs: Observation = field(default_factory=Observation)
     provider: str = "unknown"
     api: str = "unknown"  # parser's schema name, "unknown" when the path matched none
+    priced: bool = False  # an LLM call that consumes tokens (its parser's ``priced``): budgets charge it
     method: str = ""
     path: str = ""
     host: str = ""

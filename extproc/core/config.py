@@ -368,6 +368,10 @@ def _default_descriptors() -> list[BudgetDescriptor]:
     return [BudgetDescriptor(entries=[BudgetEntry(key="team", claim="team")])]
 
 
+# Envoy rejects a hits_addend above this (RateLimit.HitsAddend): a charge never exceeds it.
+MAX_CHARGE = 1_000_000_000
+
+
 class BudgetsConfig(_Section):
     """Token or dollar budgets enforced by Envoy's rate limit filter (docs/budgets.md).
 
@@ -389,6 +393,21 @@ class BudgetsConfig(_Section):
     failure_mode_deny: bool = False  # limiter down or slow: false lets traffic through (uncharged)
     timeout_ms: int = Field(500, ge=1, le=60000)  # each call to the rate limit service
     x_ratelimit_headers: bool = True  # X-RateLimit-Limit/-Remaining/-Reset on responses
+    # A call served (status < 400) without usage (a stream without include_usage, a client
+    # hang-up before the usage, an upstream that reports none) is charged the request's own
+    # max output tokens when it set them (token units), else this, in ``unit``. Unset: 4,096
+    # tokens, or 100,000 micro-USD ($0.10). Never free: docs/budgets.md, "What is charged when".
+    unreported_charge: int | None = Field(None, ge=0, le=MAX_CHARGE)
+    # unit micro_usd: a call no price covers (a model neither the catalogue nor pricing.models
+    # knows) is charged its tokens at this rate, USD per million tokens (= micro-USD per token).
+    unpriced_usd_per_million_tokens: float = Field(75.0, ge=0, le=1e6, allow_inf_nan=False)
+
+    @property
+    def unreported(self) -> int:
+        """What a served call without usage is charged when its request set no ceiling."""
+        if self.unreported_charge is not None:
+            return self.unreported_charge
+        return 100_000 if self.unit == "micro_usd" else 4096
 
     @model_validator(mode="after")
     def _weight(self) -> BudgetsConfig:

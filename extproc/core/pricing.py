@@ -42,6 +42,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", alias_generator=to_camel, populate_by_name=True, frozen=True)
 
 
+# The most a pricing override may charge, USD per million tokens (public prices are below $1,000).
+MAX_PER_MILLION = 1e6
+
+
 class ModelPrice(_Section):
     """One override: ``{model: acme-large, inputPerMillion: 2.0, outputPerMillion: 8.0}``.
 
@@ -54,10 +58,12 @@ class ModelPrice(_Section):
     model: str | None = Field(None, min_length=1)
     model_regex: str | None = Field(None, min_length=1)
     provider: str | None = Field(None, min_length=1)
-    input_per_million: float = Field(ge=0, allow_inf_nan=False)  # non-cached input
-    output_per_million: float = Field(ge=0, allow_inf_nan=False)  # output, reasoning included
-    cached_input_per_million: float | None = Field(None, ge=0, allow_inf_nan=False)  # default: input rate
-    cache_write_per_million: float | None = Field(None, ge=0, allow_inf_nan=False)  # default: input rate
+    # Each rate 0 .. MAX_PER_MILLION (finite): with token counts bounded too (apis.base.MAX_TOKENS)
+    # a call's cost, and every total and charge summed from it, stays finite.
+    input_per_million: float = Field(ge=0, le=MAX_PER_MILLION, allow_inf_nan=False)  # non-cached input
+    output_per_million: float = Field(ge=0, le=MAX_PER_MILLION, allow_inf_nan=False)  # output, reasoning included
+    cached_input_per_million: float | None = Field(None, ge=0, le=MAX_PER_MILLION, allow_inf_nan=False)  # default: input rate
+    cache_write_per_million: float | None = Field(None, ge=0, le=MAX_PER_MILLION, allow_inf_nan=False)  # default: input rate
 
     @field_validator("model_regex")
     @classmethod

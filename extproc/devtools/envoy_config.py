@@ -94,6 +94,7 @@ from envoy_data_plane.envoy.extensions.filters.http.ratelimit.v3 import RateLimi
 from envoy_data_plane.envoy.extensions.filters.http.router.v3 import Router
 from envoy_data_plane.envoy.extensions.filters.network.http_connection_manager.v3 import (
     HttpConnectionManager,
+    HttpConnectionManagerPathWithEscapedSlashesAction,
     HttpConnectionManagerTracing,
     HttpFilter,
 )
@@ -610,6 +611,14 @@ def bootstrap(
         routes.append(r)
     hcm = HttpConnectionManager(
         stat_prefix="llm",
+        # One request, one path: Envoy normalises :path (RFC 3986: dot segments resolved,
+        # percent-encoded unreserved characters decoded) and merges repeated slashes before any
+        # filter or route sees it, so the sidecar recognises, and budgets charge,
+        # /v1/chat/%63ompletions or //v1//embeddings as the calls the upstream serves. Encoded
+        # slashes (%2F) stay as sent: model ids in paths carry them (Bedrock ARNs, Vertex).
+        normalize_path=True,
+        merge_slashes=True,
+        path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.KEEP_UNCHANGED,
         access_log=[AccessLog(
             name=FILE_ACCESS_LOG,
             typed_config=pack(FileAccessLog(

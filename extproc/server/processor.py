@@ -225,7 +225,9 @@ class Stream:
         s = p.settings
         s.attribution.read(call)  # session, end user, API key id: from the headers read
         match = s.router.resolve(call.path)
-        provider = self._grpc_provider or call.headers.get(s.provider_key)
+        # With budgets, the client's header never names the provider (and so the price): only
+        # the route's grpc_initial_metadata does (docs/budgets.md).
+        provider = self._grpc_provider or (call.headers.get(s.provider_key) if s.budget is None else None)
         if match is None:
             call.provider = provider or provider_for_host(call.host) or "unknown"
             return False
@@ -233,7 +235,7 @@ class Stream:
         capture = p.capture and s.config.tracing.no_capture_header not in call.headers
         parser = match.parser(call.obs, path_model=match.path_model, limits=s.parser_limits, capture=capture)
         self.parser = parser
-        self._priceable = parser.priced
+        self._priceable = call.priced = parser.priced
         call.api = parser.api
         call.provider = provider or match.provider or provider_for_host(call.host) or parser.default_provider
         return True

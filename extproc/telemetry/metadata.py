@@ -27,19 +27,40 @@ from google.protobuf.struct_pb2 import Struct
 from extproc.apis.finish import finish_reason
 from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, OK, Call
-from extproc.core.config import BudgetsConfig
+from extproc.core.config import MAX_CHARGE, BudgetsConfig
+from extproc.core.observation import Usage
 from extproc.core.pricing import Cost
 
 # Envoy rejects a hits_addend above this (RateLimit.HitsAddend): the charge is capped to it.
-MAX_RATELIMIT_COST = 1_000_000_000
+MAX_RATELIMIT_COST = MAX_CHARGE
+# Request parameters declaring the most output tokens a call may produce (parsers copy them to
+# Observation.params under these names): the charge of a served call whose usage never came.
+CEILING_PARAMS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+
+
+def _charge(value: float) -> int:
+    """A charge Envoy accepts: an integer in 0 .. MAX_RATELIMIT_COST, whatever ``value`` is
+    (huge, infinite: capped; NaN or negative: 0). Never raises."""
+    if not value > 0:  # NaN, 0, negatives
+        return 0
+    if value >= MAX_RATELIMIT_COST:
+        return MAX_RATELIMIT_COST
+    return round(value)
 
 
 class Budget:
-    """``budgets.unit`` as a function of the call: an integer >= 0, or None (no usage seen yet,
-    or the ``weighted`` expression failed: then nothing is charged)."""
+    """``budgets.unit`` as a function of the call: an integer in 0 .. 1e9, or None (nothing to
+    charge yet, or the ``weighted`` expression failed: then nothing is charged).
+
+    Never free (docs/budgets.md, "What is charged when"): a call served without usage is charged
+    its request's output ceiling or ``budgets.unreportedCharge`` from its response's start (the
+    reported usage replaces it when it comes); an unpriced call in ``micro_usd`` its tokens at
+    ``budgets.unpricedUsdPerMillionTokens``; a total below input + output the latter."""
 
     def __init__(self, cfg: BudgetsConfig) -> None:
         self.unit = cfg.unit
+        self.unreported = cfg.unreported
+        self.unpriced_rate = cfg.unpriced_usd_per_million_tokens  # USD per million = micro-USD per token
         self.program: Any = None
         self.errors = 0  # weighted expressions that failed or gave no number
         if cfg.unit == "weighted":
@@ -51,24 +72,38 @@ class Budget:
     def cost(self, call: Call) -> int | None:
         u = call.obs.usage
         if not u.seen():
-            return None
+            if call.priced and 0 < call.status < 400:
+                return self._unreported(call)
+            return None  # not an LLM call, not answered yet, or an error answer: nothing served
         unit = self.unit
         value: float | int | None
         if unit == "total_tokens":
-            value = u.total()
+            value = _total(u)
         elif unit == "input_tokens":
             value = u.input_tokens or 0
         elif unit == "output_tokens":
             value = u.output_tokens or 0
         elif unit == "micro_usd":
-            value = round(call.cost.total * 1_000_000) if isinstance(call.cost, Cost) else 0  # unpriced: free
+            cost = call.cost
+            value = cost.total * 1_000_000 if isinstance(cost, Cost) else _total(u) * self.unpriced_rate
         else:
             value = self._weighted(call)
         if value is None:
             return None
-        return min(max(int(value), 0), MAX_RATELIMIT_COST)
+        return _charge(value)
 
-    def _weighted(self, call: Call) -> int | None:
+    def _unreported(self, call: Call) -> int:
+        """A served call without usage (so far): its request's output ceiling, in token units,
+        else the configured charge."""
+        if self.unit != "micro_usd" and self.unit != "input_tokens":
+            params = call.obs.params
+            for key in CEILING_PARAMS:
+                ceiling = params.get(key)
+                if type(ceiling) is int and ceiling > 0:
+                    return _charge(ceiling)
+        return self.unreported
+
+    def _weighted(self, call: Call) -> float | None:
         import cel
 
         from extproc.core.cel import EVAL_ERRORS
@@ -78,7 +113,7 @@ class Budget:
         llm: dict[str, Any] = {  # token counts the provider did not report count as 0
             "input_tokens": u.input_tokens or 0,
             "output_tokens": u.output_tokens or 0,
-            "total_tokens": u.total() or 0,
+            "total_tokens": _total(u),
             "cached_tokens": u.cached_input_tokens or 0,
             "cache_creation_tokens": u.cache_creation_input_tokens or 0,
             "reasoning_tokens": u.reasoning_tokens or 0,
@@ -98,7 +133,13 @@ class Budget:
         if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value:  # NaN
             self.errors += 1
             return None
-        return round(value)
+        return value  # rounded and bounded by _charge (an infinite weight: the cap)
+
+
+def _total(u: Usage) -> int:
+    """The call's total tokens: the provider's total, but never less than input + output (a
+    ``total_tokens: 0`` beside 200k input tokens is not a free call)."""
+    return max(u.total_tokens or 0, (u.input_tokens or 0) + (u.output_tokens or 0))
 
 
 def fields(call: Call, budget: Budget | None = None) -> dict[str, Any]:

@@ -7,6 +7,7 @@ Ground truth for tokens is the known usage of the replayed recordings (tests/sup
 from __future__ import annotations
 
 import asyncio
+import json
 import uuid
 from collections import defaultdict
 
@@ -55,16 +56,25 @@ def log_sums(stack: Stack, rids: set[str], key: str) -> dict[str, float]:
     return sums
 
 
+# A stream hung up before its usage is charged its request's output ceiling, else unreportedCharge.
+UNREPORTED = 1000
+ABORTED_CHARGE = {"aigw__chat-streaming-detailed-usage.yaml": 100,  # max_completion_tokens
+                  "aigw__completion-streaming-usage.yaml": 25,  # max_tokens
+                  "agw__openai__responses_stream.sse": UNREPORTED}  # no ceiling
+
+
 def test_each_call_is_charged_exactly_its_tokens_under_its_team(tmp_path, replay, rls):
     """Mixed calls, streamed ones included, 30% of the streams hung up by their client before
-    any usage was sent: each team's charges add up exactly to its tokens."""
-    with budget_stack(tmp_path, replay.url, rls.address) as s:
+    any usage was sent: each team's charges add up exactly to its tokens, plus the ceiling (or
+    the unreported charge) of each stream hung up before its usage."""
+    with budget_stack(tmp_path, replay.url, rls.address, unreportedCharge=UNREPORTED) as s:
         run = asyncio.run(drive(s.url(""), n=42, concurrency=8, tokens=TOKENS, abort_ratio=0.3, upstream=replay))
         assert all(r.error is None and r.status == 200 for r in run.results), [r.error for r in run.results if r.error][:3]
         assert any(r.aborted for r in run.results) and any(r.item.streaming and not r.aborted for r in run.results)
         logged = log_sums(s, {r.rid for r in run.results}, "ratelimit_cost")
         for name in TOKENS:
-            want = run.expected(name)["total"]  # aborted streams: no usage seen, nothing charged
+            want = run.expected(name)["total"] + sum(ABORTED_CHARGE[r.item.fixture] for r in run.results
+                                                     if r.team == name and r.aborted)
             assert want > 0
             assert rls.wait_charged(team(name), want) == want, name
             assert logged[name] == want, ("access log ratelimit_cost", name)
@@ -72,8 +82,8 @@ def test_each_call_is_charged_exactly_its_tokens_under_its_team(tmp_path, replay
             hits = [h for h in rls.hits() if h.key == team(name)]
             # one budget check per request (hits_addend 0, before the upstream) ...
             assert sum(1 for h in hits if h.hits == 0) == len(mine)
-            # ... and one charge per call whose usage was seen, when its stream was done
-            assert sum(1 for h in hits if h.hits > 0) == sum(1 for r in mine if not r.aborted)
+            # ... and one charge per call, when its stream was done
+            assert sum(1 for h in hits if h.hits > 0) == len(mine)
         assert all(h.explicit and h.domain == DOMAIN for h in rls.hits())
         assert {h.key for h in rls.hits()} == {team(n) for n in TOKENS}
 
@@ -221,3 +231,83 @@ def test_upstream_receives_every_request_body_byte_with_budgets_on(tmp_path, rep
     got = {v: body for _, h, body in replay.requests for k, v in h.items() if k.lower() == "x-request-id"}
     wrong = {rid: (len(want), len(got.get(rid, b""))) for rid, want in sent.items() if got.get(rid) != want}
     assert not wrong, f"{len(wrong)} of {len(sent)} request bodies changed on the way (sent, received bytes): {list(wrong.values())[:5]}"
+
+
+def call_budget(s: Stack, path: str, body: bytes, who: str = "dev", **headers: str) -> str:
+    rid = str(uuid.uuid4())
+    r = httpx.post(s.url(path), content=body, timeout=10, headers={
+        "authorization": f"Bearer {TOKENS[who]}", "x-request-id": rid, "content-type": "application/json", **headers})
+    assert r.status_code == 200, r.text
+    return rid
+
+
+def test_percent_encoded_and_dotted_paths_are_observed_and_charged(tmp_path, replay, rls):
+    """Upstream frameworks answer /v1/chat/%63ompletions as /v1/chat/completions: Envoy
+    normalises the path (normalize_path, merge_slashes) and the router matches normalised, so
+    each is observed and charged."""
+    chat, emb = load("aigw__chat-basic.yaml"), load("aigw__embeddings-dimensions.yaml")  # 385, 5 tokens
+    paths = [("/v1/chat/%63ompletions", chat), ("/v1/%65mbeddings", emb), ("//v1//chat/completions", chat),
+             ("/v1/x/../chat/completions", chat), ("/v1/chat%2Fcompletions", chat)]
+    with budget_stack(tmp_path, replay.url, rls.address) as s:
+        for path, rec in paths:
+            rid = call_budget(s, path, rec.request_body, **{"x-fixture": rec.name})
+            entry = s.log_entry(rid)
+            assert entry["ratelimit_cost"] == entry["total_tokens"] == (385 if rec is chat else 5), path
+        assert rls.wait_charged(team("dev"), 4 * 385 + 5) == 4 * 385 + 5
+
+
+def test_a_served_call_without_usage_is_never_free(tmp_path, replay, rls):
+    """A stream without stream_options.include_usage reports no usage: charged its request's
+    output ceiling when it set one, else budgets.unreportedCharge."""
+    rec = load("aigw__chat-streaming.yaml")  # no include_usage: no usage in the stream
+    capped = b'{"model":"gpt-5-nano","stream":true,"max_completion_tokens":256,"messages":[{"role":"user","content":"Hello!"}]}'
+    with budget_stack(tmp_path, replay.url, rls.address, unreportedCharge=UNREPORTED) as s:
+        bare = s.log_entry(call_budget(s, rec.path, rec.request_body, **{"x-fixture": rec.name}))
+        assert bare["total_tokens"] is None and bare["ratelimit_cost"] == UNREPORTED
+        assert s.log_entry(call_budget(s, rec.path, capped, who="ops", **{"x-fixture": rec.name}))["ratelimit_cost"] == 256
+        assert rls.wait_charged(team("dev"), UNREPORTED) == UNREPORTED
+        assert rls.wait_charged(team("ops"), 256) == 256
+
+
+def test_a_stream_hung_up_before_its_usage_is_charged_its_ceiling(tmp_path, replay, rls):
+    rec = load("aigw__chat-streaming-detailed-usage.yaml")  # include_usage, max_completion_tokens 100
+    with budget_stack(tmp_path, replay.url, rls.address, unreportedCharge=UNREPORTED) as s:
+        rid = str(uuid.uuid4())
+        headers = {"authorization": f"Bearer {TOKENS['dev']}", "x-fixture": rec.name, "x-gate": rid,
+                   "x-request-id": rid, "content-type": "application/json"}
+        with httpx.Client(timeout=10) as client, client.stream("POST", s.url(rec.path), content=rec.request_body, headers=headers) as r:
+            assert r.status_code == 200
+            next(r.iter_raw())  # the first chunk; the usage is held back until we hang up
+        assert replay.wait_disconnected(rid)
+        assert s.log_entry(rid)["ratelimit_cost"] == 100
+        assert rls.wait_charged(team("dev"), 100) == 100
+
+
+def usage_body(model: str, prompt: int, completion: int, total: int) -> str:
+    return json.dumps({"id": "c", "object": "chat.completion", "model": model,
+                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+                       "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}})
+
+
+def test_an_inconsistent_total_is_charged_input_plus_output(tmp_path, replay, rls):
+    body = usage_body("gpt-4o-mini", 200_000, 10, 0)  # total_tokens 0 beside 200k input tokens
+    with budget_stack(tmp_path, replay.url, rls.address) as s:
+        rid = call_budget(s, "/v1/chat/completions", b'{"model":"gpt-4o-mini","messages":[]}', **{"x-status": "200", "x-body": body})
+        assert s.log_entry(rid)["ratelimit_cost"] == 200_010
+        assert rls.wait_charged(team("dev"), 200_010) == 200_010
+
+
+def test_micro_usd_unpriced_models_and_client_provider_headers_cost_money(tmp_path, replay, rls):
+    """An unpriced model is charged its tokens at budgets.unpricedUsdPerMillionTokens; a client's
+    x-llm-provider (ollama: no catalogue prices it) does not make a priced call free."""
+    chat = b'{"model":"gpt-4o-mini","messages":[]}'
+    with budget_stack(tmp_path, replay.url, rls.address, unit="micro_usd", unpricedUsdPerMillionTokens=40) as s:
+        private = s.log_entry(call_budget(s, "/v1/chat/completions", b'{"model":"acme-private-1","messages":[]}',
+                                          **{"x-status": "200", "x-body": usage_body("acme-private-1", 1000, 500, 1500)}))
+        assert private["cost_usd"] is None and private["ratelimit_cost"] == 1500 * 40
+        dodged = s.log_entry(call_budget(s, "/v1/chat/completions", chat, who="ops", **{
+            "x-llm-provider": "ollama", "x-status": "200", "x-body": usage_body("gpt-4o-mini", 1000, 500, 1500)}))
+        assert dodged["provider"] == "openai" and dodged["cost_usd"] > 0
+        assert dodged["ratelimit_cost"] == round(dodged["cost_usd"] * 1_000_000)
+        assert rls.wait_charged(team("dev"), 60_000) == 60_000
+        assert rls.wait_charged(team("ops"), dodged["ratelimit_cost"]) == dodged["ratelimit_cost"]

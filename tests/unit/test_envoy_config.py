@@ -172,3 +172,14 @@ def test_the_rate_limit_filter_precedes_ext_proc_only_in_the_fewer_messages_mode
     cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, jwks_json=envoy_config.EXAMPLE_JWKS, fewer_messages=fewer_messages,
                                  ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"))
     assert filter_names(cfg) == order
+
+
+@pytest.mark.parametrize("variant", sorted(envoy_config.VARIANTS))
+def test_envoy_normalises_paths_before_any_filter_or_route(variant):
+    """``/v1/chat/%63ompletions``, ``//v1//embeddings``, ``/v1/x/../embeddings`` reach the sidecar and
+    the routes as the path the upstream serves (the e2e budgets test checks they are charged)."""
+    _, build, _ = envoy_config.VARIANTS[variant]
+    listener = envoy_config.to_dict(build())["static_resources"]["listeners"][0]
+    hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
+    assert hcm["normalize_path"] is True and hcm["merge_slashes"] is True
+    assert hcm["path_with_escaped_slashes_action"] == "KEEP_UNCHANGED"  # %2F in model ids (Bedrock ARNs)

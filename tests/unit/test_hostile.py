@@ -105,8 +105,11 @@ def test_megabyte_sse_lines_are_capped():
         drive(path, "text/event-stream", [line[i : i + 65536] for i in range(0, len(line), 65536)])
 
 
-@pytest.mark.parametrize("value", [b"1" + b"0" * 30, b"1e30", b"-5", b"3.5", b'"12"', b"true", b"9007199254740993"])
+@pytest.mark.parametrize("value", [b"1" + b"0" * 30, b"1e30", b"-5", b"3.5", b'"12"', b"true", b"9007199254740993",
+                                   b"9007199254740991", b"1000000001"])  # 2**53 - 1 (once accepted); the bound + 1
 def test_absurd_token_counts_are_refused(value):
+    """A count above MAX_TOKENS (10^9 per count per call) is a parse error, not tokens: one
+    provider reporting 2^53 - 1 once put $1.35e9 into ai_cost_usd_total."""
     rec = Collect()
     p = Processor(parse({}), [rec])
     payload = b'{"model":"m","usage":{"prompt_tokens":' + value + b',"completion_tokens":2}}'

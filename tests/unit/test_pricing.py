@@ -270,6 +270,12 @@ def test_lookups_are_cached() -> None:
     ({"inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0: set exactly one of model or modelRegex"),
     ({"model": "a", "modelRegex": "a", "inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0: set exactly one"),
     ({"model": "", "inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0.model"),
+    # bounded and finite: 0 .. 1e6 USD per million tokens (1e308 once made ai_cost_usd_total +Inf)
+    ({"model": "a", "inputPerMillion": 1e308, "outputPerMillion": 1}, "pricing.models.0.inputPerMillion: Input should be less than or equal to 1000000"),
+    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1000001}, "pricing.models.0.outputPerMillion: Input should be less than or equal to 1000000"),
+    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cachedInputPerMillion": 1e7}, "pricing.models.0.cachedInputPerMillion: Input should be less"),
+    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cacheWritePerMillion": 2e6}, "pricing.models.0.cacheWritePerMillion: Input should be less"),
+    ({"model": "a", "inputPerMillion": float("inf"), "outputPerMillion": 1}, "pricing.models.0.inputPerMillion: Input should be a finite number"),
 ])
 def test_bad_override_names_the_key(entry: dict, key: str) -> None:
     with pytest.raises(ConfigError) as e:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 
+from extproc.apis.routing import Router, default_routes, normalise_path
 from tests.support.provider_cases import ROUTER
 
 CASES = [
@@ -60,3 +61,32 @@ def test_route(path: str, parser: str, provider: str | None, model: str | None) 
                                   "/v1beta/models/gemini:predict", "/healthz"])
 def test_unknown_paths_stay_unmatched(path: str) -> None:
     assert ROUTER.resolve(path) is None
+
+
+@pytest.mark.parametrize(("raw", "api"), [
+    ("/v1/chat/%63ompletions", "openai.chat"),  # an escaped unreserved character
+    ("/v1/%65mbeddings", "openai.embeddings"),
+    ("//v1//chat///completions", "openai.chat"),  # repeated slashes
+    ("/v1/x/../chat/./completions", "openai.chat"),  # dot segments
+    ("/v1/chat/%2e%2e/chat/completions", "openai.chat"),  # escaped dot segments
+    ("/v1/chat%2Fcompletions", "openai.chat"),  # an escaped slash an upstream decodes
+    ("/v1/chat/completions%3Fx", None),  # not the path of any API, decoded or not
+])
+def test_the_router_matches_the_path_an_upstream_serves(raw, api):
+    """A client cannot dodge observation (and its budget) by spelling a path differently."""
+    m = Router(default_routes()).resolve(raw + "?q=1")
+    assert (m.parser.api if m else None) == api
+
+
+def test_an_escaped_slash_inside_a_path_model_still_matches_its_route():
+    arn = "arn%3Aaws%3Abedrock%3Aus-east-1%3A1%3Ainference-profile%2Fus.anthropic.claude"
+    m = Router(default_routes()).resolve(f"/model/{arn}/converse")
+    assert m is not None and m.path_model == "arn:aws:bedrock:us-east-1:1:inference-profile/us.anthropic.claude"
+
+
+@pytest.mark.parametrize(("raw", "normal"), [
+    ("/a/b/../c", "/a/c"), ("/a/./b/.", "/a/b/"), ("/..", "/"), ("/a/b/..", "/a/"), ("/x%2fy%7e", "/x%2Fy~"),
+    ("/v1/chat/completions", "/v1/chat/completions"),
+])
+def test_normalise_path_follows_rfc_3986(raw, normal):
+    assert normalise_path(raw) == normal
