@@ -1,7 +1,7 @@
 """Envoy + sidecar stacks on one upstream: sidecar and Envoy CPU per request (or per streamed
 chunk), for quick A/Bs.
 
-    .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live, --mode fewer-messages
+    .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live, --mode fewer-messages, --metrics
     .venv/bin/python -m bench.ab --prof /tmp/w.prof      # the sidecar under cProfile (1 worker)
     .venv/bin/python -m bench.ab --sse 50 --rate 40 -d 5 --reps 3   # streams: CPU per chunk, and Envoy alone's
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout /work/main --checkout .   # A/B of two checkouts
@@ -62,6 +62,7 @@ ap.add_argument("--sse", type=int, metavar="N", help="streamed responses of N SS
 ap.add_argument("--rate", type=float, default=40, help="--sse: streams started per second")
 ap.add_argument("--interval", type=float, default=2.0, help="--sse: ms between a stream's events")
 ap.add_argument("--event-loop", choices=["uvloop", "asyncio"], help="the sidecar's eventLoop (default: its config default)")
+ap.add_argument("--metrics", action="store_true", help="Prometheus metrics on (stats.port: a free port; default off)")
 ap.add_argument("--unix", action="store_true", help="Envoy reaches the sidecar on a Unix socket instead of TCP")
 ap.add_argument("--checkout", action="append", metavar="DIR",
                 help="run a sidecar from this checkout's code (repeat for an A/B; default: the current directory)")
@@ -95,7 +96,8 @@ class Stack:
         if checkout is not None:
             sport = free_port()
             extproc = f"unix:{self.dir / 'extproc.sock'}" if a.unix else f"127.0.0.1:{sport}"
-            cfg: dict[str, Any] = {"listen": extproc, "stats": {"port": 0}, "logging": {"level": "warning"}}
+            cfg: dict[str, Any] = {"listen": extproc, "stats": {"port": free_port() if a.metrics else 0},
+                                   "logging": {"level": "warning"}}
             if a.event_loop:
                 cfg["eventLoop"] = a.event_loop
             if a.tracing == "live":

@@ -42,6 +42,7 @@ class Call:
     request_complete: bool = True  # False when Envoy sent only a prefix of a large request body
     cost: Cost | Unpriced | None = None  # priced when usage is seen and at the end (None: not an LLM call to price)
     completed: float | None = None  # perf_counter() when the response was complete (end marker / last byte)
+    processing: float = 0.0  # seconds inside the sidecar's message handlers (the self-cost metric), waits excluded
     # Attribution (extproc.core.attribution), each cut to 128 characters; None: not known.
     session_id: str | None = None
     key_id: str | None = None

@@ -31,7 +31,7 @@ from extproc.core.config import StatsConfig
 from extproc.core.pricing import Cost
 from extproc.telemetry.labels import LabelGuard, LabelSource
 
-__all__ = ("DURATION_BUCKETS", "LABELS", "TOKEN_BUCKETS", "TOKEN_TYPES", "TPOT_BUCKETS", "TTFT_BUCKETS",
+__all__ = ("DURATION_BUCKETS", "LABELS", "PROCESSING_BUCKETS", "TOKEN_BUCKETS", "TOKEN_TYPES", "TPOT_BUCKETS", "TTFT_BUCKETS",
            "Measurements", "Measurer", "error_type", "label_sources")
 
 # Histogram boundaries, the same in both backends.
@@ -44,6 +44,9 @@ TTFT_BUCKETS = (0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.
 TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 # gen_ai.client.token.usage advice: powers of 4, 1 .. 4M.
 TOKEN_BUCKETS = tuple(float(4**i) for i in range(12))
+# The sidecar's own time per call (extproc_processing_duration_seconds): tens of microseconds for a
+# small call, milliseconds for long streams and large bodies.
+PROCESSING_BUCKETS = (0.00001, 0.000025, 0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 # The call's labels, in the order of Measurements.labels; the sources' labels follow them.
 LABELS = ("llm", "model", "request_model", "response_model", "operation", "error_type", "status_code", "outcome")
@@ -92,6 +95,7 @@ class Measurements:
     finish_reason: str | None  # normalised (extproc.apis.finish), None when the response gave none
     parse_errors: int  # payloads that could not be parsed
     parse_error_reason: str  # the first one's reason, cut to 128 characters
+    processing: float  # seconds the sidecar spent in its message handlers for this call (its own cost)
 
     @property
     def llm(self) -> str:
@@ -101,6 +105,10 @@ class Measurements:
     def model(self) -> str:
         """The request model, else the response model, else "unknown"."""
         return self.labels[1]
+
+    @property
+    def operation(self) -> str:
+        return self.labels[4]
 
     @property
     def custom(self) -> tuple[str, ...]:
@@ -171,4 +179,5 @@ class Measurer:
             call.outcome == OK and not u.seen(),
             cost_usd, unpriced, finish_reason(call),
             obs.parse_errors, clip(obs.parse_error_reason or "unknown") if obs.parse_errors else "",
+            call.processing,
         )

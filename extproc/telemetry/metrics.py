@@ -10,6 +10,7 @@ values in files that the parent's endpoint sums (``extproc.telemetry.prometheus_
 from __future__ import annotations
 
 import logging
+import time
 import weakref
 from typing import Any
 
@@ -20,6 +21,7 @@ from extproc.core.config import BUILTIN_LABELS, StatsConfig
 from extproc.telemetry.labels import SeriesBudget, folded
 from extproc.telemetry.measurements import (
     DURATION_BUCKETS,
+    PROCESSING_BUCKETS,
     TOKEN_BUCKETS,
     TOKEN_TYPES,
     TPOT_BUCKETS,
@@ -36,6 +38,15 @@ log = logging.getLogger("extproc.telemetry.metrics")
 
 GENAI_LABELS = ("gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model")
 _SERIES_CACHE_MAX = 4096  # label combinations whose children we keep at hand (then start over)
+
+# The worker's own CPU time, in the process registry (like the process collector's metrics). A
+# gauge, per worker process in multiprocess mode (label pid, live workers only): a counter there
+# would be summed over the workers. Cumulative: rate() is the worker's CPU use.
+WORKER_CPU = Gauge(
+    "extproc_worker_cpu_seconds", "CPU seconds (user + system, all threads) this worker process has used "
+    "since it started, sampled as LLM calls end (at most once a second); rate() is the worker's CPU use",
+    multiprocess_mode="liveall")
+
 
 def process_registry() -> CollectorRegistry:
     """The registry of this process's metrics (what a single-worker ``/metrics`` serves):
@@ -91,12 +102,18 @@ class Metrics:
         self.tpot = Histogram(
             "gen_ai_server_time_per_output_token_seconds", "Streams: (response complete - first chunk) / (output tokens - 1) (gen_ai.server.time_per_output_token)",
             genai, buckets=TPOT_BUCKETS, registry=registry)
+        # The sidecar's own cost: no custom labels (a per-user self-cost would multiply series for no use).
+        self.processing = Histogram(
+            "extproc_processing_duration_seconds", "Time the sidecar spent in its message handlers per LLM call "
+            "(parsing, building replies; waiting excluded): its own cost", ["llm", "operation"],
+            buckets=PROCESSING_BUCKETS, registry=registry)
 
     def label_names(self) -> set[str]:
         names: set[str] = set()
         for m in (self.prompt_tokens, self.completion_tokens, self.requests, self.usage_missing, self.cost, self.unpriced,
                   self.finish_reasons, self.parse_errors,
-                  self.overflow, self.series_overflow, self.refused, self.token_usage, self.duration, self.ttft, self.tpot):
+                  self.overflow, self.series_overflow, self.refused, self.token_usage, self.duration, self.ttft, self.tpot,
+                  self.processing):
             names.update(m._labelnames)
         return names
 
@@ -119,14 +136,17 @@ class _Series:
     stays None while its family's series budget folds this combination (so each later
     observation is folded, and counted, again)."""
 
-    __slots__ = ("ai", "genai", "req", "miss", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "cost", "tokens",
-                 "finish")
+    __slots__ = ("ai", "genai", "req", "miss", "own", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "cost",
+                 "tokens", "finish", "processing")
 
-    def __init__(self, ai: tuple[str, ...], genai: tuple[str, ...], req: tuple[str, ...], miss: tuple[str, ...]) -> None:
+    def __init__(self, ai: tuple[str, ...], genai: tuple[str, ...], req: tuple[str, ...], miss: tuple[str, ...],
+                 own: tuple[str, ...]) -> None:
         self.ai = ai  # llm, model, *custom
         self.genai = genai  # operation, provider, request model, response model, error_type, *custom
         self.req = req  # llm, model, operation, status_code, outcome, error_type, *custom
         self.miss = miss  # llm, model, operation, *custom
+        self.own = own  # llm, operation (the self-cost histogram)
+        self.processing: Any = None
         self.requests: Any = None  # children: on first use
         self.duration: Any = None
         self.ttft: Any = None
@@ -172,6 +192,8 @@ class MetricsObserver:
         self.budget = SeriesBudget(stats.max_series)
         self._series: dict[tuple[str, ...], _Series] = {}
         self.failures = 0
+        self._cpu_sampled = time.perf_counter()
+        WORKER_CPU.set(time.process_time())
 
     def on_stream_start(self) -> None:
         self.metrics.active.inc()
@@ -190,6 +212,9 @@ class MetricsObserver:
 
     def record(self, call: Call) -> None:
         """Measure ``call`` and record it (nothing for a call that is not an LLM call)."""
+        if call.end is not None and call.end - self._cpu_sampled >= 1.0:  # call.end: perf_counter, already read
+            self._cpu_sampled = call.end
+            WORKER_CPU.set(time.process_time())
         m = self.measurer.measure(call)
         if m is not None:
             self.record_measurements(m)
@@ -214,7 +239,7 @@ class MetricsObserver:
             llm, model, request_model, response_model, operation, err, status, outcome, *custom = key
             series = self._series[key] = _Series(
                 (llm, model, *custom), (operation, llm, request_model, response_model, err, *custom),
-                (llm, model, operation, status, outcome, err, *custom), (llm, model, operation, *custom))
+                (llm, model, operation, status, outcome, err, *custom), (llm, model, operation, *custom), (llm, operation))
         new = self._child
 
         if m.duration is not None:
@@ -260,6 +285,7 @@ class MetricsObserver:
             child.inc()
         if m.parse_errors:
             new(None, "", m_.parse_errors, (key[0], m.parse_error_reason)).inc(m.parse_errors)
+        (series.processing or new(series, "processing", m_.processing, series.own)).observe(m.processing)
         if self.guard.overflowed:
             for label, n in self.guard.take_overflows().items():
                 m_.overflow.labels(label).inc(n)

@@ -14,6 +14,9 @@ The same calls and values as :mod:`extproc.telemetry.metrics` (both record a cal
   ``ai.parse_errors`` ({call}): counters with the Prometheus labels as attributes; a
   collector's Prometheus exporter turns them back into ``ai_prompt_tokens_total`` etc.
 - ``ai.active_streams``: up-down counter.
+- The sidecar's own cost: ``extproc.processing.duration`` (s), a histogram per LLM call with
+  attributes ``llm`` and ``operation``; ``process.cpu.time`` (s, ``cpu.mode`` user/system), the
+  worker process's CPU time, read when the reader collects (nothing per call).
 
 One MeterProvider per worker process, its resource carrying a ``service.instance.id`` of its own
 (a collector sums the workers). Recording is an in-memory aggregation; a daemon thread exports
@@ -29,8 +32,10 @@ from __future__ import annotations
 import logging
 import os
 import uuid
+from collections.abc import Iterable
 from typing import Any
 
+from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.sdk.metrics import (
     Counter,
     Histogram,
@@ -54,6 +59,7 @@ from extproc.core.config import StatsConfig
 from extproc.telemetry import otlp_settings
 from extproc.telemetry.measurements import (
     DURATION_BUCKETS,
+    PROCESSING_BUCKETS,
     TOKEN_BUCKETS,
     TOKEN_TYPES,
     TPOT_BUCKETS,
@@ -125,13 +131,18 @@ def resource(instance_id: str) -> Resource:
     return res
 
 
+def _cpu_time(_options: CallbackOptions) -> Iterable[Observation]:
+    t = os.times()  # this process, all threads
+    return (Observation(t.user, {"cpu.mode": "user"}), Observation(t.system, {"cpu.mode": "system"}))
+
+
 _ATTRS_CACHE_MAX = 4096  # label combinations whose attribute sets we keep at hand (then start over)
 
 
 class _Attributes:
     """The attribute sets of one label combination, built once and reused by later calls."""
 
-    __slots__ = ("ai", "timed", "tokens", "missing", "requests")
+    __slots__ = ("ai", "timed", "tokens", "missing", "requests", "own")
 
     def __init__(self, labels: tuple[str, ...], names: tuple[str, ...]) -> None:
         llm, model, request_model, response_model, operation, err, status, outcome, *values = labels
@@ -143,6 +154,7 @@ class _Attributes:
         self.tokens = tuple({**genai, "gen_ai.token.type": t} for t in TOKEN_TYPES)
         self.missing = {**self.ai, "operation": operation}
         self.requests = {**self.ai, "operation": operation, "status_code": status, "outcome": outcome, "error_type": err}
+        self.own = {"llm": llm, "operation": operation}
 
 
 class OtlpMetrics:
@@ -187,6 +199,10 @@ class OtlpMetrics:
         self.parse_errors = count("ai.parse_errors", "{payload}", "Payloads the sidecar could not parse")
         self.active = meter.create_up_down_counter("ai.active_streams", "{stream}", "ext_proc streams (HTTP exchanges) in flight")
         self.refused = count("ai.streams_refused", "{stream}", "ext_proc streams refused as they opened, unobserved")
+        self.processing = hist("extproc.processing.duration", "s",
+                               "Time the sidecar spent in its message handlers per LLM call (waiting excluded)",
+                               explicit_bucket_boundaries_advisory=PROCESSING_BUCKETS)
+        meter.create_observable_counter("process.cpu.time", [_cpu_time], "s", "CPU time of this worker process")
 
     def on_stream_start(self) -> None:
         self.active.add(1)
@@ -239,6 +255,7 @@ class OtlpMetrics:
             self.finish_reasons.add(1, {**a.ai, "finish_reason": m.finish_reason})
         if m.parse_errors:
             self.parse_errors.add(m.parse_errors, {"llm": m.llm, "reason": m.parse_error_reason})
+        self.processing.record(m.processing, a.own)
         self.requests.add(1, a.requests)
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
