@@ -5,8 +5,8 @@ derives a label or a rule of its own, so the two cannot drift.
 
 Where a change goes:
 
-- **a label on every call metric** (in both backends, every family but ``ai_parse_errors``):
-  :func:`label_sources`, one function. The configured custom labels (jwt_authn claims, headers,
+- **a label on every call metric** (in both backends; all but ``ai_parse_errors`` and the
+  self-cost histogram, which keep a small fixed label set): :func:`label_sources`, one function. The configured custom labels (jwt_authn claims, headers,
   attribution: :mod:`extproc.telemetry.labels`) come from there.
 - a rule for a value (when TTFT counts, what TPOT is, which calls count as missing usage):
   :meth:`Measurer.measure`.

@@ -98,3 +98,18 @@ def test_worker_cpu_is_sampled_as_calls_end():
     prom._cpu_sampled = call.end - 1.0  # a second since the last sample
     prom.on_call_end(call)
     assert WORKER_CPU._value.get() >= before + 0.05
+
+
+def test_worker_cpu_time_is_pushed_over_otlp():
+    exporter = StoreExporter()
+    otlp = OtlpMetrics(config.StatsConfig.model_validate({"otlp": {"enabled": True}}), exporter)
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    try:
+        assert otlp.force_flush()
+    finally:
+        otlp.shutdown()
+    user = exporter.store.total("process.cpu.time", **{"cpu.mode": "user"})
+    system = exporter.store.total("process.cpu.time", **{"cpu.mode": "system"})
+    assert user + system >= 0.05 and user > 0
