@@ -256,12 +256,13 @@ def test_percent_encoded_and_dotted_paths_are_observed_and_charged(tmp_path, rep
         assert rls.wait_charged(team("dev"), 4 * 385 + 5) == 4 * 385 + 5
 
 
-def test_a_served_call_without_usage_is_never_free(tmp_path, replay, rls):
+@pytest.mark.parametrize("mode", ["default", "fewer-messages"])
+def test_a_served_call_without_usage_is_never_free(tmp_path, replay, rls, mode):
     """A stream without stream_options.include_usage reports no usage: charged its request's
     output ceiling when it set one, else budgets.unreportedCharge."""
     rec = load("aigw__chat-streaming.yaml")  # no include_usage: no usage in the stream
     capped = b'{"model":"gpt-5-nano","stream":true,"max_completion_tokens":256,"messages":[{"role":"user","content":"Hello!"}]}'
-    with budget_stack(tmp_path, replay.url, rls.address, unreportedCharge=UNREPORTED) as s:
+    with budget_stack(tmp_path, replay.url, rls.address, fewer_messages=mode == "fewer-messages", unreportedCharge=UNREPORTED) as s:
         bare = s.log_entry(call_budget(s, rec.path, rec.request_body, **{"x-fixture": rec.name}))
         assert bare["total_tokens"] is None and bare["ratelimit_cost"] == UNREPORTED
         assert s.log_entry(call_budget(s, rec.path, capped, who="ops", **{"x-fixture": rec.name}))["ratelimit_cost"] == 256
@@ -269,9 +270,10 @@ def test_a_served_call_without_usage_is_never_free(tmp_path, replay, rls):
         assert rls.wait_charged(team("ops"), 256) == 256
 
 
-def test_a_stream_hung_up_before_its_usage_is_charged_its_ceiling(tmp_path, replay, rls):
+@pytest.mark.parametrize("mode", ["default", "fewer-messages"])
+def test_a_stream_hung_up_before_its_usage_is_charged_its_ceiling(tmp_path, replay, rls, mode):
     rec = load("aigw__chat-streaming-detailed-usage.yaml")  # include_usage, max_completion_tokens 100
-    with budget_stack(tmp_path, replay.url, rls.address, unreportedCharge=UNREPORTED) as s:
+    with budget_stack(tmp_path, replay.url, rls.address, fewer_messages=mode == "fewer-messages", unreportedCharge=UNREPORTED) as s:
         rid = str(uuid.uuid4())
         headers = {"authorization": f"Bearer {TOKENS['dev']}", "x-fixture": rec.name, "x-gate": rid,
                    "x-request-id": rid, "content-type": "application/json"}
