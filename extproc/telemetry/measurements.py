@@ -169,9 +169,10 @@ class Measurer:
             cost_usd = cost.total
         elif cost is not None and cost.reason != "disabled":
             unpriced = cost.reason
-        for n in tokens:  # parsers keep only sane counts; a negative one is a bug, never recorded
-            if n is not None and n < 0:
-                raise ValueError(f"negative token count: {tokens}")
+        # Parsers keep only sane counts; a negative one is a bug, never recorded (inline: per call).
+        if ((u.input_tokens or 0) < 0 or (u.output_tokens or 0) < 0 or (u.cached_input_tokens or 0) < 0
+                or (u.cache_creation_input_tokens or 0) < 0 or (u.reasoning_tokens or 0) < 0):
+            raise ValueError(f"negative token count: {tokens}")
         if cost_usd is not None and cost_usd < 0:
             raise ValueError(f"negative cost: {cost_usd}")
         return Measurements(
