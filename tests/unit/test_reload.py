@@ -152,6 +152,7 @@ def test_accepted_reload_swaps_everything_and_ends_the_old_tracer_thread(running
     assert worker.reconfigure(p, reload_from(path), observers_mod.observers) is True
     assert applied(p) == ("ns.two", "x-two", 1024)
     assert old_tracer not in p.observers
+    worker.finish_closing()  # the old tracer is shut down on a thread of its own: wait for it
     assert export_threads() == before  # the new tracer's thread replaced the old one's
 
 
