@@ -2,6 +2,7 @@
 
     python bench/metrics_cost.py            # both modes
     python bench/metrics_cost.py --mode single|multi
+    python bench/metrics_cost.py --otlp     # Prometheus and OTLP both on (one measurement per call)
 
 A call is a streamed chat completion with usage (input, output, cached, reasoning) and two custom
 labels from jwt_authn claims; users rotate over 50 values, so label lookups hit a warm cache as in
@@ -17,7 +18,7 @@ import tempfile
 import timeit
 
 
-def measure(n: int) -> float:
+def measure(n: int, otlp: bool = False) -> float:
     from google.protobuf import struct_pb2
     from prometheus_client import CollectorRegistry
 
@@ -26,8 +27,22 @@ def measure(n: int) -> float:
     from extproc.telemetry.metrics import MetricsObserver
 
     stats = parse({"stats": {"customLabels": [{"name": "team", "metadataKey": "principal:team"},
-                                              {"name": "user_id", "metadataKey": "principal:sub"}]}}).stats
-    observer = MetricsObserver(stats, CollectorRegistry())
+                                              {"name": "user_id", "metadataKey": "principal:sub"}],
+                             "otlp": {"enabled": otlp, "exportIntervalMs": 3_600_000}}}).stats
+    observers: list = []
+    if otlp:
+        from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
+
+        from extproc.telemetry.otlp_metrics import OtlpMetrics
+
+        # No export during the run (hour-long interval): what is measured is recording.
+        observers.append(OtlpMetrics(stats, ConsoleMetricExporter(out=open(os.devnull, "w"))))
+    observer = MetricsObserver(stats, CollectorRegistry(), observers[0].measurer if otlp else None)
+    observers.insert(0, observer)
+
+    def on_call_end(call: Call) -> None:
+        for o in observers:
+            o.on_call_end(call)
     calls = []
     for i in range(50):
         s = struct_pb2.Struct()
@@ -40,10 +55,12 @@ def measure(n: int) -> float:
         u.input_tokens, u.output_tokens, u.total_tokens, u.cached_input_tokens, u.reasoning_tokens = 120, 300, 420, 64, 0
         calls.append(c)
     for c in calls:
-        observer.on_call_end(c)  # warm: children created
+        on_call_end(c)  # warm: children created
     it = iter(calls * (n // len(calls) + 1))
-    t = timeit.timeit(lambda: observer.on_call_end(next(it)), number=n)
-    assert observer.failures == 0
+    t = timeit.timeit(lambda: on_call_end(next(it)), number=n)
+    assert all(o.failures == 0 for o in observers)
+    for o in observers[1:]:
+        o.shutdown()
     return t / n * 1e6
 
 
@@ -51,17 +68,20 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--mode", choices=("single", "multi", "both"), default="both")
     ap.add_argument("-n", type=int, default=50_000)
+    ap.add_argument("--otlp", action="store_true", help="OTLP metrics on too: both observers, per call")
     args = ap.parse_args()
+    what = "Prometheus + OTLP observers" if args.otlp else "on_call_end"
     if args.mode == "single":
-        print(f"single-process registry: {measure(args.n):.1f} us per on_call_end")
+        print(f"single-process registry: {measure(args.n, args.otlp):.1f} us per {what}")
     elif args.mode == "multi":
         assert os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        print(f"multiprocess (mmap) mode: {measure(args.n):.1f} us per on_call_end")
+        print(f"multiprocess (mmap) mode: {measure(args.n, args.otlp):.1f} us per {what}")
     else:
-        subprocess.run([sys.executable, __file__, "--mode", "single", "-n", str(args.n)], check=True)
+        extra = ["--otlp"] if args.otlp else []
+        subprocess.run([sys.executable, __file__, "--mode", "single", "-n", str(args.n), *extra], check=True)
         with tempfile.TemporaryDirectory() as d:
             env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": d}
-            subprocess.run([sys.executable, __file__, "--mode", "multi", "-n", str(args.n)], check=True, env=env)
+            subprocess.run([sys.executable, __file__, "--mode", "multi", "-n", str(args.n), *extra], check=True, env=env)
 
 
 if __name__ == "__main__":
