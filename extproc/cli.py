@@ -65,8 +65,9 @@ def _serve(args: argparse.Namespace) -> int:
 
             metrics = Runtime(cfg.stats, workers)
         from extproc.server import supervisor
-        from extproc.telemetry import observers
+        from extproc.telemetry import labels, observers
 
+        labels.share_among(workers)  # stats.maxSeries holds for the sidecar, whatever --workers says
         return supervisor.serve(cfg, workers, observers.observers, on_worker_exit=metrics.worker_exited if metrics else None,
                             reload=lambda: _load(args))
     except OSError as e:

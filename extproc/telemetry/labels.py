@@ -102,13 +102,30 @@ class LabelGuard:
         return out
 
 
+_WORKERS = 1  # processes sharing one stats.maxSeries (set by `extproc serve` before it forks them)
+
+
+def share_among(workers: int) -> None:
+    """Divide every series budget built from now on among ``workers`` worker processes, so the
+    sidecar as a whole keeps ``stats.maxSeries`` per family, not ``workers`` times it. Called
+    once, before the workers fork (they inherit it)."""
+    global _WORKERS
+    _WORKERS = max(1, workers)
+
+
+def worker_share(limit: int) -> int:
+    """This worker's part of a per-process budget of ``limit`` series (at least 1)."""
+    return max(1, limit // _WORKERS)
+
+
 class SeriesBudget:
     """Caps the live series of each metric family, as Prometheus counts them (one per counter
     label set; one per bucket plus _sum and _count per histogram label set): a label set that
     would take a family past ``limit`` is recorded in the family's ``__overflow__`` label set
     instead (see :func:`folded`).
 
-    Per process, like :class:`LabelGuard`. Admitting a label set already live is one set lookup;
+    The sidecar's: with several workers each keeps ``limit / workers`` (:func:`share_among`), so
+    their union, the exposition and a collector's view, stays within ``limit``. Admitting a label set already live is one set lookup;
     the budget is consulted only when a series would be created (callers cache admitted children).
     ``folded[family]`` counts observations folded since the last :meth:`take_folded`.
     """
@@ -116,7 +133,7 @@ class SeriesBudget:
     __slots__ = ("limit", "_live", "_used", "folded")
 
     def __init__(self, limit: int) -> None:
-        self.limit = limit
+        self.limit = worker_share(limit)
         self._live: dict[str, set[tuple[str, ...]]] = {}
         self._used: dict[str, int] = {}
         self.folded: dict[str, int] = {}

@@ -30,6 +30,7 @@ successful export carries the totals again). Label values are capped like Promet
 from __future__ import annotations
 
 import logging
+import math
 import os
 import uuid
 from collections.abc import Iterable
@@ -57,6 +58,7 @@ from prometheus_client import Counter as PromCounter
 from extproc.core.call import Call
 from extproc.core.config import StatsConfig
 from extproc.telemetry import otlp_settings
+from extproc.telemetry.labels import worker_share
 from extproc.telemetry.measurements import (
     DURATION_BUCKETS,
     PROCESSING_BUCKETS,
@@ -67,6 +69,7 @@ from extproc.telemetry.measurements import (
     Measurements,
     Measurer,
 )
+from extproc.telemetry.otlp_pacing import Pacer
 
 log = logging.getLogger("extproc.telemetry.metrics")
 
@@ -166,14 +169,16 @@ class OtlpMetrics:
         self.stats = stats
         self.instance_id = str(uuid.uuid4())
         self.exporter = CountingExporter(exporter or build_exporter(stats))
-        limit = stats.max_series
+        limit = worker_share(stats.max_series)  # the sidecar's budget, divided among its workers
+        timeout_ms = otlp_settings.metrics_timeout_ms(stats.otlp)
+        # No SDK thread (interval inf): the Pacer exports, within a bounded share of the worker's CPU.
         self.reader = PeriodicExportingMetricReader(
-            self.exporter, export_interval_millis=otlp_settings.metrics_interval_ms(stats.otlp),
-            export_timeout_millis=otlp_settings.metrics_timeout_ms(stats.otlp),
+            self.exporter, export_interval_millis=math.inf, export_timeout_millis=timeout_ms,
             cardinality_limits={k: limit for k in (Counter, UpDownCounter, Histogram, ObservableCounter,
                                                    ObservableUpDownCounter, ObservableGauge)},
         )
         self.provider = MeterProvider(resource=resource(self.instance_id), metric_readers=[self.reader], shutdown_on_exit=False)
+        self.pacer = Pacer(self.reader, otlp_settings.metrics_interval_ms(stats.otlp) / 1000, timeout_ms)
         meter = self.provider.get_meter("envoy-ai-extproc")
         self.measurer = Measurer(stats)  # shared with the Prometheus backend (see observers.py)
         self._attrs: dict[tuple[str, ...], _Attributes] = {}
@@ -265,6 +270,7 @@ class OtlpMetrics:
         """Export what is left (bounded by the export timeout) and stop the export thread."""
         if not self.closed:
             self.closed = True
+            self.pacer.close(otlp_settings.metrics_timeout_ms(self.stats.otlp) / 1000)
             self.provider.shutdown()
 
 

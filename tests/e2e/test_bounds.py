@@ -85,13 +85,16 @@ def test_huge_model_and_provider_are_cut_everywhere(tmp_path, mock_llm):
         assert not isinstance(value, str) or len(value) <= MAX_VALUE_CHARS, value[:40]
 
 
-def test_series_budget_folds_invented_label_sets(tmp_path, mock_llm):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_series_budget_folds_invented_label_sets(tmp_path, mock_llm, workers):
     """60 calls, each with a model and provider of its own (every value under its label's cap):
     no metric family shows more than ``maxSeries`` series (a histogram label set counts its
-    buckets, _sum and _count) besides its __overflow__ ones, the tokens of every call are still
+    buckets, _sum and _count) besides its __overflow__ ones, with one worker or several (the
+    budget is the sidecar's, divided among its workers), the tokens of every call are still
     counted, and the folded calls are counted."""
     budget = 40
-    with Stack(tmp_path, mock_llm, sidecar_config={"stats": {"maxSeries": budget}}, **PATIENT) as s:
+    with Stack(tmp_path, mock_llm, sidecar_config={"stats": {"maxSeries": budget}}, workers=workers,
+               envoy_concurrency=4, **PATIENT) as s:
         sent_prompt = 0
         for i in range(60):
             r = httpx.post(s.url("/v1/chat/completions"), timeout=30,
@@ -116,8 +119,11 @@ def test_series_budget_folds_invented_label_sets(tmp_path, mock_llm):
         assert 1 <= len(overflow_sets[family]) <= 2, family  # the overflow label set(s)
     assert total(samples, "ai_prompt_tokens_total", model=OVERFLOW) > 0
     folded = total(samples, "ai_series_overflow_total", metric="ai_requests")
-    assert folded == total(samples, "ai_requests_total", model=OVERFLOW) == 60 - budget
-    assert total(samples, "ai_series_overflow_total", metric="gen_ai_client_operation_duration_seconds") == 60 - 2
+    assert folded == total(samples, "ai_requests_total", model=OVERFLOW) == 60 - series["ai_requests"]
+    duration_sets = series["gen_ai_client_operation_duration_seconds"] // 19  # 16 buckets + +Inf, _sum, _count
+    assert total(samples, "ai_series_overflow_total", metric="gen_ai_client_operation_duration_seconds") == 60 - duration_sets
+    if workers == 1:
+        assert series["ai_requests"] == budget and duration_sets == 2
 
 
 def test_mcp_tool_names_are_folded(tmp_path):

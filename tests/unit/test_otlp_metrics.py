@@ -149,3 +149,60 @@ def test_delta_temporality_preference_is_the_exporters(monkeypatch):
 
     assert exporter._preferred_temporality[Counter] == AggregationTemporality.DELTA
     exporter.shutdown()
+
+
+class CostlyExporter(StoreExporter):
+    """An export that burns ``cpu_s`` of this thread's CPU (a large encode), counting exports."""
+
+    def __init__(self, cpu_s: float) -> None:
+        super().__init__()
+        self.cpu_s = cpu_s
+        self.exports = 0
+
+    def export(self, metrics_data, timeout_millis: float = 10_000, **kwargs):
+        import time
+
+        self.exports += 1
+        end = time.thread_time() + self.cpu_s
+        while time.thread_time() < end:
+            pass
+        return MetricExportResult.SUCCESS
+
+
+def test_exports_are_paced_to_a_small_share_of_the_cpu_whatever_the_interval():
+    """Exports costing 40 ms of CPU, asked for every 50 ms: the next waits ~19 x its cost, so in
+    2 s there are at most 3 (the SDK's own reader ran ~22, holding the worker ~45% of the time),
+    and the last interval's data is exported at shutdown."""
+    import time
+
+    stats = config.StatsConfig.model_validate({"otlp": {"enabled": True, "exportIntervalMs": 50}})
+    exporter = CostlyExporter(0.04)
+    otlp = OtlpMetrics(stats, exporter)
+    try:
+        for call in calls():
+            otlp.on_call_end(call)
+        time.sleep(2.0)
+        during = exporter.exports
+    finally:
+        otlp.shutdown()
+    assert 1 <= during <= 3, during
+    assert exporter.exports == during + 1  # one last export at shutdown
+
+
+def test_the_series_budget_is_divided_among_the_workers():
+    from extproc.telemetry import labels
+    from extproc.telemetry.mcp import McpMetrics
+
+    stats = config.StatsConfig.model_validate({"maxSeries": 2000, "otlp": {"enabled": True, "exportIntervalMs": 60000}})
+    labels.share_among(4)
+    try:
+        prom = MetricsObserver(stats, CollectorRegistry())
+        mcp = McpMetrics(stats)
+        otlp = OtlpMetrics(stats, StoreExporter())
+        otlp.shutdown()
+    finally:
+        labels.share_among(1)
+    assert prom.budget.limit == mcp.budget.limit == 500
+    limits = {k.__name__: v for k, v in otlp.reader._instrument_class_cardinality_limit.items()}  # the SDK's cap
+    assert limits["_Counter"] == limits["_Histogram"] == limits["_UpDownCounter"] == 500
+    assert MetricsObserver(stats, CollectorRegistry()).budget.limit == 2000  # one worker: the whole budget
