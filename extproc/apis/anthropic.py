@@ -47,6 +47,7 @@ class AnthropicEvents(ApiParser):
     default_provider = "anthropic"
     param_keys = ("max_tokens", "temperature", "top_p", "top_k", "stop_sequences")
     input_keys = ("messages",)
+    system_keys = ("system",)
     end_user_keys = (("metadata", "user_id"),)
     stream_markers = True
     input_excludes_cache = True

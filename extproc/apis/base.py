@@ -85,6 +85,18 @@ def items(value: Any) -> list[Any] | tuple[()]:
     return value if isinstance(value, list) else ()
 
 
+def system_message(value: Any) -> dict[str, Any] | None:
+    """A system prompt given beside the messages as a message of role ``system``: a string or a
+    list of text blocks as its ``content``, a Gemini ``Content`` (``{"parts": [...]}``) as its parts;
+    None when there is none."""
+    if isinstance(value, dict):
+        parts = value.get("parts")
+        return {"role": "system", "parts": parts} if isinstance(parts, list) and parts else None
+    if isinstance(value, (str, list)) and value:
+        return {"role": "system", "content": value}
+    return None
+
+
 def dig(obj: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(obj, dict):
@@ -101,6 +113,10 @@ class ApiParser:
     param_keys: ClassVar[tuple[str, ...]] = ()
     # request-body keys holding the prompt, first present wins (captured only with capture on)
     input_keys: ClassVar[tuple[str, ...]] = ()
+    # request-body keys holding a system prompt given beside the messages (Anthropic ``system``,
+    # Gemini ``systemInstruction``, Responses ``instructions``), first present wins: it leads the
+    # captured messages as a ``system`` message, where OpenAI's chat API has it anyway
+    system_keys: ClassVar[tuple[str, ...]] = ()
     # request-body paths holding the end user the call is made for, first string found wins
     end_user_keys: ClassVar[tuple[tuple[str, ...], ...]] = ()
     # False for calls that consume no tokens (count_tokens, MCP): never priced, never "unpriced"
@@ -166,10 +182,11 @@ class ApiParser:
             for key in self.input_keys:
                 value = obj.get(key)
                 if value is not None:
+                    system = next((m for k in self.system_keys if (m := system_message(obj.get(k))) is not None), None)
                     # how many messages (a summary that carries no content), the messages with capture on
-                    self.obs.message_count = len(value) if isinstance(value, list) else 1
+                    self.obs.message_count = (len(value) if isinstance(value, list) else 1) + (system is not None)
                     if self.capture:
-                        self.obs.input_messages = value
+                        self.obs.input_messages = value if system is None else [system, *(value if isinstance(value, list) else [value])]
                     break
         else:
             self.obs.parse_error("request_not_object")

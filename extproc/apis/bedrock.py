@@ -106,6 +106,7 @@ class BedrockConverse(_EventStreamParser):
     default_provider = "bedrock"
     input_excludes_cache = True  # inputTokens leaves out cacheReadInputTokens and cacheWriteInputTokens
     input_keys = ("messages",)
+    system_keys = ("system",)
     stream_markers = True
     _stopped = False  # messageStop seen
     _metadata = False  # metadata (usage) seen

@@ -44,6 +44,7 @@ class GeminiGenerate(ApiParser):
     default_provider = "gemini"
     output_excludes_reasoning = True  # candidatesTokenCount leaves out thoughtsTokenCount
     input_keys: ClassVar[tuple[str, ...]] = ("contents",)
+    system_keys: ClassVar[tuple[str, ...]] = ("systemInstruction", "system_instruction")
 
     def on_request_json(self, obj: dict[str, Any]) -> None:
         # The model is in the path; a body "model" (rare) does not override it.
@@ -116,6 +117,7 @@ class GeminiEmbed(GeminiGenerate):
     operation = "embeddings"
     api = "gemini.embed_content"
     input_keys: ClassVar[tuple[str, ...]] = ("content", "requests")
+    system_keys: ClassVar[tuple[str, ...]] = ()
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):

@@ -79,6 +79,7 @@ class OllamaChat(_Ollama):
 class OllamaGenerate(_Ollama):
     operation = "text_completion"
     api = "ollama.generate"
+    system_keys = ("system",)
 
 
 class OllamaEmbed(_Ollama):

@@ -161,6 +161,7 @@ class OpenAIResponses(ApiParser):
     default_provider = "openai"
     param_keys = ("temperature", "top_p", "max_output_tokens", "service_tier")
     input_keys = ("input",)
+    system_keys = ("instructions",)
     end_user_keys = _END_USER
     _USEFUL = (b"response.created", b"response.completed", b"response.incomplete", b"response.failed")
 

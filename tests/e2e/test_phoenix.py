@@ -54,7 +54,7 @@ class Call:
     status: int
     content_type: str
     response: bytes
-    prompt_text: str  # a phrase of the request's messages (input.value)
+    messages: list[dict[str, str]]  # input.value's messages: the system prompt first, wherever the API puts it
     answer: str | None  # the answer text (output.value); None: no answer
     model: str  # llm.model_name: the model that served (the response's), else the requested one
     provider: str  # llm.provider, OpenInference's value
@@ -89,7 +89,9 @@ CALLS = (
                       "prompt_tokens_details": {"cached_tokens": 1024, "audio_tokens": 0},
                       "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0}},
         }).encode(),
-        "What does the refund policy say?", "Refunds are accepted within 30 days.",
+        [{"role": "system", "content": "You answer from the policy document."},
+         {"role": "user", "content": "What does the refund policy say?"}],
+        "Refunds are accepted within 30 days.",
         "gpt-4o-mini-2024-07-18", "openai",
         {"prompt": 1200, "completion": 80, "total": 1280, "prompt_details.cache_read": 1024, "completion_details.reasoning": 0},
         user="user-openai",
@@ -107,7 +109,7 @@ CALLS = (
                                           "prompt_tokens_details": {"cached_tokens": 0},
                                           "completion_tokens_details": {"reasoning_tokens": 0}})),
             (None, "[DONE]")),
-        "Name a quick animal.", "The quick brown fox.",
+        [{"role": "user", "content": "Name a quick animal."}], "The quick brown fox.",
         "gpt-4o-mini-2024-07-18", "openai",
         {"prompt": 20, "completion": 12, "total": 32, "prompt_details.cache_read": 0, "completion_details.reasoning": 0},
         user="user-openai-stream",
@@ -132,7 +134,8 @@ CALLS = (
             ("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None},
                                "usage": {"output_tokens": 40}}),
             ("message_stop", {"type": "message_stop"})),
-        "When does the cached contract renew?", "It renews on 1 March.",
+        [{"role": "system", "content": "You read contracts."}, {"role": "user", "content": "When does the cached contract renew?"}],
+        "It renews on 1 March.",
         "claude-haiku-4-5-20251001", "anthropic",
         # input = uncached 500 + cache read 2,000 + cache write 300 (one meaning for every provider)
         {"prompt": 2800, "completion": 40, "total": 2840, "prompt_details.cache_read": 2000, "prompt_details.cache_write": 300},
@@ -140,7 +143,8 @@ CALLS = (
     ),
     Call(
         "gemini_thoughts", "/v1beta/models/gemini-2.5-flash:generateContent",
-        {"contents": [{"role": "user", "parts": [{"text": "Is it sunny in Lisbon?"}]}],
+        {"systemInstruction": {"parts": [{"text": "You forecast weather."}]},
+         "contents": [{"role": "user", "parts": [{"text": "Is it sunny in Lisbon?"}]}],
          "generationConfig": {"temperature": 0.4, "thinkingConfig": {"includeThoughts": True}}},
         200, JSON,
         json.dumps({
@@ -151,7 +155,8 @@ CALLS = (
                               "totalTokenCount": 250},
             "modelVersion": "gemini-2.5-flash", "responseId": "gem-phx-thoughts",
         }).encode(),
-        "Is it sunny in Lisbon?", "Yes, it is sunny.",
+        [{"role": "system", "content": "You forecast weather."}, {"role": "user", "content": "Is it sunny in Lisbon?"}],
+        "Yes, it is sunny.",
         "gemini-2.5-flash", "google",
         # output = visible 50 + thoughts 100 (billed as output)
         {"prompt": 100, "completion": 150, "total": 250, "completion_details.reasoning": 100},
@@ -163,7 +168,7 @@ CALLS = (
         429, JSON,
         json.dumps({"error": {"message": "Rate limit reached for gpt-4o-mini on requests per min (RPM): Limit 3.",
                               "type": "requests", "param": None, "code": "rate_limit_exceeded"}}).encode(),
-        "One more, please.", None, "gpt-4o-mini", "openai", {}, user="user-rate-limited",
+        [{"role": "user", "content": "One more, please."}], None, "gpt-4o-mini", "openai", {}, user="user-rate-limited",
     ),
 )
 BY_NAME = {c.name: c for c in CALLS}
@@ -255,7 +260,7 @@ def test_phoenix_shows_every_token_count_and_detail(seen: dict[str, Seen], name:
 def test_phoenix_shows_the_messages_and_the_answer(seen: dict[str, Seen], name: str) -> None:
     s = seen[name]
     assert s.attrs["input.mime_type"] == "application/json"
-    assert s.call.prompt_text in json.dumps(json.loads(s.attrs["input.value"]))
+    assert json.loads(s.attrs["input.value"]) == {"messages": s.call.messages}
     assert s.attrs.get("output.value") == s.call.answer
 
 

@@ -218,3 +218,29 @@ def test_openai_429_error_type_reaches_the_metrics_label() -> None:
     assert reg.get_sample_value("ai_requests_total", {
         "llm": "openai", "model": "gpt-4o", "operation": "chat", "status_code": "429", "outcome": "error",
         "error_type": "rate_limit_exceeded"}) == 1
+
+
+# A system prompt given beside the messages leads them as a system message, as in OpenAI's chat API.
+_SYSTEMS = [
+    ("/v1/messages", {"system": "be brief", "messages": [{"role": "user", "content": "yo"}]},
+     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]),
+    ("/v1/messages", {"system": [{"type": "text", "text": "be brief"}], "messages": [{"role": "user", "content": "yo"}]},
+     [{"role": "system", "content": [{"type": "text", "text": "be brief"}]}, {"role": "user", "content": "yo"}]),
+    ("/model/amazon.nova-lite-v1:0/converse", {"system": [{"text": "be brief"}], "messages": [{"role": "user", "content": [{"text": "b"}]}]},
+     [{"role": "system", "content": [{"text": "be brief"}]}, {"role": "user", "content": [{"text": "b"}]}]),
+    ("/v1beta/models/gemini-2.5-flash:generateContent",
+     {"systemInstruction": {"parts": [{"text": "be brief"}]}, "contents": [{"role": "user", "parts": [{"text": "g"}]}]},
+     [{"role": "system", "parts": [{"text": "be brief"}]}, {"role": "user", "parts": [{"text": "g"}]}]),
+    ("/v1/responses", {"instructions": "be brief", "input": "tell me"}, [{"role": "system", "content": "be brief"}, "tell me"]),
+    ("/api/generate", {"system": "be brief", "prompt": "p"}, [{"role": "system", "content": "be brief"}, "p"]),
+]
+
+
+@pytest.mark.parametrize(("path", "request_body", "want"), _SYSTEMS, ids=[f"{p}:{i}" for i, (p, _, _) in enumerate(_SYSTEMS)])
+def test_system_prompt_leads_the_captured_messages(path: str, request_body: dict, want: list) -> None:
+    case = Case("x", path, JSON, body=b"{}", expect={}, request=orjson.dumps({"model": "m", **request_body}))
+    obs = new_parser(case, capture=True)[1]
+    assert obs.input_messages == want
+    assert obs.message_count == len(want)  # the summary counts it like OpenAI's system message
+    off = new_parser(case, capture=False)[1]
+    assert off.input_messages is None and off.message_count == len(want)
