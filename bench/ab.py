@@ -6,6 +6,7 @@ chunk), for quick A/Bs.
     .venv/bin/python -m bench.ab --sse 50 --rate 40 -d 5 --reps 3   # streams: CPU per chunk, and Envoy alone's
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout /work/main --checkout .   # A/B of two checkouts
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --event-loop asyncio    # the sidecar on asyncio's loop
+    .venv/bin/python -m bench.ab --reps 4 --checkout . --checkout . --tracing off --tracing live   # what tracing costs
     .venv/bin/python -m bench.ab --tracing live --reps 4 --checkout . --checkout . \
         --tracing-conventions genai --tracing-conventions genai,openinference   # what a convention costs
 
@@ -50,8 +51,9 @@ ap.add_argument("--mode", choices=["headers", "fewer-messages"], default="header
                 help="ext_proc processing mode (fewer-messages: with HTTP/2 to the upstream)")
 ap.add_argument("--upstream", choices=["http1", "http2", "auto"], default="auto",
                 help="protocol to the upstream (auto: HTTP/2 in fewer-messages mode, else HTTP/1.1)")
-ap.add_argument("--tracing", choices=["off", "dead", "live"], default="off",
-                help="OTLP tracing: off; dead (collector port closed); live (an in-process OTLP/gRPC receiver)")
+ap.add_argument("--tracing", choices=["off", "dead", "live"], action="append",
+                help="OTLP tracing: off (default); dead (collector port closed); live (an in-process OTLP/gRPC "
+                     "receiver): once for all stacks, or once per --checkout in order")
 ap.add_argument("--tracing-conventions", action="append", metavar="LIST",
                 help="tracing.conventions, e.g. genai,openinference: once for all stacks, or once per --checkout in order")
 ap.add_argument("--capture", action="store_true", help="tracing.captureContent: true")
@@ -68,6 +70,7 @@ ap.add_argument("--checkout", action="append", metavar="DIR",
                 help="run a sidecar from this checkout's code (repeat for an A/B; default: the current directory)")
 a = ap.parse_args()
 checkouts = [str(Path(c).resolve()) for c in a.checkout or ["."]]
+tracings = a.tracing or ["off"]
 d = Path(tempfile.mkdtemp(prefix="extproc-ab-"))
 procs: list[subprocess.Popen] = []
 
@@ -100,17 +103,18 @@ class Stack:
                                    "logging": {"level": "warning"}}
             if a.event_loop:
                 cfg["eventLoop"] = a.event_loop
-            if a.tracing == "live":
+            tracing = tracings[min(len(stacks), len(tracings) - 1)]
+            if tracing == "live":
                 cfg["tracing"] = {"otlpEndpoint": receiver.endpoint}
-            elif a.tracing == "dead":
+            elif tracing == "dead":
                 cfg["tracing"] = {"otlpEndpoint": f"127.0.0.1:{free_port()}"}
-            if a.tracing != "off" and a.tracing_config:
+            if tracing != "off" and a.tracing_config:
                 endpoint = cfg["tracing"]["otlpEndpoint"]
                 preset = a.tracing_config[min(len(stacks), len(a.tracing_config) - 1)]
                 cfg["tracing"] = {**yaml.safe_load(Path(preset).read_text())["tracing"], "otlpEndpoint": endpoint}
                 cfg["tracing"].pop("otlpProtocol", None)
                 cfg["tracing"].pop("headers", None)
-            if a.tracing != "off":
+            if tracing != "off":
                 conventions = a.tracing_conventions or []
                 mine = conventions[min(len(stacks), len(conventions) - 1)] if conventions else None
                 if mine:
@@ -195,7 +199,7 @@ def measure(s: Stack) -> None:
 
 
 try:
-    if a.tracing == "live":
+    if "live" in tracings:
         from tests.support.otlp_receiver import GrpcReceiver
         receiver = GrpcReceiver()
     up = free_port()
@@ -213,6 +217,8 @@ try:
     per_stack = a.tracing_conventions or []
     for i, c in enumerate(checkouts):
         name = c if len(checkouts) > 1 else "sidecar"
+        if len(tracings) > 1:
+            name += f" [tracing {tracings[min(i, len(tracings) - 1)]}]"
         if len(per_stack) > 1:
             name += f" [{per_stack[min(i, len(per_stack) - 1)]}]"
         if a.tracing_config and len(a.tracing_config) > 1:

@@ -1,7 +1,8 @@
 """Getting finished spans to the collector without ever slowing traffic.
 
-``BoundedBatchProcessor`` queues ended spans in a bounded deque (append is O(1), no lock held by
-the caller) and a daemon thread exports them in batches. When the collector is slow or dead the
+``BoundedBatchProcessor`` queues finished calls' span records in a bounded deque (append is O(1),
+no lock held by the caller) and a daemon thread turns them into the SDK's ``ReadableSpan``s and
+exports them in batches. When the collector is slow or dead the
 queue fills and the oldest spans are dropped; drops and failed exports are counted in
 ``ai_trace_spans_dropped_total{reason}``. The exporter is built from ``tracing`` config, falling
 back to the standard ``OTEL_EXPORTER_OTLP_*`` variables (config wins where both are set).
@@ -11,11 +12,10 @@ from __future__ import annotations
 import logging
 import threading
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
-from opentelemetry.context import Context
-from opentelemetry.sdk.trace import ReadableSpan, Span, SpanProcessor
+from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client import Counter
 
@@ -52,10 +52,15 @@ def build_exporter(cfg: TracingConfig) -> SpanExporter:
     return GrpcExporter(endpoint=ep, headers=headers, timeout=timeout, insecure=insecure)
 
 
-class BoundedBatchProcessor(SpanProcessor):
-    def __init__(self, exporter: SpanExporter, *, max_queue_size: int, max_batch: int, delay_s: float) -> None:
+class BoundedBatchProcessor:
+    """``add(record)`` on the call's path; ``build(record)`` (a ``ReadableSpan``) and the export in
+    the thread. Only sampled spans are added, so every drop counted is a span lost."""
+
+    def __init__(self, exporter: SpanExporter, build: Callable[[Any], ReadableSpan], *,
+                 max_queue_size: int, max_batch: int, delay_s: float) -> None:
         self._exporter = exporter
-        self._queue: deque[ReadableSpan] = deque()
+        self._build = build
+        self._queue: deque[Any] = deque()
         self._max_queue = max_queue_size
         self._max_batch = max_batch
         self._delay = delay_s
@@ -66,17 +71,14 @@ class BoundedBatchProcessor(SpanProcessor):
         self._thread = threading.Thread(target=self._run, name="extproc-span-export", daemon=True)
         self._thread.start()
 
-    def on_start(self, span: Span, parent_context: Context | None = None) -> None:
-        pass
-
-    def on_end(self, span: ReadableSpan) -> None:
-        if not span.context.trace_flags.sampled or self._stopped:
+    def add(self, record: Any) -> None:
+        if self._stopped:
             return
         queue = self._queue
         if len(queue) >= self._max_queue:
             queue.popleft()  # oldest first: the newest spans are the most useful
             SPANS_DROPPED.labels("queue_full").inc()
-        queue.append(span)
+        queue.append(record)
         if len(queue) >= self._max_batch:
             self._wake.set()
 
@@ -98,9 +100,9 @@ class BoundedBatchProcessor(SpanProcessor):
         finally:
             self._idle.set()
 
-    def _export(self, batch: Sequence[ReadableSpan]) -> None:
+    def _export(self, batch: Sequence[Any]) -> None:
         try:
-            result = self._exporter.export(batch)
+            result = self._exporter.export([self._build(r) for r in batch])
         except Exception:  # an exporter bug must not kill the export thread
             log.exception("span export raised")
             result = SpanExportResult.FAILURE

@@ -7,6 +7,12 @@ follow ``tracing.conventions``: the OpenTelemetry GenAI semantic conventions (he
 Langfuse, OpenLLMetry (their own modules), any of them; ``tracing.fields`` then removes and adds
 attributes (CEL, see ``extproc.core.cel``). A request carrying ``tracing.noCaptureHeader`` is
 traced without content. Nothing runs per ext_proc message.
+
+No SDK span is built on the call's path: the call's end computes the attributes, reads the parent
+and asks the configured sampler (the only SDK call there, so sampling and drop counting stay
+exact), and queues a compact record; the export thread turns records into the SDK's
+``ReadableSpan`` (what ``Tracer.start_span`` + ``end`` would have produced, without the span's
+lock, attribute copies and processor calls) and hands them to the SDK's OTLP exporter.
 """
 from __future__ import annotations
 
@@ -17,9 +23,10 @@ from typing import Any
 import orjson
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
-from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
-from opentelemetry.trace import SpanKind, Status, StatusCode
+from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from extproc.apis.routing import semconv_name
@@ -60,6 +67,9 @@ PARAM_ATTRIBUTES = {
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _OK = Status(StatusCode.OK)
+_SAMPLED = int(TraceFlags.SAMPLED)
+_RANDOM_TRACE_ID = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))  # W3C level 2 flag (newer SDKs)
+SCOPE = InstrumentationScope("envoy-ai-extproc")
 
 
 def sampler(cfg: TracingConfig) -> Sampler | None:
@@ -82,7 +92,11 @@ def resource(cfg: TracingConfig) -> Resource:
 
 
 class Tracer:
-    """The call observer that turns finished calls into spans."""
+    """The call observer that turns finished calls into spans.
+
+    ``processor``: by default the bounded queue and export thread (``BoundedBatchProcessor``);
+    any SDK ``SpanProcessor`` (tests: ``SimpleSpanProcessor``) gets each ``ReadableSpan`` at once.
+    """
 
     def __init__(self, cfg: TracingConfig, processor: Any = None) -> None:
         self.cfg = cfg
@@ -90,13 +104,22 @@ class Tracer:
         self.max_chars = cfg.max_content_chars
         self.no_capture_header = cfg.no_capture_header
         self.conventions = frozenset(cfg.conventions)
-        self.provider = TracerProvider(sampler=sampler(cfg), resource=resource(cfg))
+        # Built once for what it resolves: the sampler (randomSampling, else OTEL_TRACES_SAMPLER),
+        # the resource (with OTEL_RESOURCE_ATTRIBUTES) and the id generator. It never sees a span.
+        provider = TracerProvider(sampler=sampler(cfg), resource=resource(cfg), shutdown_on_exit=False)
+        self.sampler = provider.sampler
+        self.resource = provider.resource
+        self.ids = provider.id_generator
+        self.random_trace_ids = bool(getattr(self.ids, "is_trace_id_random", lambda: False)())
         self.processor = processor or BoundedBatchProcessor(
-            build_exporter(cfg), max_queue_size=cfg.max_queue_size,
+            build_exporter(cfg), self.readable_span, max_queue_size=cfg.max_queue_size,
             max_batch=cfg.max_export_batch_size, delay_s=cfg.schedule_delay_ms / 1000,
         )
-        self.provider.add_span_processor(self.processor)
-        self.tracer = self.provider.get_tracer("envoy-ai-extproc")
+        if isinstance(self.processor, BoundedBatchProcessor):
+            self._emit = self.processor.add
+        else:
+            sdk_processor = self.processor
+            self._emit = lambda record: sdk_processor.on_end(self.readable_span(record))
         self.fields = cel.compile_fields(cfg.fields.add)
         self.remove_exact = frozenset(n for n in cfg.fields.remove if not n.endswith(".*"))
         self.remove_prefix = tuple(n[:-1] for n in cfg.fields.remove if n.endswith(".*"))
@@ -114,18 +137,36 @@ class Tracer:
             attrs = {k: v for k, v in attrs.items() if k not in self.remove_exact and not k.startswith(self.remove_prefix)}
         if self.fields:
             self.field_errors += cel.evaluate(self.fields, variables(call, capture), attrs, self.field_chars)
+        # What Tracer.start_span does before it builds a span: the parent, the trace id, the sampler.
+        context = parent_context(call)
+        parent = get_current_span(context).get_span_context() if context is not None else None
+        if parent is not None and not parent.is_valid:
+            parent = None
+        trace_id = self.ids.generate_trace_id() if parent is None else parent.trace_id
+        name = span_name(call)
+        decision = self.sampler.should_sample(context, trace_id, name, SpanKind.CLIENT, attrs)
+        if not decision.decision.is_sampled():
+            return  # (a recorded-but-unsampled span is never exported either)
         start = call.start_time_ns
-        duration = call.duration or 0.0
-        span = self.tracer.start_span(
-            span_name(call), context=parent_context(call), kind=SpanKind.CLIENT,
-            attributes=attrs, start_time=start,
+        self._emit((name, trace_id, parent, decision, start, start + int((call.duration or 0.0) * 1e9), _error_type(call)))
+
+    def readable_span(self, record: tuple[Any, ...]) -> ReadableSpan:
+        """A queued record as the SDK's finished span (in the export thread)."""
+        name, trace_id, parent, decision, start, end, error = record
+        random_id = self.random_trace_ids if parent is None else getattr(parent.trace_flags, "random_trace_id", False)
+        context = SpanContext(trace_id, self.ids.generate_span_id(), is_remote=False,
+                              trace_flags=TraceFlags(_SAMPLED | _RANDOM_TRACE_ID if random_id else _SAMPLED),
+                              trace_state=decision.trace_state)
+        # Sequences as tuples, as the SDK's span stores them (values are already valid attributes).
+        attrs = {k: tuple(v) if type(v) is list else v for k, v in decision.attributes.items()}
+        return ReadableSpan(
+            name=name, context=context, parent=parent, resource=self.resource, attributes=attrs,
+            kind=SpanKind.CLIENT, status=_OK if error is None else Status(StatusCode.ERROR, clip(error)),
+            start_time=start, end_time=end, instrumentation_scope=SCOPE,
         )
-        error = _error_type(call)
-        span.set_status(_OK if error is None else Status(StatusCode.ERROR, clip(error)))
-        span.end(end_time=start + int(duration * 1e9))
 
     def shutdown(self) -> None:
-        self.provider.shutdown()
+        self.processor.shutdown()
 
 
 def parent_context(call: Call) -> Context | None:
