@@ -1,7 +1,7 @@
 """Envoy + sidecar stacks on one upstream: sidecar and Envoy CPU per request (or per streamed
 chunk), for quick A/Bs.
 
-    .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live, --mode fewer-messages, --metrics
+    .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live, --mode fewer-messages, --metrics, --observe
     .venv/bin/python -m bench.ab --prof /tmp/w.prof      # the sidecar under cProfile (1 worker)
     .venv/bin/python -m bench.ab --sse 50 --rate 40 -d 5 --reps 3   # streams: CPU per chunk, and Envoy alone's
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout /work/main --checkout .   # A/B of two checkouts
@@ -49,6 +49,8 @@ ap.add_argument("--workers", type=int, default=1)
 ap.add_argument("--reps", type=int, default=1)
 ap.add_argument("--mode", choices=["headers", "fewer-messages"], default="headers",
                 help="ext_proc processing mode (fewer-messages: with HTTP/2 to the upstream)")
+ap.add_argument("--observe", action="store_true",
+                help="Envoy's ext_proc in observability_mode (Envoy sends the messages and ignores the replies)")
 ap.add_argument("--upstream", choices=["http1", "http2", "auto"], default="auto",
                 help="protocol to the upstream (auto: HTTP/2 in fewer-messages mode, else HTTP/1.1)")
 ap.add_argument("--tracing", choices=["off", "dead", "live"], action="append",
@@ -131,7 +133,8 @@ class Stack:
         self.port, self.admin = free_port(), free_port()
         fewer = a.mode == "fewer-messages"
         boot = envoy_config.bootstrap(upstreams=upstreams, listen=f"127.0.0.1:{self.port}", extproc=extproc,
-                                      access_log=str(self.dir / "access.log"), admin=f"127.0.0.1:{self.admin}", fewer_messages=fewer)
+                                      access_log=str(self.dir / "access.log"), admin=f"127.0.0.1:{self.admin}", fewer_messages=fewer,
+                                      observability_mode=a.observe)
         (self.dir / "e.yaml").write_text(envoy_config.dump(boot))
         self.envoy = subprocess.Popen(envoy_command(self.dir / "e.yaml", "--concurrency", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(self.envoy)
@@ -183,6 +186,8 @@ def measure(s: Stack) -> None:
     m0 = s.msgs_sent() if s.sidecar else 0
     s0, e0, w0 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
     n, text = run_sse(s) if a.sse else run_wrk(s)
+    if a.observe and s.sidecar:
+        time.sleep(0.3)  # Envoy does not wait for the sidecar: let it finish the messages sent
     s1, e1, w1 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
     m1 = s.msgs_sent() if s.sidecar else 0
     share = sorted((y - x for x, y in zip(w0, w1)), reverse=True)

@@ -161,7 +161,9 @@ class Stream:
         self._grpc_provider: str | None = None
         self._done = False
         self._response_done = False
-        self._observe_only = False  # a message came in observability mode
+        # A message came in observability mode: Envoy ignores the replies, so the metadata is
+        # neither priced nor encoded per message (the call is priced once, in finish)
+        self._observe_only = False
         self._priced: tuple[object, ...] | None = None  # what call.cost was computed from
         self._priceable = False  # an LLM call that consumes tokens (set with its parser)
         self._content_length: int | None = None  # the response's, when it declares one
@@ -170,13 +172,16 @@ class Stream:
     def handle(self, req: pb.ProcessingRequest) -> bytes | None:
         """One message from Envoy: the reply to send, or None when there is none (observability
         mode: Envoy expects no reply; the stream is then over at the response's end, see
-        ``end_stream``). The time spent here is added to ``call.processing`` (the self-cost metric)."""
+        ``end_stream``; in observability mode no reply is built, see ``_observe_only``). The
+        time spent here is added to ``call.processing`` (the self-cost metric)."""
         started = _clock()
-        reply = self._reply(req)
-        self.call.processing += _clock() - started
         if req.observability_mode:
             self._observe_only = True
-            return None
+            self._reply(req)
+            reply = None
+        else:
+            reply = self._reply(req)
+        self.call.processing += _clock() - started
         return reply
 
     def _reply(self, req: pb.ProcessingRequest) -> bytes | None:
@@ -258,7 +263,7 @@ class Stream:
         return CONTINUE_REQUEST_BODY
 
     # ---- response phase ----------------------------------------------------------------------
-    def _response_headers(self, msg: pb.HttpHeaders) -> bytes:
+    def _response_headers(self, msg: pb.HttpHeaders) -> bytes | None:
         content_type = encoding = ""
         status = "0"
         for h in msg.headers.headers:
@@ -281,6 +286,8 @@ class Stream:
             self._complete()
         elif not observed:
             self._complete()  # not an LLM path: its body is not observed, the response is all we see
+        if self._observe_only:
+            return None  # Envoy ignores replies in observability mode: nothing to build
         if call.obs.usage.seen():
             self._price()
         head = HEADERS_STREAMED if observed and not msg.end_of_stream else HEADERS_NO_BODY
@@ -311,7 +318,7 @@ class Stream:
         if not self.parser.observed:
             self._complete()  # not an LLM path: the status is all we observe
 
-    def _response_body(self, msg: pb.HttpBody, first: bool = False) -> bytes:
+    def _response_body(self, msg: pb.HttpBody, first: bool = False) -> bytes | None:
         call = self.call
         if call.first_chunk is None:
             call.first_chunk = time.perf_counter()
@@ -363,6 +370,8 @@ class Stream:
             self._release()  # the whole body was parsed: nothing more to parse on this stream
         if not changed:
             return CONTINUE_RESPONSE_BODY
+        if self._observe_only:
+            return None  # Envoy ignores replies in observability mode: nothing to build
         if call.obs.usage.seen():
             self._price()
         s = self.p.settings

@@ -197,6 +197,31 @@ def test_observability_mode_sends_no_replies(proc, rec):
     assert rec.calls[0].obs.usage.total_tokens == 12
 
 
+def test_observability_mode_builds_no_metadata_and_prices_the_call_once_at_the_end(proc, rec, monkeypatch):
+    """Envoy ignores the replies in observability mode: no metadata is priced or encoded per
+    message, and the call the observers get costs what it costs with replies."""
+    from extproc.server import processor as processor_mod
+
+    def messages(observe: bool) -> list[pb.ProcessingRequest]:
+        msgs = [req_headers(), body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
+                headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+                body("response_body", CHAT_JSON[:40]), body("response_body", CHAT_JSON[40:], end=True)]
+        for m in msgs:
+            m.observability_mode = observe
+        return msgs
+
+    run(proc, messages(False))
+    encoded, priced = [], []
+    real_encoded, real_price = processor_mod.metadata.encoded, proc.settings.pricer.price
+    monkeypatch.setattr(processor_mod.metadata, "encoded", lambda *a: encoded.append(1) or real_encoded(*a))
+    monkeypatch.setattr(proc.settings.pricer, "price", lambda *a: priced.append(1) or real_price(*a))
+    assert run(proc, messages(True)) == []
+    assert (encoded, priced) == ([], [1])
+    replied, observed = rec.calls
+    assert observed.cost == replied.cost and observed.cost.total > 0
+    assert (observed.outcome, observed.obs.usage.total_tokens) == (replied.outcome, 12) == (OK, 12)
+
+
 def test_provider_precedence(proc, rec):
     run(proc, [req_headers(**{"x-llm-provider": "from-header"})], md=(("x-llm-provider", "from-route"),))
     run(proc, [req_headers(**{"x-llm-provider": "from-header"})])
