@@ -9,19 +9,24 @@ back to the standard ``OTEL_EXPORTER_OTLP_*`` variables (config wins where both 
 """
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 from prometheus_client import Counter
 
 from extproc.core.config import TracingConfig
+from extproc.telemetry import span_encoding
 from extproc.telemetry.otlp_settings import HTTP, http_traces_url
 from extproc.telemetry.otlp_settings import traces_protocol as protocol
+
+if TYPE_CHECKING:
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
 
 log = logging.getLogger("extproc.telemetry.tracing")
 
@@ -43,13 +48,32 @@ def build_exporter(cfg: TracingConfig) -> SpanExporter:
         # A configured endpoint follows the base-URL rule too; the env vars are left to the SDK.
         url = http_traces_url(cfg.otlp_endpoint) if cfg.otlp_endpoint else None
         return HttpExporter(endpoint=url, headers=headers, timeout=timeout)
-    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter as GrpcExporter
-
     ep = cfg.otlp_endpoint
     insecure = None
     if ep and "://" not in ep:
         insecure = True  # a bare host:port is a plaintext collector (set https:// for TLS)
-    return GrpcExporter(endpoint=ep, headers=headers, timeout=timeout, insecure=insecure)
+    return grpc_exporter_class()(endpoint=ep, headers=headers, timeout=timeout, insecure=insecure)
+
+
+@functools.cache
+def grpc_exporter_class() -> type[OTLPSpanExporter]:
+    """The SDK's OTLP/gRPC span exporter (channel, retries, headers, compression, timeout: all
+    the SDK's), its request written by ``span_encoding`` instead of the SDK's per-attribute
+    protobuf objects; any span that encoder does not handle, or a failure in it, takes the SDK's."""
+    from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # noqa: F811
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+
+    class GrpcSpanExporter(OTLPSpanExporter):
+        def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+            try:
+                return ExportTraceServiceRequest.FromString(span_encoding.encode_spans(data))
+            except span_encoding.Unsupported:
+                pass
+            except Exception:
+                log.exception("span encoding failed; using the SDK's encoder")
+            return super()._translate_data(data)
+
+    return GrpcSpanExporter
 
 
 class BoundedBatchProcessor:
