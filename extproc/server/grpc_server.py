@@ -351,6 +351,7 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     """The ext_proc server on ``address``: TLS/mTLS when ``tls`` is enabled, else plaintext."""
     server = GrpclibServer(address, tls)
     send_now = h2compat.send_message_now
+    send_headers_now = h2compat.send_response_headers_now
 
     counters = processor.counters
 
@@ -370,9 +371,11 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     async def handle(stream: Stream) -> None:
         """One ext_proc stream, message by message (``Processor.open_stream``, ``Stream.handle``,
         ``Processor.close_stream``). While this task waits, the messages that arrive are
-        handled by ``one`` where their frames are received (see ``MessageBuffer.inline``); it hands
-        back to the task what needs awaiting: the first reply (grpclib sends the response headers
-        with it), a reply the flow-control windows hold back, the end of the stream."""
+        handled by ``one`` where their frames are received (see ``MessageBuffer.inline``). The
+        first reply goes out behind the response headers, a constant HPACK block
+        (``h2compat.send_response_headers_now``). ``one`` hands back to the task what needs
+        awaiting: a reply the flow-control windows (or a paused transport, or a pending HPACK
+        table size update) hold back, the end of the stream."""
         started(current_task())
         buf: MessageBuffer = h2compat.h2_stream(stream).buffer
         s = open_stream(stream.metadata)
@@ -383,15 +386,21 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
         end = False
 
         def one(data: bytes) -> bool:
-            nonlocal held, end
+            nonlocal held, end, first
             try:
                 req = _PARSE(data)
             except DecodeError:
                 raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
             reply = handle_message(req)
-            if reply is not None and (first or not send_now(stream, reply)):
-                held = reply
-                return False
+            if reply is not None:
+                if first:  # the response headers go first: a constant HPACK block
+                    if not send_headers_now(stream):
+                        held = reply
+                        return False
+                    first = False
+                if not send_now(stream, reply):
+                    held = reply
+                    return False
             if s.end_stream:
                 end = True
                 return False

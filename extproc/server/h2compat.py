@@ -23,14 +23,14 @@ from grpclib.server import Handler
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import StreamReset
-from h2.stream import StreamState
+from h2.stream import StreamInputs, StreamState
 from h2.utilities import SizeLimitDict
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
     "StreamReset", "cancel_stream", "cancelled_tasks", "forget_when_done", "h2_connection", "h2_stream",
     "lazy_frame_repr", "limit_closed_streams", "on_stream_reset", "receive_data_frames", "send_goaway",
-    "send_message_now", "server_configuration", "server_events", "stream_of", "use_buffer",
+    "send_message_now", "send_response_headers_now", "server_configuration", "server_events", "stream_of", "use_buffer",
 )
 
 
@@ -129,6 +129,55 @@ def send_message_now(stream: Any, message: bytes) -> bool:
 
 
 _FRAME_HEAD = struct.Struct(">HBBBL")  # length (16 + 8 bits), type, flags, R + stream id
+
+RESPONSE_CONTENT_TYPE = "application/grpc+proto"  # grpclib's ``Stream._content_type`` with a "proto" codec
+
+
+def _response_headers_block(content_type: str) -> bytes:
+    """HPACK for ``:status: 200`` (static table entry 8) and ``content-type`` (literal value, name
+    from static entry 31, *without indexing*): a block that reads and changes no dynamic table,
+    so it is the same bytes on every stream of every connection (RFC 7541 6.1, 6.2.2)."""
+    value = content_type.encode("ascii")
+    assert len(value) < 127  # a one-byte string length (7-bit prefix), no Huffman coding
+    return b"\x88" + b"\x0f\x10" + bytes([len(value)]) + value
+
+
+RESPONSE_HEADERS_BLOCK = _response_headers_block(RESPONSE_CONTENT_TYPE)
+_HEADERS_END = 0x4  # END_HEADERS
+
+
+def send_response_headers_now(stream: Any) -> bool:
+    """Send a server ``Stream``'s response headers (grpclib's ``send_initial_metadata`` with no
+    metadata: ``:status: 200``, ``content-type``) as one HEADERS frame of the constant
+    :data:`RESPONSE_HEADERS_BLOCK`, written at once, if h2 would send headers on it right now:
+    the headers not sent yet, stream and connection open for sending, the peer's maximum frame
+    size large enough, no HPACK table size update pending (it must open the next header block),
+    the transport not paused. Returns False, having done nothing, otherwise (the caller then uses
+    grpclib's ``send_message``, which sends the headers through h2 as usual).
+
+    This is what ``send_initial_metadata`` -> ``send_headers`` -> h2's ``send_headers`` amount to
+    for these two headers, without their coroutines, header lists, validation, frame objects and
+    HPACK encoding per stream: the stream's state machine takes the same SEND_HEADERS input (so
+    trailers later are trailers), the connection's SEND_HEADERS input in SERVER_OPEN changes
+    nothing, and the encoder's dynamic table is untouched (the block indexes nothing), so the
+    trailers h2 encodes later read right."""
+    if stream._send_initial_metadata_done:
+        return False
+    ps = stream._stream  # grpclib.protocol.Stream
+    conn: H2Connection = ps._h2_connection
+    h2s = conn.streams.get(ps.id)
+    block = RESPONSE_HEADERS_BLOCK
+    if (h2s is None or h2s.state_machine.state not in _SENDABLE or h2s.state_machine.headers_sent
+            or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+            or conn.encoder.header_table.resized or len(block) > conn.max_outbound_frame_size
+            or not ps.connection.write_ready.is_set()):
+        return False
+    h2s.state_machine.process_input(StreamInputs.SEND_HEADERS)
+    pending = conn.data_to_send() if conn._data_to_send else b""
+    ps._transport.write(pending + _FRAME_HEAD.pack(0, len(block), 1, _HEADERS_END, ps.id) + block)
+    stream._send_initial_metadata_done = True
+    ps.connection.headers_send_process()
+    return True
 _RECEIVABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
 

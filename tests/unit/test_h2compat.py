@@ -344,3 +344,131 @@ def test_data_frames_past_h2_leave_the_same_state(split, monkeypatch):
     assert len(fast[2][1][3]) == 8 and len(fast[2][3][3]) == 14  # every message read
     if isinstance(split, str):  # whole frames per read, as Envoy's: the DATA frames go past h2
         assert taken > 30000
+
+
+def test_the_constant_response_headers_are_what_grpclib_sends():
+    """The pre-encoded block reads as grpclib's ``send_initial_metadata`` headers for our codec
+    and leaves a decoder's dynamic table empty (so the encoder's, which it bypasses, stays in step)."""
+    from grpclib.server import Stream
+    from hpack import Decoder
+
+    from extproc.server.grpc_server import _Codec
+
+    stream = Stream.__new__(Stream)
+    stream._codec = _Codec()
+    assert stream._content_type == h2compat.RESPONSE_CONTENT_TYPE
+    decoder = Decoder()
+    assert decoder.decode(h2compat.RESPONSE_HEADERS_BLOCK) == [(":status", "200"), ("content-type", h2compat.RESPONSE_CONTENT_TYPE)]
+    assert len(decoder.header_table.dynamic_entries) == 0
+
+
+def test_response_headers_sent_now_or_through_h2(monkeypatch):
+    """Streams on one connection get their response headers from the constant block, and h2's
+    trailers after them decode; after the client changes its HPACK table size (an update must
+    open the next header block) the headers go through h2 instead, which emits the update; every
+    stream's replies, headers and trailers read right on an h2 client."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import DataReceived, ResponseReceived, StreamEnded, TrailersReceived
+    from h2.settings import SettingCodes
+
+    from extproc._pb.envoy_api import external_processor_pb2 as pb
+    from tests.unit.test_processor import body, req_headers
+
+    sent_now = []
+    real = h2compat.send_response_headers_now
+
+    def counting(stream):
+        ok = real(stream)
+        sent_now.append(ok)
+        return ok
+
+    monkeypatch.setattr(h2compat, "send_response_headers_now", counting)
+    port = free_port()
+    processor = Processor(parse({"listen": f"127.0.0.1:{port}"}), [Recorder()])
+    server = build_server(processor, f"127.0.0.1:{port}")
+    messages = [req_headers(), body("request_body", b'{"model":"m"}', end=True)]
+
+    async def main() -> None:
+        await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        c.initiate_connection()
+        writer.write(c.data_to_send())
+
+        async def exchange() -> tuple[dict, list[str], dict]:
+            sid = c.get_next_available_stream_id()
+            c.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
+                                 (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+                                 (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
+            c.send_data(sid, b"".join(_grpc_frame(m) for m in messages), end_stream=True)
+            writer.write(c.data_to_send())
+            received, response, trailers = bytearray(), None, None
+            while trailers is None:
+                data = await asyncio.wait_for(reader.read(65536), 5)
+                assert data
+                for ev in c.receive_data(data):
+                    if isinstance(ev, ResponseReceived) and ev.stream_id == sid:
+                        response = dict(ev.headers)
+                    elif isinstance(ev, DataReceived) and ev.stream_id == sid:
+                        received.extend(ev.data)
+                        c.acknowledge_received_data(ev.flow_controlled_length, sid)
+                    elif isinstance(ev, TrailersReceived) and ev.stream_id == sid:
+                        trailers = dict(ev.headers)
+                    elif isinstance(ev, StreamEnded):
+                        pass
+                writer.write(c.data_to_send())
+            kinds = [pb.ProcessingResponse.FromString(r).WhichOneof("response") for r in _messages(bytes(received))]
+            return response, kinds, trailers
+
+        expected = ({":status": "200", "content-type": h2compat.RESPONSE_CONTENT_TYPE}, ["request_headers", "request_body"],
+                    {"grpc-status": "0"})
+        for _ in range(2):
+            assert await exchange() == expected
+        assert sent_now == [True, True]
+        c.update_settings({SettingCodes.HEADER_TABLE_SIZE: 256})
+        writer.write(c.data_to_send())
+        assert await exchange() == expected  # the settings and the stream arrive in one read
+        assert sent_now[2] is False
+        assert await exchange() == expected
+        assert sent_now[3] is True
+        writer.close()
+        await server.stop(0)
+
+    asyncio.run(main())
+
+
+def test_constant_response_headers_leave_h2s_stream_state_as_h2_would():
+    """After the constant block h2's stream knows its response headers went out (the next header
+    block it sends is trailers), and the client's h2 reads the block as the stream's response."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.events import ResponseReceived
+
+    from tests.unit.test_processor import req_headers
+
+    c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    c.initiate_connection()
+    c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+                       (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
+    c.send_data(1, _grpc_frame(req_headers()))
+    processor = Processor(parse({"listen": "127.0.0.1:1"}), [Recorder()])
+    server = build_server(processor, "127.0.0.1:1")
+
+    async def main() -> None:
+        proto = server._protocol_factory()
+        transport = _Transport()
+        proto.connection_made(transport)
+        proto.data_received(c.data_to_send())
+        await asyncio.sleep(0.01)  # the stream's task answers the first message
+        proto.connection._transport.flush()
+        machine = h2compat.h2_connection(proto).streams[1].state_machine
+        assert machine.headers_sent and not machine.trailers_sent
+        events = c.receive_data(bytes(transport.written))
+        [response] = [e for e in events if isinstance(e, ResponseReceived)]
+        assert dict(response.headers)[":status"] == "200"
+        for task in list(proto.handler._tasks.values()):
+            task.cancel()
+        await asyncio.sleep(0)
+
+    asyncio.run(main())
