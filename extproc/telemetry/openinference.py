@@ -4,7 +4,7 @@ OpenInference is Phoenix's own convention: an LLM span carries ``openinference.s
 the model and provider, token counts with their cache/reasoning details, the cost, the input and
 output, session and user. Phoenix prices a span from ``llm.model_name`` + ``llm.provider`` +
 ``llm.token_count.*``, so ``llm.provider``/``llm.system`` take the values the
-``openinference-semantic-conventions`` package lists (``tests/unit/test_tracing_unit.py`` compares
+``openinference-semantic-conventions`` package lists (``tests/unit/test_tracing.py`` compares
 every name and value here with that package; it is a test dependency only). We also send our own
 price as ``llm.cost.*``.
 
