@@ -5,6 +5,7 @@ every recorded fixture prices to the dollars the previous release computed."""
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -119,6 +120,11 @@ API_TABLE = {
         "prompt_tokens": 2800, "completion_tokens": 40, "total_tokens": 2840,
         "prompt_tokens_details": {"cached_tokens": 2000}, "completion_tokens_details": {"reasoning_tokens": 30}}}),
         (2800, 40, 2840, 2000, None, 30)),
+    "openai.completions": (("/v1/completions", JSON, {"model": "m", "choices": [], "usage": {
+        "prompt_tokens": 2800, "completion_tokens": 40, "total_tokens": 2840, "prompt_tokens_details": {"cached_tokens": 2000}}}),
+        (2800, 40, 2840, 2000, None, None)),
+    "openai.embeddings": (("/v1/embeddings", JSON, {"model": "m", "data": [], "usage": {"prompt_tokens": 2800, "total_tokens": 2800}}),
+                          (2800, None, 2800, None, None, None)),
     "openai.responses": (("/v1/responses", JSON, {"model": "m", "status": "completed", "usage": {
         "input_tokens": 2800, "output_tokens": 40, "total_tokens": 2840,
         "input_tokens_details": {"cached_tokens": 2000}, "output_tokens_details": {"reasoning_tokens": 30}}}),
@@ -131,12 +137,24 @@ API_TABLE = {
     "bedrock.invoke (Nova)": (("/model/amazon.nova-pro-v1:0/invoke", JSON, {"usage": {
         "inputTokens": 500, "outputTokens": 40, "cacheReadInputTokenCount": 2000, "cacheWriteInputTokenCount": 300}}),
         (2800, 40, 2840, 2000, 300, None)),
+    "bedrock.invoke (Llama)": (("/model/meta.llama3-70b-instruct-v1:0/invoke", JSON, {
+        "generation": "x", "prompt_token_count": 2800, "generation_token_count": 40, "stop_reason": "stop"}),
+        (2800, 40, 2840, None, None, None)),
+    "bedrock.invoke (invocationMetrics)": (("/model/mistral.mistral-large-2402-v1:0/invoke", JSON, {
+        "outputs": [{"text": "x", "stop_reason": "stop"}], "amazon-bedrock-invocationMetrics": {
+            "inputTokenCount": 500, "outputTokenCount": 40, "cacheReadInputTokenCount": 2000, "cacheWriteInputTokenCount": 300}}),
+        (2800, 40, 2840, 2000, 300, None)),
     "gemini.generate_content": (("/v1beta/models/gemini-2.5-flash:generateContent", JSON, {"usageMetadata": {
         "promptTokenCount": 2800, "candidatesTokenCount": 40, "thoughtsTokenCount": 30, "totalTokenCount": 2870,
         "cachedContentTokenCount": 2000}}), (2800, 70, 2870, 2000, None, 30)),
+    "gemini.embed_content": (("/v1/projects/p/locations/l/publishers/google/models/text-embedding-005:embedContent", JSON, {
+        "embedding": {"values": []}, "usageMetadata": {"promptTokenCount": 2800, "totalTokenCount": 2800}}),
+        (2800, None, 2800, None, None, None)),
     "cohere.chat": (("/v2/chat", JSON, {"finish_reason": "COMPLETE", "usage": {
         "tokens": {"input_tokens": 2800, "output_tokens": 40}, "billed_units": {"input_tokens": 5}}}),
         (2800, 40, 2840, None, None, None)),
+    "cohere.embed (billed units only)": (("/v2/embed", JSON, {"id": "x", "embeddings": {}, "meta": {
+        "billed_units": {"input_tokens": 2800}}}), (2800, None, 2800, None, None, None)),
     "ollama.chat": (("/api/chat", JSON, {"model": "m", "done": True, "prompt_eval_count": 2800, "eval_count": 40}),
                     (2800, 40, 2840, None, None, None)),
 }
@@ -146,6 +164,17 @@ API_TABLE = {
 def test_every_api_reports_input_and_output_in_one_meaning(api):
     (path, content_type, obj), want = API_TABLE[api]
     assert _usage(path, content_type, orjson.dumps(obj)) == want
+
+
+def test_every_api_of_the_documented_table_has_a_case_here():
+    """docs/metrics.md's Token semantics table names parser ``api`` ids (``cohere.*``: all of
+    Cohere's); each is checked by a case of API_TABLE, so the table cannot promise what no test
+    reads."""
+    text = (REPO / "docs" / "metrics.md").read_text().split("## Token semantics", 1)[1].split("\n## ", 1)[0]
+    rows = [line.split("|")[1] for line in text.splitlines() if line.startswith("| ") and "`" in line.split("|")[1]]
+    documented = {api for row in rows for api in re.findall(r"`([a-z]+\.[a-z_*]+)`", row)}
+    assert len(documented) >= 10
+    assert sorted(api for api in documented if not any(case.split(" ")[0].startswith(api.rstrip("*")) for case in API_TABLE)) == []
 
 
 def _anthropic_events(*extra_delta_usage: dict) -> list[tuple[str, dict]]:
