@@ -29,6 +29,9 @@ from extproc.core.pricing import PricingConfig
 
 DEFAULT_NAMESPACE = AI_GATEWAY_NAMESPACE
 DEFAULT_LISTEN = "127.0.0.1:18080"
+# The request header (and the grpc_initial_metadata key the generated Envoy configs set per route)
+# naming the provider: ``providers.header``.
+DEFAULT_PROVIDER_HEADER = "x-llm-provider"
 
 
 class ConfigError(ValueError):
@@ -61,7 +64,7 @@ class PathRoute(_Section):
 
 
 class ProvidersConfig(_Section):
-    header: str = "x-llm-provider"  # request header (or grpc_initial_metadata key) naming the provider
+    header: str = DEFAULT_PROVIDER_HEADER  # request header (or grpc_initial_metadata key) naming the provider
     routes: list[PathRoute] = Field(default_factory=list)
 
 

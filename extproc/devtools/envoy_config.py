@@ -118,7 +118,7 @@ from envoy_data_plane.envoy.type.v3 import Percent
 from envoy_data_plane.google.protobuf import Any as AnyMessage
 from envoy_data_plane.google.protobuf import Empty, Struct
 
-from extproc.core.config import DEFAULT_NAMESPACE, BudgetEntry, BudgetsConfig
+from extproc.core.config import DEFAULT_NAMESPACE, DEFAULT_NO_CAPTURE_HEADER, DEFAULT_PROVIDER_HEADER, BudgetEntry, BudgetsConfig
 from extproc.core.envoy_names import (
     EXT_PROC_FILTER,
     FILE_ACCESS_LOG,
@@ -402,8 +402,8 @@ RESPONSE_HEADERS = ("content-type", "content-encoding", "content-length")
 # Request headers the sidecar reads (provider override, trace context, MCP session, the default
 # attribution.sessionHeaders, the default tracing.noCaptureHeader). Not the API-key headers: key_id
 # needs them added (docs/performance.md).
-ATTRIBUTE_HEADERS = ("x-llm-provider", "traceparent", "tracestate", "mcp-session-id", "mcp-protocol-version",
-                     "x-session-id", "agent-session-id", "x-extproc-no-capture")
+ATTRIBUTE_HEADERS = (DEFAULT_PROVIDER_HEADER, "traceparent", "tracestate", "mcp-session-id", "mcp-protocol-version",
+                     "x-session-id", "agent-session-id", DEFAULT_NO_CAPTURE_HEADER)
 _REQUEST_LINE = ["request.path", "request.host", "request.method"]
 
 
@@ -599,7 +599,7 @@ def bootstrap(
         if ep is not None and (up.provider or not up.request_body):
             overrides = ExtProcOverrides()
             if up.provider:
-                overrides.grpc_initial_metadata = [HeaderValue(key="x-llm-provider", value=up.provider)]
+                overrides.grpc_initial_metadata = [HeaderValue(key=DEFAULT_PROVIDER_HEADER, value=up.provider)]
             if not up.request_body:
                 # The route's mode replaces the filter's whole processing_mode: copy it.
                 assert ep.processing_mode is not None
