@@ -152,23 +152,17 @@ def provider_for_host(host: str) -> str | None:
 
 
 @lru_cache(maxsize=1)
-def _semconv_names() -> dict[str, str]:
-    from extproc import apis
-
-    return {p.name: p.semconv for p in apis.all_providers()}
-
-
-def semconv_name(provider: str) -> str:
-    """``gen_ai.provider.name`` for one of our provider names (unknown ones pass through)."""
-    return _semconv_names().get(provider, provider)
-
-
-@lru_cache(maxsize=1)
 def declared() -> dict[str, Provider]:
     """Our provider name -> its declaration."""
     from extproc import apis
 
     return {p.name: p for p in apis.all_providers()}
+
+
+def semconv_name(provider: str) -> str:
+    """``gen_ai.provider.name`` for one of our provider names (unknown ones pass through)."""
+    known = declared().get(provider)
+    return known.semconv if known is not None else provider
 
 
 @lru_cache(maxsize=1)

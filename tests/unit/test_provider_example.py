@@ -53,7 +53,7 @@ def acme_installed(monkeypatch):
     real = apis.modules()
     monkeypatch.setattr(apis, "modules", lambda: tuple(sorted((*real, module), key=lambda m: m.ORDER)))
     monkeypatch.setattr(finish, "_table", None)
-    caches = (routing._host_table, routing.provider_for_host, routing._semconv_names)
+    caches = (routing._host_table, routing.provider_for_host, routing.declared, routing.model_makers)
     for cached in caches:
         cached.cache_clear()
     yield module
