@@ -20,6 +20,7 @@ the access log when the exchange is over, so a call the client abandoned before 
 """
 from __future__ import annotations
 
+import struct
 from typing import Any
 
 from google.protobuf.struct_pb2 import Struct
@@ -199,9 +200,22 @@ def write(target: Struct, namespace: str, call: Call, budget: Budget | None = No
 # ---- the reply path: the metadata serialised once per message, appended to a constant reply ------
 # A serialised ProcessingResponse is the concatenation of its fields, so a reply carrying metadata
 # is a constant, pre-serialised reply (e.g. ``response_body {}``) followed by ``encoded(...)``: no
-# ProcessingResponse is built or serialised per message, only the Struct. (Encoding the Struct by
-# hand in Python measured slower than google.protobuf's C serialiser: 15.8 vs 12.3 us.)
+# ProcessingResponse is built per message. The Struct is written by hand, from pieces made once:
+# google.protobuf's ``Struct.update`` is Python code that dispatches on each value's type and
+# sets it through the C layer, 7.1 us for an 11-field message against 3.6 us here (a first
+# hand encoder without the pieces made once measured 15.8 us). A Struct is a map, i.e. repeated
+# (key, Value) entries in any order: each entry is encoded on its own, an entry of a string or a
+# boolean once per (key, value) (most repeat: provider, operation, model, outcome), a number's
+# entry as a per-key prefix plus its 8-byte double.
 _DYNAMIC_METADATA_TAG = 0x42  # ProcessingResponse.dynamic_metadata = 8, length-delimited
+_pack_double = struct.Struct("<d").pack
+# Entries of string and boolean values kept, by (key, value): bounded (values are client-chosen;
+# past the bound an entry is encoded each time), and only keys whose values repeat across calls.
+_ENTRIES_KEPT = 2048
+_REPEATING_KEYS = frozenset({"provider", "streaming", "operation", "outcome", "model", "provider_model", "finish_reason"})
+_entries: dict[tuple[str, str | bool], bytes] = {}
+_number_prefix: dict[str, bytes] = {}  # entry up to the double: key, Value tag and length, number_value tag
+_namespace_key: dict[str, bytes] = {}  # the outer entry's key field, per namespace
 
 
 def _varint(n: int) -> bytes:
@@ -213,10 +227,52 @@ def _varint(n: int) -> bytes:
     return bytes(out)
 
 
+def _field(tag: bytes, payload: bytes) -> bytes:
+    """A length-delimited field: ``tag``, the length as a varint, ``payload``."""
+    n = len(payload)
+    return tag + (bytes((n,)) if n < 0x80 else _varint(n)) + payload
+
+
+def _entry(key: str, value: Any) -> bytes:
+    """One Struct map entry (field 1): key (1) and a Value (2) of string_value (3) or bool_value (4)."""
+    entry = _entries.get((key, value))
+    if entry is None:
+        v = (b"\x20\x01" if value else b"\x20\x00") if value.__class__ is bool else _field(b"\x1a", value.encode())
+        entry = _field(b"\x0a", _field(b"\x0a", key.encode()) + _field(b"\x12", v))
+        if key in _REPEATING_KEYS and len(_entries) < _ENTRIES_KEPT:
+            _entries[(key, value)] = entry
+    return entry
+
+
+def _number(key: str) -> bytes:
+    prefix = _number_prefix.get(key)
+    if prefix is None:
+        k = _field(b"\x0a", key.encode())
+        # entry length: the key field, the Value's tag and length (2), its number_value (1 + 8)
+        prefix = _number_prefix[key] = b"\x0a" + _varint(len(k) + 11) + k + b"\x12\x09\x11"
+    return prefix
+
+
 def encoded(namespace: str, call: Call, budget: Budget | None = None) -> bytes:
     """The call's fields as a serialised ``ProcessingResponse.dynamic_metadata`` field (tag
     included), to append to a serialised reply; parses to what :func:`write` builds."""
-    s = Struct()
-    s.fields[namespace].struct_value.update(fields(call, budget))
-    b = s.SerializeToString()
-    return (b"\x42" + bytes((len(b),)) if len(b) < 0x80 else b"\x42" + _varint(len(b))) + b
+    parts: list[bytes] = []
+    add = parts.append
+    entries = _entries
+    values = fields(call, budget)
+    for key, value in values.items():
+        cls = value.__class__
+        if cls is int or cls is float:
+            add(_number_prefix.get(key) or _number(key))
+            add(_pack_double(value))
+        elif cls is str or cls is bool:
+            add(entries.get((key, value)) or _entry(key, value))
+        else:  # no such field today; a new kind of value is still encoded right
+            s = Struct()
+            s.fields[namespace].struct_value.update(values)
+            return _field(b"\x42", s.SerializeToString())
+    ns = _namespace_key.get(namespace)
+    if ns is None:
+        ns = _namespace_key[namespace] = _field(b"\x0a", namespace.encode())
+    # Struct{fields: {namespace: Value{struct_value: Struct{fields: parts}}}}
+    return _field(b"\x42", _field(b"\x0a", ns + _field(b"\x12", _field(b"\x2a", b"".join(parts)))))

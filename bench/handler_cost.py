@@ -1,0 +1,112 @@
+"""CPU of the servicer's own code, without gRPC, HTTP/2 or Envoy: ``Stream.handle`` per call and
+per streamed chunk, and one metadata encoding, best of 9 rounds (process CPU time, so a busy
+machine's preemption does not count).
+
+    python -m bench.handler_cost                                   # this checkout
+    python -m bench.handler_cost --checkout BASE --checkout .      # an A/B, alternated --reps times
+
+A call is an OpenAI chat completion driven as the server drives it (``open_stream``, ``handle``
+per message, ``close_stream``): non-streamed (4 messages, 2 replies with metadata) and streamed
+(50 SSE chunks, then the usage and ``[DONE]``), in the default mode and in observability mode.
+``--checkout`` runs each measurement in a subprocess importing ``extproc`` from that directory.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+import timeit
+from pathlib import Path
+
+CHAT = (b'{"id":"c1","model":"gpt-4o-2024","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],'
+        b'"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}')
+CHUNK = (b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,'
+         b'"delta":{"content":"hello "},"finish_reason":null}]}\n\n')
+LAST = (b'data: {"id":"c","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":50,'
+        b'"total_tokens":53}}\n\ndata: [DONE]\n\n')
+
+
+def _best(f, n: int) -> float:
+    """Seconds per call of ``f``, best of 9 rounds of ``n``."""
+    return min(timeit.repeat(f, number=n, repeat=9, timer=time.process_time)) / n
+
+
+def measure() -> dict[str, float]:
+    from extproc._pb.envoy_api import external_processor_pb2 as pb
+    from extproc.core.call import OK, Call
+    from extproc.core.config import parse
+    from extproc.server.processor import Processor
+    from extproc.telemetry import metadata
+
+    def call_messages(streamed: bool, observe: bool) -> list:
+        def headers(kind: str, **h: str):
+            hm = pb.HttpHeaders()
+            for k, v in h.items():
+                hm.headers.headers.add(key=k, raw_value=v.encode())
+            return pb.ProcessingRequest(**{kind: hm}, observability_mode=observe)
+
+        def body(kind: str, data: bytes, end: bool = False):
+            return pb.ProcessingRequest(**{kind: pb.HttpBody(body=data, end_of_stream=end)}, observability_mode=observe)
+
+        start = [headers("request_headers", **{":path": "/v1/chat/completions", ":method": "POST", ":authority": "api.openai.com"}),
+                 body("request_body", b'{"model":"gpt-4o","stream":%s,"messages":[]}' % (b"true" if streamed else b"false"), True),
+                 headers("response_headers", **{":status": "200", "content-type": "text/event-stream" if streamed else "application/json"})]
+        if streamed:
+            return start + [body("response_body", CHUNK) for _ in range(50)] + [body("response_body", LAST, True)]
+        return start + [body("response_body", CHAT, True)]
+
+    p = Processor(parse({}), [])
+
+    def drive(messages: list) -> None:
+        s = p.open_stream({})
+        for m in messages:
+            s.handle(m)
+        p.close_stream(s)
+
+    out = {}
+    for observe in (False, True):
+        mode = "observability mode" if observe else "default mode"
+        out[f"{mode}: non-streamed call (us)"] = 1e6 * _best(lambda m=call_messages(False, observe): drive(m), 2000)
+        out[f"{mode}: streamed call, 50 chunks (us)"] = 1e6 * _best(lambda m=call_messages(True, observe): drive(m), 200)
+    c = Call(provider="openai", api="openai.chat", status=200, outcome=OK)
+    c.obs.request_model, c.obs.response_model, c.obs.operation = "gpt-4o", "gpt-4o-2024-08-06", "chat"
+    c.obs.usage.input_tokens, c.obs.usage.output_tokens, c.obs.usage.cached_input_tokens = 1234, 567, 100
+    c.obs.finish_reasons.append("stop")
+    fields = len(metadata.fields(c))
+    out[f"metadata encoding, {fields} fields (us)"] = 1e6 * _best(lambda: metadata.encoded("ai.gateway.kgateway.dev", c), 20000)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="bench.handler_cost")
+    ap.add_argument("--checkout", action="append", metavar="DIR", help="import extproc from this checkout (repeat for an A/B)")
+    ap.add_argument("--reps", type=int, default=3, help="with --checkout: rounds, each measuring every checkout in turn")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.child is not None:
+        sys.path.insert(0, a.child)
+        for k, v in measure().items():
+            print(f"{k}\t{v:.2f}")
+        return
+    if not a.checkout:
+        for k, v in measure().items():
+            print(f"{k}: {v:.1f}")
+        return
+    results: dict[str, dict[str, list[float]]] = {c: {} for c in a.checkout}
+    for _ in range(a.reps):
+        for c in a.checkout:
+            here = str(Path(__file__).resolve().parent.parent)
+            out = subprocess.run([sys.executable, "-m", "bench.handler_cost", "--child", str(Path(c).resolve())],
+                                 cwd=here, capture_output=True, text=True, check=True).stdout
+            for line in out.splitlines():
+                k, v = line.split("\t")
+                results[c].setdefault(k, []).append(float(v))
+    for k in results[a.checkout[0]]:
+        print(k)
+        for c in a.checkout:
+            print(f"  {c}: " + ", ".join(f"{v:.1f}" for v in results[c].get(k, [])))
+
+
+if __name__ == "__main__":
+    main()
