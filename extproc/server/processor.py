@@ -27,11 +27,14 @@ explains why it takes this route):
    handler of its kind (``_request_headers``, ``_request_body``, ``_response_headers``,
    ``_response_body``) routes, parses through the API parser (``extproc.apis``), settles and
    prices the call, and returns the reply: a constant of :mod:`extproc.server.replies`, plus the
-   dynamic metadata (``telemetry.metadata.encoded``) when something changed.
-5. ``h2compat.send_message_now`` writes the reply as one DATA frame to the connection's
-   ``_CoalescingTransport`` (grpclib's ``send_message`` when flow control holds it back, and for
-   the stream's first reply, which carries the response headers); the transport hands everything
-   the read produced to the socket in one ``write`` at the end of ``data_received``.
+   dynamic metadata (``telemetry.metadata.encoded``) when something changed; none in
+   observability mode.
+5. Back in ``one``: the stream's first reply goes out behind its response headers, a constant
+   HPACK block (``h2compat.send_response_headers_now``); each reply is written as one DATA frame
+   (``h2compat.send_message_now``) to the connection's ``_CoalescingTransport``, which hands
+   everything the read produced to the socket in one ``write`` at the end of ``data_received``.
+   When flow control (or a paused transport, or a pending HPACK table size update) holds a reply
+   back, ``one`` leaves it to the task, which sends it with grpclib's ``send_message``.
 6. When the stream ends (Envoy's end of stream or reset, a drain), the task's ``finally`` calls
    :meth:`Processor.close_stream` -> :meth:`Stream.finish`: the call is settled, priced and
    reported to the observers (:meth:`Processor.report`).
