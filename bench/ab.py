@@ -4,7 +4,7 @@ chunk), for quick A/Bs.
     .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live, --mode fewer-messages, --metrics, --observe
     .venv/bin/python -m bench.ab --prof /tmp/w.prof      # the sidecar under cProfile (1 worker)
     .venv/bin/python -m bench.ab --sse 50 --rate 40 -d 5 --reps 3   # streams: CPU per chunk, and Envoy alone's
-    .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout /work/main --checkout .   # A/B of two checkouts
+    .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout ../main --checkout .   # A/B of two checkouts (another checkout of the repo)
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --event-loop asyncio    # the sidecar on asyncio's loop
     .venv/bin/python -m bench.ab --reps 4 --checkout . --checkout . --tracing off --tracing live   # what tracing costs
     .venv/bin/python -m bench.ab --tracing live --reps 4 --checkout . --checkout . \
