@@ -59,10 +59,6 @@ class Attribution:
         self.end_user_header = cfg.end_user_header
         self._secret = cfg.secret()
 
-    @property
-    def key_ids(self) -> bool:
-        return self._secret is not None
-
     def read(self, call: Call) -> None:
         headers = call.headers
         for name in self.session_headers:

@@ -102,8 +102,6 @@ BUILTIN_LABELS = frozenset({
     "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
     "gen_ai_token_type", "metric", "le", "quantile", "job", "instance", "finish_reason",
 })
-# Per-call attribution values a custom label may take (``stats.customLabels[].field``).
-CALL_FIELDS = ("end_user", "session_id", "key_id")
 
 
 class CustomLabel(_Section):
@@ -335,7 +333,6 @@ class TracingConfig(_Section):
         return v
 
 
-BUDGET_UNITS = ("total_tokens", "input_tokens", "output_tokens", "weighted", "micro_usd")
 DEFAULT_BUDGET_DOMAIN = "ai-budgets"
 
 
