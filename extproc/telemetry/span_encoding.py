@@ -76,6 +76,11 @@ def _any_value(v: Any) -> bytes:
 
 
 _keys: dict[str, bytes] = {}
+# Whole ``KeyValue``s (length included) of short string values, by (key, value): most repeat from
+# call to call (operation, provider, models, server, finish reasons). Bounded: values are chosen
+# by clients and upstreams; once full, an entry is written each time.
+_STRING_ENTRIES_KEPT = 4096
+_string_entries: dict[tuple[str, str], bytes] = {}
 
 
 def _key(k: str) -> bytes:
@@ -99,16 +104,25 @@ def attributes(tag: bytes, attrs: Mapping[str, Any] | None) -> bytes:
     out: list[bytes] = []
     append = out.append
     keys = _keys
+    strings = _string_entries
     for k, v in attrs.items():
-        key = keys.get(k) or _key(k)
         t = type(v)
+        if t is str:
+            entry = strings.get((k, v))
+            if entry is not None:
+                append(tag + entry)
+                continue
+        key = keys.get(k) or _key(k)
         try:  # the common cases inline: a short string or a small int under a short key
             # (every length fits in one byte)
             if t is str:
                 b = v.encode()
                 n = len(b)
                 if n < 126 and len(key) + n < 124:
-                    append(tag + bytes((len(key) + n + 4,)) + key + b"\x12" + bytes((n + 2,)) + b"\x0a" + bytes((n,)) + b)
+                    entry = bytes((len(key) + n + 4,)) + key + b"\x12" + bytes((n + 2,)) + b"\x0a" + bytes((n,)) + b
+                    if len(strings) < _STRING_ENTRIES_KEPT:
+                        strings[(k, v)] = entry
+                    append(tag + entry)
                     continue
             elif t is int and 0 <= v < 0x80 and len(key) < 122:
                 append(tag + bytes((len(key) + 4,)) + key + b"\x12\x02\x18" + bytes((v,)))

@@ -128,3 +128,16 @@ def test_the_grpc_exporter_sends_the_hand_written_request(monkeypatch):
         assert exporter._translate_data(spans) == ExportTraceServiceRequest()
     finally:
         exporter.shutdown()
+
+
+def test_repeated_and_uncached_string_values_encode_the_same(monkeypatch):
+    """Short string values are kept whole per (key, value), up to a bound: a value met again and
+    a value past the bound encode as the SDK does."""
+    monkeypatch.setattr(span_encoding, "_string_entries", {})
+    same([span({"k": "v", "m": "chat"})] * 3)
+    assert ("k", "v") in span_encoding._string_entries
+    kept = len(span_encoding._string_entries)
+    monkeypatch.setattr(span_encoding, "_STRING_ENTRIES_KEPT", kept)
+    values = {f"key{i}": f"value{i}" for i in range(50)}
+    same([span(values), span(values)])
+    assert len(span_encoding._string_entries) == kept
