@@ -78,3 +78,23 @@ def test_finish_reasons_come_from_every_module_and_a_conflict_is_refused(monkeyp
     monkeypatch.setattr(apis, "modules", lambda: (bad,))
     with pytest.raises(TypeError, match="not one of"):
         finish.table()
+
+
+
+def test_the_example_upstreams_of_the_reference_envoy_config_name_declared_providers():
+    """envoy/envoy.yaml routes example paths to example upstreams and names each one's provider
+    (grpc_initial_metadata): example data, kept in step with the provider modules, so a renamed
+    provider or host cannot leave the config users copy naming one the sidecar does not know."""
+    from urllib.parse import urlsplit
+
+    from extproc.devtools import envoy_config
+
+    router = routing.Router(routing.default_routes())
+    upstreams = envoy_config._REFERENCE["upstreams"]
+    assert upstreams
+    for up in upstreams:
+        assert up.provider in routing.declared(), up
+        assert routing.provider_for_host(urlsplit(up.url).hostname or "") == up.provider, up
+        if up.prefix != "/":  # a path prefix of its own: an API of that provider's module
+            match = router.resolve(up.prefix)
+            assert match is not None and match.parser.default_provider == up.provider, up
