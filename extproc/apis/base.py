@@ -1,7 +1,7 @@
 """The interface every API schema parser implements, and its helpers.
 
 A parser is created per LLM call with the :class:`Observation` it fills. The servicer calls
-``feed_request`` with the request body (complete, or the prefix Envoy buffered),
+``feed_request`` with each chunk of the request body (it parses the whole once the last arrived),
 ``start_response`` with the status and content type, then ``feed_response`` with every decoded
 response chunk. Subclasses only implement the ``on_*`` hooks for their schema:
 
@@ -153,6 +153,8 @@ class ApiParser:
         self._framing = JSON
         self._body: list[bytes] = []
         self._body_len = 0
+        self._request: list[bytes] = []  # request-body chunks until its last (feed_request)
+        self._request_len = 0  # their length; -1: over limits.max_body_bytes, not read
         self._sse: SSEDecoder | None = None
         self._lines: NDJSONDecoder | None = None
         self._array: JsonArrayDecoder | None = None
@@ -160,14 +162,34 @@ class ApiParser:
 
     # ---- request ---------------------------------------------------------------------------
     def feed_request(self, body: bytes, complete: bool = True) -> None:
+        """One chunk of the request body (Envoy streams it); ``complete``: the body's last.
+        Chunks are held until the last (at most ``limits.max_body_bytes``, counted in
+        ``held_bytes``), then the whole body is parsed once; a body in one chunk is never copied."""
+        held = self._request_len
+        if held < 0:
+            return  # over the cap: not read (the response still is)
+        if not complete or held:
+            held += len(body)
+            if held > self.limits.max_body_bytes:
+                self._request = []
+                self._request_len = -1  # stop holding it, count once
+                self.obs.parse_error("request_too_large")
+                return
+            if body:
+                self._request.append(body)
+            self._request_len = held
+            if not complete:
+                return
+            body = b"".join(self._request)
+            self._request = []
+            self._request_len = 0
         if not body:
             return
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:
-            if complete:
-                self.obs.parse_error("request_json")
-            return  # a partial (buffer-limited) prefix cannot be parsed; the response still is
+            self.obs.parse_error("request_json")
+            return
         if isinstance(obj, dict):
             self.on_request_json(obj)
             for key in self.param_keys:
@@ -286,7 +308,7 @@ class ApiParser:
     def held_bytes(self) -> int:
         """Bytes this parser holds between chunks (bodies, unfinished lines, events, frames)."""
         stream = self._stream
-        return max(self._body_len, 0) + (stream.held if stream is not None else 0)
+        return max(self._body_len, 0) + max(self._request_len, 0) + (stream.held if stream is not None else 0)
 
     # ---- hooks -----------------------------------------------------------------------------
     def on_request_json(self, obj: dict[str, Any]) -> None:

@@ -370,8 +370,12 @@ def ext_proc_filter(
         processing_mode=ProcessingMode(
             request_header_mode=send,
             response_header_mode=send,
-            # Up to the buffer limit, then the prefix only: no 413 for large request bodies.
-            request_body_mode=ProcessingModeBodySendMode.BUFFERED_PARTIAL,
+            # Chunk by chunk, as Envoy reads it (the sidecar joins the chunks, up to
+            # limits.maxBodyBytes): no 413 for large bodies, and no body held in Envoy. Not
+            # BUFFERED_PARTIAL: there Envoy 1.40 loses the end of a request body over its buffer
+            # limit whose last (empty, end-of-stream) chunk arrives while the sidecar is reading
+            # the first 1 MiB, and the upstream waits for the rest forever (docs/envoy.md).
+            request_body_mode=ProcessingModeBodySendMode.STREAMED,
             response_body_mode=ProcessingModeBodySendMode.NONE,  # the default, so not written out
             request_trailer_mode=skip,
             response_trailer_mode=skip,
@@ -386,7 +390,6 @@ def ext_proc_filter(
         cfg.observability_mode = True
         assert cfg.processing_mode is not None
         cfg.processing_mode.response_body_mode = ProcessingModeBodySendMode.STREAMED
-        cfg.processing_mode.request_body_mode = ProcessingModeBodySendMode.STREAMED
         cfg.allow_mode_override = False
         cfg.message_timeout = None
     return cfg
@@ -560,20 +563,18 @@ def bootstrap(
     ep: ExternalProcessor | None = None
     if jwks_json is not None:
         http_filters.append(HttpFilter(name=JWT_AUTHN_FILTER, typed_config=pack(jwt_filter(jwks_json))))
-    # The rate limit filter comes after jwt_authn (its descriptors read the claims). In the
-    # default mode it comes after ext_proc too, so the sidecar also sees the calls it refuses (as
-    # 429s). In the fewer-messages mode it must come BEFORE ext_proc: there ext_proc lets the
-    # request headers through at once while it holds the body in a queue of its own; a rate
-    # limit filter after it, resuming once the limiter answered, found the request complete
-    # downstream and no body buffered, so ended the request at the headers (the upstream got an
-    # empty body, and ext_proc's body then went nowhere: some calls 500). Before ext_proc, the
-    # limiter holds headers and body together (StopAllIterationAndWatermark) and releases them
-    # in order. The sidecar sees no refused call in that mode either way (a 429 without a body
-    # sends no response message; docs/budgets.md).
-    limiter = None if ratelimit is None else HttpFilter(name=RATELIMIT_FILTER, typed_config=pack(ratelimit_filter(ratelimit)))
-    if limiter is not None and fewer_messages:
-        http_filters.append(limiter)
-        limiter = None
+    # The rate limit filter comes after jwt_authn (its descriptors read the claims) and BEFORE
+    # ext_proc: ext_proc streams the request body (request_body_mode STREAMED; in the
+    # fewer-messages mode it also lets the headers through at once) and holds the chunks in a
+    # queue of its own while the sidecar reads them; a rate limit filter after it, resuming once
+    # the limiter answered, found the request complete downstream with only part of the body
+    # (or none) buffered, so ended the request there (the upstream got a truncated body, the rest
+    # went nowhere). Before ext_proc, the limiter holds headers and body together
+    # (StopAllIterationAndWatermark) and releases them in order. A call it refuses still reaches
+    # the sidecar as a response (the 429's headers) in the default mode; in the fewer-messages
+    # mode a 429 without a body sends no message (docs/budgets.md).
+    if ratelimit is not None:
+        http_filters.append(HttpFilter(name=RATELIMIT_FILTER, typed_config=pack(ratelimit_filter(ratelimit))))
     if extproc is not None:
         ep = ext_proc_filter(namespace, message_timeout_ms, observability_mode)
         if fewer_messages:
@@ -581,8 +582,6 @@ def bootstrap(
         http_filters.append(HttpFilter(name=EXT_PROC_FILTER, typed_config=pack(ep)))
         if fewer_messages:
             http_filters.append(response_headers_filter())
-    if limiter is not None:
-        http_filters.append(limiter)
     http_filters.append(HttpFilter(name=ROUTER_FILTER, typed_config=pack(Router())))
     upstreams = with_passthrough(upstreams, passthrough)
     routes = []

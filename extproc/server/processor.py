@@ -261,8 +261,11 @@ class Stream:
     def _request_body(self, msg: pb.HttpBody) -> bytes:
         call = self.call
         if call.response_start is None:  # not after an early reply
-            call.request_complete = msg.end_of_stream
-            self.parser.feed_request(msg.body, complete=msg.end_of_stream)
+            call.request_complete = end = msg.end_of_stream
+            parser = self.parser
+            parser.feed_request(msg.body, complete=end)
+            if not end or self.held:  # chunks held until the body's last (Envoy streams it)
+                self._hold(parser.held_bytes())
         return CONTINUE_REQUEST_BODY
 
     # ---- response phase ----------------------------------------------------------------------
@@ -357,13 +360,7 @@ class Stream:
                 changed = parser.feed_response(body, complete) or first
                 held = parser.held_bytes()
                 if held != self.held:
-                    counters = p.counters
-                    counters.held += held - self.held
-                    self.held = held
-                    if counters.held > counters.large:
-                        counters.large = counters.held
-                    if counters.held > limits.max_held_bytes:
-                        self._abandon("worker_held_bytes")
+                    self._hold(held)
         if end:
             self._response_done = True
         if not call.outcome and (complete or parser.complete):
@@ -387,6 +384,17 @@ class Stream:
         ended (Envoy would otherwise hold the stream open for its deferred_close_timeout, 5 s,
         before the call is reported)."""
         return self._observe_only and self._response_done
+
+    def _hold(self, held: int) -> None:
+        """The parser now holds ``held`` bytes (a request body's chunks, an unparsed response):
+        the worker's total follows; past ``limits.maxHeldBytes`` the stream's parsing is abandoned."""
+        counters = self.p.counters
+        counters.held += held - self.held
+        self.held = held
+        if counters.held > counters.large:
+            counters.large = counters.held
+        if counters.held > self.p.settings.limits.max_held_bytes:
+            self._abandon("worker_held_bytes")
 
     def _release(self) -> None:
         """Stop parsing this stream (the pass-through parser from now on) and give back what its

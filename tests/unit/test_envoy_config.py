@@ -112,7 +112,7 @@ def test_route_without_request_body_overrides_only_the_request_body_mode(fewer_m
     listener = envoy_config.to_dict(cfg)["static_resources"]["listeners"][0]
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     filter_mode = next(f for f in hcm["http_filters"] if f["name"] == EXT_PROC)["typed_config"]["processing_mode"]
-    assert filter_mode["request_body_mode"] == "BUFFERED_PARTIAL"  # the filter's own mode is untouched
+    assert filter_mode["request_body_mode"] == "STREAMED"  # the filter's own mode is untouched
     rs = routes(cfg)
     overrides = rs[0]["typed_per_filter_config"][EXT_PROC]["overrides"]
     # Envoy replaces the filter's whole processing_mode with the route's: all else is copied.
@@ -162,13 +162,14 @@ def filter_names(cfg: Any) -> list[str]:
 
 
 @pytest.mark.parametrize(("fewer_messages", "order"), [
-    (False, ["envoy.filters.http.jwt_authn", EXT_PROC, "envoy.filters.http.ratelimit", "envoy.filters.http.router"]),
-    # ext_proc lets the headers through while it holds the body: a limiter after it would end the
-    # request at the headers (tests/e2e/test_budgets.py checks the bytes the upstream receives)
+    (False, ["envoy.filters.http.jwt_authn", "envoy.filters.http.ratelimit", EXT_PROC, "envoy.filters.http.router"]),
     (True, ["envoy.filters.http.jwt_authn", "envoy.filters.http.ratelimit", EXT_PROC,
             "envoy.filters.http.header_to_metadata", "envoy.filters.http.router"]),
 ])
-def test_the_rate_limit_filter_precedes_ext_proc_only_in_the_fewer_messages_mode(fewer_messages, order):
+def test_the_rate_limit_filter_precedes_ext_proc(fewer_messages, order):
+    """ext_proc streams the request body (and lets the headers through while it holds a chunk): a
+    limiter after it would end the request with part of the body (tests/e2e/test_budgets.py
+    checks the bytes the upstream receives)."""
     cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, jwks_json=envoy_config.EXAMPLE_JWKS, fewer_messages=fewer_messages,
                                  ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"))
     assert filter_names(cfg) == order
