@@ -181,8 +181,16 @@ def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:
     """The serialised ``ExportTraceServiceRequest`` the SDK's ``encode_spans(spans)`` builds
     (spans grouped by resource, then instrumentation scope, in order of first appearance)."""
     groups: dict[Resource, dict[InstrumentationScope | None, list[bytes]]] = {}
-    for s in spans:
-        groups.setdefault(s.resource, {}).setdefault(s.instrumentation_scope or None, []).append(_span(s))
+    first = spans[0].resource if spans else None
+    if all(s.resource is first for s in spans):  # ours: one Resource object (hashing one is a json.dumps)
+        scopes: dict[InstrumentationScope | None, list[bytes]] = {}
+        for s in spans:
+            scopes.setdefault(s.instrumentation_scope or None, []).append(_span(s))
+        if first is not None:
+            groups[first] = scopes
+    else:
+        for s in spans:
+            groups.setdefault(s.resource, {}).setdefault(s.instrumentation_scope or None, []).append(_span(s))
     out = []
     for resource, scopes in groups.items():
         body = [_resource(resource)]

@@ -74,6 +74,9 @@ def test_span_shapes_encode_as_the_sdk_does(kw):
 
 
 def test_spans_group_by_resource_then_scope_in_order_of_appearance():
+    same([])
+    equal_but_distinct = Resource({"service.name": "svc", "deployment.environment": "test", "n": 3})
+    same([span({"n": 1}), span({"n": 2}, resource=equal_but_distinct), span({"n": 3})])  # grouped as one, as the SDK does
     other = Resource({"service.name": "other"})
     lib = InstrumentationScope("lib")
     same([span({"n": 1}), span({"n": 2}, resource=other), span({"n": 3}, instrumentation_scope=lib), span({"n": 4}),
