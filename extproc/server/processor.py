@@ -151,7 +151,7 @@ class Stream:
     call is settled, priced and finished."""
 
     __slots__ = ("p", "call", "parser", "decoder", "held", "_grpc_provider", "_done", "_response_done", "_observe_only",
-                 "_priced", "_priceable", "_content_length", "_routed")
+                 "_priced", "_content_length", "_routed")
 
     def __init__(self, processor: Processor) -> None:
         self.p = processor
@@ -168,7 +168,6 @@ class Stream:
         # neither priced nor encoded per message (the call is priced once, in finish)
         self._observe_only = False
         self._priced: tuple[object, ...] | None = None  # what call.cost was computed from
-        self._priceable = False  # an LLM call that consumes tokens (set with its parser)
         self._content_length: int | None = None  # the response's, when it declares one
         self._routed = False  # path, host and method read (request headers, or attributes)
 
@@ -246,7 +245,7 @@ class Stream:
         capture = p.capture and s.config.tracing.no_capture_header not in call.headers
         parser = match.parser(call.obs, path_model=match.path_model, limits=s.parser_limits, capture=capture)
         self.parser = parser
-        self._priceable = call.priced = parser.priced
+        call.priced = parser.priced
         call.api = parser.api
         call.provider = provider or match.provider or provider_for_host(call.host) or parser.default_provider
         return True
@@ -441,9 +440,9 @@ class Stream:
         """Price the call from the usage seen so far (again only when the usage or the model
         changed since): the metadata going out with this message, and the observers at the end,
         read the same ``call.cost``."""
-        if not self._priceable:
-            return
         call = self.call
+        if not call.priced:  # not an LLM call that consumes tokens
+            return
         obs = call.obs
         u = obs.usage
         key = (u.input_tokens, u.output_tokens, u.total_tokens, u.cached_input_tokens,
