@@ -81,15 +81,10 @@ class Processor:
         self.counters = WorkerCounters()
         self.apply(settings(config), observers)
 
-    def reconfigure(self, config: Config, observers: Sequence[CallObserver]) -> None:
-        """Build the settings of ``config``, then apply them with ``observers`` (nothing changes
-        if building fails)."""
-        self.apply(settings(config), observers)
-
     def apply(self, s: Settings, observers: Sequence[CallObserver]) -> None:
-        """Swap in settings built by :func:`settings` (cannot fail part-way). Streams in flight
-        are not interrupted: they read ``self.settings`` message by message and report to the
-        new observers when they end."""
+        """Swap in settings built by :func:`settings` (cannot fail part-way; a reload builds them
+        first, see ``worker.reconfigure``). Streams in flight are not interrupted: they read
+        ``self.settings`` message by message and report to the new observers when they end."""
         self.settings = s
         self.observers = list(observers)
         self._on_start = [o.on_stream_start for o in self.observers if hasattr(o, "on_stream_start")]

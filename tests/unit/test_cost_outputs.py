@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry
 
 from extproc.core.config import parse
 from extproc.core.pricing import Cost, Unpriced
+from extproc.server import worker
 from extproc.server.processor import Processor
 from extproc.telemetry.metrics import MetricsObserver
 from extproc.telemetry.tracing import span_attributes
@@ -80,7 +81,8 @@ def test_override_prices_a_private_model_and_reload_applies_new_prices():
     run(proc, msgs)
     # cached input defaults to the input rate: 1000 * 2 + 500 * 8
     assert abs(rec.calls[0].cost.total - (1000 * 2.0 + 500 * 8.0) / 1e6) < 1e-12
-    proc.reconfigure(parse({"pricing": {"models": [{"model": "acme-large-9", "inputPerMillion": 1.0, "outputPerMillion": 1.0}]}}), [rec])
+    cheaper = parse({"pricing": {"models": [{"model": "acme-large-9", "inputPerMillion": 1.0, "outputPerMillion": 1.0}]}})
+    assert worker.reconfigure(proc, lambda: cheaper, lambda c: [rec]) is True  # the SIGHUP reload path
     run(proc, msgs)
     assert abs(rec.calls[1].cost.total - 1500 / 1e6) < 1e-12
 
