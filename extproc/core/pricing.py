@@ -113,28 +113,6 @@ NO_USAGE = Unpriced("no_usage")
 ERROR = Unpriced("error")
 
 
-@dataclass(frozen=True, slots=True)
-class Tokens:
-    """Usage in one form whatever the schema: ``input`` counts every prompt token, cache reads
-    (``cache_read``) and writes (``cache_write``) included; ``output`` every generated token,
-    ``reasoning`` included."""
-
-    input: int
-    output: int
-    cache_read: int = 0
-    cache_write: int = 0
-    reasoning: int = 0
-
-
-def tokens(usage: Usage) -> Tokens | None:
-    """``usage`` (normalised by the parser) -> :class:`Tokens`; ``None`` when neither input nor
-    output is known."""
-    if usage.input_tokens is None and usage.output_tokens is None:
-        return None
-    return Tokens(usage.input_tokens or 0, usage.output_tokens or 0, usage.cached_input_tokens or 0,
-                  usage.cache_creation_input_tokens or 0, usage.reasoning_tokens or 0)
-
-
 # ---- the calculator ---------------------------------------------------------------------------
 class _Override:
     __slots__ = ("spec", "name", "regex", "provider", "rates")
@@ -159,13 +137,14 @@ class _Override:
             return any(self.regex.search(m) for m in models)
         return self.name in models
 
-    def cost(self, t: Tokens) -> Cost | Unpriced:
-        uncached = t.input - t.cache_read - t.cache_write
+    def cost(self, u: Usage) -> Cost | Unpriced:
+        cache_read, cache_write = u.cached_input_tokens or 0, u.cache_creation_input_tokens or 0
+        uncached = (u.input_tokens or 0) - cache_read - cache_write
         if uncached < 0:
             return ERROR
         inp, out, read, write = self.rates
-        in_usd = (uncached * inp + t.cache_read * read + t.cache_write * write) / 1e6
-        out_usd = t.output * out / 1e6
+        in_usd = (uncached * inp + cache_read * read + cache_write * write) / 1e6
+        out_usd = (u.output_tokens or 0) * out / 1e6
         return Cost(in_usd + out_usd, in_usd, out_usd, self.spec.model or self.spec.model_regex or "", "override")
 
 
@@ -225,10 +204,11 @@ class Pricer:
         models = tuple(m for m in (response_model, request_model) if m)
         if not models:
             return UNKNOWN_MODEL
-        t = tokens(usage)
+        # Usage counts as known when input or output is (a total alone prices nothing).
+        known = usage.input_tokens is not None or usage.output_tokens is not None
         override = self._override(provider, models) if self._overrides else None
         if override is not None:
-            return override.cost(t) if t is not None else NO_USAGE
+            return override.cost(usage) if known else NO_USAGE
         found = None
         for model in models:  # the response model first: it is what served (and is billed)
             found = self._find(provider, model)
@@ -236,9 +216,9 @@ class Pricer:
                 break
         if found is None:
             return UNKNOWN_MODEL
-        if t is None:
+        if not known:
             return NO_USAGE
-        return self._catalogue_cost(found, t, service_tier)
+        return self._catalogue_cost(found, usage, service_tier)
 
     def _override(self, provider: str, models: tuple[str, ...]) -> _Override | None:
         key = (provider, models)
@@ -286,7 +266,7 @@ class Pricer:
             self._snapshot = data_snapshot.get_snapshot()
         return self._snapshot
 
-    def _catalogue_cost(self, found: tuple[Any, Any], t: Tokens, service_tier: str | None) -> Cost | Unpriced:
+    def _catalogue_cost(self, found: tuple[Any, Any], u: Usage, service_tier: str | None) -> Cost | Unpriced:
         provider, model = found
         key = (id(model), service_tier)
         now = time.monotonic()
@@ -297,8 +277,8 @@ class Pricer:
             entry = self._plans[key] = (now + PLAN_TTL_SECONDS, _plan(provider, model, service_tier))
         plan = entry[1]
         if plan is not None:
-            return plan.cost(t, model.id)
-        return _library_cost(provider, model, t, service_tier)
+            return plan.cost(u, model.id)
+        return _library_cost(provider, model, u, service_tier)
 
 
 PLAN_TTL_SECONDS = 60.0  # resolved rates are re-read this often (dated prices, off-peak hours)
@@ -317,18 +297,19 @@ class _Plan:
         self.input, self.output, self.cache_read, self.cache_write = (prices.get(k) for k in _BASE_KEYS)
         self.tiered = any(not isinstance(p, Decimal) for p in prices.values() if p is not None)
 
-    def cost(self, t: Tokens, model_id: str) -> Cost | Unpriced:
-        uncached = t.input
+    def cost(self, u: Usage, model_id: str) -> Cost | Unpriced:
+        total_input = uncached = u.input_tokens or 0
+        cache_read, cache_write = u.cached_input_tokens or 0, u.cache_creation_input_tokens or 0
         if self.cache_read is not None:
-            uncached -= t.cache_read
+            uncached -= cache_read
         if self.cache_write is not None:
-            uncached -= t.cache_write
+            uncached -= cache_write
         if uncached < 0:  # the library refuses cached > input too
             return ERROR
-        threshold = t.input if self.tiered else 0
-        in_usd = (_rate(self.input, threshold) * uncached + _rate(self.cache_read, threshold) * t.cache_read
-                  + _rate(self.cache_write, threshold) * t.cache_write) / 1e6
-        out_usd = _rate(self.output, threshold) * t.output / 1e6
+        threshold = total_input if self.tiered else 0
+        in_usd = (_rate(self.input, threshold) * uncached + _rate(self.cache_read, threshold) * cache_read
+                  + _rate(self.cache_write, threshold) * cache_write) / 1e6
+        out_usd = _rate(self.output, threshold) * (u.output_tokens or 0) / 1e6
         return Cost(in_usd + out_usd, in_usd, out_usd, model_id, "catalogue")
 
 
@@ -380,16 +361,16 @@ def _plan(provider: Any, model: Any, service_tier: str | None) -> _Plan | None:
     return _Plan(base)
 
 
-def _library_cost(provider: Any, model: Any, t: Tokens, service_tier: str | None) -> Cost | Unpriced:
+def _library_cost(provider: Any, model: Any, u: Usage, service_tier: str | None) -> Cost | Unpriced:
     """The library's own calculation (reasoning or text-modality rates, per-request fees...)."""
     from genai_prices import Usage as LibUsage
 
     usage = LibUsage(
-        input_tokens=t.input,
-        output_tokens=t.output,
-        cache_read_tokens=t.cache_read or None,
-        cache_write_tokens=t.cache_write or None,
-        output_reasoning_tokens=t.reasoning or None,
+        input_tokens=u.input_tokens or 0,
+        output_tokens=u.output_tokens or 0,
+        cache_read_tokens=u.cached_input_tokens or None,
+        cache_write_tokens=u.cache_creation_input_tokens or None,
+        output_reasoning_tokens=u.reasoning_tokens or None,
     )
     context = {"service_tier": service_tier} if service_tier else None
     calc = model.calc_price(usage, provider, price_context=context)

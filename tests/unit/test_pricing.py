@@ -16,7 +16,7 @@ import pytest
 from extproc.apis.routing import catalogue_ids
 from extproc.core.config import ConfigError, parse
 from extproc.core.observation import Usage
-from extproc.core.pricing import Cost, Pricer, PricingConfig, Tokens, Unpriced, _library_cost, _plan, tokens
+from extproc.core.pricing import Cost, Pricer, PricingConfig, Unpriced, _library_cost, _plan
 
 M = 1_000_000
 
@@ -231,7 +231,8 @@ def test_fast_path_agrees_with_the_library_on_every_catalogue_model() -> None:
                     inp = rng.choice((0, 1, 999, 150_000, 250_000, 1_500_000))
                     read = rng.randint(0, inp // 2)
                     write = rng.randint(0, (inp - read) // 2)
-                    t = Tokens(inp, rng.randint(0, 50_000), read, write)
+                    t = Usage(input_tokens=inp, output_tokens=rng.randint(0, 50_000), cached_input_tokens=read,
+                              cache_creation_input_tokens=write)
                     mine = plan.cost(t, model.id)
                     theirs = _library_cost(provider, model, t, tier)
                     assert isinstance(mine, Cost) and isinstance(theirs, Cost), (provider.id, model.id)
@@ -241,9 +242,16 @@ def test_fast_path_agrees_with_the_library_on_every_catalogue_model() -> None:
 
 
 def test_the_pricer_reads_the_normalised_usage_as_it_is() -> None:
+    """Input includes the cache reads and writes (each at its own rate); output includes reasoning."""
+    rates = {"model": "m", "inputPerMillion": 1.0, "outputPerMillion": 10.0, "cachedInputPerMillion": 0.1,
+             "cacheWritePerMillion": 2.0}
+    pricer = Pricer(PricingConfig.model_validate({"models": [rates]}))
     u = Usage(input_tokens=100, output_tokens=10, cached_input_tokens=30, cache_creation_input_tokens=5, reasoning_tokens=4)
-    assert tokens(u) == Tokens(100, 10, 30, 5, 4)
-    assert tokens(Usage(total_tokens=3)) is None
+    cost = pricer.price("openai", "m", None, u)
+    assert isinstance(cost, Cost)
+    assert cost.input == pytest.approx((65 * 1.0 + 30 * 0.1 + 5 * 2.0) / 1e6, abs=1e-15)
+    assert cost.output == pytest.approx(10 * 10.0 / 1e6, abs=1e-15)
+    assert pricer.price("openai", "m", None, Usage(total_tokens=3)) == Unpriced("no_usage")
 
 
 def test_lookups_are_cached() -> None:
