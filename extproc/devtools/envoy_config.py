@@ -397,10 +397,11 @@ def ext_proc_filter(
 
 # ---- fewer-messages mode (docs/performance.md) ----------------------------------------------------
 # No headers messages: the request line and a few request headers arrive as attributes on the
-# request-body message; the status, and the content type/encoding/length (copied into metadata by
+# first request-body message; the status, and the content type/encoding/length (copied into metadata by
 # a header_to_metadata filter after ext_proc, which sees the response first), on the first
-# response-body message. 2 ext_proc messages per non-streamed call from an HTTP/2 upstream, 3 from
-# HTTP/1.1, instead of 4.
+# response-body message. 3 ext_proc messages per non-streamed call (an HTTP/1.1 client's request
+# body: its data, then an empty end of stream) from an HTTP/2 upstream, 4 from
+# HTTP/1.1, instead of 4-6.
 RESPONSE_HEADERS = ("content-type", "content-encoding", "content-length")
 # Request headers the sidecar reads (provider override, trace context, MCP session, the default
 # attribution.sessionHeaders, the default tracing.noCaptureHeader). Not the API-key headers: key_id
