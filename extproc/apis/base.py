@@ -87,11 +87,11 @@ def items(value: Any) -> list[Any] | tuple[()]:
 
 def system_message(value: Any) -> dict[str, Any] | None:
     """A system prompt given beside the messages as a message of role ``system``: a string or a
-    list of text blocks as its ``content``, a Gemini ``Content`` (``{"parts": [...]}``) as its parts;
-    None when there is none."""
+    list of text blocks as its ``content``, a Gemini ``Content`` (``{"parts": [...]}``) with its parts
+    as the ``content``; None when there is none."""
     if isinstance(value, dict):
         parts = value.get("parts")
-        return {"role": "system", "parts": parts} if isinstance(parts, list) and parts else None
+        return {"role": "system", "content": parts} if isinstance(parts, list) and parts else None
     if isinstance(value, (str, list)) and value:
         return {"role": "system", "content": value}
     return None
@@ -208,10 +208,17 @@ class ApiParser:
                     # how many messages (a summary that carries no content), the messages with capture on
                     self.obs.message_count = (len(value) if isinstance(value, list) else 1) + (system is not None)
                     if self.capture:
+                        value = self.common_messages(value)
                         self.obs.input_messages = value if system is None else [system, *(value if isinstance(value, list) else [value])]
                     break
         else:
             self.obs.parse_error("request_not_object")
+
+    def common_messages(self, value: Any) -> Any:
+        """The captured prompt (``input_keys``) in the shape telemetry reads whatever the API: a
+        string, or messages ``{role, content}`` whose content is a string or a list of parts
+        (``{"text": ...}`` or ``{"type": ...}``). An API shaped otherwise converts here (Gemini)."""
+        return value
 
     # ---- response --------------------------------------------------------------------------
     def start_response(self, status: int, content_type: str) -> None:

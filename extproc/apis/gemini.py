@@ -38,6 +38,16 @@ _CONFIG_PARAMS = {
 }
 
 
+def _message(m: Any) -> Any:
+    if not isinstance(m, dict):
+        return m
+    content = m.get("content", m)
+    parts = content.get("parts") if isinstance(content, dict) else None
+    if parts is None:
+        return m
+    return {"role": content.get("role") or m.get("role") or "user", "content": parts}
+
+
 class GeminiGenerate(ApiParser):
     operation = "generate_content"
     api = "gemini.generate_content"
@@ -54,6 +64,11 @@ class GeminiGenerate(ApiParser):
                 value = config.get(key)
                 if value is not None:
                     self.obs.params[name] = value
+
+    def common_messages(self, value: Any) -> Any:
+        """Gemini ``Content`` objects (``{role, parts}``; in a batch embedding request each
+        ``{model, content: Content}``) as ``{role, content: parts}``."""
+        return [_message(m) for m in value] if isinstance(value, list) else _message(value)
 
     def on_error_json(self, obj: Any) -> None:
         """Google errors: ``{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}``, wrapped in

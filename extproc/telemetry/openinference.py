@@ -155,8 +155,7 @@ def prompt_messages(value: Any, max_chars: int) -> list[dict[str, str]]:
         if isinstance(m, str):
             role, text = "user", m
         elif isinstance(m, dict):
-            content = m["parts"] if "parts" in m and "content" not in m else m.get("content")  # Gemini: parts
-            role, text = clip(str(m.get("role", "user"))), _text(content)
+            role, text = clip(str(m.get("role", "user"))), _text(m.get("content"))
         else:
             continue
         out.append({"role": role, "content": text[:max(budget, 0)]})

@@ -316,8 +316,7 @@ def input_messages(value: Any, max_chars: int) -> list[dict[str, Any]]:
         if isinstance(m, str):
             out.append({"role": "user", "parts": [_text(m, budget)]})
         elif isinstance(m, dict):
-            content = m["parts"] if "parts" in m and "content" not in m else m.get("content")  # Gemini: parts
-            out.append({"role": str(m.get("role", "user")), "parts": _parts(content, budget)})
+            out.append({"role": str(m.get("role", "user")), "parts": _parts(m.get("content"), budget)})
     return out
 
 

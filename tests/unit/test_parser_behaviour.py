@@ -133,7 +133,7 @@ _PROMPTS = [
     ("/v1/chat", {"message": "v1"}, "v1"),
     ("/v2/embed", {"texts": ["t1"]}, ["t1"]),
     ("/v2/embed", {"inputs": [{"content": []}]}, [{"content": []}]),
-    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"text": "g"}]}]}, [{"parts": [{"text": "g"}]}]),
+    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"text": "g"}]}]}, [{"role": "user", "content": [{"text": "g"}]}]),
     ("/model/amazon.nova-lite-v1:0/converse", {"messages": [{"role": "user", "content": [{"text": "b"}]}]},
      [{"role": "user", "content": [{"text": "b"}]}]),
     ("/api/chat", {"messages": [{"role": "user", "content": "o"}]}, [{"role": "user", "content": "o"}]),
@@ -230,7 +230,7 @@ _SYSTEMS = [
      [{"role": "system", "content": [{"text": "be brief"}]}, {"role": "user", "content": [{"text": "b"}]}]),
     ("/v1beta/models/gemini-2.5-flash:generateContent",
      {"systemInstruction": {"parts": [{"text": "be brief"}]}, "contents": [{"role": "user", "parts": [{"text": "g"}]}]},
-     [{"role": "system", "parts": [{"text": "be brief"}]}, {"role": "user", "parts": [{"text": "g"}]}]),
+     [{"role": "system", "content": [{"text": "be brief"}]}, {"role": "user", "content": [{"text": "g"}]}]),
     ("/v1/responses", {"instructions": "be brief", "input": "tell me"}, [{"role": "system", "content": "be brief"}, "tell me"]),
     ("/api/generate", {"system": "be brief", "prompt": "p"}, [{"role": "system", "content": "be brief"}, "p"]),
 ]

@@ -351,8 +351,12 @@ def test_bad_conventions_exit_2_naming_the_key(tmp_path, value):
 
 
 def test_gemini_contents_parts_are_captured():
+    """The Gemini parser captures its ``{role, parts}`` contents in the common shape the spans read."""
+    from extproc.apis.gemini import GeminiGenerate
+
     c = call(capture=True)
-    c.obs.input_messages = [{"role": "user", "parts": [{"text": "why is the sky "}, {"text": "blue"}]}, {"role": "model", "parts": [{"text": "air"}]}]
+    request = {"contents": [{"role": "user", "parts": [{"text": "why is the sky "}, {"text": "blue"}]}, {"role": "model", "parts": [{"text": "air"}]}]}
+    GeminiGenerate(c.obs, path_model="gemini-2.5-flash", capture=True).feed_request(json.dumps(request).encode())
     a = spans_for(tracing_cfg(conventions=["genai", "openinference"], captureContent=True), c)
     assert json.loads(a["gen_ai.input.messages"]) == [
         {"role": "user", "parts": [{"type": "text", "content": "why is the sky "}, {"type": "text", "content": "blue"}]},
