@@ -207,7 +207,7 @@ def write(target: Struct, namespace: str, call: Call, budget: Budget | None = No
 # (key, Value) entries in any order: each entry is encoded on its own, an entry of a string or a
 # boolean once per (key, value) (most repeat: provider, operation, model, outcome), a number's
 # entry as a per-key prefix plus its 8-byte double.
-_DYNAMIC_METADATA_TAG = 0x42  # ProcessingResponse.dynamic_metadata = 8, length-delimited
+_DYNAMIC_METADATA_TAG = b"\x42"  # ProcessingResponse.dynamic_metadata = 8, length-delimited (8 << 3 | 2)
 _pack_double = struct.Struct("<d").pack
 # Entries of string and boolean values kept, by (key, value): bounded (values are client-chosen;
 # past the bound an entry is encoded each time), and only keys whose values repeat across calls.
@@ -270,9 +270,9 @@ def encoded(namespace: str, call: Call, budget: Budget | None = None) -> bytes:
         else:  # no such field today; a new kind of value is still encoded right
             s = Struct()
             s.fields[namespace].struct_value.update(values)
-            return _field(b"\x42", s.SerializeToString())
+            return _field(_DYNAMIC_METADATA_TAG, s.SerializeToString())
     ns = _namespace_key.get(namespace)
     if ns is None:
         ns = _namespace_key[namespace] = _field(b"\x0a", namespace.encode())
     # Struct{fields: {namespace: Value{struct_value: Struct{fields: parts}}}}
-    return _field(b"\x42", _field(b"\x0a", ns + _field(b"\x12", _field(b"\x2a", b"".join(parts)))))
+    return _field(_DYNAMIC_METADATA_TAG, _field(b"\x0a", ns + _field(b"\x12", _field(b"\x2a", b"".join(parts)))))

@@ -71,5 +71,8 @@ def test_encoded_metadata_follows_a_headers_reply():
     assert isinstance(got.dynamic_metadata, Struct)
 
 
-def test_field_number():
-    assert pb.ProcessingResponse.DESCRIPTOR.fields_by_name["dynamic_metadata"].number == metadata._DYNAMIC_METADATA_TAG >> 3
+def test_encoder_writes_the_dynamic_metadata_field_tag():
+    """The tag the encoder writes is ProcessingResponse.dynamic_metadata's, length-delimited."""
+    (tag,) = metadata._DYNAMIC_METADATA_TAG
+    assert pb.ProcessingResponse.DESCRIPTOR.fields_by_name["dynamic_metadata"].number == tag >> 3
+    assert tag & 7 == 2
