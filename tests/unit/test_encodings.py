@@ -11,7 +11,7 @@ import brotli
 import pytest
 import zstandard
 
-from extproc.codecs import encodings as decoders
+from extproc.codecs import encodings
 from extproc.codecs.encodings import BrotliDecoder, make_decoder
 
 GIB = 1 << 30
@@ -163,10 +163,10 @@ def test_encoding_list_decodes_in_reverse_order() -> None:
     body = b'{"usage": {"prompt_tokens": 3}}' * 50
     packed = brotli.compress(gzip.compress(body))  # Content-Encoding: gzip, br
     decoder = make_decoder("gzip, br", MIB)
-    assert isinstance(decoder, decoders.ChainDecoder)
+    assert isinstance(decoder, encodings.ChainDecoder)
     assert b"".join(decoder.decode(packed[i : i + 10]) for i in range(0, len(packed), 10)) == body
     single = make_decoder("gzip, identity", MIB)
-    assert isinstance(single, decoders.ZlibDecoder)
+    assert isinstance(single, encodings.ZlibDecoder)
 
 
 def test_encoding_list_respects_cap() -> None:
