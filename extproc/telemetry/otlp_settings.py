@@ -4,7 +4,9 @@ the standard ``OTEL_*`` variables. One module, so both signals follow the same r
 - config wins over the environment wherever both are set;
 - for a signal, its own variable comes first (``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``), then the
   generic one (``OTEL_EXPORTER_OTLP_ENDPOINT``);
-- an HTTP base URL gets ``/v1/<signal>`` appended (the OTel spec's rule for the generic variable);
+- over HTTP, a configured endpoint is a base URL: ``/v1/<signal>`` is appended unless already
+  there; the variables are left to the OTel SDK, which follows the spec (the signal's own variable
+  is used as-is, the generic one gets ``/v1/<signal>``);
 - ``OTEL_SDK_DISABLED=true`` turns both signals off.
 
 No OpenTelemetry import here: ``observers`` asks ``traces_enabled()`` / ``metrics_enabled()``

@@ -1,5 +1,6 @@
 """Traces and metrics read the OTLP settings by the same rules: config over environment, the
-signal's own variable over the generic one, ``/v1/<signal>`` appended to an HTTP base URL, and
+signal's own variable over the generic one, ``/v1/<signal>`` appended to an HTTP base URL (a
+configured endpoint, the generic variable) but not to the signal's own variable, and
 OTEL_SDK_DISABLED=true turning both off."""
 from __future__ import annotations
 
@@ -60,3 +61,21 @@ def test_an_http_base_url_gets_the_signal_path(base, traces, metrics):
 
 def test_a_full_signal_url_is_kept():
     assert otlp_settings.http_traces_url("http://c:4318/v1/traces") == "http://c:4318/v1/traces"
+
+
+@pytest.mark.parametrize("env, traces, metrics", [
+    # the signal's own variable is the full URL, used as-is (OpenTelemetry spec, OTLP exporter)
+    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/custom/t", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://c:4318/custom/m"},
+     "http://c:4318/custom/t", "http://c:4318/custom/m"),
+    # the generic variable is a base URL: the signal's path is appended
+    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://g:4318/base"}, "http://g:4318/base/v1/traces", "http://g:4318/base/v1/metrics"),
+])
+def test_http_endpoint_variables_follow_the_spec(monkeypatch, env, traces, metrics):
+    from extproc.telemetry import otlp_metrics, trace_export
+
+    monkeypatch.setenv("OTEL_EXPORTER_OTLP_PROTOCOL", "http/protobuf")
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    cfg = config.parse({})
+    assert trace_export.build_exporter(cfg.tracing)._endpoint == traces
+    assert otlp_metrics.build_exporter(cfg.stats)._endpoint == metrics
