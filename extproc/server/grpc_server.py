@@ -27,6 +27,7 @@ from grpclib.const import Cardinality, Status
 from grpclib.const import Handler as MethodHandler
 from grpclib.encoding.base import CodecBase
 from grpclib.exceptions import GRPCError
+from grpclib.metadata import decode_metadata
 from grpclib.protocol import H2Protocol
 from grpclib.server import Handler, Stream
 from h2.config import H2Configuration
@@ -120,6 +121,7 @@ class _Handler(Handler):
     def __init__(self, owner: GrpclibServer, *args: Any) -> None:
         super().__init__(*args)
         self._owner = owner
+        self.untasked: set[_Exchange] = set()  # this connection's streams handled without a task
 
     def accept(self, stream: Any, headers: Any, release_stream: Callable[[], Any]) -> None:
         owner = self._owner
@@ -135,13 +137,26 @@ class _Handler(Handler):
         buffer = owner.buffers.get(path) if path is not None else None
         if buffer is not None:
             h2compat.use_buffer(stream, buffer(partial(stream.connection.ack, stream.id)))
+            start = owner.untasked.get(path or "")
+            if start is not None and start(self, stream, headers, release_stream):
+                return  # handled where its frames arrive (``_Exchange``)
+        self.start_task(stream, headers, release_stream, cap)
+
+    def start_task(self, stream: Any, headers: Any, release_stream: Callable[[], Any], cap: StreamCap | None) -> asyncio.Task[Any]:
+        """grpclib's request handler for ``stream`` in a task of its own (it calls the method's handler)."""
         super().accept(stream, headers, release_stream)
         task = h2compat.forget_when_done(self, stream)
         if cap is not None:
             cap.opened(task)
+        return task
 
     def cancel(self, stream: Any) -> None:
         h2compat.cancel_stream(self, stream)
+
+    def close(self) -> None:
+        for exchange in list(self.untasked):  # the connection is gone: each call is reported
+            exchange.close()
+        super().close()
 
 
 class StreamCap:
@@ -159,9 +174,18 @@ class StreamCap:
       worker's memory under overload.
 
     Counted at accept and released by the task's done callback (a task cancelled before it ran
-    never runs its own ``finally``)."""
+    never runs its own ``finally``).
+
+    A stream handled without a task (``_Exchange``) never waits: its messages are handled as its
+    frames are read, so when Envoy sends more than the worker can process the backlog stays in
+    the socket, unread, and no stream ever counts as waiting. ``behind()`` keeps the bound
+    working: a beat every ``BEAT`` s while streams are open measures how late the event loop runs;
+    while it runs ``LATE`` behind, new streams are given tasks as before, which wait, and are
+    counted and refused as above."""
 
     WAIT_GRACE = 0.05  # seconds
+    BEAT = 0.025  # seconds between two measures of the event loop's lateness, while streams are open
+    LATE = 0.02  # seconds behind from which new streams get tasks (and can count as waiting)
 
     def __init__(self, path: str, max_open: Callable[[], int], max_waiting: Callable[[], int],
                  on_refused: Callable[[str], None]) -> None:
@@ -173,6 +197,27 @@ class StreamCap:
         # accept time of each stream not started yet, oldest first (dicts keep insertion order)
         self.waiting: dict[asyncio.Task[Any], float] = {}
         self._clock = time.monotonic
+        self.late = False  # the last beat ran LATE behind
+        self._due: float | None = None  # when the next beat is due (None: no beat scheduled)
+
+    def behind(self) -> bool:
+        """Whether the event loop ran its last beat ``LATE`` behind (and so new streams should
+        get tasks, to be counted as waiting); schedules the beats while streams are open."""
+        if self._due is None:
+            loop = asyncio.get_running_loop()
+            self._due = loop.time() + self.BEAT
+            loop.call_at(self._due, self._beat, loop)
+        return self.late
+
+    def _beat(self, loop: asyncio.AbstractEventLoop) -> None:
+        now = loop.time()
+        self.late = now - (self._due or now) >= self.LATE
+        if self.open or self.waiting:
+            self._due = now + self.BEAT
+            loop.call_at(self._due, self._beat, loop)
+        else:
+            self._due = None
+            self.late = False
 
     def full(self) -> str | None:
         if self.open >= self.max_open():
@@ -186,6 +231,13 @@ class StreamCap:
         self.open += 1
         self.waiting[task] = self._clock()
         task.add_done_callback(self._closed)
+
+    def taken(self) -> None:
+        """A stream handled without a task (never waiting: it is handled as its frames arrive)."""
+        self.open += 1
+
+    def released(self) -> None:
+        self.open -= 1
 
     def started(self, task: asyncio.Task[Any] | None) -> None:
         self.waiting.pop(task, None)  # type: ignore[arg-type]
@@ -224,10 +276,15 @@ class _Protocol(H2Protocol):
         this is the common way a stream ends. grpclib would also hand the stream's task a
         ``StreamTerminatedError`` kept on its ``Wrapper``: a reference cycle through the
         traceback's frames per stream, i.e. cyclic garbage that made full GC passes of 100-200 ms
-        under load. Cancelling the task is enough (the Processor's ``finally`` reports the call)."""
+        under load. Cancelling the task is enough (the Processor's ``finally`` reports the call);
+        a stream handled without a task is closed (and its call reported) right here."""
         stream = h2compat.stream_of(self, event.stream_id)
         if stream is not None:
-            self.handler.cancel(stream)
+            exchange = self._owner.exchanges.get(stream)
+            if exchange is not None and not exchange.tasked:
+                exchange.close()  # no task to cancel: the call is reported here
+            else:
+                self.handler.cancel(stream)
         self.connection.streams_failed += 1
 
     def data_received(self, data: bytes) -> None:
@@ -280,6 +337,12 @@ class GrpclibServer:
         # methods whose streams get another receive buffer (ext_proc's: a MessageBuffer), made
         # from the stream's acknowledge function
         self.buffers: dict[str, Callable[[Callable[[int], None]], Any]] = {}
+        # methods whose streams can be taken without a task (ext_proc's): ``start(handler, stream,
+        # headers, release_stream)`` returns whether it took the stream
+        self.untasked: dict[str, Callable[[_Handler, Any, Any, Callable[[], Any]], bool]] = {}
+        # streams opened without a task, until they close (with or without a task by then)
+        self.exchanges: dict[Any, _Exchange] = {}
+        self.idle: asyncio.Future[None] | None = None  # set when ``exchanges`` empties, while a drain waits
 
     def add_method(self, path: str, func: Callable[[Stream], Any], cardinality: Cardinality,
                    request_type: Any, reply_type: Any, *, drain_waits: bool = False) -> None:
@@ -317,6 +380,22 @@ class GrpclibServer:
         except OSError as e:
             raise OSError(f"cannot listen on {self.address}: {e.strerror or e}") from None
 
+    async def _drained(self, grace: float) -> None:
+        """Until the ext_proc streams in flight (tasks and streams without one) have ended, or ``grace`` s."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + grace
+        try:
+            while self._inflight or self.exchanges:
+                waits: set[asyncio.Future[Any]] = set(self._inflight)
+                if self.exchanges:
+                    self.idle = loop.create_future()
+                    waits.add(self.idle)
+                remaining = deadline - loop.time()
+                if remaining <= 0 or not (await asyncio.wait(waits, timeout=remaining, return_when=asyncio.FIRST_COMPLETED))[0]:
+                    return
+        finally:
+            self.idle = None
+
     async def stop(self, grace: float | None) -> None:
         """No new streams from now on (listener closed, GOAWAY on
         every connection, streams opened anyway are refused), the ext_proc streams in flight get
@@ -327,8 +406,8 @@ class GrpclibServer:
         self._server.close()
         for p in list(self._protocols):
             p.goaway()
-        if grace and self._inflight:
-            await asyncio.wait(set(self._inflight), timeout=grace)
+        if grace:
+            await self._drained(grace)
         handlers = [p.handler for p in self._protocols]
         for h in handlers:
             h.close()  # cancels its stream tasks (their ``finally`` blocks run)
@@ -347,12 +426,157 @@ _PARSE = pb.ProcessingRequest.FromString
 bad_stream_log = RateLimited(log)
 
 
+def _plain_metadata(headers: Any) -> Any:
+    """The gRPC metadata of a request grpclib's request handler would accept as it is (POST,
+    gRPC content type of the proto codec, ``te: trailers``) and that has no deadline
+    (``grpc-timeout``: grpclib enforces it in the stream's task), else None: such a stream gets
+    grpclib's task, which answers or enforces them as before."""
+    method = content_type = te = None
+    for name, value in headers:
+        if name == ":method":
+            method = value
+        elif name == "content-type":
+            content_type = value
+        elif name == "te":
+            te = value
+        elif name == "grpc-timeout":
+            return None
+    if method != "POST" or te != "trailers" or content_type not in ("application/grpc", "application/grpc+proto"):
+        return None
+    return decode_metadata(headers)
+
+
+class _Exchange:
+    """One ext_proc stream, handled where its frames arrive: opened (``Processor.open_stream``)
+    as its HEADERS are received, each message answered as its DATA frame is received (the first
+    reply behind the constant response headers), and closed (``Processor.close_stream``, the call
+    reported) where Envoy's RST_STREAM is received. No task, no wake-up, no cancellation for the
+    common exchange.
+
+    What needs awaiting hands the stream to a task (``to_task``: grpclib's request handler,
+    which calls ``handle`` with the stream where it was left): a reply that the flow-control
+    windows, a paused transport or a pending HPACK table size update hold back, the end of the
+    stream (the trailers; in observability mode the sidecar ends it), a bad message (its status).
+    Streams whose headers need grpclib's checks (a ``grpc-timeout``, anything unusual) start in a
+    task as before."""
+
+    __slots__ = ("owner", "handler", "ps", "headers", "release", "s", "buf", "handle_message", "held", "end",
+                 "headers_sent", "tasked", "capped", "done")
+
+    def __init__(self, owner: _Exchanges, handler: _Handler | None, ps: Any, headers: Any,
+                 release: Callable[[], Any] | None, s: Any, buf: MessageBuffer) -> None:
+        self.owner = owner
+        self.handler = handler
+        self.ps = ps  # grpclib's transport-level stream
+        self.headers = headers
+        self.release = release
+        self.s = s  # the Processor's Stream
+        self.buf = buf
+        self.handle_message = s.handle
+        self.held: bytes | None = None  # a reply for the task to send
+        self.end = False
+        self.headers_sent = False
+        self.tasked = handler is None
+        self.capped = False  # holds a StreamCap slot of its own (taken without a task)
+        self.done = False
+
+    def one(self, data: bytes) -> bool:
+        """One message: handled and answered now (True), or left to the task (False)."""
+        try:
+            req = _PARSE(data)
+        except DecodeError:
+            raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
+        reply = self.handle_message(req)
+        if reply is not None:
+            ps = self.ps
+            if not self.headers_sent:  # the response headers go first: a constant HPACK block
+                if not _send_headers_now(ps):
+                    self.held = reply
+                    return False
+                self.headers_sent = True
+            if not _send_now(ps, reply):
+                self.held = reply
+                return False
+        if self.s.end_stream:
+            self.end = True
+            return False
+        return True
+
+    def to_task(self) -> None:
+        """``MessageBuffer.handover``: what comes next needs awaiting."""
+        handler = self.handler
+        assert handler is not None and self.release is not None
+        if h2compat.closed(self.ps):  # reset in the read that brought the message: nothing to send
+            self.close()
+            return
+        self.tasked = True
+        handler.untasked.discard(self)
+        task = handler.start_task(self.ps, self.headers, self.release, None)
+        task.add_done_callback(self._task_done)  # a task cancelled before it ran never runs ``handle``
+
+    def _task_done(self, _task: asyncio.Task[Any]) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """The stream is over (reset, handled to its end, its connection gone, the drain's grace
+        expired): the call is reported, once."""
+        if self.done:
+            return
+        self.done = True
+        buf = self.buf
+        buf.inline = buf.handover = None
+        owner = self.owner
+        exchanges = owner.server.exchanges
+        exchanges.pop(self.ps, None)
+        if self.capped:
+            owner.cap.released()
+        if not self.tasked:  # grpclib's request handler releases a stream it handled
+            assert self.handler is not None and self.release is not None
+            self.handler.untasked.discard(self)
+            self.release()
+        owner.close_stream(self.s)
+        idle = owner.server.idle
+        if not exchanges and idle is not None and not idle.done():
+            idle.set_result(None)
+
+
+_send_now = h2compat.send_message_now
+_send_headers_now = h2compat.send_response_headers_now
+
+
+class _Exchanges:
+    """What a server's ext_proc streams share: the Processor, the stream cap, the server."""
+
+    __slots__ = ("server", "cap", "open_stream", "close_stream")
+
+    def __init__(self, server: GrpclibServer, processor: Processor, cap: StreamCap) -> None:
+        self.server = server
+        self.cap = cap
+        self.open_stream = processor.open_stream
+        self.close_stream = processor.close_stream
+
+    def start(self, handler: _Handler, ps: Any, headers: Any, release: Callable[[], Any]) -> bool:
+        """``GrpclibServer.untasked``: take a new ext_proc stream without a task, if its headers
+        allow (see ``_plain_metadata``) and the worker keeps up (``StreamCap.behind``)."""
+        if self.cap.behind():  # a worker that falls behind gives new streams tasks, which count as waiting
+            return False
+        metadata = _plain_metadata(headers)
+        if metadata is None:
+            return False
+        buf: MessageBuffer = ps.buffer
+        exchange = _Exchange(self, handler, ps, headers, release, self.open_stream(metadata), buf)
+        exchange.capped = True
+        self.cap.taken()
+        handler.untasked.add(exchange)
+        self.server.exchanges[ps] = exchange
+        buf.inline = exchange.one
+        buf.handover = exchange.to_task
+        return True
+
+
 def build_server(processor: Processor, address: str, tls: TlsConfig | None = None) -> GrpclibServer:
     """The ext_proc server on ``address``: TLS/mTLS when ``tls`` is enabled, else plaintext."""
     server = GrpclibServer(address, tls)
-    send_now = h2compat.send_message_now
-    send_headers_now = h2compat.send_response_headers_now
-
     counters = processor.counters
 
     def max_message() -> int:
@@ -365,55 +589,35 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
                                  lambda: processor.settings.limits.max_waiting_streams, processor.refuse)
     started = cap.started
     current_task = asyncio.current_task
-    open_stream, close_stream = processor.open_stream, processor.close_stream
+    shared = _Exchanges(server, processor, cap)
     server.buffers[PROCESS] = lambda ack: MessageBuffer(ack, max_message, on_large)
+    server.untasked[PROCESS] = shared.start
+    exchanges = server.exchanges
 
     async def handle(stream: Stream) -> None:
-        """One ext_proc stream, message by message (``Processor.open_stream``, ``Stream.handle``,
-        ``Processor.close_stream``). While this task waits, the messages that arrive are
-        handled by ``one`` where their frames are received (see ``MessageBuffer.inline``). The
-        first reply goes out behind the response headers, a constant HPACK block
-        (``h2compat.send_response_headers_now``). ``one`` hands back to the task what needs
-        awaiting: a reply the flow-control windows (or a paused transport, or a pending HPACK
-        table size update) hold back, the end of the stream."""
-        started(current_task())
-        buf: MessageBuffer = h2compat.h2_stream(stream).buffer
-        s = open_stream(stream.metadata)
-        handle_message = s.handle
+        """An ext_proc stream in a task: one handed over by its ``_Exchange`` (``to_task``), or
+        one whose headers needed grpclib's request handler from the start. While this task
+        waits, the messages that arrive are still handled where their frames are received (see
+        ``MessageBuffer.inline``); ``_Exchange.one`` hands back to the task what needs awaiting."""
+        ps = h2compat.h2_stream(stream)
+        exchange = exchanges.get(ps)
+        if exchange is None:
+            started(current_task())
+            exchange = _Exchange(shared, None, ps, None, None, shared.open_stream(stream.metadata), ps.buffer)
+        elif exchange.headers_sent:
+            h2compat.initial_metadata_sent(stream)
+        buf = exchange.buf
         send = stream.send_message
-        first = True
-        held: bytes | None = None  # a reply for the task to send
-        end = False
-
-        def one(data: bytes) -> bool:
-            nonlocal held, end, first
-            try:
-                req = _PARSE(data)
-            except DecodeError:
-                raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
-            reply = handle_message(req)
-            if reply is not None:
-                if first:  # the response headers go first: a constant HPACK block
-                    if not send_headers_now(stream):
-                        held = reply
-                        return False
-                    first = False
-                if not send_now(stream, reply):
-                    held = reply
-                    return False
-            if s.end_stream:
-                end = True
-                return False
-            return True
-
+        one = exchange.one
         buf.inline = one
         try:
+            buf.check()  # what went wrong before the hand-over (a bad message)
             while True:
-                if held is not None:
-                    reply, held = held, None
+                if exchange.held is not None:
+                    reply, exchange.held = exchange.held, None
                     await send(reply)
-                    first = False
-                if end:
+                    exchange.headers_sent = True
+                if exchange.end:
                     return
                 data = buf.next_message()
                 if data is not None:
@@ -427,8 +631,7 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
             bad_stream_log.warning("malformed ext_proc stream", reason=e.reason)
             raise GRPCError(e.status, e.reason) from None
         finally:  # however the stream ended (cancelled when Envoy reset it): reported once
-            buf.inline = None
-            close_stream(s)
+            exchange.close()
 
     server.add_method(PROCESS, handle, Cardinality.STREAM_STREAM, pb.ProcessingRequest, bytes, drain_waits=True)
     return server

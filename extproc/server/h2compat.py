@@ -30,7 +30,8 @@ from hyperframe.frame import GoAwayFrame
 __all__ = (
     "StreamReset", "cancel_stream", "cancelled_tasks", "forget_when_done", "h2_connection", "h2_stream",
     "lazy_frame_repr", "limit_closed_streams", "on_stream_reset", "receive_data_frames", "send_goaway",
-    "send_message_now", "send_response_headers_now", "server_configuration", "server_events", "stream_of", "use_buffer",
+    "closed", "initial_metadata_sent", "response_headers_sent", "send_message_now", "send_response_headers_now",
+    "server_configuration", "server_events", "stream_of", "use_buffer",
 )
 
 
@@ -101,8 +102,9 @@ _DATA_HEAD = struct.Struct(">HBBBLBL")  # DATA frame header (length: 16 + 8 bits
 _SENDABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_REMOTE)
 
 
-def send_message_now(stream: Any, message: bytes) -> bool:
-    """Send one serialised gRPC message on a server ``Stream`` whose initial metadata went out,
+def send_message_now(ps: Any, message: bytes) -> bool:
+    """Send one serialised gRPC message on a stream (grpclib's transport-level ``Stream``,
+    :func:`h2_stream`) whose response headers went out,
     as a single DATA frame written at once, if h2 would accept it right now: connection and stream
     open for sending, both flow-control windows and the peer's maximum frame size large enough,
     the transport not paused. Returns False, having done nothing, otherwise (the caller then uses
@@ -112,7 +114,6 @@ def send_message_now(stream: Any, message: bytes) -> bool:
     a message that fits (h2 keeps no other state for an outgoing DATA frame: the transitions are
     state-preserving and have no side effects), without their per-message coroutines, frame
     objects and checks: h2's windows are debited exactly as h2 does it."""
-    ps = stream._stream  # grpclib.protocol.Stream
     conn: H2Connection = ps._h2_connection
     h2s = conn.streams.get(ps.id)
     size = len(message) + 5
@@ -146,8 +147,8 @@ RESPONSE_HEADERS_BLOCK = _response_headers_block(RESPONSE_CONTENT_TYPE)
 _HEADERS_END = 0x4  # END_HEADERS
 
 
-def send_response_headers_now(stream: Any) -> bool:
-    """Send a server ``Stream``'s response headers (grpclib's ``send_initial_metadata`` with no
+def send_response_headers_now(ps: Any) -> bool:
+    """Send a stream's response headers (grpclib's ``send_initial_metadata`` with no
     metadata: ``:status: 200``, ``content-type``) as one HEADERS frame of the constant
     :data:`RESPONSE_HEADERS_BLOCK`, written at once, if h2 would send headers on it right now:
     the headers not sent yet, stream and connection open for sending, the peer's maximum frame
@@ -161,9 +162,6 @@ def send_response_headers_now(stream: Any) -> bool:
     trailers later are trailers), the connection's SEND_HEADERS input in SERVER_OPEN changes
     nothing, and the encoder's dynamic table is untouched (the block indexes nothing), so the
     trailers h2 encodes later read right."""
-    if stream._send_initial_metadata_done:
-        return False
-    ps = stream._stream  # grpclib.protocol.Stream
     conn: H2Connection = ps._h2_connection
     h2s = conn.streams.get(ps.id)
     block = RESPONSE_HEADERS_BLOCK
@@ -175,9 +173,26 @@ def send_response_headers_now(stream: Any) -> bool:
     h2s.state_machine.process_input(StreamInputs.SEND_HEADERS)
     pending = conn.data_to_send() if conn._data_to_send else b""
     ps._transport.write(pending + _FRAME_HEAD.pack(0, len(block), 1, _HEADERS_END, ps.id) + block)
-    stream._send_initial_metadata_done = True
     ps.connection.headers_send_process()
     return True
+
+
+def initial_metadata_sent(stream: Any) -> None:
+    """Tell a server ``Stream`` its response headers went out (:func:`send_response_headers_now`),
+    so its ``send_message`` sends none and its trailers are trailers."""
+    stream._send_initial_metadata_done = True
+
+
+def response_headers_sent(ps: Any) -> bool:
+    """Whether h2 knows the stream's response headers were sent."""
+    h2s = ps._h2_connection.streams.get(ps.id)
+    return h2s is not None and h2s.state_machine.headers_sent
+
+
+def closed(ps: Any) -> bool:
+    """Whether h2 has closed the stream (reset by either side, or ended both ways)."""
+    h2s = ps._h2_connection.streams.get(ps.id)
+    return h2s is None or h2s.state_machine.state is StreamState.CLOSED
 _RECEIVABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
 

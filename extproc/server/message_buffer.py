@@ -39,10 +39,15 @@ class MessageBuffer:
     ``inline(message)`` right where its frame is received (no wake-up of the reader's task: a
     streamed chunk costs one event-loop iteration, not three); when it returns False the reader
     is woken to take over, and an exception it (or a bad message) raises is raised to the reader
-    by ``wait()``."""
+    by ``wait()`` (or ``check()``).
+
+    ``handover``: set while there is no reader at all (a stream handled without a task): every
+    message is handed to ``inline`` as it arrives, and what would wake a reader (``inline``
+    returned False or raised, a bad message, the end of the stream) calls ``handover()`` instead,
+    once (it is cleared first): the caller then starts a reader."""
 
     __slots__ = ("_ack", "_max_size", "_on_large", "_frames", "_head", "_eof", "_need", "_size", "_waiter",
-                 "_unacked", "_error", "inline")
+                 "_unacked", "_error", "inline", "handover")
 
     def __init__(self, ack: Callable[[int], None], max_size: Callable[[], int],
                  on_large: Callable[[int], None] | None = None) -> None:
@@ -58,13 +63,17 @@ class MessageBuffer:
         self._unacked = 0
         self._error: Exception | None = None
         self.inline: Callable[[bytes], bool] | None = None
+        self.handover: Callable[[], None] | None = None
 
     # ---- grpclib's side ------------------------------------------------------------------------
     def add(self, data: bytes, ack_size: int) -> None:
         self._frames.append((data, ack_size))
         self._unacked += ack_size
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
+        if waiter is None:
+            if self.handover is not None and self.inline is not None:  # no reader: handled here
+                self._run_inline(self.inline)
+        elif not waiter.done():
             if self.inline is not None:
                 self._run_inline(self.inline)
             elif self._fill(self._need):
@@ -72,8 +81,7 @@ class MessageBuffer:
 
     def eof(self) -> None:
         self._eof = True
-        if self._waiter is not None:
-            self._wake()
+        self._wake()
 
     def unacked_size(self) -> int:
         return self._unacked
@@ -122,6 +130,10 @@ class MessageBuffer:
                 await self._waiter
             finally:
                 self._waiter = None
+        self.check()
+
+    def check(self) -> None:
+        """Raise what ``inline`` or a bad message raised while no reader was waiting."""
         if self._error is not None:
             error, self._error = self._error, None
             raise error
@@ -159,5 +171,9 @@ class MessageBuffer:
 
     def _wake(self) -> None:
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            if not waiter.done():
+                waiter.set_result(None)
+        elif self.handover is not None:
+            handover, self.handover = self.handover, None
+            handover()

@@ -20,9 +20,10 @@ explains why it takes this route):
    stream's :class:`MessageBuffer` (``MessageBuffer.add``); anything else goes through h2 and
    grpclib as usual, to the same buffer.
 3. ``MessageBuffer.add`` -> ``next_message``: the gRPC length prefix is checked
-   (``limits.maxGrpcMessageBytes``) and a whole message taken; while the stream's task waits, it
-   is handed to the task's ``one`` right there (``MessageBuffer.inline``), else the task
-   (``grpc_server.build_server.handle``) takes it in its loop.
+   (``limits.maxGrpcMessageBytes``) and a whole message taken; it is handed to the stream's
+   ``grpc_server._Exchange.one`` right there (``MessageBuffer.inline``: a stream has no task unless
+   something must be awaited, and a task that waits leaves its messages to ``one`` too), else the
+   task (``grpc_server.build_server.handle``) takes it in its loop.
 4. ``one``: ``ProcessingRequest.FromString``, then :meth:`Stream.handle` (this module): the phase
    handler of its kind (``_request_headers``, ``_request_body``, ``_response_headers``,
    ``_response_body``) routes, parses through the API parser (``extproc.apis``), settles and
@@ -34,8 +35,10 @@ explains why it takes this route):
    (``h2compat.send_message_now``) to the connection's ``_CoalescingTransport``, which hands
    everything the read produced to the socket in one ``write`` at the end of ``data_received``.
    When flow control (or a paused transport, or a pending HPACK table size update) holds a reply
-   back, ``one`` leaves it to the task, which sends it with grpclib's ``send_message``.
-6. When the stream ends (Envoy's end of stream or reset, a drain), the task's ``finally`` calls
+   back, ``one`` hands the stream to a task (``_Exchange.to_task``), which sends it with grpclib's
+   ``send_message``.
+6. When the stream ends (Envoy's reset, where its RST_STREAM is received; its end of stream, in
+   the task's ``finally``; a lost connection, a drain), ``_Exchange.close`` calls
    :meth:`Processor.close_stream` -> :meth:`Stream.finish`: the call is settled, priced and
    reported to the observers (:meth:`Processor.report`).
 """

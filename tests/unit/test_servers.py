@@ -118,6 +118,57 @@ def test_client_cancel_reports_the_call_once():
     asyncio.run(main())
 
 
+def test_a_stream_is_handled_without_a_task_and_ends_where_its_reset_arrives():
+    """The common ext_proc stream: opened where its HEADERS arrive, each message answered where
+    its frame arrives, and closed where Envoy's RST_STREAM arrives: no task at any point, the call
+    reported once, its stream-cap slot given back."""
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            call = await _in_flight(ch)
+            await call.write(RESP)
+            assert (await call.read()).HasField("response_headers")
+            [proto] = r.server._protocols
+            assert not proto.handler._tasks and len(r.server.exchanges) == 1 and r.server.cap.open == 1
+            assert r.processor.counters.active == 1
+            call.cancel()
+            await _wait(lambda: r.processor.counters.active == 0)
+            assert not r.server.exchanges and r.server.cap.open == 0 and not proto.handler.untasked
+            await asyncio.sleep(0.1)
+            assert [c.outcome for c in r.recorder.calls] == [OK]
+
+    asyncio.run(main())
+
+
+def test_streams_without_a_task_are_reported_when_their_connection_is_lost():
+    address = f"127.0.0.1:{free_port()}"
+
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    async def main() -> None:
+        async with Running(address) as r:
+            host, _, port = address.rpartition(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+            c.initiate_connection()
+            for sid in (1, 3):
+                c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
+                                     ("content-type", "application/grpc"), ("te", "trailers")])
+                data = REQ.SerializeToString()
+                c.send_data(sid, b"\0" + len(data).to_bytes(4, "big") + data)
+            writer.write(c.data_to_send())
+            await _wait(lambda: len(r.recorder.calls) == 0 and r.processor.counters.active == 2)
+            assert len(r.server.exchanges) == 2
+            writer.transport.abort()  # the connection drops with both streams open, no RST_STREAM
+            await _wait(lambda: r.processor.counters.active == 0)
+            assert not r.server.exchanges and r.server.cap.open == 0
+            assert [c.outcome for c in r.recorder.calls] == [NO_RESPONSE, NO_RESPONSE]
+
+    asyncio.run(main())
+
+
 def test_health_check_watch_and_drain(address):
     async def main() -> None:
         async with Running(address, {"shutdownGraceSeconds": 5}) as r, _channel(address) as ch:
@@ -136,6 +187,7 @@ def test_health_check_watch_and_drain(address):
 
             # A stream in flight when the drain starts finishes normally; a new one is refused.
             call = await _in_flight(ch)
+            assert len(r.server.exchanges) == 1  # handled without a task: the drain waits for it all the same
             drain = asyncio.create_task(server_mod.drain(r.server, r.health, r.processor, 5))
             assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
             watch.cancel()
@@ -342,6 +394,50 @@ def test_stream_cap_counts_streams_waiting_for_a_busy_worker():
         assert cap.open == 0 and not cap.waiting
         cap.max_open = lambda: 0
         assert cap.full() == "max_streams"
+
+    asyncio.run(main())
+
+
+def test_stream_cap_knows_when_the_event_loop_runs_behind():
+    """Streams handled without a task never wait, so the worker's lateness is measured instead:
+    a beat every BEAT s while streams are open; a loop blocked past LATE reads as behind until a
+    beat runs on time again; with no stream open the beats stop."""
+    async def main() -> None:
+        cap = StreamCap(METHOD, lambda: 10, lambda: 2, lambda reason: None)
+        cap.taken()
+        assert cap.behind() is False
+        time.sleep(StreamCap.BEAT + 2 * StreamCap.LATE)  # the worker is busy: the beat comes late
+        await asyncio.sleep(0.005)  # the late beat runs
+        assert cap.behind() is True
+        await asyncio.sleep(3 * StreamCap.BEAT)  # on time again
+        assert cap.behind() is False
+        cap.released()
+        await asyncio.sleep(2 * StreamCap.BEAT)
+        assert cap._due is None  # no stream open: no more beats
+
+    asyncio.run(main())
+
+
+def test_a_worker_behind_gives_new_streams_tasks_that_count_as_waiting():
+    """While the worker runs behind, a new stream gets a task (counted as waiting until it runs,
+    so limits.maxWaitingStreams can refuse the next ones) instead of being handled without one."""
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            cap = r.server.cap
+            await _in_flight(ch)
+            assert len(r.server.exchanges) == 1
+            cap.behind = lambda: True
+            opened = []
+            real = cap.opened
+            cap.opened = lambda task: (opened.append(task), real(task))
+            call = await _in_flight(ch)
+            [proto] = r.server._protocols
+            assert len(opened) == 1 and len(proto.handler._tasks) == 1 and len(r.server.exchanges) == 1
+            await call.write(RESP)
+            assert (await call.read()).HasField("response_headers")
+            assert cap.open == 2 and not cap.waiting
 
     asyncio.run(main())
 
