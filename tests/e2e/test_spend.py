@@ -315,9 +315,13 @@ def test_hostile_access_log_lines_are_skipped_and_counted(tmp_path: Path, capsys
 
 
 def _spend_child(*argv: str, timeout: float = 60) -> tuple[int, str, str, int]:
-    """``extproc spend`` in its own process: (exit code, stdout, stderr, peak RSS in MB)."""
-    code = ("import resource, sys\nfrom extproc import cli\nrc = cli.main(['spend', *sys.argv[1:]])\nsys.stdout.flush()\n"
-            "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024, file=sys.stderr)\nsys.exit(rc)\n")
+    """``extproc spend`` in its own process: (exit code, stdout, stderr, peak RSS in MB).
+
+    The peak is the process's own VmHWM (reset by exec), not ``ru_maxrss``: Linux carries that
+    across fork and exec, so a child of a large pytest process would report the parent's size."""
+    code = ("import sys\nfrom extproc import cli\nrc = cli.main(['spend', *sys.argv[1:]])\nsys.stdout.flush()\n"
+            "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+            "print('MAXRSS', hwm // 1024, file=sys.stderr)\nsys.exit(rc)\n")
     p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout)
     err_lines = p.stderr.splitlines()
     assert err_lines and err_lines[-1].startswith("MAXRSS "), p.stderr[-2000:]
