@@ -61,3 +61,23 @@ def test_every_source_path_named_in_the_docs_and_docstrings_exists():
     missing = {path: sorted(where) for path, where in named.items()
                if not (REPO / path).is_file() and path not in TO_BE_WRITTEN}
     assert missing == {}
+
+
+# A name docs/architecture.md gives with its file: `extproc/server/processor.py:Stream.handle`.
+CODE_NAME = re.compile(r"(extproc/[\w/]+\.py):([A-Za-z_][\w.]*)")
+
+
+def test_every_name_architecture_md_gives_with_its_file_is_defined_there():
+    """docs/architecture.md sends a reader to a function or class in one hop: each ``file.py:name``
+    it gives must be defined in that file (a wrong name is worse than none)."""
+    refs = CODE_NAME.findall((REPO / "docs" / "architecture.md").read_text())
+    assert len(refs) > 20
+    missing = []
+    for path, dotted in refs:
+        source = REPO / path
+        code = source.read_text() if source.is_file() else ""
+        for name in dotted.split("."):
+            if not re.search(rf"^\s*(?:async\s+)?(?:def|class)\s+{name}\b|^\s*{name}\s*[:=]", code, re.M):
+                missing.append(f"{path}:{dotted}")
+                break
+    assert missing == []
