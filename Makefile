@@ -56,8 +56,8 @@ test-phoenix: $(STAMP) tools
 test-unit: $(STAMP)
 	$(PY) -m pytest -q tests/unit $(PYTEST_ARGS)
 
-# ruff (style, imports, likely bugs) and mypy (types), both configured in pyproject.toml.
-lint: $(STAMP)
+# ruff format check, ruff (style, imports, likely bugs) and mypy (types), configured in pyproject.toml.
+lint: $(STAMP) format-check
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 

@@ -18,6 +18,7 @@ from that directory's code) and its own Envoy, and every rep measures each stack
 ``--interval`` ms, through ``bench.upstream``; an Envoy without the sidecar is measured in the
 same reps, so the per-chunk ratio sidecar / Envoy alone comes from one run.
 """
+
 import argparse
 import asyncio
 import os
@@ -47,29 +48,54 @@ ap.add_argument("-c", type=int, default=16, help="wrk connections")
 ap.add_argument("-d", type=float, default=5, help="seconds per measurement")
 ap.add_argument("--workers", type=int, default=1)
 ap.add_argument("--reps", type=int, default=1)
-ap.add_argument("--mode", choices=["headers", "fewer-messages"], default="headers",
-                help="ext_proc processing mode (fewer-messages: with HTTP/2 to the upstream)")
-ap.add_argument("--observe", action="store_true",
-                help="Envoy's ext_proc in observability_mode (Envoy sends the messages and ignores the replies)")
-ap.add_argument("--upstream", choices=["http1", "http2", "auto"], default="auto",
-                help="protocol to the upstream (auto: HTTP/2 in fewer-messages mode, else HTTP/1.1)")
-ap.add_argument("--tracing", choices=["off", "dead", "live"], action="append",
-                help="OTLP tracing: off (default); dead (collector port closed); live (an in-process OTLP/gRPC "
-                     "receiver): once for all stacks, or once per --checkout in order")
-ap.add_argument("--tracing-conventions", action="append", metavar="LIST",
-                help="tracing.conventions, e.g. genai,openinference: once for all stacks, or once per --checkout in order")
+ap.add_argument(
+    "--mode",
+    choices=["headers", "fewer-messages"],
+    default="headers",
+    help="ext_proc processing mode (fewer-messages: with HTTP/2 to the upstream)",
+)
+ap.add_argument(
+    "--observe", action="store_true", help="Envoy's ext_proc in observability_mode (Envoy sends the messages and ignores the replies)"
+)
+ap.add_argument(
+    "--upstream",
+    choices=["http1", "http2", "auto"],
+    default="auto",
+    help="protocol to the upstream (auto: HTTP/2 in fewer-messages mode, else HTTP/1.1)",
+)
+ap.add_argument(
+    "--tracing",
+    choices=["off", "dead", "live"],
+    action="append",
+    help="OTLP tracing: off (default); dead (collector port closed); live (an in-process OTLP/gRPC "
+    "receiver): once for all stacks, or once per --checkout in order",
+)
+ap.add_argument(
+    "--tracing-conventions",
+    action="append",
+    metavar="LIST",
+    help="tracing.conventions, e.g. genai,openinference: once for all stacks, or once per --checkout in order",
+)
 ap.add_argument("--capture", action="store_true", help="tracing.captureContent: true")
-ap.add_argument("--tracing-config", action="append", metavar="FILE",
-                help="use the tracing section of this sidecar config (e.g. deploy/tracing/langfuse.yaml), endpoint "
-                     "replaced: once for all stacks, or once per --checkout in order")
+ap.add_argument(
+    "--tracing-config",
+    action="append",
+    metavar="FILE",
+    help="use the tracing section of this sidecar config (e.g. deploy/tracing/langfuse.yaml), endpoint "
+    "replaced: once for all stacks, or once per --checkout in order",
+)
 ap.add_argument("--sse", type=int, metavar="N", help="streamed responses of N SSE events (instead of wrk)")
 ap.add_argument("--rate", type=float, default=40, help="--sse: streams started per second")
 ap.add_argument("--interval", type=float, default=2.0, help="--sse: ms between a stream's events")
 ap.add_argument("--event-loop", choices=["uvloop", "asyncio"], help="the sidecar's eventLoop (default: its config default)")
 ap.add_argument("--metrics", action="store_true", help="Prometheus metrics on (stats.port: a free port; default off)")
 ap.add_argument("--unix", action="store_true", help="Envoy reaches the sidecar on a Unix socket instead of TCP")
-ap.add_argument("--checkout", action="append", metavar="DIR",
-                help="run a sidecar from this checkout's code (repeat for an A/B; default: the current directory)")
+ap.add_argument(
+    "--checkout",
+    action="append",
+    metavar="DIR",
+    help="run a sidecar from this checkout's code (repeat for an A/B; default: the current directory)",
+)
 a = ap.parse_args()
 checkouts = [str(Path(c).resolve()) for c in a.checkout or ["."]]
 tracings = a.tracing or ["off"]
@@ -101,8 +127,7 @@ class Stack:
         if checkout is not None:
             sport = free_port()
             extproc = f"unix:{self.dir / 'extproc.sock'}" if a.unix else f"127.0.0.1:{sport}"
-            cfg: dict[str, Any] = {"listen": extproc, "stats": {"port": free_port() if a.metrics else 0},
-                                   "logging": {"level": "warning"}}
+            cfg: dict[str, Any] = {"listen": extproc, "stats": {"port": free_port() if a.metrics else 0}, "logging": {"level": "warning"}}
             if a.event_loop:
                 cfg["eventLoop"] = a.event_loop
             tracing = tracings[min(len(stacks), len(tracings) - 1)]
@@ -126,17 +151,38 @@ class Stack:
             (self.dir / "s.yaml").write_text(yaml.safe_dump(cfg))
             (self.dir / "counts").mkdir()
             pre = [sys.executable, "-m", "cProfile", "-o", prof] if prof else [sys.executable]
-            self.sidecar = subprocess.Popen([*pre, "-m", "bench.sidecar", "--config", str(self.dir / "s.yaml"), "--workers", str(a.workers),
-                                             "--counts", str(self.dir / "counts")], cwd=checkout, env={**os.environ, "PYTHONPATH": checkout},
-                                            stderr=open(self.dir / "sidecar.log", "wb"))
+            self.sidecar = subprocess.Popen(
+                [
+                    *pre,
+                    "-m",
+                    "bench.sidecar",
+                    "--config",
+                    str(self.dir / "s.yaml"),
+                    "--workers",
+                    str(a.workers),
+                    "--counts",
+                    str(self.dir / "counts"),
+                ],
+                cwd=checkout,
+                env={**os.environ, "PYTHONPATH": checkout},
+                stderr=open(self.dir / "sidecar.log", "wb"),
+            )
             procs.append(self.sidecar)
         self.port, self.admin = free_port(), free_port()
         fewer = a.mode == "fewer-messages"
-        boot = envoy_config.bootstrap(upstreams=upstreams, listen=f"127.0.0.1:{self.port}", extproc=extproc,
-                                      access_log=str(self.dir / "access.log"), admin=f"127.0.0.1:{self.admin}", fewer_messages=fewer,
-                                      observability_mode=a.observe)
+        boot = envoy_config.bootstrap(
+            upstreams=upstreams,
+            listen=f"127.0.0.1:{self.port}",
+            extproc=extproc,
+            access_log=str(self.dir / "access.log"),
+            admin=f"127.0.0.1:{self.admin}",
+            fewer_messages=fewer,
+            observability_mode=a.observe,
+        )
         (self.dir / "e.yaml").write_text(envoy_config.dump(boot))
-        self.envoy = subprocess.Popen(envoy_command(self.dir / "e.yaml", "--concurrency", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.envoy = subprocess.Popen(
+            envoy_command(self.dir / "e.yaml", "--concurrency", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         procs.append(self.envoy)
         if self.sidecar is not None:
             if a.unix:
@@ -151,8 +197,11 @@ class Stack:
 
     def stats(self, filt: str) -> list[str]:
         with urllib.request.urlopen(f"http://127.0.0.1:{self.admin}/stats?filter={filt}", timeout=5) as resp:
-            return [line for line in resp.read().decode().splitlines()
-                    if not line.endswith(": 0") and "P0(" not in line and "No recorded values" not in line]
+            return [
+                line
+                for line in resp.read().decode().splitlines()
+                if not line.endswith(": 0") and "P0(" not in line and "No recorded values" not in line
+            ]
 
     def msgs_sent(self) -> int:
         return sum(int(line.rpartition(": ")[2]) for line in self.stats("ext_proc.stream_msgs_sent"))
@@ -165,8 +214,10 @@ def run_wrk(s: Stack) -> tuple[int, str]:
 
 def run_sse(s: Stack) -> tuple[int, str]:
     r = asyncio.run(load.fixed_rate("127.0.0.1", s.port, sse_raw, a.rate, a.d, sse=True))
-    return r.events, (f"{r.ok} streams {r.events} chunks, chunk transit p50 {1000 * (load.percentile(r.chunk_transit, 50) or 0):.2f} ms "
-                      f"p99 {1000 * (load.percentile(r.chunk_transit, 99) or 0):.2f} ms, err {r.errors}")
+    return r.events, (
+        f"{r.ok} streams {r.events} chunks, chunk transit p50 {1000 * (load.percentile(r.chunk_transit, 50) or 0):.2f} ms "
+        f"p99 {1000 * (load.percentile(r.chunk_transit, 99) or 0):.2f} ms, err {r.errors}"
+    )
 
 
 def measure(s: Stack) -> None:
@@ -196,16 +247,21 @@ def measure(s: Stack) -> None:
     n = max(1, n)
     res = {"sidecar": 1e6 * (s1 - s0) / n, "envoy": 1e6 * (e1 - e0) / n}
     s.results.append(res)
-    print(f"{s.name:10} {text}: " + (f"sidecar {res['sidecar']:.0f} us/{unit} " if s.sidecar else "")
-          + f"envoy {res['envoy']:.0f} us/{unit}"
-          + (f" ext_proc msgs/{unit} {(m1 - m0) / n:.2f}" if s.sidecar else "")
-          + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else "")
-          + (f" run-queue wait {'/'.join(f'{x:.2f}' for x in rq)} s" if rq else ""), flush=True)
+    print(
+        f"{s.name:10} {text}: "
+        + (f"sidecar {res['sidecar']:.0f} us/{unit} " if s.sidecar else "")
+        + f"envoy {res['envoy']:.0f} us/{unit}"
+        + (f" ext_proc msgs/{unit} {(m1 - m0) / n:.2f}" if s.sidecar else "")
+        + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else "")
+        + (f" run-queue wait {'/'.join(f'{x:.2f}' for x in rq)} s" if rq else ""),
+        flush=True,
+    )
 
 
 try:
     if "live" in tracings:
         from tests.support.otlp_receiver import GrpcReceiver
+
         receiver = GrpcReceiver()
     up = free_port()
     (d / "up.yaml").write_text(direct_response_envoy(up))

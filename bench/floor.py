@@ -8,6 +8,7 @@ A client process sends a 120-byte message over loopback TCP, waits for it to com
 echoes it from ``data_received`` (one ``epoll_wait``, one ``recv``, one ``send`` per message).
 Printed: the server's user and system CPU per message (``getrusage``), for each event loop.
 """
+
 from __future__ import annotations
 
 import argparse

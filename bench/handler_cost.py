@@ -10,6 +10,7 @@ per message, ``close_stream``): non-streamed (4 messages, 2 replies with metadat
 (50 SSE chunks, then the usage and ``[DONE]``), in the default mode and in observability mode.
 ``--checkout`` runs each measurement in a subprocess importing ``extproc`` from that directory.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,12 +20,18 @@ import time
 import timeit
 from pathlib import Path
 
-CHAT = (b'{"id":"c1","model":"gpt-4o-2024","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],'
-        b'"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}')
-CHUNK = (b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,'
-         b'"delta":{"content":"hello "},"finish_reason":null}]}\n\n')
-LAST = (b'data: {"id":"c","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":50,'
-        b'"total_tokens":53}}\n\ndata: [DONE]\n\n')
+CHAT = (
+    b'{"id":"c1","model":"gpt-4o-2024","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],'
+    b'"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}'
+)
+CHUNK = (
+    b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,'
+    b'"delta":{"content":"hello "},"finish_reason":null}]}\n\n'
+)
+LAST = (
+    b'data: {"id":"c","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":50,'
+    b'"total_tokens":53}}\n\ndata: [DONE]\n\n'
+)
 
 
 def _best(f, n: int) -> float:
@@ -49,9 +56,11 @@ def measure() -> dict[str, float]:
         def body(kind: str, data: bytes, end: bool = False):
             return pb.ProcessingRequest(**{kind: pb.HttpBody(body=data, end_of_stream=end)}, observability_mode=observe)
 
-        start = [headers("request_headers", **{":path": "/v1/chat/completions", ":method": "POST", ":authority": "api.openai.com"}),
-                 body("request_body", b'{"model":"gpt-4o","stream":%s,"messages":[]}' % (b"true" if streamed else b"false"), True),
-                 headers("response_headers", **{":status": "200", "content-type": "text/event-stream" if streamed else "application/json"})]
+        start = [
+            headers("request_headers", **{":path": "/v1/chat/completions", ":method": "POST", ":authority": "api.openai.com"}),
+            body("request_body", b'{"model":"gpt-4o","stream":%s,"messages":[]}' % (b"true" if streamed else b"false"), True),
+            headers("response_headers", **{":status": "200", "content-type": "text/event-stream" if streamed else "application/json"}),
+        ]
         if streamed:
             return start + [body("response_body", CHUNK) for _ in range(50)] + [body("response_body", LAST, True)]
         return start + [body("response_body", CHAT, True)]
@@ -97,8 +106,13 @@ def main() -> None:
     for _ in range(a.reps):
         for c in a.checkout:
             here = str(Path(__file__).resolve().parent.parent)
-            out = subprocess.run([sys.executable, "-m", "bench.handler_cost", "--child", str(Path(c).resolve())],
-                                 cwd=here, capture_output=True, text=True, check=True).stdout
+            out = subprocess.run(
+                [sys.executable, "-m", "bench.handler_cost", "--child", str(Path(c).resolve())],
+                cwd=here,
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
             for line in out.splitlines():
                 k, v = line.split("\t")
                 results[c].setdefault(k, []).append(float(v))

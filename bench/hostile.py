@@ -15,6 +15,7 @@ Checks, printed and in the exit code (1 if any fails): every normal call's acces
 its known usage, the token counters equal the same sums (hostile responses carry no usage), zero
 Envoy ext_proc message timeouts, worker RSS under --max-rss-mib (150). Also prints /metrics size.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,21 +50,42 @@ JSON_USAGE = (9, 36, 45)
 def _sse_normal() -> list[bytes]:
     out = []
     for word in ("Hello", " there", "!"):
-        chunk = {"id": "c1", "object": "chat.completion.chunk", "model": MODEL,
-                 "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}]}
+        chunk = {
+            "id": "c1",
+            "object": "chat.completion.chunk",
+            "model": MODEL,
+            "choices": [{"index": 0, "delta": {"content": word}, "finish_reason": None}],
+        }
         out.append(b"data: " + orjson.dumps(chunk) + b"\n\n")
     p, c, t = STREAM_USAGE
-    out.append(b"data: " + orjson.dumps({"id": "c1", "object": "chat.completion.chunk", "model": MODEL, "choices": [],
-                                         "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t}}) + b"\n\n")
+    out.append(
+        b"data: "
+        + orjson.dumps(
+            {
+                "id": "c1",
+                "object": "chat.completion.chunk",
+                "model": MODEL,
+                "choices": [],
+                "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t},
+            }
+        )
+        + b"\n\n"
+    )
     out.append(b"data: [DONE]\n\n")
     return out
 
 
 def _json_normal() -> bytes:
     p, c, t = JSON_USAGE
-    return orjson.dumps({"id": "c2", "object": "chat.completion", "model": MODEL,
-                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
-                         "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t}})
+    return orjson.dumps(
+        {
+            "id": "c2",
+            "object": "chat.completion",
+            "model": MODEL,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": p, "completion_tokens": c, "total_tokens": t},
+        }
+    )
 
 
 GZIP_TINY = gzip.compress(b"data: x\n\n" * 3_000_000, compresslevel=9)
@@ -89,7 +111,7 @@ async def _answer(kind: str, w: asyncio.StreamWriter) -> None:
     elif kind == "gzip-tiny":
         head(200, "text/event-stream", "content-encoding: gzip\r\n")
         for i in range(0, len(GZIP_TINY), 16384):
-            chunk(GZIP_TINY[i:i + 16384])
+            chunk(GZIP_TINY[i : i + 16384])
             await w.drain()
     elif kind == "many-data":
         head(200, "text/event-stream")
@@ -114,8 +136,10 @@ async def _connection(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
     try:
         while True:
             head = await r.readuntil(b"\r\n\r\n")
-            headers = {k.strip().lower(): v.strip() for k, _, v in
-                       (line.partition(":") for line in head.decode("latin-1").split("\r\n")[1:] if line)}
+            headers = {
+                k.strip().lower(): v.strip()
+                for k, _, v in (line.partition(":") for line in head.decode("latin-1").split("\r\n")[1:] if line)
+            }
             if "chunked" in headers.get("transfer-encoding", "").lower():  # Envoy may re-frame a body it buffered
                 while True:
                     size = int((await r.readuntil(b"\r\n")).split(b";")[0], 16)
@@ -150,9 +174,11 @@ async def _normal(url: str, deadline: float, concurrency: int, tally: Tally) -> 
     import httpx
 
     body = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}]})
-    sbody = orjson.dumps({"model": MODEL, "stream": True, "stream_options": {"include_usage": True},
-                          "messages": [{"role": "user", "content": "hi"}]})
+    sbody = orjson.dumps(
+        {"model": MODEL, "stream": True, "stream_options": {"include_usage": True}, "messages": [{"role": "user", "content": "hi"}]}
+    )
     async with httpx.AsyncClient(timeout=30, limits=httpx.Limits(max_connections=concurrency)) as client:
+
         async def worker(n: int) -> None:
             i = 0
             while time.monotonic() < deadline:
@@ -160,9 +186,11 @@ async def _normal(url: str, deadline: float, concurrency: int, tally: Tally) -> 
                 streaming = (i + n) % 2 == 0
                 rid = f"normal-{uuid.uuid4()}"
                 try:
-                    r = await client.post(url + "/v1/chat/completions", content=sbody if streaming else body,
-                                          headers={"x-kind": "stream" if streaming else "json", "x-request-id": rid,
-                                                   "content-type": "application/json"})
+                    r = await client.post(
+                        url + "/v1/chat/completions",
+                        content=sbody if streaming else body,
+                        headers={"x-kind": "stream" if streaming else "json", "x-request-id": rid, "content-type": "application/json"},
+                    )
                     ok = r.status_code == 200 and (b"[DONE]" in r.content if streaming else b'"usage"' in r.content)
                     why = f"status {r.status_code}"
                 except httpx.HTTPError as e:
@@ -181,6 +209,7 @@ async def _hostile_http(url: str, deadline: float, tally: Tally) -> None:
 
     kinds = ["gzip-tiny", "many-data", "ndjson-drip", "big-request", "abort"]
     async with httpx.AsyncClient(timeout=60) as client:
+
         async def worker(n: int) -> None:
             i = n
             while time.monotonic() < deadline:
@@ -188,16 +217,19 @@ async def _hostile_http(url: str, deadline: float, tally: Tally) -> None:
                 i += 1
                 try:
                     if kind == "big-request":
-                        await client.post(url + "/v1/chat/completions", content=b'{"model":"' + b"m" * (2 << 20) + b'"}',
-                                          headers={"x-kind": kind})
+                        await client.post(
+                            url + "/v1/chat/completions", content=b'{"model":"' + b"m" * (2 << 20) + b'"}', headers={"x-kind": kind}
+                        )
                     elif kind == "abort":
-                        async with client.stream("POST", url + "/v1/chat/completions", content=b'{"model":"m","stream":true}',
-                                                 headers={"x-kind": "many-data"}) as r:
+                        async with client.stream(
+                            "POST", url + "/v1/chat/completions", content=b'{"model":"m","stream":true}', headers={"x-kind": "many-data"}
+                        ) as r:
                             async for _ in r.aiter_raw():
                                 break  # hang up after the first bytes
                     else:
-                        r = await client.post(url + "/v1/chat/completions", content=b'{"model":"m","stream":true}',
-                                              headers={"x-kind": kind})
+                        r = await client.post(
+                            url + "/v1/chat/completions", content=b'{"model":"m","stream":true}', headers={"x-kind": kind}
+                        )
                         await r.aread()
                     tally.hostile[kind] = tally.hostile.get(kind, 0) + 1
                 except httpx.HTTPError:
@@ -211,6 +243,7 @@ async def _hostile_grpc(address: str, deadline: float, tally: Tally) -> None:
 
     method = "/envoy.service.ext_proc.v3.ExternalProcessor/Process"
     async with grpc.aio.insecure_channel(address, options=[("grpc.max_send_message_length", -1)]) as ch:
+
         def raw():
             return ch.stream_stream(method, request_serializer=lambda b: b, response_deserializer=lambda b: b)()
 
@@ -238,8 +271,11 @@ async def _hostile_grpc(address: str, deadline: float, tally: Tally) -> None:
 async def _drive(stack: Stack, duration: float, concurrency: int, tally: Tally) -> None:
     deadline = time.monotonic() + duration
     url = stack.url("")
-    await asyncio.gather(_normal(url, deadline, concurrency, tally), _hostile_http(url, deadline, tally),
-                         _hostile_grpc(f"127.0.0.1:{stack.sidecar_port}", deadline, tally))
+    await asyncio.gather(
+        _normal(url, deadline, concurrency, tally),
+        _hostile_http(url, deadline, tally),
+        _hostile_grpc(f"127.0.0.1:{stack.sidecar_port}", deadline, tally),
+    )
 
 
 def run(duration: float, concurrency: int, max_rss_mib: float, workdir: Path, message_timeout_ms: int = 500) -> dict:
@@ -293,11 +329,16 @@ def run(duration: float, concurrency: int, max_rss_mib: float, workdir: Path, me
         up.send_signal(signal.SIGTERM)
         up.wait(10)
     result = {
-        "duration_s": round(elapsed, 1), "normal_calls": len(tally.normal), "normal_client_errors": tally.normal_errors,
+        "duration_s": round(elapsed, 1),
+        "normal_calls": len(tally.normal),
+        "normal_client_errors": tally.normal_errors,
         "normal_client_error_kinds": tally.normal_error_kinds,
-        "normal_rps": round(len(tally.normal) / elapsed, 1), "normal_wrong_or_missing_in_access_log": wrong,
-        "expected_prompt_completion": sums[:2], "counters_prompt_completion": [int(c) for c in counters],
-        "envoy": stats, "hostile": tally.hostile,
+        "normal_rps": round(len(tally.normal) / elapsed, 1),
+        "normal_wrong_or_missing_in_access_log": wrong,
+        "expected_prompt_completion": sums[:2],
+        "counters_prompt_completion": [int(c) for c in counters],
+        "envoy": stats,
+        "hostile": tally.hostile,
         "worker_rss_peak_mib": {str(p): round(v / 2**20, 1) for p, v in peak.items()},
         "worker_rss_end_mib": {str(p): round(v / 2**20, 1) for p, v in end_rss.items()},
         "metrics_bytes": metrics_bytes,
@@ -305,9 +346,15 @@ def run(duration: float, concurrency: int, max_rss_mib: float, workdir: Path, me
         "malformed_log_lines": stderr.count("malformed ext_proc stream"),
         "tracebacks": stderr.count("Traceback"),
     }
-    result["ok"] = (wrong == 0 and tally.normal_errors == 0 and len(tally.normal) > 0
-                    and [int(c) for c in counters] == sums[:2] and stats["message_timeouts"] == 0
-                    and max(peak.values()) < max_rss_mib * 2**20 and result["tracebacks"] == 0)
+    result["ok"] = (
+        wrong == 0
+        and tally.normal_errors == 0
+        and len(tally.normal) > 0
+        and [int(c) for c in counters] == sums[:2]
+        and stats["message_timeouts"] == 0
+        and max(peak.values()) < max_rss_mib * 2**20
+        and result["tracebacks"] == 0
+    )
     return result
 
 

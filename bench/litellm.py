@@ -11,6 +11,7 @@ pinned release), client ``x-`` headers forwarded (the stream upstream reads ``x-
 database, telemetry off, the model cost map read from the package (no fetch), logs at ERROR.
 It refuses to start without a master key, so the bench sets one and the clients send it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -70,8 +71,10 @@ def install(log: Callable[[str], None] = print) -> None:
 def config(chat_base: str, sse_base: str, model: str, master_key: str = MASTER_KEY) -> dict[str, Any]:
     """LiteLLM's ``config.yaml``: ``model`` on ``chat_base``, ``SSE_MODEL`` on ``sse_base`` (LiteLLM
     posts to ``<api_base>/chat/completions``), token metrics on, no database."""
+
     def deployment(name: str, base: str) -> dict[str, Any]:
         return {"model_name": name, "litellm_params": {"model": f"openai/{model}", "api_base": base, "api_key": "bench"}}
+
     return {
         "model_list": [deployment(model, chat_base), deployment(SSE_MODEL, sse_base)],
         "litellm_settings": {"callbacks": ["prometheus"]},
@@ -80,18 +83,28 @@ def config(chat_base: str, sse_base: str, model: str, master_key: str = MASTER_K
 
 
 def command(cfg: Path, port: int, workers: int) -> list[str]:
-    return [str(VENV / "bin" / "litellm"), "--config", str(cfg), "--host", "127.0.0.1", "--port", str(port),
-            "--num_workers", str(workers),
-            # a worker answers uvicorn's health check only once LiteLLM has imported (~10-60 s on a
-            # loaded machine); the default 5 s has uvicorn kill and respawn it forever
-            "--timeout_worker_healthcheck", "300"]
+    return [
+        str(VENV / "bin" / "litellm"),
+        "--config",
+        str(cfg),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--num_workers",
+        str(workers),
+        # a worker answers uvicorn's health check only once LiteLLM has imported (~10-60 s on a
+        # loaded machine); the default 5 s has uvicorn kill and respawn it forever
+        "--timeout_worker_healthcheck",
+        "300",
+    ]
 
 
 def prompt_tokens(metrics_text: str) -> float:
     """Sum of LiteLLM's prompt-token counter over its label sets, from a ``/metrics`` page."""
     total = 0.0
     for line in metrics_text.splitlines():
-        if line.startswith(TOKEN_METRIC) and line[len(TOKEN_METRIC):len(TOKEN_METRIC) + 1] in ("{", " "):
+        if line.startswith(TOKEN_METRIC) and line[len(TOKEN_METRIC) : len(TOKEN_METRIC) + 1] in ("{", " "):
             value = float(line.rsplit(" ", 1)[1])
             if math.isfinite(value):
                 total += value

@@ -10,6 +10,7 @@ A request never waits for a busy connection: when none is idle a new one is open
 Streams: the upstream stamps every SSE event with its send time (CLOCK_MONOTONIC ns, shared by
 every process on the host), so each event's transit time through the proxy is measured directly.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -72,7 +73,7 @@ class _Conn(asyncio.Protocol):
             if end < 0:
                 return
             head = self.buf[:end].decode("latin-1").lower()
-            data = self.buf[end + 4:]
+            data = self.buf[end + 4 :]
             self.buf = b""
             self.head_done = True
             lines = head.split("\r\n")
@@ -102,7 +103,7 @@ class _Conn(asyncio.Protocol):
         while pos < n:
             if self.need:
                 take = min(self.need, n - pos)
-                piece = buf[pos:pos + take]
+                piece = buf[pos : pos + take]
                 self.need -= take
                 pos += take
                 if self.events is not None:
@@ -133,7 +134,7 @@ class _Conn(asyncio.Protocol):
             return
         data = self.sse_tail + piece
         cut = data.rfind(b"\n\n")
-        self.sse_tail = data[cut + 2:]
+        self.sse_tail = data[cut + 2 :]
         for m in _STAMP.finditer(data, 0, cut):
             self.events.append((now, int(m.group(1))))
 
@@ -171,8 +172,9 @@ async def _connect(host: str, port: int, pool: list[_Conn]) -> _Conn:
     return conn
 
 
-async def fixed_rate(host: str, port: int, raw: bytes, rate: float, duration: float, *, sse: bool = False,
-                     warm_connections: int = 32, timeout: float = 30.0) -> RunResult:
+async def fixed_rate(
+    host: str, port: int, raw: bytes, rate: float, duration: float, *, sse: bool = False, warm_connections: int = 32, timeout: float = 30.0
+) -> RunResult:
     loop = asyncio.get_running_loop()
     idle: list[_Conn] = []
     res = RunResult()

@@ -8,6 +8,7 @@ A call is a streamed chat completion with usage (input, output, cached, reasonin
 labels from jwt_authn claims; users rotate over 50 values, so label lookups hit a warm cache as in
 production.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,9 +27,14 @@ def measure(n: int, otlp: bool = False) -> float:
     from extproc.core.config import parse
     from extproc.telemetry.metrics import MetricsObserver
 
-    stats = parse({"stats": {"customLabels": [{"name": "team", "metadataKey": "principal:team"},
-                                              {"name": "user_id", "metadataKey": "principal:sub"}],
-                             "otlp": {"enabled": otlp, "exportIntervalMs": 3_600_000}}}).stats
+    stats = parse(
+        {
+            "stats": {
+                "customLabels": [{"name": "team", "metadataKey": "principal:team"}, {"name": "user_id", "metadataKey": "principal:sub"}],
+                "otlp": {"enabled": otlp, "exportIntervalMs": 3_600_000},
+            }
+        }
+    ).stats
     observers: list = []
     if otlp:
         from opentelemetry.sdk.metrics.export import ConsoleMetricExporter
@@ -43,12 +49,21 @@ def measure(n: int, otlp: bool = False) -> float:
     def on_call_end(call: Call) -> None:
         for o in observers:
             o.on_call_end(call)
+
     calls = []
     for i in range(50):
         s = struct_pb2.Struct()
         s.update({"principal": {"sub": f"user{i}", "team": f"team{i % 5}"}})
-        c = Call(provider="openai", api="openai.chat", status=200, outcome=OK, forwarded={"envoy.filters.http.jwt_authn": s},
-                 start=0.0, first_chunk=0.4, end=2.5)
+        c = Call(
+            provider="openai",
+            api="openai.chat",
+            status=200,
+            outcome=OK,
+            forwarded={"envoy.filters.http.jwt_authn": s},
+            start=0.0,
+            first_chunk=0.4,
+            end=2.5,
+        )
         o = c.obs
         o.operation, o.request_model, o.response_model, o.streaming = "chat", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", True
         u = o.usage

@@ -9,6 +9,7 @@ The exporter encodes each export to OTLP protobuf exactly as the OTLP exporters 
 a custom label) are recorded first; the timed loop then records calls over them, as a worker's
 event loop does, while the SDK's reader thread collects and exports.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,16 +52,30 @@ def run(series: int, interval_ms: int | None, seconds: float) -> dict[str, float
     from extproc.core.config import parse
     from extproc.telemetry.otlp_metrics import OtlpMetrics
 
-    stats = parse({"stats": {
-        "maxLabelValues": series + 10, "maxSeries": 100 * series,
-        "customLabels": [{"name": "user", "header": "x-user"}],
-        "otlp": {"enabled": True, "endpoint": "127.0.0.1:1", "exportIntervalMs": interval_ms or 10**9}}}).stats
+    stats = parse(
+        {
+            "stats": {
+                "maxLabelValues": series + 10,
+                "maxSeries": 100 * series,
+                "customLabels": [{"name": "user", "header": "x-user"}],
+                "otlp": {"enabled": True, "endpoint": "127.0.0.1:1", "exportIntervalMs": interval_ms or 10**9},
+            }
+        }
+    ).stats
     exporter = EncodingExporter()
     otlp = OtlpMetrics(stats, exporter)
     calls = []
     for i in range(series):
-        c = Call(provider="openai", api="openai.chat", status=200, outcome=OK, headers={"x-user": f"user{i}"},
-                 start=0.0, first_chunk=0.4, end=2.5)
+        c = Call(
+            provider="openai",
+            api="openai.chat",
+            status=200,
+            outcome=OK,
+            headers={"x-user": f"user{i}"},
+            start=0.0,
+            first_chunk=0.4,
+            end=2.5,
+        )
         o = c.obs
         o.operation, o.request_model, o.response_model, o.streaming = "chat", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", True
         u = o.usage
@@ -86,8 +101,14 @@ def run(series: int, interval_ms: int | None, seconds: float) -> dict[str, float
     export_cpu = pacer.last_cpu * 1000 if pacer is not None else 0.0
     otlp.shutdown()
     waits.sort()
-    return {"calls_per_s": n / seconds, "p99_us": waits[int(len(waits) * 0.99)] * 1e6, "max_ms": waits[-1] * 1e3,
-            "exports": exports, "encode_ms": export_ms, "export_cpu_ms": export_cpu}
+    return {
+        "calls_per_s": n / seconds,
+        "p99_us": waits[int(len(waits) * 0.99)] * 1e6,
+        "max_ms": waits[-1] * 1e3,
+        "exports": exports,
+        "encode_ms": export_ms,
+        "export_cpu_ms": export_cpu,
+    }
 
 
 def main() -> None:
@@ -97,13 +118,17 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=5.0)
     args = ap.parse_args()
     base = run(args.series, None, args.seconds)
-    print(f"{args.series} label sets; export thread idle: {base['calls_per_s']:,.0f} calls/s, p99 {base['p99_us']:.0f} us, "
-          f"max {base['max_ms']:.1f} ms")
+    print(
+        f"{args.series} label sets; export thread idle: {base['calls_per_s']:,.0f} calls/s, p99 {base['p99_us']:.0f} us, "
+        f"max {base['max_ms']:.1f} ms"
+    )
     for interval in args.interval_ms:
         r = run(args.series, interval, args.seconds)
-        print(f"export every {interval} ms: {r['calls_per_s']:,.0f} calls/s ({(r['calls_per_s'] / base['calls_per_s'] - 1) * 100:+.0f}%), "
-              f"p99 {r['p99_us']:.0f} us, max {r['max_ms']:.1f} ms; {r['exports']:.0f} exports, encode {r['encode_ms']:.0f} ms each"
-              + (f", {r['export_cpu_ms']:.0f} ms CPU each" if r["export_cpu_ms"] else ""))
+        print(
+            f"export every {interval} ms: {r['calls_per_s']:,.0f} calls/s ({(r['calls_per_s'] / base['calls_per_s'] - 1) * 100:+.0f}%), "
+            f"p99 {r['p99_us']:.0f} us, max {r['max_ms']:.1f} ms; {r['exports']:.0f} exports, encode {r['encode_ms']:.0f} ms each"
+            + (f", {r['export_cpu_ms']:.0f} ms CPU each" if r["export_cpu_ms"] else "")
+        )
 
 
 if __name__ == "__main__":

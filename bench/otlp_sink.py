@@ -1,5 +1,6 @@
 """An OTLP/gRPC trace collector that accepts and discards (``python -m bench.otlp_sink PORT``):
 the live-collector side of the bench's tracing comparison."""
+
 from __future__ import annotations
 
 import sys
@@ -10,8 +11,9 @@ from opentelemetry.proto.collector.trace.v1 import trace_service_pb2, trace_serv
 
 
 class _Sink(trace_service_pb2_grpc.TraceServiceServicer):
-    def Export(self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
-               ) -> trace_service_pb2.ExportTraceServiceResponse:  # noqa: N802
+    def Export(
+        self, request: trace_service_pb2.ExportTraceServiceRequest, context: grpc.ServicerContext
+    ) -> trace_service_pb2.ExportTraceServiceResponse:  # noqa: N802
         return trace_service_pb2.ExportTraceServiceResponse()
 
 

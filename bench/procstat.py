@@ -1,4 +1,5 @@
 """CPU time and RSS of processes and process trees, read from /proc (Linux)."""
+
 from __future__ import annotations
 
 import os

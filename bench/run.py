@@ -6,6 +6,7 @@ All stacks run at once against the same fast upstreams; every scenario is run ag
 back to back, so the ratios compare measurements taken within seconds of each other on a shared,
 noisy machine. Results: ``bench/results/<timestamp>.json`` and ``.md`` (+ ``latest.*``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -61,8 +62,19 @@ class Profile:
     litellm_stream_rate: int = 5
 
 
-QUICK = Profile(concurrency=(1, 16, 64), rates=(100, 200), throughput_s=1.0, rate_s=1.0, stream_rate=10,
-                stream_s=1.0, chunks=50, chunk_interval_ms=1.0, hold_streams=20, warmup_s=0.3, litellm_rate=10)
+QUICK = Profile(
+    concurrency=(1, 16, 64),
+    rates=(100, 200),
+    throughput_s=1.0,
+    rate_s=1.0,
+    stream_rate=10,
+    stream_s=1.0,
+    chunks=50,
+    chunk_interval_ms=1.0,
+    hold_streams=20,
+    warmup_s=0.3,
+    litellm_rate=10,
+)
 
 
 # ---- processes ---------------------------------------------------------------------------------
@@ -185,18 +197,31 @@ class Stack:
             self.counts.mkdir()
             self.sidecar = subprocess.Popen(
                 [sys.executable, "-m", "bench.sidecar", "--config", str(cfg), "--workers", str(self.workers), "--counts", str(self.counts)],
-                cwd=ROOT, env={**os.environ, **self.env}, stdout=subprocess.DEVNULL, stderr=(d / "sidecar.log").open("wb"))
+                cwd=ROOT,
+                env={**os.environ, **self.env},
+                stdout=subprocess.DEVNULL,
+                stderr=(d / "sidecar.log").open("wb"),
+            )
             wait_port(sport, proc=self.sidecar)
         upstreams = self.upstreams
         fewer = self.name in ("fewer", "observe-fewer")
         if fewer:  # HTTP/2 to the (Envoy) non-streaming upstream: 2 messages per call
             upstreams = [envoy_config.Upstream(u.prefix, u.url, u.provider, http2=not u.prefix.startswith("/sse/")) for u in upstreams]
-        boot = envoy_config.bootstrap(upstreams=upstreams, listen=f"127.0.0.1:{self.port}", extproc=extproc,
-                                      access_log=str(d / "access.log"), admin=f"127.0.0.1:{self.admin}",
-                                      observability_mode=self.name.startswith("observe"), fewer_messages=fewer)
+        boot = envoy_config.bootstrap(
+            upstreams=upstreams,
+            listen=f"127.0.0.1:{self.port}",
+            extproc=extproc,
+            access_log=str(d / "access.log"),
+            admin=f"127.0.0.1:{self.admin}",
+            observability_mode=self.name.startswith("observe"),
+            fewer_messages=fewer,
+        )
         (d / "envoy.yaml").write_text(envoy_config.dump(boot))
-        self.envoy = subprocess.Popen(envoy_command(d / "envoy.yaml", "--concurrency", str(self.envoy_concurrency)),
-                                      stdout=subprocess.DEVNULL, stderr=(d / "envoy.log").open("wb"))
+        self.envoy = subprocess.Popen(
+            envoy_command(d / "envoy.yaml", "--concurrency", str(self.envoy_concurrency)),
+            stdout=subprocess.DEVNULL,
+            stderr=(d / "envoy.log").open("wb"),
+        )
         wait_port(self.port, proc=self.envoy)
 
     def _start_litellm(self, d: Path, wait: bool) -> None:
@@ -206,8 +231,13 @@ class Stack:
         (d / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         (d / "prometheus").mkdir()
         env = {**os.environ, **litellm.ENV, "PROMETHEUS_MULTIPROC_DIR": str(d / "prometheus"), **self.env}
-        self.litellm = subprocess.Popen(litellm.command(d / "config.yaml", self.port, self.workers), cwd=d, env=env,
-                                        stdout=(d / "litellm.log").open("wb"), stderr=subprocess.STDOUT)
+        self.litellm = subprocess.Popen(
+            litellm.command(d / "config.yaml", self.port, self.workers),
+            cwd=d,
+            env=env,
+            stdout=(d / "litellm.log").open("wb"),
+            stderr=subprocess.STDOUT,
+        )
         if wait:
             self.wait_ready()
 
@@ -224,8 +254,12 @@ class Stack:
                 raise RuntimeError(f"LiteLLM did not start (exit {self.litellm.poll()}); see {log}")
             time.sleep(0.5)
         wait_port(self.port, timeout=max(1.0, deadline - time.monotonic()), proc=self.litellm)
-        req = urllib.request.Request(f"http://127.0.0.1:{self.port}{CHAT_PATH}", data=CHAT_REQUEST, method="POST",
-                                     headers={"content-type": "application/json", **self.headers})
+        req = urllib.request.Request(
+            f"http://127.0.0.1:{self.port}{CHAT_PATH}",
+            data=CHAT_REQUEST,
+            method="POST",
+            headers={"content-type": "application/json", **self.headers},
+        )
         while True:
             try:
                 with urllib.request.urlopen(req, timeout=30) as r:
@@ -325,8 +359,8 @@ def wrk_script(path: Path, body: bytes, headers: dict[str, str] | None = None) -
         'wrk.method = "POST"\n'
         f"wrk.body = [[{body.decode()}]]\n"
         'wrk.headers["Content-Type"] = "application/json"\n'
-        + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items()) +
-        "done = function(summary, latency, requests)\n"
+        + "".join(f'wrk.headers["{k}"] = "{v}"\n' for k, v in (headers or {}).items())
+        + "done = function(summary, latency, requests)\n"
         "  local e = summary.errors\n"
         '  io.write(string.format("JSON {\\"requests\\":%d,\\"duration_us\\":%d,\\"errors\\":%d,\\"non2xx\\":%d,'
         '\\"p50_us\\":%d,\\"p99_us\\":%d}\\n", summary.requests, summary.duration, e.connect + e.read + e.write + e.timeout,'
@@ -338,8 +372,17 @@ def wrk_script(path: Path, body: bytes, headers: dict[str, str] | None = None) -
 
 def wrk(port: int, script: Path, connections: int, seconds: float) -> dict[str, Any]:
     # --timeout: wrk's 2 s default would count LiteLLM's queued calls at c=64 as errors, not as latency
-    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "30s", "-s", str(script),
-           f"http://127.0.0.1:{port}{CHAT_PATH}"]
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{max(1, round(seconds))}s",
+        "--timeout",
+        "30s",
+        "-s",
+        str(script),
+        f"http://127.0.0.1:{port}{CHAT_PATH}",
+    ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60)
     for line in p.stdout.splitlines():
         if line.startswith("JSON "):
@@ -369,7 +412,11 @@ def run_scenarios(stacks: list[Stack], prof: Profile, workdir: Path, log: Any) -
 
     for s in stacks:  # warm-up: connections, ext_proc HTTP/2 pools, code paths
         wrk(s.port, scripts[s.name], 16, prof.warmup_s)
-        asyncio.run(load.fixed_rate("127.0.0.1", s.port, sse(s, {"x-chunks": "5", "x-chunk-interval-ms": "0"}), 20, prof.warmup_s, sse=True, warm_connections=4))
+        asyncio.run(
+            load.fixed_rate(
+                "127.0.0.1", s.port, sse(s, {"x-chunks": "5", "x-chunk-interval-ms": "0"}), 20, prof.warmup_s, sse=True, warm_connections=4
+            )
+        )
 
     def measure(s: Stack, key: str, fn: Any) -> dict[str, Any]:
         before = s.snapshot()
@@ -385,8 +432,10 @@ def run_scenarios(stacks: list[Stack], prof: Profile, workdir: Path, log: Any) -
     for c in prof.concurrency:
         for s in stacks:
             r = measure(s, f"c{c}", lambda: wrk(s.port, scripts[s.name], c, prof.throughput_s))
-            log(f"  {s.name:8} c={c:<3} {r['rps']:8.0f} req/s  p50 {r['p50_us'] / 1000:.2f} ms  p99 {r['p99_us'] / 1000:.2f} ms  "
-                f"{_cpu_note(r, r['requests'])}/req  observed {r['counts'].get('observed', '-')}/{r['requests']}")
+            log(
+                f"  {s.name:8} c={c:<3} {r['rps']:8.0f} req/s  p50 {r['p50_us'] / 1000:.2f} ms  p99 {r['p99_us'] / 1000:.2f} ms  "
+                f"{_cpu_note(r, r['requests'])}/req  observed {r['counts'].get('observed', '-')}/{r['requests']}"
+            )
     for rate in prof.rates:
         for s in stacks:
             if s.is_litellm and rate > prof.litellm_max_rate:
@@ -396,23 +445,43 @@ def run_scenarios(stacks: list[Stack], prof: Profile, workdir: Path, log: Any) -
 
             def fixed() -> dict[str, Any]:
                 r = asyncio.run(load.fixed_rate("127.0.0.1", s.port, raw, rate, prof.rate_s))
-                return {"sent": r.sent, "requests": r.ok, "errors": r.errors, "new_connections": r.new_connections,
-                        "p50_ms": pct(r.latencies, 50), "p99_ms": pct(r.latencies, 99), "p999_ms": pct(r.latencies, 99.9),
-                        "driver_lag_max_ms": r.lag_max * 1000}
+                return {
+                    "sent": r.sent,
+                    "requests": r.ok,
+                    "errors": r.errors,
+                    "new_connections": r.new_connections,
+                    "p50_ms": pct(r.latencies, 50),
+                    "p99_ms": pct(r.latencies, 99),
+                    "p999_ms": pct(r.latencies, 99.9),
+                    "driver_lag_max_ms": r.lag_max * 1000,
+                }
+
             r = measure(s, f"rate{rate}", fixed)
-            log(f"  {s.name:8} {rate}/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  errors {r['errors']}  "
-                f"{_cpu_note(r, r['requests'])}/req")
+            log(
+                f"  {s.name:8} {rate}/s  p50 {r['p50_ms']:.3f} ms  p99 {r['p99_ms']:.3f} ms  errors {r['errors']}  "
+                f"{_cpu_note(r, r['requests'])}/req"
+            )
     for s in stacks:
         stream_req = sse(s, {"x-chunks": str(prof.chunks), "x-chunk-interval-ms": str(prof.chunk_interval_ms)})
 
         def streams() -> dict[str, Any]:
             r = asyncio.run(load.fixed_rate("127.0.0.1", s.port, stream_req, prof.stream_rate, prof.stream_s, sse=True))
-            return {"sent": r.sent, "requests": r.ok, "errors": r.errors, "events": r.events,
-                    "ttfb_p50_ms": pct(r.ttfb, 50), "ttfb_p99_ms": pct(r.ttfb, 99),
-                    "chunk_p50_ms": pct(r.chunk_transit, 50), "chunk_p99_ms": pct(r.chunk_transit, 99)}
+            return {
+                "sent": r.sent,
+                "requests": r.ok,
+                "errors": r.errors,
+                "events": r.events,
+                "ttfb_p50_ms": pct(r.ttfb, 50),
+                "ttfb_p99_ms": pct(r.ttfb, 99),
+                "chunk_p50_ms": pct(r.chunk_transit, 50),
+                "chunk_p99_ms": pct(r.chunk_transit, 99),
+            }
+
         r = measure(s, "stream", streams)
-        log(f"  {s.name:8} streams {prof.stream_rate}/s x {prof.chunks} chunks  TTFB p50 {r['ttfb_p50_ms']:.3f} ms p99 {r['ttfb_p99_ms']:.3f}  "
-            f"chunk p50 {r['chunk_p50_ms']:.3f} ms p99 {r['chunk_p99_ms']:.3f}  {_cpu_note(r, r['events'])}/chunk")
+        log(
+            f"  {s.name:8} streams {prof.stream_rate}/s x {prof.chunks} chunks  TTFB p50 {r['ttfb_p50_ms']:.3f} ms p99 {r['ttfb_p99_ms']:.3f}  "
+            f"chunk p50 {r['chunk_p50_ms']:.3f} ms p99 {r['chunk_p99_ms']:.3f}  {_cpu_note(r, r['events'])}/chunk"
+        )
     for s in stacks:
         if not (s.has_sidecar or s.is_litellm):
             continue
@@ -426,11 +495,14 @@ def run_scenarios(stacks: list[Stack], prof: Profile, workdir: Path, log: Any) -
             load.release(conns)
             await asyncio.sleep(0.2)
             return {"open_streams": n, "rss_idle_mb": idle, "rss_streams_mb": busy}
+
         r = asyncio.run(held())
         r["rss_streams_max_mb"] = max(r["rss_streams_mb"].values())
         r["rss_idle_max_mb"] = max(r["rss_idle_mb"].values())
         res[s.name]["hold"] = r
-        log(f"  {s.name:8} {r['open_streams']} open streams: RSS/worker max {r['rss_streams_max_mb']:.1f} MB (idle {r['rss_idle_max_mb']:.1f} MB)")
+        log(
+            f"  {s.name:8} {r['open_streams']} open streams: RSS/worker max {r['rss_streams_max_mb']:.1f} MB (idle {r['rss_idle_max_mb']:.1f} MB)"
+        )
     for s in stacks:
         if s.has_sidecar:
             res[s.name]["envoy_ext_proc_stats"] = s.envoy_stats()
@@ -472,14 +544,35 @@ def summarize(res: dict[str, dict[str, Any]], prof: Profile) -> list[dict[str, A
     add(f"proxy CPU per request @{prof.rates[0]} req/s (us)", f"rate{prof.rates[0]}", proxy_per_req, 0, "ratio")
     msgs = lambda r: r["msgs"]["stream_msgs_sent"] / r["requests"] if r["msgs"] else 0.0  # noqa: E731
     add(f"ext_proc messages per call, c={c} (Envoy stream_msgs_sent)", f"c{c}", msgs, 2, "none")
-    add(f"ext_proc replies per call, c={c} (Envoy stream_msgs_received)", f"c{c}",
-        lambda r: r["msgs"]["stream_msgs_received"] / r["requests"] if r["msgs"] else 0.0, 2, "none")
+    add(
+        f"ext_proc replies per call, c={c} (Envoy stream_msgs_received)",
+        f"c{c}",
+        lambda r: r["msgs"]["stream_msgs_received"] / r["requests"] if r["msgs"] else 0.0,
+        2,
+        "none",
+    )
     add(f"ext_proc messages per stream ({prof.chunks} chunks)", "stream", msgs, 1, "none")
-    add(f"busiest/idlest sidecar worker CPU share, c={c}", f"c{c}",
-        lambda r: r["worker_cpu_s"][0] / max(1e-9, r["worker_cpu_s"][-1]) if len(r["worker_cpu_s"]) > 1 else 1.0, 2, "none")
-    add(f"fully observed calls, c={c} (%)", f"c{c}", lambda r: 100 * r["counts"]["observed"] / r["requests"] if r["counts"] else None, 1, "none")
-    add(f"fully observed calls @{prof.rates[-1]} req/s (%)", f"rate{prof.rates[-1]}",
-        lambda r: 100 * r["counts"]["observed"] / r["sent"] if r["counts"] else None, 1, "none")
+    add(
+        f"busiest/idlest sidecar worker CPU share, c={c}",
+        f"c{c}",
+        lambda r: r["worker_cpu_s"][0] / max(1e-9, r["worker_cpu_s"][-1]) if len(r["worker_cpu_s"]) > 1 else 1.0,
+        2,
+        "none",
+    )
+    add(
+        f"fully observed calls, c={c} (%)",
+        f"c{c}",
+        lambda r: 100 * r["counts"]["observed"] / r["requests"] if r["counts"] else None,
+        1,
+        "none",
+    )
+    add(
+        f"fully observed calls @{prof.rates[-1]} req/s (%)",
+        f"rate{prof.rates[-1]}",
+        lambda r: 100 * r["counts"]["observed"] / r["sent"] if r["counts"] else None,
+        1,
+        "none",
+    )
     add(f"stream TTFB p50 ({prof.stream_rate} streams/s) (ms)", "stream", lambda r: r["ttfb_p50_ms"], 3)
     add("stream TTFB p99 (ms)", "stream", lambda r: r["ttfb_p99_ms"], 3)
     add(f"per-chunk transit p50 ({prof.chunks} chunks/stream) (ms)", "stream", lambda r: r["chunk_p50_ms"], 3)
@@ -488,10 +581,21 @@ def summarize(res: dict[str, dict[str, Any]], prof: Profile) -> list[dict[str, A
     add("Envoy CPU per chunk (us)", "stream", lambda r: 1e6 * r["envoy_cpu_s"] / r["events"], 1)
     add("proxy CPU per chunk (us): Envoy + sidecar, or LiteLLM", "stream", lambda r: 1e6 * r["proxy_cpu_s"] / r["events"], 1, "ratio")
     add("fully observed streams (%)", "stream", lambda r: 100 * r["counts"]["observed"] / r["sent"] if r["counts"] else None, 1, "none")
-    add(f"streams refused @{prof.rates[-1]} req/s (% of sent; limits.maxStreams / maxWaitingStreams)", f"rate{prof.rates[-1]}",
-        lambda r: 100 * r["counts"]["refused"] / r["sent"] if r["counts"] else None, 1, "none")
+    add(
+        f"streams refused @{prof.rates[-1]} req/s (% of sent; limits.maxStreams / maxWaitingStreams)",
+        f"rate{prof.rates[-1]}",
+        lambda r: 100 * r["counts"]["refused"] / r["sent"] if r["counts"] else None,
+        1,
+        "none",
+    )
     add(f"sidecar (or LiteLLM) RSS per worker, peak during c={c} (MB)", f"c{c}", lambda r: r["rss_peak_mb"], 1, "none")
-    add(f"sidecar (or LiteLLM) RSS per worker, peak during @{prof.rates[-1]} req/s (MB)", f"rate{prof.rates[-1]}", lambda r: r["rss_peak_mb"], 1, "none")
+    add(
+        f"sidecar (or LiteLLM) RSS per worker, peak during @{prof.rates[-1]} req/s (MB)",
+        f"rate{prof.rates[-1]}",
+        lambda r: r["rss_peak_mb"],
+        1,
+        "none",
+    )
     add("sidecar (or LiteLLM) RSS per worker, idle (MB)", "hold", lambda r: r["rss_idle_max_mb"], 1, "none")
     add(f"sidecar (or LiteLLM) RSS per worker, {prof.hold_streams} open streams (MB)", "hold", lambda r: r["rss_streams_max_mb"], 1, "none")
     add("open streams reached", "hold", lambda r: r["open_streams"], 0, "none")
@@ -539,15 +643,22 @@ def litellm_side_by_side(res: dict[str, dict[str, Any]], prof: Profile) -> str:
     others = [n for n in res if n not in ("litellm", "envoy")]
     c, rate = prof.concurrency[-1], prof.rates[0]
     head = ["figure", "litellm", *(["envoy"] if "envoy" in res else []), *others]
-    out = [f"**LiteLLM side by side** (its whole process tree is the proxy; \"xN less\": LiteLLM's figure / the "
-           f"other's; \"added\": over Envoy alone). CPU per call: c={c} and @{rate} req/s; per chunk: streams.", "",
-           "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    out = [
+        f'**LiteLLM side by side** (its whole process tree is the proxy; "xN less": LiteLLM\'s figure / the '
+        f'other\'s; "added": over Envoy alone). CPU per call: c={c} and @{rate} req/s; per chunk: streams.',
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ]
 
     def per(key: str, n: str) -> Any:
         return lambda r: 1e6 * r[key] / r[n]
 
-    for label, scen, n in ((f"CPU per call, c={c} (us)", f"c{c}", "requests"), (f"CPU per call @{rate} req/s (us)", f"rate{rate}", "requests"),
-                           ("CPU per chunk (us)", "stream", "events")):
+    for label, scen, n in (
+        (f"CPU per call, c={c} (us)", f"c{c}", "requests"),
+        (f"CPU per call @{rate} req/s (us)", f"rate{rate}", "requests"),
+        ("CPU per chunk (us)", "stream", "events"),
+    ):
         theirs = _get(res, "litellm", scen, per("proxy_cpu_s", n))
         row = [label, _f(theirs, 0)]
         if "envoy" in res:
@@ -563,14 +674,19 @@ def litellm_side_by_side(res: dict[str, dict[str, Any]], prof: Profile) -> str:
 
         def over(stack: str) -> list[float | None]:
             return [_sub(_get(res, stack, scen, lambda r, k=k: r[k]), b) for k, b in zip(keys, base, strict=True)]
+
         theirs = over("litellm")
         row = [label, " / ".join(f"{v:+.2f}" if v is not None else "-" for v in theirs)]
         if "envoy" in res:
             row.append("0")
         for o in others:
             ours = over(o)
-            row.append(" / ".join(f"{v:+.2f}" if v is not None else "-" for v in ours)
-                       + " (LiteLLM adds " + " / ".join(_x(a, b) for a, b in zip(theirs, ours, strict=True)) + ")")
+            row.append(
+                " / ".join(f"{v:+.2f}" if v is not None else "-" for v in ours)
+                + " (LiteLLM adds "
+                + " / ".join(_x(a, b) for a, b in zip(theirs, ours, strict=True))
+                + ")"
+            )
         out.append("| " + " | ".join(row) + " |")
 
     if "envoy" in res:
@@ -587,19 +703,25 @@ def litellm_side_by_side(res: dict[str, dict[str, Any]], prof: Profile) -> str:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="a few seconds: check every figure is produced")
-    ap.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                    help="sidecar workers, and LiteLLM's --num_workers (default: CPU count)")
+    ap.add_argument(
+        "--workers", type=int, default=os.cpu_count() or 1, help="sidecar workers, and LiteLLM's --num_workers (default: CPU count)"
+    )
     ap.add_argument("--envoy-concurrency", type=int, default=2, help="Envoy worker threads (default 2)")
-    ap.add_argument("--stacks", default=DEFAULT_STACKS,
-                    help=f"which stacks (comma separated; default {DEFAULT_STACKS}): envoy alone, inline, fewer "
-                         "(fewer-messages mode, HTTP/2 upstream), observe (observability_mode), observe-fewer (both, HTTP/2 "
-                         "upstream; only when asked), "
-                         "traced (inline, tracing on, OTLP collector unreachable), traced-live (collector up), "
-                         "litellm (the LiteLLM proxy, pinned, in .venv-litellm: installed on first use; only when asked)")
+    ap.add_argument(
+        "--stacks",
+        default=DEFAULT_STACKS,
+        help=f"which stacks (comma separated; default {DEFAULT_STACKS}): envoy alone, inline, fewer "
+        "(fewer-messages mode, HTTP/2 upstream), observe (observability_mode), observe-fewer (both, HTTP/2 "
+        "upstream; only when asked), "
+        "traced (inline, tracing on, OTLP collector unreachable), traced-live (collector up), "
+        "litellm (the LiteLLM proxy, pinned, in .venv-litellm: installed on first use; only when asked)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     ap.add_argument("--label", default="", help="suffix for the result file names")
-    ap.add_argument("--rates", help="fixed rates in req/s, comma separated (default 500,1500); the last one is "
-                                    "the overload row (refused streams, peak RSS)")
+    ap.add_argument(
+        "--rates",
+        help="fixed rates in req/s, comma separated (default 500,1500); the last one is the overload row (refused streams, peak RSS)",
+    )
     args = ap.parse_args(argv)
     prof = QUICK if args.quick else Profile()
     if args.rates:
@@ -614,8 +736,10 @@ def main(argv: list[str] | None = None) -> int:
     if "litellm" in names:
         litellm.install(log)
     elif not litellm.installed():
-        log("bench: litellm stack skipped: not in --stacks and .venv-litellm absent "
-            "(`--stacks envoy,inline,litellm` installs the pinned proxy there and runs it)")
+        log(
+            "bench: litellm stack skipped: not in --stacks and .venv-litellm absent "
+            "(`--stacks envoy,inline,litellm` installs the pinned proxy there and runs it)"
+        )
     else:
         log("bench: litellm stack skipped: not in --stacks (add it: --stacks envoy,inline,litellm)")
     workdir = Path(tempfile.mkdtemp(prefix="extproc-bench-"))
@@ -625,21 +749,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         up_port, sse_port = free_port(), free_port()
         (workdir / "upstream.yaml").write_text(direct_response_envoy(up_port))
-        procs.append(subprocess.Popen(envoy_command(workdir / "upstream.yaml", "--concurrency", "1"),
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(
+            subprocess.Popen(
+                envoy_command(workdir / "upstream.yaml", "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+            )
+        )
         procs.append(subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(sse_port)], cwd=ROOT))
         wait_port(up_port, proc=procs[0])
         wait_port(sse_port, proc=procs[1])
-        upstreams = [envoy_config.Upstream("/sse/", f"http://127.0.0.1:{sse_port}"),
-                     envoy_config.Upstream("/", f"http://127.0.0.1:{up_port}")]
+        upstreams = [
+            envoy_config.Upstream("/sse/", f"http://127.0.0.1:{sse_port}"),
+            envoy_config.Upstream("/", f"http://127.0.0.1:{up_port}"),
+        ]
         for name in names:
             st = Stack(name, workdir, upstreams, args.workers, args.envoy_concurrency)
             stacks.append(st)
             st.start(wait=not st.is_litellm)  # LiteLLM takes tens of seconds to import: the others start meanwhile
         for st in stacks:
             st.wait_ready()
-        log(f"bench: {', '.join(s.name for s in stacks)}; sidecar (and LiteLLM) workers {args.workers}, "
-            f"Envoy --concurrency {args.envoy_concurrency}; workdir {workdir}")
+        log(
+            f"bench: {', '.join(s.name for s in stacks)}; sidecar (and LiteLLM) workers {args.workers}, "
+            f"Envoy --concurrency {args.envoy_concurrency}; workdir {workdir}"
+        )
         res = run_scenarios(stacks, prof, workdir, log)
     finally:
         for s in stacks:
@@ -652,10 +783,15 @@ def main(argv: list[str] | None = None) -> int:
     table = markdown(rows, names) + ("\n" + litellm_side_by_side(res, prof) if "litellm" in res else "")
     meta = {
         "command": " ".join(["python -m bench", *(argv if argv is not None else sys.argv[1:])]),
-        "quick": args.quick, "workers": args.workers, "envoy_concurrency": args.envoy_concurrency,
+        "quick": args.quick,
+        "workers": args.workers,
+        "envoy_concurrency": args.envoy_concurrency,
         "litellm": litellm.REQUIREMENTS.read_text().split("\nlitellm[proxy]==", 1)[1].split()[0] if "litellm" in res else None,
-        "cpus": os.cpu_count(), "python": platform.python_version(), "envoy": envoy_binary(),
-        "loadavg_before_end": os.getloadavg(), "duration_s": round(time.monotonic() - started, 1),
+        "cpus": os.cpu_count(),
+        "python": platform.python_version(),
+        "envoy": envoy_binary(),
+        "loadavg_before_end": os.getloadavg(),
+        "duration_s": round(time.monotonic() - started, 1),
         "profile": prof.__dict__,
     }
     args.out.mkdir(parents=True, exist_ok=True)
@@ -663,8 +799,9 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"meta": meta, "results": res, "table": [{**r, "values": r["values"]} for r in rows]}
     for base in (args.out / stamp, args.out / ("latest-quick" if args.quick else "latest")):
         base.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str))
-        base.with_suffix(".md").write_text(f"`{meta['command']}` ({meta['cpus']} CPUs, load avg {meta['loadavg_before_end'][0]:.1f}, "
-                                           f"{meta['duration_s']} s)\n\n" + table)
+        base.with_suffix(".md").write_text(
+            f"`{meta['command']}` ({meta['cpus']} CPUs, load avg {meta['loadavg_before_end'][0]:.1f}, {meta['duration_s']} s)\n\n" + table
+        )
     print(table)
     log(f"bench: {meta['duration_s']} s; results in {args.out / stamp}.json/.md")
     return 0

@@ -8,6 +8,7 @@ exposition holds N series, then the parent's endpoint is scraped.
 Prints: series, exposition bytes, a cold scrape (renders), a warm one (within
 renderIntervalSeconds: the shared render), and 4 concurrent cold scrapes (one render between them).
 """
+
 from __future__ import annotations
 
 import argparse

@@ -4,6 +4,7 @@ Each worker maps a small file ``<counts-dir>/<pid>`` and keeps its totals there 
 calls whose usage was observed, calls that ended ok, streams refused at ``limits.maxStreams``): the
 runner sums them to learn how many calls the sidecar fully observed, and how many it shed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     cfg = config.load(args.config)
     logs.setup(cfg.logging.level)
+
     def observers(c: config.Config) -> list:
         return [*app.observers(c), Counter(args.counts)]
 

@@ -5,6 +5,7 @@ sidecar with 2 workers for --duration seconds, 10% of streaming clients aborting
 Prints requests served, tokens expected vs counted (access log), client errors, and the sidecar's
 RSS at start and end. Exits 1 if any count differs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -66,7 +67,10 @@ def main() -> int:
         rss_end = rss_bytes(s.sidecar.pid)
         # Envoy's own view: a message the sidecar did not answer in time (or a failed stream) makes
         # Envoy fail open, and that call's metadata is missed. Non-zero here explains a shortfall.
-        envoy = {k: s.envoy_stat(f"http.llm.ext_proc.{k}") for k in ("streams_started", "message_timeouts", "failure_mode_allowed", "streams_failed")}
+        envoy = {
+            k: s.envoy_stat(f"http.llm.ext_proc.{k}")
+            for k in ("streams_started", "message_timeouts", "failure_mode_allowed", "streams_failed")
+        }
         counted: Counter[str] = Counter()
         logged = 0
         with s.access_log.open() as f:

@@ -9,6 +9,7 @@
   CLOCK_MONOTONIC send time in ns (``"t<ns>"``) so the client measures each chunk's transit time
   through the proxy exactly (same host, same clock).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,31 +22,41 @@ MODEL = "gpt-4o-mini"
 PROVIDER_MODEL = "gpt-4o-mini-2024-07-18"
 PROMPT_TOKENS = 9  # every response's usage.prompt_tokens
 
-CHAT_RESPONSE = orjson.dumps({
-    "id": "chatcmpl-bench0000000000000000000000",
-    "object": "chat.completion",
-    "created": 1730000000,
-    "model": PROVIDER_MODEL,
-    "choices": [{
-        "index": 0,
-        "message": {"role": "assistant", "content": "Hello! How can I help you today? " * 4, "refusal": None},
-        "logprobs": None,
-        "finish_reason": "stop",
-    }],
-    "usage": {
-        "prompt_tokens": PROMPT_TOKENS, "completion_tokens": 36, "total_tokens": PROMPT_TOKENS + 36,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
-    },
-    "service_tier": "default",
-    "system_fingerprint": "fp_bench",
-}).decode()
+CHAT_RESPONSE = orjson.dumps(
+    {
+        "id": "chatcmpl-bench0000000000000000000000",
+        "object": "chat.completion",
+        "created": 1730000000,
+        "model": PROVIDER_MODEL,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": "Hello! How can I help you today? " * 4, "refusal": None},
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": PROMPT_TOKENS,
+            "completion_tokens": 36,
+            "total_tokens": PROMPT_TOKENS + 36,
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 0, "audio_tokens": 0},
+        },
+        "service_tier": "default",
+        "system_fingerprint": "fp_bench",
+    }
+).decode()
 
 CHAT_REQUEST = orjson.dumps({"model": MODEL, "messages": [{"role": "user", "content": "Say hello."}]})
-STREAM_REQUEST = orjson.dumps({
-    "model": MODEL, "stream": True, "stream_options": {"include_usage": True},
-    "messages": [{"role": "user", "content": "Say hello."}],
-})
+STREAM_REQUEST = orjson.dumps(
+    {
+        "model": MODEL,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "messages": [{"role": "user", "content": "Say hello."}],
+    }
+)
 
 
 def direct_response_envoy(listen_port: int, admin_port: int | None = None) -> str:
@@ -60,11 +71,25 @@ def _event(i: int, n: int, t_ns: int) -> bytes:
     head = b'{"id":"chatcmpl-bench","object":"chat.completion.chunk","created":1730000000,"model":"' + PROVIDER_MODEL.encode() + b'",'
     if i < n - 1:
         delta = b'{"role":"assistant","content":"' if i == 0 else b'{"content":"'
-        body = head + b'"choices":[{"index":0,"delta":' + delta + b"t" + str(t_ns).encode() + b' "},"logprobs":null,"finish_reason":null}],"usage":null}'
+        body = (
+            head
+            + b'"choices":[{"index":0,"delta":'
+            + delta
+            + b"t"
+            + str(t_ns).encode()
+            + b' "},"logprobs":null,"finish_reason":null}],"usage":null}'
+        )
     else:  # the last event: finish reason and usage (include_usage)
-        body = (head + b'"choices":[{"index":0,"delta":{"content":"t' + str(t_ns).encode() + b' "},"logprobs":null,"finish_reason":"stop"}],'
-                b'"usage":{"prompt_tokens":' + str(PROMPT_TOKENS).encode() + b',"completion_tokens":' + str(n).encode()
-                + b',"total_tokens":' + str(PROMPT_TOKENS + n).encode() + b"}}")
+        body = (
+            head + b'"choices":[{"index":0,"delta":{"content":"t' + str(t_ns).encode() + b' "},"logprobs":null,"finish_reason":"stop"}],'
+            b'"usage":{"prompt_tokens":'
+            + str(PROMPT_TOKENS).encode()
+            + b',"completion_tokens":'
+            + str(n).encode()
+            + b',"total_tokens":'
+            + str(PROMPT_TOKENS + n).encode()
+            + b"}}"
+        )
     return b"data: " + body + b"\n\n"
 
 

@@ -3,6 +3,7 @@
 One source for the alert rules: the Prometheus rule file docker-compose loads; the Prometheus
 Operator's PrometheusRule carries the same groups (tests/e2e/test_deploy_kubernetes.py checks).
 """
+
 from __future__ import annotations
 
 import sys

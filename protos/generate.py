@@ -5,6 +5,7 @@ tests/support/_pb.
 Run from the repository root: `python protos/generate.py` (what `make protos` does).
 The generated modules are committed; tests/unit/test_protos.py fails if regenerating would change them.
 """
+
 from __future__ import annotations
 
 import sys

@@ -17,8 +17,9 @@ from tests.support.replay_upstream import ReplayUpstream  # noqa: E402
 def mock_llm() -> Iterator[str]:
     """The built-in mock LLM (``extproc mock-llm``, OpenAI-compatible) as a process: its URL."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "extproc", "mock-llm", "--port", str(port)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "extproc", "mock-llm", "--port", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         wait_port(port, proc=proc)
         yield f"http://127.0.0.1:{port}"

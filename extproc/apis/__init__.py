@@ -14,6 +14,7 @@ Adding a provider is adding its module (plus its recordings and case rows in the
 docs/providers.md): the router, the host table, the tracing names, the price catalogue ids and
 the finish-reason table are built from these.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -28,8 +29,11 @@ _NOT_PARSERS = frozenset({"base", "finish", "routing"})
 
 @lru_cache(maxsize=1)
 def modules() -> tuple[ModuleType, ...]:
-    found = [importlib.import_module(f"{__name__}.{m.name}") for m in pkgutil.iter_modules(__path__)
-             if m.name not in _NOT_PARSERS and not m.name.startswith("_")]
+    found = [
+        importlib.import_module(f"{__name__}.{m.name}")
+        for m in pkgutil.iter_modules(__path__)
+        if m.name not in _NOT_PARSERS and not m.name.startswith("_")
+    ]
     for module in found:
         for attr in ("ROUTES", "PROVIDERS", "ORDER", "FINISH_REASONS"):
             if not hasattr(module, attr):

@@ -22,6 +22,7 @@ error.
 The event handling lives in :class:`AnthropicEvents` so Bedrock InvokeModel and Vertex AI
 ``rawPredict`` (same payloads, other transports) reuse it.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -182,14 +183,25 @@ class AnthropicCountTokens(ApiParser):
             self.obs.parse_error("bad_token_count")
 
 
-
 ORDER = 40
-PROVIDERS = (Provider("anthropic", "anthropic", ("api.anthropic.com",), catalogue=("anthropic",),
-                      openinference=("anthropic", "anthropic"), model_markers=("claude", "anthropic.")),)
+PROVIDERS = (
+    Provider(
+        "anthropic",
+        "anthropic",
+        ("api.anthropic.com",),
+        catalogue=("anthropic",),
+        openinference=("anthropic", "anthropic"),
+        model_markers=("claude", "anthropic."),
+    ),
+)
 # stop_reason (also Claude through Bedrock and Vertex AI)
 FINISH_REASONS = {
-    "end_turn": STOP, "stop_sequence": STOP, "max_tokens": LENGTH, "tool_use": TOOL_CALLS,
-    "refusal": CONTENT_FILTER, "model_context_window_exceeded": LENGTH,
+    "end_turn": STOP,
+    "stop_sequence": STOP,
+    "max_tokens": LENGTH,
+    "tool_use": TOOL_CALLS,
+    "refusal": CONTENT_FILTER,
+    "model_context_window_exceeded": LENGTH,
 }
 ROUTES = [
     route(r"/v1/messages/count_tokens$", AnthropicCountTokens),

@@ -37,6 +37,7 @@ whatever usage it showed on the way (Anthropic reports usage in ``message_start`
 cumulative usage in every chunk). Parsers without ``stream_markers`` (no streamed form, or none we
 know the end of) call a stream complete at its last byte.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -401,9 +402,14 @@ class ApiParser:
             inp = min((inp or 0) + (read or 0) + (write or 0), MAX_TOKENS)
         if self.output_excludes_reasoning and reasoning is not None:
             out = min((out or 0) + reasoning, MAX_TOKENS)
-        if (u.input_tokens != inp or u.output_tokens != out or u.total_tokens != r.total_tokens
-                or u.cached_input_tokens != read or u.cache_creation_input_tokens != write
-                or u.reasoning_tokens != reasoning):
+        if (
+            u.input_tokens != inp
+            or u.output_tokens != out
+            or u.total_tokens != r.total_tokens
+            or u.cached_input_tokens != read
+            or u.cache_creation_input_tokens != write
+            or u.reasoning_tokens != reasoning
+        ):
             u.input_tokens, u.output_tokens, u.total_tokens = inp, out, r.total_tokens
             u.cached_input_tokens, u.cache_creation_input_tokens, u.reasoning_tokens = read, write, reasoning
             self.changed = True

@@ -21,6 +21,7 @@ usage, sent last) arrived; InvokeModelWithResponseStream at the model's own end 
 ``message_stop``/``message_delta`` with ``stop_reason``, Nova's ``messageStop`` + ``metadata``) or
 at the chunk carrying ``amazon-bedrock-invocationMetrics``, which Bedrock adds to the last one.
 """
+
 from __future__ import annotations
 
 import base64
@@ -204,12 +205,7 @@ class BedrockInvoke(_EventStreamParser, AnthropicEvents):
             self._native(obj, streamed=True)
 
     def _want_inner(self, inner: bytes) -> bool:
-        return (
-            self.want_anthropic_event(inner)
-            or b"invocationMetrics" in inner
-            or b'"metadata"' in inner
-            or b'"messageStop"' in inner
-        )
+        return self.want_anthropic_event(inner) or b"invocationMetrics" in inner or b'"metadata"' in inner or b'"messageStop"' in inner
 
     def _native(self, obj: dict[str, Any], streamed: bool) -> None:
         kind = obj.get("type")
@@ -256,14 +252,8 @@ class BedrockInvoke(_EventStreamParser, AnthropicEvents):
         self.set_usage(
             input_tokens=metrics.get("inputTokenCount") if usage.input_tokens is None else None,
             output_tokens=metrics.get("outputTokenCount") if usage.output_tokens is None else None,
-            cached_input_tokens=(
-                metrics.get("cacheReadInputTokenCount") if usage.cached_input_tokens is None else None
-            ),
-            cache_creation_input_tokens=(
-                metrics.get("cacheWriteInputTokenCount")
-                if usage.cache_creation_input_tokens is None
-                else None
-            ),
+            cached_input_tokens=(metrics.get("cacheReadInputTokenCount") if usage.cached_input_tokens is None else None),
+            cache_creation_input_tokens=(metrics.get("cacheWriteInputTokenCount") if usage.cache_creation_input_tokens is None else None),
         )
 
 
@@ -274,21 +264,21 @@ def _converse_counts(usage: dict[str, Any]) -> dict[str, Any]:
         "output_tokens": usage.get("outputTokens"),
         "total_tokens": usage.get("totalTokens"),
         "cached_input_tokens": usage.get("cacheReadInputTokens", usage.get("cacheReadInputTokenCount")),
-        "cache_creation_input_tokens": usage.get(
-            "cacheWriteInputTokens", usage.get("cacheWriteInputTokenCount")
-        ),
+        "cache_creation_input_tokens": usage.get("cacheWriteInputTokens", usage.get("cacheWriteInputTokenCount")),
     }
-
 
 
 _M = r"^/model/(?P<model>[^/]+)"
 ORDER = 20
-PROVIDERS = (Provider("bedrock", "aws.bedrock", (".amazonaws.com",), catalogue=("aws",), openinference=("aws", None),
-                      hosts_others=True),)
+PROVIDERS = (Provider("bedrock", "aws.bedrock", (".amazonaws.com",), catalogue=("aws",), openinference=("aws", None), hosts_others=True),)
 # Converse stopReason (InvokeModel: the model's own, e.g. the Anthropic module's for Claude)
 FINISH_REASONS = {
-    "end_turn": STOP, "stop_sequence": STOP, "max_tokens": LENGTH, "tool_use": TOOL_CALLS,
-    "guardrail_intervened": CONTENT_FILTER, "content_filtered": CONTENT_FILTER,
+    "end_turn": STOP,
+    "stop_sequence": STOP,
+    "max_tokens": LENGTH,
+    "tool_use": TOOL_CALLS,
+    "guardrail_intervened": CONTENT_FILTER,
+    "content_filtered": CONTENT_FILTER,
     "model_context_window_exceeded": LENGTH,
 }
 ROUTES = [

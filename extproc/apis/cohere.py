@@ -12,6 +12,7 @@ Cohere v1 chat (``/v1/chat``) answers with one JSON object, or with ``stream: tr
 delimited JSON events (``application/stream+json``) whose ``stream-end`` event carries the whole
 response, ``meta`` included.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -155,14 +156,26 @@ class CohereEmbed(_CohereUsage):
     input_keys = ("texts", "inputs")
 
 
-
 ORDER = 50
-PROVIDERS = (Provider("cohere", "cohere", ("api.cohere.com", "api.cohere.ai"), catalogue=("cohere",),
-                      openinference=("cohere", "cohere"), model_markers=("cohere.",)),)
+PROVIDERS = (
+    Provider(
+        "cohere",
+        "cohere",
+        ("api.cohere.com", "api.cohere.ai"),
+        catalogue=("cohere",),
+        openinference=("cohere", "cohere"),
+        model_markers=("cohere.",),
+    ),
+)
 # finish_reason (v2 upper case, v1 upper case too)
 FINISH_REASONS = {
-    "COMPLETE": STOP, "STOP_SEQUENCE": STOP, "MAX_TOKENS": LENGTH, "TOOL_CALL": TOOL_CALLS, "ERROR": ERROR,
-    "ERROR_TOXIC": CONTENT_FILTER, "ERROR_LIMIT": LENGTH,
+    "COMPLETE": STOP,
+    "STOP_SEQUENCE": STOP,
+    "MAX_TOKENS": LENGTH,
+    "TOOL_CALL": TOOL_CALLS,
+    "ERROR": ERROR,
+    "ERROR_TOXIC": CONTENT_FILTER,
+    "ERROR_LIMIT": LENGTH,
 }
 ROUTES = [
     route(r"^/v2/chat$", CohereChat, "cohere"),

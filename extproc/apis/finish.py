@@ -11,6 +11,7 @@ Each parser module declares ``FINISH_REASONS``, its API's raw values (as on the 
 without case) -> one of :data:`REASONS`. The table here is their union, built once: a raw value
 two modules map differently is refused at start-up, so one raw value always means one thing.
 """
+
 from __future__ import annotations
 
 from extproc.core.call import Call
@@ -34,8 +35,7 @@ def table() -> dict[str, str]:
                 if reason not in REASONS:
                     raise TypeError(f"{module.__name__}.FINISH_REASONS[{raw!r}] = {reason!r}: not one of {REASONS}")
                 if out.setdefault(key, reason) != reason:
-                    raise TypeError(f"{module.__name__}.FINISH_REASONS[{raw!r}] = {reason!r}, "
-                                    f"but another module maps it to {out[key]!r}")
+                    raise TypeError(f"{module.__name__}.FINISH_REASONS[{raw!r}] = {reason!r}, but another module maps it to {out[key]!r}")
         _table = out
     return _table
 

@@ -18,6 +18,7 @@ reported for the tokens produced so far. An error element ends it as an error.
 
 Claude on Vertex (``publishers/anthropic/...:rawPredict``) is routed here to the Anthropic parser.
 """
+
 from __future__ import annotations
 
 from typing import Any, ClassVar
@@ -179,22 +180,33 @@ class GeminiStream(GeminiGenerate):
         self.on_response_json(obj)
 
 
-
 _VERTEX = r"^/v1(?:beta1)?/projects/[^/]+/locations/[^/]+/publishers/"
 _MODEL = r"(?P<model>[^/:]+)"
 ORDER = 30  # Vertex AI (incl. Claude on Vertex) and the Gemini API
 PROVIDERS = (
-    Provider("gemini", "gcp.gemini", ("generativelanguage.googleapis.com",), catalogue=("google",),
-             openinference=("google", None)),
+    Provider("gemini", "gcp.gemini", ("generativelanguage.googleapis.com",), catalogue=("google",), openinference=("google", None)),
     # Vertex AI also serves Claude: priced from Anthropic's list when Google's does not name the model
-    Provider("vertex_ai", "gcp.vertex_ai", ("aiplatform.googleapis.com",), catalogue=("google", "anthropic"),
-             openinference=("google", "vertexai"), hosts_others=True),
+    Provider(
+        "vertex_ai",
+        "gcp.vertex_ai",
+        ("aiplatform.googleapis.com",),
+        catalogue=("google", "anthropic"),
+        openinference=("google", "vertexai"),
+        hosts_others=True,
+    ),
 )
 # candidates[].finishReason (Claude on Vertex: the Anthropic module's stop reasons)
 FINISH_REASONS = {
-    "STOP": STOP, "MAX_TOKENS": LENGTH, "FINISH_REASON_UNSPECIFIED": OTHER, "SAFETY": CONTENT_FILTER,
-    "RECITATION": CONTENT_FILTER, "BLOCKLIST": CONTENT_FILTER, "PROHIBITED_CONTENT": CONTENT_FILTER,
-    "SPII": CONTENT_FILTER, "IMAGE_SAFETY": CONTENT_FILTER, "MALFORMED_FUNCTION_CALL": ERROR,
+    "STOP": STOP,
+    "MAX_TOKENS": LENGTH,
+    "FINISH_REASON_UNSPECIFIED": OTHER,
+    "SAFETY": CONTENT_FILTER,
+    "RECITATION": CONTENT_FILTER,
+    "BLOCKLIST": CONTENT_FILTER,
+    "PROHIBITED_CONTENT": CONTENT_FILTER,
+    "SPII": CONTENT_FILTER,
+    "IMAGE_SAFETY": CONTENT_FILTER,
+    "MALFORMED_FUNCTION_CALL": ERROR,
     "UNEXPECTED_TOOL_CALL": ERROR,
 }
 ROUTES = [

@@ -7,6 +7,7 @@ The response is either ``application/json`` (the JSON-RPC response) or ``text/ev
 tool result says ``isError``. The operation is ``execute_tool`` for ``tools/call``, else the
 method. With content capture, the tool arguments are kept (``mcp.arguments``).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,13 +20,30 @@ EXECUTE_TOOL = "execute_tool"  # the GenAI operation of a tools/call
 
 # The MCP spec's methods: the values a metric label may take for an MCP method (others: "other"),
 # so a client sending junk methods cannot grow a label set.
-KNOWN_METHODS = frozenset({
-    "initialize", "ping", "tools/list", "tools/call", "resources/list", "resources/read",
-    "resources/templates/list", "resources/subscribe", "resources/unsubscribe", "prompts/list",
-    "prompts/get", "completion/complete", "logging/setLevel", "notifications/initialized",
-    "notifications/cancelled", "notifications/progress", "notifications/roots/list_changed",
-    "sampling/createMessage", "elicitation/create", "roots/list",
-})
+KNOWN_METHODS = frozenset(
+    {
+        "initialize",
+        "ping",
+        "tools/list",
+        "tools/call",
+        "resources/list",
+        "resources/read",
+        "resources/templates/list",
+        "resources/subscribe",
+        "resources/unsubscribe",
+        "prompts/list",
+        "prompts/get",
+        "completion/complete",
+        "logging/setLevel",
+        "notifications/initialized",
+        "notifications/cancelled",
+        "notifications/progress",
+        "notifications/roots/list_changed",
+        "sampling/createMessage",
+        "elicitation/create",
+        "roots/list",
+    }
+)
 _OPERATIONS = KNOWN_METHODS | {EXECUTE_TOOL, "mcp"}  # "mcp": a request without a method
 
 
@@ -100,7 +118,6 @@ class McpParser(ApiParser):
         result = obj.get("result")
         if isinstance(result, dict) and result.get("isError") is True:
             self.obs.error_type = "tool_error"
-
 
 
 ORDER = 10  # POST /mcp: JSON-RPC (tool calls); no LLM provider of its own

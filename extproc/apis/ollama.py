@@ -7,6 +7,7 @@ parsed unless content is captured. ``/api/embed`` reports ``prompt_eval_count``.
 complete at its ``"done": true`` object; an ``error`` line ends it as an error.
 (Ollama's OpenAI-compatible ``/v1/...`` endpoints are served by the OpenAI parsers.)
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -43,13 +44,7 @@ class _Ollama(ApiParser):
                     self.obs.params[name] = value
 
     def want_json_line(self, line: bytes) -> bool:
-        return (
-            self.capture
-            or self.obs.response_model is None
-            or b'"done":true' in line
-            or b'"done": true' in line
-            or b'"error"' in line
-        )
+        return self.capture or self.obs.response_model is None or b'"done":true' in line or b'"done": true' in line or b'"error"' in line
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -86,7 +81,6 @@ class OllamaEmbed(_Ollama):
     operation = "embeddings"
     api = "ollama.embed"
     streams_by_default = False
-
 
 
 ORDER = 60

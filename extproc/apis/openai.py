@@ -3,6 +3,7 @@
 Also serves Azure OpenAI (``/openai/deployments/{name}/...``) and OpenAI-compatible servers
 (Mistral, vLLM, Ollama's ``/v1``, Gemini's OpenAI endpoint): same schema, other hosts.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -12,8 +13,17 @@ from extproc.apis.finish import CONTENT_FILTER, ERROR, LENGTH, STOP, TOOL_CALLS
 from extproc.apis.routing import Provider, route
 
 _SAMPLING = (
-    "temperature", "top_p", "max_tokens", "max_completion_tokens", "frequency_penalty",
-    "presence_penalty", "seed", "n", "stop", "reasoning_effort", "service_tier",
+    "temperature",
+    "top_p",
+    "max_tokens",
+    "max_completion_tokens",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "n",
+    "stop",
+    "reasoning_effort",
+    "service_tier",
 )
 
 
@@ -222,22 +232,31 @@ class OpenAIResponses(ApiParser):
                         self.capture_text(part.get("text"))
 
 
-
 _AZ = r"^/openai/deployments/(?P<model>[^/]+)"
 ORDER = 100  # last: the generic OpenAI-compatible suffixes match almost anything
 PROVIDERS = (
     Provider("openai", "openai", ("api.openai.com",), catalogue=("openai",), openinference=("openai", "openai")),
-    Provider("azure", "azure.ai.openai", (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"),
-             catalogue=("azure",), openinference=("azure", "openai")),  # Azure hosts OpenAI's models
+    Provider(
+        "azure",
+        "azure.ai.openai",
+        (".openai.azure.com", ".cognitiveservices.azure.com", ".services.ai.azure.com"),
+        catalogue=("azure",),
+        openinference=("azure", "openai"),
+    ),  # Azure hosts OpenAI's models
     # OpenAI-compatible APIs: the same schema on other hosts.
-    Provider("mistral", "mistral_ai", ("api.mistral.ai",), catalogue=("mistral",),
-             openinference=("mistralai", "mistralai"), model_markers=("mistral",)),
+    Provider(
+        "mistral",
+        "mistral_ai",
+        ("api.mistral.ai",),
+        catalogue=("mistral",),
+        openinference=("mistralai", "mistralai"),
+        model_markers=("mistral",),
+    ),
     Provider("groq", "groq", ("api.groq.com",), catalogue=("groq",), openinference=("groq", None)),
     Provider("deepseek", "deepseek", ("api.deepseek.com",), catalogue=("deepseek",), openinference=("deepseek", None)),
     Provider("xai", "x_ai", ("api.x.ai",), catalogue=("x-ai",), openinference=("xai", None)),
     Provider("openrouter", "openrouter", ("openrouter.ai",), catalogue=("openrouter",)),
-    Provider("perplexity", "perplexity", ("api.perplexity.ai",), catalogue=("perplexity",),
-             openinference=("perplexity", None)),
+    Provider("perplexity", "perplexity", ("api.perplexity.ai",), catalogue=("perplexity",), openinference=("perplexity", None)),
     # Named by an operator (providers.header, x-llm-provider, providers.routes): no host of their own here.
     Provider("together", "together", catalogue=("together",)),
     Provider("fireworks", "fireworks", catalogue=("fireworks",)),
@@ -245,10 +264,19 @@ PROVIDERS = (
 )
 FINISH_REASONS = {
     # chat/completions finish_reason (also Mistral, vLLM, other OpenAI-compatible servers)
-    "stop": STOP, "length": LENGTH, "tool_calls": TOOL_CALLS, "function_call": TOOL_CALLS,
-    "content_filter": CONTENT_FILTER, "model_length": LENGTH, "eos": STOP, "end": STOP, "error": ERROR,
+    "stop": STOP,
+    "length": LENGTH,
+    "tool_calls": TOOL_CALLS,
+    "function_call": TOOL_CALLS,
+    "content_filter": CONTENT_FILTER,
+    "model_length": LENGTH,
+    "eos": STOP,
+    "end": STOP,
+    "error": ERROR,
     # Responses: status, or incomplete_details.reason
-    "completed": STOP, "max_output_tokens": LENGTH, "failed": ERROR,
+    "completed": STOP,
+    "max_output_tokens": LENGTH,
+    "failed": ERROR,
 }
 ROUTES = [
     route(_AZ + r"/chat/completions$", OpenAIChat, "azure"),

@@ -13,6 +13,7 @@ mapping, the request host, the path, and finally the parser's default.
 
 Paths are matched normalised (:func:`normalise_path`), as the upstream serves them.
 """
+
 from __future__ import annotations
 
 import re

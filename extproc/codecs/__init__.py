@@ -10,6 +10,7 @@ few counters of what was refused (``oversized``...). None of them raises on bad 
 - ``json_array``: a top-level JSON array streamed element by element -> each parsed element;
 - ``eventstream``: AWS ``application/vnd.amazon.eventstream`` -> ``Message`` (headers, payload).
 """
+
 from __future__ import annotations
 
 from typing import Any, Protocol

@@ -4,6 +4,7 @@ Each decoder caps the bytes it will produce for one body: past the cap it stops 
 ``failed = "decoded_too_large"`` (a decompression bomb is abandoned, never expanded). Corrupt input
 sets ``failed`` too. Nothing raises: the traffic itself is never touched by decoding.
 """
+
 from __future__ import annotations
 
 import zlib

@@ -15,6 +15,7 @@ bad is skipped and counted in ``bad_frames``; later frames still decode. A bad p
 absurd declared length means the length cannot be trusted, so decoding stops (``failed``).
 Nothing raises.
 """
+
 from __future__ import annotations
 
 import struct

@@ -1,6 +1,7 @@
 """Incremental splitter of a streamed top-level JSON array (Gemini's and Vertex AI's default
 ``streamGenerateContent`` framing): ``[{...},\r\n{...}]`` -> each element, parsed.
 """
+
 from __future__ import annotations
 
 import re
@@ -20,8 +21,17 @@ class JsonArrayDecoder:
     """
 
     __slots__ = (
-        "_pieces", "_held", "_depth", "_in_str", "_esc", "_started", "_skipping", "complete",
-        "_max", "oversized", "invalid",
+        "_pieces",
+        "_held",
+        "_depth",
+        "_in_str",
+        "_esc",
+        "_started",
+        "_skipping",
+        "complete",
+        "_max",
+        "oversized",
+        "invalid",
     )
 
     def __init__(self, max_element: int) -> None:

@@ -6,6 +6,7 @@ as pieces with its running length and joined once, when it ends. A line longer t
 ``max_line`` is dropped and counted in ``oversized`` instead of buffered without bound; the rest
 of it, up to its newline, is skipped.
 """
+
 from __future__ import annotations
 
 

@@ -7,14 +7,14 @@ ends), events split across chunks are reassembled, and a line longer than ``max_
 and counted rather than buffered without bound. The same cap applies to a whole event: many
 short ``data:`` lines adding up to more than ``max_line`` drop that event (counted too).
 """
+
 from __future__ import annotations
 
 Event = tuple[bytes, bytes]  # (event name, data); name is b"" when the event has no "event:" field
 
 
 class SSEDecoder:
-    __slots__ = ("_pieces", "_plen", "_dropping", "_skip_lf", "_event", "_data", "_dlen", "_drop_event", "_max_line",
-                 "oversized")
+    __slots__ = ("_pieces", "_plen", "_dropping", "_skip_lf", "_event", "_data", "_dlen", "_drop_event", "_max_line", "oversized")
 
     def __init__(self, max_line: int = 4 << 20) -> None:
         self._pieces: list[bytes] = []  # the unfinished last line, as received

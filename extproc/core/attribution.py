@@ -16,6 +16,7 @@ Read once per call from its request headers (the parsers add the body's end user
 
 Values are strings cut to 128 characters; nothing here decodes a token.
 """
+
 from __future__ import annotations
 
 import hashlib

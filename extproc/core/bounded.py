@@ -2,6 +2,7 @@
 MCP method and tool names, ids) before they become a metric label, a dynamic-metadata value or a
 span attribute: a model string is a label value, not a place for a payload (docs/security.md).
 """
+
 from __future__ import annotations
 
 from typing import Any

@@ -1,4 +1,5 @@
 """One HTTP exchange through Envoy as the sidecar saw it: the record observers read at its end."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -23,6 +23,7 @@ of unbounded size.
 ``flatten(expr)`` spreads a map (or list) into ``name.key`` attributes one level deep;
 ``flatten_recursive(expr)`` all the way down.
 """
+
 from __future__ import annotations
 
 import re

@@ -4,6 +4,7 @@ Unknown keys and wrong types are errors (``ConfigError``; the CLI prints one lin
 and exits 2). Keys are camelCase, like the kgateway/agentgateway docs this project follows.
 Each section is owned by the module that uses it; this module only describes and checks them.
 """
+
 from __future__ import annotations
 
 import re
@@ -97,11 +98,29 @@ class LimitsConfig(_Section):
 LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 # Label names the built-in metrics use (extproc.telemetry.metrics checks it uses no others), plus names
 # Prometheus itself gives meaning to: a custom label may not take any of them.
-BUILTIN_LABELS = frozenset({
-    "llm", "model", "operation", "status_code", "outcome", "error_type", "reason", "label",
-    "gen_ai_operation_name", "gen_ai_provider_name", "gen_ai_request_model", "gen_ai_response_model",
-    "gen_ai_token_type", "metric", "le", "quantile", "job", "instance", "finish_reason",
-})
+BUILTIN_LABELS = frozenset(
+    {
+        "llm",
+        "model",
+        "operation",
+        "status_code",
+        "outcome",
+        "error_type",
+        "reason",
+        "label",
+        "gen_ai_operation_name",
+        "gen_ai_provider_name",
+        "gen_ai_request_model",
+        "gen_ai_response_model",
+        "gen_ai_token_type",
+        "metric",
+        "le",
+        "quantile",
+        "job",
+        "instance",
+        "finish_reason",
+    }
+)
 
 
 class CustomLabel(_Section):
@@ -136,8 +155,10 @@ class CustomLabel(_Section):
         from extproc.core.redact import is_credential_header
 
         if v is not None and is_credential_header(v):
-            raise ValueError(f"{v!r} may carry a credential (its name contains auth, key, token, secret, cookie, "
-                             "password, session, credential or signature): not a label value")
+            raise ValueError(
+                f"{v!r} may carry a credential (its name contains auth, key, token, secret, cookie, "
+                "password, session, credential or signature): not a label value"
+            )
         return v
 
     @model_validator(mode="after")
@@ -208,8 +229,10 @@ def _plain_header(v: str | None) -> str | None:
     from extproc.core.redact import is_credential_header
 
     if v is not None and is_credential_header(v):
-        raise ValueError(f"{v!r} may carry a credential (its name contains auth, key, token, secret, cookie, "
-                         "password, session, credential or signature): not an end-user id")
+        raise ValueError(
+            f"{v!r} may carry a credential (its name contains auth, key, token, secret, cookie, "
+            "password, session, credential or signature): not an end-user id"
+        )
     return v.lower() if v is not None else v
 
 
@@ -219,8 +242,10 @@ def _session_headers(v: list[str]) -> list[str]:
     for name in v:
         # "session" is the point of these headers; any other credential word is refused.
         if is_credential_header(name.lower().replace("session", "")):
-            raise ValueError(f"{name!r} may carry a credential (its name contains auth, key, token, secret, cookie, "
-                             "password, credential or signature): not a session id")
+            raise ValueError(
+                f"{name!r} may carry a credential (its name contains auth, key, token, secret, cookie, "
+                "password, credential or signature): not a session id"
+            )
     return [n.lower() for n in v]
 
 
@@ -235,7 +260,8 @@ class AttributionConfig(_Section):
 
     end_user_header: Annotated[str | None, AfterValidator(_plain_header)] = None
     session_headers: Annotated[list[str], AfterValidator(_session_headers)] = Field(
-        default_factory=lambda: ["x-session-id", "agent-session-id"])
+        default_factory=lambda: ["x-session-id", "agent-session-id"]
+    )
     key_id_secret: SecretStr | None = None
 
     @field_validator("key_id_secret")
@@ -535,15 +561,19 @@ class Config(_Section):
         if switch is None:
             return self
         a = self.attribution
-        uses = [*((f"stats.customLabels.{i}.header", c.header) for i, c in enumerate(self.stats.custom_labels)),
-                ("attribution.endUserHeader", a.end_user_header),
-                *((f"attribution.sessionHeaders.{i}", h) for i, h in enumerate(a.session_headers)),
-                *((f"budgets.descriptors.{i}.entries.{j}.header", e.header)
-                  for i, d in enumerate(self.budgets.descriptors) for j, e in enumerate(d.entries))]
+        uses = [
+            *((f"stats.customLabels.{i}.header", c.header) for i, c in enumerate(self.stats.custom_labels)),
+            ("attribution.endUserHeader", a.end_user_header),
+            *((f"attribution.sessionHeaders.{i}", h) for i, h in enumerate(a.session_headers)),
+            *(
+                (f"budgets.descriptors.{i}.entries.{j}.header", e.header)
+                for i, d in enumerate(self.budgets.descriptors)
+                for j, e in enumerate(d.entries)
+            ),
+        ]
         for key, header in uses:
             if header is not None and header.lower() == switch:
-                raise ValueError(f"{key}: {header!r} is tracing.noCaptureHeader, the per-request capture switch: "
-                                 "never a label or a value")
+                raise ValueError(f"{key}: {header!r} is tracing.noCaptureHeader, the per-request capture switch: never a label or a value")
         return self
 
 

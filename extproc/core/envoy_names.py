@@ -7,6 +7,7 @@ name; the config generator makes jwt_authn write its claims under a namespace th
 spans read. So each is spelled here once and imported everywhere else
 (``tests/unit/test_envoy_names.py`` checks that no other module under ``extproc/`` spells one).
 """
+
 from __future__ import annotations
 
 # ---- HTTP filters (names in http_filters, keys of typed_per_filter_config) ---------------------

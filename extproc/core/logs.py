@@ -1,4 +1,5 @@
 """Structured JSON logs on stderr: one object per line, with any ``extra`` fields merged in."""
+
 from __future__ import annotations
 
 import logging

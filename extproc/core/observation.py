@@ -3,6 +3,7 @@
 A parser (``extproc.apis``) fills an :class:`Observation`; the servicer turns it into dynamic
 metadata while the call runs, and metrics/tracing read it once when the call ends.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -12,6 +12,7 @@ form, so no schema knowledge lives here: the breakdowns (cache read, cache write
 :meth:`Pricer.price` never raises: a model nobody prices, a call without usage, or usage the
 catalogue finds inconsistent becomes :class:`Unpriced` with a reason.
 """
+
 from __future__ import annotations
 
 import logging
@@ -152,8 +153,7 @@ class Pricer:
     """Prices calls with one configuration; build a new one on reload. Not thread-safe (one per
     worker event loop). The catalogue is imported on first use, only when pricing is enabled."""
 
-    def __init__(self, config: PricingConfig | None = None,
-                 catalogue: Mapping[str, tuple[str, ...]] | None = None) -> None:
+    def __init__(self, config: PricingConfig | None = None, catalogue: Mapping[str, tuple[str, ...]] | None = None) -> None:
         """``catalogue``: our provider name -> its ``genai-prices`` provider ids, tried in order
         (each provider module declares its own; ``extproc.apis.routing.catalogue_ids``). A
         provider absent from it (Ollama, a self-hosted server, ``unknown``) is priced only by
@@ -189,18 +189,17 @@ class Pricer:
         try:
             result = self._price(provider, request_model, response_model, usage, service_tier)
             if isinstance(result, Cost):  # to the pico-dollar: 7.5e-06, not 7.499999999999999e-06
-                result = Cost(round(result.total, 12), round(result.input, 12), round(result.output, 12),
-                              result.model, result.source)
+                result = Cost(round(result.total, 12), round(result.input, 12), round(result.output, 12), result.model, result.source)
             return result
         except Exception:  # the catalogue raises on usage it finds inconsistent; never propagate
             self.errors += 1
             if self.errors <= 10 or self.errors % 1000 == 0:
-                log.warning("pricing failed", exc_info=True,
-                            extra={"provider": provider, "model": response_model or request_model})
+                log.warning("pricing failed", exc_info=True, extra={"provider": provider, "model": response_model or request_model})
             return ERROR
 
-    def _price(self, provider: str, request_model: str | None, response_model: str | None, usage: Usage,
-               service_tier: str | None) -> Cost | Unpriced:
+    def _price(
+        self, provider: str, request_model: str | None, response_model: str | None, usage: Usage, service_tier: str | None
+    ) -> Cost | Unpriced:
         models = tuple(m for m in (response_model, request_model) if m)
         if not models:
             return UNKNOWN_MODEL
@@ -307,8 +306,11 @@ class _Plan:
         if uncached < 0:  # the library refuses cached > input too
             return ERROR
         threshold = total_input if self.tiered else 0
-        in_usd = (_rate(self.input, threshold) * uncached + _rate(self.cache_read, threshold) * cache_read
-                  + _rate(self.cache_write, threshold) * cache_write) / 1e6
+        in_usd = (
+            _rate(self.input, threshold) * uncached
+            + _rate(self.cache_read, threshold) * cache_read
+            + _rate(self.cache_write, threshold) * cache_write
+        ) / 1e6
         out_usd = _rate(self.output, threshold) * (u.output_tokens or 0) / 1e6
         return Cost(in_usd + out_usd, in_usd, out_usd, model_id, "catalogue")
 
@@ -332,8 +334,11 @@ def _zero_unit(dimensions: Any) -> bool:
     """A unit we never report a count for, and that no reported count implies: it prices 0."""
     if dimensions.get("family") != "tokens":
         return True  # searches, pages, seconds... (but not "requests": see _plan)
-    return (dimensions.get("modality") in ("audio", "image", "video") or dimensions.get("cache_ttl") == "1h"
-            or dimensions.get("token_type") in ("tool", "citation"))
+    return (
+        dimensions.get("modality") in ("audio", "image", "video")
+        or dimensions.get("cache_ttl") == "1h"
+        or dimensions.get("token_type") in ("tool", "citation")
+    )
 
 
 def _plan(provider: Any, model: Any, service_tier: str | None) -> _Plan | None:

@@ -5,6 +5,7 @@ A pattern, not a list of known names: gateways and SDKs invent their own (``x-po
 (the ``request.headers`` CEL variable), a log line or a metric label (``stats.customLabels[].header``
 refuses them); see docs/security.md.
 """
+
 from __future__ import annotations
 
 import re

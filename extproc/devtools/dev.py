@@ -16,6 +16,7 @@ removed, and the exit status is 0. The children run in their own sessions, so a 
 reaches only this process, which signals each child once. A port already taken is a clear error,
 exit 1.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -111,8 +112,15 @@ def wait_port(port: int, timeout: float = 20.0, proc: subprocess.Popen | None = 
 
 def envoy_command(config_path: str | Path, *extra: str) -> list[str]:
     return [
-        envoy_binary(), "-c", str(config_path), "--disable-hot-restart",
-        "--file-flush-interval-msec", "100", "--log-level", "warn", *extra,
+        envoy_binary(),
+        "-c",
+        str(config_path),
+        "--disable-hot-restart",
+        "--file-flush-interval-msec",
+        "100",
+        "--log-level",
+        "warn",
+        *extra,
     ]
 
 
@@ -151,11 +159,19 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--workers", type=int, default=1, help="sidecar worker processes")
     ap.add_argument("--mock-port", type=int, default=8000, help="mock LLM port (when no --upstream)")
     ap.add_argument("--admin-port", type=int, default=9901, help="Envoy admin port")
-    ap.add_argument("--ratelimit-service", metavar="HOST:PORT",
-                    help="enforce the config's budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)")
+    ap.add_argument(
+        "--ratelimit-service",
+        metavar="HOST:PORT",
+        help="enforce the config's budgets with Envoy's rate limit filter and this rate limit service (docs/budgets.md)",
+    )
     ap.add_argument("--mode", default=modes.DEFAULT, choices=list(modes.MODES), help=modes.HELP)
-    ap.add_argument("--passthrough", metavar="PREFIX", action="append", default=[],
-                    help="requests whose path starts with PREFIX bypass the sidecar (no ext_proc messages); repeatable")
+    ap.add_argument(
+        "--passthrough",
+        metavar="PREFIX",
+        action="append",
+        default=[],
+        help="requests whose path starts with PREFIX bypass the sidecar (no ext_proc messages); repeatable",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -165,12 +181,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"extproc: {e}", file=sys.stderr)
         return 2
     if args.ratelimit_service and not cfg.budgets.enabled:
-        print("extproc: --ratelimit-service needs `budgets: {enabled: true}` in the sidecar config (--config): "
-              "the sidecar computes what each call is charged", file=sys.stderr)
+        print(
+            "extproc: --ratelimit-service needs `budgets: {enabled: true}` in the sidecar config (--config): "
+            "the sidecar computes what each call is charged",
+            file=sys.stderr,
+        )
         return 2
     if args.ratelimit_service and modes.MODES[args.mode].observability:
-        print(f"extproc: --ratelimit-service needs a mode in which Envoy reads the sidecar's replies, not --mode {args.mode}",
-              file=sys.stderr)
+        print(
+            f"extproc: --ratelimit-service needs a mode in which Envoy reads the sidecar's replies, not --mode {args.mode}", file=sys.stderr
+        )
         return 2
     if bad := [p for p in args.passthrough if not p.startswith("/")]:
         print(f"extproc: --passthrough {bad[0]!r}: expected a path prefix starting with /", file=sys.stderr)
@@ -207,24 +227,27 @@ def run(args: argparse.Namespace) -> int:
             signal.signal(sig, handler)
 
 
-def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, upstream: str, workdir: Path,
-         stopping: list[int]) -> int:
+def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, upstream: str, workdir: Path, stopping: list[int]) -> int:
     envoy_yaml = workdir / "envoy.yaml"
     from extproc.devtools import envoy_config  # typed Envoy messages: ~1 s to import, so only here
 
-    envoy_yaml.write_text(envoy_config.dump(envoy_config.bootstrap(
-        upstreams=[envoy_config.Upstream("/", upstream)],
-        listen=f"127.0.0.1:{args.port}",
-        extproc=cfg.listen,
-        jwks_json=jwks,
-        access_log=args.access_log,
-        admin=f"127.0.0.1:{args.admin_port}",
-        namespace=cfg.metadata.namespace,
-        ratelimit=envoy_config.RateLimitService(args.ratelimit_service, cfg.budgets) if args.ratelimit_service else None,
-        fewer_messages=modes.MODES[args.mode].fewer_messages,
-        observability_mode=modes.MODES[args.mode].observability,
-        passthrough=tuple(args.passthrough),
-    )))
+    envoy_yaml.write_text(
+        envoy_config.dump(
+            envoy_config.bootstrap(
+                upstreams=[envoy_config.Upstream("/", upstream)],
+                listen=f"127.0.0.1:{args.port}",
+                extproc=cfg.listen,
+                jwks_json=jwks,
+                access_log=args.access_log,
+                admin=f"127.0.0.1:{args.admin_port}",
+                namespace=cfg.metadata.namespace,
+                ratelimit=envoy_config.RateLimitService(args.ratelimit_service, cfg.budgets) if args.ratelimit_service else None,
+                fewer_messages=modes.MODES[args.mode].fewer_messages,
+                observability_mode=modes.MODES[args.mode].observability,
+                passthrough=tuple(args.passthrough),
+            )
+        )
+    )
     py = sys.executable
     procs: list[subprocess.Popen] = []
 
@@ -250,8 +273,19 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, ups
             start([py, "-I", "-m", "extproc", "mock-llm", "--host", "127.0.0.1", "--port", str(args.mock_port)], args.mock_port)
         # -I: isolated mode, so a file in the current directory named like a stdlib module (or an
         # env var such as PYTHONPATH) cannot change what the sidecar imports.
-        serve = [py, "-I", "-m", "extproc", "serve", "--metrics-port", str(args.metrics_port), "--metrics-address", "127.0.0.1",
-                 "--workers", str(args.workers)]
+        serve = [
+            py,
+            "-I",
+            "-m",
+            "extproc",
+            "serve",
+            "--metrics-port",
+            str(args.metrics_port),
+            "--metrics-address",
+            "127.0.0.1",
+            "--workers",
+            str(args.workers),
+        ]
         if args.config:
             serve += ["--config", args.config]
         start(serve, None if cfg.listen.startswith("unix:") else int(cfg.listen.rpartition(":")[2]))
@@ -263,7 +297,10 @@ def _run(args: argparse.Namespace, cfg: config_mod.Config, jwks: str | None, ups
             return 0
         dead = next(p for p in procs if p.poll() is not None)
         cmd = [str(a) for a in dead.args] if isinstance(dead.args, list | tuple) else [str(dead.args)]
-        print(f"extproc: {Path(cmd[0]).name} {' '.join([a for a in cmd[1:] if a != '-I'][:2])} exited ({dead.returncode}); stopping", file=sys.stderr)
+        print(
+            f"extproc: {Path(cmd[0]).name} {' '.join([a for a in cmd[1:] if a != '-I'][:2])} exited ({dead.returncode}); stopping",
+            file=sys.stderr,
+        )
         return 1
     except _Stopped:
         return 0
@@ -279,7 +316,7 @@ def _banner(args: argparse.Namespace, upstream: str, envoy_yaml: Path) -> str:
     return f"""
 envoy-ai-extproc dev stack is up
   Envoy        http://127.0.0.1:{args.port}   (config {envoy_yaml})
-  upstream     {upstream}{'' if args.upstream else '  (built-in mock LLM)'}
+  upstream     {upstream}{"" if args.upstream else "  (built-in mock LLM)"}
   metrics      http://127.0.0.1:{args.metrics_port}/metrics
   access log   {log}
 
@@ -295,6 +332,8 @@ Ctrl-C stops everything.
 
 def _what_is_logged(args: argparse.Namespace) -> str:
     if modes.MODES[args.mode].observability:
-        return (f"Observability mode: Envoy ignores the sidecar's replies, so each access-log line has no model or\n"
-                f"token fields; the tokens and cost are on http://127.0.0.1:{args.metrics_port}/metrics.")
+        return (
+            f"Observability mode: Envoy ignores the sidecar's replies, so each access-log line has no model or\n"
+            f"token fields; the tokens and cost are on http://127.0.0.1:{args.metrics_port}/metrics."
+        )
     return "Each request prints one JSON access-log line with model, provider and token counts."

@@ -10,6 +10,7 @@ second: only config generation imports this module (``extproc dev``, ``extproc e
 tests); ``extproc serve`` never does (``tests/unit/test_layers.py`` checks), and the sidecar image
 does not install the library (it is in the ``dev`` extra).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -251,10 +252,12 @@ class ExtProcTls:
             validation_context=validation,
         )
         if self.cert_file is not None:
-            common.tls_certificates = [TlsCertificate(
-                certificate_chain=DataSource(filename=self.cert_file),
-                private_key=DataSource(filename=self.key_file),
-            )]
+            common.tls_certificates = [
+                TlsCertificate(
+                    certificate_chain=DataSource(filename=self.cert_file),
+                    private_key=DataSource(filename=self.key_file),
+                )
+            ]
         ctx = UpstreamTlsContext(common_tls_context=common, sni=self.sni or "")
         return TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=pack(ctx))
 
@@ -328,9 +331,17 @@ def _cluster(up: Upstream) -> Cluster:
     if tls:
         cluster.transport_socket = TransportSocket(name=TLS_TRANSPORT_SOCKET, typed_config=pack(UpstreamTlsContext(sni=u.hostname or "")))
     if up.http2:
-        options = (HttpProtocolOptions(auto_config=HttpProtocolOptionsAutoHttpConfig(
-            http_protocol_options=Http1ProtocolOptions(), http2_protocol_options=Http2ProtocolOptions())) if tls else
-            HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())))
+        options = (
+            HttpProtocolOptions(
+                auto_config=HttpProtocolOptionsAutoHttpConfig(
+                    http_protocol_options=Http1ProtocolOptions(), http2_protocol_options=Http2ProtocolOptions()
+                )
+            )
+            if tls
+            else HttpProtocolOptions(
+                explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=Http2ProtocolOptions())
+            )
+        )
         cluster.typed_extension_protocol_options = {HTTP_PROTOCOL_OPTIONS: pack(options)}
     return cluster
 
@@ -348,7 +359,9 @@ def _grpc_cluster(name: str, address: str, max_concurrent_streams: int | None = 
         dns_lookup_family=ClusterDnsLookupFamily.V4_PREFERRED if by_name else ClusterDnsLookupFamily.AUTO,
         connect_timeout=timedelta(seconds=1),
         typed_extension_protocol_options={
-            HTTP_PROTOCOL_OPTIONS: pack(HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=http2)))
+            HTTP_PROTOCOL_OPTIONS: pack(
+                HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=http2))
+            )
         },
         load_assignment=_load_assignment(name, address),
     )
@@ -406,8 +419,16 @@ RESPONSE_HEADERS = ("content-type", "content-encoding", "content-length")
 # Request headers the sidecar reads (provider override, trace context, MCP session, the default
 # attribution.sessionHeaders, the default tracing.noCaptureHeader). Not the API-key headers: key_id
 # needs them added (docs/performance.md).
-ATTRIBUTE_HEADERS = (DEFAULT_PROVIDER_HEADER, "traceparent", "tracestate", "mcp-session-id", "mcp-protocol-version",
-                     "x-session-id", "agent-session-id", DEFAULT_NO_CAPTURE_HEADER)
+ATTRIBUTE_HEADERS = (
+    DEFAULT_PROVIDER_HEADER,
+    "traceparent",
+    "tracestate",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "x-session-id",
+    "agent-session-id",
+    DEFAULT_NO_CAPTURE_HEADER,
+)
 _REQUEST_LINE = ["request.path", "request.host", "request.method"]
 
 
@@ -421,14 +442,20 @@ def fewer_messages_mode(cfg: ExternalProcessor, headers: tuple[str, ...] = ATTRI
     cfg.request_attributes = _REQUEST_LINE + [f'request.headers["{h}"]' for h in headers]
     # A GET (no request body) sends no request message: the request line comes with the response.
     cfg.response_attributes = ["response.code", *_REQUEST_LINE] + [
-        f'metadata.filter_metadata["{RESPONSE_HEADERS_NAMESPACE}"]["{h}"]' for h in RESPONSE_HEADERS]
+        f'metadata.filter_metadata["{RESPONSE_HEADERS_NAMESPACE}"]["{h}"]' for h in RESPONSE_HEADERS
+    ]
 
 
 def response_headers_filter() -> HttpFilter:
     """header_to_metadata, placed after ext_proc: copies the response headers the sidecar needs
     where the fewer-messages ext_proc reads them as attributes."""
-    rules = [ConfigRule(header=h, on_header_present=ConfigKeyValuePair(
-        metadata_namespace=RESPONSE_HEADERS_NAMESPACE, key=h, type=ConfigValueType.STRING)) for h in RESPONSE_HEADERS]
+    rules = [
+        ConfigRule(
+            header=h,
+            on_header_present=ConfigKeyValuePair(metadata_namespace=RESPONSE_HEADERS_NAMESPACE, key=h, type=ConfigValueType.STRING),
+        )
+        for h in RESPONSE_HEADERS
+    ]
     return HttpFilter(name=HEADER_TO_METADATA_FILTER, typed_config=pack(HeaderToMetadata(response_rules=rules)))
 
 
@@ -449,9 +476,14 @@ def jwt_filter(jwks_json: str) -> JwtAuthentication:
         rules=[
             RequirementRule(
                 match=RouteMatch(prefix="/"),
-                requires=JwtRequirement(requires_any=JwtRequirementOrList(requirements=[
-                    JwtRequirement(provider_name="local"), JwtRequirement(allow_missing_or_failed=Empty()),
-                ])),
+                requires=JwtRequirement(
+                    requires_any=JwtRequirementOrList(
+                        requirements=[
+                            JwtRequirement(provider_name="local"),
+                            JwtRequirement(allow_missing_or_failed=Empty()),
+                        ]
+                    )
+                ),
             )
         ],
     )
@@ -467,7 +499,8 @@ def ratelimit_filter(rls: RateLimitService) -> RateLimitFilter:
         # false: when the service is down or slow, requests pass (and that call goes uncharged).
         failure_mode_deny=b.failure_mode_deny,
         # X-RateLimit-Limit/-Remaining/-Reset on responses: clients see their budget.
-        enable_x_ratelimit_headers=RateLimitXRateLimitHeadersRfcVersion.DRAFT_VERSION_03 if b.x_ratelimit_headers
+        enable_x_ratelimit_headers=RateLimitXRateLimitHeadersRfcVersion.DRAFT_VERSION_03
+        if b.x_ratelimit_headers
         else RateLimitXRateLimitHeadersRfcVersion.OFF,
         rate_limit_service=RateLimitServiceConfig(
             grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="ratelimit")),
@@ -489,11 +522,13 @@ def ratelimit_per_route(rls: RateLimitService, namespace: str = DEFAULT_NAMESPAC
     for d in rls.budgets.descriptors:
         actions = [_descriptor_action(e) for e in d.entries]
         limits.append(RateLimit(actions=actions, hits_addend=RateLimitHitsAddend(number=0)))
-        limits.append(RateLimit(
-            actions=actions,
-            hits_addend=RateLimitHitsAddend(format=f"%DYNAMIC_METADATA({namespace}:{RATELIMIT_COST_KEY})%"),
-            apply_on_stream_done=True,
-        ))
+        limits.append(
+            RateLimit(
+                actions=actions,
+                hits_addend=RateLimitHitsAddend(format=f"%DYNAMIC_METADATA({namespace}:{RATELIMIT_COST_KEY})%"),
+                apply_on_stream_done=True,
+            )
+        )
     return RateLimitPerRoute(rate_limits=limits)
 
 
@@ -504,12 +539,14 @@ def _descriptor_action(entry: BudgetEntry) -> RateLimitAction:
         return RateLimitAction(request_headers=RateLimitActionRequestHeaders(header_name=entry.header, descriptor_key=entry.key))
     assert entry.claim is not None
     path = [MetadataKeyPathSegment(key=k) for k in (JWT_PAYLOAD_KEY, *entry.claim.split("."))]
-    return RateLimitAction(metadata=RateLimitActionMetaData(
-        descriptor_key=entry.key,
-        metadata_key=MetadataKey(key=JWT_AUTHN_NAMESPACE, path=path),
-        default_value=entry.default or "",
-        source=RateLimitActionMetaDataSource.DYNAMIC,
-    ))
+    return RateLimitAction(
+        metadata=RateLimitActionMetaData(
+            descriptor_key=entry.key,
+            metadata_key=MetadataKey(key=JWT_AUTHN_NAMESPACE, path=path),
+            default_value=entry.default or "",
+            source=RateLimitActionMetaDataSource.DYNAMIC,
+        )
+    )
 
 
 def bootstrap(
@@ -603,8 +640,7 @@ def bootstrap(
             if not up.request_body:
                 # The route's mode replaces the filter's whole processing_mode: copy it.
                 assert ep.processing_mode is not None
-                overrides.processing_mode = dataclasses.replace(
-                    ep.processing_mode, request_body_mode=ProcessingModeBodySendMode.NONE)
+                overrides.processing_mode = dataclasses.replace(ep.processing_mode, request_body_mode=ProcessingModeBodySendMode.NONE)
             r.typed_per_filter_config[EXT_PROC_FILTER] = pack(ExtProcPerRoute(overrides=overrides))
         if ratelimit is not None:
             r.typed_per_filter_config[RATELIMIT_FILTER] = pack(ratelimit_per_route(ratelimit, namespace))
@@ -619,16 +655,20 @@ def bootstrap(
         normalize_path=True,
         merge_slashes=True,
         path_with_escaped_slashes_action=HttpConnectionManagerPathWithEscapedSlashesAction.KEEP_UNCHANGED,
-        access_log=[AccessLog(
-            name=FILE_ACCESS_LOG,
-            typed_config=pack(FileAccessLog(
-                path=access_log,
-                log_format=SubstitutionFormatString(
-                    json_format=Struct.from_dict(access_log_format(namespace, budgets=ratelimit is not None)),
-                    formatters=[TypedExtensionConfig(name=REQ_WITHOUT_QUERY_FORMATTER, typed_config=pack(ReqWithoutQuery()))],
+        access_log=[
+            AccessLog(
+                name=FILE_ACCESS_LOG,
+                typed_config=pack(
+                    FileAccessLog(
+                        path=access_log,
+                        log_format=SubstitutionFormatString(
+                            json_format=Struct.from_dict(access_log_format(namespace, budgets=ratelimit is not None)),
+                            formatters=[TypedExtensionConfig(name=REQ_WITHOUT_QUERY_FORMATTER, typed_config=pack(ReqWithoutQuery()))],
+                        ),
+                    )
                 ),
-            )),
-        )],
+            )
+        ],
         route_config=RouteConfiguration(name="llm", virtual_hosts=[VirtualHost(name="llm", domains=["*"], routes=routes)]),
         http_filters=http_filters,
     )
@@ -650,11 +690,15 @@ def bootstrap(
             # upstream_rq_pending_overflow) than queued in Envoy or piled up as HTTP/2
             # connections in the sidecar (each one ~20-40 KB of a worker's memory).
             max_connections = extproc_max_connections or OBSERVE_MAX_CONNECTIONS
-            limits = CircuitBreakersThresholds(max_requests=max_connections * extproc_streams_per_connection,
-                                               max_pending_requests=OBSERVE_MAX_PENDING, max_connections=max_connections)
+            limits = CircuitBreakersThresholds(
+                max_requests=max_connections * extproc_streams_per_connection,
+                max_pending_requests=OBSERVE_MAX_PENDING,
+                max_connections=max_connections,
+            )
         else:
-            limits = CircuitBreakersThresholds(max_requests=100000, max_pending_requests=100000,
-                                               max_connections=extproc_max_connections or 1000)
+            limits = CircuitBreakersThresholds(
+                max_requests=100000, max_pending_requests=100000, max_connections=extproc_max_connections or 1000
+            )
         ext.circuit_breakers = CircuitBreakers(thresholds=[limits])
         if extproc_tls is not None:
             ext.transport_socket = extproc_tls.transport_socket()
@@ -663,17 +707,21 @@ def bootstrap(
         clusters["otel_collector"] = _grpc_cluster("otel_collector", tracing_otlp)
     if ratelimit is not None:
         clusters["ratelimit"] = _grpc_cluster("ratelimit", ratelimit.address)
-    listeners = [Listener(
-        name="llm",
-        address=_address(listen),
-        filter_chains=[FilterChain(filters=[Filter(name=HTTP_CONNECTION_MANAGER, typed_config=pack(hcm))])],
-    )]
+    listeners = [
+        Listener(
+            name="llm",
+            address=_address(listen),
+            filter_chains=[FilterChain(filters=[Filter(name=HTTP_CONNECTION_MANAGER, typed_config=pack(hcm))])],
+        )
+    ]
     if ops_listen is not None:
         if admin is None:
             raise ValueError("ops_listen needs an admin address")
         listeners.append(_ops_listener(ops_listen))
         clusters["envoy_admin"] = Cluster(
-            name="envoy_admin", type=ClusterDiscoveryType.STATIC, connect_timeout=timedelta(seconds=1),
+            name="envoy_admin",
+            type=ClusterDiscoveryType.STATIC,
+            connect_timeout=timedelta(seconds=1),
             load_assignment=_load_assignment("envoy_admin", admin),
         )
     cfg = Bootstrap(static_resources=BootstrapStaticResources(listeners=listeners, clusters=list(clusters.values())))
@@ -689,10 +737,12 @@ def envoy_tracing(service_name: str = "envoy") -> HttpConnectionManagerTracing:
         spawn_upstream_span=True,
         provider=TracingHttp(
             name=OPENTELEMETRY_TRACER,
-            typed_config=pack(OpenTelemetryConfig(
-                grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="otel_collector"), timeout=timedelta(seconds=1)),
-                service_name=service_name,
-            )),
+            typed_config=pack(
+                OpenTelemetryConfig(
+                    grpc_service=GrpcService(envoy_grpc=GrpcServiceEnvoyGrpc(cluster_name="otel_collector"), timeout=timedelta(seconds=1)),
+                    service_name=service_name,
+                )
+            ),
         ),
     )
 
@@ -700,8 +750,10 @@ def envoy_tracing(service_name: str = "envoy") -> HttpConnectionManagerTracing:
 def _ops_listener(addr: str) -> Listener:
     """Readiness and Prometheus stats for kubelet/Prometheus, proxied to the loopback admin."""
     routes = [
-        Route(match=RouteMatch(path=path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="GET"))]),
-              route=RouteAction(cluster="envoy_admin"))
+        Route(
+            match=RouteMatch(path=path, headers=[HeaderMatcher(name=":method", string_match=StringMatcher(exact="GET"))]),
+            route=RouteAction(cluster="envoy_admin"),
+        )
         for path in ("/ready", "/stats/prometheus")
     ]
     hcm = HttpConnectionManager(
@@ -714,6 +766,8 @@ def _ops_listener(addr: str) -> Listener:
         address=_address(addr),
         filter_chains=[FilterChain(filters=[Filter(name=HTTP_CONNECTION_MANAGER, typed_config=pack(hcm))])],
     )
+
+
 def direct_response(listen: str, body: str, content_type: str = "application/json", admin: str | None = None) -> Bootstrap:
     """An Envoy answering every request with ``body`` (200): the benchmark's non-streaming upstream."""
     route = Route(
@@ -726,11 +780,17 @@ def direct_response(listen: str, body: str, content_type: str = "application/jso
         route_config=RouteConfiguration(virtual_hosts=[VirtualHost(name="all", domains=["*"], routes=[route])]),
         http_filters=[HttpFilter(name=ROUTER_FILTER, typed_config=pack(Router()))],
     )
-    cfg = Bootstrap(static_resources=BootstrapStaticResources(listeners=[Listener(
-        name="up",
-        address=_address(listen),
-        filter_chains=[FilterChain(filters=[Filter(name=HTTP_CONNECTION_MANAGER, typed_config=pack(hcm))])],
-    )]))
+    cfg = Bootstrap(
+        static_resources=BootstrapStaticResources(
+            listeners=[
+                Listener(
+                    name="up",
+                    address=_address(listen),
+                    filter_chains=[FilterChain(filters=[Filter(name=HTTP_CONNECTION_MANAGER, typed_config=pack(hcm))])],
+                )
+            ]
+        )
+    )
     if admin is not None:
         cfg.admin = Admin(address=_address(admin))
     return cfg
@@ -757,15 +817,24 @@ _REFERENCE: dict[str, Any] = {
 }
 
 
-def reference(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
-              passthrough: tuple[str, ...] = (), observability_mode: bool = False) -> Bootstrap:
+def reference(
+    ratelimit: RateLimitService | None = None,
+    fewer_messages: bool = False,
+    passthrough: tuple[str, ...] = (),
+    observability_mode: bool = False,
+) -> Bootstrap:
     """envoy/envoy.yaml: the config users copy."""
-    return bootstrap(**_REFERENCE, ratelimit=ratelimit, fewer_messages=fewer_messages, passthrough=passthrough,
-                     observability_mode=observability_mode)
+    return bootstrap(
+        **_REFERENCE, ratelimit=ratelimit, fewer_messages=fewer_messages, passthrough=passthrough, observability_mode=observability_mode
+    )
 
 
-def compose(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
-            passthrough: tuple[str, ...] = (), observability_mode: bool = False) -> Bootstrap:
+def compose(
+    ratelimit: RateLimitService | None = None,
+    fewer_messages: bool = False,
+    passthrough: tuple[str, ...] = (),
+    observability_mode: bool = False,
+) -> Bootstrap:
     """envoy/envoy-compose.yaml: docker-compose.yaml's Envoy; peers are reached by service name."""
     return bootstrap(
         listen="0.0.0.0:10000",
@@ -780,20 +849,33 @@ def compose(ratelimit: RateLimitService | None = None, fewer_messages: bool = Fa
     )
 
 
-def kubernetes(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
-               passthrough: tuple[str, ...] = (), observability_mode: bool = False) -> Bootstrap:
+def kubernetes(
+    ratelimit: RateLimitService | None = None,
+    fewer_messages: bool = False,
+    passthrough: tuple[str, ...] = (),
+    observability_mode: bool = False,
+) -> Bootstrap:
     """deploy/kubernetes/envoy.yaml: the reference, plus the ops listener the pod's probes use."""
-    return bootstrap(**_REFERENCE, ops_listen="0.0.0.0:9902",  # readinessProbe /ready and the PodMonitor
-                     ratelimit=ratelimit, fewer_messages=fewer_messages, passthrough=passthrough,
-                     observability_mode=observability_mode)
+    return bootstrap(
+        **_REFERENCE,
+        ops_listen="0.0.0.0:9902",  # readinessProbe /ready and the PodMonitor
+        ratelimit=ratelimit,
+        fewer_messages=fewer_messages,
+        passthrough=passthrough,
+        observability_mode=observability_mode,
+    )
 
 
 # The rate limit service of docs/budgets.md (envoyproxy/ratelimit's gRPC port, by service name).
 EXAMPLE_RATELIMIT_SERVICE = "ratelimit:8081"
 
 
-def budgets(ratelimit: RateLimitService | None = None, fewer_messages: bool = False,
-            passthrough: tuple[str, ...] = (), observability_mode: bool = False) -> Bootstrap:
+def budgets(
+    ratelimit: RateLimitService | None = None,
+    fewer_messages: bool = False,
+    passthrough: tuple[str, ...] = (),
+    observability_mode: bool = False,
+) -> Bootstrap:
     """envoy/envoy-budgets.yaml: the reference with budgets per JWT ``team`` (docs/budgets.md)."""
     return reference(ratelimit or RateLimitService(EXAMPLE_RATELIMIT_SERVICE), fewer_messages, passthrough, observability_mode)
 
@@ -840,8 +922,9 @@ VARIANTS = {
 }
 
 
-def render(variant: str, ratelimit: RateLimitService | None = None, mode: Mode = MODES[DEFAULT_MODE],
-           passthrough: tuple[str, ...] = ()) -> str:
+def render(
+    variant: str, ratelimit: RateLimitService | None = None, mode: Mode = MODES[DEFAULT_MODE], passthrough: tuple[str, ...] = ()
+) -> str:
     """``extproc envoy-config``'s output; ValueError for a combination Envoy cannot honour
     (budgets in observability mode, a passthrough prefix no route matches)."""
     _, build, header = VARIANTS[variant]

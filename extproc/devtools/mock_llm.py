@@ -7,6 +7,7 @@ tokens = words in the reply (``x-mock-words``, default 12). Streams send one wor
 Endpoints: /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, the Azure
 ``/openai/deployments/{name}/...`` forms of the first three, and /healthz.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,7 +76,10 @@ async def chat(request: web.Request) -> web.StreamResponse:
             choice["text"] = " ".join(words)
         else:
             choice["message"] = {"role": "assistant", "content": " ".join(words)}
-        return web.json_response({"id": rid, "object": kind, "created": created, "model": model, "choices": [choice], "usage": usage}, dumps=lambda o: orjson.dumps(o).decode())
+        return web.json_response(
+            {"id": rid, "object": kind, "created": created, "model": model, "choices": [choice], "usage": usage},
+            dumps=lambda o: orjson.dumps(o).decode(),
+        )
     include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
     obj = kind if legacy else "chat.completion.chunk"
     chunks = []
@@ -89,7 +93,11 @@ async def chat(request: web.Request) -> web.StreamResponse:
             chunk["usage"] = None
         chunks.append(_sse(chunk))
     last: dict[str, Any] = {"index": 0, "finish_reason": "stop", **({"text": ""} if legacy else {"delta": {}})}
-    chunks.append(_sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [last], **({"usage": None} if include_usage else {})}))
+    chunks.append(
+        _sse(
+            {"id": rid, "object": obj, "created": created, "model": model, "choices": [last], **({"usage": None} if include_usage else {})}
+        )
+    )
     if include_usage:
         chunks.append(_sse({"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}))
     chunks.append(b"data: [DONE]\n\n")
@@ -111,15 +119,29 @@ async def responses(request: web.Request) -> web.StreamResponse:
     model = body.get("model") or "mock-model"
     prompt = _words(body.get("input"))
     words = _reply_words(request)
-    usage = {"input_tokens": prompt, "output_tokens": len(words), "total_tokens": prompt + len(words),
-             "input_tokens_details": {"cached_tokens": 0}, "output_tokens_details": {"reasoning_tokens": 0}}
+    usage = {
+        "input_tokens": prompt,
+        "output_tokens": len(words),
+        "total_tokens": prompt + len(words),
+        "input_tokens_details": {"cached_tokens": 0},
+        "output_tokens_details": {"reasoning_tokens": 0},
+    }
     rid = f"resp_mock{time.time_ns()}"
     text = " ".join(words)
-    done = {"id": rid, "object": "response", "status": "completed", "model": model, "usage": usage,
-            "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}]}
+    done = {
+        "id": rid,
+        "object": "response",
+        "status": "completed",
+        "model": model,
+        "usage": usage,
+        "output": [{"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}],
+    }
     if not body.get("stream"):
         return web.json_response(done)
-    chunks = [b"event: response.created\n" + _sse({"type": "response.created", "response": {**done, "status": "in_progress", "usage": None, "output": []}})]
+    chunks = [
+        b"event: response.created\n"
+        + _sse({"type": "response.created", "response": {**done, "status": "in_progress", "usage": None, "output": []}})
+    ]
     for w in words:
         chunks.append(b"event: response.output_text.delta\n" + _sse({"type": "response.output_text.delta", "delta": w + " "}))
     chunks.append(b"event: response.completed\n" + _sse({"type": "response.completed", "response": done}))

@@ -5,6 +5,7 @@ waits for the replies. Kept apart from ``envoy_config`` (which needs the ``dev``
 import) so the command line can list the modes without loading it. docs/performance.md has the
 measurements behind each trade.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

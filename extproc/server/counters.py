@@ -1,5 +1,6 @@
 """What one worker counts about its streams, in one place: the gRPC server, the drain, the
 memory trimmer and the tests read these (per process; the metrics observers count calls)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -13,6 +13,7 @@ pass-through codec, the ext_proc streams' receive path (DATA frames past h2's pa
 ``grpc_health``'s messages, and a graceful stop (grpclib's own ``Server.close`` cancels every
 stream at once).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -187,8 +188,7 @@ class StreamCap:
     BEAT = 0.025  # seconds between two measures of the event loop's lateness, while streams are open
     LATE = 0.02  # seconds behind from which new streams get tasks (and can count as waiting)
 
-    def __init__(self, path: str, max_open: Callable[[], int], max_waiting: Callable[[], int],
-                 on_refused: Callable[[str], None]) -> None:
+    def __init__(self, path: str, max_open: Callable[[], int], max_waiting: Callable[[], int], on_refused: Callable[[str], None]) -> None:
         self.path = path
         self.max_open = max_open
         self.max_waiting = max_waiting
@@ -314,8 +314,12 @@ class _Protocol(H2Protocol):
 
 
 _H2_CONFIG = H2Configuration(  # as grpclib's Server
-    client_side=False, header_encoding="ascii", validate_inbound_headers=False, validate_outbound_headers=False,
-    normalize_inbound_headers=False, normalize_outbound_headers=False,
+    client_side=False,
+    header_encoding="ascii",
+    validate_inbound_headers=False,
+    validate_outbound_headers=False,
+    normalize_inbound_headers=False,
+    normalize_outbound_headers=False,
 )
 
 
@@ -344,8 +348,16 @@ class GrpclibServer:
         self.exchanges: dict[Any, _Exchange] = {}
         self.idle: asyncio.Future[None] | None = None  # set when ``exchanges`` empties, while a drain waits
 
-    def add_method(self, path: str, func: Callable[[Stream], Any], cardinality: Cardinality,
-                   request_type: Any, reply_type: Any, *, drain_waits: bool = False) -> None:
+    def add_method(
+        self,
+        path: str,
+        func: Callable[[Stream], Any],
+        cardinality: Cardinality,
+        request_type: Any,
+        reply_type: Any,
+        *,
+        drain_waits: bool = False,
+    ) -> None:
         if drain_waits:
             func = self._tracked(func)
         self._mapping[path] = MethodHandler(func, cardinality, request_type, reply_type)
@@ -375,8 +387,9 @@ class GrpclibServer:
                 self._server = await loop.create_unix_server(self._protocol_factory, self.address[5:])
             else:
                 host, _, port = self.address.rpartition(":")
-                self._server = await loop.create_server(self._protocol_factory, host.strip("[]") or None, int(port),
-                                                        reuse_address=True, reuse_port=True, ssl=self._ssl)
+                self._server = await loop.create_server(
+                    self._protocol_factory, host.strip("[]") or None, int(port), reuse_address=True, reuse_port=True, ssl=self._ssl
+                )
         except OSError as e:
             raise OSError(f"cannot listen on {self.address}: {e.strerror or e}") from None
 
@@ -460,11 +473,33 @@ class _Exchange:
     Streams whose headers need grpclib's checks (a ``grpc-timeout``, anything unusual) start in a
     task as before."""
 
-    __slots__ = ("owner", "handler", "ps", "headers", "release", "s", "buf", "handle_message", "held", "end",
-                 "headers_sent", "tasked", "capped", "done")
+    __slots__ = (
+        "owner",
+        "handler",
+        "ps",
+        "headers",
+        "release",
+        "s",
+        "buf",
+        "handle_message",
+        "held",
+        "end",
+        "headers_sent",
+        "tasked",
+        "capped",
+        "done",
+    )
 
-    def __init__(self, owner: _Exchanges, handler: _Handler | None, ps: Any, headers: Any,
-                 release: Callable[[], Any] | None, s: Any, buf: MessageBuffer) -> None:
+    def __init__(
+        self,
+        owner: _Exchanges,
+        handler: _Handler | None,
+        ps: Any,
+        headers: Any,
+        release: Callable[[], Any] | None,
+        s: Any,
+        buf: MessageBuffer,
+    ) -> None:
         self.owner = owner
         self.handler = handler
         self.ps = ps  # grpclib's transport-level stream
@@ -585,8 +620,9 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     def on_large(size: int) -> None:
         counters.large += size  # freed when the stream ends: worth a malloc_trim
 
-    cap = server.cap = StreamCap(PROCESS, lambda: processor.settings.limits.max_streams,
-                                 lambda: processor.settings.limits.max_waiting_streams, processor.refuse)
+    cap = server.cap = StreamCap(
+        PROCESS, lambda: processor.settings.limits.max_streams, lambda: processor.settings.limits.max_waiting_streams, processor.refuse
+    )
     started = cap.started
     current_task = asyncio.current_task
     shared = _Exchanges(server, processor, cap)

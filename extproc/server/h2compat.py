@@ -6,6 +6,7 @@ into a few internals. Each one is a function here, and ``tests/unit/test_h2compa
 every assumption against the installed versions (pinned in pyproject: grpclib, h2, hyperframe),
 so an upgrade that breaks one fails a named test instead of a stream in production.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -28,10 +29,26 @@ from h2.utilities import SizeLimitDict
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
-    "StreamReset", "cancel_stream", "cancelled_tasks", "forget_when_done", "h2_connection", "h2_stream",
-    "lazy_frame_repr", "limit_closed_streams", "on_stream_reset", "receive_data_frames", "send_goaway",
-    "closed", "initial_metadata_sent", "response_headers_sent", "send_message_now", "send_response_headers_now",
-    "server_configuration", "server_events", "stream_of", "use_buffer",
+    "StreamReset",
+    "cancel_stream",
+    "cancelled_tasks",
+    "forget_when_done",
+    "h2_connection",
+    "h2_stream",
+    "lazy_frame_repr",
+    "limit_closed_streams",
+    "on_stream_reset",
+    "receive_data_frames",
+    "send_goaway",
+    "closed",
+    "initial_metadata_sent",
+    "response_headers_sent",
+    "send_message_now",
+    "send_response_headers_now",
+    "server_configuration",
+    "server_events",
+    "stream_of",
+    "use_buffer",
 )
 
 
@@ -117,10 +134,15 @@ def send_message_now(ps: Any, message: bytes) -> bool:
     conn: H2Connection = ps._h2_connection
     h2s = conn.streams.get(ps.id)
     size = len(message) + 5
-    if (h2s is None or h2s.state_machine.state not in _SENDABLE
-            or conn.state_machine.state is not ConnectionState.SERVER_OPEN
-            or size > conn.outbound_flow_control_window or size > h2s.outbound_flow_control_window
-            or size > conn.max_outbound_frame_size or not ps.connection.write_ready.is_set()):
+    if (
+        h2s is None
+        or h2s.state_machine.state not in _SENDABLE
+        or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+        or size > conn.outbound_flow_control_window
+        or size > h2s.outbound_flow_control_window
+        or size > conn.max_outbound_frame_size
+        or not ps.connection.write_ready.is_set()
+    ):
         return False
     h2s.outbound_flow_control_window -= size
     conn.outbound_flow_control_window -= size
@@ -165,10 +187,15 @@ def send_response_headers_now(ps: Any) -> bool:
     conn: H2Connection = ps._h2_connection
     h2s = conn.streams.get(ps.id)
     block = RESPONSE_HEADERS_BLOCK
-    if (h2s is None or h2s.state_machine.state not in _SENDABLE or h2s.state_machine.headers_sent
-            or conn.state_machine.state is not ConnectionState.SERVER_OPEN
-            or conn.encoder.header_table.resized or len(block) > conn.max_outbound_frame_size
-            or not ps.connection.write_ready.is_set()):
+    if (
+        h2s is None
+        or h2s.state_machine.state not in _SENDABLE
+        or h2s.state_machine.headers_sent
+        or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+        or conn.encoder.header_table.resized
+        or len(block) > conn.max_outbound_frame_size
+        or not ps.connection.write_ready.is_set()
+    ):
         return False
     h2s.state_machine.process_input(StreamInputs.SEND_HEADERS)
     pending = conn.data_to_send() if conn._data_to_send else b""
@@ -193,6 +220,8 @@ def closed(ps: Any) -> bool:
     """Whether h2 has closed the stream (reset by either side, or ended both ways)."""
     h2s = ps._h2_connection.streams.get(ps.id)
     return h2s is None or h2s.state_machine.state is StreamState.CLOSED
+
+
 _RECEIVABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
 
@@ -214,8 +243,7 @@ def receive_data_frames(protocol: H2Protocol, data: bytes) -> int:
     stream's buffer with its flow-controlled length (acknowledged when the handler reads it)."""
     conn: H2Connection = protocol.connection._connection
     incoming = conn.incoming_buffer
-    if (incoming._data or incoming._headers_buffer or incoming._preamble_len
-            or conn.state_machine.state is not ConnectionState.SERVER_OPEN):
+    if incoming._data or incoming._headers_buffer or incoming._preamble_len or conn.state_machine.state is not ConnectionState.SERVER_OPEN:
         return 0
     streams = conn.streams
     grpc_streams = protocol.processor.streams
@@ -232,14 +260,19 @@ def receive_data_frames(protocol: H2Protocol, data: bytes) -> int:
             break
         h2s = streams.get(stream_id & 0x7FFFFFFF)
         stream = grpc_streams.get(stream_id & 0x7FFFFFFF)
-        if (h2s is None or stream is None or h2s.state_machine.state not in _RECEIVABLE
-                or not h2s.state_machine.headers_received or h2s._expected_content_length is not None
-                or size > h2s._inbound_window_manager.current_window_size):
+        if (
+            h2s is None
+            or stream is None
+            or h2s.state_machine.state not in _RECEIVABLE
+            or not h2s.state_machine.headers_received
+            or h2s._expected_content_length is not None
+            or size > h2s._inbound_window_manager.current_window_size
+        ):
             break
         window.current_window_size -= size
         h2s._inbound_window_manager.current_window_size -= size
         h2s._actual_content_length += size
-        stream.buffer.add(data[start:start + size], size)
+        stream.buffer.add(data[start : start + size], size)
         stream.data_received += size
         taken += size
         offset = start + size

@@ -5,6 +5,7 @@ it starts draining (SIGTERM). Both the overall status (service ``""``) and the e
 name are reported, so Kubernetes' native ``grpc:`` probes, ``grpc_health_probe`` and Envoy's gRPC
 health checker can all ask. ``extproc health`` (the Docker HEALTHCHECK) is :func:`check`.
 """
+
 from __future__ import annotations
 
 import asyncio

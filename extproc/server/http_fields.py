@@ -4,6 +4,7 @@
 Values come from the client or the upstream: a number that is not a plain ASCII integer of sane
 length is ignored (``str.isdigit`` accepts "²" and other digits ``int()`` refuses).
 """
+
 from __future__ import annotations
 
 from typing import Any

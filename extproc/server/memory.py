@@ -6,6 +6,7 @@ freed heap memory for reuse: measured under grpclib, 16 streams of 4 MiB bodies 
 returns it (62 MiB). The worker calls it at most once a second, and only after a stream held
 or received something large since the last call (WorkerCounters.trim_due).
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -11,6 +11,7 @@ reader needs its bytes, never on arrival, so what Envoy can queue here stays bou
 stream's window whatever the reader does; and a message larger than the window still arrives,
 its frames acknowledged as they come while the reader waits for the rest.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -46,11 +47,23 @@ class MessageBuffer:
     returned False or raised, a bad message, the end of the stream) calls ``handover()`` instead,
     once (it is cleared first): the caller then starts a reader."""
 
-    __slots__ = ("_ack", "_max_size", "_on_large", "_frames", "_head", "_eof", "_need", "_size", "_waiter",
-                 "_unacked", "_error", "inline", "handover")
+    __slots__ = (
+        "_ack",
+        "_max_size",
+        "_on_large",
+        "_frames",
+        "_head",
+        "_eof",
+        "_need",
+        "_size",
+        "_waiter",
+        "_unacked",
+        "_error",
+        "inline",
+        "handover",
+    )
 
-    def __init__(self, ack: Callable[[int], None], max_size: Callable[[], int],
-                 on_large: Callable[[int], None] | None = None) -> None:
+    def __init__(self, ack: Callable[[int], None], max_size: Callable[[], int], on_large: Callable[[int], None] | None = None) -> None:
         self._ack = ack  # gives ``n`` flow-controlled bytes back to the peer's windows
         self._max_size = max_size  # read per message: a reload applies at once
         self._on_large = on_large

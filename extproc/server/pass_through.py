@@ -7,6 +7,7 @@ the stream code calls its parser without asking whether there is one. ``observed
 servicer then skips the request body, completes the call with the response headers, and settles
 it by the HTTP response alone. Stateless: one instance serves every stream.
 """
+
 from __future__ import annotations
 
 

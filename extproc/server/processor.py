@@ -42,6 +42,7 @@ explains why it takes this route):
    :meth:`Processor.close_stream` -> :meth:`Stream.finish`: the call is settled, priced and
    reported to the observers (:meth:`Processor.report`).
 """
+
 from __future__ import annotations
 
 import logging
@@ -148,8 +149,20 @@ class Stream:
     """The state of one ext_proc stream (= one HTTP exchange): the phase handlers, and how the
     call is settled, priced and finished."""
 
-    __slots__ = ("p", "call", "parser", "decoder", "held", "_grpc_provider", "_done", "_response_done", "_observe_only",
-                 "_priced", "_content_length", "_routed")
+    __slots__ = (
+        "p",
+        "call",
+        "parser",
+        "decoder",
+        "held",
+        "_grpc_provider",
+        "_done",
+        "_response_done",
+        "_observe_only",
+        "_priced",
+        "_content_length",
+        "_routed",
+    )
 
     def __init__(self, processor: Processor) -> None:
         self.p = processor
@@ -443,13 +456,20 @@ class Stream:
             return
         obs = call.obs
         u = obs.usage
-        key = (u.input_tokens, u.output_tokens, u.total_tokens, u.cached_input_tokens,
-               u.cache_creation_input_tokens, u.reasoning_tokens, obs.request_model, obs.response_model)
+        key = (
+            u.input_tokens,
+            u.output_tokens,
+            u.total_tokens,
+            u.cached_input_tokens,
+            u.cache_creation_input_tokens,
+            u.reasoning_tokens,
+            obs.request_model,
+            obs.response_model,
+        )
         if key == self._priced:
             return
         self._priced = key
-        call.cost = self.p.settings.pricer.price(call.provider, obs.request_model, obs.response_model, u,
-                                                 obs.extra.get("service_tier"))
+        call.cost = self.p.settings.pricer.price(call.provider, obs.request_model, obs.response_model, u, obs.extra.get("service_tier"))
 
     def finish(self) -> None:
         """The gRPC stream ended (normally, or because Envoy reset it). Report exactly once.
@@ -467,7 +487,7 @@ class Stream:
         call.end = time.perf_counter()
         # Price LLM calls that could have cost something: usage seen, or a response that was not
         # an error (a missing usage then counts as unpriced, reason no_usage).
-        if (call.obs.usage.seen() or (call.response_start is not None and call.status < 400)):
+        if call.obs.usage.seen() or (call.response_start is not None and call.status < 400):
             self._price()
         if not call.outcome:
             call.outcome = NO_RESPONSE if call.response_start is None else CLIENT_ABORT

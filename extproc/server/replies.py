@@ -1,5 +1,6 @@
 """The servicer's replies to Envoy, serialised once at import: a reply is one of these bytes, or
 one of them with the call's dynamic metadata appended (``metadata.encoded``)."""
+
 from __future__ import annotations
 
 from typing import Any

@@ -6,6 +6,7 @@ limit is a key in :class:`extproc.core.config.LimitsConfig`, read as ``settings.
 what has to be built from it once: the router, the pricer, the budget, attribution, the parsers'
 limits.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -38,8 +39,9 @@ def settings(config: Config) -> Settings:
     return Settings(
         config=config,
         limits=lim,
-        parser_limits=Limits(max_body_bytes=lim.max_body_bytes, max_event_bytes=lim.max_event_bytes,
-                             max_capture_chars=config.tracing.max_content_chars),
+        parser_limits=Limits(
+            max_body_bytes=lim.max_body_bytes, max_event_bytes=lim.max_event_bytes, max_capture_chars=config.tracing.max_content_chars
+        ),
         provider_key=config.providers.header.lower(),
         router=Router(routes, extra=_config_routes(config, routes)),
         pricer=Pricer(config.pricing, catalogue_ids()),

@@ -5,6 +5,7 @@ same TCP port with SO_REUSEPORT (the kernel spreads Envoy's HTTP/2 connections o
 parent supervises: a worker that dies is restarted, SIGTERM/SIGINT are passed on (each worker
 drains, see :mod:`extproc.server.worker`), SIGHUP makes every worker reload its config.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,14 @@ from extproc.server.worker import REPORT_WAIT, ObserverFactory, Reloader, prepar
 log = logging.getLogger("extproc")
 
 
-def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace: float | None = None,
-          on_worker_exit: Callable[[int], None] | None = None, reload: Reloader | None = None) -> int:
+def serve(
+    config: Config,
+    workers: int,
+    observer_factory: ObserverFactory,
+    grace: float | None = None,
+    on_worker_exit: Callable[[int], None] | None = None,
+    reload: Reloader | None = None,
+) -> int:
     """Run ``workers`` worker processes (1: this process). ``on_worker_exit(pid)`` runs in the
     supervising parent whenever a worker exits (metrics: prometheus-client ``mark_process_dead``).
     ``reload`` re-reads the config on SIGHUP (each worker applies it; see ``reconfigure``)."""
@@ -32,8 +39,7 @@ def serve(config: Config, workers: int, observer_factory: ObserverFactory, grace
     if config.listen.startswith("unix:"):
         log.error("several workers need a TCP listen address (SO_REUSEPORT); got %s", config.listen)
         return 2
-    return _supervise(config, workers, observer_factory, config.shutdown_grace_seconds if grace is None else grace,
-                      on_worker_exit, reload)
+    return _supervise(config, workers, observer_factory, config.shutdown_grace_seconds if grace is None else grace, on_worker_exit, reload)
 
 
 def run_loop(config: Config, main: Coroutine[Any, Any, Any]) -> None:
@@ -47,8 +53,14 @@ def run_loop(config: Config, main: Coroutine[Any, Any, Any]) -> None:
         asyncio.run(main)
 
 
-def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, grace: float,
-               on_worker_exit: Callable[[int], None] | None = None, reload: Reloader | None = None) -> int:
+def _supervise(
+    config: Config,
+    workers: int,
+    observer_factory: ObserverFactory,
+    grace: float,
+    on_worker_exit: Callable[[int], None] | None = None,
+    reload: Reloader | None = None,
+) -> int:
     children: dict[int, int] = {}  # pid -> slot
     stopping = False
 
@@ -60,8 +72,7 @@ def _supervise(config: Config, workers: int, observer_factory: ObserverFactory, 
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until its event loop installs the reload handler
             code = 0
             try:
-                run_loop(config, run_worker(config, observer_factory(config), grace, reload=reload,
-                                            observer_factory=observer_factory))
+                run_loop(config, run_worker(config, observer_factory(config), grace, reload=reload, observer_factory=observer_factory))
             except BaseException:
                 log.exception("worker failed")
                 code = 1

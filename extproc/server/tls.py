@@ -4,6 +4,7 @@ The sidecar binds loopback by default (or a unix socket), where plaintext is fin
 non-local setup (Envoy in another pod or host), set ``tls.certFile``/``tls.keyFile``, and
 ``tls.clientCaFile`` to require and verify client certificates (mTLS). See docs/security-tls.md.
 """
+
 from __future__ import annotations
 
 import ipaddress
@@ -47,7 +48,8 @@ def warn_if_plaintext(address: str, tls: TlsConfig | None) -> bool:
     if tls is not None and tls.enabled:
         return True
     if not is_local(address):
-        log.warning("ext_proc listens without TLS on a non-loopback address; set tls.certFile/keyFile (and clientCaFile)",
-                    extra={"address": address, "tls": False})
+        log.warning(
+            "ext_proc listens without TLS on a non-loopback address; set tls.certFile/keyFile (and clientCaFile)",
+            extra={"address": address, "tls": False},
+        )
     return False
-

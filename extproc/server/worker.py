@@ -5,6 +5,7 @@ streams are refused (Envoy fails open), in-flight streams get ``shutdownGraceSec
 and report to the observers, then the worker exits 0. :mod:`extproc.server.supervisor` runs one
 or several of these.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -34,9 +35,14 @@ RESTART_ONLY = ("listen", "health_listen", "stats", "event_loop")
 Reloader = Callable[[], Config]
 
 
-async def run_worker(config: Config, observers: Sequence[CallObserver], grace: float | None = None,
-                     ready: Callable[[], None] | None = None, reload: Reloader | None = None,
-                     observer_factory: ObserverFactory | None = None) -> None:
+async def run_worker(
+    config: Config,
+    observers: Sequence[CallObserver],
+    grace: float | None = None,
+    ready: Callable[[], None] | None = None,
+    reload: Reloader | None = None,
+    observer_factory: ObserverFactory | None = None,
+) -> None:
     grace = config.shutdown_grace_seconds if grace is None else grace
     processor = Processor(config, observers)
     processor.settings.pricer.warm()  # before serving: the first call must not wait for the price catalogue
@@ -107,8 +113,7 @@ def reconfigure(processor: Processor, reload: Reloader, observer_factory: Observ
     try:
         observers = list(observer_factory(new))  # the factory releases what it built if it fails
     except Exception as e:
-        log.error("config reload failed; keeping the running config",
-                  extra={"error": f"observers: {type(e).__name__}: {e}"})
+        log.error("config reload failed; keeping the running config", extra={"error": f"observers: {type(e).__name__}: {e}"})
         return False
     previous = processor.observers
     processor.apply(built, observers)

@@ -6,6 +6,7 @@ jwt_authn, claims of a token Envoy verified), from a configured request header, 
 attribution (end user, session, key id: ``extproc.core.attribution``); the sidecar never decodes
 ``Authorization`` itself, so a label cannot be forged with an unverified token.
 """
+
 from __future__ import annotations
 
 from typing import Any

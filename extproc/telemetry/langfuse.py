@@ -14,6 +14,7 @@ Names and meanings follow Langfuse's documentation:
   ``input_cache_creation``, ``output`` (visible), ``output_reasoning``, plus ``total``; their
   sums are our input and output. ``cost_details`` is our price (Langfuse then does not re-price).
 """
+
 from __future__ import annotations
 
 from datetime import UTC, datetime
@@ -66,8 +67,7 @@ def add_attributes(a: dict[str, Any], call: Call, capture: bool, max_chars: int,
     if model:
         a[OBSERVATION_MODEL] = model
     if obs.params:
-        a[OBSERVATION_MODEL_PARAMETERS] = orjson.dumps(
-            {k: bounded_attribute(cel.to_attribute(v)) for k, v in obs.params.items()}).decode()
+        a[OBSERVATION_MODEL_PARAMETERS] = orjson.dumps({k: bounded_attribute(cel.to_attribute(v)) for k, v in obs.params.items()}).decode()
     usage = usage_details(call)
     if usage:
         a[OBSERVATION_USAGE_DETAILS] = orjson.dumps(usage).decode()

@@ -8,6 +8,7 @@ client's choice: cut to 128 characters, capped at ``stats.maxLabelValues`` disti
 ``mcp_tool`` in ``ai_label_values_overflow_total``) and ``stats.maxSeries`` series, like the AI
 metrics' labels.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -21,6 +22,7 @@ from extproc.core.config import StatsConfig
 from extproc.telemetry.labels import LabelGuard, SeriesBudget, folded
 
 MCP_REQUESTS = Counter("mcp_requests", "MCP JSON-RPC requests seen through Envoy.", ["method", "tool", "status"])
+
 
 def status(call: Call) -> str:
     x = call.obs.extra

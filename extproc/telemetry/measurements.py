@@ -18,6 +18,7 @@ Per call, the step runs once even with both backends on (they share one :class:`
 remembers its last call); every client- or upstream-chosen label value is cut to 128 characters,
 then capped per label at ``stats.maxLabelValues`` distinct values (``__overflow__`` past it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,8 +32,19 @@ from extproc.core.config import StatsConfig
 from extproc.core.pricing import Cost
 from extproc.telemetry.labels import LabelGuard, LabelSource
 
-__all__ = ("DURATION_BUCKETS", "LABELS", "PROCESSING_BUCKETS", "TOKEN_BUCKETS", "TOKEN_TYPES", "TPOT_BUCKETS", "TTFT_BUCKETS",
-           "Measurements", "Measurer", "error_type", "label_sources")
+__all__ = (
+    "DURATION_BUCKETS",
+    "LABELS",
+    "PROCESSING_BUCKETS",
+    "TOKEN_BUCKETS",
+    "TOKEN_TYPES",
+    "TPOT_BUCKETS",
+    "TTFT_BUCKETS",
+    "Measurements",
+    "Measurer",
+    "error_type",
+    "label_sources",
+)
 
 # Histogram boundaries, the same in both backends.
 # gen_ai.client.operation.duration advice (0.01 .. 81.92 s, doubling), stretched to 300 s for long
@@ -113,7 +125,7 @@ class Measurements:
     @property
     def custom(self) -> tuple[str, ...]:
         """Values of the label sources' labels (:attr:`Measurer.names` order)."""
-        return self.labels[len(LABELS):]
+        return self.labels[len(LABELS) :]
 
 
 class Measurer:
@@ -170,15 +182,27 @@ class Measurer:
         elif cost is not None and cost.reason != "disabled":
             unpriced = cost.reason
         # Parsers keep only sane counts; a negative one is a bug, never recorded (inline: per call).
-        if ((u.input_tokens or 0) < 0 or (u.output_tokens or 0) < 0 or (u.cached_input_tokens or 0) < 0
-                or (u.cache_creation_input_tokens or 0) < 0 or (u.reasoning_tokens or 0) < 0):
+        if (
+            (u.input_tokens or 0) < 0
+            or (u.output_tokens or 0) < 0
+            or (u.cached_input_tokens or 0) < 0
+            or (u.cache_creation_input_tokens or 0) < 0
+            or (u.reasoning_tokens or 0) < 0
+        ):
             raise ValueError(f"negative token count: {tokens}")
         if cost_usd is not None and cost_usd < 0:
             raise ValueError(f"negative cost: {cost_usd}")
         return Measurements(
-            labels, duration, ttft, tpot, tokens,
+            labels,
+            duration,
+            ttft,
+            tpot,
+            tokens,
             call.outcome == OK and not u.seen(),
-            cost_usd, unpriced, finish_reason(call),
-            obs.parse_errors, clip(obs.parse_error_reason or "unknown") if obs.parse_errors else "",
+            cost_usd,
+            unpriced,
+            finish_reason(call),
+            obs.parse_errors,
+            clip(obs.parse_error_reason or "unknown") if obs.parse_errors else "",
             call.processing,
         )

@@ -18,6 +18,7 @@ completes the response (the API's end marker, or the end of a non-streamed body)
 the access log when the exchange is over, so a call the client abandoned before the end logs
 ``client_abort`` (what the sidecar records too), and a complete one ``ok``.
 """
+
 from __future__ import annotations
 
 import struct
@@ -146,8 +147,12 @@ def _total(u: Usage) -> int:
 def fields(call: Call, budget: Budget | None = None) -> dict[str, Any]:
     """String values are cut to 128 characters (client- or upstream-chosen: docs/security.md)."""
     obs = call.obs
-    out: dict[str, Any] = {"provider": clip(call.provider), "streaming": obs.streaming, "operation": clip(obs.operation),
-                           "outcome": call.outcome or CLIENT_ABORT}  # until complete, ending now would be an abort
+    out: dict[str, Any] = {
+        "provider": clip(call.provider),
+        "streaming": obs.streaming,
+        "operation": clip(obs.operation),
+        "outcome": call.outcome or CLIENT_ABORT,
+    }  # until complete, ending now would be an abort
     if obs.request_model:
         out["model"] = clip(obs.request_model)
     if obs.response_model:

@@ -7,6 +7,7 @@ The registry is injectable (tests use a fresh ``CollectorRegistry`` each); ``ext
 :func:`process_registry`. With several workers, prometheus-client's multiprocess mode stores the
 values in files that the parent's endpoint sums (``extproc.telemetry.prometheus_endpoint``).
 """
+
 from __future__ import annotations
 
 import logging
@@ -31,8 +32,16 @@ from extproc.telemetry.measurements import (
     error_type,
 )
 
-__all__ = ("DURATION_BUCKETS", "TOKEN_BUCKETS", "TPOT_BUCKETS", "TTFT_BUCKETS", "Metrics", "MetricsObserver", "error_type",
-           "process_registry")
+__all__ = (
+    "DURATION_BUCKETS",
+    "TOKEN_BUCKETS",
+    "TPOT_BUCKETS",
+    "TTFT_BUCKETS",
+    "Metrics",
+    "MetricsObserver",
+    "error_type",
+    "process_registry",
+)
 
 log = logging.getLogger("extproc.telemetry.metrics")
 
@@ -43,9 +52,11 @@ _SERIES_CACHE_MAX = 4096  # label combinations whose children we keep at hand (t
 # gauge, per worker process in multiprocess mode (label pid, live workers only): a counter there
 # would be summed over the workers. Cumulative: rate() is the worker's CPU use.
 WORKER_CPU = Gauge(
-    "extproc_worker_cpu_seconds", "CPU seconds (user + system, all threads) this worker process has used "
+    "extproc_worker_cpu_seconds",
+    "CPU seconds (user + system, all threads) this worker process has used "
     "since it started, sampled as LLM calls end (at most once a second); rate() is the worker's CPU use",
-    multiprocess_mode="liveall")
+    multiprocess_mode="liveall",
+)
 
 
 def process_registry() -> CollectorRegistry:
@@ -62,58 +73,120 @@ class Metrics:
         c = list(custom)
         ai = ["llm", "model", *c]
         genai = [*GENAI_LABELS, "error_type", *c]
-        self.prompt_tokens = Counter("ai_prompt_tokens", "Prompt (input) tokens the provider reported (kgateway-compatible)", ai, registry=registry)
-        self.completion_tokens = Counter("ai_completion_tokens", "Completion (output) tokens the provider reported (kgateway-compatible)", ai, registry=registry)
+        self.prompt_tokens = Counter(
+            "ai_prompt_tokens", "Prompt (input) tokens the provider reported (kgateway-compatible)", ai, registry=registry
+        )
+        self.completion_tokens = Counter(
+            "ai_completion_tokens", "Completion (output) tokens the provider reported (kgateway-compatible)", ai, registry=registry
+        )
         self.requests = Counter(
-            "ai_requests", "LLM calls by outcome (ok, error, client_abort, no_response)",
-            ["llm", "model", "operation", "status_code", "outcome", "error_type", *c], registry=registry)
+            "ai_requests",
+            "LLM calls by outcome (ok, error, client_abort, no_response)",
+            ["llm", "model", "operation", "status_code", "outcome", "error_type", *c],
+            registry=registry,
+        )
         self.usage_missing = Counter(
-            "ai_usage_missing", "Successful LLM responses that reported no token usage (e.g. a stream without include_usage)",
-            ["llm", "model", "operation", *c], registry=registry)
-        self.cost = Counter("ai_cost_usd", "Cost of LLM calls in US dollars, from the reported usage (see docs/cost.md)", ai, registry=registry)
+            "ai_usage_missing",
+            "Successful LLM responses that reported no token usage (e.g. a stream without include_usage)",
+            ["llm", "model", "operation", *c],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "ai_cost_usd", "Cost of LLM calls in US dollars, from the reported usage (see docs/cost.md)", ai, registry=registry
+        )
         self.unpriced = Counter(
-            "ai_cost_unpriced", "LLM calls that could not be priced, by reason (unknown_model, no_usage, error)",
-            ["llm", "model", "reason", *c], registry=registry)
+            "ai_cost_unpriced",
+            "LLM calls that could not be priced, by reason (unknown_model, no_usage, error)",
+            ["llm", "model", "reason", *c],
+            registry=registry,
+        )
         self.finish_reasons = Counter(
-            "ai_finish_reasons", "LLM responses by how they ended (stop, length, tool_calls, content_filter, error, other)",
-            ["llm", "model", "finish_reason", *c], registry=registry)
+            "ai_finish_reasons",
+            "LLM responses by how they ended (stop, length, tool_calls, content_filter, error, other)",
+            ["llm", "model", "finish_reason", *c],
+            registry=registry,
+        )
         self.parse_errors = Counter("ai_parse_errors", "Payloads the sidecar could not parse", ["llm", "reason"], registry=registry)
         self.overflow = Counter(
-            "ai_label_values_overflow", "Label values folded into __overflow__ by the cardinality cap (stats.maxLabelValues)",
-            ["label"], registry=registry)
+            "ai_label_values_overflow",
+            "Label values folded into __overflow__ by the cardinality cap (stats.maxLabelValues)",
+            ["label"],
+            registry=registry,
+        )
         self.series_overflow = Counter(
-            "ai_series_overflow", "Observations recorded in an __overflow__ series because their metric family had "
-            "stats.maxSeries live series", ["metric"], registry=registry)
+            "ai_series_overflow",
+            "Observations recorded in an __overflow__ series because their metric family had stats.maxSeries live series",
+            ["metric"],
+            registry=registry,
+        )
         # livesum: across worker processes, the sum over the live ones (a dead worker's streams are gone).
-        self.active = Gauge("ai_active_streams", "ext_proc streams (HTTP exchanges) in flight", registry=registry,
-                            multiprocess_mode="livesum")
+        self.active = Gauge(
+            "ai_active_streams", "ext_proc streams (HTTP exchanges) in flight", registry=registry, multiprocess_mode="livesum"
+        )
         self.refused = Counter(
-            "ai_streams_refused", "ext_proc streams refused as they opened, unobserved (max_streams: the worker held "
-            "limits.maxStreams; overloaded: limits.maxWaitingStreams waited for the busy worker; draining: shutting down)", ["reason"], registry=registry)
+            "ai_streams_refused",
+            "ext_proc streams refused as they opened, unobserved (max_streams: the worker held "
+            "limits.maxStreams; overloaded: limits.maxWaitingStreams waited for the busy worker; draining: shutting down)",
+            ["reason"],
+            registry=registry,
+        )
         self.token_usage = Histogram(
-            "gen_ai_client_token_usage", "Tokens used per call (OpenTelemetry gen_ai.client.token.usage)",
-            [*GENAI_LABELS, "gen_ai_token_type", *c], buckets=TOKEN_BUCKETS, registry=registry)
+            "gen_ai_client_token_usage",
+            "Tokens used per call (OpenTelemetry gen_ai.client.token.usage)",
+            [*GENAI_LABELS, "gen_ai_token_type", *c],
+            buckets=TOKEN_BUCKETS,
+            registry=registry,
+        )
         self.duration = Histogram(
-            "gen_ai_client_operation_duration_seconds", "Call duration, first request byte to end of response (gen_ai.client.operation.duration)",
-            genai, buckets=DURATION_BUCKETS, registry=registry)
+            "gen_ai_client_operation_duration_seconds",
+            "Call duration, first request byte to end of response (gen_ai.client.operation.duration)",
+            genai,
+            buckets=DURATION_BUCKETS,
+            registry=registry,
+        )
         self.ttft = Histogram(
-            "gen_ai_server_time_to_first_token_seconds", "Streams: request start to first response chunk (gen_ai.server.time_to_first_token)",
-            genai, buckets=TTFT_BUCKETS, registry=registry)
+            "gen_ai_server_time_to_first_token_seconds",
+            "Streams: request start to first response chunk (gen_ai.server.time_to_first_token)",
+            genai,
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
         self.tpot = Histogram(
-            "gen_ai_server_time_per_output_token_seconds", "Streams: (response complete - first chunk) / (output tokens - 1) (gen_ai.server.time_per_output_token)",
-            genai, buckets=TPOT_BUCKETS, registry=registry)
+            "gen_ai_server_time_per_output_token_seconds",
+            "Streams: (response complete - first chunk) / (output tokens - 1) (gen_ai.server.time_per_output_token)",
+            genai,
+            buckets=TPOT_BUCKETS,
+            registry=registry,
+        )
         # The sidecar's own cost: no custom labels (a per-user self-cost would multiply series for no use).
         self.processing = Histogram(
-            "extproc_processing_duration_seconds", "Time the sidecar spent in its message handlers per LLM call "
-            "(parsing, building replies; waiting excluded): its own cost", ["llm", "operation"],
-            buckets=PROCESSING_BUCKETS, registry=registry)
+            "extproc_processing_duration_seconds",
+            "Time the sidecar spent in its message handlers per LLM call (parsing, building replies; waiting excluded): its own cost",
+            ["llm", "operation"],
+            buckets=PROCESSING_BUCKETS,
+            registry=registry,
+        )
 
     def label_names(self) -> set[str]:
         names: set[str] = set()
-        for m in (self.prompt_tokens, self.completion_tokens, self.requests, self.usage_missing, self.cost, self.unpriced,
-                  self.finish_reasons, self.parse_errors,
-                  self.overflow, self.series_overflow, self.refused, self.token_usage, self.duration, self.ttft, self.tpot,
-                  self.processing):
+        for m in (
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.requests,
+            self.usage_missing,
+            self.cost,
+            self.unpriced,
+            self.finish_reasons,
+            self.parse_errors,
+            self.overflow,
+            self.series_overflow,
+            self.refused,
+            self.token_usage,
+            self.duration,
+            self.ttft,
+            self.tpot,
+            self.processing,
+        ):
             names.update(m._labelnames)
         return names
 
@@ -136,11 +209,28 @@ class _Series:
     stays None while its family's series budget folds this combination (so each later
     observation is folded, and counted, again)."""
 
-    __slots__ = ("ai", "genai", "req", "miss", "own", "requests", "duration", "ttft", "tpot", "prompt", "completion", "missing", "cost",
-                 "tokens", "finish", "processing")
+    __slots__ = (
+        "ai",
+        "genai",
+        "req",
+        "miss",
+        "own",
+        "requests",
+        "duration",
+        "ttft",
+        "tpot",
+        "prompt",
+        "completion",
+        "missing",
+        "cost",
+        "tokens",
+        "finish",
+        "processing",
+    )
 
-    def __init__(self, ai: tuple[str, ...], genai: tuple[str, ...], req: tuple[str, ...], miss: tuple[str, ...],
-                 own: tuple[str, ...]) -> None:
+    def __init__(
+        self, ai: tuple[str, ...], genai: tuple[str, ...], req: tuple[str, ...], miss: tuple[str, ...], own: tuple[str, ...]
+    ) -> None:
         self.ai = ai  # llm, model, *custom
         self.genai = genai  # operation, provider, request model, response model, error_type, *custom
         self.req = req  # llm, model, operation, status_code, outcome, error_type, *custom
@@ -238,8 +328,12 @@ class MetricsObserver:
                 self._series.clear()
             llm, model, request_model, response_model, operation, err, status, outcome, *custom = key
             series = self._series[key] = _Series(
-                (llm, model, *custom), (operation, llm, request_model, response_model, err, *custom),
-                (llm, model, operation, status, outcome, err, *custom), (llm, model, operation, *custom), (llm, operation))
+                (llm, model, *custom),
+                (operation, llm, request_model, response_model, err, *custom),
+                (llm, model, operation, status, outcome, err, *custom),
+                (llm, model, operation, *custom),
+                (llm, operation),
+            )
         new = self._child
 
         if m.duration is not None:

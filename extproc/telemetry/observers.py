@@ -1,4 +1,5 @@
 """Wires the observers (metrics, tracing, logs) a worker reports finished calls to."""
+
 from __future__ import annotations
 
 import logging
@@ -22,10 +23,17 @@ class CallLog:
         log.debug(
             "call",
             extra={
-                "provider": clip(call.provider), "api": call.api, "status": call.status, "outcome": call.outcome,
-                "model": clip_opt(obs.request_model), "provider_model": clip_opt(obs.response_model), "streaming": obs.streaming,
-                "input_tokens": obs.usage.input_tokens, "output_tokens": obs.usage.output_tokens,
-                "parse_errors": obs.parse_errors, "parse_error": obs.parse_error_reason,
+                "provider": clip(call.provider),
+                "api": call.api,
+                "status": call.status,
+                "outcome": call.outcome,
+                "model": clip_opt(obs.request_model),
+                "provider_model": clip_opt(obs.response_model),
+                "streaming": obs.streaming,
+                "input_tokens": obs.usage.input_tokens,
+                "output_tokens": obs.usage.output_tokens,
+                "parse_errors": obs.parse_errors,
+                "parse_error": obs.parse_error_reason,
             },
         )
 

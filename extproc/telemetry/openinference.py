@@ -17,6 +17,7 @@ Content: with capture on, ``input.value`` is ``{"messages": [{role, content}, ..
 ``llm.output_messages.0.message.*``. With capture off, ``input.value`` is a one-line summary with
 no content (``chat gpt-4o: 3 messages``) and there is no ``output.value``.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -61,6 +62,7 @@ KIND_LLM = "LLM"
 KIND_TOOL = "TOOL"
 MIME_JSON = "application/json"
 MIME_TEXT = "text/plain"
+
 
 def provider_values(provider: str, model: str | None) -> tuple[str, str | None]:
     """``(llm.provider, llm.system)`` for one of our provider names and the call's model, from
@@ -158,7 +160,7 @@ def prompt_messages(value: Any, max_chars: int) -> list[dict[str, str]]:
             role, text = clip(str(m.get("role", "user"))), _text(m.get("content"))
         else:
             continue
-        out.append({"role": role, "content": text[:max(budget, 0)]})
+        out.append({"role": role, "content": text[: max(budget, 0)]})
         budget -= len(text)
     return out
 

@@ -16,6 +16,7 @@ last 16 messages) and ``gen_ai.completion.0.role/content/finish_reason``. Counts
 normalised ones (prompt: every input token, cache reads and writes included; OpenLLMetry's
 Anthropic instrumentation adds them up the same way).
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -42,8 +43,7 @@ LLM_PROMPTS = "gen_ai.prompt"
 LLM_COMPLETIONS = "gen_ai.completion"
 
 # Our operation -> LLMRequestTypeValues
-REQUEST_TYPES = {"chat": "chat", "generate_content": "chat", "text_completion": "completion",
-                 "embeddings": "embedding", "rerank": "rerank"}
+REQUEST_TYPES = {"chat": "chat", "generate_content": "chat", "text_completion": "completion", "embeddings": "embedding", "rerank": "rerank"}
 UNKNOWN = "unknown"
 
 
@@ -75,7 +75,7 @@ def add_attributes(a: dict[str, Any], call: Call, capture: bool, max_chars: int)
         a[LLM_RESPONSE_FINISH_REASON] = finish
     if capture and obs.input_messages is not None:
         messages = prompt_messages(obs.input_messages, max_chars)
-        for i, m in enumerate(messages[max(len(messages) - MAX_LIST_ITEMS, 0):]):
+        for i, m in enumerate(messages[max(len(messages) - MAX_LIST_ITEMS, 0) :]):
             a[f"{LLM_PROMPTS}.{i}.role"] = m["role"]
             a[f"{LLM_PROMPTS}.{i}.content"] = m["content"]
     if capture and obs.output_text:

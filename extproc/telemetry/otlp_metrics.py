@@ -27,6 +27,7 @@ successful export carries the totals again). Label values are capped like Promet
 ``stats.maxLabelValues``, then ``__overflow__``), and each instrument keeps at most
 ``stats.maxSeries`` attribute sets (the SDK's cardinality limit; beyond it, its overflow set).
 """
+
 from __future__ import annotations
 
 import logging
@@ -151,8 +152,13 @@ class _Attributes:
         llm, model, request_model, response_model, operation, err, status, outcome, *values = labels
         custom = dict(zip(names, values))
         self.ai = {"llm": llm, "model": model, **custom}
-        genai = {"gen_ai.operation.name": operation, "gen_ai.provider.name": llm,
-                 "gen_ai.request.model": request_model, "gen_ai.response.model": response_model, **custom}
+        genai = {
+            "gen_ai.operation.name": operation,
+            "gen_ai.provider.name": llm,
+            "gen_ai.request.model": request_model,
+            "gen_ai.response.model": response_model,
+            **custom,
+        }
         self.timed = {**genai, "error.type": err} if err else genai
         self.tokens = tuple({**genai, "gen_ai.token.type": t} for t in TOKEN_TYPES)
         self.missing = {**self.ai, "operation": operation}
@@ -173,9 +179,12 @@ class OtlpMetrics:
         timeout_ms = otlp_settings.metrics_timeout_ms(stats.otlp)
         # No SDK thread (interval inf): the Pacer exports, within a bounded share of the worker's CPU.
         self.reader = PeriodicExportingMetricReader(
-            self.exporter, export_interval_millis=math.inf, export_timeout_millis=timeout_ms,
-            cardinality_limits={k: limit for k in (Counter, UpDownCounter, Histogram, ObservableCounter,
-                                                   ObservableUpDownCounter, ObservableGauge)},
+            self.exporter,
+            export_interval_millis=math.inf,
+            export_timeout_millis=timeout_ms,
+            cardinality_limits={
+                k: limit for k in (Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter, ObservableGauge)
+            },
         )
         self.provider = MeterProvider(resource=resource(self.instance_id), metric_readers=[self.reader], shutdown_on_exit=False)
         self.pacer = Pacer(self.reader, otlp_settings.metrics_interval_ms(stats.otlp) / 1000, timeout_ms)
@@ -186,14 +195,27 @@ class OtlpMetrics:
         self.closed = False
         hist = meter.create_histogram
         count = meter.create_counter
-        self.token_usage = hist("gen_ai.client.token.usage", "{token}", "Tokens used per call",
-                                explicit_bucket_boundaries_advisory=TOKEN_BUCKETS)
-        self.duration = hist("gen_ai.client.operation.duration", "s", "Call duration, first request byte to end of response",
-                             explicit_bucket_boundaries_advisory=DURATION_BUCKETS)
-        self.ttft = hist("gen_ai.server.time_to_first_token", "s", "Streams: request start to first response chunk",
-                         explicit_bucket_boundaries_advisory=TTFT_BUCKETS)
-        self.tpot = hist("gen_ai.server.time_per_output_token", "s",
-                         "Streams: (response complete - first chunk) / (output tokens - 1)", explicit_bucket_boundaries_advisory=TPOT_BUCKETS)
+        self.token_usage = hist(
+            "gen_ai.client.token.usage", "{token}", "Tokens used per call", explicit_bucket_boundaries_advisory=TOKEN_BUCKETS
+        )
+        self.duration = hist(
+            "gen_ai.client.operation.duration",
+            "s",
+            "Call duration, first request byte to end of response",
+            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+        )
+        self.ttft = hist(
+            "gen_ai.server.time_to_first_token",
+            "s",
+            "Streams: request start to first response chunk",
+            explicit_bucket_boundaries_advisory=TTFT_BUCKETS,
+        )
+        self.tpot = hist(
+            "gen_ai.server.time_per_output_token",
+            "s",
+            "Streams: (response complete - first chunk) / (output tokens - 1)",
+            explicit_bucket_boundaries_advisory=TPOT_BUCKETS,
+        )
         self.prompt_tokens = count("ai.prompt_tokens", "{token}", "Prompt (input) tokens the provider reported")
         self.completion_tokens = count("ai.completion_tokens", "{token}", "Completion (output) tokens the provider reported")
         self.requests = count("ai.requests", "{request}", "LLM calls by outcome (ok, error, client_abort, no_response)")
@@ -204,9 +226,12 @@ class OtlpMetrics:
         self.parse_errors = count("ai.parse_errors", "{payload}", "Payloads the sidecar could not parse")
         self.active = meter.create_up_down_counter("ai.active_streams", "{stream}", "ext_proc streams (HTTP exchanges) in flight")
         self.refused = count("ai.streams_refused", "{stream}", "ext_proc streams refused as they opened, unobserved")
-        self.processing = hist("extproc.processing.duration", "s",
-                               "Time the sidecar spent in its message handlers per LLM call (waiting excluded)",
-                               explicit_bucket_boundaries_advisory=PROCESSING_BUCKETS)
+        self.processing = hist(
+            "extproc.processing.duration",
+            "s",
+            "Time the sidecar spent in its message handlers per LLM call (waiting excluded)",
+            explicit_bucket_boundaries_advisory=PROCESSING_BUCKETS,
+        )
         meter.create_observable_counter("process.cpu.time", [_cpu_time], "s", "CPU time of this worker process")
 
     def on_stream_start(self) -> None:

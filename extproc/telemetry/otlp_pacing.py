@@ -12,6 +12,7 @@ series. The cyclic garbage collector is paused during a collection: the export a
 thousands of short-lived objects, which would otherwise start full collections of the whole heap,
 pauses every thread (the event loop too) waits out; they are freed by reference counting.
 """
+
 from __future__ import annotations
 
 import gc

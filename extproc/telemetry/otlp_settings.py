@@ -12,6 +12,7 @@ the standard ``OTEL_*`` variables. One module, so both signals follow the same r
 No OpenTelemetry import here: ``observers`` asks ``traces_enabled()`` / ``metrics_enabled()``
 first, and a sidecar that exports neither never loads the OTel SDK.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,10 +20,20 @@ import os
 from extproc.core.config import OtlpMetricsConfig, TracingConfig
 
 __all__ = (
-    "DEFAULT_INTERVAL_MS", "DEFAULT_TIMEOUT_MS", "GRPC", "HTTP",
-    "http_metrics_url", "http_traces_url",
-    "metrics_enabled", "metrics_endpoint", "metrics_interval_ms", "metrics_protocol", "metrics_timeout_ms",
-    "traces_enabled", "traces_endpoint", "traces_protocol",
+    "DEFAULT_INTERVAL_MS",
+    "DEFAULT_TIMEOUT_MS",
+    "GRPC",
+    "HTTP",
+    "http_metrics_url",
+    "http_traces_url",
+    "metrics_enabled",
+    "metrics_endpoint",
+    "metrics_interval_ms",
+    "metrics_protocol",
+    "metrics_timeout_ms",
+    "traces_enabled",
+    "traces_endpoint",
+    "traces_protocol",
 )
 GRPC, HTTP = "grpc", "http"
 DEFAULT_INTERVAL_MS = 60000  # the OTel SDK's default metric export interval
@@ -30,6 +41,7 @@ DEFAULT_TIMEOUT_MS = 10000
 
 
 # --- shared rules -------------------------------------------------------------------------------
+
 
 def _sdk_disabled() -> bool:
     return os.environ.get("OTEL_SDK_DISABLED", "").strip().lower() == "true"
@@ -62,6 +74,7 @@ def _env_ms(name: str, default: int) -> int:
 
 # --- traces (``tracing``) -----------------------------------------------------------------------
 
+
 def traces_endpoint(cfg: TracingConfig) -> str | None:
     """The collector, or None (tracing off): config first, then the OTEL_* variables."""
     return _endpoint("TRACES", cfg.otlp_endpoint)
@@ -82,6 +95,7 @@ def http_traces_url(base: str) -> str:
 
 
 # --- metrics (``stats.otlp``) -------------------------------------------------------------------
+
 
 def metrics_enabled(cfg: OtlpMetricsConfig) -> bool:
     """``stats.otlp.enabled``, else ``OTEL_METRICS_EXPORTER`` lists ``otlp``; never with OTEL_SDK_DISABLED=true."""

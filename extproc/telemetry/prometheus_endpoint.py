@@ -9,6 +9,7 @@ emptied at start-up so a previous run's files cannot leak into the totals.
 
 This module imports prometheus-client only inside functions, after the directory is set up.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -124,10 +125,10 @@ class EndpointStats:
         from prometheus_client.core import CounterMetricFamily
 
         e = self._endpoint
-        yield CounterMetricFamily("extproc_metrics_renders", "Expositions rendered by the /metrics endpoint",
-                                  value=e.exposition.renders)
-        rejected = CounterMetricFamily("extproc_metrics_rejected", "Connections to the /metrics endpoint "
-                                       "refused or closed unanswered, by reason", labels=["reason"])
+        yield CounterMetricFamily("extproc_metrics_renders", "Expositions rendered by the /metrics endpoint", value=e.exposition.renders)
+        rejected = CounterMetricFamily(
+            "extproc_metrics_rejected", "Connections to the /metrics endpoint refused or closed unanswered, by reason", labels=["reason"]
+        )
         for reason, n in sorted(e.rejected.items()):
             rejected.add_metric([reason], n)
         yield rejected
@@ -281,20 +282,37 @@ class Endpoint:
         else:
             await self._send(writer, 404, b"not found: try /metrics or /healthz\n")
 
-    async def _send(self, writer: asyncio.StreamWriter, code: int, body: bytes,
-                    content_type: str = "text/plain; charset=utf-8", head_only: bool = False,
-                    extra: tuple[tuple[str, str], ...] = ()) -> None:
-        reason = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed",
-                  500: "Internal Server Error", 503: "Service Unavailable"}[code]
-        head = [f"HTTP/1.1 {code} {reason}", f"Content-Type: {content_type}", f"Content-Length: {len(body)}",
-                "Connection: close", *(f"{k}: {v}" for k, v in extra)]
+    async def _send(
+        self,
+        writer: asyncio.StreamWriter,
+        code: int,
+        body: bytes,
+        content_type: str = "text/plain; charset=utf-8",
+        head_only: bool = False,
+        extra: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        reason = {
+            200: "OK",
+            400: "Bad Request",
+            404: "Not Found",
+            405: "Method Not Allowed",
+            500: "Internal Server Error",
+            503: "Service Unavailable",
+        }[code]
+        head = [
+            f"HTTP/1.1 {code} {reason}",
+            f"Content-Type: {content_type}",
+            f"Content-Length: {len(body)}",
+            "Connection: close",
+            *(f"{k}: {v}" for k, v in extra),
+        ]
         try:
             async with asyncio.timeout(self.cfg.write_timeout_seconds):
                 writer.write(("\r\n".join(head) + "\r\n\r\n").encode("latin-1"))
                 if not head_only:
                     view = memoryview(body)
                     for off in range(0, len(view), _CHUNK):
-                        writer.write(view[off:off + _CHUNK])
+                        writer.write(view[off : off + _CHUNK])
                         await writer.drain()
                 await writer.drain()
         except TimeoutError:

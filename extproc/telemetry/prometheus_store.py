@@ -18,6 +18,7 @@ respawn dies the same way. Here:
 :func:`install` switches prometheus-client over; ``extproc.telemetry.prometheus_endpoint`` calls it before
 the workers fork.
 """
+
 from __future__ import annotations
 
 import errno
@@ -56,9 +57,16 @@ def _failed(e: BaseException, what: str) -> None:
     pid = os.getpid()
     if _State.logged_pid != pid:
         _State.logged_pid = pid
-        log.error("metrics storage failed: values that cannot be stored are dropped; ext_proc keeps serving",
-                  extra={"error": str(e), "errno": getattr(e, "errno", None), "during": what, "pid": pid,
-                         "dir": os.environ.get("PROMETHEUS_MULTIPROC_DIR")})
+        log.error(
+            "metrics storage failed: values that cannot be stored are dropped; ext_proc keeps serving",
+            extra={
+                "error": str(e),
+                "errno": getattr(e, "errno", None),
+                "during": what,
+                "pid": pid,
+                "dir": os.environ.get("PROMETHEUS_MULTIPROC_DIR"),
+            },
+        )
     counter = _State.counter
     if counter is not None and counter.alive and not _State.lock.locked():
         with _State.lock:  # the counter's own failure must not recurse
@@ -164,6 +172,9 @@ def register_counter(registry: Any) -> None:
 
     if not getattr(values.ValueClass, "_extproc_safe", False) or _State.counter is not None:
         return
-    c = Counter("ai_metrics_storage_errors", "Metric updates a worker could not store (metrics directory full or "
-                "unwritable); the first failure is logged with its cause", registry=registry)
+    c = Counter(
+        "ai_metrics_storage_errors",
+        "Metric updates a worker could not store (metrics directory full or unwritable); the first failure is logged with its cause",
+        registry=registry,
+    )
     _State.counter = c._value

@@ -11,6 +11,7 @@ Only what our spans hold is written here: spans with events or links raise
 :class:`Unsupported` and the caller uses the SDK's encoder. A value the SDK's encoder cannot
 encode (it logs it and leaves the attribute out) is left out here too.
 """
+
 from __future__ import annotations
 
 import logging

@@ -7,6 +7,7 @@ queue fills and the oldest spans are dropped; drops and failed exports are count
 ``ai_trace_spans_dropped_total{reason}``. The exporter is built from ``tracing`` config, falling
 back to the standard ``OTEL_EXPORTER_OTLP_*`` variables (config wins where both are set).
 """
+
 from __future__ import annotations
 
 import functools
@@ -38,6 +39,7 @@ SPANS_DROPPED = Counter(
 )
 for _reason in ("queue_full", "export_failed"):
     SPANS_DROPPED.labels(_reason)  # zero-valued series from the start: alerts see 0, not "absent"
+
 
 def build_exporter(cfg: TracingConfig) -> SpanExporter:
     timeout = cfg.export_timeout_ms / 1000
@@ -80,8 +82,9 @@ class BoundedBatchProcessor:
     """``add(record)`` on the call's path; ``build(record)`` (a ``ReadableSpan``) and the export in
     the thread. Only sampled spans are added, so every drop counted is a span lost."""
 
-    def __init__(self, exporter: SpanExporter, build: Callable[[Any], ReadableSpan], *,
-                 max_queue_size: int, max_batch: int, delay_s: float) -> None:
+    def __init__(
+        self, exporter: SpanExporter, build: Callable[[Any], ReadableSpan], *, max_queue_size: int, max_batch: int, delay_s: float
+    ) -> None:
         self._exporter = exporter
         self._build = build
         self._queue: deque[Any] = deque()

@@ -14,6 +14,7 @@ exact), and queues a compact record; the export thread turns records into the SD
 ``ReadableSpan`` (what ``Tracer.start_span`` + ``end`` would have produced, without the span's
 lock, attribute copies and processor calls) and hands them to the SDK's OTLP exporter.
 """
+
 from __future__ import annotations
 
 import logging
@@ -112,8 +113,11 @@ class Tracer:
         self.ids = provider.id_generator
         self.random_trace_ids = bool(getattr(self.ids, "is_trace_id_random", lambda: False)())
         self.processor = processor or BoundedBatchProcessor(
-            build_exporter(cfg), self.readable_span, max_queue_size=cfg.max_queue_size,
-            max_batch=cfg.max_export_batch_size, delay_s=cfg.schedule_delay_ms / 1000,
+            build_exporter(cfg),
+            self.readable_span,
+            max_queue_size=cfg.max_queue_size,
+            max_batch=cfg.max_export_batch_size,
+            delay_s=cfg.schedule_delay_ms / 1000,
         )
         if isinstance(self.processor, BoundedBatchProcessor):
             self._emit = self.processor.add
@@ -154,15 +158,26 @@ class Tracer:
         """A queued record as the SDK's finished span (in the export thread)."""
         name, trace_id, parent, decision, start, end, error = record
         random_id = self.random_trace_ids if parent is None else getattr(parent.trace_flags, "random_trace_id", False)
-        context = SpanContext(trace_id, self.ids.generate_span_id(), is_remote=False,
-                              trace_flags=TraceFlags(_SAMPLED | _RANDOM_TRACE_ID if random_id else _SAMPLED),
-                              trace_state=decision.trace_state)
+        context = SpanContext(
+            trace_id,
+            self.ids.generate_span_id(),
+            is_remote=False,
+            trace_flags=TraceFlags(_SAMPLED | _RANDOM_TRACE_ID if random_id else _SAMPLED),
+            trace_state=decision.trace_state,
+        )
         # Sequences as tuples, as the SDK's span stores them (values are already valid attributes).
         attrs = {k: tuple(v) if type(v) is list else v for k, v in decision.attributes.items()}
         return ReadableSpan(
-            name=name, context=context, parent=parent, resource=self.resource, attributes=attrs,
-            kind=SpanKind.CLIENT, status=_OK if error is None else Status(StatusCode.ERROR, clip(error)),
-            start_time=start, end_time=end, instrumentation_scope=SCOPE,
+            name=name,
+            context=context,
+            parent=parent,
+            resource=self.resource,
+            attributes=attrs,
+            kind=SpanKind.CLIENT,
+            status=_OK if error is None else Status(StatusCode.ERROR, clip(error)),
+            start_time=start,
+            end_time=end,
+            instrumentation_scope=SCOPE,
         )
 
     def shutdown(self) -> None:
@@ -186,8 +201,7 @@ def span_name(call: Call) -> str:
     return f"{operation} {clip(obs.request_model)}" if obs.request_model else operation
 
 
-def span_attributes(call: Call, capture: bool, max_chars: int,
-                    conventions: Collection[str] = ("genai",)) -> dict[str, Any]:
+def span_attributes(call: Call, capture: bool, max_chars: int, conventions: Collection[str] = ("genai",)) -> dict[str, Any]:
     """The span's attributes: the conventions asked for, then those every convention shares
     (who the call was for, server, HTTP status, error type, MCP)."""
     a: dict[str, Any] = {}
@@ -343,16 +357,25 @@ def variables(call: Call, capture: bool) -> dict[str, Any]:
     obs = call.obs
     u = obs.usage
     llm: dict[str, Any] = {
-        "provider": call.provider, "operation": obs.operation, "streaming": obs.streaming,
-        "params": dict(obs.params), "finish_reasons": list(obs.finish_reasons),
+        "provider": call.provider,
+        "operation": obs.operation,
+        "streaming": obs.streaming,
+        "params": dict(obs.params),
+        "finish_reasons": list(obs.finish_reasons),
     }
     for key, value in (
-        ("request_model", obs.request_model), ("response_model", obs.response_model),
-        ("response_id", obs.response_id), ("input_tokens", u.input_tokens),
-        ("output_tokens", u.output_tokens), ("total_tokens", u.total()),
-        ("cached_tokens", u.cached_input_tokens), ("cache_creation_tokens", u.cache_creation_input_tokens),
-        ("reasoning_tokens", u.reasoning_tokens), ("end_user", call.end_user),
-        ("session_id", call.session_id), ("key_id", call.key_id),
+        ("request_model", obs.request_model),
+        ("response_model", obs.response_model),
+        ("response_id", obs.response_id),
+        ("input_tokens", u.input_tokens),
+        ("output_tokens", u.output_tokens),
+        ("total_tokens", u.total()),
+        ("cached_tokens", u.cached_input_tokens),
+        ("cache_creation_tokens", u.cache_creation_input_tokens),
+        ("reasoning_tokens", u.reasoning_tokens),
+        ("end_user", call.end_user),
+        ("session_id", call.session_id),
+        ("key_id", call.key_id),
     ):
         if value is not None:
             llm[key] = value
@@ -373,15 +396,21 @@ def variables(call: Call, capture: bool) -> dict[str, Any]:
             # credential or signature never reaches a span (extproc.core.redact).
             "headers": safe_headers(call.headers),
             "path": call.path if q < 0 else call.path[:q],
-            "method": call.method, "host": call.host,
+            "method": call.method,
+            "host": call.host,
         },
         "response": {"status": call.status},
         "mcp": {},
     }
     if call.api == "mcp":
         x = obs.extra
-        mcp = {"method": x.get("mcp.method"), "tool": x.get("mcp.tool"), "id": x.get("jsonrpc.id"),
-               "session_id": call.headers.get("mcp-session-id"), "error_code": x.get("jsonrpc.error_code")}
+        mcp = {
+            "method": x.get("mcp.method"),
+            "tool": x.get("mcp.tool"),
+            "id": x.get("jsonrpc.id"),
+            "session_id": call.headers.get("mcp-session-id"),
+            "error_code": x.get("jsonrpc.error_code"),
+        }
         out["mcp"] = {k: v for k, v in mcp.items() if v is not None}
     return out
 

@@ -9,6 +9,7 @@ COMPOSE_TEST_BREAK sabotages the stack, to show the tests look at real container
 fail then): `no-sidecar` drops the extproc service, `wrong-port` points Envoy's ext_proc cluster at a
 port nothing listens on.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,8 +75,12 @@ def jwt_filter(jwks_json: str) -> dict[str, Any]:
         "typed_config": {
             "@type": "type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication",
             "providers": {"local": {"local_jwks": {"inline_string": jwks_json}, "forward": True, "payload_in_metadata": "principal"}},
-            "rules": [{"match": {"prefix": "/"}, "requires": {"requires_any": {"requirements": [
-                {"provider_name": "local"}, {"allow_missing_or_failed": {}}]}}}],
+            "rules": [
+                {
+                    "match": {"prefix": "/"},
+                    "requires": {"requires_any": {"requirements": [{"provider_name": "local"}, {"allow_missing_or_failed": {}}]}},
+                }
+            ],
         },
     }
 
@@ -158,8 +163,9 @@ class Compose:
 
     def access_log(self) -> list[dict[str, Any]]:
         out = []
-        for line in subprocess.run(["docker", "logs", self.container("envoy")], capture_output=True, text=True,
-                                   timeout=30).stdout.splitlines():
+        for line in subprocess.run(
+            ["docker", "logs", self.container("envoy")], capture_output=True, text=True, timeout=30
+        ).stdout.splitlines():
             if line.startswith("{"):
                 try:
                     out.append(json.loads(line))

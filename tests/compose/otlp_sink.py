@@ -9,6 +9,7 @@ Jaeger's HTTP query API the compose tests use, with the same JSON shape:
 So the same test runs against a real Jaeger all-in-one. Standalone: needs only grpcio and
 opentelemetry-proto (both in the sidecar's runtime image, which runs it).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,12 +58,18 @@ def _add(req: trace_service_pb2.ExportTraceServiceRequest) -> None:
                         pid = f"p{len(trace['processes']) + 1}"
                         trace["processes"][pid] = {"serviceName": service, "tags": res}
                     refs = [{"refType": "CHILD_OF", "traceID": tid, "spanID": s.parent_span_id.hex()}] if s.parent_span_id else []
-                    trace["spans"].append({
-                        "traceID": tid, "spanID": s.span_id.hex(), "operationName": s.name, "references": refs,
-                        "startTime": s.start_time_unix_nano // 1000,
-                        "duration": (s.end_time_unix_nano - s.start_time_unix_nano) // 1000,
-                        "tags": [_tag(kv.key, kv.value) for kv in s.attributes], "processID": pid,
-                    })
+                    trace["spans"].append(
+                        {
+                            "traceID": tid,
+                            "spanID": s.span_id.hex(),
+                            "operationName": s.name,
+                            "references": refs,
+                            "startTime": s.start_time_unix_nano // 1000,
+                            "duration": (s.end_time_unix_nano - s.start_time_unix_nano) // 1000,
+                            "tags": [_tag(kv.key, kv.value) for kv in s.attributes],
+                            "processID": pid,
+                        }
+                    )
 
 
 class _Trace(trace_service_pb2_grpc.TraceServiceServicer):

@@ -6,6 +6,7 @@ Envoy's access log, Prometheus' HTTP API after a scrape of the sidecar, spans at
 the health checks, and last a `docker-compose stop` of the sidecar while a stream is in flight.
 The tests run in file order; the last one stops the sidecar.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,15 +73,20 @@ def traffic(stack: Compose) -> dict[str, Sent]:
     # non-streaming, team alpha: 3 prompt words, 7 completion words
     s = Sent(str(uuid.uuid4()), "alpha", "alice", prompt=3, completion=7, stream=False)
     r = client(s.team, s.user).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello compose world"}], extra_headers=headers(s.rid, 7))
+        model="gpt-4o-mini", messages=[{"role": "user", "content": "hello compose world"}], extra_headers=headers(s.rid, 7)
+    )
     s.text, s.usage = r.choices[0].message.content or "", r.usage
     sent["plain"] = s
 
     # streaming with usage, team beta: 4 prompt words, 9 completion words
     s = Sent(str(uuid.uuid4()), "beta", "bob", prompt=4, completion=9, stream=True)
     chunks = client(s.team, s.user).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "count these four words"}], stream=True,
-        stream_options={"include_usage": True}, extra_headers=headers(s.rid, 9))
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "count these four words"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=headers(s.rid, 9),
+    )
     for chunk in chunks:
         if chunk.choices:
             s.text += chunk.choices[0].delta.content or ""
@@ -91,8 +97,12 @@ def traffic(stack: Compose) -> dict[str, Sent]:
     # aborted stream, team gamma: 200 words at 50 ms each; the client leaves after 3 chunks
     s = Sent(str(uuid.uuid4()), "gamma", "carol", prompt=2, completion=200, stream=True, aborted=True)
     chunks = client(s.team, s.user).chat.completions.create(
-        model="gpt-4o-mini", messages=[{"role": "user", "content": "never mind"}], stream=True,
-        stream_options={"include_usage": True}, extra_headers=headers(s.rid, 200, chunk_ms=50))
+        model="gpt-4o-mini",
+        messages=[{"role": "user", "content": "never mind"}],
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_headers=headers(s.rid, 200, chunk_ms=50),
+    )
     for i, _chunk in enumerate(chunks):
         if i == 2:
             break
@@ -127,8 +137,7 @@ def test_health_checks(stack):
 
 # ---- Envoy's access log ----------------------------------------------------------------------
 def log_entry(stack: Compose, rid: str) -> dict[str, Any]:
-    return wait_until(f"access log line for {rid}",
-                      lambda: next((e for e in stack.access_log() if e.get("request_id") == rid), None), 15)
+    return wait_until(f"access log line for {rid}", lambda: next((e for e in stack.access_log() if e.get("request_id") == rid), None), 15)
 
 
 def test_access_log_tokens(stack, traffic):
@@ -173,8 +182,12 @@ def test_prometheus_per_team_totals(stack, traffic):
     want_prompt = {"alpha": plain.prompt, "beta": stream.prompt}
     want_completion = {"alpha": plain.completion, "beta": stream.completion}
     want_total = {t: want_prompt[t] + want_completion[t] for t in want_prompt}
-    wait_until("per-team token totals in Prometheus",
-               lambda: query("sum by (team) (ai_prompt_tokens_total) + sum by (team) (ai_completion_tokens_total)") == want_total, 60, 1)
+    wait_until(
+        "per-team token totals in Prometheus",
+        lambda: query("sum by (team) (ai_prompt_tokens_total) + sum by (team) (ai_completion_tokens_total)") == want_total,
+        60,
+        1,
+    )
     assert query("sum by (team) (ai_prompt_tokens_total)") == want_prompt
     assert query("sum by (team) (ai_completion_tokens_total)") == want_completion
     outcomes = 'sum by (team) (ai_requests_total{outcome="%s"})'
@@ -200,8 +213,11 @@ def test_spans_arrived(stack, traffic):
         return found if len(found) >= 3 else None
 
     found = wait_until("3 spans from the sidecar at the OTLP receiver", got, 30)
-    usage = sorted((s.get("gen_ai.usage.input_tokens"), s.get("gen_ai.usage.output_tokens")) for s in found
-                   if s.get("gen_ai.usage.input_tokens") is not None)
+    usage = sorted(
+        (s.get("gen_ai.usage.input_tokens"), s.get("gen_ai.usage.output_tokens"))
+        for s in found
+        if s.get("gen_ai.usage.input_tokens") is not None
+    )
     assert usage == sorted([(plain.prompt, plain.completion), (stream.prompt, stream.completion)]), found
     assert all(s.get("gen_ai.operation.name") == "chat" and s.get("gen_ai.provider.name") == "openai" for s in found), found
 
@@ -217,8 +233,12 @@ def test_stop_lets_inflight_stream_finish(stack, traffic):
     def consume() -> None:
         try:
             chunks = client(team, "dave").chat.completions.create(
-                model="gpt-4o-mini", messages=[{"role": "user", "content": "a long answer please"}], stream=True,
-                stream_options={"include_usage": True}, extra_headers=headers(rid, n, chunk_ms=100))
+                model="gpt-4o-mini",
+                messages=[{"role": "user", "content": "a long answer please"}],
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_headers=headers(rid, n, chunk_ms=100),
+            )
             for chunk in chunks:
                 first_chunk.set()
                 if chunk.choices:

@@ -4,6 +4,7 @@ Ground truth is the known usage of the replayed recordings. Three independent ou
 add up to it exactly, per team: Envoy's access log (our dynamic metadata), the Prometheus
 counters (one scrape over both workers), and the token attributes of the exported spans.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,8 +39,14 @@ def collector():
 @pytest.fixture(scope="module", params=["default", "fewer"])
 def stack(request, tmp_path_factory, replay, collector):
     cfg = {**SIDECAR, "tracing": {**SIDECAR["tracing"], "otlpEndpoint": collector.endpoint}}
-    with Stack(tmp_path_factory.mktemp("acct"), replay.url, jwks_json=jwks_json(), workers=2, sidecar_config=cfg,
-               fewer_messages=request.param == "fewer") as s:
+    with Stack(
+        tmp_path_factory.mktemp("acct"),
+        replay.url,
+        jwks_json=jwks_json(),
+        workers=2,
+        sidecar_config=cfg,
+        fewer_messages=request.param == "fewer",
+    ) as s:
         yield s
 
 
@@ -94,8 +101,10 @@ def check_exact(stack: Stack, collector: GrpcReceiver, run: Run, before_metrics:
     for team in TOKENS:
         want = run.expected(team)
         assert log[team] == want, ("access log", team)
-        got = {k: total(samples, f"ai_{k}_tokens_total", team=team) - total(before_metrics, f"ai_{k}_tokens_total", team=team)
-               for k in ("prompt", "completion")}
+        got = {
+            k: total(samples, f"ai_{k}_tokens_total", team=team) - total(before_metrics, f"ai_{k}_tokens_total", team=team)
+            for k in ("prompt", "completion")
+        }
         assert got == {"prompt": want["prompt"], "completion": want["completion"]}, ("metrics", team)
         assert spans[team] == {"prompt": want["prompt"], "completion": want["completion"]}, ("spans", team)
         # Money too: the access log's cost_usd, ai_cost_usd_total and the spans' gen_ai.usage.cost agree.
@@ -122,7 +131,9 @@ def test_aborted_clients_counted_once_with_what_was_seen(stack, replay, collecto
     aborted = [r for r in run.results if r.aborted]
     assert aborted and all(r.error is None for r in run.results)
     samples = check_exact(stack, collector, run, before, nspans)
-    assert total(samples, "ai_requests_total", outcome="client_abort") - total(before, "ai_requests_total", outcome="client_abort") == len(aborted)
+    assert total(samples, "ai_requests_total", outcome="client_abort") - total(before, "ai_requests_total", outcome="client_abort") == len(
+        aborted
+    )
     by_rid = {e["request_id"]: e for e in stack.log_entries()}
     assert all(by_rid[r.rid]["total_tokens"] is None for r in aborted)
 

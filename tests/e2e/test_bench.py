@@ -1,4 +1,5 @@
 """`python -m bench --quick` runs end to end and produces every figure (targets are not asserted)."""
+
 from __future__ import annotations
 
 import json
@@ -15,11 +16,14 @@ from tests.support.harness import REPO
 pytestmark = pytest.mark.integration
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None and not os.environ.get("CI"),
-                    reason="wrk not installed (`make tools` installs it; under CI this fails instead)")
+@pytest.mark.skipif(
+    shutil.which("wrk") is None and not os.environ.get("CI"),
+    reason="wrk not installed (`make tools` installs it; under CI this fails instead)",
+)
 def test_bench_quick(tmp_path: Path) -> None:
-    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO,
-                       capture_output=True, text=True, timeout=240)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--out", str(tmp_path)], cwd=REPO, capture_output=True, text=True, timeout=240
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((tmp_path / "latest-quick.json").read_text())
     assert "throughput c=64" in (tmp_path / "latest-quick.md").read_text()
@@ -35,8 +39,13 @@ def test_bench_quick(tmp_path: Path) -> None:
 def test_bench_quick_litellm(tmp_path: Path) -> None:
     """The litellm stack (LiteLLM's proxy on the same upstreams): its figures, token counts and the
     side-by-side summary."""
-    p = subprocess.run([sys.executable, "-m", "bench", "--quick", "--stacks", "envoy,inline,litellm", "--out", str(tmp_path)],
-                       cwd=REPO, capture_output=True, text=True, timeout=600)
+    p = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--stacks", "envoy,inline,litellm", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert p.returncode == 0, p.stderr[-3000:]
     doc = json.loads((tmp_path / "latest-quick.json").read_text())
     got = doc["results"]["litellm"]
@@ -51,8 +60,7 @@ def test_bench_quick_litellm(tmp_path: Path) -> None:
 
 def test_bench_floor() -> None:
     """`python -m bench.floor` measures the echo floor on both event loops."""
-    p = subprocess.run([sys.executable, "-m", "bench.floor", "--messages", "100"], cwd=REPO,
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run([sys.executable, "-m", "bench.floor", "--messages", "100"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, p.stderr[-3000:]
     lines = p.stdout.splitlines()
     assert [line.split()[0] for line in lines] == ["asyncio", "uvloop"]

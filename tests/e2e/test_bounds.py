@@ -7,6 +7,7 @@ label values, so none of them may grow the exposition, the access log or a span 
   clients invent; folded calls keep their tokens (under ``__overflow__``) and are counted; MCP
   tool names are folded by the same rules.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,16 +52,22 @@ def test_huge_model_and_provider_are_cut_everywhere(tmp_path, mock_llm):
     try:
         with Stack(tmp_path, mock_llm, sidecar_config=cfg, **PATIENT) as s:
             rid = str(uuid.uuid4())
-            r = httpx.post(s.url("/v1/chat/completions"), timeout=30,
-                           json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
-                           headers={"x-request-id": rid})
+            r = httpx.post(
+                s.url("/v1/chat/completions"),
+                timeout=30,
+                json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]},
+                headers={"x-request-id": rid},
+            )
             assert r.status_code == 200
             _wait_calls(s.metrics_port, 1)
             before = len(_metrics_text(s.metrics_port))
             rid = str(uuid.uuid4())
-            r = httpx.post(s.url("/v1/chat/completions"), timeout=60,
-                           json={"model": huge_model, "messages": [{"role": "user", "content": "hi there"}]},
-                           headers={"x-request-id": rid, "x-llm-provider": huge_provider})
+            r = httpx.post(
+                s.url("/v1/chat/completions"),
+                timeout=60,
+                json={"model": huge_model, "messages": [{"role": "user", "content": "hi there"}]},
+                headers={"x-request-id": rid, "x-llm-provider": huge_provider},
+            )
             assert r.status_code == 200 and r.json()["model"] == huge_model  # the upstream echoes it
             _wait_calls(s.metrics_port, 2)
             text = _metrics_text(s.metrics_port)
@@ -93,13 +100,15 @@ def test_series_budget_folds_invented_label_sets(tmp_path, mock_llm, workers):
     budget is the sidecar's, divided among its workers), the tokens of every call are still
     counted, and the folded calls are counted."""
     budget = 40
-    with Stack(tmp_path, mock_llm, sidecar_config={"stats": {"maxSeries": budget}}, workers=workers,
-               envoy_concurrency=4, **PATIENT) as s:
+    with Stack(tmp_path, mock_llm, sidecar_config={"stats": {"maxSeries": budget}}, workers=workers, envoy_concurrency=4, **PATIENT) as s:
         sent_prompt = 0
         for i in range(60):
-            r = httpx.post(s.url("/v1/chat/completions"), timeout=30,
-                           json={"model": f"model-{i}", "messages": [{"role": "user", "content": "a b c"}]},
-                           headers={"x-llm-provider": f"provider-{i % 7}"})
+            r = httpx.post(
+                s.url("/v1/chat/completions"),
+                timeout=30,
+                json={"model": f"model-{i}", "messages": [{"role": "user", "content": "a b c"}]},
+                headers={"x-llm-provider": f"provider-{i % 7}"},
+            )
             assert r.status_code == 200
             sent_prompt += r.json()["usage"]["prompt_tokens"]
         samples = _wait_calls(s.metrics_port, 60)
@@ -113,8 +122,13 @@ def test_series_budget_folds_invented_label_sets(tmp_path, mock_llm, workers):
             overflow_sets.setdefault(family, set()).add(tuple(sorted((k, v) for k, v in labels.items() if k != "le")))
         else:
             series[family] = series.get(family, 0) + 1
-    for family in ("ai_requests", "ai_prompt_tokens", "ai_completion_tokens",
-                   "gen_ai_client_operation_duration_seconds", "gen_ai_client_token_usage"):
+    for family in (
+        "ai_requests",
+        "ai_prompt_tokens",
+        "ai_completion_tokens",
+        "gen_ai_client_operation_duration_seconds",
+        "gen_ai_client_token_usage",
+    ):
         assert 0 < series[family] <= budget, (family, series[family])
         assert 1 <= len(overflow_sets[family]) <= 2, family  # the overflow label set(s)
     assert total(samples, "ai_prompt_tokens_total", model=OVERFLOW) > 0
@@ -133,9 +147,17 @@ def test_mcp_tool_names_are_folded(tmp_path):
     try:
         with Stack(tmp_path, up.url, sidecar_config={"stats": {"maxLabelValues": 5}}, **PATIENT) as s:
             for i in range(30):
-                r = httpx.post(s.url("/mcp"), timeout=10, headers={"accept": "application/json, text/event-stream"},
-                               json={"jsonrpc": "2.0", "id": i + 1, "method": "tools/call",
-                                     "params": {"name": f"tool-{i}-" + "x" * 500, "arguments": {}}})
+                r = httpx.post(
+                    s.url("/mcp"),
+                    timeout=10,
+                    headers={"accept": "application/json, text/event-stream"},
+                    json={
+                        "jsonrpc": "2.0",
+                        "id": i + 1,
+                        "method": "tools/call",
+                        "params": {"name": f"tool-{i}-" + "x" * 500, "arguments": {}},
+                    },
+                )
                 assert r.status_code == 200
             deadline = time.monotonic() + 15
             while True:
@@ -161,13 +183,16 @@ def test_full_metrics_filesystem_keeps_workers_serving(tmp_path, mock_llm):
     from tests.support.tmpfs import tiny_tmpfs
 
     with tiny_tmpfs(tmp_path / "metrics", "448k") as d:
-        with Stack(tmp_path / "stack", mock_llm, workers=2, sidecar_env={"PROMETHEUS_MULTIPROC_DIR": str(d)},
-                   **PATIENT) as s:
+        with Stack(tmp_path / "stack", mock_llm, workers=2, sidecar_env={"PROMETHEUS_MULTIPROC_DIR": str(d)}, **PATIENT) as s:
             pids = s.listening_pids()
             for i in range(60):
                 rid = str(uuid.uuid4())
-                r = httpx.post(s.url("/v1/chat/completions"), timeout=30, headers={"x-request-id": rid},
-                               json={"model": f"model-{i:03d}-" + "x" * 100, "messages": [{"role": "user", "content": "a b"}]})
+                r = httpx.post(
+                    s.url("/v1/chat/completions"),
+                    timeout=30,
+                    headers={"x-request-id": rid},
+                    json={"model": f"model-{i:03d}-" + "x" * 100, "messages": [{"role": "user", "content": "a b"}]},
+                )
                 assert r.status_code == 200
                 entry = s.log_entry(rid)
                 assert entry["prompt_tokens"] == 2 and entry["model"].startswith(f"model-{i:03d}-")

@@ -4,6 +4,7 @@ through when the limiter is down (``failure_mode_deny: false``).
 
 Ground truth for tokens is the known usage of the replayed recordings (tests/support/workload.py).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,14 @@ def rls():
 
 def budget_stack(path, upstream: str, rls_address: str, fewer_messages: bool = False, **budgets) -> Stack:
     sidecar = {"budgets": {"enabled": True, **budgets}}
-    return Stack(path, upstream, jwks_json=jwks_json(), sidecar_config=sidecar, fewer_messages=fewer_messages,
-                 ratelimit=RateLimitService(rls_address, config.parse(sidecar).budgets))
+    return Stack(
+        path,
+        upstream,
+        jwks_json=jwks_json(),
+        sidecar_config=sidecar,
+        fewer_messages=fewer_messages,
+        ratelimit=RateLimitService(rls_address, config.parse(sidecar).budgets),
+    )
 
 
 def log_sums(stack: Stack, rids: set[str], key: str) -> dict[str, float]:
@@ -58,9 +65,11 @@ def log_sums(stack: Stack, rids: set[str], key: str) -> dict[str, float]:
 
 # A stream hung up before its usage is charged its request's output ceiling, else unreportedCharge.
 UNREPORTED = 1000
-ABORTED_CHARGE = {"aigw__chat-streaming-detailed-usage.yaml": 100,  # max_completion_tokens
-                  "aigw__completion-streaming-usage.yaml": 25,  # max_tokens
-                  "agw__openai__responses_stream.sse": UNREPORTED}  # no ceiling
+ABORTED_CHARGE = {
+    "aigw__chat-streaming-detailed-usage.yaml": 100,  # max_completion_tokens
+    "aigw__completion-streaming-usage.yaml": 25,  # max_tokens
+    "agw__openai__responses_stream.sse": UNREPORTED,
+}  # no ceiling
 
 
 def test_each_call_is_charged_exactly_its_tokens_under_its_team(tmp_path, replay, rls):
@@ -73,8 +82,7 @@ def test_each_call_is_charged_exactly_its_tokens_under_its_team(tmp_path, replay
         assert any(r.aborted for r in run.results) and any(r.item.streaming and not r.aborted for r in run.results)
         logged = log_sums(s, {r.rid for r in run.results}, "ratelimit_cost")
         for name in TOKENS:
-            want = run.expected(name)["total"] + sum(ABORTED_CHARGE[r.item.fixture] for r in run.results
-                                                     if r.team == name and r.aborted)
+            want = run.expected(name)["total"] + sum(ABORTED_CHARGE[r.item.fixture] for r in run.results if r.team == name and r.aborted)
             assert want > 0
             assert rls.wait_charged(team(name), want) == want, name
             assert logged[name] == want, ("access log ratelimit_cost", name)
@@ -94,8 +102,13 @@ def test_aborted_stream_is_charged_what_was_seen(tmp_path, replay, rls):
     rec = load("agw__anthropic__stream_basic.sse")  # message_start: 15 in; final: 15 + 21
     with budget_stack(tmp_path, replay.url, rls.address) as s:
         rid = str(uuid.uuid4())
-        headers = {"authorization": f"Bearer {TOKENS['ops']}", "x-fixture": rec.name, "x-gate": rid,
-                   "x-request-id": rid, "content-type": "application/json"}
+        headers = {
+            "authorization": f"Bearer {TOKENS['ops']}",
+            "x-fixture": rec.name,
+            "x-gate": rid,
+            "x-request-id": rid,
+            "content-type": "application/json",
+        }
         body = b'{"model":"claude-haiku-4-5","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"hi"}]}'
         with httpx.Client(timeout=10) as client, client.stream("POST", s.url("/v1/messages"), content=body, headers=headers) as r:
             assert r.status_code == 200
@@ -103,8 +116,12 @@ def test_aborted_stream_is_charged_what_was_seen(tmp_path, replay, rls):
         assert replay.wait_disconnected(rid)
         assert rls.wait_charged(team("ops"), 15) == 15
         assert s.log_entry(rid)["ratelimit_cost"] == 15
-        done = httpx.post(s.url("/v1/messages"), content=body, timeout=10,
-                          headers={k: v for k, v in headers.items() if k not in ("x-gate", "x-request-id")})
+        done = httpx.post(
+            s.url("/v1/messages"),
+            content=body,
+            timeout=10,
+            headers={k: v for k, v in headers.items() if k not in ("x-gate", "x-request-id")},
+        )
         assert done.status_code == 200 and done.content == rec.body
         assert rls.wait_charged(team("ops"), 15 + 36) == 51
 
@@ -134,9 +151,17 @@ def test_over_budget_gets_429_without_reaching_the_upstream(tmp_path, replay, rl
 
         def call(who: str) -> tuple[httpx.Response, str]:
             rid = str(uuid.uuid4())
-            return httpx.post(s.url(rec.path), content=rec.request_body, timeout=10, headers={
-                "authorization": f"Bearer {TOKENS[who]}", "x-fixture": rec.name, "x-request-id": rid,
-                "content-type": "application/json"}), rid
+            return httpx.post(
+                s.url(rec.path),
+                content=rec.request_body,
+                timeout=10,
+                headers={
+                    "authorization": f"Bearer {TOKENS[who]}",
+                    "x-fixture": rec.name,
+                    "x-request-id": rid,
+                    "content-type": "application/json",
+                },
+            ), rid
 
         first, _ = call("dev")
         assert first.status_code == 200
@@ -153,8 +178,7 @@ def test_over_budget_gets_429_without_reaching_the_upstream(tmp_path, replay, rl
         entry = s.log_entry(rid)
         assert entry["response_code"] == 429 and entry["response_flags"] == "RL" and entry["ratelimit_cost"] is None
         # the limiter comes before ext_proc (it must, docs/budgets.md): the sidecar never sees the refusal
-        assert not any(labels.get("status_code") == "429" for n, labels, v in scrape(s.metrics_port)
-                       if n == "ai_requests_total")
+        assert not any(labels.get("status_code") == "429" for n, labels, v in scrape(s.metrics_port) if n == "ai_requests_total")
         assert call("ops")[0].status_code == 200  # another team's budget
         assert rls.wait_charged(team("dev"), 770) == 770  # the refused call was not charged
 
@@ -162,8 +186,12 @@ def test_over_budget_gets_429_without_reaching_the_upstream(tmp_path, replay, rl
 def test_limiter_down_lets_traffic_through_with_failure_mode_allow(tmp_path, replay):
     rec = load("aigw__chat-basic.yaml")
     with budget_stack(tmp_path, replay.url, f"127.0.0.1:{free_port()}") as s:  # nothing listens there
-        r = httpx.post(s.url(rec.path), content=rec.request_body, timeout=10, headers={
-            "authorization": f"Bearer {TOKENS['dev']}", "x-fixture": rec.name, "content-type": "application/json"})
+        r = httpx.post(
+            s.url(rec.path),
+            content=rec.request_body,
+            timeout=10,
+            headers={"authorization": f"Bearer {TOKENS['dev']}", "x-fixture": rec.name, "content-type": "application/json"},
+        )
         assert r.status_code == 200 and r.content == rec.body
         # the filter's stats are under the route's cluster: the check failed, and was let through
         stats = f"cluster.{Upstream('/', replay.url).cluster}.ratelimit"
@@ -207,11 +235,18 @@ def test_upstream_receives_every_request_body_byte_with_budgets_on(tmp_path, rep
 
             async def pieces():
                 for i in range(0, len(body), 16 << 10):
-                    yield body[i:i + (16 << 10)]
+                    yield body[i : i + (16 << 10)]
 
-            r = await client.post(s.url(rec.path), content=pieces() if chunked else body, headers={
-                "authorization": f"Bearer {TOKENS['dev']}", "x-fixture": rec.name, "x-request-id": rid,
-                "content-type": "application/json"})
+            r = await client.post(
+                s.url(rec.path),
+                content=pieces() if chunked else body,
+                headers={
+                    "authorization": f"Bearer {TOKENS['dev']}",
+                    "x-fixture": rec.name,
+                    "x-request-id": rid,
+                    "content-type": "application/json",
+                },
+            )
             assert r.content == rec.body, (size, chunked, r.status_code)
             return r.status_code
 
@@ -223,8 +258,7 @@ def test_upstream_receives_every_request_body_byte_with_budgets_on(tmp_path, rep
                     async with limit:
                         return await one(client, size, chunked)
 
-                return await asyncio.gather(*(bounded(size, chunked) for _ in range(2)
-                                              for size in BODY_SIZES for chunked in (False, True)))
+                return await asyncio.gather(*(bounded(size, chunked) for _ in range(2) for size in BODY_SIZES for chunked in (False, True)))
 
         statuses = asyncio.run(run())
         assert statuses == [200] * len(statuses)
@@ -235,8 +269,12 @@ def test_upstream_receives_every_request_body_byte_with_budgets_on(tmp_path, rep
 
 def call_budget(s: Stack, path: str, body: bytes, who: str = "dev", **headers: str) -> str:
     rid = str(uuid.uuid4())
-    r = httpx.post(s.url(path), content=body, timeout=10, headers={
-        "authorization": f"Bearer {TOKENS[who]}", "x-request-id": rid, "content-type": "application/json", **headers})
+    r = httpx.post(
+        s.url(path),
+        content=body,
+        timeout=10,
+        headers={"authorization": f"Bearer {TOKENS[who]}", "x-request-id": rid, "content-type": "application/json", **headers},
+    )
     assert r.status_code == 200, r.text
     return rid
 
@@ -246,8 +284,13 @@ def test_percent_encoded_and_dotted_paths_are_observed_and_charged(tmp_path, rep
     normalises the path (normalize_path, merge_slashes) and the router matches normalised, so
     each is observed and charged."""
     chat, emb = load("aigw__chat-basic.yaml"), load("aigw__embeddings-dimensions.yaml")  # 385, 5 tokens
-    paths = [("/v1/chat/%63ompletions", chat), ("/v1/%65mbeddings", emb), ("//v1//chat/completions", chat),
-             ("/v1/x/../chat/completions", chat), ("/v1/chat%2Fcompletions", chat)]
+    paths = [
+        ("/v1/chat/%63ompletions", chat),
+        ("/v1/%65mbeddings", emb),
+        ("//v1//chat/completions", chat),
+        ("/v1/x/../chat/completions", chat),
+        ("/v1/chat%2Fcompletions", chat),
+    ]
     with budget_stack(tmp_path, replay.url, rls.address) as s:
         for path, rec in paths:
             rid = call_budget(s, path, rec.request_body, **{"x-fixture": rec.name})
@@ -275,8 +318,13 @@ def test_a_stream_hung_up_before_its_usage_is_charged_its_ceiling(tmp_path, repl
     rec = load("aigw__chat-streaming-detailed-usage.yaml")  # include_usage, max_completion_tokens 100
     with budget_stack(tmp_path, replay.url, rls.address, fewer_messages=mode == "fewer-messages", unreportedCharge=UNREPORTED) as s:
         rid = str(uuid.uuid4())
-        headers = {"authorization": f"Bearer {TOKENS['dev']}", "x-fixture": rec.name, "x-gate": rid,
-                   "x-request-id": rid, "content-type": "application/json"}
+        headers = {
+            "authorization": f"Bearer {TOKENS['dev']}",
+            "x-fixture": rec.name,
+            "x-gate": rid,
+            "x-request-id": rid,
+            "content-type": "application/json",
+        }
         with httpx.Client(timeout=10) as client, client.stream("POST", s.url(rec.path), content=rec.request_body, headers=headers) as r:
             assert r.status_code == 200
             next(r.iter_raw())  # the first chunk; the usage is held back until we hang up
@@ -286,9 +334,15 @@ def test_a_stream_hung_up_before_its_usage_is_charged_its_ceiling(tmp_path, repl
 
 
 def usage_body(model: str, prompt: int, completion: int, total: int) -> str:
-    return json.dumps({"id": "c", "object": "chat.completion", "model": model,
-                       "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
-                       "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total}})
+    return json.dumps(
+        {
+            "id": "c",
+            "object": "chat.completion",
+            "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total},
+        }
+    )
 
 
 def test_an_inconsistent_total_is_charged_input_plus_output(tmp_path, replay, rls):
@@ -304,11 +358,24 @@ def test_micro_usd_unpriced_models_and_client_provider_headers_cost_money(tmp_pa
     x-llm-provider (ollama: no catalogue prices it) does not make a priced call free."""
     chat = b'{"model":"gpt-4o-mini","messages":[]}'
     with budget_stack(tmp_path, replay.url, rls.address, unit="micro_usd", unpricedUsdPerMillionTokens=40) as s:
-        private = s.log_entry(call_budget(s, "/v1/chat/completions", b'{"model":"acme-private-1","messages":[]}',
-                                          **{"x-status": "200", "x-body": usage_body("acme-private-1", 1000, 500, 1500)}))
+        private = s.log_entry(
+            call_budget(
+                s,
+                "/v1/chat/completions",
+                b'{"model":"acme-private-1","messages":[]}',
+                **{"x-status": "200", "x-body": usage_body("acme-private-1", 1000, 500, 1500)},
+            )
+        )
         assert private["cost_usd"] is None and private["ratelimit_cost"] == 1500 * 40
-        dodged = s.log_entry(call_budget(s, "/v1/chat/completions", chat, who="ops", **{
-            "x-llm-provider": "ollama", "x-status": "200", "x-body": usage_body("gpt-4o-mini", 1000, 500, 1500)}))
+        dodged = s.log_entry(
+            call_budget(
+                s,
+                "/v1/chat/completions",
+                chat,
+                who="ops",
+                **{"x-llm-provider": "ollama", "x-status": "200", "x-body": usage_body("gpt-4o-mini", 1000, 500, 1500)},
+            )
+        )
         assert dodged["provider"] == "openai" and dodged["cost_usd"] > 0
         assert dodged["ratelimit_cost"] == round(dodged["cost_usd"] * 1_000_000)
         assert rls.wait_charged(team("dev"), 60_000) == 60_000

@@ -8,6 +8,7 @@ them in Docker: `make test-compose`).
 - the Dockerfile: pinned base, non-root user, HEALTHCHECK via `extproc health`, COPY sources exist,
   the entrypoint is a real CLI command.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,8 +36,12 @@ def compose() -> dict[str, Any]:
 
 
 def test_compose_schema():
-    p = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(COMPOSE)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode == 0, p.stdout + p.stderr
 
 
@@ -44,8 +49,12 @@ def test_compose_schema_check_catches_mistakes(tmp_path):
     """The validator really checks (an unknown service key fails)."""
     bad = tmp_path / "docker-compose.yaml"
     bad.write_text("services:\n  a:\n    image: x:1\n    imagee: typo\n")
-    p = subprocess.run([sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(bad)],
-                       capture_output=True, text=True, timeout=120)
+    p = subprocess.run(
+        [sys.executable, "-m", "check_jsonschema", "--builtin-schema", "vendor.compose-spec", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert p.returncode != 0 and "imagee" in p.stdout
 
 
@@ -210,7 +219,7 @@ def test_dockerfile():
     config_path = cmd[cmd.index("--config") + 1]
     copied = next(a.split() for i, a in steps if i == "COPY" and a.split()[-1] == config_path)
     config_mod.load(REPO / copied[0])  # the baked-in default config is valid
-    health_cmd = json.loads(health[health.index("["):])
+    health_cmd = json.loads(health[health.index("[") :])
     assert health_cmd[health_cmd.index("--config") + 1] == config_path
 
 
@@ -226,7 +235,7 @@ def test_dockerfile_commands_parse():
     """The entrypoint + CMD and the HEALTHCHECK command are accepted by the real CLI parser."""
     steps = _dockerfile()
     health = next(a for i, a in steps if i == "HEALTHCHECK")
-    for argv in (json.loads(next(a for i, a in steps if i == "CMD")), json.loads(health[health.index("["):])[1:]):
+    for argv in (json.loads(next(a for i, a in steps if i == "CMD")), json.loads(health[health.index("[") :])[1:]):
         p = subprocess.run([sys.executable, "-m", "extproc", argv[0], "--help"], capture_output=True, text=True, timeout=30)
         assert p.returncode == 0
         for flag in (a for a in argv[1:] if a.startswith("--")):

@@ -9,6 +9,7 @@
   `kubectl kustomize` when kubectl is installed) and every name and port lines up with the Envoy
   and sidecar configs.
 """
+
 from __future__ import annotations
 
 import shutil
@@ -85,32 +86,85 @@ def test_validator_is_strict(docs):
 
 
 # The Prometheus Operator CRD fields we use (monitoring.coreos.com/v1), closed to unknown keys.
-_LABEL_SELECTOR = {"type": "object", "additionalProperties": False,
-                   "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}}}
+_LABEL_SELECTOR = {
+    "type": "object",
+    "additionalProperties": False,
+    "properties": {"matchLabels": {"type": "object", "additionalProperties": {"type": "string"}}},
+}
 _METADATA = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
 PODMONITOR = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PodMonitor"}, "metadata": _METADATA,
-        "spec": {"type": "object", "required": ["selector", "podMetricsEndpoints"], "additionalProperties": False, "properties": {
-            "selector": _LABEL_SELECTOR,
-            "podMetricsEndpoints": {"type": "array", "minItems": 1, "items": {
-                "type": "object", "required": ["port"], "additionalProperties": False, "properties": {
-                    "port": {"type": "string"}, "path": {"type": "string", "pattern": "^/"},
-                    "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"}}}}}},
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["selector", "podMetricsEndpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": _LABEL_SELECTOR,
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["port"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string", "pattern": "^/"},
+                            "interval": {"type": "string", "pattern": "^[0-9]+(ms|s|m|h)$"},
+                        },
+                    },
+                },
+            },
+        },
     },
 }
 PROMETHEUSRULE = {
-    "type": "object", "required": ["apiVersion", "kind", "metadata", "spec"], "additionalProperties": False,
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
     "properties": {
-        "apiVersion": {"const": "monitoring.coreos.com/v1"}, "kind": {"const": "PrometheusRule"}, "metadata": _METADATA,
-        "spec": {"type": "object", "required": ["groups"], "additionalProperties": False, "properties": {
-            "groups": {"type": "array", "items": {"type": "object", "required": ["name", "rules"], "additionalProperties": False, "properties": {
-                "name": {"type": "string"},
-                "rules": {"type": "array", "items": {"type": "object", "required": ["alert", "expr"], "additionalProperties": False, "properties": {
-                    "alert": {"type": "string"}, "expr": {"type": "string"}, "for": {"type": "string"},
-                    "labels": {"type": "object", "additionalProperties": {"type": "string"}},
-                    "annotations": {"type": "object", "additionalProperties": {"type": "string"}}}}}}}}}},
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": _METADATA,
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string"},
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["alert", "expr"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "expr": {"type": "string"},
+                                        "for": {"type": "string"},
+                                        "labels": {"type": "object", "additionalProperties": {"type": "string"}},
+                                        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                }
+            },
+        },
     },
 }
 
@@ -160,12 +214,12 @@ def test_configmaps_and_mounts_line_up(docs):
     cfg_path = envoy["args"][envoy["args"].index("-c") + 1]
     mount = next(m for m in envoy["volumeMounts"] if cfg_path.startswith(m["mountPath"] + "/"))
     cm = docs[f"ConfigMap/{volumes[mount['name']]['configMap']['name']}"]
-    assert cfg_path[len(mount["mountPath"]) + 1:] in cm["data"]
+    assert cfg_path[len(mount["mountPath"]) + 1 :] in cm["data"]
     ext = _container(docs, "extproc")
     cfg_path = ext["args"][ext["args"].index("--config") + 1]
     mount = next(m for m in ext["volumeMounts"] if cfg_path.startswith(m["mountPath"] + "/"))
     cm = docs[f"ConfigMap/{volumes[mount['name']]['configMap']['name']}"]
-    assert cfg_path[len(mount["mountPath"]) + 1:] in cm["data"]
+    assert cfg_path[len(mount["mountPath"]) + 1 :] in cm["data"]
 
 
 def test_ports_and_addresses_agree(docs):

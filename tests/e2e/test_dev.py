@@ -1,4 +1,5 @@
 """`extproc dev` (what `make run` runs) keeps its command-line contract."""
+
 from __future__ import annotations
 
 import json
@@ -28,8 +29,21 @@ def _dev(tmp_path, *args: str) -> tuple[subprocess.Popen, dict]:
     ports = {"port": free_port(), "metrics": free_port(), "admin": free_port(), "sidecar": free_port()}
     cfg = tmp_path / "sidecar.yaml"
     cfg.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{ports['sidecar']}"}))
-    cmd = [sys.executable, "-m", "extproc", "dev", "--port", str(ports["port"]), "--metrics-port", str(ports["metrics"]),
-           "--admin-port", str(ports["admin"]), "--config", str(cfg), *args]
+    cmd = [
+        sys.executable,
+        "-m",
+        "extproc",
+        "dev",
+        "--port",
+        str(ports["port"]),
+        "--metrics-port",
+        str(ports["metrics"]),
+        "--admin-port",
+        str(ports["admin"]),
+        "--config",
+        str(cfg),
+        *args,
+    ]
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True), ports
 
 
@@ -40,14 +54,20 @@ def test_dev_stack_with_upstream_jwks_and_access_log(tmp_path, replay):
     try:
         wait_port(ports["port"], timeout=30, proc=proc)
         rid = str(uuid.uuid4())
-        r = httpx.post(f"http://127.0.0.1:{ports['port']}/v1/chat/completions",
-                       content=b'{"model":"gpt-5-nano","messages":[{"role":"user","content":"Hello!"}]}',
-                       headers={"x-fixture": "aigw__chat-basic.yaml", "x-request-id": rid,
-                                "authorization": f"Bearer {token('alice', 'dev')}"}, timeout=20)
+        r = httpx.post(
+            f"http://127.0.0.1:{ports['port']}/v1/chat/completions",
+            content=b'{"model":"gpt-5-nano","messages":[{"role":"user","content":"Hello!"}]}',
+            headers={"x-fixture": "aigw__chat-basic.yaml", "x-request-id": rid, "authorization": f"Bearer {token('alice', 'dev')}"},
+            timeout=20,
+        )
         assert r.status_code == 200
         # a token that does not verify still passes (observability never gates traffic), without claims
-        r2 = httpx.post(f"http://127.0.0.1:{ports['port']}/v1/chat/completions", content=b'{"model":"x"}',
-                        headers={"x-fixture": "aigw__chat-basic.yaml", "authorization": "Bearer sk-not-a-jwt"}, timeout=20)
+        r2 = httpx.post(
+            f"http://127.0.0.1:{ports['port']}/v1/chat/completions",
+            content=b'{"model":"x"}',
+            headers={"x-fixture": "aigw__chat-basic.yaml", "authorization": "Bearer sk-not-a-jwt"},
+            timeout=20,
+        )
         assert r2.status_code == 200
         deadline = time.monotonic() + 10
         entry = None
@@ -69,8 +89,11 @@ def test_dev_mock_llm_default_upstream(tmp_path):
     proc, ports = _dev(tmp_path, "--mock-port", str(mock))
     try:
         wait_port(ports["port"], timeout=30, proc=proc)
-        r = httpx.post(f"http://127.0.0.1:{ports['port']}/v1/chat/completions",
-                       json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}, timeout=20)
+        r = httpx.post(
+            f"http://127.0.0.1:{ports['port']}/v1/chat/completions",
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]},
+            timeout=20,
+        )
         assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
         time.sleep(0.4)  # access log flush interval is 100 ms
     finally:
@@ -124,10 +147,27 @@ def test_backgrounded_dev_stops_on_sigint_binds_loopback_only_and_cleans_up(tmp_
     ports = {"port": free_port(), "metrics": free_port(), "admin": free_port(), "sidecar": free_port()}
     cfg = tmp_path / "sidecar.yaml"
     cfg.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{ports['sidecar']}"}))
-    cmd = [sys.executable, "-m", "extproc", "dev", "--port", str(ports["port"]), "--metrics-port", str(ports["metrics"]),
-           "--admin-port", str(ports["admin"]), "--config", str(cfg), "--mock-port", str(mock), "--workers", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    cmd = [
+        sys.executable,
+        "-m",
+        "extproc",
+        "dev",
+        "--port",
+        str(ports["port"]),
+        "--metrics-port",
+        str(ports["metrics"]),
+        "--admin-port",
+        str(ports["admin"]),
+        "--config",
+        str(cfg),
+        "--mock-port",
+        str(mock),
+        "--workers",
+        "2",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)
+    )
     try:
         wait_port(ports["port"], timeout=30, proc=proc)
         wait_port(ports["metrics"], timeout=10)
@@ -162,8 +202,11 @@ def test_sigterm_while_starting_exits_0_and_cleans_up(tmp_path):
     proc, ports = _dev(tmp_path, "--mock-port", str(mock))
     try:
         wait_port(mock, timeout=30, proc=proc)  # the first child is up, the others may not be
-        (workdir,) = [d for d in Path(tempfile.gettempdir()).glob("extproc-dev-*")
-                      if (d / "envoy.yaml").is_file() and f"port_value: {ports['port']}" in (d / "envoy.yaml").read_text()]
+        (workdir,) = [
+            d
+            for d in Path(tempfile.gettempdir()).glob("extproc-dev-*")
+            if (d / "envoy.yaml").is_file() and f"port_value: {ports['port']}" in (d / "envoy.yaml").read_text()
+        ]
         stack = _descendants(proc.pid)
         assert stack
         proc.send_signal(signal.SIGTERM)
@@ -188,14 +231,35 @@ def test_dev_sidecar_does_not_import_modules_from_the_cwd(tmp_path):
     cfg = tmp_path / "sidecar.yaml"
     cfg.write_text(yaml.safe_dump({"listen": f"127.0.0.1:{ports['sidecar']}"}))
     script = Path(sys.executable).parent / "extproc"  # the console script: its own sys.path[0] is bin/
-    proc = subprocess.Popen([str(script), "dev", "--port", str(ports["port"]), "--metrics-port", str(ports["metrics"]),
-                             "--admin-port", str(ports["admin"]), "--mock-port", str(free_port()), "--config", str(cfg),
-                             "--access-log", str(tmp_path / "access.log")],
-                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            str(script),
+            "dev",
+            "--port",
+            str(ports["port"]),
+            "--metrics-port",
+            str(ports["metrics"]),
+            "--admin-port",
+            str(ports["admin"]),
+            "--mock-port",
+            str(free_port()),
+            "--config",
+            str(cfg),
+            "--access-log",
+            str(tmp_path / "access.log"),
+        ],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         wait_port(ports["port"], timeout=30, proc=proc)
-        r = httpx.post(f"http://127.0.0.1:{ports['port']}/v1/chat/completions", timeout=20,
-                       content=b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}')
+        r = httpx.post(
+            f"http://127.0.0.1:{ports['port']}/v1/chat/completions",
+            timeout=20,
+            content=b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+        )
         assert r.status_code == 200
         assert proc.poll() is None
     finally:
@@ -214,8 +278,12 @@ def test_dev_observability_mode_observes_calls_on_metrics_not_in_the_access_log(
     try:
         wait_port(ports["port"], timeout=30, proc=proc)
         rid = str(uuid.uuid4())
-        r = httpx.post(f"http://127.0.0.1:{ports['port']}/v1/chat/completions", headers={"x-request-id": rid},
-                       json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]}, timeout=20)
+        r = httpx.post(
+            f"http://127.0.0.1:{ports['port']}/v1/chat/completions",
+            headers={"x-request-id": rid},
+            json={"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hello there"}]},
+            timeout=20,
+        )
         assert r.json()["usage"] == {"prompt_tokens": 2, "completion_tokens": 12, "total_tokens": 14}
         completion = re.compile(r'^ai_completion_tokens_total\{[^}]*model="gpt-4o-mini"[^}]*\} (\S+)$', re.M)
         deadline, seen = time.monotonic() + 10, None

@@ -1,4 +1,5 @@
 """Every Envoy config in the repo passes `envoy --mode validate`; the reference file is current."""
+
 from __future__ import annotations
 
 import subprocess
@@ -28,15 +29,36 @@ def test_repo_config_validates(path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
 
 
-BUDGETS_BY_USER_AND_HEADER = config.parse({"budgets": {"descriptors": [
-    {"entries": [{"key": "user", "claim": "sub", "default": "anonymous"}]},
-    {"entries": [{"key": "org", "claim": "org.id"}, {"key": "project", "header": "x-project"}]},
-]}}).budgets
+BUDGETS_BY_USER_AND_HEADER = config.parse(
+    {
+        "budgets": {
+            "descriptors": [
+                {"entries": [{"key": "user", "claim": "sub", "default": "anonymous"}]},
+                {"entries": [{"key": "org", "claim": "org.id"}, {"key": "project", "header": "x-project"}]},
+            ]
+        }
+    }
+).budgets
 
 
-@pytest.mark.parametrize("variant", ["plain", "jwt", "no_extproc", "observability", "unix", "budgets", "fewer_messages",
-                                     "fewer_messages_budgets", "passthrough", "fewer_messages_passthrough",
-                                     "no_request_body", "fewer_messages_no_request_body", "observability_fewer_messages"])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        "plain",
+        "jwt",
+        "no_extproc",
+        "observability",
+        "unix",
+        "budgets",
+        "fewer_messages",
+        "fewer_messages_budgets",
+        "passthrough",
+        "fewer_messages_passthrough",
+        "no_request_body",
+        "fewer_messages_no_request_body",
+        "observability_fewer_messages",
+    ],
+)
 def test_built_configs_validate(tmp_path, variant):
     kw = {
         "plain": {},
@@ -45,19 +67,29 @@ def test_built_configs_validate(tmp_path, variant):
         "observability": {"observability_mode": True},
         "observability_fewer_messages": {"observability_mode": True, "fewer_messages": True},
         "unix": {"extproc": "unix:/tmp/extproc.sock"},
-        "budgets": {"jwks_json": envoy_config.EXAMPLE_JWKS,
-                    "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},
+        "budgets": {
+            "jwks_json": envoy_config.EXAMPLE_JWKS,
+            "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER),
+        },
         "fewer_messages": {"fewer_messages": True},
-        "fewer_messages_budgets": {"fewer_messages": True, "jwks_json": envoy_config.EXAMPLE_JWKS,
-                                   "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},
+        "fewer_messages_budgets": {
+            "fewer_messages": True,
+            "jwks_json": envoy_config.EXAMPLE_JWKS,
+            "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER),
+        },
         # routes with ExtProcPerRoute {disabled: true} (tests/unit/test_envoy_config.py checks where)
-        "passthrough": {"passthrough": ("/v1/files", "/health"), "jwks_json": envoy_config.EXAMPLE_JWKS,
-                        "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER)},
+        "passthrough": {
+            "passthrough": ("/v1/files", "/health"),
+            "jwks_json": envoy_config.EXAMPLE_JWKS,
+            "ratelimit": envoy_config.RateLimitService("127.0.0.1:8081", BUDGETS_BY_USER_AND_HEADER),
+        },
         "fewer_messages_passthrough": {"fewer_messages": True, "passthrough": ("/v1/files", "/health")},
-        "no_request_body": {}, "fewer_messages_no_request_body": {"fewer_messages": True},  # per-route processing_mode
+        "no_request_body": {},
+        "fewer_messages_no_request_body": {"fewer_messages": True},  # per-route processing_mode
     }[variant]
-    up = envoy_config.Upstream("/", "http://127.0.0.1:8000", "openai", http2=variant.startswith("fewer"),
-                               request_body="no_request_body" not in variant)
+    up = envoy_config.Upstream(
+        "/", "http://127.0.0.1:8000", "openai", http2=variant.startswith("fewer"), request_body="no_request_body" not in variant
+    )
     cfg = envoy_config.bootstrap(upstreams=[up, envoy_config.Upstream("/tls/", "https://example.com", http2=True)], **kw)
     f = tmp_path / "envoy.yaml"
     f.write_text(envoy_config.dump(cfg))
@@ -67,25 +99,38 @@ def test_built_configs_validate(tmp_path, variant):
 
 
 def test_budget_descriptors_check_on_request_and_charge_when_done():
-    per_route = envoy_config.to_dict(envoy_config.ratelimit_per_route(
-        envoy_config.RateLimitService("rls:8081", BUDGETS_BY_USER_AND_HEADER), "my.ns"))
+    per_route = envoy_config.to_dict(
+        envoy_config.ratelimit_per_route(envoy_config.RateLimitService("rls:8081", BUDGETS_BY_USER_AND_HEADER), "my.ns")
+    )
     limits = per_route["rate_limits"]
     assert len(limits) == 4  # two budgets, each a check and a charge
     check, charge = limits[0], limits[1]
     assert check["hits_addend"] == {"number": 0} and "apply_on_stream_done" not in check
     assert charge["hits_addend"] == {"format": "%DYNAMIC_METADATA(my.ns:ratelimit_cost)%"} and charge["apply_on_stream_done"] is True
-    assert check["actions"] == charge["actions"] == [{"metadata": {
-        "descriptor_key": "user", "default_value": "anonymous",  # source DYNAMIC is the default
-        "metadata_key": {"key": "envoy.filters.http.jwt_authn", "path": [{"key": "principal"}, {"key": "sub"}]},
-    }}]
+    assert (
+        check["actions"]
+        == charge["actions"]
+        == [
+            {
+                "metadata": {
+                    "descriptor_key": "user",
+                    "default_value": "anonymous",  # source DYNAMIC is the default
+                    "metadata_key": {"key": "envoy.filters.http.jwt_authn", "path": [{"key": "principal"}, {"key": "sub"}]},
+                }
+            }
+        ]
+    )
     assert limits[2]["actions"][0]["metadata"]["metadata_key"]["path"] == [{"key": "principal"}, {"key": "org"}, {"key": "id"}]
     assert limits[2]["actions"][1] == {"request_headers": {"header_name": "x-project", "descriptor_key": "project"}}
 
 
 def test_budgets_need_the_sidecar_out_of_observability_mode():
     with pytest.raises(ValueError, match="observability_mode"):
-        envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")], observability_mode=True,
-                               ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"))
+        envoy_config.bootstrap(
+            upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")],
+            observability_mode=True,
+            ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"),
+        )
 
 
 def test_receiving_namespace_matches_metadata_namespace():
@@ -119,9 +164,13 @@ def test_ops_listener_exposes_only_ready_and_stats(tmp_path):
     from extproc.devtools.dev import envoy_command, free_port, wait_port
 
     ops, admin, listen = free_port(), free_port(), free_port()
-    cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:9")], listen=f"127.0.0.1:{listen}",
-                                 access_log=str(tmp_path / "access.log"),
-                                 admin=f"127.0.0.1:{admin}", ops_listen=f"127.0.0.1:{ops}")
+    cfg = envoy_config.bootstrap(
+        upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:9")],
+        listen=f"127.0.0.1:{listen}",
+        access_log=str(tmp_path / "access.log"),
+        admin=f"127.0.0.1:{admin}",
+        ops_listen=f"127.0.0.1:{ops}",
+    )
     f = tmp_path / "envoy.yaml"
     f.write_text(envoy_config.dump(cfg))
     proc = subprocess.Popen(envoy_command(f, "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -133,7 +182,10 @@ def test_ops_listener_exposes_only_ready_and_stats(tmp_path):
             assert b"envoy_server_live" in r.read()
         for method, path in (("POST", "/quitquitquit"), ("GET", "/config_dump"), ("POST", "/ready")):
             with pytest.raises(urllib.error.HTTPError) as e:
-                urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{ops}{path}", method=method, data=b"" if method == "POST" else None), timeout=5)
+                urllib.request.urlopen(
+                    urllib.request.Request(f"http://127.0.0.1:{ops}{path}", method=method, data=b"" if method == "POST" else None),
+                    timeout=5,
+                )
             assert e.value.code == 404
         assert proc.poll() is None
     finally:
@@ -145,8 +197,9 @@ def test_ops_listener_exposes_only_ready_and_stats(tmp_path):
 def test_envoy_config_mode_observability_validates(tmp_path, mode):
     """`extproc envoy-config --mode observability` (the command line, not only the Python API) gives
     a config with Envoy's observability_mode on, which `envoy --mode validate` accepts."""
-    out = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--mode", mode], capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "extproc", "envoy-config", "--mode", mode], capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     ext_proc = next(f["typed_config"] for f in _http_filters(yaml.safe_load(out)) if f["name"] == "envoy.filters.http.ext_proc")
     assert ext_proc["observability_mode"] is True
     assert ext_proc["processing_mode"]["request_header_mode"] == ("SKIP" if mode.endswith("fewer-messages") else "SEND")
@@ -158,8 +211,12 @@ def test_envoy_config_mode_observability_validates(tmp_path, mode):
 
 def test_envoy_config_refuses_budgets_in_observability_mode():
     """Budgets charge the cost the sidecar returns, which Envoy ignores in observability mode."""
-    p = subprocess.run([sys.executable, "-m", "extproc", "envoy-config", "--variant", "budgets", "--mode", "observability"],
-                       capture_output=True, text=True, timeout=60)
+    p = subprocess.run(
+        [sys.executable, "-m", "extproc", "envoy-config", "--variant", "budgets", "--mode", "observability"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert p.returncode == 2 and p.stdout == ""
     assert "--mode observability" in p.stderr and "Traceback" not in p.stderr
 

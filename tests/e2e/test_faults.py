@@ -2,6 +2,7 @@
 
 Traffic always flows; no tokens are invented; nothing raises in the sidecar.
 """
+
 from __future__ import annotations
 
 import signal
@@ -33,12 +34,15 @@ def _send(stack, path="/v1/chat/completions", body=b'{"model":"gpt-4o","messages
     return r, stack.log_entry(rid)
 
 
-@pytest.mark.parametrize("status,ctype,body", [
-    (429, "application/json", b'{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}'),
-    (500, "application/json", b'{"error":{"message":"boom","type":"server_error"}}'),
-    (502, "text/html", b"<html>Bad gateway</html>"),
-    (503, "application/json", b""),
-])
+@pytest.mark.parametrize(
+    "status,ctype,body",
+    [
+        (429, "application/json", b'{"error":{"message":"Rate limit reached","type":"requests","code":"rate_limit_exceeded"}}'),
+        (500, "application/json", b'{"error":{"message":"boom","type":"server_error"}}'),
+        (502, "text/html", b"<html>Bad gateway</html>"),
+        (503, "application/json", b""),
+    ],
+)
 def test_upstream_error_bodies_pass_through_without_tokens(stack, status, ctype, body):
     r, entry = _send(stack, **{"x-status": str(status), "x-body": body.decode(), "x-content-type": ctype})
     assert r.status_code == status and r.content == body
@@ -62,8 +66,13 @@ def test_upstream_reset_mid_stream(stack):
     rid = str(uuid.uuid4())
     got = b""
     with pytest.raises(httpx.HTTPError):
-        with httpx.stream("POST", stack.url(rec.path), content=rec.request_body, timeout=20,
-                          headers={"x-fixture": rec.name, "x-reset-after": "2", "x-chunk-delay-ms": "100", "x-request-id": rid}) as r:
+        with httpx.stream(
+            "POST",
+            stack.url(rec.path),
+            content=rec.request_body,
+            timeout=20,
+            headers={"x-fixture": rec.name, "x-reset-after": "2", "x-chunk-delay-ms": "100", "x-request-id": rid},
+        ) as r:
             assert r.status_code == 200
             for chunk in r.iter_raw():
                 got += chunk

@@ -5,6 +5,7 @@ and holds; the client reads exactly those bytes and hangs up. The access log, ai
 the token counters and the span must all say the same: client_abort with the tokens the provider
 had reported by then before the end marker, ok (with the final usage) after it.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -50,9 +51,15 @@ def test_hang_up_through_envoy(stack, replay, collector, h: HangUp):
     sent = h.cut(body)
     want_bytes = sum(map(len, sent))
     rid, trace_id = secrets.token_hex(8), secrets.token_hex(16)
-    headers = {"content-type": "application/json", "x-case": h.case, "x-request-id": rid, "x-gate": rid,
-               "x-hold-after": str(len(sent)), "accept-encoding": "identity",
-               "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01"}
+    headers = {
+        "content-type": "application/json",
+        "x-case": h.case,
+        "x-request-id": rid,
+        "x-gate": rid,
+        "x-hold-after": str(len(sent)),
+        "accept-encoding": "identity",
+        "traceparent": f"00-{trace_id}-{secrets.token_hex(8)}-01",
+    }
     before = scrape(stack.metrics_port)
     got = b""
     with httpx.stream("POST", stack.url(case.path), content=case.request or b"{}", headers=headers, timeout=20) as r:

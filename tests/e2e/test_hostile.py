@@ -4,6 +4,7 @@ lines, an 8 MB SSE event, an NDJSON line dripped a byte at a time) and hostile c
 (2 MB request bodies, aborted streams; on the gRPC port undecodable and 8 MB messages, 300 idle
 streams). The normal calls' accounting stays exact, Envoy never times out a message, workers stay
 small, and no traceback is logged."""
+
 from __future__ import annotations
 
 import pytest

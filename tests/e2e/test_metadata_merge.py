@@ -6,6 +6,7 @@ into what earlier replies set, or replaces it. Here a sidecar whose replies carr
 (reply 1: ``model``, reply 2: ``provider``, every reply: ``prompt_tokens`` = its number) shows it,
 in each ext_proc mode.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -79,8 +80,12 @@ def test_envoy_merges_each_replys_metadata_field_by_field(tmp_path, mock_llm, mo
     try:
         with stack:
             rid = str(uuid.uuid4())
-            r = httpx.post(stack.url("/v1/chat/completions"), headers={"x-request-id": rid}, timeout=20,
-                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+            r = httpx.post(
+                stack.url("/v1/chat/completions"),
+                headers={"x-request-id": rid},
+                timeout=20,
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+            )
             assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 12
             entry = stack.log_entry(rid)
     finally:

@@ -1,5 +1,6 @@
 """Metrics end to end: real Envoy + jwt_authn + the sidecar + the mock LLM, scraped directly and
 through a real Prometheus server. Expected numbers are the usage the client itself received."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -88,7 +89,11 @@ def scrape_after(port: int, calls: int, timeout: float = 15, stack: Stack | None
         samples = scrape(port)
         seen = total(samples, "ai_requests_total")
         if seen >= calls or time.monotonic() > deadline:
-            envoy = {k: stack.envoy_stat(f"http.llm.ext_proc.{k}") for k in ("streams_started", "failure_mode_allowed", "message_timeouts")} if stack else {}
+            envoy = (
+                {k: stack.envoy_stat(f"http.llm.ext_proc.{k}") for k in ("streams_started", "failure_mode_allowed", "message_timeouts")}
+                if stack
+                else {}
+            )
             assert seen == calls, f"recorded {seen} calls, sent {calls}; {_outcomes(samples)}; Envoy ext_proc {envoy}"
             return samples
         time.sleep(0.1)
@@ -101,8 +106,7 @@ def _outcomes(samples: list[tuple[str, dict[str, str], float]]) -> dict[str, flo
 # ---- one worker ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, mock) -> Iterator[Stack]:
-    with Stack(tmp_path_factory.mktemp("metrics"), mock, sidecar_config={"stats": STATS},
-               jwks_json=jwt_keys.jwks_json(), **PATIENT) as s:
+    with Stack(tmp_path_factory.mktemp("metrics"), mock, sidecar_config={"stats": STATS}, jwks_json=jwt_keys.jwks_json(), **PATIENT) as s:
         yield s
 
 
@@ -131,8 +135,14 @@ def test_histograms_per_user(stack, traffic):
     for user in USERS:
         mine = [s for s in traffic if s.user == user]
         for kind, attr in (("input", "prompt"), ("output", "completion")):
-            got = total(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type=kind, user_id=user,
-                        gen_ai_provider_name="openai", gen_ai_operation_name="chat")
+            got = total(
+                samples,
+                "gen_ai_client_token_usage_sum",
+                gen_ai_token_type=kind,
+                user_id=user,
+                gen_ai_provider_name="openai",
+                gen_ai_operation_name="chat",
+            )
             assert got == sum(getattr(s, attr) for s in mine)
             assert total(samples, "gen_ai_client_token_usage_count", gen_ai_token_type=kind, user_id=user) == len(mine)
         streams = [s for s in mine if s.stream]
@@ -165,13 +175,20 @@ def prometheus(tmp_path, stack) -> Iterator[int]:
         pytest.skip("no prometheus binary: run `make tools` (apt-get install prometheus)")
     port = free_port()
     cfg = tmp_path / "prometheus.yml"
-    cfg.write_text(json.dumps({
-        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
-        "scrape_configs": [{"job_name": "extproc", "static_configs": [{"targets": [f"127.0.0.1:{stack.metrics_port}"]}]}],
-    }))
+    cfg.write_text(
+        json.dumps(
+            {
+                "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+                "scrape_configs": [{"job_name": "extproc", "static_configs": [{"targets": [f"127.0.0.1:{stack.metrics_port}"]}]}],
+            }
+        )
+    )
     log = (tmp_path / "prometheus.log").open("wb")
-    proc = subprocess.Popen([binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                             f"--web.listen-address=127.0.0.1:{port}"], stdout=log, stderr=log)
+    proc = subprocess.Popen(
+        [binary, f"--config.file={cfg}", f"--storage.tsdb.path={tmp_path / 'tsdb'}", f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=log,
+        stderr=log,
+    )
     try:
         wait_port(port, proc=proc, timeout=30)
         yield port
@@ -183,8 +200,10 @@ def prometheus(tmp_path, stack) -> Iterator[int]:
 def test_prometheus_server_sums_per_team_and_user(stack, traffic, prometheus):
     scrape_after(stack.metrics_port, len(traffic), stack=stack)  # recorded before Prometheus' next scrape
     by_team = "sum by (team) (ai_prompt_tokens_total)"
-    by_user = ('sum by (user_id) (gen_ai_client_token_usage_sum{gen_ai_token_type="input"}'
-               ' + ignoring(gen_ai_token_type) gen_ai_client_token_usage_sum{gen_ai_token_type="output"})')
+    by_user = (
+        'sum by (user_id) (gen_ai_client_token_usage_sum{gen_ai_token_type="input"}'
+        ' + ignoring(gen_ai_token_type) gen_ai_client_token_usage_sum{gen_ai_token_type="output"})'
+    )
     want_team = {team: float(sum(s.prompt for s in traffic if USERS.get(s.user) == team)) for team in ("dev", "ops")}
     want_user = {u: float(sum(s.prompt + s.completion for s in traffic if s.user == u)) for u in USERS}
     deadline = time.monotonic() + 30
@@ -205,8 +224,16 @@ def test_two_workers_one_scrape_sums_both(tmp_path, mock, monkeypatch):
     mpdir.mkdir()
     (mpdir / "counter_99999.db").write_bytes(b"stale file from an earlier run")
     monkeypatch.setenv("PROMETHEUS_MULTIPROC_DIR", str(mpdir))
-    with Stack(tmp_path / "stack", mock, sidecar_config={"stats": STATS}, jwks_json=jwt_keys.jwks_json(),
-               workers=2, envoy_concurrency=8, extproc_streams_per_connection=1, **PATIENT) as stack:
+    with Stack(
+        tmp_path / "stack",
+        mock,
+        sidecar_config={"stats": STATS},
+        jwks_json=jwt_keys.jwks_json(),
+        workers=2,
+        envoy_concurrency=8,
+        extproc_streams_per_connection=1,
+        **PATIENT,
+    ) as stack:
         # One stream per ext_proc connection: the 16 concurrent calls need 16+ connections, which
         # SO_REUSEPORT hashes over both workers (with 8 connections, all on one worker happened
         # in CI: 1 in 128).
@@ -254,7 +281,8 @@ def _children(pid: int) -> list[int]:
 def test_bad_custom_label_exits_2_naming_the_key(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("stats:\n  customLabels:\n    - name: model\n      metadataKey: principal:sub\n")
-    r = subprocess.run([sys.executable, "-m", "extproc", "serve", "--config", str(cfg)], cwd=REPO,
-                       capture_output=True, text=True, timeout=30)
+    r = subprocess.run(
+        [sys.executable, "-m", "extproc", "serve", "--config", str(cfg)], cwd=REPO, capture_output=True, text=True, timeout=30
+    )
     assert r.returncode == 2
     assert "stats.customLabels.0.name" in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -1,6 +1,7 @@
 """Metrics over OTLP end to end: two workers push to an in-test collector (gRPC and
 HTTP); its token sums equal the Prometheus counters for the same traffic. A dead collector does
 not slow calls (timing comparison; run with -s to see the figures)."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -24,8 +25,12 @@ def chat(stack: Stack, i: int) -> dict[str, Any]:
     body: dict[str, Any] = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "word " * (2 + i % 7)}]}
     if stream:
         body |= {"stream": True, "stream_options": {"include_usage": True}}
-    r = httpx.post(stack.url("/v1/chat/completions"), json=body, timeout=20,
-                   headers={"x-mock-words": str(3 + i % 5), "x-mock-chunk-ms": "1", "x-session-id": f"s-{i % 4}"})
+    r = httpx.post(
+        stack.url("/v1/chat/completions"),
+        json=body,
+        timeout=20,
+        headers={"x-mock-words": str(3 + i % 5), "x-mock-chunk-ms": "1", "x-session-id": f"s-{i % 4}"},
+    )
     assert r.status_code == 200
     return {"prompt": 2 + i % 7, "completion": 3 + i % 5}
 
@@ -47,27 +52,45 @@ def test_otlp_token_sums_equal_the_prometheus_counters_with_two_workers(tmp_path
         env: dict[str, str] = {}
     else:  # configured by the standard variables only
         cfg = {}
-        env = {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf",
-               "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.url, "OTEL_METRIC_EXPORT_INTERVAL": "200"}
+        env = {
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL": "http/protobuf",
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": receiver.url,
+            "OTEL_METRIC_EXPORT_INTERVAL": "200",
+        }
     cfg["stats"] = {**cfg.get("stats", {}), "customLabels": [{"name": "session", "field": "session_id"}]}
     try:
-        with Stack(tmp_path, mock_llm, sidecar_config=cfg, sidecar_env=env, workers=2, envoy_concurrency=8,
-                   extproc_streams_per_connection=1, message_timeout_ms=5000) as stack:
+        with Stack(
+            tmp_path,
+            mock_llm,
+            sidecar_config=cfg,
+            sidecar_env=env,
+            workers=2,
+            envoy_concurrency=8,
+            extproc_streams_per_connection=1,
+            message_timeout_ms=5000,
+        ) as stack:
             with concurrent.futures.ThreadPoolExecutor(16) as pool:
                 sent = list(pool.map(lambda i: chat(stack, i), range(64)))
             samples = wait_recorded(stack, len(sent))
-            prom = {"prompt": total(samples, "ai_prompt_tokens_total"), "completion": total(samples, "ai_completion_tokens_total"),
-                    "input": total(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="input"),
-                    "output": total(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="output"),
-                    "s-1": total(samples, "ai_prompt_tokens_total", session="s-1")}
+            prom = {
+                "prompt": total(samples, "ai_prompt_tokens_total"),
+                "completion": total(samples, "ai_completion_tokens_total"),
+                "input": total(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="input"),
+                "output": total(samples, "gen_ai_client_token_usage_sum", gen_ai_token_type="output"),
+                "s-1": total(samples, "ai_prompt_tokens_total", session="s-1"),
+            }
             assert prom["prompt"] == prom["input"] == sum(s["prompt"] for s in sent)
             assert prom["completion"] == prom["output"] == sum(s["completion"] for s in sent)
             deadline = time.monotonic() + 15
             while True:
-                got = {"prompt": receiver.total("ai.prompt_tokens"), "completion": receiver.total("ai.completion_tokens"),
-                       "input": receiver.total("gen_ai.client.token.usage", "sum", **{"gen_ai.token.type": "input"}),
-                       "output": receiver.total("gen_ai.client.token.usage", "sum", **{"gen_ai.token.type": "output"}),
-                       "s-1": receiver.total("ai.prompt_tokens", session="s-1")}
+                got = {
+                    "prompt": receiver.total("ai.prompt_tokens"),
+                    "completion": receiver.total("ai.completion_tokens"),
+                    "input": receiver.total("gen_ai.client.token.usage", "sum", **{"gen_ai.token.type": "input"}),
+                    "output": receiver.total("gen_ai.client.token.usage", "sum", **{"gen_ai.token.type": "output"}),
+                    "s-1": receiver.total("ai.prompt_tokens", session="s-1"),
+                }
                 if got == prom or time.monotonic() > deadline:
                     break
                 time.sleep(0.1)
@@ -84,17 +107,22 @@ def _latencies(stack: Stack, n: int) -> list[float]:
     with httpx.Client(timeout=10) as client:
         for i in range(n):
             t = time.perf_counter()
-            r = client.post(stack.url("/v1/chat/completions"), json={"model": "m", "messages": [{"role": "user", "content": "hi"}],
-                                                                     **({"stream": True} if i % 2 else {})},
-                            headers={"x-mock-chunk-ms": "0"})
+            r = client.post(
+                stack.url("/v1/chat/completions"),
+                json={"model": "m", "messages": [{"role": "user", "content": "hi"}], **({"stream": True} if i % 2 else {})},
+                headers={"x-mock-chunk-ms": "0"},
+            )
             out.append(time.perf_counter() - t)
             assert r.status_code == 200
     return sorted(out)
 
 
 def _figures(lat: list[float]) -> dict[str, float]:
-    return {"p50_ms": round(statistics.median(lat) * 1000, 2), "p95_ms": round(lat[int(len(lat) * 0.95)] * 1000, 2),
-            "max_ms": round(lat[-1] * 1000, 2)}
+    return {
+        "p50_ms": round(statistics.median(lat) * 1000, 2),
+        "p95_ms": round(lat[int(len(lat) * 0.95)] * 1000, 2),
+        "max_ms": round(lat[-1] * 1000, 2),
+    }
 
 
 def test_a_dead_collector_does_not_slow_calls(tmp_path, mock_llm):
@@ -115,8 +143,10 @@ def test_a_dead_collector_does_not_slow_calls(tmp_path, mock_llm):
     try:
         with Stack(tmp_path, mock_llm, sidecar_config={}, message_timeout_ms=5000) as stack:
             base = yaml.safe_load(stack.sidecar_config_path.read_text())
-            configs = {name: {**base, "stats": {**base.get("stats", {}), "otlp": {**otlp, "endpoint": endpoint}}}
-                       for name, endpoint in (("live", receiver.endpoint), ("dead", f"127.0.0.1:{hole.getsockname()[1]}"))}
+            configs = {
+                name: {**base, "stats": {**base.get("stats", {}), "otlp": {**otlp, "endpoint": endpoint}}}
+                for name, endpoint in (("live", receiver.endpoint), ("dead", f"127.0.0.1:{hole.getsockname()[1]}"))
+            }
             for _ in range(rounds):
                 for name, cfg in configs.items():
                     stack.stop_sidecar()
@@ -126,8 +156,11 @@ def test_a_dead_collector_does_not_slow_calls(tmp_path, mock_llm):
                     runs[name].append(_latencies(stack, n))
                     # this sidecar's exports reached the receiver, or failed and were counted
                     deadline = time.monotonic() + 10
-                    while (dropped := total(scrape(stack.metrics_port), "ai_otlp_metric_points_dropped_total")) == 0 \
-                            and name == "dead" and time.monotonic() < deadline:
+                    while (
+                        (dropped := total(scrape(stack.metrics_port), "ai_otlp_metric_points_dropped_total")) == 0
+                        and name == "dead"
+                        and time.monotonic() < deadline
+                    ):
                         time.sleep(0.1)
                     assert (dropped > 0) == (name == "dead")
         assert receiver.exports > 0
@@ -136,9 +169,11 @@ def test_a_dead_collector_does_not_slow_calls(tmp_path, mock_llm):
         receiver.close()
     b, d = (_figures(sorted(x for r in runs[k] for x in r)) for k in ("live", "dead"))
     p50 = {k: statistics.median(statistics.median(r) * 1000 for r in runs[k]) for k in runs}  # median of the rounds' p50s
-    print(f"\nOTLP metrics, {rounds} alternating rounds of {n} sequential calls (half streamed) through Envoy:\n"
-          f"  live collector: {b}, round p50s {[round(statistics.median(r) * 1000, 2) for r in runs['live']]}\n"
-          f"  dead collector: {d}, round p50s {[round(statistics.median(r) * 1000, 2) for r in runs['dead']]}")
+    print(
+        f"\nOTLP metrics, {rounds} alternating rounds of {n} sequential calls (half streamed) through Envoy:\n"
+        f"  live collector: {b}, round p50s {[round(statistics.median(r) * 1000, 2) for r in runs['live']]}\n"
+        f"  dead collector: {d}, round p50s {[round(statistics.median(r) * 1000, 2) for r in runs['dead']]}"
+    )
     assert p50["dead"] <= p50["live"] * 1.3 + 1.0
     assert d["p95_ms"] <= b["p95_ms"] * 2 + 5.0  # tails are noisy on small shared machines
     assert d["max_ms"] < 1000  # no call waited for an export (300 ms timeout, retried)

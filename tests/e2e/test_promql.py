@@ -10,6 +10,7 @@ second with deploy/prometheus/alerts.yml loaded. Then:
 Needs the sidecar's Prometheus metrics (extproc.telemetry.metrics, on the metrics branch): skipped, saying
 so, until that module exists.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -34,8 +35,10 @@ from tests.support.recordings import load
 
 pytestmark = [
     pytest.mark.integration,
-    pytest.mark.skipif(importlib.util.find_spec("extproc.telemetry.metrics") is None,
-                       reason="needs extproc.telemetry.metrics (the metrics branch): the sidecar exports no Prometheus metrics yet"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("extproc.telemetry.metrics") is None,
+        reason="needs extproc.telemetry.metrics (the metrics branch): the sidecar exports no Prometheus metrics yet",
+    ),
 ]
 
 REPO = Path(__file__).resolve().parents[2]
@@ -64,16 +67,20 @@ class Prometheus:
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(REPO / "deploy/prometheus/alerts.yml")],
             "scrape_configs": [
-                {"job_name": job, "metrics_path": path, "static_configs": [{"targets": [addr]}]}
-                for job, (addr, path) in targets.items()
+                {"job_name": job, "metrics_path": path, "static_configs": [{"targets": [addr]}]} for job, (addr, path) in targets.items()
             ],
         }
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(cfg))
         self.log = (workdir / "prometheus.log").open("wb")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            stdout=self.log, stderr=subprocess.STDOUT,
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
         )
         wait_port(self.port, proc=self.proc, timeout=30)
         deadline = time.monotonic() + 30
@@ -138,8 +145,12 @@ def _traffic(stack: Stack) -> None:
         post("aigw__chat-bad-request.yaml")  # 400
         post("aigw__completion-streaming-usage.yaml")
         bad = '{"id":"x","model":"gpt-4o","usage":{"prompt_tokens":3,'
-        httpx.post(stack.url("/v1/chat/completions"), content=b'{"model":"gpt-4o","messages":[]}',
-                   headers={"x-status": "200", "x-body": bad}, timeout=10)  # unparseable
+        httpx.post(
+            stack.url("/v1/chat/completions"),
+            content=b'{"model":"gpt-4o","messages":[]}',
+            headers={"x-status": "200", "x-body": bad},
+            timeout=10,
+        )  # unparseable
 
 
 @pytest.fixture(scope="module")
@@ -150,10 +161,13 @@ def prometheus(tmp_path_factory, replay):
     collector = GrpcReceiver()  # tracing on, so the dropped-spans series exist (at 0)
     tracing = {"tracing": {"otlpEndpoint": collector.endpoint, "otlpProtocol": "grpc"}}
     with Stack(work / "stack", replay.url, sidecar_config=tracing) as stack:
-        prom = Prometheus(work, {
-            "extproc": (f"127.0.0.1:{stack.metrics_port}", "/metrics"),
-            "envoy": (f"127.0.0.1:{stack.admin_port}", "/stats/prometheus"),
-        })
+        prom = Prometheus(
+            work,
+            {
+                "extproc": (f"127.0.0.1:{stack.metrics_port}", "/metrics"),
+                "envoy": (f"127.0.0.1:{stack.admin_port}", "/stats/prometheus"),
+            },
+        )
         try:
             prom.wait_for('up{job="extproc"} == 1')
             prom.wait_for('up{job="envoy"} == 1')

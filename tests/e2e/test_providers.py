@@ -3,6 +3,7 @@
 Each replayed recording reaches the client byte for byte (compressed streams: the exact encoded
 bytes), and the access log shows the usage the recording holds (literals below).
 """
+
 from __future__ import annotations
 
 import time
@@ -37,18 +38,30 @@ def _raw(stack: Stack, fixture: str, path: str, body: bytes, **headers: str) -> 
 
 # fixture, path, request body, (provider, model, provider_model, prompt, completion, total, cached)
 CASES = [
-    ("agw__anthropic__stream_basic.sse", "/v1/messages",
-     b'{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}',
-     ("anthropic", "claude-haiku-4-5", "claude-haiku-4-5-20251001", 15, 21, 36, 0)),
-    ("agw__anthropic__stream_message_delta_usage.sse", "/v1/messages",
-     b'{"model":"glm-5.2","max_tokens":64,"stream":true,"messages":[]}',
-     ("anthropic", "glm-5.2", "glm-5.2", 3883 + 30464, 49, 3883 + 30464 + 49, 30464)),  # input includes the cache read
-    ("agw__gemini__stream_generate_content_sse.sse", "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
-     b'{"contents":[{"role":"user","parts":[{"text":"weather in Tokyo?"}]}]}',
-     ("gemini", "gemini-2.5-pro", "gemini-2.5-pro", 15, 12, 27, None)),
-    ("agw__bedrock__converse_stream_basic.bin", "/model/amazon.titan-text-express-v1/converse-stream",
-     b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}',
-     ("bedrock", "amazon.titan-text-express-v1", None, 15, 142, 157, None)),
+    (
+        "agw__anthropic__stream_basic.sse",
+        "/v1/messages",
+        b'{"model":"claude-haiku-4-5","max_tokens":64,"stream":true,"messages":[{"role":"user","content":"hi"}]}',
+        ("anthropic", "claude-haiku-4-5", "claude-haiku-4-5-20251001", 15, 21, 36, 0),
+    ),
+    (
+        "agw__anthropic__stream_message_delta_usage.sse",
+        "/v1/messages",
+        b'{"model":"glm-5.2","max_tokens":64,"stream":true,"messages":[]}',
+        ("anthropic", "glm-5.2", "glm-5.2", 3883 + 30464, 49, 3883 + 30464 + 49, 30464),
+    ),  # input includes the cache read
+    (
+        "agw__gemini__stream_generate_content_sse.sse",
+        "/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse",
+        b'{"contents":[{"role":"user","parts":[{"text":"weather in Tokyo?"}]}]}',
+        ("gemini", "gemini-2.5-pro", "gemini-2.5-pro", 15, 12, 27, None),
+    ),
+    (
+        "agw__bedrock__converse_stream_basic.bin",
+        "/model/amazon.titan-text-express-v1/converse-stream",
+        b'{"messages":[{"role":"user","content":[{"text":"hi"}]}]}',
+        ("bedrock", "amazon.titan-text-express-v1", None, 15, 142, 157, None),
+    ),
 ]
 
 
@@ -91,10 +104,10 @@ def test_model_in_path_route_without_request_body(tmp_path, replay, mode):
     path and usage from the response. The evidence the body is not sent: the same unparsable body
     is a request parse error on a route with bodies, and none on this one."""
     fixture, body = "agw__gemini__generate_content_basic.json", b'{"contents": ['  # truncated JSON
-    upstreams = [Upstream("/v1beta/models/gemini-2.5-pro:", replay.url, "gemini", request_body=False),
-                 Upstream("/", replay.url)]
+    upstreams = [Upstream("/v1beta/models/gemini-2.5-pro:", replay.url, "gemini", request_body=False), Upstream("/", replay.url)]
     msgs = "http.llm.ext_proc.stream_msgs_sent"
     with Stack(tmp_path, replay.url, fewer_messages=mode == "fewer", upstreams=upstreams) as stack:
+
         def request_parse_errors() -> float:
             return total(scrape(stack.metrics_port), "ai_parse_errors_total", reason="request_json")
 

@@ -3,6 +3,7 @@
 For each recording: the client receives exactly the recorded bytes, and Envoy's access log shows
 the usage the provider reported (expected numbers are literals read off the recordings).
 """
+
 from __future__ import annotations
 
 import signal
@@ -29,8 +30,7 @@ PASSTHROUGH = "/passthrough/"
 def stack(request, tmp_path_factory, replay) -> Iterator[Stack]:
     """Both ext_proc processing modes: headers messages, and fewer messages (attributes). Paths
     under /passthrough/ go to the same upstream without the sidecar."""
-    with Stack(tmp_path_factory.mktemp("spine"), replay.url, fewer_messages=request.param == "fewer",
-               passthrough=(PASSTHROUGH,)) as s:
+    with Stack(tmp_path_factory.mktemp("spine"), replay.url, fewer_messages=request.param == "fewer", passthrough=(PASSTHROUGH,)) as s:
         yield s
 
 
@@ -53,9 +53,19 @@ CASES = [
     ("aigw__chat-reasoning.yaml", None, None, ("gpt-5-nano", "gpt-5-nano-2025-08-07", "openai", False, 27, 267, 294, 0, 192)),
     ("aigw__chat-streaming-detailed-usage.yaml", None, None, ("gpt-5-nano", "gpt-5-nano-2025-08-07", "openai", True, 12, 100, 112, 0, 100)),
     ("aigw__completion-streaming-usage.yaml", None, None, ("babbage-002", "babbage:2023-07-21-v2", "openai", True, 31, 25, 56, None, None)),
-    ("aigw__embeddings-dimensions.yaml", None, None, ("text-embedding-3-small", "text-embedding-3-small", "openai", False, 5, None, 5, None, None)),
+    (
+        "aigw__embeddings-dimensions.yaml",
+        None,
+        None,
+        ("text-embedding-3-small", "text-embedding-3-small", "openai", False, 5, None, 5, None, None),
+    ),
     ("aigw__azure-chat-basic.yaml", None, None, ("gpt-5-nano", "gpt-5-nano-2025-08-07", "azure", False, 8, 271, 279, 0, 192)),
-    ("agw__openai__responses_basic.json", "/v1/responses", RESPONSES_REQ, ("gpt-4o", "gpt-4o-2024-08-06", "openai", False, 10, 10, 20, 0, 0)),
+    (
+        "agw__openai__responses_basic.json",
+        "/v1/responses",
+        RESPONSES_REQ,
+        ("gpt-4o", "gpt-4o-2024-08-06", "openai", False, 10, 10, 20, 0, 0),
+    ),
     ("agw__openai__responses_stream.sse", "/v1/responses", RESPONSES_STREAM_REQ, ("gpt-4o", None, "openai", True, 12, 8, 20, 0, 0)),
 ]
 
@@ -117,8 +127,12 @@ def test_malformed_body_passes_through_and_is_counted(stack):
     """A truncated JSON body reaches the client untouched; the sidecar counts it, nothing raises."""
     bad = b'{"id":"x","model":"gpt-4o","usage":{"prompt_tokens":3,'
     rid = str(uuid.uuid4())
-    r = httpx.post(stack.url("/v1/chat/completions"), content=b'{"model":"gpt-4o","messages":[]}',
-                   headers={"x-status": "200", "x-body": bad.decode(), "x-request-id": rid}, timeout=10)
+    r = httpx.post(
+        stack.url("/v1/chat/completions"),
+        content=b'{"model":"gpt-4o","messages":[]}',
+        headers={"x-status": "200", "x-body": bad.decode(), "x-request-id": rid},
+        timeout=10,
+    )
     assert r.status_code == 200 and r.content == bad
     entry = stack.log_entry(rid)
     assert entry["model"] == "gpt-4o" and entry["total_tokens"] is None
@@ -127,8 +141,12 @@ def test_malformed_body_passes_through_and_is_counted(stack):
 
 def test_unknown_path_passes_through(stack):
     rid = str(uuid.uuid4())
-    r = httpx.post(stack.url("/some/other/api"), content=b"hello",
-                   headers={"x-status": "200", "x-body": "plain", "x-content-type": "text/plain", "x-request-id": rid}, timeout=10)
+    r = httpx.post(
+        stack.url("/some/other/api"),
+        content=b"hello",
+        headers={"x-status": "200", "x-body": "plain", "x-content-type": "text/plain", "x-request-id": rid},
+        timeout=10,
+    )
     assert r.status_code == 200 and r.text == "plain"
     entry = stack.log_entry(rid)
     assert entry["operation"] == "unknown" and entry["total_tokens"] is None
@@ -147,7 +165,8 @@ def test_openai_sdk_through_envoy(stack):
     rid = str(uuid.uuid4())
     client = openai.OpenAI(base_url=stack.url("/v1"), api_key="sk-test-not-a-jwt", max_retries=0)
     resp = client.chat.completions.create(
-        model="gpt-5-nano", messages=[{"role": "user", "content": "Hello!"}],
+        model="gpt-5-nano",
+        messages=[{"role": "user", "content": "Hello!"}],
         extra_headers={"x-fixture": "aigw__chat-basic.yaml", "x-request-id": rid},
     )
     assert resp.usage.total_tokens == 385
@@ -155,8 +174,10 @@ def test_openai_sdk_through_envoy(stack):
 
     rid = str(uuid.uuid4())
     stream = client.chat.completions.create(
-        model="gpt-5-nano", messages=[{"role": "developer", "content": "Hello, I'm a developer!"}],
-        stream=True, stream_options={"include_usage": True},
+        model="gpt-5-nano",
+        messages=[{"role": "developer", "content": "Hello, I'm a developer!"}],
+        stream=True,
+        stream_options={"include_usage": True},
         extra_headers={"x-fixture": "aigw__chat-streaming-detailed-usage.yaml", "x-request-id": rid},
     )
     usage = [c.usage for c in stream if c.usage]
@@ -285,8 +306,12 @@ def test_bodyless_response(stack):
     """A response without a body (204 here) sends no response message in fewer-messages mode: the
     call's status and outcome are then unknown to the sidecar (docs/performance.md)."""
     rid = str(uuid.uuid4())
-    r = httpx.post(stack.url("/v1/chat/completions"), content=b'{"model":"gpt-4o","messages":[]}',
-                   headers={"x-status": "204", "x-request-id": rid}, timeout=10)
+    r = httpx.post(
+        stack.url("/v1/chat/completions"),
+        content=b'{"model":"gpt-4o","messages":[]}',
+        headers={"x-status": "204", "x-request-id": rid},
+        timeout=10,
+    )
     assert r.status_code == 204
     entry = stack.log_entry(rid)
     assert entry["response_code"] == 204 and entry["model"] == ("gpt-4o" if not _fewer(stack) else None)

@@ -7,6 +7,7 @@ unobserved: the client gets exactly the upstream's bytes, the sidecar counts the
 again, calls are observed as usual. In each mode: headers messages, fewer messages, and
 observability mode (where Envoy never waits for the sidecar, so shedding matters most).
 """
+
 from __future__ import annotations
 
 import time
@@ -20,8 +21,12 @@ from tests.support.recordings import load
 
 pytestmark = pytest.mark.integration
 
-MODES = {"default": {}, "fewer": {"fewer_messages": True}, "observability": {"observability_mode": True},
-         "observability-fewer": {"observability_mode": True, "fewer_messages": True}}
+MODES = {
+    "default": {},
+    "fewer": {"fewer_messages": True},
+    "observability": {"observability_mode": True},
+    "observability-fewer": {"observability_mode": True, "fewer_messages": True},
+}
 HELD = "aigw__chat-streaming-detailed-usage.yaml"  # 12 prompt + 100 completion tokens
 OTHER = "aigw__chat-basic.yaml"  # 8 prompt + 377 completion tokens
 EXT_PROC = "http.llm.ext_proc."
@@ -96,8 +101,13 @@ def test_refused_stream_is_let_through_unobserved(tmp_path, replay, mode):
             # Envoy 1.40 opened the stream, saw it fail (reset by the sidecar, not a timeout) and
             # let the call through.
             assert _envoy_after_failure(s, before) == {
-                "streams_started": 1, "streams_failed": 1, "failure_mode_allowed": 1, "message_timeouts": 0,
-                "cluster.ext_proc.http2.rx_reset": 1, "cluster.ext_proc.upstream_rq_503": 1}
+                "streams_started": 1,
+                "streams_failed": 1,
+                "failure_mode_allowed": 1,
+                "message_timeouts": 0,
+                "cluster.ext_proc.http2.rx_reset": 1,
+                "cluster.ext_proc.upstream_rq_503": 1,
+            }
 
             replay.open_gate(gate)
             rest = b"".join(chunks)
@@ -117,4 +127,8 @@ def test_refused_stream_is_let_through_unobserved(tmp_path, replay, mode):
             assert s.log_entry(held_rid)["total_tokens"] == 112
             entry3 = s.log_entry(rid3)
             assert (entry3["model"], entry3["prompt_tokens"], entry3["completion_tokens"], entry3["total_tokens"]) == (
-                "gpt-5-nano", 8, 377, 385)
+                "gpt-5-nano",
+                8,
+                377,
+                385,
+            )

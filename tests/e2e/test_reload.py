@@ -1,6 +1,7 @@
 """SIGHUP reloads the sidecar config: streams in flight finish and are counted, counters
 are not reset, new settings apply to the next requests, and a bad file or a change that needs a
 restart leaves the running config in place."""
+
 from __future__ import annotations
 
 import os
@@ -28,8 +29,12 @@ def _wait_log(stack: Stack, text: str, count: int, timeout: float = 15) -> None:
 def _post(stack: Stack, path: str, fixture: str) -> dict:
     rid = str(uuid.uuid4())
     rec = load(fixture)
-    r = httpx.post(stack.url(path), content=rec.request_body, timeout=20,
-                   headers={"x-fixture": fixture, "x-request-id": rid, "content-type": "application/json"})
+    r = httpx.post(
+        stack.url(path),
+        content=rec.request_body,
+        timeout=20,
+        headers={"x-fixture": fixture, "x-request-id": rid, "content-type": "application/json"},
+    )
     assert r.status_code == 200 and r.content == rec.body
     return stack.log_entry(rid)
 

@@ -8,6 +8,7 @@ request body is STREAMED now (docs/envoy.md); with the old mode the first test f
 56 calls timed out in the default and fewer-messages modes), and the last one records that Envoy
 bug (strict xfail: it fails the suite once an Envoy release fixes it).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,11 +50,14 @@ def test_large_request_bodies_reach_the_upstream_whole_and_are_read(tmp_path, re
 
             async def pieces():
                 for i in range(0, len(body), 64 << 10):
-                    yield body[i:i + (64 << 10)]
+                    yield body[i : i + (64 << 10)]
 
             try:
-                r = await client.post(s.url(rec.path), content=pieces() if chunked else body, headers={
-                    "x-fixture": rec.name, "x-request-id": rid, "content-type": "application/json"})
+                r = await client.post(
+                    s.url(rec.path),
+                    content=pieces() if chunked else body,
+                    headers={"x-fixture": rec.name, "x-request-id": rid, "content-type": "application/json"},
+                )
             except httpx.TimeoutException:
                 failed.append((size, chunked, "timed out"))
                 return
@@ -68,8 +72,7 @@ def test_large_request_bodies_reach_the_upstream_whole_and_are_read(tmp_path, re
                     async with limit:
                         await one(client, size, chunked)
 
-                await asyncio.gather(*(bounded(size, chunked) for _ in range(2)
-                                       for size in SIZES for chunked in (False, True)))
+                await asyncio.gather(*(bounded(size, chunked) for _ in range(2) for size in SIZES for chunked in (False, True)))
                 for _ in range(3):  # one by one: the end of the body arrives while the sidecar reads
                     for size in NEAR_LIMIT:
                         for chunked in (False, True):
@@ -85,9 +88,13 @@ def test_large_request_bodies_reach_the_upstream_whole_and_are_read(tmp_path, re
     assert not wrong, f"{len(wrong)} of {len(sent)} request bodies changed on the way (sent, received bytes): {list(wrong.values())[:5]}"
 
 
-@pytest.mark.xfail(strict=True, raises=httpx.ReadTimeout, reason="Envoy 1.40 ext_proc BUFFERED_PARTIAL drops an empty end-of-stream chunk queued "
-                   "while the partial body is at the processor (ProcessorState::handleBufferedPartialBodyCallback "
-                   "re-injects leftovers only when they hold bytes): the upstream never sees the request end")
+@pytest.mark.xfail(
+    strict=True,
+    raises=httpx.ReadTimeout,
+    reason="Envoy 1.40 ext_proc BUFFERED_PARTIAL drops an empty end-of-stream chunk queued "
+    "while the partial body is at the processor (ProcessorState::handleBufferedPartialBodyCallback "
+    "re-injects leftovers only when they hold bytes): the upstream never sees the request end",
+)
 def test_envoy_buffered_partial_request_body_mode_completes_bodies_just_over_its_limit(tmp_path, replay):
     """Why the request body is STREAMED (docs/envoy.md): the mode this project used before, with
     nothing else changed, hangs calls just over the 1 MiB buffer limit. Strict: once an Envoy
@@ -101,6 +108,9 @@ def test_envoy_buffered_partial_request_body_mode_completes_bodies_just_over_its
     with s, httpx.Client(timeout=3) as client:
         for _ in range(24):  # 1 to 4 of 5 such calls hang: 24 in a row all completing means it is fixed
             rid = str(uuid.uuid4())
-            r = client.post(s.url(rec.path), content=sized_body(1_100_000, rid), headers={
-                "x-fixture": rec.name, "x-request-id": rid, "content-type": "application/json"})
+            r = client.post(
+                s.url(rec.path),
+                content=sized_body(1_100_000, rid),
+                headers={"x-fixture": rec.name, "x-request-id": rid, "content-type": "application/json"},
+            )
             assert r.status_code == 200

@@ -4,6 +4,7 @@ request body's auth field, nothing the sidecar emits contains them: not its log 
 level), not an exported span (content capture on, and a field that tries to copy all request
 headers), not a metric, not our dynamic metadata, not Envoy's access log line built from it.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -41,8 +42,12 @@ def test_no_secret_reaches_logs_spans_metrics_or_metadata(tmp_path, replay):
     cfg = {
         "logging": {"level": "debug"},
         "stats": {"customLabels": [{"name": "user_id", "header": "x-user-id"}]},
-        "tracing": {"otlpEndpoint": collector.endpoint, "captureContent": True, "scheduleDelayMs": 100,
-                    "fields": {"add": {"hdr": "flatten(request.headers)", "path": "request.path"}}},
+        "tracing": {
+            "otlpEndpoint": collector.endpoint,
+            "captureContent": True,
+            "scheduleDelayMs": 100,
+            "fields": {"add": {"hdr": "flatten(request.headers)", "path": "request.path"}},
+        },
     }
     try:
         with Stack(tmp_path, replay.url, sidecar_config=cfg) as s:
@@ -51,13 +56,20 @@ def test_no_secret_reaches_logs_spans_metrics_or_metadata(tmp_path, replay):
                 ("aigw__chat-streaming-detailed-usage.yaml", None),
                 ("agw__anthropic__stream_basic.sse", "/v1/messages"),
                 ("aigw__azure-chat-basic.yaml", None),
-                ("agw__gemini__stream_generate_content_sse.sse", f"/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse&key={QUERY_SECRET}"),
+                (
+                    "agw__gemini__stream_generate_content_sse.sse",
+                    f"/v1beta/models/gemini-2.5-pro:streamGenerateContent?alt=sse&key={QUERY_SECRET}",
+                ),
             ]
             for fixture, path in calls:
                 rec = load(fixture)
                 body = b'{"model":"m","api_key":"' + BODY_SECRET.encode() + b'","messages":[{"role":"user","content":"hi"}]}'
-                r = httpx.post(s.url(path or rec.path), content=body, timeout=20,
-                               headers={**SECRETS, "x-fixture": fixture, "x-user-id": "u1", "x-request-id": str(uuid.uuid4())})
+                r = httpx.post(
+                    s.url(path or rec.path),
+                    content=body,
+                    timeout=20,
+                    headers={**SECRETS, "x-fixture": fixture, "x-user-id": "u1", "x-request-id": str(uuid.uuid4())},
+                )
                 assert r.status_code == 200
             collector.wait_for(lambda sp: "generate_content" in sp.name or "gemini" in str(sp.attributes.get("gen_ai.request.model")))
             import time

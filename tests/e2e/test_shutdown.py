@@ -4,6 +4,7 @@ SIGTERM while an LLM stream is in flight: the sidecar turns NOT_SERVING, refuses
 (Envoy fails open for them), keeps observing the stream in flight until it ends, reports it (the
 tokens reach Envoy's access log, the observers run) and exits 0.
 """
+
 from __future__ import annotations
 
 import json
@@ -90,8 +91,12 @@ def test_sigterm_lets_the_stream_in_flight_finish(tmp_path, replay, workers):
 
             # A request that starts while draining is served (fail open), just not observed.
             rid2 = str(uuid.uuid4())
-            late = httpx.post(s.url(rec.path), content=rec.request_body,
-                              headers={"content-type": "application/json", "x-fixture": rec.name, "x-request-id": rid2}, timeout=30)
+            late = httpx.post(
+                s.url(rec.path),
+                content=rec.request_body,
+                headers={"content-type": "application/json", "x-fixture": rec.name, "x-request-id": rid2},
+                timeout=30,
+            )
             assert late.status_code == 200 and late.content == rec.body
             assert s.log_entry(rid2)["total_tokens"] is None
 

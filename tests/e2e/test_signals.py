@@ -1,5 +1,6 @@
 """Per-call signals through a real Envoy: attribution (end user, session, key id),
 finish_reason and stream timings reach the access log, the spans and the counters."""
+
 from __future__ import annotations
 
 import hashlib
@@ -48,13 +49,23 @@ def send(stack: Stack, path: str, body: dict, response: dict | None = None, **he
 
 
 def openai_response(model: str, finish: str = "stop") -> dict:
-    return {"id": "c", "object": "chat.completion", "model": model, "choices": [{"index": 0, "finish_reason": finish, "message": {"content": "a"}}],
-            "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7}}
+    return {
+        "id": "c",
+        "object": "chat.completion",
+        "model": model,
+        "choices": [{"index": 0, "finish_reason": finish, "message": {"content": "a"}}],
+        "usage": {"prompt_tokens": 4, "completion_tokens": 3, "total_tokens": 7},
+    }
 
 
 def test_session_and_end_user_in_the_access_log_and_on_spans(stack, collector):
-    entry = send(stack, "/v1/chat/completions", {"model": "attr-openai", "messages": [], "user": "u-1"}, openai_response("attr-openai"),
-                 **{"x-session-id": "s-1"})
+    entry = send(
+        stack,
+        "/v1/chat/completions",
+        {"model": "attr-openai", "messages": [], "user": "u-1"},
+        openai_response("attr-openai"),
+        **{"x-session-id": "s-1"},
+    )
     assert (entry["end_user"], entry["session_id"]) == ("u-1", "s-1")
     assert entry["key_id"] is None  # no secret configured: no key ids
     span = collector.wait_for(lambda s: s.attributes.get("gen_ai.request.model") == "attr-openai")
@@ -63,24 +74,55 @@ def test_session_and_end_user_in_the_access_log_and_on_spans(stack, collector):
 
 
 def test_anthropic_metadata_user_id_and_agent_session_id(stack):
-    response = {"id": "m", "type": "message", "model": "attr-claude", "stop_reason": "end_turn", "content": [],
-                "usage": {"input_tokens": 4, "output_tokens": 3}}
-    entry = send(stack, "/v1/messages", {"model": "attr-claude", "max_tokens": 9, "messages": [], "metadata": {"user_id": "u-anth"}},
-                 response, **{"agent-session-id": "agent-7"})
+    response = {
+        "id": "m",
+        "type": "message",
+        "model": "attr-claude",
+        "stop_reason": "end_turn",
+        "content": [],
+        "usage": {"input_tokens": 4, "output_tokens": 3},
+    }
+    entry = send(
+        stack,
+        "/v1/messages",
+        {"model": "attr-claude", "max_tokens": 9, "messages": [], "metadata": {"user_id": "u-anth"}},
+        response,
+        **{"agent-session-id": "agent-7"},
+    )
     assert (entry["end_user"], entry["session_id"]) == ("u-anth", "agent-7")
 
 
 LENGTH = {
     "openai": ("/v1/chat/completions", {"model": "len-openai", "max_tokens": 3, "messages": []}, openai_response("len-openai", "length")),
-    "anthropic": ("/v1/messages", {"model": "len-claude", "max_tokens": 3, "messages": []},
-                  {"id": "m", "type": "message", "model": "len-claude", "stop_reason": "max_tokens", "content": [],
-                   "usage": {"input_tokens": 4, "output_tokens": 3}}),
-    "gemini": ("/v1beta/models/len-gemini:generateContent", {"contents": [], "generationConfig": {"maxOutputTokens": 3}},
-               {"candidates": [{"content": {"parts": [{"text": "a"}]}, "finishReason": "MAX_TOKENS"}],
-                "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 3, "totalTokenCount": 7}}),
-    "bedrock": ("/model/len-bedrock/converse", {"messages": [], "inferenceConfig": {"maxTokens": 3}},
-                {"output": {"message": {"role": "assistant", "content": [{"text": "a"}]}}, "stopReason": "max_tokens",
-                 "usage": {"inputTokens": 4, "outputTokens": 3, "totalTokens": 7}}),
+    "anthropic": (
+        "/v1/messages",
+        {"model": "len-claude", "max_tokens": 3, "messages": []},
+        {
+            "id": "m",
+            "type": "message",
+            "model": "len-claude",
+            "stop_reason": "max_tokens",
+            "content": [],
+            "usage": {"input_tokens": 4, "output_tokens": 3},
+        },
+    ),
+    "gemini": (
+        "/v1beta/models/len-gemini:generateContent",
+        {"contents": [], "generationConfig": {"maxOutputTokens": 3}},
+        {
+            "candidates": [{"content": {"parts": [{"text": "a"}]}, "finishReason": "MAX_TOKENS"}],
+            "usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 3, "totalTokenCount": 7},
+        },
+    ),
+    "bedrock": (
+        "/model/len-bedrock/converse",
+        {"messages": [], "inferenceConfig": {"maxTokens": 3}},
+        {
+            "output": {"message": {"role": "assistant", "content": [{"text": "a"}]}},
+            "stopReason": "max_tokens",
+            "usage": {"inputTokens": 4, "outputTokens": 3, "totalTokens": 7},
+        },
+    ),
 }
 
 
@@ -91,8 +133,10 @@ def test_max_tokens_stops_log_length_and_count_under_it(stack):
     deadline = time.monotonic() + 10
     while True:
         samples = scrape(stack.metrics_port)
-        counted = {m: total(samples, "ai_finish_reasons_total", model=m, finish_reason="length")
-                   for m in ("len-openai", "len-claude", "len-gemini", "len-bedrock")}
+        counted = {
+            m: total(samples, "ai_finish_reasons_total", model=m, finish_reason="length")
+            for m in ("len-openai", "len-claude", "len-gemini", "len-bedrock")
+        }
         if all(counted.values()) or time.monotonic() > deadline:
             break
         time.sleep(0.1)
@@ -100,8 +144,12 @@ def test_max_tokens_stops_log_length_and_count_under_it(stack):
 
 
 def test_stream_timings_in_the_log_match_the_histograms(stack):
-    entry = send(stack, "/v1/chat/completions", {"model": "stream-timing", "messages": [], "stream": True},
-                 **{"x-fixture": "aigw__chat-streaming-detailed-usage.yaml", "x-chunk-delay-ms": "40"})
+    entry = send(
+        stack,
+        "/v1/chat/completions",
+        {"model": "stream-timing", "messages": [], "stream": True},
+        **{"x-fixture": "aigw__chat-streaming-detailed-usage.yaml", "x-chunk-delay-ms": "40"},
+    )
     assert entry["streaming"] is True and entry["outcome"] == "ok" and entry["finish_reason"] == "length"
     assert entry["ttft_ms"] > 0 and entry["tpot_ms"] > 0
     deadline = time.monotonic() + 10
@@ -155,12 +203,23 @@ def _key_ids(stack: Stack, n: int = 6) -> dict[str, set[str]]:
 
 def test_key_ids_stable_across_restarts_and_workers_other_secret_other_ids(tmp_path, replay):
     collector = GrpcReceiver()
-    cfg = {"attribution": {"keyIdSecret": SECRET}, "stats": {"customLabels": [{"name": "key_id", "field": "key_id"}]},
-           "logging": {"level": "debug"}, "tracing": {"otlpEndpoint": collector.endpoint, "scheduleDelayMs": 50}}
+    cfg = {
+        "attribution": {"keyIdSecret": SECRET},
+        "stats": {"customLabels": [{"name": "key_id", "field": "key_id"}]},
+        "logging": {"level": "debug"},
+        "tracing": {"otlpEndpoint": collector.endpoint, "scheduleDelayMs": 50},
+    }
     want = {k: hmac.new(SECRET.encode(), k.encode(), hashlib.sha256).hexdigest()[:12] for k in KEYS}
     try:
-        with Stack(tmp_path, replay.url, sidecar_config=cfg, workers=2, envoy_concurrency=4, extproc_streams_per_connection=1,
-                   message_timeout_ms=5000) as s:
+        with Stack(
+            tmp_path,
+            replay.url,
+            sidecar_config=cfg,
+            workers=2,
+            envoy_concurrency=4,
+            extproc_streams_per_connection=1,
+            message_timeout_ms=5000,
+        ) as s:
             assert _key_ids(s, 8) == {k: {want[k]} for k in KEYS}  # one id per key, whichever worker took the call
             s.stop_sidecar()
             s.start_sidecar()
@@ -176,8 +235,12 @@ def test_key_ids_stable_across_restarts_and_workers_other_secret_other_ids(tmp_p
             assert all(len(ids) == 1 and not ids & {want[k]} for k, ids in other.items())
             assert len(set().union(*other.values())) == 2
             time.sleep(0.3)
-            emitted = {"access log": s.access_log.read_text(), "sidecar log": s.sidecar_stderr(), "metrics": metrics_text,
-                       "spans": collector.all_bytes().decode("utf-8", "replace")}
+            emitted = {
+                "access log": s.access_log.read_text(),
+                "sidecar log": s.sidecar_stderr(),
+                "metrics": metrics_text,
+                "spans": collector.all_bytes().decode("utf-8", "replace"),
+            }
     finally:
         collector.close()
     for where, text in emitted.items():

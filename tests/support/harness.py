@@ -1,9 +1,10 @@
 """Run the real topology as processes on free loopback ports: Envoy + the sidecar (+ an upstream).
 
-    with Stack(tmp_path, upstream_url) as s:
-        httpx.post(s.url("/v1/chat/completions"), ...)
-        entry = s.log_entry(request_id)
+with Stack(tmp_path, upstream_url) as s:
+    httpx.post(s.url("/v1/chat/completions"), ...)
+    entry = s.log_entry(request_id)
 """
+
 from __future__ import annotations
 
 import json
@@ -38,7 +39,6 @@ def total(samples: list[tuple[str, dict[str, str], float]], name: str, **match: 
     return sum(v for n, labels, v in samples if n == name and all(labels.get(k) == w for k, w in match.items()))
 
 
-
 def json_lines(path: Path) -> list[dict[str, Any]]:
     """The complete JSON lines of a file another process is appending to (Envoy's access log). A read can
     land in the middle of Envoy's write: the unterminated tail is not a line yet and is left for the next
@@ -49,6 +49,7 @@ def json_lines(path: Path) -> list[dict[str, Any]]:
         return []
     complete = data[: data.rfind(b"\n") + 1]
     return [json.loads(line) for line in complete.splitlines() if line.strip()]
+
 
 class Stack:
     def __init__(
@@ -108,7 +109,8 @@ class Stack:
                 self.start_sidecar()
             self.envoy = subprocess.Popen(
                 envoy_command(self.envoy_config_path, "--concurrency", str(self._envoy_concurrency), *self._envoy_args),
-                stdout=subprocess.DEVNULL, stderr=self.envoy_log.open("ab"),
+                stdout=subprocess.DEVNULL,
+                stderr=self.envoy_log.open("ab"),
             )
             wait_port(self.port, proc=self.envoy)
         except BaseException:
@@ -120,8 +122,19 @@ class Stack:
         self.close()
 
     def start_sidecar(self, *extra: str) -> None:
-        cmd = [sys.executable, "-m", "extproc", "serve", "--config", str(self.sidecar_config_path),
-               "--metrics-port", str(self.metrics_port), "--workers", str(self.workers), *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "extproc",
+            "serve",
+            "--config",
+            str(self.sidecar_config_path),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--workers",
+            str(self.workers),
+            *extra,
+        ]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.sidecar_env}
         self._log_start = self.sidecar_log.stat().st_size if self.sidecar_log.exists() else 0
         self.sidecar = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=self.sidecar_log.open("ab"))

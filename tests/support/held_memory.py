@@ -1,6 +1,7 @@
 """Run by tests/unit/test_stream_limits.py in its own process: a worker's gRPC server (grpclib)
 and its memory trimmer, 3 rounds of 16 streams each holding a 4 MiB response body; prints the
 process RSS (MiB) before and after each round as JSON."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,9 @@ def rss_mib() -> int:
 
 
 async def one(ch: grpc.aio.Channel, nbytes: int) -> None:
-    call = ch.stream_stream(METHOD, request_serializer=lambda m: m.SerializeToString(),
-                            response_deserializer=pb.ProcessingResponse.FromString)()
+    call = ch.stream_stream(
+        METHOD, request_serializer=lambda m: m.SerializeToString(), response_deserializer=pb.ProcessingResponse.FromString
+    )()
     for m in (req_headers(), headers("response_headers", **{":status": "200", "content-type": "application/json"})):
         await call.write(m)
         await call.read()

@@ -1,4 +1,5 @@
 """A threaded HTTP server on a free loopback port, for in-test upstreams and collectors."""
+
 from __future__ import annotations
 
 import threading
@@ -11,8 +12,7 @@ from extproc.devtools.dev import free_port
 class QuietHandler(BaseHTTPRequestHandler):
     """A request handler that logs nothing and answers in one call (``respond``)."""
 
-    def respond(self, status: int, body: bytes = b"", content_type: str | None = None,
-                headers: tuple[tuple[str, str], ...] = ()) -> None:
+    def respond(self, status: int, body: bytes = b"", content_type: str | None = None, headers: tuple[tuple[str, str], ...] = ()) -> None:
         self.send_response(status)
         if content_type is not None:
             self.send_header("content-type", content_type)

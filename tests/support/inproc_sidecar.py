@@ -1,4 +1,5 @@
 """The sidecar in this process (its own event loop thread), so tests can read its counters."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """A throwaway RSA key for tests: a JWKS for Envoy's jwt_authn and tokens signed with it."""
+
 from __future__ import annotations
 
 import json

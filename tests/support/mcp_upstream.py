@@ -1,5 +1,6 @@
 """A tiny MCP server (Streamable HTTP) for tests: answers tools/call in JSON, or in SSE when the
 request carries ``x-sse: 1``. Tool ``boom`` is a JSON-RPC error (-32602), ``flaky`` an isError result."""
+
 from __future__ import annotations
 
 import json
@@ -25,7 +26,11 @@ class McpUpstream:
                     msg = {"jsonrpc": "2.0", "id": rid, "error": {"code": -32602, "message": "unknown tool"}}
                 elif method == "tools/call":
                     text = json.dumps(params.get("arguments"))
-                    msg = {"jsonrpc": "2.0", "id": rid, "result": {"content": [{"type": "text", "text": text}], "isError": params.get("name") == "flaky"}}
+                    msg = {
+                        "jsonrpc": "2.0",
+                        "id": rid,
+                        "result": {"content": [{"type": "text", "text": text}], "isError": params.get("name") == "flaky"},
+                    }
                 else:
                     msg = {"jsonrpc": "2.0", "id": rid, "result": {"tools": []}}
                 if self.headers.get("x-sse") == "1":

@@ -1,4 +1,5 @@
 """In-test OTLP receivers (gRPC and HTTP/protobuf): trace receivers keep every span, metric receivers the latest points."""
+
 from __future__ import annotations
 
 import threading
@@ -46,14 +47,22 @@ def _records(req: trace_service_pb2.ExportTraceServiceRequest, headers: dict[str
         res = {kv.key: _value(kv.value) for kv in rs.resource.attributes}
         for ss in rs.scope_spans:
             for s in ss.spans:
-                out.append(SpanRecord(
-                    name=s.name, trace_id=s.trace_id.hex(), span_id=s.span_id.hex(),
-                    parent_span_id=s.parent_span_id.hex(), kind=s.kind,
-                    start_ns=s.start_time_unix_nano, end_ns=s.end_time_unix_nano,
-                    status_code=s.status.code, status_message=s.status.message,
-                    attributes={kv.key: _value(kv.value) for kv in s.attributes}, resource=res,
-                    headers=headers,
-                ))
+                out.append(
+                    SpanRecord(
+                        name=s.name,
+                        trace_id=s.trace_id.hex(),
+                        span_id=s.span_id.hex(),
+                        parent_span_id=s.parent_span_id.hex(),
+                        kind=s.kind,
+                        start_ns=s.start_time_unix_nano,
+                        end_ns=s.end_time_unix_nano,
+                        status_code=s.status.code,
+                        status_message=s.status.message,
+                        attributes={kv.key: _value(kv.value) for kv in s.attributes},
+                        resource=res,
+                        headers=headers,
+                    )
+                )
     return out
 
 
@@ -194,8 +203,11 @@ class MetricStore:
     def total(self, name: str, field: str = "value", **match: str) -> float:
         """The sum over instances and attribute sets of ``name`` whose attributes include ``match``."""
         with self._lock:
-            return sum(v.get(field, 0.0) for (_, n, attrs), v in self.points.items()
-                       if n == name and all((k, w) in attrs for k, w in match.items()))
+            return sum(
+                v.get(field, 0.0)
+                for (_, n, attrs), v in self.points.items()
+                if n == name and all((k, w) in attrs for k, w in match.items())
+            )
 
     def instances(self, name: str) -> set[str]:
         with self._lock:
@@ -229,8 +241,9 @@ class MetricsHttpReceiver(MetricStore, _Served):
         from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2
 
         self.path = path
-        self.port, self._stop = _serve_http(path, lambda body, _headers: self.add(body),
-                                            metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString())
+        self.port, self._stop = _serve_http(
+            path, lambda body, _headers: self.add(body), metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+        )
 
     @property
     def url(self) -> str:

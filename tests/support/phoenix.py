@@ -10,6 +10,7 @@ with its telemetry off. The test reads what Phoenix made of our spans through Ph
 REST ``/v1/projects/{project}/spans`` (attributes, kind, status) and GraphQL (the cost Phoenix
 computed from its model price table, ``costSummary``).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -103,8 +104,9 @@ class Phoenix:
             "PHOENIX_GRPC_PORT": str(self.grpc_port),
             "PHOENIX_TELEMETRY_ENABLED": "false",
         }
-        self.proc = subprocess.Popen([str(VENV / "bin" / "phoenix"), "serve"], env=env, cwd=self.dir,
-                                     stdout=subprocess.DEVNULL, stderr=self.log.open("ab"))
+        self.proc = subprocess.Popen(
+            [str(VENV / "bin" / "phoenix"), "serve"], env=env, cwd=self.dir, stdout=subprocess.DEVNULL, stderr=self.log.open("ab")
+        )
         try:
             self._wait_healthy()
         except BaseException:

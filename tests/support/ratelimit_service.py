@@ -7,6 +7,7 @@ usage after the addition is above its limit. So a ``hits_addend: 0`` check is ov
 the usage already is. ``limits`` maps a descriptor's entries (``(("team", "dev"),)``) to a limit
 per day; descriptors without one are never limited.
 """
+
 from __future__ import annotations
 
 import threading

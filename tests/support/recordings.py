@@ -1,4 +1,5 @@
 """Recorded provider responses: tests/fixtures/providers (sources and licences in its MANIFEST.txt)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -41,8 +42,11 @@ def load(name: str) -> Recording:
         headers = {k.lower(): v[0] for k, v in resp["headers"].items()}
         url = urlsplit(req["url"])
         return Recording(
-            name, int(resp["code"]), headers.get("content-type", "application/json"),
-            resp["body"].encode(), url.path + (f"?{url.query}" if url.query else ""),
+            name,
+            int(resp["code"]),
+            headers.get("content-type", "application/json"),
+            resp["body"].encode(),
+            url.path + (f"?{url.query}" if url.query else ""),
             req["body"].encode() if req.get("body") else None,
         )
     return Recording(name, 200, _TYPES.get(path.suffix, "application/octet-stream"), path.read_bytes())

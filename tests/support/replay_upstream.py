@@ -15,6 +15,7 @@ Request headers choose the behaviour:
 - ``x-reset-after: N``: send N chunks, then drop the connection (upstream reset).
 It runs an aiohttp server on its own event loop in a background thread.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -1,6 +1,7 @@
 """Drive one ext_proc stream through a Processor as the gRPC server does (no server, no Envoy):
 ``open_stream``, ``handle`` per message until the messages end or the stream says it is over,
 then ``close_stream`` exactly once."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
@@ -10,8 +11,7 @@ from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.server.processor import Processor
 
 
-def drive(processor: Processor, messages: Iterable[pb.ProcessingRequest],
-          metadata: Mapping[str, Any] | None = None) -> list[bytes]:
+def drive(processor: Processor, messages: Iterable[pb.ProcessingRequest], metadata: Mapping[str, Any] | None = None) -> list[bytes]:
     """The replies (serialised) to ``messages``, sent on one stream with gRPC ``metadata``.
 
     The stream is closed when ``messages`` run out, whether or not they reached the response's

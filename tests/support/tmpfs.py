@@ -1,4 +1,5 @@
 """A tiny tmpfs for tests of a full filesystem (needs root, as in the CI container)."""
+
 from __future__ import annotations
 
 import os

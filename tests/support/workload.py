@@ -3,6 +3,7 @@
 Every item replays a recording whose usage is a literal below (read off the recording), so the
 expected totals are known without trusting our own parsers.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -62,8 +63,16 @@ class Run:
         return out
 
 
-async def drive(base_url: str, n: int, concurrency: int, tokens: dict[str, str], abort_ratio: float = 0.0,
-                seed: int = 7, chunk_delay_ms: int = 0, upstream=None) -> Run:
+async def drive(
+    base_url: str,
+    n: int,
+    concurrency: int,
+    tokens: dict[str, str],
+    abort_ratio: float = 0.0,
+    seed: int = 7,
+    chunk_delay_ms: int = 0,
+    upstream=None,
+) -> Run:
     """Aborting clients need ``upstream`` (the ReplayUpstream): it holds their usage back until
     Envoy has dropped the upstream connection, so the usage is provably never sent."""
     rng = random.Random(seed)
@@ -80,8 +89,12 @@ async def drive(base_url: str, n: int, concurrency: int, tokens: dict[str, str],
             res = Result(str(uuid.uuid4()), item, team, aborted)
             run.results.append(res)
             rec = load(item.fixture)
-            headers = {"content-type": "application/json", "x-fixture": item.fixture, "x-request-id": res.rid,
-                       "authorization": f"Bearer {tokens[team]}"}
+            headers = {
+                "content-type": "application/json",
+                "x-fixture": item.fixture,
+                "x-request-id": res.rid,
+                "authorization": f"Bearer {tokens[team]}",
+            }
             if aborted:
                 # the upstream holds its last chunk (the usage) until the client has hung up
                 headers["x-gate"] = res.rid
@@ -89,13 +102,17 @@ async def drive(base_url: str, n: int, concurrency: int, tokens: dict[str, str],
                 headers["x-chunk-delay-ms"] = str(chunk_delay_ms)
             async with sem:
                 try:
-                    async with client.stream("POST", item.path or rec.path, content=item.body if item.body is not None else rec.request_body, headers=headers) as r:
+                    async with client.stream(
+                        "POST", item.path or rec.path, content=item.body if item.body is not None else rec.request_body, headers=headers
+                    ) as r:
                         res.status = r.status_code
                         if aborted:
                             async for _ in r.aiter_raw():
                                 break  # hang up after the first chunk
                             await r.aclose()
-                            res.error = None if await asyncio.to_thread(upstream.wait_disconnected, res.rid) else "upstream never saw the hang-up"
+                            res.error = (
+                                None if await asyncio.to_thread(upstream.wait_disconnected, res.rid) else "upstream never saw the hang-up"
+                            )
                             return
                         res.body_ok = (await r.aread()) == rec.body
                 except httpx.HTTPError as e:

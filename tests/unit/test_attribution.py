@@ -1,5 +1,6 @@
 """Attribution: the end user, session id and API-key id reach the metadata, the spans and the
 metric labels (the key only as a keyed hash, never the key itself)."""
+
 from __future__ import annotations
 
 import hashlib
@@ -18,19 +19,24 @@ from tests.unit.test_processor import Recorder, body, headers, meta, req_headers
 
 SECRET = "op-secret-0123456789abcdef"
 CHAT = b'{"id":"c1","model":"m","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}'
-ANTHROPIC = (b'{"id":"msg_1","type":"message","model":"claude-x","stop_reason":"end_turn",'
-             b'"usage":{"input_tokens":3,"output_tokens":4},"content":[{"type":"text","text":"hi"}]}')
+ANTHROPIC = (
+    b'{"id":"msg_1","type":"message","model":"claude-x","stop_reason":"end_turn",'
+    b'"usage":{"input_tokens":3,"output_tokens":4},"content":[{"type":"text","text":"hi"}]}'
+)
 
 
 def call_through(cfg: dict, req: bytes, path: str = "/v1/chat/completions", response: bytes = CHAT, **hdrs: str):
     rec = Recorder()
     p = Processor(parse(cfg), [rec])
-    replies = run(p, [
-        req_headers(path, **hdrs),
-        body("request_body", req, end=True),
-        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-        body("response_body", response, end=True),
-    ])
+    replies = run(
+        p,
+        [
+            req_headers(path, **hdrs),
+            body("request_body", req, end=True),
+            headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+            body("response_body", response, end=True),
+        ],
+    )
     return rec.calls[0], meta(replies[-1])
 
 
@@ -50,15 +56,17 @@ def test_safety_identifier_is_preferred_and_agent_session_id_is_accepted():
 
 
 def test_anthropic_metadata_user_id():
-    _, m = call_through({}, b'{"model":"claude-x","max_tokens":9,"messages":[],"metadata":{"user_id":"u-anth"}}',
-                        path="/v1/messages", response=ANTHROPIC)
+    _, m = call_through(
+        {}, b'{"model":"claude-x","max_tokens":9,"messages":[],"metadata":{"user_id":"u-anth"}}', path="/v1/messages", response=ANTHROPIC
+    )
     assert m["end_user"] == "u-anth"
 
 
 def test_configured_header_overrides_the_body_and_values_are_cut_to_128():
     cfg = {"attribution": {"endUserHeader": "X-End-User", "sessionHeaders": ["x-conv"]}}
-    _, m = call_through(cfg, b'{"model":"m","messages":[],"user":"from-body"}', x_end_user="from-header", x_conv="c" * 500,
-                        x_session_id="ignored")
+    _, m = call_through(
+        cfg, b'{"model":"m","messages":[],"user":"from-body"}', x_end_user="from-header", x_conv="c" * 500, x_session_id="ignored"
+    )
     assert m["end_user"] == "from-header"
     assert m["session_id"] == "c" * 128
     _, m = call_through(cfg, b'{"model":"m","messages":[],"user":"' + b"u" * 300 + b'"}')
@@ -70,15 +78,18 @@ def test_non_string_user_is_ignored():
     assert "end_user" not in m
 
 
-@pytest.mark.parametrize("hdrs, key", [
-    ({"authorization": "Bearer sk-live-1"}, "sk-live-1"),
-    ({"authorization": "bearer   sk-live-1 "}, "sk-live-1"),
-    ({"x-api-key": "ak-2"}, "ak-2"),
-    ({"api-key": "az-3"}, "az-3"),
-    ({"x-goog-api-key": "g-4"}, "g-4"),
-    ({"authorization": "Basic dXNlcjpwdw==", "x-api-key": "ak-5"}, "ak-5"),  # not a bearer key: next header
-    ({"cookie": "k=v"}, None),
-])
+@pytest.mark.parametrize(
+    "hdrs, key",
+    [
+        ({"authorization": "Bearer sk-live-1"}, "sk-live-1"),
+        ({"authorization": "bearer   sk-live-1 "}, "sk-live-1"),
+        ({"x-api-key": "ak-2"}, "ak-2"),
+        ({"api-key": "az-3"}, "az-3"),
+        ({"x-goog-api-key": "g-4"}, "g-4"),
+        ({"authorization": "Basic dXNlcjpwdw==", "x-api-key": "ak-5"}, "ak-5"),  # not a bearer key: next header
+        ({"cookie": "k=v"}, None),
+    ],
+)
 def test_api_key_sources(hdrs, key):
     assert api_key(hdrs) == key
 
@@ -89,8 +100,9 @@ def test_key_id_is_a_keyed_hash_and_never_the_key():
     want = hmac.new(SECRET.encode(), b"sk-live-AAAA", hashlib.sha256).hexdigest()[:12]
     assert m["key_id"] == want == key_id(SECRET.encode(), "sk-live-AAAA")
     _, other_key = call_through(cfg, b'{"model":"m","messages":[]}', x_api_key="sk-live-BBBB")
-    _, other_secret = call_through({"attribution": {"keyIdSecret": "another-secret-0123456"}}, b'{"model":"m","messages":[]}',
-                                   authorization="Bearer sk-live-AAAA")
+    _, other_secret = call_through(
+        {"attribution": {"keyIdSecret": "another-secret-0123456"}}, b'{"model":"m","messages":[]}', authorization="Bearer sk-live-AAAA"
+    )
     assert len({m["key_id"], other_key["key_id"], other_secret["key_id"]}) == 3
     a = span_attributes(call, False, 0)
     assert a["extproc.key_id"] == want
@@ -123,8 +135,10 @@ def test_custom_label_from_end_user_overflows_past_max_label_values():
     for user in ("u-1", "u-2", "u-3", "u-4", "u-1"):
         call, _ = call_through({}, b'{"model":"m","messages":[],"user":"' + user.encode() + b'"}')
         m.record(call)
+
     def prompt(user: str) -> float | None:
         return registry.get_sample_value("ai_prompt_tokens_total", {"llm": "openai", "model": "m", "end_user": user})
+
     assert (prompt("u-1"), prompt("u-2"), prompt("__overflow__")) == (10.0, 5.0, 10.0)
     assert registry.get_sample_value("ai_label_values_overflow_total", {"label": "end_user"}) == 2.0
 

@@ -1,4 +1,5 @@
 """Bedrock specifics beyond the fixture cases."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -9,8 +10,11 @@ from tests.support.provider_cases import BY_NAME, EVENTSTREAM, Case, invoke_chun
 def test_invocation_metrics_used_only_when_the_model_gave_no_usage() -> None:
     """Claude-style stream without usage fields: Bedrock's invocationMetrics fill the gap."""
     body = invoke_chunk({"type": "message_start", "message": {"model": "claude-x", "usage": {}}}) + invoke_chunk(
-        {"type": "message_stop", "amazon-bedrock-invocationMetrics": {
-            "inputTokenCount": 31, "outputTokenCount": 9, "cacheReadInputTokenCount": 2}})
+        {
+            "type": "message_stop",
+            "amazon-bedrock-invocationMetrics": {"inputTokenCount": 31, "outputTokenCount": 9, "cacheReadInputTokenCount": 2},
+        }
+    )
     case = Case("x", "/model/anthropic.claude-x/invoke-with-response-stream", EVENTSTREAM, body=body, expect={})
     obs = run(case, [body])
     # inputTokenCount excludes the cache read, like Claude's own input_tokens: normalised input 31 + 2

@@ -1,5 +1,6 @@
 """The bench's LiteLLM stack: its generated config, the token counter it scrapes, the ratios and the
 side-by-side summary (pure logic; LiteLLM itself is not needed)."""
+
 from __future__ import annotations
 
 import orjson
@@ -72,6 +73,7 @@ def test_delta_leaves_the_scrape_out() -> None:
         c = {"sidecar_cpu": None, "envoy_cpu": None, "litellm_cpu": cpu, "worker_cpu": {1: cpu / 2, 2: cpu / 2}}
         e = {**c, "litellm_cpu": end}
         return {**c, "end": e, "counts": {"observed": t}, "msgs": {}, "t": t}
+
     d = delta(snap(1.0, 1.2, 0.0), snap(3.2, 3.4, 10.0))
     assert d["litellm_cpu_s"] == 2.0  # 3.2 - 1.2: neither scrape counted
     assert d["proxy_cpu_s"] == 2.0
@@ -80,8 +82,17 @@ def test_delta_leaves_the_scrape_out() -> None:
 
 
 def _res(proxy: float, sidecar: float | None, envoy: float | None, p50: float, rss: float | None) -> dict:
-    scen = {"requests": 1000, "events": 1000, "proxy_cpu_s": proxy, "sidecar_cpu_s": sidecar, "envoy_cpu_s": envoy,
-            "p50_ms": p50, "p99_ms": 2 * p50, "ttfb_p50_ms": p50, "chunk_p50_ms": p50}
+    scen = {
+        "requests": 1000,
+        "events": 1000,
+        "proxy_cpu_s": proxy,
+        "sidecar_cpu_s": sidecar,
+        "envoy_cpu_s": envoy,
+        "p50_ms": p50,
+        "p99_ms": 2 * p50,
+        "ttfb_p50_ms": p50,
+        "chunk_p50_ms": p50,
+    }
     r = {f"c{QUICK.concurrency[-1]}": scen, f"rate{QUICK.rates[0]}": scen, "stream": scen}
     if rss is not None:
         r["hold"] = {"rss_idle_max_mb": rss, "rss_streams_max_mb": rss + 1}

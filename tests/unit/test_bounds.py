@@ -1,5 +1,6 @@
 """Client- and upstream-chosen values are cut to 128 characters before they become a metric
 label, a dynamic-metadata value or a span attribute (docs/security.md)."""
+
 from __future__ import annotations
 
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
@@ -19,13 +20,30 @@ BIG = 100_000
 
 
 def hostile_call() -> Call:
-    obs = Observation(operation="chat", request_model="m" * BIG, response_model="r" * BIG, response_id="i" * BIG,
-                      usage=Usage(input_tokens=3, output_tokens=4), error_type="e" * BIG,
-                      finish_reasons=[f"reason-{i}-" + "f" * BIG for i in range(100)],
-                      params={"stop": ["s" * BIG] * 100, "service_tier": "t" * BIG})
-    return Call(obs=obs, provider="p" * BIG, api="openai.chat", method="POST", path="/v1/chat/completions/" + "q" * BIG,
-                host="h" * BIG, headers={"x-big": "v" * BIG, **{f"x-h{i}": "v" for i in range(1000)}},
-                status=500, outcome=ERROR, start=1.0, end=2.0, start_time_ns=1)
+    obs = Observation(
+        operation="chat",
+        request_model="m" * BIG,
+        response_model="r" * BIG,
+        response_id="i" * BIG,
+        usage=Usage(input_tokens=3, output_tokens=4),
+        error_type="e" * BIG,
+        finish_reasons=[f"reason-{i}-" + "f" * BIG for i in range(100)],
+        params={"stop": ["s" * BIG] * 100, "service_tier": "t" * BIG},
+    )
+    return Call(
+        obs=obs,
+        provider="p" * BIG,
+        api="openai.chat",
+        method="POST",
+        path="/v1/chat/completions/" + "q" * BIG,
+        host="h" * BIG,
+        headers={"x-big": "v" * BIG, **{f"x-h{i}": "v" for i in range(1000)}},
+        status=500,
+        outcome=ERROR,
+        start=1.0,
+        end=2.0,
+        start_time_ns=1,
+    )
 
 
 def test_metadata_values_are_cut():
@@ -44,8 +62,14 @@ def test_metric_labels_are_cut():
 
 
 def test_span_attributes_and_cel_fields_are_cut():
-    cfg = config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1", "fields": {"add": {
-        "path": "request.path", "hdrs": "flatten(request.headers)", "all": "request.headers"}}}}).tracing
+    cfg = config.parse(
+        {
+            "tracing": {
+                "otlpEndpoint": "127.0.0.1:1",
+                "fields": {"add": {"path": "request.path", "hdrs": "flatten(request.headers)", "all": "request.headers"}},
+            }
+        }
+    ).tracing
     exporter = InMemorySpanExporter()
     Tracer(cfg, processor=SimpleSpanProcessor(exporter)).on_call_end(hostile_call())
     (span,) = exporter.get_finished_spans()

@@ -1,6 +1,7 @@
 """budgets: the sidecar's half. With ``budgets.enabled`` each message that carries usage carries
 ``ratelimit_cost`` (an integer in ``budgets.unit``) for Envoy's rate limit filter to charge; without
 it the key never appears. Config errors name the key."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,14 +33,17 @@ def _call(usage: Usage, cost: Cost | Unpriced | None = None, model: str = "gpt-4
 USAGE = Usage(input_tokens=1000, output_tokens=500, cached_input_tokens=400)
 
 
-@pytest.mark.parametrize(("cfg", "expected"), [
-    ({}, 1500),
-    ({"unit": "total_tokens"}, 1500),
-    ({"unit": "input_tokens"}, 1000),
-    ({"unit": "output_tokens"}, 500),
-    ({"unit": "weighted", "weight": "llm.input_tokens - llm.cached_tokens + 4 * llm.output_tokens"}, 2600),
-    ({"unit": "weighted", "weight": "llm.request_model.startsWith('gpt-4o') ? double(llm.total_tokens) * 2.5 : 0.0"}, 3750),
-])
+@pytest.mark.parametrize(
+    ("cfg", "expected"),
+    [
+        ({}, 1500),
+        ({"unit": "total_tokens"}, 1500),
+        ({"unit": "input_tokens"}, 1000),
+        ({"unit": "output_tokens"}, 500),
+        ({"unit": "weighted", "weight": "llm.input_tokens - llm.cached_tokens + 4 * llm.output_tokens"}, 2600),
+        ({"unit": "weighted", "weight": "llm.request_model.startsWith('gpt-4o') ? double(llm.total_tokens) * 2.5 : 0.0"}, 3750),
+    ],
+)
 def test_token_units(cfg, expected):
     assert _budget(**cfg).cost(_call(USAGE)) == expected
 
@@ -66,18 +70,21 @@ def _served(status: int = 200, priced: bool = True, **params) -> Call:
     return call
 
 
-@pytest.mark.parametrize(("cfg", "call", "expected"), [
-    ({}, _served(), 4096),  # no ceiling in the request: the configured charge (default 4,096 tokens)
-    ({"unreportedCharge": 700}, _served(), 700),
-    ({}, _served(max_tokens=300), 300),  # the request's own ceiling
-    ({}, _served(max_completion_tokens=900, max_tokens=300), 900),
-    ({"unit": "output_tokens"}, _served(max_output_tokens=50), 50),
-    ({"unit": "input_tokens"}, _served(max_tokens=300), 4096),  # an output ceiling says nothing of input
-    ({"unit": "micro_usd"}, _served(max_tokens=300), 100_000),  # $0.10
-    ({}, _served(status=500), None),  # an error answer serves nothing
-    ({}, _served(status=0), None),  # not answered (yet)
-    ({}, _served(priced=False), None),  # count_tokens, MCP: no tokens consumed
-])
+@pytest.mark.parametrize(
+    ("cfg", "call", "expected"),
+    [
+        ({}, _served(), 4096),  # no ceiling in the request: the configured charge (default 4,096 tokens)
+        ({"unreportedCharge": 700}, _served(), 700),
+        ({}, _served(max_tokens=300), 300),  # the request's own ceiling
+        ({}, _served(max_completion_tokens=900, max_tokens=300), 900),
+        ({"unit": "output_tokens"}, _served(max_output_tokens=50), 50),
+        ({"unit": "input_tokens"}, _served(max_tokens=300), 4096),  # an output ceiling says nothing of input
+        ({"unit": "micro_usd"}, _served(max_tokens=300), 100_000),  # $0.10
+        ({}, _served(status=500), None),  # an error answer serves nothing
+        ({}, _served(status=0), None),  # not answered (yet)
+        ({}, _served(priced=False), None),  # count_tokens, MCP: no tokens consumed
+    ],
+)
 def test_a_served_call_without_usage_is_never_free(cfg, call, expected):
     assert _budget(**cfg).cost(call) == expected
 
@@ -111,21 +118,24 @@ def test_fields_carry_ratelimit_cost_only_with_a_budget():
     assert fields(call, _budget())["ratelimit_cost"] == 1500
 
 
-@pytest.mark.parametrize(("cfg", "message"), [
-    ({"unit": "weighted"}, "budgets: unit weighted needs weight"),
-    ({"weight": "llm.input_tokens"}, "budgets: weight: only used with unit weighted"),
-    ({"unit": "weighted", "weight": "jwt.team"}, "budgets: weight: a number computed from llm.* only"),
-    ({"unit": "weighted", "weight": "llm.input_tokens +"}, "budgets.weight: invalid CEL expression"),
-    ({"unit": "dollars"}, "budgets.unit: Input should be"),
-    ({"descriptors": [{"entries": [{"key": "team"}]}]}, "budgets.descriptors.0.entries.0: set exactly one of claim or header"),
-    ({"descriptors": [{"entries": [{"key": "t", "header": "x-team", "default": "none"}]}]}, "default: only for a claim"),
-    ({"descriptors": []}, "budgets.descriptors: List should have at least 1 item"),
-    ({"timeoutMs": 0}, "budgets.timeoutMs: Input should be greater than or equal to 1"),
-    ({"unpricedUsdPerMillionTokens": 1e308}, "budgets.unpricedUsdPerMillionTokens: Input should be less than or equal to 1000000"),
-    ({"unpricedUsdPerMillionTokens": float("inf")}, "budgets.unpricedUsdPerMillionTokens: Input should be a finite number"),
-    ({"unreportedCharge": -1}, "budgets.unreportedCharge: Input should be greater than or equal to 0"),
-    ({"unreportedCharge": 10**10}, "budgets.unreportedCharge: Input should be less than or equal to 1000000000"),
-])
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"unit": "weighted"}, "budgets: unit weighted needs weight"),
+        ({"weight": "llm.input_tokens"}, "budgets: weight: only used with unit weighted"),
+        ({"unit": "weighted", "weight": "jwt.team"}, "budgets: weight: a number computed from llm.* only"),
+        ({"unit": "weighted", "weight": "llm.input_tokens +"}, "budgets.weight: invalid CEL expression"),
+        ({"unit": "dollars"}, "budgets.unit: Input should be"),
+        ({"descriptors": [{"entries": [{"key": "team"}]}]}, "budgets.descriptors.0.entries.0: set exactly one of claim or header"),
+        ({"descriptors": [{"entries": [{"key": "t", "header": "x-team", "default": "none"}]}]}, "default: only for a claim"),
+        ({"descriptors": []}, "budgets.descriptors: List should have at least 1 item"),
+        ({"timeoutMs": 0}, "budgets.timeoutMs: Input should be greater than or equal to 1"),
+        ({"unpricedUsdPerMillionTokens": 1e308}, "budgets.unpricedUsdPerMillionTokens: Input should be less than or equal to 1000000"),
+        ({"unpricedUsdPerMillionTokens": float("inf")}, "budgets.unpricedUsdPerMillionTokens: Input should be a finite number"),
+        ({"unreportedCharge": -1}, "budgets.unreportedCharge: Input should be greater than or equal to 0"),
+        ({"unreportedCharge": 10**10}, "budgets.unreportedCharge: Input should be less than or equal to 1000000000"),
+    ],
+)
 def test_config_errors_name_the_key(cfg, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.").replace("*", r"\*").replace("+", r"\+")):
         parse({"budgets": cfg})
@@ -137,12 +147,15 @@ def test_micro_usd_needs_pricing():
 
 
 def _stream(proc: Processor, events: list[bytes]) -> list:
-    return run(proc, [
-        req_headers("/v1/messages", x_llm_provider="anthropic"),
-        body("request_body", b'{"model":"claude-3-5-haiku-20241022","stream":true,"messages":[]}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": SSE}),
-        *[body("response_body", e, end=i == len(events) - 1) for i, e in enumerate(events)],
-    ])
+    return run(
+        proc,
+        [
+            req_headers("/v1/messages", x_llm_provider="anthropic"),
+            body("request_body", b'{"model":"claude-3-5-haiku-20241022","stream":true,"messages":[]}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": SSE}),
+            *[body("response_body", e, end=i == len(events) - 1) for i, e in enumerate(events)],
+        ],
+    )
 
 
 ANTHROPIC = [
@@ -168,14 +181,19 @@ def test_streamed_call_carries_its_running_cost_on_each_usage_message():
 
 def test_micro_usd_in_metadata_matches_the_cost_usd_beside_it():
     proc = Processor(parse({"budgets": {"enabled": True, "unit": "micro_usd"}}), [Recorder()])
-    chat = (b'{"id":"c1","model":"gpt-4o-mini-2024-07-18","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],'
-            b'"usage":{"prompt_tokens":1000,"completion_tokens":500,"total_tokens":1500,"prompt_tokens_details":{"cached_tokens":400}}}')
-    replies = run(proc, [
-        req_headers(),
-        body("request_body", b'{"model":"gpt-4o-mini","messages":[]}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-        body("response_body", chat, end=True),
-    ])
+    chat = (
+        b'{"id":"c1","model":"gpt-4o-mini-2024-07-18","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],'
+        b'"usage":{"prompt_tokens":1000,"completion_tokens":500,"total_tokens":1500,"prompt_tokens_details":{"cached_tokens":400}}}'
+    )
+    replies = run(
+        proc,
+        [
+            req_headers(),
+            body("request_body", b'{"model":"gpt-4o-mini","messages":[]}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+            body("response_body", chat, end=True),
+        ],
+    )
     m = meta(replies[-1])
     assert m["ratelimit_cost"] == round((EXPECTED_IN + EXPECTED_OUT) * 1e6) == round(m["cost_usd"] * 1e6)
 

@@ -1,5 +1,6 @@
 """`extproc dev`, `extproc envoy-config` and `extproc mock-llm` without the `dev` extra: one line on
 stderr naming the extra and how to install it, exit 2, no traceback."""
+
 from __future__ import annotations
 
 import importlib.metadata
@@ -34,17 +35,21 @@ HINT = "pip install 'envoy-ai-extproc[dev]'"
 
 def _run(blocked: set[str], *argv: str, path: str | None = None) -> subprocess.CompletedProcess[str]:
     env = None if path is None else {"PATH": path}
-    return subprocess.run([sys.executable, "-c", BLOCKED_RUN, ",".join(sorted(blocked)), *argv], cwd=REPO,
-                          capture_output=True, text=True, timeout=60, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", BLOCKED_RUN, ",".join(sorted(blocked)), *argv], cwd=REPO, capture_output=True, text=True, timeout=60, env=env
+    )
 
 
-@pytest.mark.parametrize("argv", [
-    ["dev", "--port", "1"],
-    ["dev", "--upstream", "http://127.0.0.1:1", "--port", "1"],
-    ["envoy-config"],
-    ["envoy-config", "--variant", "kubernetes"],
-    ["mock-llm", "--port", "1"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["dev", "--port", "1"],
+        ["dev", "--upstream", "http://127.0.0.1:1", "--port", "1"],
+        ["envoy-config"],
+        ["envoy-config", "--variant", "kubernetes"],
+        ["mock-llm", "--port", "1"],
+    ],
+)
 def test_a_devtools_command_without_the_dev_extra_says_so_in_one_line(argv):
     p = _run(set(cli.DEV_EXTRA_MODULES), *argv)
     assert p.returncode == 2, p.stderr
@@ -69,10 +74,14 @@ def test_a_missing_module_outside_the_dev_extra_is_not_blamed_on_it():
 
 def test_the_listed_modules_are_the_dev_extras_own():
     """Every distribution of the `dev` extra provides a module the CLI recognises as the extra's."""
+
     def norm(name: str) -> str:
         return re.sub(r"[-_.]+", "-", name).lower()
 
-    dev = {norm(re.split(r"[<>=!~;\[ ]", r)[0]) for r in importlib.metadata.distribution("envoy-ai-extproc").requires or []
-           if 'extra == "dev"' in r}
+    dev = {
+        norm(re.split(r"[<>=!~;\[ ]", r)[0])
+        for r in importlib.metadata.distribution("envoy-ai-extproc").requires or []
+        if 'extra == "dev"' in r
+    }
     provided = {norm(d) for m in cli.DEV_EXTRA_MODULES for d in importlib.metadata.packages_distributions().get(m, [])}
     assert dev and dev <= provided, dev - provided

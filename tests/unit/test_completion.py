@@ -2,6 +2,7 @@
 usage went by. Every streamed provider case is cut at every byte (the parser) and at every
 protocol unit (the servicer, hanging up or ended by the upstream there); the hang-up table pins
 the outcome and the tokens every output reports."""
+
 from __future__ import annotations
 
 import pytest
@@ -54,8 +55,11 @@ def test_a_whole_body_is_complete_only_at_its_end(case: Case) -> None:
 
 
 def _messages(case: Case, chunks: list[bytes], end: bool) -> list:
-    msgs = [req_headers(case.path), body("request_body", case.request or b"{}", end=True),
-            headers("response_headers", **{":status": str(case.status), "content-type": case.content_type})]
+    msgs = [
+        req_headers(case.path),
+        body("request_body", case.request or b"{}", end=True),
+        headers("response_headers", **{":status": str(case.status), "content-type": case.content_type}),
+    ]
     msgs += [body("response_body", c, end=end and i == len(chunks) - 1) for i, c in enumerate(chunks)]
     if end and not chunks:
         msgs.append(body("response_body", b"", end=True))
@@ -68,7 +72,10 @@ def _agree(replies: list, call) -> None:
     assert last["outcome"] == call.outcome
     u = call.obs.usage
     assert (last.get("prompt_tokens"), last.get("completion_tokens"), last.get("total_tokens")) == (
-        u.input_tokens, u.output_tokens, u.total())
+        u.input_tokens,
+        u.output_tokens,
+        u.total(),
+    )
 
 
 @pytest.mark.parametrize("case", STREAMS, ids=IDS)
@@ -80,8 +87,7 @@ def test_hang_up_or_upstream_end_at_every_unit_boundary(case: Case) -> None:
         done = sum(map(len, parts[:k])) >= at
         for ended_by_upstream in (False, True):
             rec = Recorder()
-            replies = run(Processor(parse({}), [rec]), _messages(case, parts[:k], ended_by_upstream),
-                          abort=not ended_by_upstream)
+            replies = run(Processor(parse({}), [rec]), _messages(case, parts[:k], ended_by_upstream), abort=not ended_by_upstream)
             (call,) = rec.calls
             want = OK if done else ERROR if ended_by_upstream else CLIENT_ABORT
             assert call.outcome == want, (k, ended_by_upstream)

@@ -1,6 +1,7 @@
 """Every call's price reaches every output once: dynamic metadata (``cost_usd``, on the very
 message that carried the usage), ``ai_cost_usd_total``, the span, and an unknown model is
 counted as unpriced instead of a silent $0. Expected USD from OpenAI's published rates."""
+
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
@@ -26,12 +27,15 @@ def _chat(model: str) -> bytes:
 def _drive(model: str, stats_port: int = 0) -> tuple[list, Recorder]:
     rec = Recorder()
     proc = Processor(parse({}), [rec])
-    replies = run(proc, [
-        req_headers(),
-        body("request_body", b'{"model":"' + model.encode() + b'","messages":[]}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-        body("response_body", _chat(model), end=True),
-    ])
+    replies = run(
+        proc,
+        [
+            req_headers(),
+            body("request_body", b'{"model":"' + model.encode() + b'","messages":[]}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+            body("response_body", _chat(model), end=True),
+        ],
+    )
     return replies, rec
 
 
@@ -48,7 +52,10 @@ def test_catalogue_model_cost_in_metadata_counter_and_span():
     MetricsObserver(parse({}).stats, reg).on_call_end(call)
     counted = reg.get_sample_value("ai_cost_usd_total", {"llm": "openai", "model": "gpt-4o-mini-2024-07-18"})
     assert counted == call.cost.total
-    assert reg.get_sample_value("ai_cost_unpriced_total", {"llm": "openai", "model": "gpt-4o-mini-2024-07-18", "reason": "unknown_model"}) is None
+    assert (
+        reg.get_sample_value("ai_cost_unpriced_total", {"llm": "openai", "model": "gpt-4o-mini-2024-07-18", "reason": "unknown_model"})
+        is None
+    )
 
     attrs = span_attributes(call, capture=False, max_chars=100)
     assert attrs["gen_ai.usage.cost"] == call.cost.total
@@ -90,10 +97,13 @@ def test_override_prices_a_private_model_and_reload_applies_new_prices():
 def test_calls_that_consume_nothing_are_neither_priced_nor_unpriced():
     rec = Recorder()
     proc = Processor(parse({}), [rec])
-    run(proc, [
-        req_headers("/v1/messages/count_tokens", **{":authority": "api.anthropic.com"}),
-        body("request_body", b'{"model":"claude-3-5-sonnet-20241022","messages":[]}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-        body("response_body", b'{"input_tokens": 42}', end=True),
-    ])
+    run(
+        proc,
+        [
+            req_headers("/v1/messages/count_tokens", **{":authority": "api.anthropic.com"}),
+            body("request_body", b'{"model":"claude-3-5-sonnet-20241022","messages":[]}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+            body("response_body", b'{"input_tokens": 42}', end=True),
+        ],
+    )
     assert rec.calls[0].cost is None

@@ -1,5 +1,6 @@
 """The documentation stays navigable: README is a front door of at most 200 lines, and every
 relative link in README.md, tests/README.md and docs/*.md reaches an existing file (and heading)."""
+
 from __future__ import annotations
 
 import re
@@ -58,8 +59,7 @@ def test_every_source_path_named_in_the_docs_and_docstrings_exists():
         for path in SOURCE_PATH.findall(page.read_text()):
             named.setdefault(path, set()).add(str(page.relative_to(REPO)))
     assert len(named) > 20  # the pattern finds the paths the docs name
-    missing = {path: sorted(where) for path, where in named.items()
-               if not (REPO / path).is_file() and path not in TO_BE_WRITTEN}
+    missing = {path: sorted(where) for path, where in named.items() if not (REPO / path).is_file() and path not in TO_BE_WRITTEN}
     assert missing == {}
 
 

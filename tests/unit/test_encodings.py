@@ -1,4 +1,5 @@
 """Content-Encoding decoders: round trips, corrupt input, lists, and decompression bombs."""
+
 from __future__ import annotations
 
 import gzip
@@ -55,9 +56,7 @@ def bombs() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("chunk_size", [None, 16 << 10, 97])
 @pytest.mark.parametrize("encoding", ["gzip", "br", "zstd"])
-def test_one_gib_bomb_is_abandoned_fast_and_small(
-    bombs: dict[str, bytes], encoding: str, chunk_size: int | None
-) -> None:
+def test_one_gib_bomb_is_abandoned_fast_and_small(bombs: dict[str, bytes], encoding: str, chunk_size: int | None) -> None:
     bomb = bombs[encoding]
     assert len(bomb) < 2 * MIB  # a small body that would expand to 1 GiB
     decoder = make_decoder(encoding, CAP)
@@ -84,9 +83,7 @@ def test_one_gib_bomb_is_abandoned_fast_and_small(
     assert peak < 4 * CAP, peak  # never near the 1 GiB it would expand to
 
 
-def test_brotli_without_native_output_limit_still_bounded(
-    bombs: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_brotli_without_native_output_limit_still_bounded(bombs: dict[str, bytes], monkeypatch: pytest.MonkeyPatch) -> None:
     """brotli < 1.2 has no output_buffer_limit: the slicing fallback must bound it too."""
     monkeypatch.setattr(BrotliDecoder, "native_limit", False)
     decoder = make_decoder("br", CAP)
@@ -116,8 +113,11 @@ def test_exactly_at_cap_is_fine_one_over_fails(encoding: str) -> None:
     body = bytes(range(256)) * 64  # 16 KiB
     name = encoding.strip().lower()
     packed = {
-        "gzip": gzip.compress, "x-gzip": gzip.compress, "deflate": zlib.compress,
-        "br": brotli.compress, "zstd": zstandard.ZstdCompressor().compress,
+        "gzip": gzip.compress,
+        "x-gzip": gzip.compress,
+        "deflate": zlib.compress,
+        "br": brotli.compress,
+        "zstd": zstandard.ZstdCompressor().compress,
     }[name](body)
     ok = make_decoder(encoding, len(body))
     assert ok is not None and ok.decode(packed) == body and ok.failed is None

@@ -1,6 +1,7 @@
 """The generated Envoy config's routes: passthrough routes bypass the sidecar, the others do not.
 
 (``envoy --mode validate`` of these configs: tests/e2e/test_envoy_config.py.)"""
+
 from __future__ import annotations
 
 from typing import Any
@@ -27,14 +28,14 @@ def routes(cfg: Any) -> list[dict[str, Any]]:
 
 def table(cfg: Any) -> list[tuple[str, str, bool]]:
     """(prefix, cluster, ext_proc disabled) per route, in match order."""
-    return [(r["match"]["prefix"], r["route"]["cluster"], r.get("typed_per_filter_config", {}).get(EXT_PROC) == DISABLED)
-            for r in routes(cfg)]
+    return [
+        (r["match"]["prefix"], r["route"]["cluster"], r.get("typed_per_filter_config", {}).get(EXT_PROC) == DISABLED) for r in routes(cfg)
+    ]
 
 
 @pytest.mark.parametrize("fewer_messages", [False, True])
 def test_passthrough_prefix_disables_ext_proc_on_its_route_only(fewer_messages):
-    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, passthrough=("/v1/files", "/v1/messages/count_tokens"),
-                                 fewer_messages=fewer_messages)
+    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, passthrough=("/v1/files", "/v1/messages/count_tokens"), fewer_messages=fewer_messages)
     anthropic, openai = UPSTREAMS[0].cluster, UPSTREAMS[1].cluster
     # Each passthrough route sits just before the route it carves from and keeps its upstream.
     assert table(cfg) == [
@@ -46,7 +47,8 @@ def test_passthrough_prefix_disables_ext_proc_on_its_route_only(fewer_messages):
     rs = routes(cfg)
     assert rs[0]["typed_per_filter_config"] == {EXT_PROC: DISABLED}  # no provider override either
     assert rs[1]["typed_per_filter_config"][EXT_PROC]["overrides"]["grpc_initial_metadata"] == [
-        {"key": "x-llm-provider", "value": "anthropic"}]
+        {"key": "x-llm-provider", "value": "anthropic"}
+    ]
     # The filter itself stays in the chain, under the name the per-route configs use.
     listener = envoy_config.to_dict(cfg)["static_resources"]["listeners"][0]
     filters = listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]
@@ -61,8 +63,9 @@ def test_no_passthrough_no_disabled_route():
 
 
 def test_upstream_observe_false():
-    cfg = envoy_config.bootstrap(upstreams=[Upstream("/health", "http://127.0.0.1:8001", observe=False),
-                                            Upstream("/", "http://127.0.0.1:8000")])
+    cfg = envoy_config.bootstrap(
+        upstreams=[Upstream("/health", "http://127.0.0.1:8001", observe=False), Upstream("/", "http://127.0.0.1:8000")]
+    )
     assert [(p, d) for p, _, d in table(cfg)] == [("/health", True), ("/", False)]
 
 
@@ -78,8 +81,7 @@ def test_passthrough_matching_no_route_is_an_error():
 
 def test_passthrough_routes_are_not_rate_limited():
     """The sidecar computes the cost a budget is charged; it never sees a passthrough route."""
-    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, passthrough=("/v1/files",),
-                                 ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"))
+    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, passthrough=("/v1/files",), ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"))
     per_route = {r["match"]["prefix"]: r.get("typed_per_filter_config", {}) for r in routes(cfg)}
     assert "envoy.filters.http.ratelimit" not in per_route["/v1/files"]
     assert "envoy.filters.http.ratelimit" in per_route["/"]
@@ -133,9 +135,15 @@ def test_observability_mode_bounds_the_streams_envoy_opens_to_the_sidecar():
     (and 1,024 queued) it sheds a call's observation at once instead of piling connections up
     in the sidecar. The default mode keeps room for every in-flight call (it waits for replies)."""
     observe = _ext_proc_limits(envoy_config.bootstrap(upstreams=UPSTREAMS, observability_mode=True))
-    assert (observe["max_connections"], observe["max_requests"], observe["max_pending_requests"]) == (
-        envoy_config.OBSERVE_MAX_CONNECTIONS, envoy_config.OBSERVE_MAX_CONNECTIONS * envoy_config.EXTPROC_STREAMS_PER_CONNECTION,
-        envoy_config.OBSERVE_MAX_PENDING) == (128, 1024, 1024)
+    assert (
+        (observe["max_connections"], observe["max_requests"], observe["max_pending_requests"])
+        == (
+            envoy_config.OBSERVE_MAX_CONNECTIONS,
+            envoy_config.OBSERVE_MAX_CONNECTIONS * envoy_config.EXTPROC_STREAMS_PER_CONNECTION,
+            envoy_config.OBSERVE_MAX_PENDING,
+        )
+        == (128, 1024, 1024)
+    )
     inline = _ext_proc_limits(envoy_config.bootstrap(upstreams=UPSTREAMS))
     assert (inline["max_connections"], inline["max_requests"], inline["max_pending_requests"]) == (1000, 100000, 100000)
     chosen = _ext_proc_limits(envoy_config.bootstrap(upstreams=UPSTREAMS, observability_mode=True, extproc_max_connections=32))
@@ -161,17 +169,32 @@ def filter_names(cfg: Any) -> list[str]:
     return [f["name"] for f in listener["filter_chains"][0]["filters"][0]["typed_config"]["http_filters"]]
 
 
-@pytest.mark.parametrize(("fewer_messages", "order"), [
-    (False, ["envoy.filters.http.jwt_authn", "envoy.filters.http.ratelimit", EXT_PROC, "envoy.filters.http.router"]),
-    (True, ["envoy.filters.http.jwt_authn", "envoy.filters.http.ratelimit", EXT_PROC,
-            "envoy.filters.http.header_to_metadata", "envoy.filters.http.router"]),
-])
+@pytest.mark.parametrize(
+    ("fewer_messages", "order"),
+    [
+        (False, ["envoy.filters.http.jwt_authn", "envoy.filters.http.ratelimit", EXT_PROC, "envoy.filters.http.router"]),
+        (
+            True,
+            [
+                "envoy.filters.http.jwt_authn",
+                "envoy.filters.http.ratelimit",
+                EXT_PROC,
+                "envoy.filters.http.header_to_metadata",
+                "envoy.filters.http.router",
+            ],
+        ),
+    ],
+)
 def test_the_rate_limit_filter_precedes_ext_proc(fewer_messages, order):
     """ext_proc streams the request body (and lets the headers through while it holds a chunk): a
     limiter after it would end the request with part of the body (tests/e2e/test_budgets.py
     checks the bytes the upstream receives)."""
-    cfg = envoy_config.bootstrap(upstreams=UPSTREAMS, jwks_json=envoy_config.EXAMPLE_JWKS, fewer_messages=fewer_messages,
-                                 ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"))
+    cfg = envoy_config.bootstrap(
+        upstreams=UPSTREAMS,
+        jwks_json=envoy_config.EXAMPLE_JWKS,
+        fewer_messages=fewer_messages,
+        ratelimit=envoy_config.RateLimitService("127.0.0.1:8081"),
+    )
     assert filter_names(cfg) == order
 
 

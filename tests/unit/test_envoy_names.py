@@ -1,6 +1,7 @@
 """Envoy's names (filters, extensions, metadata namespaces, the ext_proc service) are spelled once,
 in ``extproc.core.envoy_names``: no other module under ``extproc/`` writes one as a string literal
 (docstrings and comments may name them in prose)."""
+
 from __future__ import annotations
 
 import ast

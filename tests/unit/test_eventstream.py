@@ -1,4 +1,5 @@
 """AWS eventstream decoding: framing, header types, CRC failures, size caps."""
+
 from __future__ import annotations
 
 import struct
@@ -21,8 +22,13 @@ def test_recorded_converse_stream_frames(fixtures_dir: Path) -> None:
     body = (fixtures_dir / "agw__bedrock__converse_stream_basic.bin").read_bytes()
     messages = EventStreamDecoder().decode(body)
     assert [m.headers[":event-type"] for m in messages] == [
-        "messageStart", "contentBlockDelta", "contentBlockDelta", "contentBlockDelta",
-        "contentBlockStop", "messageStop", "metadata",
+        "messageStart",
+        "contentBlockDelta",
+        "contentBlockDelta",
+        "contentBlockDelta",
+        "contentBlockStop",
+        "messageStop",
+        "metadata",
     ]
     assert all(m.headers[":message-type"] == "event" for m in messages)
     assert messages[-1].payload.endswith(b'"usage":{"inputTokens":15,"outputTokens":142,"totalTokens":157}}')
@@ -31,8 +37,15 @@ def test_recorded_converse_stream_frames(fixtures_dir: Path) -> None:
 def test_every_header_type_is_skipped_by_its_size() -> None:
     block = b""
     for name, kind, value in [
-        ("t", 0, b""), ("f", 1, b""), ("b", 2, b"\x01"), ("s", 3, b"\x00\x02"), ("i", 4, b"\0\0\0\3"),
-        ("l", 5, b"\0" * 8), ("ba", 6, b"\x00\x03abc"), ("ts", 8, b"\0" * 8), ("u", 9, b"\1" * 16),
+        ("t", 0, b""),
+        ("f", 1, b""),
+        ("b", 2, b"\x01"),
+        ("s", 3, b"\x00\x02"),
+        ("i", 4, b"\0\0\0\3"),
+        ("l", 5, b"\0" * 8),
+        ("ba", 6, b"\x00\x03abc"),
+        ("ts", 8, b"\0" * 8),
+        ("u", 9, b"\1" * 16),
         (":event-type", 7, b"\x00\x08metadata"),
     ]:
         block += bytes([len(name)]) + name.encode() + bytes([kind]) + value
@@ -104,8 +117,10 @@ def test_truncated_stream_is_counted() -> None:
 
 def test_exception_message_sets_error_type() -> None:
     parser, obs = new_parser(BY_NAME["bedrock_converse_stream"])
-    data = frame({":message-type": "exception", ":exception-type": "throttlingException",
-                  ":content-type": "application/json"}, b'{"message":"slow down"}')
+    data = frame(
+        {":message-type": "exception", ":exception-type": "throttlingException", ":content-type": "application/json"},
+        b'{"message":"slow down"}',
+    )
     parser.feed_response(data, True)
     assert obs.error_type == "throttlingException"
     assert obs.parse_errors == 0

@@ -1,5 +1,6 @@
 """Every provider case (recorded fixtures and documented-format bodies) parses to its ground truth,
 whatever the chunking, and through every Content-Encoding we decode."""
+
 from __future__ import annotations
 
 import gzip

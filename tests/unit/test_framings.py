@@ -1,5 +1,6 @@
 """Every stream framing in extproc.codecs has the same incremental interface and gives the same
 items whatever the chunking; NDJSON's line cap drops an oversized line and keeps the next."""
+
 from __future__ import annotations
 
 import pytest

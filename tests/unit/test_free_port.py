@@ -1,5 +1,6 @@
 """free_port: below the kernel's ephemeral range (where an outgoing connection could take the port
 before the server binds it), free, and never handed out twice in one process."""
+
 from __future__ import annotations
 
 import socket

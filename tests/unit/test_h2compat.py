@@ -1,5 +1,6 @@
 """Each private grpclib / h2 detail ``extproc.server.h2compat`` relies on, checked against the
 installed versions: an upgrade that moves one fails here, by name."""
+
 from __future__ import annotations
 
 import asyncio
@@ -79,8 +80,13 @@ def test_lazy_frame_repr():
     from hyperframe.frame import DataFrame
 
     tree = ast.parse(inspect.getsource(h2.connection))
-    calls = [(fn.name, node) for fn in ast.walk(tree) if isinstance(fn, ast.FunctionDef)
-             for node in ast.walk(fn) if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "repr"]
+    calls = [
+        (fn.name, node)
+        for fn in ast.walk(tree)
+        if isinstance(fn, ast.FunctionDef)
+        for node in ast.walk(fn)
+        if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "repr"
+    ]
     assert [name for name, _ in calls] == ["_receive_frame"]
     h2compat.lazy_frame_repr()
     frame = DataFrame(1, b"hello")
@@ -120,8 +126,11 @@ def test_send_message_now_within_flow_control(monkeypatch):
     processor = Processor(parse({"listen": f"127.0.0.1:{port}"}), [recorder])
     server = build_server(processor, f"127.0.0.1:{port}")
     n = 40
-    messages = [req_headers(), body("request_body", b'{"model":"m","stream":true}', end=True),
-                headers("response_headers", **{":status": "200", "content-type": "text/event-stream"})]
+    messages = [
+        req_headers(),
+        body("request_body", b'{"model":"m","stream":true}', end=True),
+        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+    ]
     messages += [body("response_body", b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n') for _ in range(n)]
 
     async def main() -> None:
@@ -131,8 +140,17 @@ def test_send_message_now_within_flow_control(monkeypatch):
         c.initiate_connection()
         c.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 64})
         sid = c.get_next_available_stream_id()
-        c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-                             (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
+        c.send_headers(
+            sid,
+            [
+                (":method", "POST"),
+                (":scheme", "http"),
+                (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+                (":authority", "x"),
+                ("content-type", "application/grpc"),
+                ("te", "trailers"),
+            ],
+        )
         c.send_data(sid, b"".join(_grpc_frame(m) for m in messages))
         writer.write(c.data_to_send())
         received = bytearray()
@@ -182,10 +200,10 @@ def test_send_message_now_within_flow_control(monkeypatch):
 def _messages(data: bytes) -> list[bytes]:
     out, pos = [], 0
     while pos + 5 <= len(data):
-        size = int.from_bytes(data[pos + 1:pos + 5], "big")
+        size = int.from_bytes(data[pos + 1 : pos + 5], "big")
         if pos + 5 + size > len(data):
             break
-        out.append(data[pos + 5:pos + 5 + size])
+        out.append(data[pos + 5 : pos + 5 + size])
         pos += 5 + size
     return out
 
@@ -208,8 +226,9 @@ def test_finished_streams_leave_the_handler_table_at_once():
             async with grpc.aio.insecure_channel(address) as ch:
                 calls = []
                 for _ in range(3):
-                    call = ch.stream_stream("/envoy.service.ext_proc.v3.ExternalProcessor/Process",
-                                            request_serializer=lambda m: m.SerializeToString())(timeout=30)
+                    call = ch.stream_stream(
+                        "/envoy.service.ext_proc.v3.ExternalProcessor/Process", request_serializer=lambda m: m.SerializeToString()
+                    )(timeout=30)
                     await call.write(REQ)
                     await call.read()
                     calls.append(call)
@@ -232,8 +251,7 @@ def test_a_serving_worker_does_not_import_grpcio():
     import subprocess
     import sys
 
-    code = ("import sys, extproc.cli, extproc.server.worker, extproc.server.supervisor; "
-            "assert 'grpc' not in sys.modules, 'grpcio imported'")
+    code = "import sys, extproc.cli, extproc.server.worker, extproc.server.supervisor; assert 'grpc' not in sys.modules, 'grpcio imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -265,8 +283,14 @@ def _client_bytes() -> bytes:
 
     c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
     c.initiate_connection()
-    hdrs = [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-            (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")]
+    hdrs = [
+        (":method", "POST"),
+        (":scheme", "http"),
+        (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+        (":authority", "x"),
+        ("content-type", "application/grpc"),
+        ("te", "trailers"),
+    ]
     c.send_headers(1, hdrs)
     c.send_headers(3, hdrs)
     chunk = _grpc_frame(body("response_body", b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'))
@@ -276,7 +300,7 @@ def _client_bytes() -> bytes:
     c.increment_flow_control_window(1000)
     big = _grpc_frame(body("response_body", b"y" * 40000))
     for i in range(0, len(big), 9000):
-        c.send_data(1, big[i:i + 9000])
+        c.send_data(1, big[i : i + 9000])
     c.send_data(3, chunk, pad_length=7)
     c.ping(b"12345678")
     c.send_data(1, b"")
@@ -289,10 +313,10 @@ def _pieces(data: bytes, split: int | str) -> list[bytes]:
     """``data`` cut every ``split`` bytes, or ("frames", "2frames") at every (second) frame's end,
     the connection preface alone first (as Envoy's reads would cut it)."""
     if isinstance(split, int):
-        return [data[i:i + split] for i in range(0, len(data), split)]
+        return [data[i : i + split] for i in range(0, len(data), split)]
     ends, pos = [24], 24
     while pos < len(data):
-        pos += 9 + int.from_bytes(data[pos:pos + 3], "big")
+        pos += 9 + int.from_bytes(data[pos : pos + 3], "big")
         ends.append(pos)
     step = 2 if split == "2frames" else 1
     cuts = [0, 24] + ends[1::step] + [len(data)]
@@ -330,11 +354,21 @@ def _receive(data: bytes, split: int | str, fast: bool, monkeypatch) -> tuple[ob
             messages = []
             while (m := buf.next_message()) is not None:
                 messages.append(m)
-            streams[sid] = (h2s.state_machine.state, h2s._inbound_window_manager.current_window_size,
-                            h2s._actual_content_length, messages, buf.ended, buf.unacked_size())
+            streams[sid] = (
+                h2s.state_machine.state,
+                h2s._inbound_window_manager.current_window_size,
+                h2s._actual_content_length,
+                messages,
+                buf.ended,
+                buf.unacked_size(),
+            )
         proto.connection._transport.flush()
-        state = (conn._inbound_flow_control_window_manager.current_window_size, proto.connection.data_received,
-                 streams, bytes(transport.written))
+        state = (
+            conn._inbound_flow_control_window_manager.current_window_size,
+            proto.connection.data_received,
+            streams,
+            bytes(transport.written),
+        )
         for task in list(proto.handler._tasks.values()):
             task.cancel()
         return state
@@ -409,9 +443,17 @@ def test_response_headers_sent_now_or_through_h2(monkeypatch):
 
         async def exchange() -> tuple[dict, list[str], dict]:
             sid = c.get_next_available_stream_id()
-            c.send_headers(sid, [(":method", "POST"), (":scheme", "http"),
-                                 (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-                                 (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
+            c.send_headers(
+                sid,
+                [
+                    (":method", "POST"),
+                    (":scheme", "http"),
+                    (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+                    (":authority", "x"),
+                    ("content-type", "application/grpc"),
+                    ("te", "trailers"),
+                ],
+            )
             c.send_data(sid, b"".join(_grpc_frame(m) for m in messages), end_stream=True)
             writer.write(c.data_to_send())
             received, response, trailers = bytearray(), None, None
@@ -432,8 +474,11 @@ def test_response_headers_sent_now_or_through_h2(monkeypatch):
             kinds = [pb.ProcessingResponse.FromString(r).WhichOneof("response") for r in _messages(bytes(received))]
             return response, kinds, trailers
 
-        expected = ({":status": "200", "content-type": h2compat.RESPONSE_CONTENT_TYPE}, ["request_headers", "request_body"],
-                    {"grpc-status": "0"})
+        expected = (
+            {":status": "200", "content-type": h2compat.RESPONSE_CONTENT_TYPE},
+            ["request_headers", "request_body"],
+            {"grpc-status": "0"},
+        )
         for _ in range(2):
             assert await exchange() == expected
         assert sent_now == [True, True]
@@ -460,8 +505,17 @@ def test_constant_response_headers_leave_h2s_stream_state_as_h2_would():
 
     c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
     c.initiate_connection()
-    c.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-                       (":authority", "x"), ("content-type", "application/grpc"), ("te", "trailers")])
+    c.send_headers(
+        1,
+        [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        ],
+    )
     c.send_data(1, _grpc_frame(req_headers()))
     processor = Processor(parse({"listen": "127.0.0.1:1"}), [Recorder()])
     server = build_server(processor, "127.0.0.1:1")

@@ -1,4 +1,5 @@
 """The streamed JSON-array splitter (Gemini's default streamGenerateContent framing)."""
+
 from __future__ import annotations
 
 import time

@@ -1,5 +1,6 @@
 """json_lines reads a file another process is appending to: a read that lands mid-write (CI caught one,
 with Envoy's access log) must not parse the unterminated tail."""
+
 from __future__ import annotations
 
 from tests.support.harness import json_lines

@@ -1,5 +1,6 @@
 """The package's layers, lowest first; a module may import its own layer and the ones below,
 never one above (function-level imports included)."""
+
 from __future__ import annotations
 
 import ast
@@ -76,8 +77,20 @@ def test_serve_never_imports_envoy_data_plane(tmp_path):
 
     port = free_port()
     log = tmp_path / "serve.log"
-    cmd = [sys.executable, "-X", "importtime", "-m", "extproc", "serve", "--listen", f"127.0.0.1:{port}",
-           "--metrics-port", str(free_port()), "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-X",
+        "importtime",
+        "-m",
+        "extproc",
+        "serve",
+        "--listen",
+        f"127.0.0.1:{port}",
+        "--metrics-port",
+        str(free_port()),
+        "--workers",
+        "1",
+    ]
     with log.open("wb") as err:
         proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err)
         try:

@@ -1,4 +1,5 @@
 """`make help` lists every target the Makefile declares, each with its one-line description."""
+
 from __future__ import annotations
 
 import re

@@ -1,5 +1,6 @@
 """The one measurement step: a finished call is measured once, and the Prometheus and OTLP backends
 record exactly what it measured; a label added in one function reaches both."""
+
 from __future__ import annotations
 
 import pytest
@@ -43,10 +44,13 @@ def test_a_label_added_in_label_sources_reaches_both_backends(monkeypatch):
         otlp.shutdown()
     assert prom.failures == otlp.failures == 0
     apis = {c.api for c in calls()}
-    for prom_name, otel in (("ai_requests_total", "ai.requests"), ("ai_prompt_tokens_total", "ai.prompt_tokens"),
-                            ("gen_ai_client_operation_duration_seconds_count", "gen_ai.client.operation.duration"),
-                            ("gen_ai_client_token_usage_count", "gen_ai.client.token.usage"),
-                            ("ai_finish_reasons_total", "ai.finish_reasons")):
+    for prom_name, otel in (
+        ("ai_requests_total", "ai.requests"),
+        ("ai_prompt_tokens_total", "ai.prompt_tokens"),
+        ("gen_ai_client_operation_duration_seconds_count", "gen_ai.client.operation.duration"),
+        ("gen_ai_client_token_usage_count", "gen_ai.client.token.usage"),
+        ("ai_finish_reasons_total", "ai.finish_reasons"),
+    ):
         seen = {s.labels.get("api") for m in registry.collect() for s in m.samples if s.name == prom_name}
         assert seen == apis, prom_name
         assert {a.get("api") for a in exporter.store.attribute_sets(otel)} == apis, otel
@@ -110,12 +114,15 @@ def test_a_negative_token_count_is_recorded_by_neither_backend():
     assert exporter.store.total("ai.requests") == 0
 
 
-@pytest.mark.parametrize("streaming, status, outcome, ttft, tpot", [
-    (True, 200, OK, 0.5, (2.0 - 0.5) / (4 - 1)),
-    (True, 200, "client_abort", 0.5, None),  # TPOT needs a complete response
-    (True, 429, "error", None, None),  # no first token of an error
-    (False, 200, OK, None, None),  # TTFT and TPOT are for streams
-])
+@pytest.mark.parametrize(
+    "streaming, status, outcome, ttft, tpot",
+    [
+        (True, 200, OK, 0.5, (2.0 - 0.5) / (4 - 1)),
+        (True, 200, "client_abort", 0.5, None),  # TPOT needs a complete response
+        (True, 429, "error", None, None),  # no first token of an error
+        (False, 200, OK, None, None),  # TTFT and TPOT are for streams
+    ],
+)
 def test_ttft_and_tpot_rules(streaming, status, outcome, ttft, tpot):
     call = Call(provider="openai", api="openai.chat", status=status, outcome=outcome, start=0.0, first_chunk=0.5, end=2.0)
     call.obs.streaming = streaming

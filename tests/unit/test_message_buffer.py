@@ -1,5 +1,6 @@
 """MessageBuffer: an ext_proc stream's DATA frames read as whole gRPC messages, with grpclib's
 flow control (a frame is acknowledged when the reader needs its bytes, not on arrival)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +30,7 @@ def test_messages_across_any_frame_boundaries(cut):
     acked = []
     buf = MessageBuffer(acked.append, lambda: 1 << 20)
     data = framed(*MESSAGES)
-    frames = [data[i:i + cut] for i in range(0, len(data), cut)]
+    frames = [data[i : i + cut] for i in range(0, len(data), cut)]
     for f in frames:
         buf.add(f, len(f) + 1)  # flow-controlled length (padding counts)
     assert acked == [] and buf.unacked_size() == len(data) + len(frames)  # nothing acknowledged on arrival
@@ -53,6 +54,7 @@ def test_only_the_frames_the_reader_needs_are_acknowledged():
 def test_a_waiting_reader_acknowledges_frames_as_they_arrive():
     """A message larger than the stream's window: its first frames must be acknowledged while the
     reader waits for the rest, or the peer could never send the rest."""
+
     async def main() -> None:
         acked = []
         buf = MessageBuffer(acked.append, lambda: 1 << 20)
@@ -65,7 +67,7 @@ def test_a_waiting_reader_acknowledges_frames_as_they_arrive():
         task = asyncio.ensure_future(reader())
         data = framed(b"z" * 5000)
         for i in range(0, len(data), 1000):
-            buf.add(data[i:i + 1000], 1000)
+            buf.add(data[i : i + 1000], 1000)
             for _ in range(3):
                 await asyncio.sleep(0)
             assert sum(acked) == i + 1000  # given back to the peer while the message is incomplete
@@ -78,6 +80,7 @@ def test_a_waiting_reader_acknowledges_frames_as_they_arrive():
 def test_wait_returns_at_the_end_of_the_stream(inline):
     """END_STREAM wakes a waiting reader, also one whose messages are handled inline (a message
     handled inline does not wake it)."""
+
     async def main() -> None:
         buf = MessageBuffer(lambda n: None, lambda: 1 << 20)
         if inline:
@@ -108,11 +111,14 @@ def test_an_oversized_message_is_refused_from_its_prefix():
     assert acked == [5] and buf.unacked_size() == 1000  # the body was never acknowledged
 
 
-@pytest.mark.parametrize("data, status, reason", [
-    (b"\1\0\0\0\1x", Status.UNIMPLEMENTED, "compressed message"),
-    (b"\0\0\0", Status.INVALID_ARGUMENT, "truncated message prefix"),
-    (b"\0\0\0\0\x09abc", Status.INVALID_ARGUMENT, "truncated message"),
-])
+@pytest.mark.parametrize(
+    "data, status, reason",
+    [
+        (b"\1\0\0\0\1x", Status.UNIMPLEMENTED, "compressed message"),
+        (b"\0\0\0", Status.INVALID_ARGUMENT, "truncated message prefix"),
+        (b"\0\0\0\0\x09abc", Status.INVALID_ARGUMENT, "truncated message"),
+    ],
+)
 def test_bad_input_ends_the_stream_with_a_status(data, status, reason):
     buf = MessageBuffer(lambda n: None, lambda: 1 << 20)
     buf.add(data, len(data))
@@ -134,6 +140,7 @@ def test_inline_handles_messages_while_the_reader_waits():
     """Messages arriving while the reader waits go to ``inline`` as their frames arrive, in order,
     without waking the reader; a False from it wakes the reader, and messages arriving before the
     reader waits again are the reader's (order kept); a bad message is raised to the reader."""
+
     async def main() -> None:
         seen: list[tuple[str, bytes]] = []
         wakes = 0

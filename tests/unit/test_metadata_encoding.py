@@ -1,5 +1,6 @@
 """The reply path encodes the dynamic metadata by hand (extproc.telemetry.metadata.encoded): it
 must parse to exactly what google.protobuf builds (metadata.write), for every kind of value."""
+
 from __future__ import annotations
 
 from google.protobuf.struct_pb2 import Struct
@@ -14,20 +15,42 @@ from extproc.telemetry import metadata
 
 
 def _calls() -> list[Call]:
-    full = Call(obs=Observation(operation="chat", request_model="gpt-4o-mini", response_model="gpt-4o-mini-2024-07-18 é€😀",
-                                streaming=True, usage=Usage(input_tokens=12, output_tokens=300, total_tokens=312,
-                                                            cached_input_tokens=0, cache_creation_input_tokens=2**40,
-                                                            reasoning_tokens=7)),
-                provider="openai", outcome=OK)
+    full = Call(
+        obs=Observation(
+            operation="chat",
+            request_model="gpt-4o-mini",
+            response_model="gpt-4o-mini-2024-07-18 é€😀",
+            streaming=True,
+            usage=Usage(
+                input_tokens=12,
+                output_tokens=300,
+                total_tokens=312,
+                cached_input_tokens=0,
+                cache_creation_input_tokens=2**40,
+                reasoning_tokens=7,
+            ),
+        ),
+        provider="openai",
+        outcome=OK,
+    )
     full.cost = Cost(total=0.000123456789, input=0.0001, output=0.000023456789, model="gpt-4o-mini", source="catalogue")
     return [Call(), full, Call(obs=Observation(request_model="x" * 300), provider="p" * 200)]
 
 
 def _attributed() -> Call:
     """Every other kind of field: attribution strings, finish reason, stream timings, a budget charge."""
-    call = Call(obs=Observation(operation="chat", streaming=True, usage=Usage(input_tokens=3, output_tokens=5)),
-                provider="anthropic", outcome=OK, status=200, start=1.0, first_chunk=1.25, completed=2.0,
-                end_user_header="alice", session_id="s" * 128, key_id="k-1")
+    call = Call(
+        obs=Observation(operation="chat", streaming=True, usage=Usage(input_tokens=3, output_tokens=5)),
+        provider="anthropic",
+        outcome=OK,
+        status=200,
+        start=1.0,
+        first_chunk=1.25,
+        completed=2.0,
+        end_user_header="alice",
+        session_id="s" * 128,
+        key_id="k-1",
+    )
     call.obs.finish_reasons.append("stop")
     return call
 
@@ -44,8 +67,15 @@ def test_encoded_metadata_parses_like_protobuf():
                 got = pb.ProcessingResponse.FromString(CONTINUE_RESPONSE_BODY + metadata.encoded(namespace, call, budget))
                 assert got == want
                 assert got.WhichOneof("response") == "response_body"
-    assert set(metadata.fields(_attributed(), budget)) >= {"end_user", "session_id", "key_id", "finish_reason", "ttft_ms",
-                                                           "tpot_ms", "ratelimit_cost"}
+    assert set(metadata.fields(_attributed(), budget)) >= {
+        "end_user",
+        "session_id",
+        "key_id",
+        "finish_reason",
+        "ttft_ms",
+        "tpot_ms",
+        "ratelimit_cost",
+    }
 
 
 def test_a_value_of_another_kind_is_encoded_by_protobuf(monkeypatch):

@@ -3,6 +3,7 @@
 Calls are built by feeding recorded provider responses (shared fixtures) through the real parsers,
 with a fresh CollectorRegistry per test.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,11 +20,13 @@ from extproc.telemetry.metrics import TOKEN_BUCKETS, MetricsObserver, error_type
 from tests.support.recordings import load
 
 JWT = "envoy.filters.http.jwt_authn"
-TEAM_LABELS = {"customLabels": [
-    {"name": "team", "metadataKey": "principal:team"},
-    {"name": "user_id", "metadataKey": "principal:sub", "metadataNamespace": JWT},
-    {"name": "tenant", "header": "X-Tenant"},
-]}
+TEAM_LABELS = {
+    "customLabels": [
+        {"name": "team", "metadataKey": "principal:team"},
+        {"name": "user_id", "metadataKey": "principal:sub", "metadataNamespace": JWT},
+        {"name": "tenant", "header": "X-Tenant"},
+    ]
+}
 
 
 def _stats(**kw: Any) -> config_mod.StatsConfig:
@@ -36,8 +39,15 @@ def _claims(**claims: Any) -> dict[str, struct_pb2.Struct]:
     return {JWT: s}
 
 
-def _call(fixture: str, *, path: str | None = None, request: bytes | None = None, forwarded: Any = None,
-          headers: dict[str, str] | None = None, times: tuple[float, float, float] = (0.0, 0.5, 2.0)) -> Call:
+def _call(
+    fixture: str,
+    *,
+    path: str | None = None,
+    request: bytes | None = None,
+    forwarded: Any = None,
+    headers: dict[str, str] | None = None,
+    times: tuple[float, float, float] = (0.0, 0.5, 2.0),
+) -> Call:
     """A finished Call as the servicer would report it for this recording."""
     rec = load(fixture)
     path = path or rec.path
@@ -65,8 +75,12 @@ def _v(reg: CollectorRegistry, name: str, **labels: str) -> float:
     return reg.get_sample_value(name, labels) or 0.0
 
 
-GENAI = dict(gen_ai_operation_name="chat", gen_ai_provider_name="openai",
-             gen_ai_request_model="gpt-5-nano", gen_ai_response_model="gpt-5-nano-2025-08-07")
+GENAI = dict(
+    gen_ai_operation_name="chat",
+    gen_ai_provider_name="openai",
+    gen_ai_request_model="gpt-5-nano",
+    gen_ai_response_model="gpt-5-nano-2025-08-07",
+)
 
 
 def test_non_streaming_chat_counts_exact_usage():
@@ -87,8 +101,10 @@ def test_non_streaming_chat_counts_exact_usage():
     assert _v(reg, "gen_ai_client_operation_duration_seconds_sum", **dur) == pytest.approx(4.0)
     assert _v(reg, "gen_ai_client_operation_duration_seconds_count", **dur) == 2
     assert _v(reg, "gen_ai_server_time_to_first_token_seconds_count", **dur) == 0  # not a stream
-    assert _v(reg, "ai_requests_total", llm="openai", model="gpt-5-nano", operation="chat", status_code="200",
-              outcome="ok", error_type="") == 2
+    assert (
+        _v(reg, "ai_requests_total", llm="openai", model="gpt-5-nano", operation="chat", status_code="200", outcome="ok", error_type="")
+        == 2
+    )
     assert _v(reg, "ai_usage_missing_total", llm="openai", model="gpt-5-nano", operation="chat") == 0
 
 
@@ -113,8 +129,12 @@ def test_legacy_completion_stream_and_embeddings():
     assert _v(reg, "ai_completion_tokens_total", llm="openai", model="babbage-002") == 25
     assert _v(reg, "ai_prompt_tokens_total", llm="openai", model="text-embedding-3-small") == 5
     assert reg.get_sample_value("ai_completion_tokens_total", {"llm": "openai", "model": "text-embedding-3-small"}) is None
-    emb = dict(gen_ai_operation_name="embeddings", gen_ai_provider_name="openai",
-               gen_ai_request_model="text-embedding-3-small", gen_ai_response_model="text-embedding-3-small")
+    emb = dict(
+        gen_ai_operation_name="embeddings",
+        gen_ai_provider_name="openai",
+        gen_ai_request_model="text-embedding-3-small",
+        gen_ai_response_model="text-embedding-3-small",
+    )
     assert _v(reg, "gen_ai_client_token_usage_sum", **emb, gen_ai_token_type="input") == 5
     assert reg.get_sample_value("gen_ai_client_token_usage_count", {**emb, "gen_ai_token_type": "output"}) is None
 
@@ -133,12 +153,31 @@ def test_error_response_counts_error_type():
     assert call.status == 400
     obs.on_call_end(call)
     model = call.obs.request_model
-    assert _v(reg, "ai_requests_total", llm="openai", model=model, operation="chat", status_code="400",
-              outcome="error", error_type="unsupported_parameter") == 1  # error.code before error.type
+    assert (
+        _v(
+            reg,
+            "ai_requests_total",
+            llm="openai",
+            model=model,
+            operation="chat",
+            status_code="400",
+            outcome="error",
+            error_type="unsupported_parameter",
+        )
+        == 1
+    )  # error.code before error.type
     assert _v(reg, "ai_usage_missing_total", llm="openai", model=model, operation="chat") == 0
     # error rate as one PromQL line: sum(ai_requests_total{outcome!="ok"}) / sum(ai_requests_total)
-    assert sum(s.value for m in reg.collect() if m.name == "ai_requests" for s in m.samples
-               if s.name == "ai_requests_total" and s.labels["outcome"] != "ok") == 1
+    assert (
+        sum(
+            s.value
+            for m in reg.collect()
+            if m.name == "ai_requests"
+            for s in m.samples
+            if s.name == "ai_requests_total" and s.labels["outcome"] != "ok"
+        )
+        == 1
+    )
 
 
 def test_error_type_values():
@@ -180,8 +219,7 @@ def test_custom_labels_from_forwarded_metadata_and_header():
     assert _v(reg, "ai_prompt_tokens_total", **base, team="dev", user_id="alice", tenant="") == 12
     assert _v(reg, "ai_prompt_tokens_total", **base, team="ops", user_id="bob", tenant="") == 8
     assert _v(reg, "ai_prompt_tokens_total", **base, team="", user_id="", tenant="") == 8
-    assert _v(reg, "gen_ai_client_token_usage_sum", **GENAI, gen_ai_token_type="output",
-              team="ops", user_id="bob", tenant="") == 377
+    assert _v(reg, "gen_ai_client_token_usage_sum", **GENAI, gen_ai_token_type="output", team="ops", user_id="bob", tenant="") == 377
 
 
 def test_metadata_value_kinds():
@@ -242,14 +280,17 @@ def test_token_buckets_follow_semconv_advice():
     assert all(b == a * 4 for a, b in zip(TOKEN_BUCKETS, TOKEN_BUCKETS[1:]))
 
 
-@pytest.mark.parametrize("label,error", [
-    ({"name": "model", "metadataKey": "principal:sub"}, "stats.customLabels.0.name"),
-    ({"name": "le", "header": "x"}, "stats.customLabels.0.name"),
-    ({"name": "bad-name", "header": "x"}, "stats.customLabels.0.name"),
-    ({"name": "__x", "header": "x"}, "stats.customLabels.0.name"),
-    ({"name": "a", "header": "x", "metadataKey": "principal:sub"}, "stats.customLabels.0"),
-    ({"name": "a"}, "stats.customLabels.0"),
-])
+@pytest.mark.parametrize(
+    "label,error",
+    [
+        ({"name": "model", "metadataKey": "principal:sub"}, "stats.customLabels.0.name"),
+        ({"name": "le", "header": "x"}, "stats.customLabels.0.name"),
+        ({"name": "bad-name", "header": "x"}, "stats.customLabels.0.name"),
+        ({"name": "__x", "header": "x"}, "stats.customLabels.0.name"),
+        ({"name": "a", "header": "x", "metadataKey": "principal:sub"}, "stats.customLabels.0"),
+        ({"name": "a"}, "stats.customLabels.0"),
+    ],
+)
 def test_bad_custom_label_names_the_key(label, error):
     with pytest.raises(config_mod.ConfigError, match=error.replace(".", r"\.")):
         config_mod.parse({"stats": {"customLabels": [label]}})
@@ -289,8 +330,10 @@ def test_series_budget_caps_every_family_and_counts_folds():
     assert sum(s.value for m in reg.collect() for s in m.samples if s.name == "ai_prompt_tokens_total") == 8 * n
     folded_requests = _v(reg, "ai_series_overflow_total", metric="ai_requests")
     assert folded_requests == n - budget
-    assert _v(reg, "ai_requests_total", llm=OVERFLOW, model=OVERFLOW, operation=OVERFLOW, status_code=OVERFLOW,
-              outcome="ok", error_type="") == n - budget
+    assert (
+        _v(reg, "ai_requests_total", llm=OVERFLOW, model=OVERFLOW, operation=OVERFLOW, status_code=OVERFLOW, outcome="ok", error_type="")
+        == n - budget
+    )
 
 
 def test_series_budget_costs_nothing_for_known_label_sets():
@@ -298,8 +341,10 @@ def test_series_budget_costs_nothing_for_known_label_sets():
     call = _call("aigw__chat-basic.yaml")
     for _ in range(50):
         obs.on_call_end(call)
-    assert _v(reg, "ai_requests_total", model="gpt-5-nano", llm="openai", operation="chat", status_code="200",
-              outcome="ok", error_type="") == 50
+    assert (
+        _v(reg, "ai_requests_total", model="gpt-5-nano", llm="openai", operation="chat", status_code="200", outcome="ok", error_type="")
+        == 50
+    )
     assert _v(reg, "ai_series_overflow_total", metric="ai_requests") == 0
     assert obs.budget.live("ai_requests") == 1
 
@@ -342,12 +387,26 @@ def test_junk_mcp_methods_do_not_take_the_genai_operations_label_values():
     obs.on_call_end(_call("aigw__chat-basic.yaml"))
     embeddings = _call("aigw__embeddings-dimensions.yaml")
     obs.on_call_end(embeddings)
-    assert _v(reg, "ai_requests_total", model="gpt-5-nano", llm="openai", operation="chat", status_code="200",
-              outcome="ok", error_type="") == 1
-    assert _v(reg, "ai_requests_total", model=embeddings.obs.request_model, llm="openai", operation="embeddings",
-              status_code="200", outcome="ok", error_type="") == 1
-    assert _v(reg, "ai_requests_total", model="unknown", llm="mcp", operation="other", status_code="200",
-              outcome="ok", error_type="") == 5000
+    assert (
+        _v(reg, "ai_requests_total", model="gpt-5-nano", llm="openai", operation="chat", status_code="200", outcome="ok", error_type="")
+        == 1
+    )
+    assert (
+        _v(
+            reg,
+            "ai_requests_total",
+            model=embeddings.obs.request_model,
+            llm="openai",
+            operation="embeddings",
+            status_code="200",
+            outcome="ok",
+            error_type="",
+        )
+        == 1
+    )
+    assert (
+        _v(reg, "ai_requests_total", model="unknown", llm="mcp", operation="other", status_code="200", outcome="ok", error_type="") == 5000
+    )
     assert _v(reg, "ai_label_values_overflow_total", label="operation") == 0
 
 

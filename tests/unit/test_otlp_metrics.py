@@ -1,5 +1,6 @@
 """Metrics over OTLP: the same calls and values as the Prometheus instruments, under
 OpenTelemetry names; loaded only when enabled; a failing export is counted, never raised."""
+
 from __future__ import annotations
 
 import subprocess
@@ -39,7 +40,11 @@ class StoreExporter(MetricExporter):
         pass
 
 
-STATS = {"customLabels": [{"name": "end_user", "field": "end_user"}], "maxLabelValues": 2, "otlp": {"enabled": True, "exportIntervalMs": 60000}}
+STATS = {
+    "customLabels": [{"name": "end_user", "field": "end_user"}],
+    "maxLabelValues": 2,
+    "otlp": {"enabled": True, "exportIntervalMs": 60000},
+}
 
 
 def calls():
@@ -67,16 +72,28 @@ def test_same_values_as_prometheus_under_otel_names():
         otlp.shutdown()
     store = exporter.store
     assert len(store.instances("ai.prompt_tokens")) == 1
-    for otel, prom_name in (("ai.prompt_tokens", "ai_prompt_tokens_total"), ("ai.completion_tokens", "ai_completion_tokens_total"),
-                            ("ai.requests", "ai_requests_total"), ("ai.finish_reasons", "ai_finish_reasons_total")):
+    for otel, prom_name in (
+        ("ai.prompt_tokens", "ai_prompt_tokens_total"),
+        ("ai.completion_tokens", "ai_completion_tokens_total"),
+        ("ai.requests", "ai_requests_total"),
+        ("ai.finish_reasons", "ai_finish_reasons_total"),
+    ):
         for user in ("u-0", "u-4", "__overflow__", ""):
             want = sum(s.value for m in registry.collect() for s in m.samples if s.name == prom_name and s.labels.get("end_user") == user)
             assert store.total(otel, end_user=user) == want, (otel, user)
     assert store.total("ai.finish_reasons", finish_reason="length") == 6
     for token_type in ("input", "output"):
-        want = sum(s.value for m in registry.collect() for s in m.samples
-                   if s.name == "gen_ai_client_token_usage_sum" and s.labels["gen_ai_token_type"] == token_type)
-        assert store.total("gen_ai.client.token.usage", "sum", **{"gen_ai.token.type": token_type}) == want == (24 if token_type == "input" else 18)
+        want = sum(
+            s.value
+            for m in registry.collect()
+            for s in m.samples
+            if s.name == "gen_ai_client_token_usage_sum" and s.labels["gen_ai_token_type"] == token_type
+        )
+        assert (
+            store.total("gen_ai.client.token.usage", "sum", **{"gen_ai.token.type": token_type})
+            == want
+            == (24 if token_type == "input" else 18)
+        )
     assert store.total("gen_ai.client.operation.duration", "count") == 6
     attrs = store.attribute_sets("gen_ai.client.token.usage")[0]
     assert {"gen_ai.operation.name", "gen_ai.provider.name", "gen_ai.request.model", "gen_ai.token.type", "end_user"} <= set(attrs)
@@ -96,14 +113,17 @@ def test_a_failing_export_is_counted_not_raised():
     assert POINTS_DROPPED._value.get() > before
 
 
-@pytest.mark.parametrize("env, cfg, want", [
-    ({}, {}, False),
-    ({"OTEL_METRICS_EXPORTER": "otlp"}, {}, True),
-    ({"OTEL_METRICS_EXPORTER": "prometheus, otlp"}, {}, True),
-    ({"OTEL_METRICS_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, {}, False),
-    ({"OTEL_METRICS_EXPORTER": "none"}, {"enabled": True}, True),
-    ({"OTEL_METRICS_EXPORTER": "otlp"}, {"enabled": False}, False),
-])
+@pytest.mark.parametrize(
+    "env, cfg, want",
+    [
+        ({}, {}, False),
+        ({"OTEL_METRICS_EXPORTER": "otlp"}, {}, True),
+        ({"OTEL_METRICS_EXPORTER": "prometheus, otlp"}, {}, True),
+        ({"OTEL_METRICS_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, {}, False),
+        ({"OTEL_METRICS_EXPORTER": "none"}, {"enabled": True}, True),
+        ({"OTEL_METRICS_EXPORTER": "otlp"}, {"enabled": False}, False),
+    ],
+)
 def test_enabled(monkeypatch, env, cfg, want):
     for k in ("OTEL_METRICS_EXPORTER", "OTEL_SDK_DISABLED"):
         monkeypatch.delenv(k, raising=False)
@@ -117,17 +137,28 @@ def test_settings_fall_back_to_the_otel_variables(monkeypatch):
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_METRICS_PROTOCOL", "http/protobuf")
     monkeypatch.setenv("OTEL_METRIC_EXPORT_INTERVAL", "1500")
     cfg = config.OtlpMetricsConfig()
-    assert (otlp_settings.metrics_endpoint(cfg), otlp_settings.metrics_protocol(cfg), otlp_settings.metrics_interval_ms(cfg)) == ("http://collector:4318", "http", 1500)
+    assert (otlp_settings.metrics_endpoint(cfg), otlp_settings.metrics_protocol(cfg), otlp_settings.metrics_interval_ms(cfg)) == (
+        "http://collector:4318",
+        "http",
+        1500,
+    )
     cfg = config.OtlpMetricsConfig.model_validate({"endpoint": "127.0.0.1:4317", "protocol": "grpc", "exportIntervalMs": 200})
-    assert (otlp_settings.metrics_endpoint(cfg), otlp_settings.metrics_protocol(cfg), otlp_settings.metrics_interval_ms(cfg)) == ("127.0.0.1:4317", "grpc", 200)
+    assert (otlp_settings.metrics_endpoint(cfg), otlp_settings.metrics_protocol(cfg), otlp_settings.metrics_interval_ms(cfg)) == (
+        "127.0.0.1:4317",
+        "grpc",
+        200,
+    )
     assert otlp_settings.http_metrics_url("http://c:4318/") == "http://c:4318/v1/metrics"
 
 
 def _observers_in_subprocess(env: str) -> list[str]:
-    code = ("import os, sys; [os.environ.pop(k) for k in list(os.environ) if k.startswith('OTEL_')];" + env +
-            "from extproc.core import config; from extproc.telemetry import observers as app;"
-            "obs = app.observers(config.parse({})); print(sorted(type(o).__name__ for o in obs),"
-            " 'opentelemetry.sdk.metrics' in sys.modules); [getattr(o, 'shutdown', lambda: 0)() for o in obs]")
+    code = (
+        "import os, sys; [os.environ.pop(k) for k in list(os.environ) if k.startswith('OTEL_')];"
+        + env
+        + "from extproc.core import config; from extproc.telemetry import observers as app;"
+        "obs = app.observers(config.parse({})); print(sorted(type(o).__name__ for o in obs),"
+        " 'opentelemetry.sdk.metrics' in sys.modules); [getattr(o, 'shutdown', lambda: 0)() for o in obs]"
+    )
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
     return r.stdout.split("]")
@@ -136,7 +167,9 @@ def _observers_in_subprocess(env: str) -> list[str]:
 def test_the_default_path_does_not_load_the_otel_metrics_sdk():
     names, loaded = _observers_in_subprocess("")
     assert "OtlpMetrics" not in names and loaded.strip() == "False"
-    names, loaded = _observers_in_subprocess("os.environ['OTEL_METRICS_EXPORTER'] = 'otlp'; os.environ['OTEL_METRIC_EXPORT_INTERVAL'] = '60000';")
+    names, loaded = _observers_in_subprocess(
+        "os.environ['OTEL_METRICS_EXPORTER'] = 'otlp'; os.environ['OTEL_METRIC_EXPORT_INTERVAL'] = '60000';"
+    )
     assert "OtlpMetrics" in names and loaded.strip() == "True"
 
 

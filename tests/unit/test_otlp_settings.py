@@ -2,6 +2,7 @@
 signal's own variable over the generic one, ``/v1/<signal>`` appended to an HTTP base URL (a
 configured endpoint, the generic variable) but not to the signal's own variable, and
 OTEL_SDK_DISABLED=true turning both off."""
+
 from __future__ import annotations
 
 import pytest
@@ -9,9 +10,16 @@ import pytest
 from extproc.core import config
 from extproc.telemetry import otlp_settings
 
-_VARS = ("OTEL_EXPORTER_OTLP_ENDPOINT", "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
-         "OTEL_EXPORTER_OTLP_PROTOCOL", "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL", "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
-         "OTEL_SDK_DISABLED", "OTEL_METRICS_EXPORTER")
+_VARS = (
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+    "OTEL_EXPORTER_OTLP_METRICS_PROTOCOL",
+    "OTEL_SDK_DISABLED",
+    "OTEL_METRICS_EXPORTER",
+)
 
 
 @pytest.fixture(autouse=True)
@@ -50,10 +58,13 @@ def test_tracing_is_on_with_a_collector_and_off_when_the_sdk_is_disabled(monkeyp
     assert not otlp_settings.metrics_enabled(config.OtlpMetricsConfig())
 
 
-@pytest.mark.parametrize("base, traces, metrics", [
-    ("http://c:4318", "http://c:4318/v1/traces", "http://c:4318/v1/metrics"),
-    ("http://c:4318/", "http://c:4318/v1/traces", "http://c:4318/v1/metrics"),
-])
+@pytest.mark.parametrize(
+    "base, traces, metrics",
+    [
+        ("http://c:4318", "http://c:4318/v1/traces", "http://c:4318/v1/metrics"),
+        ("http://c:4318/", "http://c:4318/v1/traces", "http://c:4318/v1/metrics"),
+    ],
+)
 def test_an_http_base_url_gets_the_signal_path(base, traces, metrics):
     assert otlp_settings.http_traces_url(base) == traces
     assert otlp_settings.http_metrics_url(base) == metrics
@@ -63,13 +74,22 @@ def test_a_full_signal_url_is_kept():
     assert otlp_settings.http_traces_url("http://c:4318/v1/traces") == "http://c:4318/v1/traces"
 
 
-@pytest.mark.parametrize("env, traces, metrics", [
-    # the signal's own variable is the full URL, used as-is (OpenTelemetry spec, OTLP exporter)
-    ({"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/custom/t", "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://c:4318/custom/m"},
-     "http://c:4318/custom/t", "http://c:4318/custom/m"),
-    # the generic variable is a base URL: the signal's path is appended
-    ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://g:4318/base"}, "http://g:4318/base/v1/traces", "http://g:4318/base/v1/metrics"),
-])
+@pytest.mark.parametrize(
+    "env, traces, metrics",
+    [
+        # the signal's own variable is the full URL, used as-is (OpenTelemetry spec, OTLP exporter)
+        (
+            {
+                "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": "http://c:4318/custom/t",
+                "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://c:4318/custom/m",
+            },
+            "http://c:4318/custom/t",
+            "http://c:4318/custom/m",
+        ),
+        # the generic variable is a base URL: the signal's path is appended
+        ({"OTEL_EXPORTER_OTLP_ENDPOINT": "http://g:4318/base"}, "http://g:4318/base/v1/traces", "http://g:4318/base/v1/metrics"),
+    ],
+)
 def test_http_endpoint_variables_follow_the_spec(monkeypatch, env, traces, metrics):
     from extproc.telemetry import otlp_metrics, trace_export
 

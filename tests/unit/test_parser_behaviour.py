@@ -1,4 +1,5 @@
 """Parser behaviour beyond usage numbers: cheap filtering, errors, capture, request facts."""
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -11,9 +12,11 @@ from tests.support.provider_cases import BY_NAME, JSON, NDJSON, SSE, Case, new_p
 
 def test_anthropic_text_deltas_are_not_json_parsed() -> None:
     """Broken JSON in a text delta is never looked at (filtered by event name): no parse error."""
-    body = sse(("message_start", {"type": "message_start", "message": {"model": "m", "usage": {"input_tokens": 3}}}),
-               ("content_block_delta", b"{not json"),
-               ("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 4}}))
+    body = sse(
+        ("message_start", {"type": "message_start", "message": {"model": "m", "usage": {"input_tokens": 3}}}),
+        ("content_block_delta", b"{not json"),
+        ("message_delta", {"type": "message_delta", "delta": {}, "usage": {"output_tokens": 4}}),
+    )
     obs = run(Case("x", "/v1/messages", SSE, body=body, expect={}), [body])
     assert obs.parse_errors == 0
     assert (obs.usage.input_tokens, obs.usage.output_tokens, obs.usage.total()) == (3, 4, 7)
@@ -32,8 +35,14 @@ def test_anthropic_http_error_body() -> None:
 
 
 def test_anthropic_capture_and_request(load_case: Callable[[Case], bytes]) -> None:
-    case = Case("x", "/v1/messages", SSE, file="agw__anthropic__stream_basic.sse", expect={},
-                request=b'{"model":"claude-haiku-4-5","stream":true,"max_tokens":99,"messages":[{"role":"user","content":"hi"}]}')
+    case = Case(
+        "x",
+        "/v1/messages",
+        SSE,
+        file="agw__anthropic__stream_basic.sse",
+        expect={},
+        request=b'{"model":"claude-haiku-4-5","stream":true,"max_tokens":99,"messages":[{"role":"user","content":"hi"}]}',
+    )
     obs = run(case, [load_case(case)], capture=True)
     assert "".join(obs.output_text or []) == "Hi there! How are you doing today? Is there anything I can help you with?"
     assert obs.request_model == "claude-haiku-4-5"
@@ -54,7 +63,7 @@ def test_usage_change_is_reported_on_the_chunk_that_carries_it(load_case: Callab
     first_event_end = body.index(b"\n\n") + 2
     assert parser.feed_response(body[:first_event_end], False) is True
     assert obs.usage.input_tokens == 15
-    assert parser.feed_response(body[first_event_end:first_event_end + 10], False) is False
+    assert parser.feed_response(body[first_event_end : first_event_end + 10], False) is False
 
 
 def test_gemini_capture_skips_thoughts(load_case: Callable[[Case], bytes]) -> None:
@@ -64,9 +73,14 @@ def test_gemini_capture_skips_thoughts(load_case: Callable[[Case], bytes]) -> No
 
 
 def test_gemini_request_params_and_streamed_error() -> None:
-    case = Case("x", "/v1beta/models/gemini-2.0-flash:streamGenerateContent", JSON, expect={},
-                request=b'{"contents":[],"generationConfig":{"temperature":0.2,"maxOutputTokens":50}}',
-                body=b'[{"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}]')
+    case = Case(
+        "x",
+        "/v1beta/models/gemini-2.0-flash:streamGenerateContent",
+        JSON,
+        expect={},
+        request=b'{"contents":[],"generationConfig":{"temperature":0.2,"maxOutputTokens":50}}',
+        body=b'[{"error": {"code": 503, "message": "overloaded", "status": "UNAVAILABLE"}}]',
+    )
     obs = run(case, [case.body or b""])
     assert obs.params == {"temperature": 0.2, "max_tokens": 50}
     assert obs.streaming is True
@@ -88,9 +102,11 @@ def test_ollama_streams_unless_told_not_to() -> None:
 
 
 def test_ollama_token_lines_are_not_parsed() -> None:
-    body = (b'{"model":"llama3","message":{"content":"a"},"done":false}\n'
-            b'{broken token line, never parsed\n'
-            b'{"model":"llama3","done":true,"prompt_eval_count":5,"eval_count":6}\n')
+    body = (
+        b'{"model":"llama3","message":{"content":"a"},"done":false}\n'
+        b"{broken token line, never parsed\n"
+        b'{"model":"llama3","done":true,"prompt_eval_count":5,"eval_count":6}\n'
+    )
     obs = run(Case("x", "/api/generate", NDJSON, body=body, expect={}), [body])
     assert obs.parse_errors == 0
     assert (obs.usage.input_tokens, obs.usage.output_tokens) == (5, 6)
@@ -133,9 +149,16 @@ _PROMPTS = [
     ("/v1/chat", {"message": "v1"}, "v1"),
     ("/v2/embed", {"texts": ["t1"]}, ["t1"]),
     ("/v2/embed", {"inputs": [{"content": []}]}, [{"content": []}]),
-    ("/v1beta/models/gemini-2.5-flash:generateContent", {"contents": [{"parts": [{"text": "g"}]}]}, [{"role": "user", "content": [{"text": "g"}]}]),
-    ("/model/amazon.nova-lite-v1:0/converse", {"messages": [{"role": "user", "content": [{"text": "b"}]}]},
-     [{"role": "user", "content": [{"text": "b"}]}]),
+    (
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        {"contents": [{"parts": [{"text": "g"}]}]},
+        [{"role": "user", "content": [{"text": "g"}]}],
+    ),
+    (
+        "/model/amazon.nova-lite-v1:0/converse",
+        {"messages": [{"role": "user", "content": [{"text": "b"}]}]},
+        [{"role": "user", "content": [{"text": "b"}]}],
+    ),
     ("/api/chat", {"messages": [{"role": "user", "content": "o"}]}, [{"role": "user", "content": "o"}]),
     ("/api/generate", {"prompt": "p"}, "p"),
     ("/api/embed", {"input": "e"}, "e"),
@@ -159,12 +182,31 @@ def test_cohere_v1_stream_capture_takes_text_once() -> None:
     assert run(whole, [whole.body or b""], capture=True).output_text == ["Hi"]
 
 
-@pytest.mark.parametrize("path,body", [
-    ("/v1/chat/completions", {"id": "c", "model": "gpt-4o-mini", "service_tier": "flex", "choices": [],
-                              "usage": {"prompt_tokens": 3, "completion_tokens": 4}}),
-    ("/v1/responses", {"id": "r", "model": "o4-mini", "status": "completed", "service_tier": "flex",
-                       "usage": {"input_tokens": 3, "output_tokens": 4}}),
-])
+@pytest.mark.parametrize(
+    "path,body",
+    [
+        (
+            "/v1/chat/completions",
+            {
+                "id": "c",
+                "model": "gpt-4o-mini",
+                "service_tier": "flex",
+                "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+            },
+        ),
+        (
+            "/v1/responses",
+            {
+                "id": "r",
+                "model": "o4-mini",
+                "status": "completed",
+                "service_tier": "flex",
+                "usage": {"input_tokens": 3, "output_tokens": 4},
+            },
+        ),
+    ],
+)
 def test_openai_service_tier_is_recorded(path: str, body: dict) -> None:
     """The tier the response reports picks the price (extproc.core.pricing)."""
     raw = orjson.dumps(body)
@@ -173,24 +215,35 @@ def test_openai_service_tier_is_recorded(path: str, body: dict) -> None:
 
 
 def test_openai_streamed_service_tier_is_recorded() -> None:
-    body = sse((None, {"id": "c", "model": "gpt-4o-mini", "service_tier": "priority",
-                      "choices": [{"index": 0, "delta": {"content": "hi"}}]}),
-               (None, {"id": "c", "model": "gpt-4o-mini", "service_tier": "priority", "choices": [],
-                      "usage": {"prompt_tokens": 3, "completion_tokens": 4}}))
+    body = sse(
+        (None, {"id": "c", "model": "gpt-4o-mini", "service_tier": "priority", "choices": [{"index": 0, "delta": {"content": "hi"}}]}),
+        (
+            None,
+            {
+                "id": "c",
+                "model": "gpt-4o-mini",
+                "service_tier": "priority",
+                "choices": [],
+                "usage": {"prompt_tokens": 3, "completion_tokens": 4},
+            },
+        ),
+    )
     obs = run(Case("x", "/v1/chat/completions", SSE, body=body, expect={}), [body])
     assert obs.extra["service_tier"] == "priority" and obs.usage.output_tokens == 4
 
 
-@pytest.mark.parametrize("body,want", [
-    # OpenAI: the code names the class, the type is broader
-    (b'{"error":{"message":"Rate limit reached","type":"tokens","param":null,"code":"rate_limit_exceeded"}}',
-     "rate_limit_exceeded"),
-    (b'{"error":{"message":"bad","type":"invalid_request_error","param":"model","code":null}}', "invalid_request_error"),
-    (b'{"error":{"message":"bad key","type":"invalid_request_error","code":"invalid_api_key"}}', "invalid_api_key"),
-    # a numeric code is the HTTP status again, not a class (Mistral, some OpenAI-compatible servers)
-    (b'{"object":"error","message":"x","error":{"type":"invalid_request_error","code":"3051"}}', "invalid_request_error"),
-    (b'{"error":{"code":429,"message":"x","status":"RESOURCE_EXHAUSTED"}}', "RESOURCE_EXHAUSTED"),
-])
+@pytest.mark.parametrize(
+    "body,want",
+    [
+        # OpenAI: the code names the class, the type is broader
+        (b'{"error":{"message":"Rate limit reached","type":"tokens","param":null,"code":"rate_limit_exceeded"}}', "rate_limit_exceeded"),
+        (b'{"error":{"message":"bad","type":"invalid_request_error","param":"model","code":null}}', "invalid_request_error"),
+        (b'{"error":{"message":"bad key","type":"invalid_request_error","code":"invalid_api_key"}}', "invalid_api_key"),
+        # a numeric code is the HTTP status again, not a class (Mistral, some OpenAI-compatible servers)
+        (b'{"object":"error","message":"x","error":{"type":"invalid_request_error","code":"3051"}}', "invalid_request_error"),
+        (b'{"error":{"code":429,"message":"x","status":"RESOURCE_EXHAUSTED"}}', "RESOURCE_EXHAUSTED"),
+    ],
+)
 def test_error_type_prefers_a_naming_code_then_type_then_status(body: bytes, want: str) -> None:
     obs = run(Case("x", "/v1/chat/completions", JSON, body=body, status=429, expect={}), [body])
     assert obs.error_type == want
@@ -209,28 +262,54 @@ def test_openai_429_error_type_reaches_the_metrics_label() -> None:
     rec = Recorder()
     metrics = MetricsObserver(StatsConfig(), reg)
     err = b'{"error":{"message":"Rate limit reached","type":"tokens","param":null,"code":"rate_limit_exceeded"}}'
-    drive(Processor(parse({}), [rec, metrics]), [
-        req_headers(), body("request_body", b'{"model":"gpt-4o"}', end=True),
-        headers("response_headers", **{":status": "429", "content-type": "application/json"}),
-        body("response_body", err, end=True),
-    ])
+    drive(
+        Processor(parse({}), [rec, metrics]),
+        [
+            req_headers(),
+            body("request_body", b'{"model":"gpt-4o"}', end=True),
+            headers("response_headers", **{":status": "429", "content-type": "application/json"}),
+            body("response_body", err, end=True),
+        ],
+    )
     assert rec.calls[0].outcome == "error"
-    assert reg.get_sample_value("ai_requests_total", {
-        "llm": "openai", "model": "gpt-4o", "operation": "chat", "status_code": "429", "outcome": "error",
-        "error_type": "rate_limit_exceeded"}) == 1
+    assert (
+        reg.get_sample_value(
+            "ai_requests_total",
+            {
+                "llm": "openai",
+                "model": "gpt-4o",
+                "operation": "chat",
+                "status_code": "429",
+                "outcome": "error",
+                "error_type": "rate_limit_exceeded",
+            },
+        )
+        == 1
+    )
 
 
 # A system prompt given beside the messages leads them as a system message, as in OpenAI's chat API.
 _SYSTEMS = [
-    ("/v1/messages", {"system": "be brief", "messages": [{"role": "user", "content": "yo"}]},
-     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]),
-    ("/v1/messages", {"system": [{"type": "text", "text": "be brief"}], "messages": [{"role": "user", "content": "yo"}]},
-     [{"role": "system", "content": [{"type": "text", "text": "be brief"}]}, {"role": "user", "content": "yo"}]),
-    ("/model/amazon.nova-lite-v1:0/converse", {"system": [{"text": "be brief"}], "messages": [{"role": "user", "content": [{"text": "b"}]}]},
-     [{"role": "system", "content": [{"text": "be brief"}]}, {"role": "user", "content": [{"text": "b"}]}]),
-    ("/v1beta/models/gemini-2.5-flash:generateContent",
-     {"systemInstruction": {"parts": [{"text": "be brief"}]}, "contents": [{"role": "user", "parts": [{"text": "g"}]}]},
-     [{"role": "system", "content": [{"text": "be brief"}]}, {"role": "user", "content": [{"text": "g"}]}]),
+    (
+        "/v1/messages",
+        {"system": "be brief", "messages": [{"role": "user", "content": "yo"}]},
+        [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}],
+    ),
+    (
+        "/v1/messages",
+        {"system": [{"type": "text", "text": "be brief"}], "messages": [{"role": "user", "content": "yo"}]},
+        [{"role": "system", "content": [{"type": "text", "text": "be brief"}]}, {"role": "user", "content": "yo"}],
+    ),
+    (
+        "/model/amazon.nova-lite-v1:0/converse",
+        {"system": [{"text": "be brief"}], "messages": [{"role": "user", "content": [{"text": "b"}]}]},
+        [{"role": "system", "content": [{"text": "be brief"}]}, {"role": "user", "content": [{"text": "b"}]}],
+    ),
+    (
+        "/v1beta/models/gemini-2.5-flash:generateContent",
+        {"systemInstruction": {"parts": [{"text": "be brief"}]}, "contents": [{"role": "user", "parts": [{"text": "g"}]}]},
+        [{"role": "system", "content": [{"text": "be brief"}]}, {"role": "user", "content": [{"text": "g"}]}],
+    ),
     ("/v1/responses", {"instructions": "be brief", "input": "tell me"}, [{"role": "system", "content": "be brief"}, "tell me"]),
     ("/api/generate", {"system": "be brief", "prompt": "p"}, [{"role": "system", "content": "be brief"}, "p"]),
 ]

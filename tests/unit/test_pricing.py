@@ -5,6 +5,7 @@ tests/unit/test_token_semantics.py for every API's reported fields).
 Expected amounts are computed here from the providers' published per-million rates, written as
 literals: a catalogue (genai-prices) bump that changes a price or a token meaning fails these.
 """
+
 from __future__ import annotations
 
 import random
@@ -97,8 +98,7 @@ def test_gemini_thoughts_are_output(pricer: Pricer) -> None:
     assert c.input == pytest.approx(want_in, abs=1e-9)
     assert c.output == pytest.approx(want_out, abs=1e-9)
     # Same model on Vertex AI.
-    assert cost(pricer.price("vertex_ai", "gemini-2.5-flash", "gemini-2.5-flash", u)).total \
-        == pytest.approx(want_in + want_out, abs=1e-9)
+    assert cost(pricer.price("vertex_ai", "gemini-2.5-flash", "gemini-2.5-flash", u)).total == pytest.approx(want_in + want_out, abs=1e-9)
 
 
 def test_gemini_long_context_tier(pricer: Pricer) -> None:
@@ -106,17 +106,20 @@ def test_gemini_long_context_tier(pricer: Pricer) -> None:
     # prompts $2.50 / $0.25 / $15 for the WHOLE call.
     short = Usage(input_tokens=200_000, output_tokens=1_000, cached_input_tokens=0)
     long = Usage(input_tokens=200_001, output_tokens=1_000, cached_input_tokens=100_000)
-    assert cost(pricer.price("gemini", "gemini-2.5-pro", None, short)).total \
-        == pytest.approx((200_000 * 1.25 + 1_000 * 10) / M, abs=1e-9)
-    assert cost(pricer.price("gemini", "gemini-2.5-pro", None, long)).total \
-        == pytest.approx((100_001 * 2.50 + 100_000 * 0.25 + 1_000 * 15) / M, abs=1e-9)
+    assert cost(pricer.price("gemini", "gemini-2.5-pro", None, short)).total == pytest.approx((200_000 * 1.25 + 1_000 * 10) / M, abs=1e-9)
+    assert cost(pricer.price("gemini", "gemini-2.5-pro", None, long)).total == pytest.approx(
+        (100_001 * 2.50 + 100_000 * 0.25 + 1_000 * 15) / M, abs=1e-9
+    )
 
 
-@pytest.mark.parametrize("model_id", [
-    "anthropic.claude-3-5-sonnet-20240620-v1:0",
-    "us.anthropic.claude-3-5-sonnet-20240620-v1:0",
-    "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-sonnet-20240620-v1:0",
-])
+@pytest.mark.parametrize(
+    "model_id",
+    [
+        "anthropic.claude-3-5-sonnet-20240620-v1:0",
+        "us.anthropic.claude-3-5-sonnet-20240620-v1:0",
+        "arn:aws:bedrock:us-east-1:123456789012:inference-profile/us.anthropic.claude-3-5-sonnet-20240620-v1:0",
+    ],
+)
 def test_bedrock_model_ids(pricer: Pricer, model_id: str) -> None:
     # Claude 3.5 Sonnet on Bedrock: $3 input, $0.30 cache read, $3.75 cache write, $15 output.
     # Converse's inputTokens (and Claude's invoke input_tokens) 2,000 EXCLUDE cache reads and
@@ -148,12 +151,25 @@ def overrides(*models: dict) -> Pricer:
 
 
 def test_override_model() -> None:
-    p = overrides({"model": "acme-large", "provider": "acme", "inputPerMillion": 2.0, "outputPerMillion": 8.0,
-                   "cachedInputPerMillion": 0.5, "cacheWritePerMillion": 2.5})
+    p = overrides(
+        {
+            "model": "acme-large",
+            "provider": "acme",
+            "inputPerMillion": 2.0,
+            "outputPerMillion": 8.0,
+            "cachedInputPerMillion": 0.5,
+            "cacheWritePerMillion": 2.5,
+        }
+    )
     u = Usage(input_tokens=10_000, output_tokens=2_000, cached_input_tokens=3_000, cache_creation_input_tokens=1_000)
     c = cost(p.price("acme", "acme-large", None, u))  # input includes the cache
     want_in = (6_000 * 2.0 + 3_000 * 0.5 + 1_000 * 2.5) / M
-    assert (c.input, c.output, c.source, c.model) == (pytest.approx(want_in, abs=1e-9), pytest.approx(2_000 * 8.0 / M, abs=1e-9), "override", "acme-large")
+    assert (c.input, c.output, c.source, c.model) == (
+        pytest.approx(want_in, abs=1e-9),
+        pytest.approx(2_000 * 8.0 / M, abs=1e-9),
+        "override",
+        "acme-large",
+    )
     assert c.total == pytest.approx(want_in + 16_000 / M, abs=1e-9)
     # provider given: another provider serving a model of that name is not matched
     assert p.price("other", "acme-large", None, u) == Unpriced("unknown_model")
@@ -169,14 +185,17 @@ def test_override_defaults_and_order_and_regex() -> None:
     # cachedInputPerMillion defaults to the input rate
     assert cost(p.price("openai", "ft:gpt-4o-mini:acme::abc", None, u)).total == pytest.approx((1_000 * 0.30 + 100 * 1.20) / M, abs=1e-9)
     # matched on the request model although the response model differs; beats the catalogue
-    assert cost(p.price("openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", u)).total == pytest.approx((1_000 * 0.10 + 100 * 0.40) / M, abs=1e-9)
+    assert cost(p.price("openai", "gpt-4o-mini", "gpt-4o-mini-2024-07-18", u)).total == pytest.approx(
+        (1_000 * 0.10 + 100 * 0.40) / M, abs=1e-9
+    )
     free = cost(p.price("ollama", "llama3.2:3b", "llama3.2:3b", Usage(input_tokens=50, output_tokens=60)))
     assert free.total == 0.0 and free.source == "override"
 
 
 def test_override_prices_anthropic_cache_at_its_rates() -> None:
-    p = overrides({"model": "claude-private", "inputPerMillion": 1, "outputPerMillion": 5,
-                   "cachedInputPerMillion": 0.1, "cacheWritePerMillion": 1.25})
+    p = overrides(
+        {"model": "claude-private", "inputPerMillion": 1, "outputPerMillion": 5, "cachedInputPerMillion": 0.1, "cacheWritePerMillion": 1.25}
+    )
     u = Usage(input_tokens=1_500, output_tokens=10, cached_input_tokens=1_000, cache_creation_input_tokens=400)
     c = cost(p.price("anthropic", "claude-private", None, u))
     assert c.total == pytest.approx((100 * 1 + 1_000 * 0.1 + 400 * 1.25 + 10 * 5) / M, abs=1e-9)
@@ -196,7 +215,9 @@ def test_no_usage_error_disabled(pricer: Pricer) -> None:
     assert pricer.price("openai", "gpt-4o-mini", None, Usage()) == Unpriced("no_usage")
     assert pricer.price("openai", "gpt-4o-mini", None, Usage(total_tokens=5)) == Unpriced("no_usage")
     # cached > prompt: inconsistent usage is an error, not an exception
-    assert pricer.price("openai", "gpt-4o-mini", None, Usage(input_tokens=10, output_tokens=1, cached_input_tokens=100)) == Unpriced("error")
+    assert pricer.price("openai", "gpt-4o-mini", None, Usage(input_tokens=10, output_tokens=1, cached_input_tokens=100)) == Unpriced(
+        "error"
+    )
     assert Pricer(PricingConfig(enabled=False)).price("openai", "gpt-4o-mini", None, Usage(1, 1)) == Unpriced("disabled")
 
 
@@ -207,7 +228,9 @@ def test_never_raises(pricer: Pricer) -> None:
 
     assert pricer.price("openai", "gpt-4o-mini", None, Broken()) == Unpriced("error")  # type: ignore[arg-type]
     # a model that needs the library's own algebra with nonsense counts
-    assert isinstance(pricer.price("openai", "gpt-4o-mini", None, Usage(input_tokens=1, output_tokens=5, reasoning_tokens=99)), (Cost, Unpriced))
+    assert isinstance(
+        pricer.price("openai", "gpt-4o-mini", None, Usage(input_tokens=1, output_tokens=5, reasoning_tokens=99)), (Cost, Unpriced)
+    )
 
 
 def test_fast_path_agrees_with_the_library_on_every_catalogue_model() -> None:
@@ -231,8 +254,9 @@ def test_fast_path_agrees_with_the_library_on_every_catalogue_model() -> None:
                     inp = rng.choice((0, 1, 999, 150_000, 250_000, 1_500_000))
                     read = rng.randint(0, inp // 2)
                     write = rng.randint(0, (inp - read) // 2)
-                    t = Usage(input_tokens=inp, output_tokens=rng.randint(0, 50_000), cached_input_tokens=read,
-                              cache_creation_input_tokens=write)
+                    t = Usage(
+                        input_tokens=inp, output_tokens=rng.randint(0, 50_000), cached_input_tokens=read, cache_creation_input_tokens=write
+                    )
                     mine = plan.cost(t, model.id)
                     theirs = _library_cost(provider, model, t, tier)
                     assert isinstance(mine, Cost) and isinstance(theirs, Cost), (provider.id, model.id)
@@ -243,8 +267,7 @@ def test_fast_path_agrees_with_the_library_on_every_catalogue_model() -> None:
 
 def test_the_pricer_reads_the_normalised_usage_as_it_is() -> None:
     """Input includes the cache reads and writes (each at its own rate); output includes reasoning."""
-    rates = {"model": "m", "inputPerMillion": 1.0, "outputPerMillion": 10.0, "cachedInputPerMillion": 0.1,
-             "cacheWritePerMillion": 2.0}
+    rates = {"model": "m", "inputPerMillion": 1.0, "outputPerMillion": 10.0, "cachedInputPerMillion": 0.1, "cacheWritePerMillion": 2.0}
     pricer = Pricer(PricingConfig.model_validate({"models": [rates]}))
     u = Usage(input_tokens=100, output_tokens=10, cached_input_tokens=30, cache_creation_input_tokens=5, reasoning_tokens=4)
     cost = pricer.price("openai", "m", None, u)
@@ -266,25 +289,49 @@ def test_lookups_are_cached() -> None:
 
 
 # ---- configuration ----------------------------------------------------------------------------
-@pytest.mark.parametrize("entry,key", [
-    ({"model": "a", "inputPerMillion": -1, "outputPerMillion": 1}, "pricing.models.0.inputPerMillion"),
-    ({"model": "a", "outputPerMillion": 1}, "pricing.models.0.inputPerMillion: Field required"),
-    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": "cheap"}, "pricing.models.0.outputPerMillion"),
-    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": float("nan")}, "pricing.models.0.outputPerMillion"),
-    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cachedInputPerMillion": -0.5}, "pricing.models.0.cachedInputPerMillion"),
-    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cacheWritePerMillion": "x"}, "pricing.models.0.cacheWritePerMillion"),
-    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cachedPerMillion": 1}, "pricing.models.0.cachedPerMillion: unknown key"),
-    ({"modelRegex": "(", "inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0.modelRegex: not a valid regular expression"),
-    ({"inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0: set exactly one of model or modelRegex"),
-    ({"model": "a", "modelRegex": "a", "inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0: set exactly one"),
-    ({"model": "", "inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0.model"),
-    # bounded and finite: 0 .. 1e6 USD per million tokens (1e308 once made ai_cost_usd_total +Inf)
-    ({"model": "a", "inputPerMillion": 1e308, "outputPerMillion": 1}, "pricing.models.0.inputPerMillion: Input should be less than or equal to 1000000"),
-    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1000001}, "pricing.models.0.outputPerMillion: Input should be less than or equal to 1000000"),
-    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cachedInputPerMillion": 1e7}, "pricing.models.0.cachedInputPerMillion: Input should be less"),
-    ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cacheWritePerMillion": 2e6}, "pricing.models.0.cacheWritePerMillion: Input should be less"),
-    ({"model": "a", "inputPerMillion": float("inf"), "outputPerMillion": 1}, "pricing.models.0.inputPerMillion: Input should be a finite number"),
-])
+@pytest.mark.parametrize(
+    "entry,key",
+    [
+        ({"model": "a", "inputPerMillion": -1, "outputPerMillion": 1}, "pricing.models.0.inputPerMillion"),
+        ({"model": "a", "outputPerMillion": 1}, "pricing.models.0.inputPerMillion: Field required"),
+        ({"model": "a", "inputPerMillion": 1, "outputPerMillion": "cheap"}, "pricing.models.0.outputPerMillion"),
+        ({"model": "a", "inputPerMillion": 1, "outputPerMillion": float("nan")}, "pricing.models.0.outputPerMillion"),
+        (
+            {"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cachedInputPerMillion": -0.5},
+            "pricing.models.0.cachedInputPerMillion",
+        ),
+        ({"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cacheWritePerMillion": "x"}, "pricing.models.0.cacheWritePerMillion"),
+        (
+            {"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cachedPerMillion": 1},
+            "pricing.models.0.cachedPerMillion: unknown key",
+        ),
+        ({"modelRegex": "(", "inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0.modelRegex: not a valid regular expression"),
+        ({"inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0: set exactly one of model or modelRegex"),
+        ({"model": "a", "modelRegex": "a", "inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0: set exactly one"),
+        ({"model": "", "inputPerMillion": 1, "outputPerMillion": 1}, "pricing.models.0.model"),
+        # bounded and finite: 0 .. 1e6 USD per million tokens (1e308 once made ai_cost_usd_total +Inf)
+        (
+            {"model": "a", "inputPerMillion": 1e308, "outputPerMillion": 1},
+            "pricing.models.0.inputPerMillion: Input should be less than or equal to 1000000",
+        ),
+        (
+            {"model": "a", "inputPerMillion": 1, "outputPerMillion": 1000001},
+            "pricing.models.0.outputPerMillion: Input should be less than or equal to 1000000",
+        ),
+        (
+            {"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cachedInputPerMillion": 1e7},
+            "pricing.models.0.cachedInputPerMillion: Input should be less",
+        ),
+        (
+            {"model": "a", "inputPerMillion": 1, "outputPerMillion": 1, "cacheWritePerMillion": 2e6},
+            "pricing.models.0.cacheWritePerMillion: Input should be less",
+        ),
+        (
+            {"model": "a", "inputPerMillion": float("inf"), "outputPerMillion": 1},
+            "pricing.models.0.inputPerMillion: Input should be a finite number",
+        ),
+    ],
+)
 def test_bad_override_names_the_key(entry: dict, key: str) -> None:
     with pytest.raises(ConfigError) as e:
         parse({"pricing": {"models": [entry]}}, "c.yaml")

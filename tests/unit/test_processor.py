@@ -1,4 +1,5 @@
 """The servicer's state machine, driven directly with ext_proc messages (no Envoy)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -63,19 +64,27 @@ CHAT_JSON = b'{"id":"c1","model":"gpt-4o-2024","choices":[{"finish_reason":"stop
 
 
 def test_non_streaming_chat(proc, rec):
-    replies = run(proc, [
-        req_headers(),
-        body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-        body("response_body", CHAT_JSON[:40]),
-        body("response_body", CHAT_JSON[40:], end=True),
-    ])
-    assert [r.WhichOneof("response") for r in replies] == ["request_headers", "request_body", "response_headers", "response_body", "response_body"]
+    replies = run(
+        proc,
+        [
+            req_headers(),
+            body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+            body("response_body", CHAT_JSON[:40]),
+            body("response_body", CHAT_JSON[40:], end=True),
+        ],
+    )
+    assert [r.WhichOneof("response") for r in replies] == [
+        "request_headers",
+        "request_body",
+        "response_headers",
+        "response_body",
+        "response_body",
+    ]
     # the response body is switched to STREAMED for this response only
     assert replies[2].mode_override.response_body_mode == mode_pb.ProcessingMode.STREAMED
     # outcome: what ending now would amount to, until the response is complete
-    assert meta(replies[2]) == {"provider": "openai", "streaming": False, "operation": "chat", "model": "gpt-4o",
-                                "outcome": "client_abort"}
+    assert meta(replies[2]) == {"provider": "openai", "streaming": False, "operation": "chat", "model": "gpt-4o", "outcome": "client_abort"}
     assert not replies[3].HasField("dynamic_metadata")  # nothing new yet: the constant reply
     m = meta(replies[4])
     assert (m["prompt_tokens"], m["completion_tokens"], m["total_tokens"]) == (5, 7, 12)
@@ -91,8 +100,9 @@ def _content_length_response(payload: bytes, status: str = "200", **extra: str) 
     return [
         req_headers(),
         body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
-        headers("response_headers", **{":status": status, "content-type": "application/json",
-                                       "content-length": str(len(payload)), **extra}),
+        headers(
+            "response_headers", **{":status": status, "content-type": "application/json", "content-length": str(len(payload)), **extra}
+        ),
         body("response_body", payload[:40]),
         body("response_body", payload[40:]),
     ]
@@ -144,13 +154,17 @@ def test_stream_metadata_is_sent_on_the_usage_chunk_and_client_hangup_after_done
     """Clients hang up right after [DONE]; Envoy then never sends end_of_stream. The usage must
     already be in the metadata of the message that carried it, and the call counts as ok."""
     cut = SSE.index(b'data: {"id":"c","model":"m-1","choices":[],')
-    replies = run(proc, [
-        req_headers(),
-        body("request_body", b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
-        body("response_body", SSE[:cut]),
-        body("response_body", SSE[cut:]),  # usage arrives here; no end_of_stream follows
-    ], abort=True)
+    replies = run(
+        proc,
+        [
+            req_headers(),
+            body("request_body", b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+            body("response_body", SSE[:cut]),
+            body("response_body", SSE[cut:]),  # usage arrives here; no end_of_stream follows
+        ],
+        abort=True,
+    )
     assert meta(replies[-1])["total_tokens"] == 7
     assert meta(replies[-1])["streaming"] is True
     assert meta(replies[-1])["outcome"] == "ok"  # the access log agrees with the counters
@@ -159,12 +173,16 @@ def test_stream_metadata_is_sent_on_the_usage_chunk_and_client_hangup_after_done
 
 
 def test_abort_mid_stream_is_client_abort_counted_once(proc, rec):
-    run(proc, [
-        req_headers(),
-        body("request_body", b'{"model":"m","stream":true}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
-        body("response_body", SSE[:50]),
-    ], abort=True)
+    run(
+        proc,
+        [
+            req_headers(),
+            body("request_body", b'{"model":"m","stream":true}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+            body("response_body", SSE[:50]),
+        ],
+        abort=True,
+    )
     assert len(rec.calls) == 1 and rec.calls[0].outcome == CLIENT_ABORT
     assert proc.counters.active == 0
 
@@ -190,7 +208,11 @@ def test_unknown_path_skips_request_body(proc, rec):
 
 
 def test_observability_mode_sends_no_replies(proc, rec):
-    msgs = [req_headers(), headers("response_headers", **{":status": "200", "content-type": "application/json"}), body("response_body", CHAT_JSON, end=True)]
+    msgs = [
+        req_headers(),
+        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+        body("response_body", CHAT_JSON, end=True),
+    ]
     for m in msgs:
         m.observability_mode = True
     assert run(proc, msgs) == []
@@ -203,9 +225,13 @@ def test_observability_mode_builds_no_metadata_and_prices_the_call_once_at_the_e
     from extproc.server import processor as processor_mod
 
     def messages(observe: bool) -> list[pb.ProcessingRequest]:
-        msgs = [req_headers(), body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
-                headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-                body("response_body", CHAT_JSON[:40]), body("response_body", CHAT_JSON[40:], end=True)]
+        msgs = [
+            req_headers(),
+            body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+            body("response_body", CHAT_JSON[:40]),
+            body("response_body", CHAT_JSON[40:], end=True),
+        ]
         for m in msgs:
             m.observability_mode = observe
         return msgs
@@ -238,11 +264,14 @@ def test_internal_error_fails_open(proc, rec, monkeypatch, caplog):
         raise RuntimeError("parser bug")
 
     monkeypatch.setattr(openai._ChatLike, "on_response_json", boom)
-    replies = run(proc, [
-        req_headers(),
-        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-        body("response_body", CHAT_JSON, end=True),
-    ])
+    replies = run(
+        proc,
+        [
+            req_headers(),
+            headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+            body("response_body", CHAT_JSON, end=True),
+        ],
+    )
     assert replies[-1].WhichOneof("response") == "response_body"  # still answered: CONTINUE
     assert proc.counters.internal_errors == 1 and rec.calls[0].obs.parse_errors == 1
 
@@ -261,12 +290,15 @@ def test_gzip_response(proc, rec):
     import gzip
 
     data = gzip.compress(CHAT_JSON)
-    run(proc, [
-        req_headers(),
-        headers("response_headers", **{":status": "200", "content-type": "application/json", "content-encoding": "gzip"}),
-        body("response_body", data[:10]),
-        body("response_body", data[10:], end=True),
-    ])
+    run(
+        proc,
+        [
+            req_headers(),
+            headers("response_headers", **{":status": "200", "content-type": "application/json", "content-encoding": "gzip"}),
+            body("response_body", data[:10]),
+            body("response_body", data[10:], end=True),
+        ],
+    )
     assert rec.calls[0].obs.usage.total_tokens == 12 and rec.calls[0].decode_error is None
 
 
@@ -281,26 +313,35 @@ def test_jwt_claims_are_kept_from_forwarded_metadata(proc, rec):
 def test_stream_closed_by_upstream_before_its_end_marker_is_an_error(proc, rec):
     """The upstream ended the response (end_of_stream) without [DONE] or the final usage."""
     cut = SSE.index(b'data: {"id":"c","model":"m-1","choices":[],')
-    replies = run(proc, [
-        req_headers(),
-        body("request_body", b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
-        body("response_body", SSE[:cut], end=True),
-    ])
+    replies = run(
+        proc,
+        [
+            req_headers(),
+            body("request_body", b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+            body("response_body", SSE[:cut], end=True),
+        ],
+    )
     (call,) = rec.calls
     assert call.outcome == ERROR and call.obs.error_type == "incomplete_stream"
     assert meta(replies[-1])["outcome"] == "error"
 
 
 def test_in_stream_error_event_is_an_error(proc, rec):
-    events = (b'event: message_start\ndata: {"type":"message_start","message":{"model":"claude","usage":'
-              b'{"input_tokens":9,"output_tokens":1}}}\n\n'
-              b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n')
-    replies = run(proc, [
-        req_headers("/v1/messages"),
-        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
-        body("response_body", events),
-    ], abort=True)
+    events = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"model":"claude","usage":'
+        b'{"input_tokens":9,"output_tokens":1}}}\n\n'
+        b'event: error\ndata: {"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}\n\n'
+    )
+    replies = run(
+        proc,
+        [
+            req_headers("/v1/messages"),
+            headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+            body("response_body", events),
+        ],
+        abort=True,
+    )
     (call,) = rec.calls
     assert (call.outcome, call.obs.error_type) == (ERROR, "overloaded_error")
     assert meta(replies[-1])["outcome"] == "error"
@@ -339,10 +380,13 @@ RESP = {"response.code": 200, 'metadata.filter_metadata["envoy.ai.response_heade
 
 
 def test_fewer_messages_non_streaming_chat(proc, rec):
-    replies = run(proc, [
-        with_attrs(body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True), **REQ_LINE),
-        with_attrs(body("response_body", CHAT_JSON, end=True), **RESP, **REQ_LINE),
-    ])
+    replies = run(
+        proc,
+        [
+            with_attrs(body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True), **REQ_LINE),
+            with_attrs(body("response_body", CHAT_JSON, end=True), **RESP, **REQ_LINE),
+        ],
+    )
     assert [r.WhichOneof("response") for r in replies] == ["request_body", "response_body"]
     m = meta(replies[1])
     assert (m["model"], m["provider_model"], m["total_tokens"], m["outcome"]) == ("gpt-4o", "gpt-4o-2024", 12, "ok")
@@ -355,12 +399,18 @@ def test_fewer_messages_http1_gzip_and_provider_header(proc, rec):
 
     data = gzip.compress(CHAT_JSON)
     enc = 'metadata.filter_metadata["envoy.ai.response_headers"]["content-encoding"]'
-    replies = run(proc, [
-        with_attrs(body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
-                   **REQ_LINE, **{'request.headers["x-llm-provider"]': "azure"}),
-        with_attrs(body("response_body", data), **RESP, **{enc: "gzip"}),
-        body("response_body", b"", end=True),
-    ])
+    replies = run(
+        proc,
+        [
+            with_attrs(
+                body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
+                **REQ_LINE,
+                **{'request.headers["x-llm-provider"]': "azure"},
+            ),
+            with_attrs(body("response_body", data), **RESP, **{enc: "gzip"}),
+            body("response_body", b"", end=True),
+        ],
+    )
     assert meta(replies[1])["outcome"] == "client_abort"  # the first response message hands over the metadata
     assert meta(replies[2])["total_tokens"] == 12 and meta(replies[2])["provider"] == "azure"
     assert rec.calls[0].outcome == OK
@@ -370,28 +420,40 @@ def test_fewer_messages_get_and_early_reply(proc, rec):
     """A GET sends no request message: the request line comes with the response. An upstream that
     answers before the request body: the late request body is not parsed into the response."""
     run(proc, [with_attrs(body("response_body", b"{}", end=True), **{**REQ_LINE, "request.method": "GET"}, **{"response.code": 404})])
-    run(proc, [
-        with_attrs(body("response_body", b'{"error":{"message":"x"}}', end=True), **REQ_LINE, **{"response.code": 429}),
-        with_attrs(body("request_body", b'{"model":"gpt-4o"}', end=True), **REQ_LINE),
-    ])
+    run(
+        proc,
+        [
+            with_attrs(body("response_body", b'{"error":{"message":"x"}}', end=True), **REQ_LINE, **{"response.code": 429}),
+            with_attrs(body("request_body", b'{"model":"gpt-4o"}', end=True), **REQ_LINE),
+        ],
+    )
     get, early = rec.calls
     assert (get.method, get.status, get.outcome) == ("GET", 404, ERROR)
     assert (early.status, early.outcome, early.api) == (429, ERROR, "openai.chat")
 
 
 def test_fewer_messages_unknown_path_streams_through(proc, rec):
-    replies = run(proc, [
-        with_attrs(body("response_body", b"abc"), **{**REQ_LINE, "request.path": "/other"}, **{"response.code": 200}),
-        body("response_body", b"def", end=True),
-    ])
+    replies = run(
+        proc,
+        [
+            with_attrs(body("response_body", b"abc"), **{**REQ_LINE, "request.path": "/other"}, **{"response.code": 200}),
+            body("response_body", b"def", end=True),
+        ],
+    )
     assert meta(replies[0])["outcome"] == "ok" and not replies[1].HasField("dynamic_metadata")
     assert rec.calls[0].outcome == OK and rec.calls[0].api == "unknown"
 
 
 def test_fewer_messages_attribution_reads_the_listed_headers(proc, rec):
-    run(proc, [
-        with_attrs(body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
-                   **REQ_LINE, **{'request.headers["x-session-id"]': "s-1"}),
-        with_attrs(body("response_body", CHAT_JSON, end=True), **RESP),
-    ])
+    run(
+        proc,
+        [
+            with_attrs(
+                body("request_body", b'{"model":"gpt-4o","messages":[]}', end=True),
+                **REQ_LINE,
+                **{'request.headers["x-session-id"]': "s-1"},
+            ),
+            with_attrs(body("response_body", CHAT_JSON, end=True), **RESP),
+        ],
+    )
     assert rec.calls[0].session_id == "s-1"

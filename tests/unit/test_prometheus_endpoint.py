@@ -2,6 +2,7 @@
 half-sent requests are closed after readTimeoutSeconds without rendering; scrapes beyond
 maxConcurrentScrapes get 503 at once; concurrent scrapes share one render, later ones within
 renderIntervalSeconds reuse it; connections beyond maxConnections are closed at once."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -200,8 +201,10 @@ def test_scrapes_keep_working_while_connections_are_held_and_reopened():
         for s in socks:
             s.close()
 
-    holders = [threading.Thread(target=hold, args=(64, b"")),
-               threading.Thread(target=hold, args=(2, b"GET /metrics HTTP/1.1\r\n\r\n"))]  # within the scrape slots
+    holders = [
+        threading.Thread(target=hold, args=(64, b"")),
+        threading.Thread(target=hold, args=(2, b"GET /metrics HTTP/1.1\r\n\r\n")),
+    ]  # within the scrape slots
     codes: list[int | str] = []
     try:
         for t in holders:

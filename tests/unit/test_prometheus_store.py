@@ -4,6 +4,7 @@ failure is logged once with its cause, the lost updates are counted, and the pro
 
 The recording runs in a child process (multiprocess mode is process-wide, and a regression would
 kill the test runner with SIGBUS)."""
+
 from __future__ import annotations
 
 import json
@@ -38,8 +39,7 @@ print(json.dumps({"failures": obs.failures, "dropped": prometheus_store.dropped(
 def _record(tmp_path, size: str, calls: int) -> tuple[subprocess.CompletedProcess, list[dict]]:
     with tiny_tmpfs(tmp_path / "metrics", size) as d:
         env = {"PROMETHEUS_MULTIPROC_DIR": str(d), "PATH": "/usr/bin:/bin"}
-        r = subprocess.run([sys.executable, "-c", RECORD, str(calls)], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=120)
+        r = subprocess.run([sys.executable, "-c", RECORD, str(calls)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     lines = [json.loads(line) for line in r.stderr.splitlines() if line.startswith("{")]
     return r, lines
 

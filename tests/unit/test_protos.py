@@ -1,4 +1,5 @@
 """The committed generated stubs equal what `make protos` would write today."""
+
 from __future__ import annotations
 
 import filecmp

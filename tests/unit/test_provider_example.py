@@ -1,5 +1,6 @@
 """The worked example in docs/providers.md is real code: it routes, parses and declares, and that
 one module is all a provider needs (router, host table, tracing name, prices, finish reasons)."""
+
 from __future__ import annotations
 
 import re
@@ -62,15 +63,17 @@ def acme_installed(monkeypatch):
 
 
 def test_the_example_module_alone_makes_a_provider(acme_installed):
-    cfg = parse({"pricing": {"models": [{"model": "acme-large", "provider": "acme",
-                                         "inputPerMillion": 1.0, "outputPerMillion": 2.0}]}})
+    cfg = parse({"pricing": {"models": [{"model": "acme-large", "provider": "acme", "inputPerMillion": 1.0, "outputPerMillion": 2.0}]}})
     rec = Recorder()
-    replies = run(Processor(cfg, [rec]), [
-        headers("request_headers", **{":path": "/acme/v1/generate", ":method": "POST", ":authority": "api.acme.example"}),
-        body("request_body", b'{"model": "acme-large"}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-        body("response_body", b'{"usage": {"in": 1000, "out": 500}, "stop": "token_limit"}', end=True),
-    ])
+    replies = run(
+        Processor(cfg, [rec]),
+        [
+            headers("request_headers", **{":path": "/acme/v1/generate", ":method": "POST", ":authority": "api.acme.example"}),
+            body("request_body", b'{"model": "acme-large"}', end=True),
+            headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+            body("response_body", b'{"usage": {"in": 1000, "out": 500}, "stop": "token_limit"}', end=True),
+        ],
+    )
     call, m = rec.calls[0], meta(replies[-1])
     assert call.api == "acme.generate" and call.provider == "acme"  # from the module's host suffix
     assert routing.semconv_name("acme") == "acme"

@@ -1,5 +1,6 @@
 """Providers declare themselves in their parser module; the routing, tracing, price catalogue and
 finish-reason tables are built from those declarations."""
+
 from __future__ import annotations
 
 import pytest
@@ -21,18 +22,21 @@ def test_provider_names_are_unique_and_hosts_resolve_to_them():
     assert len({p.name for p in providers}) == len(providers)
     for p in providers:
         for suffix in p.hosts:
-            host = ("api" + suffix if suffix.startswith(".") else "localhost" + suffix if suffix.startswith(":") else suffix)
+            host = "api" + suffix if suffix.startswith(".") else "localhost" + suffix if suffix.startswith(":") else suffix
             assert routing.provider_for_host(host) == p.name, (p.name, host)
 
 
-@pytest.mark.parametrize("host,name,semconv", [
-    ("api.openai.com", "openai", "openai"),
-    ("myres.openai.azure.com", "azure", "azure.ai.openai"),
-    ("api.perplexity.ai", "perplexity", "perplexity"),  # OpenAI-compatible: declared by the openai module
-    ("bedrock-runtime.us-east-1.amazonaws.com", "bedrock", "aws.bedrock"),
-    ("us-central1-aiplatform.googleapis.com", "vertex_ai", "gcp.vertex_ai"),
-    ("localhost:11434", "ollama", "ollama"),
-])
+@pytest.mark.parametrize(
+    "host,name,semconv",
+    [
+        ("api.openai.com", "openai", "openai"),
+        ("myres.openai.azure.com", "azure", "azure.ai.openai"),
+        ("api.perplexity.ai", "perplexity", "perplexity"),  # OpenAI-compatible: declared by the openai module
+        ("bedrock-runtime.us-east-1.amazonaws.com", "bedrock", "aws.bedrock"),
+        ("us-central1-aiplatform.googleapis.com", "vertex_ai", "gcp.vertex_ai"),
+        ("localhost:11434", "ollama", "ollama"),
+    ],
+)
 def test_host_and_semantic_convention_names(host, name, semconv):
     assert routing.provider_for_host(host) == name
     assert routing.semconv_name(name) == semconv
@@ -43,15 +47,18 @@ def test_unknown_provider_passes_through_and_unknown_host_is_none():
     assert routing.provider_for_host("llm.internal.example") is None
 
 
-@pytest.mark.parametrize("name,ids", [
-    ("openai", ("openai",)),
-    ("anthropic", ("anthropic",)),
-    ("gemini", ("google",)),
-    ("vertex_ai", ("google", "anthropic")),  # Claude on Vertex: Anthropic's list when Google's lacks it
-    ("bedrock", ("aws",)),
-    ("xai", ("x-ai",)),
-    ("together", ("together",)),  # named by an operator; no host of its own
-])
+@pytest.mark.parametrize(
+    "name,ids",
+    [
+        ("openai", ("openai",)),
+        ("anthropic", ("anthropic",)),
+        ("gemini", ("google",)),
+        ("vertex_ai", ("google", "anthropic")),  # Claude on Vertex: Anthropic's list when Google's lacks it
+        ("bedrock", ("aws",)),
+        ("xai", ("x-ai",)),
+        ("together", ("together",)),  # named by an operator; no host of its own
+    ],
+)
 def test_price_catalogue_ids_come_from_the_provider_declarations(name, ids):
     assert routing.catalogue_ids()[name] == ids
 
@@ -78,7 +85,6 @@ def test_finish_reasons_come_from_every_module_and_a_conflict_is_refused(monkeyp
     monkeypatch.setattr(apis, "modules", lambda: (bad,))
     with pytest.raises(TypeError, match="not one of"):
         finish.table()
-
 
 
 def test_the_example_upstreams_of_the_reference_envoy_config_name_declared_providers():

@@ -2,6 +2,7 @@
 refused, the running state stays exactly as it was (settings, observers) and nothing built for
 the refused config (a tracer's export thread) is left running; a FIFO is refused without
 blocking. The supervisor adopts only a file the workers accept."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,13 @@ from extproc.server import worker
 from extproc.server.processor import Processor
 from extproc.telemetry import observers as observers_mod
 
-BASE = {"stats": {"port": 0}, "tracing": {"otlpEndpoint": "127.0.0.1:9"}, "metadata": {"namespace": "ns.one"},
-        "providers": {"header": "x-one"}, "limits": {"maxBodyBytes": 1 << 20}}
+BASE = {
+    "stats": {"port": 0},
+    "tracing": {"otlpEndpoint": "127.0.0.1:9"},
+    "metadata": {"namespace": "ns.one"},
+    "providers": {"header": "x-one"},
+    "limits": {"maxBodyBytes": 1 << 20},
+}
 
 
 def export_threads() -> int:
@@ -37,8 +43,7 @@ def running(tmp_path):
 
 def snapshot(p: Processor) -> tuple:
     s = p.settings
-    return (s, s.config, s.config.metadata.namespace, s.provider_key, s.parser_limits, s.limits, s.router,
-            tuple(p.observers), p.capture)
+    return (s, s.config, s.config.metadata.namespace, s.provider_key, s.parser_limits, s.limits, s.router, tuple(p.observers), p.capture)
 
 
 def applied(p: Processor) -> tuple:
@@ -59,8 +64,7 @@ def refused(p: Processor, path, before: int, factory=observers_mod.observers) ->
 
 
 def changed(**kw) -> dict:
-    out = {**BASE, "metadata": {"namespace": "ns.two"}, "providers": {"header": "x-two"},
-           "limits": {"maxBodyBytes": 1024}}
+    out = {**BASE, "metadata": {"namespace": "ns.two"}, "providers": {"header": "x-two"}, "limits": {"maxBodyBytes": 1024}}
     out.update(kw)
     return out
 

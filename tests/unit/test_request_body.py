@@ -1,6 +1,7 @@
 """The request body arrives in chunks (Envoy streams it, docs/envoy.md): the sidecar joins them,
 bounded by ``limits.maxBodyBytes`` and counted in the worker's held bytes, and parses the whole
 body once its last chunk arrived."""
+
 from __future__ import annotations
 
 from extproc.apis.base import Limits
@@ -14,7 +15,7 @@ REQUEST = b'{"model":"gpt-4o","stream":false,"max_tokens":77,"messages":[{"role"
 
 
 def pieces(data: bytes, size: int) -> list[bytes]:
-    return [data[i:i + size] for i in range(0, len(data), size)]
+    return [data[i : i + size] for i in range(0, len(data), size)]
 
 
 def test_a_request_body_in_chunks_is_read_whole_once_its_last_arrives():
@@ -44,13 +45,16 @@ def test_streamed_request_chunks_are_held_by_the_worker_until_the_body_ends():
     rec = Recorder()
     proc = Processor(parse({}), [rec])
     chunks = pieces(REQUEST, 1000)
-    replies = run(proc, [
-        req_headers(),
-        *(body("request_body", c) for c in chunks),
-        body("request_body", b"", end=True),
-        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-        body("response_body", CHAT_JSON, end=True),
-    ])
+    replies = run(
+        proc,
+        [
+            req_headers(),
+            *(body("request_body", c) for c in chunks),
+            body("request_body", b"", end=True),
+            headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+            body("response_body", CHAT_JSON, end=True),
+        ],
+    )
     assert [r.WhichOneof("response") for r in replies].count("request_body") == len(chunks) + 1
     assert meta(replies[-2])["model"] == "gpt-4o"  # read from the joined request body
     assert proc.counters.large >= len(REQUEST) and proc.counters.held == 0

@@ -1,6 +1,7 @@
 """The self-cost metric: the time a call spends inside the sidecar's message handlers (not waiting
 between messages) is accumulated per stream and observed in extproc_processing_duration_seconds,
 on Prometheus and over OTLP."""
+
 from __future__ import annotations
 
 import time

@@ -1,5 +1,6 @@
 """The gRPC server, driven in this process by a grpcio client: replies, metadata, health
 transitions, cancellation and drain behaviour, on TCP and on a unix socket."""
+
 from __future__ import annotations
 
 import asyncio
@@ -57,8 +58,9 @@ def _channel(address: str) -> grpc.aio.Channel:
 
 
 def _stream(channel: grpc.aio.Channel, metadata: tuple = ()):
-    call = channel.stream_stream(METHOD, request_serializer=lambda m: m.SerializeToString(),
-                                 response_deserializer=pb.ProcessingResponse.FromString)
+    call = channel.stream_stream(
+        METHOD, request_serializer=lambda m: m.SerializeToString(), response_deserializer=pb.ProcessingResponse.FromString
+    )
     return call(metadata=metadata)
 
 
@@ -154,8 +156,17 @@ def test_streams_without_a_task_are_reported_when_their_connection_is_lost():
             c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
             c.initiate_connection()
             for sid in (1, 3):
-                c.send_headers(sid, [(":method", "POST"), (":scheme", "http"), (":path", METHOD), (":authority", "x"),
-                                     ("content-type", "application/grpc"), ("te", "trailers")])
+                c.send_headers(
+                    sid,
+                    [
+                        (":method", "POST"),
+                        (":scheme", "http"),
+                        (":path", METHOD),
+                        (":authority", "x"),
+                        ("content-type", "application/grpc"),
+                        ("te", "trailers"),
+                    ],
+                )
                 data = REQ.SerializeToString()
                 c.send_data(sid, b"\0" + len(data).to_bytes(4, "big") + data)
             writer.write(c.data_to_send())
@@ -371,6 +382,7 @@ def test_stream_cap_counts_streams_waiting_for_a_busy_worker():
     busy) are what piles up under overload; past the bound new ones are refused as "overloaded".
     A burst on a healthy worker is not refused: only once the oldest has waited WAIT_GRACE.
     A task cancelled before it ran (its connection closed) is released too."""
+
     async def main() -> None:
         cap = StreamCap(METHOD, lambda: 10, lambda: 2, lambda reason: None)
 
@@ -402,6 +414,7 @@ def test_stream_cap_knows_when_the_event_loop_runs_behind():
     """Streams handled without a task never wait, so the worker's lateness is measured instead:
     a beat every BEAT s while streams are open; a loop blocked past LATE reads as behind until a
     beat runs on time again; with no stream open the beats stop."""
+
     async def main() -> None:
         cap = StreamCap(METHOD, lambda: 10, lambda: 2, lambda reason: None)
         cap.taken()
@@ -452,8 +465,12 @@ def test_observability_mode_streams_get_no_replies_and_end_at_the_response_end()
     async def main() -> None:
         async with Running(address) as r, _channel(address) as ch:
             call = _stream(ch)
-            msgs = [req_headers(), _headers("response_headers", **{":status": "200", "content-type": "application/json"}),
-                    body("response_body", CHAT_JSON[:20]), body("response_body", CHAT_JSON[20:], end=True)]
+            msgs = [
+                req_headers(),
+                _headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+                body("response_body", CHAT_JSON[:20]),
+                body("response_body", CHAT_JSON[20:], end=True),
+            ]
             for m in msgs:
                 m.observability_mode = True
                 await call.write(m)

@@ -1,4 +1,5 @@
 """The hand-written OTLP span encoding produces exactly the SDK encoder's request."""
+
 from __future__ import annotations
 
 import pytest
@@ -18,15 +19,27 @@ from tests.unit.test_tracing import call
 
 RESOURCE = Resource({"service.name": "svc", "deployment.environment": "test", "n": 3})
 SCOPE = InstrumentationScope("envoy-ai-extproc")
-PARENT = SpanContext(0x0AF7651916CD43DD8448EB211C80319C, 0xB7AD6B7169203331, is_remote=True,
-                     trace_flags=TraceFlags(1), trace_state=TraceState([("vendor", "v1"), ("other", "x=y")]))
+PARENT = SpanContext(
+    0x0AF7651916CD43DD8448EB211C80319C,
+    0xB7AD6B7169203331,
+    is_remote=True,
+    trace_flags=TraceFlags(1),
+    trace_state=TraceState([("vendor", "v1"), ("other", "x=y")]),
+)
 
 
 def span(attributes: dict, **kw) -> ReadableSpan:
-    base = dict(name="chat gpt-4o", resource=RESOURCE, kind=SpanKind.CLIENT, status=Status(StatusCode.OK),
-                start_time=1_700_000_000_000_000_000, end_time=1_700_000_000_250_000_000, instrumentation_scope=SCOPE,
-                context=SpanContext(PARENT.trace_id, 0x1234, is_remote=False, trace_flags=TraceFlags(1), trace_state=PARENT.trace_state),
-                parent=PARENT)
+    base = dict(
+        name="chat gpt-4o",
+        resource=RESOURCE,
+        kind=SpanKind.CLIENT,
+        status=Status(StatusCode.OK),
+        start_time=1_700_000_000_000_000_000,
+        end_time=1_700_000_000_250_000_000,
+        instrumentation_scope=SCOPE,
+        context=SpanContext(PARENT.trace_id, 0x1234, is_remote=False, trace_flags=TraceFlags(1), trace_state=PARENT.trace_state),
+        parent=PARENT,
+    )
     return ReadableSpan(attributes=attributes, **{**base, **kw})
 
 
@@ -36,10 +49,30 @@ def same(spans: list[ReadableSpan]) -> None:
 
 
 VALUES = {
-    "s": "text", "empty": "", "unicode": "h\u00e9llo \u2603 \U0001F600", "long": "x" * 300, "t": True, "f": False,
-    "zero": 0, "i": 7, "big": (1 << 63) - 1, "neg": -5, "min": -(1 << 63), "pi": 3.25, "fzero": 0.0, "nfloat": -1e-300,
-    "b": b"\x00\xff", "strs": ("a", "b"), "list": ["x", "y", "z"], "ints": (1, -2, 3), "floats": (0.5,), "bools": (True, False),
-    "none_in_list": ("a", None), "no_items": (), "mapping": {"k": "v", "n": 1}, "none": None,
+    "s": "text",
+    "empty": "",
+    "unicode": "h\u00e9llo \u2603 \U0001f600",
+    "long": "x" * 300,
+    "t": True,
+    "f": False,
+    "zero": 0,
+    "i": 7,
+    "big": (1 << 63) - 1,
+    "neg": -5,
+    "min": -(1 << 63),
+    "pi": 3.25,
+    "fzero": 0.0,
+    "nfloat": -1e-300,
+    "b": b"\x00\xff",
+    "strs": ("a", "b"),
+    "list": ["x", "y", "z"],
+    "ints": (1, -2, 3),
+    "floats": (0.5,),
+    "bools": (True, False),
+    "none_in_list": ("a", None),
+    "no_items": (),
+    "mapping": {"k": "v", "n": 1},
+    "none": None,
 }
 
 
@@ -54,21 +87,26 @@ def test_a_value_the_sdk_cannot_encode_is_left_out_as_the_sdk_does():
     assert [kv.key for kv in ours.resource_spans[0].scope_spans[0].spans[0].attributes] == ["ok", "after"]
 
 
-@pytest.mark.parametrize("kw", [
-    {},
-    {"parent": None},  # a root span
-    {"parent": SpanContext(PARENT.trace_id, 9, is_remote=False)},  # a local parent
-    {"status": Status(StatusCode.ERROR, "rate_limit_exceeded")},
-    {"status": Status(StatusCode.ERROR)},
-    {"status": Status(StatusCode.UNSET)},
-    {"kind": SpanKind.INTERNAL}, {"kind": SpanKind.SERVER}, {"kind": SpanKind.CONSUMER},
-    {"name": ""},
-    {"context": SpanContext(1, 2, is_remote=False)},  # no trace state
-    {"instrumentation_scope": None},
-    {"instrumentation_scope": InstrumentationScope("lib", "1.2", "https://schema", {"a": 1})},
-    {"resource": Resource({"service.name": "x"}, schema_url="https://schema/r")},
-    {"resource": Resource({})},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {},
+        {"parent": None},  # a root span
+        {"parent": SpanContext(PARENT.trace_id, 9, is_remote=False)},  # a local parent
+        {"status": Status(StatusCode.ERROR, "rate_limit_exceeded")},
+        {"status": Status(StatusCode.ERROR)},
+        {"status": Status(StatusCode.UNSET)},
+        {"kind": SpanKind.INTERNAL},
+        {"kind": SpanKind.SERVER},
+        {"kind": SpanKind.CONSUMER},
+        {"name": ""},
+        {"context": SpanContext(1, 2, is_remote=False)},  # no trace state
+        {"instrumentation_scope": None},
+        {"instrumentation_scope": InstrumentationScope("lib", "1.2", "https://schema", {"a": 1})},
+        {"resource": Resource({"service.name": "x"}, schema_url="https://schema/r")},
+        {"resource": Resource({})},
+    ],
+)
 def test_span_shapes_encode_as_the_sdk_does(kw):
     same([span({"a": 1}, **kw)])
 
@@ -79,15 +117,30 @@ def test_spans_group_by_resource_then_scope_in_order_of_appearance():
     same([span({"n": 1}), span({"n": 2}, resource=equal_but_distinct), span({"n": 3})])  # grouped as one, as the SDK does
     other = Resource({"service.name": "other"})
     lib = InstrumentationScope("lib")
-    same([span({"n": 1}), span({"n": 2}, resource=other), span({"n": 3}, instrumentation_scope=lib), span({"n": 4}),
-          span({"n": 5}, resource=other, instrumentation_scope=lib)])
+    same(
+        [
+            span({"n": 1}),
+            span({"n": 2}, resource=other),
+            span({"n": 3}, instrumentation_scope=lib),
+            span({"n": 4}),
+            span({"n": 5}, resource=other, instrumentation_scope=lib),
+        ]
+    )
 
 
 @pytest.mark.parametrize("conventions", [["genai"], ["genai", "openinference", "langfuse", "openllmetry"]])
 @pytest.mark.parametrize("capture", [False, True])
 def test_the_tracers_spans_encode_as_the_sdk_does(conventions, capture):
-    cfg = config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1", "conventions": conventions, "captureContent": capture,
-                                    "fields": {"add": {"team": 'request.headers["x-team"]', "total": "llm.total_tokens"}}}}).tracing
+    cfg = config.parse(
+        {
+            "tracing": {
+                "otlpEndpoint": "127.0.0.1:1",
+                "conventions": conventions,
+                "captureContent": capture,
+                "fields": {"add": {"team": 'request.headers["x-team"]', "total": "llm.total_tokens"}},
+            }
+        }
+    ).tracing
     spans: list[ReadableSpan] = []
 
     class Keep:
@@ -100,8 +153,7 @@ def test_the_tracers_spans_encode_as_the_sdk_does(conventions, capture):
     t = Tracer(cfg, processor=Keep())
     ok, failed = call(capture=capture), call(capture=capture)
     failed.outcome, failed.status = ERROR, 500
-    failed.headers = {**failed.headers, "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
-                      "tracestate": "vendor=v1"}
+    failed.headers = {**failed.headers, "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "vendor=v1"}
     t.on_call_end(ok)
     t.on_call_end(failed)
     assert len(spans) == 2 and len(spans[0].attributes) > 15

@@ -7,7 +7,7 @@ from extproc.codecs.sse import SSEDecoder
 
 RAW = (
     b": keep-alive comment\n"
-    b"event: response.created\r\ndata: {\"a\":1}\r\n\r\n"
+    b'event: response.created\r\ndata: {"a":1}\r\n\r\n'
     b"data: line one\ndata: line two\n\n"
     b"data:no-space\r\rdata: [DONE]\n\n"
 )

@@ -2,6 +2,7 @@
 bounded amount of decoding and parsing, a whole SSE event and an NDJSON line are capped, line
 assembly is linear, and the bytes held by all streams of a worker have a ceiling. Every reply is
 still a plain CONTINUE sent at once; what was given up is counted."""
+
 from __future__ import annotations
 
 import gzip
@@ -16,15 +17,19 @@ from extproc.server.replies import CONTINUE_RESPONSE_BODY
 from tests.unit.test_processor import Recorder, body, headers, req_headers, run
 
 SSE = {":status": "200", "content-type": "text/event-stream"}
-USAGE_EVENT = (b'data: {"id":"c","model":"gpt-4o-mini-2024-07-18","choices":[],'
-               b'"usage":{"prompt_tokens":11,"completion_tokens":22,"total_tokens":33}}\n\n')
+USAGE_EVENT = (
+    b'data: {"id":"c","model":"gpt-4o-mini-2024-07-18","choices":[],'
+    b'"usage":{"prompt_tokens":11,"completion_tokens":22,"total_tokens":33}}\n\n'
+)
 
 
 def stream_msgs(chunks: list[bytes], encoding: str = "", ctype: str = "text/event-stream") -> list[pb.ProcessingRequest]:
     hdrs = {":status": "200", "content-type": ctype, **({"content-encoding": encoding} if encoding else {})}
-    return ([req_headers(), body("request_body", b'{"model":"gpt-4o-mini","stream":true}', end=True),
-             headers("response_headers", **hdrs)]
-            + [body("response_body", c) for c in chunks] + [body("response_body", b"", end=True)])
+    return (
+        [req_headers(), body("request_body", b'{"model":"gpt-4o-mini","stream":true}', end=True), headers("response_headers", **hdrs)]
+        + [body("response_body", c) for c in chunks]
+        + [body("response_body", b"", end=True)]
+    )
 
 
 def test_gzip_sse_of_tiny_lines_costs_one_bounded_message():
@@ -35,7 +40,7 @@ def test_gzip_sse_of_tiny_lines_costs_one_bounded_message():
     rec = Recorder()
     p = Processor(parse({}), [rec])
     t0 = time.perf_counter()
-    replies = run(p, stream_msgs([bomb[i:i + 16384] for i in range(0, len(bomb), 16384)], "gzip"))
+    replies = run(p, stream_msgs([bomb[i : i + 16384] for i in range(0, len(bomb), 16384)], "gzip"))
     elapsed = time.perf_counter() - t0
     assert elapsed < 1.0, f"{elapsed:.2f} s"
     body_replies = replies[3:]
@@ -59,7 +64,7 @@ def test_normal_streams_are_within_the_budgets():
     p = Processor(parse({}), [rec])
     events = b"".join(b'data: {"choices":[{"delta":{"content":"hello there"}}]}\n\n' for _ in range(2000)) + USAGE_EVENT
     payload = gzip.compress(events)
-    run(p, stream_msgs([payload[i:i + 4096] for i in range(0, len(payload), 4096)], "gzip"))
+    run(p, stream_msgs([payload[i : i + 4096] for i in range(0, len(payload), 4096)], "gzip"))
     run(p, stream_msgs([events]))
     assert [c.obs.usage.total_tokens for c in rec.calls] == [33, 33]
     assert p.counters.abandoned == {} and p.counters.held == 0
@@ -93,7 +98,7 @@ def test_ndjson_line_assembly_is_linear_and_capped():
     parser.start_response(200, "application/x-ndjson")
     t0 = time.perf_counter()
     for i in range(len(line)):
-        parser.feed_response(line[i:i + 1], False)
+        parser.feed_response(line[i : i + 1], False)
     elapsed = time.perf_counter() - t0
     assert elapsed < 1.0, f"{elapsed:.2f} s for {len(line)} one-byte chunks"
     assert parser.held_bytes() == 0
@@ -137,8 +142,9 @@ def test_memory_held_by_ended_streams_is_returned():
 
     from tests.support.harness import REPO
 
-    out = subprocess.run([sys.executable, "-m", "tests.support.held_memory"], cwd=REPO, capture_output=True,
-                         text=True, timeout=120, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "tests.support.held_memory"], cwd=REPO, capture_output=True, text=True, timeout=120, check=True
+    )
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     assert rss["held"] == 0
     assert max(rss["after"]) - rss["before"] < 25, rss

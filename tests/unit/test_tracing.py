@@ -1,4 +1,5 @@
 """Tracing without processes: presets, CEL fields, redaction, config errors, zero cost when off."""
+
 from __future__ import annotations
 
 import json
@@ -21,20 +22,48 @@ PRESETS = Path(__file__).resolve().parents[2] / "deploy" / "tracing"
 
 
 def call(capture: bool = True) -> Call:
-    obs = Observation(operation="chat", request_model="gpt-4o", response_model="gpt-4o-2024-08-06", response_id="chatcmpl-1",
-                      usage=Usage(input_tokens=7, output_tokens=5, total_tokens=12, cached_input_tokens=2, reasoning_tokens=1),
-                      finish_reasons=["stop"], params={"temperature": 0.5, "max_tokens": 100, "stop": "\n"})
+    obs = Observation(
+        operation="chat",
+        request_model="gpt-4o",
+        response_model="gpt-4o-2024-08-06",
+        response_id="chatcmpl-1",
+        usage=Usage(input_tokens=7, output_tokens=5, total_tokens=12, cached_input_tokens=2, reasoning_tokens=1),
+        finish_reasons=["stop"],
+        params={"temperature": 0.5, "max_tokens": 100, "stop": "\n"},
+    )
     if capture:
-        obs.input_messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]}]
+        obs.input_messages = [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image_url"}]},
+        ]
         obs.output_text = ["hel", "lo"]
     claims = Struct()
     claims.update({"principal": {"sub": "alice", "team": "ml"}})
-    return Call(obs=obs, provider="azure", api="openai.chat", method="POST", path="/v1/chat/completions?key=AIzaSECRET",
-                host="api.example.com:443", headers={":path": "/x", "authorization": "Bearer sk-x", "x-api-key": "k", "cookie": "c",
-                                                     "x-team": "blue", "x-conversation-id": "s-1",
-                                                     "x-session-id": "sess-secret"},
-                forwarded={"envoy.filters.http.jwt_authn": claims}, status=200, outcome=OK,
-                start_time_ns=1_700_000_000_000_000_000, start=10.0, end=10.25, first_chunk=10.1, session_id="s-1")
+    return Call(
+        obs=obs,
+        provider="azure",
+        api="openai.chat",
+        method="POST",
+        path="/v1/chat/completions?key=AIzaSECRET",
+        host="api.example.com:443",
+        headers={
+            ":path": "/x",
+            "authorization": "Bearer sk-x",
+            "x-api-key": "k",
+            "cookie": "c",
+            "x-team": "blue",
+            "x-conversation-id": "s-1",
+            "x-session-id": "sess-secret",
+        },
+        forwarded={"envoy.filters.http.jwt_authn": claims},
+        status=200,
+        outcome=OK,
+        start_time_ns=1_700_000_000_000_000_000,
+        start=10.0,
+        end=10.25,
+        first_chunk=10.1,
+        session_id="s-1",
+    )
 
 
 def spans_for(cfg: config.TracingConfig, c: Call) -> dict:
@@ -67,15 +96,28 @@ def test_capture_uses_semconv_message_shape():
         {"role": "system", "parts": [{"type": "text", "content": "be brief"}]},
         {"role": "user", "parts": [{"type": "text", "content": "hi"}, {"type": "image_url"}]},
     ]
-    assert json.loads(a["gen_ai.output.messages"]) == [{"role": "assistant", "parts": [{"type": "text", "content": "hello"}], "finish_reason": "stop"}]
+    assert json.loads(a["gen_ai.output.messages"]) == [
+        {"role": "assistant", "parts": [{"type": "text", "content": "hello"}], "finish_reason": "stop"}
+    ]
 
 
 def test_fields_add_remove_and_cel_variables():
-    cfg = tracing_cfg(fields={
-        "remove": ["gen_ai.system", "gen_ai.usage.*"],
-        "add": {"user": "jwt.sub", "team": "jwt.team + '/' + request.headers['x-team']", "path": "request.path",
-                "hdrs": "request.headers", "req": "flatten(llm.params)", "missing": "jwt.nope", "status": "response.status",
-                "gen_ai.usage.input_tokens": "llm.input_tokens * 10", "prompt": "llm.prompt"}})
+    cfg = tracing_cfg(
+        fields={
+            "remove": ["gen_ai.system", "gen_ai.usage.*"],
+            "add": {
+                "user": "jwt.sub",
+                "team": "jwt.team + '/' + request.headers['x-team']",
+                "path": "request.path",
+                "hdrs": "request.headers",
+                "req": "flatten(llm.params)",
+                "missing": "jwt.nope",
+                "status": "response.status",
+                "gen_ai.usage.input_tokens": "llm.input_tokens * 10",
+                "prompt": "llm.prompt",
+            },
+        }
+    )
     a = spans_for(cfg, call())
     assert "gen_ai.system" not in a and "gen_ai.usage.output_tokens" not in a
     assert a["gen_ai.usage.input_tokens"] == 70  # add runs after remove, and may override
@@ -98,18 +140,33 @@ def test_no_secret_reaches_any_attribute():
 
 # Gateway and SDK credential headers seen in the wild, and the classic ones.
 CREDENTIAL_HEADERS = (
-    "x-portkey-api-key", "cf-aig-authorization", "helicone-auth", "openai-api-key", "x-auth-token", "anthropic-api-key",
-    "authorization", "proxy-authorization", "cookie", "set-cookie", "x-api-key", "api-key", "x-goog-api-key",
-    "x-amz-security-token", "ocp-apim-subscription-key", "X-Client-Secret", "x-db-password", "x-session-token",
-    "x-hub-signature-256", "x-amz-credential",
+    "x-portkey-api-key",
+    "cf-aig-authorization",
+    "helicone-auth",
+    "openai-api-key",
+    "x-auth-token",
+    "anthropic-api-key",
+    "authorization",
+    "proxy-authorization",
+    "cookie",
+    "set-cookie",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "x-amz-security-token",
+    "ocp-apim-subscription-key",
+    "X-Client-Secret",
+    "x-db-password",
+    "x-session-token",
+    "x-hub-signature-256",
+    "x-amz-credential",
 )
 
 
 def test_credential_headers_are_removed_by_pattern():
     c = call(capture=False)
     c.headers = {**{h.lower(): f"SECRET-{i}" for i, h in enumerate(CREDENTIAL_HEADERS)}, "x-team": "blue", "user-agent": "ua"}
-    cfg = tracing_cfg(fields={"add": {"all": "request.headers", "flat": "flatten(request.headers)",
-                                      "h": "flatten_recursive(request)"}})
+    cfg = tracing_cfg(fields={"add": {"all": "request.headers", "flat": "flatten(request.headers)", "h": "flatten_recursive(request)"}})
     a = spans_for(cfg, c)
     dump = json.dumps({k: v if isinstance(v, (str, int, float)) else list(v) for k, v in a.items() if k != "span"})
     assert "SECRET-" not in dump
@@ -125,21 +182,63 @@ def test_credential_header_is_never_a_label(header):
 @pytest.mark.parametrize(
     "preset,expected",
     [
-        ("jaeger.yaml", {"gen_ai.request.model": "gpt-4o", "gen_ai.usage.input_tokens": 7, "user.id": "alice",
-                         "gen_ai.request.temperature": 0.5, "gen_ai.usage.total_tokens": 12}),
-        ("langfuse.yaml", {"langfuse.observation.type": "generation", "langfuse.observation.model.name": "gpt-4o-2024-08-06",
-                           "langfuse.user.id": "alice", "langfuse.session.id": "s-1", "gen_ai.usage.input_tokens": 7}),
-        ("phoenix.yaml", {"openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-2024-08-06", "llm.provider": "azure",
-                          "llm.system": "openai", "llm.token_count.prompt": 7, "llm.token_count.completion": 5, "llm.token_count.total": 12,
-                          "llm.token_count.prompt_details.cache_read": 2, "llm.token_count.completion_details.reasoning": 1,
-                          "input.mime_type": "application/json", "output.value": "hello", "user.id": "alice", "session.id": "s-1",
-                          "llm.input_messages.0.message.role": "system", "llm.input_messages.0.message.content": "be brief",
-                          "llm.output_messages.0.message.role": "assistant", "llm.output_messages.0.message.content": "hello",
-                          "gen_ai.request.model": None}),
-        ("openllmetry.yaml", {"llm.request.type": "chat", "llm.is_streaming": False, "llm.usage.total_tokens": 12,
-                              "gen_ai.usage.prompt_tokens": 7, "gen_ai.usage.completion_tokens": 5,
-                              "gen_ai.prompt.0.content": "be brief", "gen_ai.completion.0.content": "hello",
-                              "gen_ai.system": "azure.ai.openai", "gen_ai.usage.input_tokens": 7}),
+        (
+            "jaeger.yaml",
+            {
+                "gen_ai.request.model": "gpt-4o",
+                "gen_ai.usage.input_tokens": 7,
+                "user.id": "alice",
+                "gen_ai.request.temperature": 0.5,
+                "gen_ai.usage.total_tokens": 12,
+            },
+        ),
+        (
+            "langfuse.yaml",
+            {
+                "langfuse.observation.type": "generation",
+                "langfuse.observation.model.name": "gpt-4o-2024-08-06",
+                "langfuse.user.id": "alice",
+                "langfuse.session.id": "s-1",
+                "gen_ai.usage.input_tokens": 7,
+            },
+        ),
+        (
+            "phoenix.yaml",
+            {
+                "openinference.span.kind": "LLM",
+                "llm.model_name": "gpt-4o-2024-08-06",
+                "llm.provider": "azure",
+                "llm.system": "openai",
+                "llm.token_count.prompt": 7,
+                "llm.token_count.completion": 5,
+                "llm.token_count.total": 12,
+                "llm.token_count.prompt_details.cache_read": 2,
+                "llm.token_count.completion_details.reasoning": 1,
+                "input.mime_type": "application/json",
+                "output.value": "hello",
+                "user.id": "alice",
+                "session.id": "s-1",
+                "llm.input_messages.0.message.role": "system",
+                "llm.input_messages.0.message.content": "be brief",
+                "llm.output_messages.0.message.role": "assistant",
+                "llm.output_messages.0.message.content": "hello",
+                "gen_ai.request.model": None,
+            },
+        ),
+        (
+            "openllmetry.yaml",
+            {
+                "llm.request.type": "chat",
+                "llm.is_streaming": False,
+                "llm.usage.total_tokens": 12,
+                "gen_ai.usage.prompt_tokens": 7,
+                "gen_ai.usage.completion_tokens": 5,
+                "gen_ai.prompt.0.content": "be brief",
+                "gen_ai.completion.0.content": "hello",
+                "gen_ai.system": "azure.ai.openai",
+                "gen_ai.usage.input_tokens": 7,
+            },
+        ),
     ],
 )
 def test_presets_load_and_produce_their_attributes(preset, expected):
@@ -163,8 +262,10 @@ def test_presets_cover_every_file():
     assert {p.name for p in PRESETS.glob("*.yaml")} == {"jaeger.yaml", "langfuse.yaml", "phoenix.yaml", "openllmetry.yaml"}
 
 
-@pytest.mark.parametrize("expr,msg", [("llm.(", "invalid CEL expression"), ("secrets.key", "unknown variable 'secrets'"),
-                                      ("flatten(llm.", "invalid CEL expression")])
+@pytest.mark.parametrize(
+    "expr,msg",
+    [("llm.(", "invalid CEL expression"), ("secrets.key", "unknown variable 'secrets'"), ("flatten(llm.", "invalid CEL expression")],
+)
 def test_bad_expression_is_a_config_error_naming_the_field(expr, msg):
     with pytest.raises(config.ConfigError) as e:
         config.parse({"tracing": {"fields": {"add": {"my.attr": expr}}}}, "c.yaml")
@@ -179,11 +280,13 @@ def test_bad_expression_exits_2(tmp_path):
 
 
 def test_disabled_tracing_costs_nothing():
-    code = ("import os, sys; [os.environ.pop(k) for k in list(os.environ) if k.startswith('OTEL_')];"
-            "from extproc.core import config; from extproc.telemetry import observers as app; from extproc.server.processor import Processor;"
-            "cfg = config.parse({}); obs = app.observers(cfg); p = Processor(cfg, obs);"
-            "print(len(obs), p.capture, any(m.startswith('opentelemetry') or m == 'cel' for m in sys.modules),"
-            " any(type(o).__name__ == 'Tracer' for o in obs))")
+    code = (
+        "import os, sys; [os.environ.pop(k) for k in list(os.environ) if k.startswith('OTEL_')];"
+        "from extproc.core import config; from extproc.telemetry import observers as app; from extproc.server.processor import Processor;"
+        "cfg = config.parse({}); obs = app.observers(cfg); p = Processor(cfg, obs);"
+        "print(len(obs), p.capture, any(m.startswith('opentelemetry') or m == 'cel' for m in sys.modules),"
+        " any(type(o).__name__ == 'Tracer' for o in obs))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30).stdout.split()
     # CallLog + McpMetrics + MetricsObserver; no tracer, no capture, no SDK loaded
     assert out == ["3", "False", "False", "False"]
@@ -192,8 +295,7 @@ def test_disabled_tracing_costs_nothing():
 def test_usage_attributes_follow_the_genai_conventions():
     """The normalised counts as they are, the breakdowns in their own attributes."""
     c = call(capture=False)
-    c.obs.usage = Usage(input_tokens=2800, output_tokens=40, cached_input_tokens=2000, cache_creation_input_tokens=300,
-                        reasoning_tokens=10)
+    c.obs.usage = Usage(input_tokens=2800, output_tokens=40, cached_input_tokens=2000, cache_creation_input_tokens=300, reasoning_tokens=10)
     a = spans_for(tracing_cfg(), c)
     assert a["gen_ai.usage.input_tokens"] == 2800 and a["gen_ai.usage.output_tokens"] == 40
     assert a["gen_ai.usage.cache_read.input_tokens"] == 2000
@@ -206,13 +308,16 @@ def test_a_successful_call_has_status_ok_and_no_error_type():
     assert a["span"].status.status_code is StatusCode.OK and "error.type" not in a
 
 
-@pytest.mark.parametrize("outcome, status, provider_error, expected", [
-    (ERROR, 429, "rate_limit_exceeded", "rate_limit_exceeded"),  # the provider's error type first
-    (ERROR, 503, None, "503"),  # else the HTTP status
-    (CLIENT_ABORT, 200, None, "client_abort"),
-    (NO_RESPONSE, 0, None, "no_response"),
-    (OK, 200, "tool_error", "tool_error"),  # complete, but the body reported an error
-])
+@pytest.mark.parametrize(
+    "outcome, status, provider_error, expected",
+    [
+        (ERROR, 429, "rate_limit_exceeded", "rate_limit_exceeded"),  # the provider's error type first
+        (ERROR, 503, None, "503"),  # else the HTTP status
+        (CLIENT_ABORT, 200, None, "client_abort"),
+        (NO_RESPONSE, 0, None, "no_response"),
+        (OK, 200, "tool_error", "tool_error"),  # complete, but the body reported an error
+    ],
+)
 def test_a_failed_call_has_status_error_with_its_error_type(outcome, status, provider_error, expected):
     c = call(capture=False)
     c.outcome, c.status, c.obs.error_type = outcome, status, provider_error
@@ -228,9 +333,11 @@ def test_openinference_names_are_the_packages_constants():
 
     from extproc.telemetry import openinference as oi
 
-    names = {**{k: getattr(sc.SpanAttributes, k) for k in dir(sc.SpanAttributes) if k.isupper()},
-             **{k: getattr(sc.MessageAttributes, k) for k in dir(sc.MessageAttributes) if k.isupper()},
-             **{k: getattr(sc.ToolAttributes, k) for k in dir(sc.ToolAttributes) if k.isupper()}}
+    names = {
+        **{k: getattr(sc.SpanAttributes, k) for k in dir(sc.SpanAttributes) if k.isupper()},
+        **{k: getattr(sc.MessageAttributes, k) for k in dir(sc.MessageAttributes) if k.isupper()},
+        **{k: getattr(sc.ToolAttributes, k) for k in dir(sc.ToolAttributes) if k.isupper()},
+    }
     ours = {"SPAN_KIND": "OPENINFERENCE_SPAN_KIND"}
     constants = [k for k in dir(oi) if k.isupper() and isinstance(getattr(oi, k), str) and "." in getattr(oi, k)]
     assert len(constants) >= 25
@@ -270,8 +377,14 @@ def priced_call(capture: bool) -> Call:
     from extproc.core.pricing import Cost
 
     c = call(capture)
-    c.obs.usage = Usage(input_tokens=2800, output_tokens=40, total_tokens=2840, cached_input_tokens=2000,
-                        cache_creation_input_tokens=300, reasoning_tokens=10)
+    c.obs.usage = Usage(
+        input_tokens=2800,
+        output_tokens=40,
+        total_tokens=2840,
+        cached_input_tokens=2000,
+        cache_creation_input_tokens=300,
+        reasoning_tokens=10,
+    )
     c.obs.message_count = 2
     c.obs.end_user = "u-1"
     c.cost = Cost(total=0.0125, input=0.01, output=0.0025, model="gpt-4o", source="catalogue")
@@ -284,19 +397,34 @@ def test_openinference_span_with_content_capture():
     assert span.status.status_code is StatusCode.OK
     assert not any(k.startswith("gen_ai.") for k in a)  # only the convention asked for
     assert a == {
-        "openinference.span.kind": "LLM", "llm.model_name": "gpt-4o-2024-08-06", "llm.provider": "azure", "llm.system": "openai",
+        "openinference.span.kind": "LLM",
+        "llm.model_name": "gpt-4o-2024-08-06",
+        "llm.provider": "azure",
+        "llm.system": "openai",
         "llm.invocation_parameters": '{"temperature":0.5,"max_tokens":100,"stop":"\\n"}',
-        "llm.token_count.prompt": 2800, "llm.token_count.completion": 40, "llm.token_count.total": 2840,
-        "llm.token_count.prompt_details.cache_read": 2000, "llm.token_count.prompt_details.cache_write": 300,
+        "llm.token_count.prompt": 2800,
+        "llm.token_count.completion": 40,
+        "llm.token_count.total": 2840,
+        "llm.token_count.prompt_details.cache_read": 2000,
+        "llm.token_count.prompt_details.cache_write": 300,
         "llm.token_count.completion_details.reasoning": 10,
-        "llm.cost.prompt": 0.01, "llm.cost.completion": 0.0025, "llm.cost.total": 0.0125,
+        "llm.cost.prompt": 0.01,
+        "llm.cost.completion": 0.0025,
+        "llm.cost.total": 0.0125,
         "input.value": '{"messages":[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]}',
         "input.mime_type": "application/json",
-        "llm.input_messages.0.message.role": "system", "llm.input_messages.0.message.content": "be brief",
-        "llm.input_messages.1.message.role": "user", "llm.input_messages.1.message.content": "hi",
-        "output.value": "hello", "output.mime_type": "text/plain",
-        "llm.output_messages.0.message.role": "assistant", "llm.output_messages.0.message.content": "hello",
-        "session.id": "s-1", "user.id": "u-1", "server.address": "api.example.com", "http.response.status_code": 200,
+        "llm.input_messages.0.message.role": "system",
+        "llm.input_messages.0.message.content": "be brief",
+        "llm.input_messages.1.message.role": "user",
+        "llm.input_messages.1.message.content": "hi",
+        "output.value": "hello",
+        "output.mime_type": "text/plain",
+        "llm.output_messages.0.message.role": "assistant",
+        "llm.output_messages.0.message.content": "hello",
+        "session.id": "s-1",
+        "user.id": "u-1",
+        "server.address": "api.example.com",
+        "http.response.status_code": 200,
     }
 
 
@@ -332,9 +460,17 @@ def test_openinference_input_messages_are_capped():
 
 
 def test_openinference_mcp_request_is_a_tool_span():
-    c = Call(obs=Observation(operation="execute_tool", extra={"mcp.method": "tools/call", "mcp.tool": "get_weather",
-                                                              "mcp.arguments": {"city": "Paris"}}),
-             provider="mcp", api="mcp", status=200, outcome=OK, start=1.0, end=1.1)
+    c = Call(
+        obs=Observation(
+            operation="execute_tool", extra={"mcp.method": "tools/call", "mcp.tool": "get_weather", "mcp.arguments": {"city": "Paris"}}
+        ),
+        provider="mcp",
+        api="mcp",
+        status=200,
+        outcome=OK,
+        start=1.0,
+        end=1.1,
+    )
     a = spans_for(tracing_cfg(conventions=["openinference"], captureContent=True), c)
     assert a["openinference.span.kind"] == "TOOL" and a["tool.name"] == "get_weather"
     assert a["input.value"] == '{"city":"Paris"}' and a["input.mime_type"] == "application/json"
@@ -355,14 +491,21 @@ def test_gemini_contents_parts_are_captured():
     from extproc.apis.gemini import GeminiGenerate
 
     c = call(capture=True)
-    request = {"contents": [{"role": "user", "parts": [{"text": "why is the sky "}, {"text": "blue"}]}, {"role": "model", "parts": [{"text": "air"}]}]}
+    request = {
+        "contents": [
+            {"role": "user", "parts": [{"text": "why is the sky "}, {"text": "blue"}]},
+            {"role": "model", "parts": [{"text": "air"}]},
+        ]
+    }
     GeminiGenerate(c.obs, path_model="gemini-2.5-flash", capture=True).feed_request(json.dumps(request).encode())
     a = spans_for(tracing_cfg(conventions=["genai", "openinference"], captureContent=True), c)
     assert json.loads(a["gen_ai.input.messages"]) == [
         {"role": "user", "parts": [{"type": "text", "content": "why is the sky "}, {"type": "text", "content": "blue"}]},
         {"role": "model", "parts": [{"type": "text", "content": "air"}]},
     ]
-    assert json.loads(a["input.value"]) == {"messages": [{"role": "user", "content": "why is the sky blue"}, {"role": "model", "content": "air"}]}
+    assert json.loads(a["input.value"]) == {
+        "messages": [{"role": "user", "content": "why is the sky blue"}, {"role": "model", "content": "air"}]
+    }
 
 
 # ---- per-request privacy (tracing.noCaptureHeader) ------------------------------------------
@@ -379,22 +522,38 @@ def _through_processor(cfg: config.Config, **request_headers: str) -> tuple[dict
         def on_call_end(self, c: Call) -> None:
             calls.append(c)
 
-    sse = (b'data: {"id":"c1","model":"gpt-4o","choices":[{"delta":{"content":"the secret answer"}}]}\n\n'
-           b'data: {"id":"c1","model":"gpt-4o","choices":[{"delta":{},"finish_reason":"stop"}],'
-           b'"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\ndata: [DONE]\n\n')
-    run(Processor(cfg, [tracer, Keep()]), [
-        req_headers(**request_headers),
-        body("request_body", b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"my private question"}]}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
-        body("response_body", sse, end=True),
-    ])
+    sse = (
+        b'data: {"id":"c1","model":"gpt-4o","choices":[{"delta":{"content":"the secret answer"}}]}\n\n'
+        b'data: {"id":"c1","model":"gpt-4o","choices":[{"delta":{},"finish_reason":"stop"}],'
+        b'"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\ndata: [DONE]\n\n'
+    )
+    run(
+        Processor(cfg, [tracer, Keep()]),
+        [
+            req_headers(**request_headers),
+            body(
+                "request_body", b'{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"my private question"}]}', end=True
+            ),
+            headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+            body("response_body", sse, end=True),
+        ],
+    )
     (span,) = exporter.get_finished_spans()
     return {"span": span, **dict(span.attributes)}, calls[0]
 
 
 def _privacy_cfg(**tracing) -> config.Config:
-    return config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1", "captureContent": True, "conventions": ["genai", "openinference"],
-                                     "fields": {"add": {"prompt": "llm.prompt", "completion": "llm.completion"}}, **tracing}})
+    return config.parse(
+        {
+            "tracing": {
+                "otlpEndpoint": "127.0.0.1:1",
+                "captureContent": True,
+                "conventions": ["genai", "openinference"],
+                "fields": {"add": {"prompt": "llm.prompt", "completion": "llm.completion"}},
+                **tracing,
+            }
+        }
+    )
 
 
 def test_capture_is_on_without_the_no_capture_header():
@@ -409,8 +568,10 @@ def test_the_no_capture_header_turns_capture_off_for_that_call(tracing, header):
     assert c.obs.input_messages is None and c.obs.output_text is None  # the parser never held the content
     dump = json.dumps({k: v for k, v in a.items() if k != "span"}, default=list)
     assert "my private question" not in dump and "the secret answer" not in dump
-    assert not any(k.startswith(("gen_ai.input", "gen_ai.output", "output.", "llm.input_messages", "llm.output_messages", "prompt",
-                                 "completion")) for k in a)
+    assert not any(
+        k.startswith(("gen_ai.input", "gen_ai.output", "output.", "llm.input_messages", "llm.output_messages", "prompt", "completion"))
+        for k in a
+    )
     assert a["input.value"] == "chat gpt-4o: 1 message" and a["input.mime_type"] == "text/plain"
     assert a["gen_ai.usage.input_tokens"] == 5 and a["llm.token_count.completion"] == 3  # the rest of the span as usual
 
@@ -429,14 +590,23 @@ def test_no_capture_header_null_disables_the_switch():
     assert "my private question" in a["input.value"]
 
 
-@pytest.mark.parametrize("data, key", [
-    ({"stats": {"customLabels": [{"name": "nc", "header": "X-Extproc-No-Capture"}]}}, "stats.customLabels.0.header"),
-    ({"attribution": {"endUserHeader": "x-extproc-no-capture"}}, "attribution.endUserHeader"),
-    ({"attribution": {"sessionHeaders": ["x-s", "x-extproc-no-capture"]}}, "attribution.sessionHeaders.1"),
-    ({"budgets": {"descriptors": [{"entries": [{"key": "k", "header": "x-extproc-no-capture"}]}]}}, "budgets.descriptors.0.entries.0.header"),
-    ({"tracing": {"noCaptureHeader": "x-mine"}, "stats": {"customLabels": [{"name": "nc", "header": "x-mine"}]}}, "stats.customLabels.0.header"),
-    ({"tracing": {"noCaptureHeader": "no capture"}}, "tracing.noCaptureHeader"),
-])
+@pytest.mark.parametrize(
+    "data, key",
+    [
+        ({"stats": {"customLabels": [{"name": "nc", "header": "X-Extproc-No-Capture"}]}}, "stats.customLabels.0.header"),
+        ({"attribution": {"endUserHeader": "x-extproc-no-capture"}}, "attribution.endUserHeader"),
+        ({"attribution": {"sessionHeaders": ["x-s", "x-extproc-no-capture"]}}, "attribution.sessionHeaders.1"),
+        (
+            {"budgets": {"descriptors": [{"entries": [{"key": "k", "header": "x-extproc-no-capture"}]}]}},
+            "budgets.descriptors.0.entries.0.header",
+        ),
+        (
+            {"tracing": {"noCaptureHeader": "x-mine"}, "stats": {"customLabels": [{"name": "nc", "header": "x-mine"}]}},
+            "stats.customLabels.0.header",
+        ),
+        ({"tracing": {"noCaptureHeader": "no capture"}}, "tracing.noCaptureHeader"),
+    ],
+)
 def test_the_no_capture_header_is_never_a_label_or_a_value(data, key):
     with pytest.raises(config.ConfigError, match=rf"^c\.yaml: {key.replace('.', '[.]')}: "):
         config.parse(data, "c.yaml")
@@ -470,12 +640,13 @@ def test_langfuse_preset_attributes():
         "langfuse.observation.model.parameters": '{"temperature":0.5,"max_tokens":100,"stop":"\\n"}',
         # parts that do not overlap: Langfuse adds up every usage type containing input / output
         "langfuse.observation.usage_details": '{"input":500,"input_cache_read":2000,"input_cache_creation":300,'
-                                              '"output":30,"output_reasoning":10,"total":2840}',
+        '"output":30,"output_reasoning":10,"total":2840}',
         "langfuse.observation.cost_details": '{"input":0.01,"output":0.0025,"total":0.0125}',
         "langfuse.observation.completion_start_time": '"2023-11-14T22:13:20.050000+00:00"',
         "langfuse.observation.input": '[{"role":"system","content":"be brief"},{"role":"user","content":"hi"}]',
         "langfuse.observation.output": '{"role":"assistant","content":"hello"}',
-        "langfuse.user.id": "u-1", "langfuse.session.id": "s-1",
+        "langfuse.user.id": "u-1",
+        "langfuse.session.id": "s-1",
     }
     usage = json.loads(a["langfuse.observation.usage_details"])
     assert sum(v for k, v in usage.items() if "input" in k) == a["gen_ai.usage.input_tokens"] == 2800
@@ -500,15 +671,27 @@ def test_openllmetry_preset_attributes():
     a = spans_for(config.load(PRESETS / "openllmetry.yaml").tracing, streamed_priced_call())
     names = {getattr(openllmetry, k) for k in dir(openllmetry) if k.isupper() and isinstance(getattr(openllmetry, k), str)}
     assert _only(a, names, prefixes=("gen_ai.prompt.", "gen_ai.completion.")) == {
-        "llm.request.type": "chat", "llm.is_streaming": True, "gen_ai.is_streaming": True,
-        "llm.usage.total_tokens": 2840, "gen_ai.usage.total_tokens": 2840,
-        "gen_ai.usage.prompt_tokens": 2800, "gen_ai.usage.completion_tokens": 40,
-        "gen_ai.usage.cache_read_input_tokens": 2000, "gen_ai.usage.cache_creation_input_tokens": 300,
-        "llm.usage.reasoning_tokens": 10, "gen_ai.usage.reasoning_tokens": 10,
-        "llm.user": "u-1", "gen_ai.user": "u-1", "llm.response.finish_reason": "stop",
-        "gen_ai.prompt.0.role": "system", "gen_ai.prompt.0.content": "be brief",
-        "gen_ai.prompt.1.role": "user", "gen_ai.prompt.1.content": "hi",
-        "gen_ai.completion.0.role": "assistant", "gen_ai.completion.0.content": "hello", "gen_ai.completion.0.finish_reason": "stop",
+        "llm.request.type": "chat",
+        "llm.is_streaming": True,
+        "gen_ai.is_streaming": True,
+        "llm.usage.total_tokens": 2840,
+        "gen_ai.usage.total_tokens": 2840,
+        "gen_ai.usage.prompt_tokens": 2800,
+        "gen_ai.usage.completion_tokens": 40,
+        "gen_ai.usage.cache_read_input_tokens": 2000,
+        "gen_ai.usage.cache_creation_input_tokens": 300,
+        "llm.usage.reasoning_tokens": 10,
+        "gen_ai.usage.reasoning_tokens": 10,
+        "llm.user": "u-1",
+        "gen_ai.user": "u-1",
+        "llm.response.finish_reason": "stop",
+        "gen_ai.prompt.0.role": "system",
+        "gen_ai.prompt.0.content": "be brief",
+        "gen_ai.prompt.1.role": "user",
+        "gen_ai.prompt.1.content": "hi",
+        "gen_ai.completion.0.role": "assistant",
+        "gen_ai.completion.0.content": "hello",
+        "gen_ai.completion.0.finish_reason": "stop",
     }
     # and the OpenTelemetry GenAI names OpenLLMetry 0.5 moved to, from the genai convention
     assert a["gen_ai.usage.input_tokens"] == 2800 and a["gen_ai.usage.cache_read.input_tokens"] == 2000
@@ -540,9 +723,17 @@ def test_langfuse_usage_details_never_go_negative():
 
 
 def test_mcp_request_is_a_langfuse_tool_and_has_no_openllmetry_llm_attributes():
-    c = Call(obs=Observation(operation="execute_tool", extra={"mcp.method": "tools/call", "mcp.tool": "get_weather",
-                                                              "mcp.arguments": {"city": "Paris"}}),
-             provider="mcp", api="mcp", status=200, outcome=OK, start=1.0, end=1.1)
+    c = Call(
+        obs=Observation(
+            operation="execute_tool", extra={"mcp.method": "tools/call", "mcp.tool": "get_weather", "mcp.arguments": {"city": "Paris"}}
+        ),
+        provider="mcp",
+        api="mcp",
+        status=200,
+        outcome=OK,
+        start=1.0,
+        end=1.1,
+    )
     a = spans_for(tracing_cfg(conventions=["langfuse", "openllmetry"], captureContent=True), c)
     assert a["langfuse.observation.type"] == "tool" and a["langfuse.observation.input"] == '{"city":"Paris"}'
     assert "llm.request.type" not in a and a["mcp.method.name"] == "tools/call"
@@ -556,17 +747,26 @@ def test_an_anthropic_cached_stream_reads_the_same_in_every_convention():
 
     cfg = config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1", "conventions": ["genai", "openinference", "langfuse", "openllmetry"]}})
     exporter = InMemorySpanExporter()
-    sse = (b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-20250514",'
-           b'"usage":{"input_tokens":500,"cache_read_input_tokens":2000,"cache_creation_input_tokens":300,"output_tokens":1}}}\n\n'
-           b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}\n\n'
-           b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":40}}\n\n'
-           b'event: message_stop\ndata: {"type":"message_stop"}\n\n')
-    run(Processor(cfg, [Tracer(cfg.tracing, processor=SimpleSpanProcessor(exporter))]), [
-        req_headers("/v1/messages", **{":authority": "api.anthropic.com"}),
-        body("request_body", b'{"model":"claude-sonnet-4-20250514","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"x"}]}', end=True),
-        headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
-        body("response_body", sse, end=True),
-    ])
+    sse = (
+        b'event: message_start\ndata: {"type":"message_start","message":{"id":"msg_1","model":"claude-sonnet-4-20250514",'
+        b'"usage":{"input_tokens":500,"cache_read_input_tokens":2000,"cache_creation_input_tokens":300,"output_tokens":1}}}\n\n'
+        b'event: content_block_delta\ndata: {"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}\n\n'
+        b'event: message_delta\ndata: {"type":"message_delta","delta":{"stop_reason":"end_turn"},"usage":{"output_tokens":40}}\n\n'
+        b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+    )
+    run(
+        Processor(cfg, [Tracer(cfg.tracing, processor=SimpleSpanProcessor(exporter))]),
+        [
+            req_headers("/v1/messages", **{":authority": "api.anthropic.com"}),
+            body(
+                "request_body",
+                b'{"model":"claude-sonnet-4-20250514","stream":true,"max_tokens":64,"messages":[{"role":"user","content":"x"}]}',
+                end=True,
+            ),
+            headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+            body("response_body", sse, end=True),
+        ],
+    )
     (span,) = exporter.get_finished_spans()
     a = dict(span.attributes)
     assert a["gen_ai.usage.input_tokens"] == a["llm.token_count.prompt"] == a["gen_ai.usage.prompt_tokens"] == 2800
