@@ -1,7 +1,8 @@
 """Envoy + sidecar stacks on one upstream: sidecar and Envoy CPU per request (or per streamed
 chunk), for quick A/Bs.
 
-    .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live, --mode fewer-messages, --metrics, --observe
+    .venv/bin/python -m bench.ab -c 16 -d 4 --reps 2     # --workers 2, --tracing off|dead|live, --metrics
+    .venv/bin/python -m bench.ab --mode observability    # any mode of `extproc envoy-config --mode` (extproc.devtools.modes)
     .venv/bin/python -m bench.ab --prof /tmp/w.prof      # the sidecar under cProfile (1 worker)
     .venv/bin/python -m bench.ab --sse 50 --rate 40 -d 5 --reps 3   # streams: CPU per chunk, and Envoy alone's
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout ../main --checkout .   # A/B of two checkouts (another checkout of the repo)
@@ -39,68 +40,76 @@ from bench import load
 from bench.procstat import cpu_seconds, process_rss, tree
 from bench.run import SSE_PATH, wrk, wrk_script
 from bench.upstream import CHAT_REQUEST, STREAM_REQUEST, direct_response_envoy
-from extproc.devtools import envoy_config
+from extproc.devtools import envoy_config, modes
 from extproc.devtools.dev import envoy_command, free_port, wait_port
 
-ap = argparse.ArgumentParser(prog="bench.ab")
-ap.add_argument("--prof", help="run the (first) sidecar under cProfile, writing this file")
-ap.add_argument("-c", type=int, default=16, help="wrk connections")
-ap.add_argument("-d", type=float, default=5, help="seconds per measurement")
-ap.add_argument("--workers", type=int, default=1)
-ap.add_argument("--reps", type=int, default=1)
-ap.add_argument(
-    "--mode",
-    choices=["headers", "fewer-messages"],
-    default="headers",
-    help="ext_proc processing mode (fewer-messages: with HTTP/2 to the upstream)",
-)
-ap.add_argument(
-    "--observe", action="store_true", help="Envoy's ext_proc in observability_mode (Envoy sends the messages and ignores the replies)"
-)
-ap.add_argument(
-    "--upstream",
-    choices=["http1", "http2", "auto"],
-    default="auto",
-    help="protocol to the upstream (auto: HTTP/2 in fewer-messages mode, else HTTP/1.1)",
-)
-ap.add_argument(
-    "--tracing",
-    choices=["off", "dead", "live"],
-    action="append",
-    help="OTLP tracing: off (default); dead (collector port closed); live (an in-process OTLP/gRPC "
-    "receiver): once for all stacks, or once per --checkout in order",
-)
-ap.add_argument(
-    "--tracing-conventions",
-    action="append",
-    metavar="LIST",
-    help="tracing.conventions, e.g. genai,openinference: once for all stacks, or once per --checkout in order",
-)
-ap.add_argument("--capture", action="store_true", help="tracing.captureContent: true")
-ap.add_argument(
-    "--tracing-config",
-    action="append",
-    metavar="FILE",
-    help="use the tracing section of this sidecar config (e.g. deploy/tracing/langfuse.yaml), endpoint "
-    "replaced: once for all stacks, or once per --checkout in order",
-)
-ap.add_argument("--sse", type=int, metavar="N", help="streamed responses of N SSE events (instead of wrk)")
-ap.add_argument("--rate", type=float, default=40, help="--sse: streams started per second")
-ap.add_argument("--interval", type=float, default=2.0, help="--sse: ms between a stream's events")
-ap.add_argument("--event-loop", choices=["uvloop", "asyncio"], help="the sidecar's eventLoop (default: its config default)")
-ap.add_argument("--metrics", action="store_true", help="Prometheus metrics on (stats.port: a free port; default off)")
-ap.add_argument("--unix", action="store_true", help="Envoy reaches the sidecar on a Unix socket instead of TCP")
-ap.add_argument(
-    "--checkout",
-    action="append",
-    metavar="DIR",
-    help="run a sidecar from this checkout's code (repeat for an A/B; default: the current directory)",
-)
-a = ap.parse_args()
-checkouts = [str(Path(c).resolve()) for c in a.checkout or ["."]]
-tracings = a.tracing or ["off"]
-d = Path(tempfile.mkdtemp(prefix="extproc-ab-"))
-procs: list[subprocess.Popen] = []
+
+def parser() -> argparse.ArgumentParser:
+    """The command line; its --mode names are the CLI's (``extproc.devtools.modes``)."""
+    ap = argparse.ArgumentParser(prog="bench.ab")
+    ap.add_argument("--prof", help="run the (first) sidecar under cProfile, writing this file")
+    ap.add_argument("-c", type=int, default=16, help="wrk connections")
+    ap.add_argument("-d", type=float, default=5, help="seconds per measurement")
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument(
+        "--mode",
+        choices=list(modes.MODES),
+        default=modes.DEFAULT,
+        help="the ext_proc mode, named as `extproc envoy-config|dev --mode` names it (fewer-messages modes: with HTTP/2 to the upstream)",
+    )
+    ap.add_argument(
+        "--observe",
+        action="store_true",
+        help="the observability variant of --mode (--observe = --mode observability; with --mode fewer-messages: "
+        "observability-fewer-messages); kept for older commands",
+    )
+    ap.add_argument(
+        "--upstream",
+        choices=["http1", "http2", "auto"],
+        default="auto",
+        help="protocol to the upstream (auto: HTTP/2 in fewer-messages mode, else HTTP/1.1)",
+    )
+    ap.add_argument(
+        "--tracing",
+        choices=["off", "dead", "live"],
+        action="append",
+        help="OTLP tracing: off (default); dead (collector port closed); live (an in-process OTLP/gRPC "
+        "receiver): once for all stacks, or once per --checkout in order",
+    )
+    ap.add_argument(
+        "--tracing-conventions",
+        action="append",
+        metavar="LIST",
+        help="tracing.conventions, e.g. genai,openinference: once for all stacks, or once per --checkout in order",
+    )
+    ap.add_argument("--capture", action="store_true", help="tracing.captureContent: true")
+    ap.add_argument(
+        "--tracing-config",
+        action="append",
+        metavar="FILE",
+        help="use the tracing section of this sidecar config (e.g. deploy/tracing/langfuse.yaml), endpoint "
+        "replaced: once for all stacks, or once per --checkout in order",
+    )
+    ap.add_argument("--sse", type=int, metavar="N", help="streamed responses of N SSE events (instead of wrk)")
+    ap.add_argument("--rate", type=float, default=40, help="--sse: streams started per second")
+    ap.add_argument("--interval", type=float, default=2.0, help="--sse: ms between a stream's events")
+    ap.add_argument("--event-loop", choices=["uvloop", "asyncio"], help="the sidecar's eventLoop (default: its config default)")
+    ap.add_argument("--metrics", action="store_true", help="Prometheus metrics on (stats.port: a free port; default off)")
+    ap.add_argument("--unix", action="store_true", help="Envoy reaches the sidecar on a Unix socket instead of TCP")
+    ap.add_argument(
+        "--checkout",
+        action="append",
+        metavar="DIR",
+        help="run a sidecar from this checkout's code (repeat for an A/B; default: the current directory)",
+    )
+    return ap
+
+
+def mode_of(args: argparse.Namespace) -> modes.Mode:
+    """The ext_proc mode asked for: --mode, made observability by --observe."""
+    m = modes.MODES[args.mode]
+    return modes.Mode(observability=True, fewer_messages=m.fewer_messages) if args.observe else m
 
 
 def wait_unix(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
@@ -169,15 +178,14 @@ class Stack:
             )
             procs.append(self.sidecar)
         self.port, self.admin = free_port(), free_port()
-        fewer = a.mode == "fewer-messages"
         boot = envoy_config.bootstrap(
             upstreams=upstreams,
             listen=f"127.0.0.1:{self.port}",
             extproc=extproc,
             access_log=str(self.dir / "access.log"),
             admin=f"127.0.0.1:{self.admin}",
-            fewer_messages=fewer,
-            observability_mode=a.observe,
+            fewer_messages=mode.fewer_messages,
+            observability_mode=mode.observability,
         )
         (self.dir / "e.yaml").write_text(envoy_config.dump(boot))
         self.envoy = subprocess.Popen(
@@ -237,7 +245,7 @@ def measure(s: Stack) -> None:
     m0 = s.msgs_sent() if s.sidecar else 0
     s0, e0, w0 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
     n, text = run_sse(s) if a.sse else run_wrk(s)
-    if a.observe and s.sidecar:
+    if mode.observability and s.sidecar:
         time.sleep(0.3)  # Envoy does not wait for the sidecar: let it finish the messages sent
     s1, e1, w1 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
     m1 = s.msgs_sent() if s.sidecar else 0
@@ -258,72 +266,81 @@ def measure(s: Stack) -> None:
     )
 
 
-try:
-    if "live" in tracings:
-        from tests.support.otlp_receiver import GrpcReceiver
+if __name__ == "__main__":  # (imported by the tests for its command line)
+    a = parser().parse_args()
+    mode = mode_of(a)
+    checkouts = [str(Path(c).resolve()) for c in a.checkout or ["."]]
+    tracings = a.tracing or ["off"]
+    d = Path(tempfile.mkdtemp(prefix="extproc-ab-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        if "live" in tracings:
+            from tests.support.otlp_receiver import GrpcReceiver
 
-        receiver = GrpcReceiver()
-    up = free_port()
-    (d / "up.yaml").write_text(direct_response_envoy(up))
-    procs.append(subprocess.Popen(envoy_command(d / "up.yaml", "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-    wait_port(up, proc=procs[0])
-    http2 = a.mode == "fewer-messages" if a.upstream == "auto" else a.upstream == "http2"
-    upstreams = [envoy_config.Upstream("/", f"http://127.0.0.1:{up}", http2=http2)]
-    if a.sse:
-        sse_up = free_port()
-        procs.append(subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(sse_up)]))
-        wait_port(sse_up, proc=procs[-1])
-        upstreams.insert(0, envoy_config.Upstream("/sse/", f"http://127.0.0.1:{sse_up}"))
-    stacks: list[Stack] = []
-    per_stack = a.tracing_conventions or []
-    for i, c in enumerate(checkouts):
-        name = c if len(checkouts) > 1 else "sidecar"
-        if len(tracings) > 1:
-            name += f" [tracing {tracings[min(i, len(tracings) - 1)]}]"
-        if len(per_stack) > 1:
-            name += f" [{per_stack[min(i, len(per_stack) - 1)]}]"
-        if a.tracing_config and len(a.tracing_config) > 1:
-            name += f" [{a.tracing_config[min(i, len(a.tracing_config) - 1)]}]"
-        stacks.append(Stack(name, c, a.prof if i == 0 else None))
-    if a.sse:
-        stacks.append(Stack("envoy-alone", None, None))
-    script = wrk_script(d / "chat.lua", CHAT_REQUEST)
-    sse_raw = load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": str(a.sse or 1), "x-chunk-interval-ms": str(a.interval)})
-    warm = load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": "5", "x-chunk-interval-ms": "0"})
-    for s in stacks:  # warm-up: connections, ext_proc HTTP/2 pools, code paths
+            receiver = GrpcReceiver()
+        up = free_port()
+        (d / "up.yaml").write_text(direct_response_envoy(up))
+        procs.append(
+            subprocess.Popen(envoy_command(d / "up.yaml", "--concurrency", "1"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        )
+        wait_port(up, proc=procs[0])
+        http2 = mode.fewer_messages if a.upstream == "auto" else a.upstream == "http2"
+        upstreams = [envoy_config.Upstream("/", f"http://127.0.0.1:{up}", http2=http2)]
         if a.sse:
-            asyncio.run(load.fixed_rate("127.0.0.1", s.port, warm, 20, 1, sse=True, warm_connections=4))
-        else:
-            wrk(s.port, script, a.c, 1)
-    for _ in range(a.reps):
+            sse_up = free_port()
+            procs.append(subprocess.Popen([sys.executable, "-m", "bench.upstream", "--port", str(sse_up)]))
+            wait_port(sse_up, proc=procs[-1])
+            upstreams.insert(0, envoy_config.Upstream("/sse/", f"http://127.0.0.1:{sse_up}"))
+        stacks: list[Stack] = []
+        per_stack = a.tracing_conventions or []
+        for i, c in enumerate(checkouts):
+            name = c if len(checkouts) > 1 else "sidecar"
+            if len(tracings) > 1:
+                name += f" [tracing {tracings[min(i, len(tracings) - 1)]}]"
+            if len(per_stack) > 1:
+                name += f" [{per_stack[min(i, len(per_stack) - 1)]}]"
+            if a.tracing_config and len(a.tracing_config) > 1:
+                name += f" [{a.tracing_config[min(i, len(a.tracing_config) - 1)]}]"
+            stacks.append(Stack(name, c, a.prof if i == 0 else None))
+        if a.sse:
+            stacks.append(Stack("envoy-alone", None, None))
+        script = wrk_script(d / "chat.lua", CHAT_REQUEST)
+        sse_raw = load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": str(a.sse or 1), "x-chunk-interval-ms": str(a.interval)})
+        warm = load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": "5", "x-chunk-interval-ms": "0"})
+        for s in stacks:  # warm-up: connections, ext_proc HTTP/2 pools, code paths
+            if a.sse:
+                asyncio.run(load.fixed_rate("127.0.0.1", s.port, warm, 20, 1, sse=True, warm_connections=4))
+            else:
+                wrk(s.port, script, a.c, 1)
+        for _ in range(a.reps):
+            for s in stacks:
+                measure(s)
         for s in stacks:
-            measure(s)
-    for s in stacks:
-        med = {k: statistics.median(r[k] for r in s.results) for k in ("sidecar", "envoy")}
-        unit = "chunk" if a.sse else "req"
-        alone = next((x for x in stacks if x.sidecar is None), None)
-        line = f"median {s.name}: envoy {med['envoy']:.1f} us/{unit}"
-        if s.sidecar:
-            line = f"median {s.name}: sidecar {med['sidecar']:.1f} us/{unit}, envoy {med['envoy']:.1f} us/{unit}, sidecar/envoy {med['sidecar'] / med['envoy']:.2f}"
-            if alone is not None:
-                base = statistics.median(r["envoy"] for r in alone.results)
-                line += f", sidecar/envoy-alone {med['sidecar'] / base:.2f}"
-        print(line, flush=True)
-    for s in stacks:
-        if s.sidecar is None:
-            continue
-        rss = [process_rss(w) / 2**20 for w in s.workers() or [s.sidecar.pid]]
-        stats = s.stats("(ext_proc\\.(stream|failure|message|spurious)|rq_5xx|rq_503|reset|overflow|cx_destroy|llm_)")
-        print(f"{s.name}: Envoy stats (non-zero):", "; ".join(stats), flush=True)
-        codes: dict[str, int] = {}
-        for line in (s.dir / "access.log").read_text().splitlines():
-            code = line.split('"response_code":', 1)[1].split(",", 1)[0]
-            codes[code] = codes.get(code, 0) + 1
-        print(f"{s.name}: response codes (access log):", codes, flush=True)
-        print(f"{s.name}: sidecar RSS per worker after the runs: {'/'.join(f'{x:.1f}' for x in rss)} MB", flush=True)
-finally:
-    for p in reversed(procs):
-        p.terminate()
-        p.wait(10)
-    if not a.prof:
-        shutil.rmtree(d, ignore_errors=True)
+            med = {k: statistics.median(r[k] for r in s.results) for k in ("sidecar", "envoy")}
+            unit = "chunk" if a.sse else "req"
+            alone = next((x for x in stacks if x.sidecar is None), None)
+            line = f"median {s.name}: envoy {med['envoy']:.1f} us/{unit}"
+            if s.sidecar:
+                line = f"median {s.name}: sidecar {med['sidecar']:.1f} us/{unit}, envoy {med['envoy']:.1f} us/{unit}, sidecar/envoy {med['sidecar'] / med['envoy']:.2f}"
+                if alone is not None:
+                    base = statistics.median(r["envoy"] for r in alone.results)
+                    line += f", sidecar/envoy-alone {med['sidecar'] / base:.2f}"
+            print(line, flush=True)
+        for s in stacks:
+            if s.sidecar is None:
+                continue
+            rss = [process_rss(w) / 2**20 for w in s.workers() or [s.sidecar.pid]]
+            stats = s.stats("(ext_proc\\.(stream|failure|message|spurious)|rq_5xx|rq_503|reset|overflow|cx_destroy|llm_)")
+            print(f"{s.name}: Envoy stats (non-zero):", "; ".join(stats), flush=True)
+            codes: dict[str, int] = {}
+            for line in (s.dir / "access.log").read_text().splitlines():
+                code = line.split('"response_code":', 1)[1].split(",", 1)[0]
+                codes[code] = codes.get(code, 0) + 1
+            print(f"{s.name}: response codes (access log):", codes, flush=True)
+            print(f"{s.name}: sidecar RSS per worker after the runs: {'/'.join(f'{x:.1f}' for x in rss)} MB", flush=True)
+    finally:
+        for p in reversed(procs):
+            p.terminate()
+            p.wait(10)
+        if not a.prof:
+            shutil.rmtree(d, ignore_errors=True)
