@@ -98,6 +98,18 @@ def system_message(value: Any) -> dict[str, Any] | None:
     return None
 
 
+def renamed_roles(value: Any, names: dict[str, str]) -> Any:
+    """Captured messages (``common_messages``' shape) with each role in ``names`` renamed; a renamed
+    message is a new dict (the parsed request is never changed)."""
+    if isinstance(value, list):
+        return [renamed_roles(m, names) for m in value]
+    if isinstance(value, dict):
+        role = value.get("role")
+        if isinstance(role, str) and role in names:
+            return {**value, "role": names[role]}
+    return value
+
+
 def dig(obj: Any, *keys: str) -> Any:
     for key in keys:
         if not isinstance(obj, dict):
@@ -118,6 +130,10 @@ class ApiParser:
     # Gemini ``systemInstruction``, Responses ``instructions``), first present wins: it leads the
     # captured messages as a ``system`` message, where OpenAI's chat API has it anyway
     system_keys: ClassVar[tuple[str, ...]] = ()
+    # roles this API names otherwise than the tracing conventions (OpenTelemetry GenAI, OpenInference:
+    # system, user, assistant, tool), renamed in the captured messages: Gemini's ``model`` turns are
+    # ``assistant`` on every span, as any other API's
+    role_names: ClassVar[dict[str, str]] = {}
     # request-body paths holding the end user the call is made for, first string found wins
     end_user_keys: ClassVar[tuple[tuple[str, ...], ...]] = ()
     # False for calls that consume no tokens (count_tokens, MCP): never priced, never "unpriced"
@@ -210,6 +226,8 @@ class ApiParser:
                     self.obs.message_count = (len(value) if isinstance(value, list) else 1) + (system is not None)
                     if self.capture:
                         value = self.common_messages(value)
+                        if self.role_names:
+                            value = renamed_roles(value, self.role_names)
                         self.obs.input_messages = value if system is None else [system, *(value if isinstance(value, list) else [value])]
                     break
         else:

@@ -56,6 +56,7 @@ class GeminiGenerate(ApiParser):
     output_excludes_reasoning = True  # candidatesTokenCount leaves out thoughtsTokenCount
     input_keys: ClassVar[tuple[str, ...]] = ("contents",)
     system_keys: ClassVar[tuple[str, ...]] = ("systemInstruction", "system_instruction")
+    role_names: ClassVar[dict[str, str]] = {"model": "assistant"}  # Content.role: user | model
 
     def on_request_json(self, obj: dict[str, Any]) -> None:
         # The model is in the path; a body "model" (rare) does not override it.

@@ -486,8 +486,10 @@ def test_bad_conventions_exit_2_naming_the_key(tmp_path, value):
     assert p.returncode == 2 and "tracing.conventions" in p.stderr
 
 
-def test_gemini_contents_parts_are_captured():
-    """The Gemini parser captures its ``{role, parts}`` contents in the common shape the spans read."""
+def test_gemini_contents_parts_are_captured_and_model_turns_are_assistant_in_every_convention():
+    """The Gemini parser captures its ``{role, parts}`` contents in the common shape the spans read,
+    and its ``model`` role (Gemini's name for the model's turns) is ``assistant``, the name the GenAI
+    conventions and OpenInference give them, on every convention and in the CEL ``llm.prompt``."""
     from extproc.apis.gemini import GeminiGenerate
 
     c = call(capture=True)
@@ -495,17 +497,28 @@ def test_gemini_contents_parts_are_captured():
         "contents": [
             {"role": "user", "parts": [{"text": "why is the sky "}, {"text": "blue"}]},
             {"role": "model", "parts": [{"text": "air"}]},
+            {"role": "user", "parts": [{"text": "and at sunset?"}]},
         ]
     }
     GeminiGenerate(c.obs, path_model="gemini-2.5-flash", capture=True).feed_request(json.dumps(request).encode())
-    a = spans_for(tracing_cfg(conventions=["genai", "openinference"], captureContent=True), c)
+    cfg = tracing_cfg(
+        conventions=["genai", "openinference", "langfuse", "openllmetry"],
+        captureContent=True,
+        fields={"add": {"prompt": "llm.prompt"}},
+    )
+    a = spans_for(cfg, c)
+    expected = [("user", "why is the sky blue"), ("assistant", "air"), ("user", "and at sunset?")]
     assert json.loads(a["gen_ai.input.messages"]) == [
         {"role": "user", "parts": [{"type": "text", "content": "why is the sky "}, {"type": "text", "content": "blue"}]},
-        {"role": "model", "parts": [{"type": "text", "content": "air"}]},
+        {"role": "assistant", "parts": [{"type": "text", "content": "air"}]},
+        {"role": "user", "parts": [{"type": "text", "content": "and at sunset?"}]},
     ]
-    assert json.loads(a["input.value"]) == {
-        "messages": [{"role": "user", "content": "why is the sky blue"}, {"role": "model", "content": "air"}]
-    }
+    as_dicts = [{"role": r, "content": t} for r, t in expected]
+    assert json.loads(a["input.value"]) == {"messages": as_dicts}  # OpenInference
+    assert [(a[f"llm.input_messages.{i}.message.role"], a[f"llm.input_messages.{i}.message.content"]) for i in range(3)] == expected
+    assert json.loads(a["langfuse.observation.input"]) == as_dicts  # Langfuse
+    assert [(a[f"gen_ai.prompt.{i}.role"], a[f"gen_ai.prompt.{i}.content"]) for i in range(3)] == expected  # OpenLLMetry
+    assert json.loads(a["prompt"]) == as_dicts  # CEL llm.prompt
 
 
 # ---- per-request privacy (tracing.noCaptureHeader) ------------------------------------------
