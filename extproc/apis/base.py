@@ -128,7 +128,8 @@ class ApiParser:
     input_keys: ClassVar[tuple[str, ...]] = ()
     # request-body keys holding a system prompt given beside the messages (Anthropic ``system``,
     # Gemini ``systemInstruction``, Responses ``instructions``), first present wins: it leads the
-    # captured messages as a ``system`` message, where OpenAI's chat API has it anyway
+    # captured messages as a ``system`` message, where OpenAI's chat API has it anyway (marked
+    # ``Observation.system_apart``: the GenAI convention records it as gen_ai.system_instructions)
     system_keys: ClassVar[tuple[str, ...]] = ()
     # roles this API names otherwise than the tracing conventions (OpenTelemetry GenAI, OpenInference:
     # system, user, assistant, tool), renamed in the captured messages: Gemini's ``model`` turns are
@@ -229,6 +230,7 @@ class ApiParser:
                         if self.role_names:
                             value = renamed_roles(value, self.role_names)
                         self.obs.input_messages = value if system is None else [system, *(value if isinstance(value, list) else [value])]
+                        self.obs.system_apart = system is not None
                     break
         else:
             self.obs.parse_error("request_not_object")

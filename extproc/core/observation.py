@@ -56,6 +56,9 @@ class Observation:
     message_count: int | None = None  # the request's prompt messages (inputs), counted with or without capture
     # Content capture (off unless tracing asks for it): request messages and the completion text.
     input_messages: Any = None
+    # input_messages[0] is a system prompt the API took beside the messages (Anthropic system, Gemini
+    # systemInstruction, Responses instructions), not one of them: GenAI's gen_ai.system_instructions
+    system_apart: bool = False
     output_text: list[str] | None = None
     extra: dict[str, Any] = field(default_factory=dict)  # API-specific facts (e.g. MCP method)
 

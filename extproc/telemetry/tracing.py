@@ -308,7 +308,13 @@ def _put(a: dict[str, Any], key: str, value: Any) -> None:
 def _content(a: dict[str, Any], call: Call, max_chars: int) -> None:
     obs = call.obs
     if obs.input_messages is not None:
-        a["gen_ai.input.messages"] = orjson.dumps(input_messages(obs.input_messages, max_chars)).decode()
+        messages = input_messages(obs.input_messages, max_chars)
+        if obs.system_apart and messages:
+            # the conventions: instructions given apart from the chat history go in their own
+            # attribute (an array of parts); a system message inside the history stays in it
+            a["gen_ai.system_instructions"] = orjson.dumps(messages[0]["parts"]).decode()
+            messages = messages[1:]
+        a["gen_ai.input.messages"] = orjson.dumps(messages).decode()
     if obs.output_text:
         text = "".join(obs.output_text)[:max_chars]
         msg: dict[str, Any] = {"role": "assistant", "parts": [{"type": "text", "content": text}]}

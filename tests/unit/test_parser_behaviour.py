@@ -320,6 +320,15 @@ def test_system_prompt_leads_the_captured_messages(path: str, request_body: dict
     case = Case("x", path, JSON, body=b"{}", expect={}, request=orjson.dumps({"model": "m", **request_body}))
     obs = new_parser(case, capture=True)[1]
     assert obs.input_messages == want
+    assert obs.system_apart  # given beside the messages: GenAI's gen_ai.system_instructions
     assert obs.message_count == len(want)  # the summary counts it like OpenAI's system message
     off = new_parser(case, capture=False)[1]
     assert off.input_messages is None and off.message_count == len(want)
+
+
+def test_a_system_message_inside_the_messages_is_not_apart() -> None:
+    """OpenAI chat's system message is part of the chat history (gen_ai.input.messages)."""
+    request = {"model": "m", "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "yo"}]}
+    case = Case("x", "/v1/chat/completions", JSON, body=b"{}", expect={}, request=orjson.dumps(request))
+    obs = new_parser(case, capture=True)[1]
+    assert obs.input_messages == request["messages"] and not obs.system_apart

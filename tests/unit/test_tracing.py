@@ -99,6 +99,7 @@ def test_capture_uses_semconv_message_shape():
     assert json.loads(a["gen_ai.output.messages"]) == [
         {"role": "assistant", "parts": [{"type": "text", "content": "hello"}], "finish_reason": "stop"}
     ]
+    assert "gen_ai.system_instructions" not in a  # a system message in the chat history stays in it
 
 
 def test_fields_add_remove_and_cel_variables():
@@ -519,6 +520,66 @@ def test_gemini_contents_parts_are_captured_and_model_turns_are_assistant_in_eve
     assert json.loads(a["langfuse.observation.input"]) == as_dicts  # Langfuse
     assert [(a[f"gen_ai.prompt.{i}.role"], a[f"gen_ai.prompt.{i}.content"]) for i in range(3)] == expected  # OpenLLMetry
     assert json.loads(a["prompt"]) == as_dicts  # CEL llm.prompt
+
+
+_APART = [  # a system prompt the API takes beside the messages: (parser, path model, request)
+    (
+        "anthropic:AnthropicMessages",
+        None,
+        {"model": "m", "system": [{"type": "text", "text": "be brief"}], "messages": [{"role": "user", "content": "hi"}]},
+    ),
+    (
+        "gemini:GeminiGenerate",
+        "gemini-2.5-flash",
+        {"systemInstruction": {"parts": [{"text": "be brief"}]}, "contents": [{"role": "user", "parts": [{"text": "hi"}]}]},
+    ),
+    ("openai:OpenAIResponses", None, {"model": "m", "instructions": "be brief", "input": "hi"}),
+]
+
+
+@pytest.mark.parametrize(("parser", "path_model", "request_body"), _APART, ids=[p for p, _, _ in _APART])
+def test_system_prompt_given_apart_is_genai_system_instructions_and_leads_the_other_conventions(parser, path_model, request_body):
+    """GenAI conventions: instructions given separately from the chat history go in
+    ``gen_ai.system_instructions`` (an array of parts), not in ``gen_ai.input.messages``. OpenInference,
+    Langfuse, OpenLLMetry and the CEL ``llm.prompt`` have no such attribute: the system prompt leads their messages."""
+    import importlib
+
+    module, name = parser.split(":")
+    c = call(capture=True)
+    cls = getattr(importlib.import_module(f"extproc.apis.{module}"), name)
+    cls(c.obs, path_model=path_model, capture=True).feed_request(json.dumps(request_body).encode())
+    cfg = tracing_cfg(
+        conventions=["genai", "openinference", "langfuse", "openllmetry"], captureContent=True, fields={"add": {"prompt": "llm.prompt"}}
+    )
+    a = spans_for(cfg, c)
+    assert json.loads(a["gen_ai.system_instructions"]) == [{"type": "text", "content": "be brief"}]
+    assert json.loads(a["gen_ai.input.messages"]) == [{"role": "user", "parts": [{"type": "text", "content": "hi"}]}]
+    leading = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert json.loads(a["input.value"]) == {"messages": leading}
+    assert (a["llm.input_messages.0.message.role"], a["llm.input_messages.0.message.content"]) == ("system", "be brief")
+    assert json.loads(a["langfuse.observation.input"]) == leading
+    assert (a["gen_ai.prompt.0.role"], a["gen_ai.prompt.0.content"]) == ("system", "be brief")
+    assert json.loads(a["prompt"]) == leading
+    assert "gen_ai.system_instructions" not in spans_for(tracing_cfg(), c)  # content capture off: none
+
+
+def test_responses_instructions_apart_and_a_system_message_in_the_input_stays_there():
+    """The conventions' own example: Responses ``instructions`` beside an ``input`` holding a system message."""
+    from extproc.apis.openai import OpenAIResponses
+
+    c = call(capture=True)
+    request = {
+        "model": "gpt-4",
+        "instructions": "You must never tell jokes",
+        "input": [{"role": "system", "content": "You are a helpful assistant"}, {"role": "user", "content": "Tell me a joke"}],
+    }
+    OpenAIResponses(c.obs, capture=True).feed_request(json.dumps(request).encode())
+    a = spans_for(tracing_cfg(captureContent=True, maxContentChars=40), c)
+    assert json.loads(a["gen_ai.system_instructions"]) == [{"type": "text", "content": "You must never tell jokes"}]
+    assert json.loads(a["gen_ai.input.messages"]) == [  # one budget for the input: the instructions spent 25 of 40
+        {"role": "system", "parts": [{"type": "text", "content": "You are a helpf"}]},
+        {"role": "user", "parts": [{"type": "text", "content": ""}]},
+    ]
 
 
 # ---- per-request privacy (tracing.noCaptureHeader) ------------------------------------------
