@@ -20,7 +20,6 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable
-from functools import partial
 from typing import Any
 
 from google.protobuf.message import DecodeError
@@ -137,7 +136,7 @@ class _Handler(Handler):
             return
         buffer = owner.buffers.get(path) if path is not None else None
         if buffer is not None:
-            h2compat.use_buffer(stream, buffer(partial(stream.connection.ack, stream.id)))
+            h2compat.use_buffer(stream, buffer(h2compat.acknowledger(stream)))
             start = owner.untasked.get(path or "")
             if start is not None and start(self, stream, headers, release_stream):
                 return  # handled where its frames arrive (``_Exchange``)

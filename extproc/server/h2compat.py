@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import functools
 import struct
 import time
 from collections.abc import Callable
@@ -30,6 +31,7 @@ from hyperframe.frame import GoAwayFrame
 
 __all__ = (
     "StreamReset",
+    "acknowledger",
     "cancel_stream",
     "cancelled_tasks",
     "forget_when_done",
@@ -78,6 +80,47 @@ def use_buffer(stream: Any, buffer: Any) -> None:
     grpclib calls ``add(data, ack_size)`` per DATA frame, ``eof()`` at END_STREAM and, when the
     stream is released, acknowledges ``unacked_size()``."""
     stream.buffer = buffer
+
+
+_ACK_OPEN = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL, StreamState.HALF_CLOSED_REMOTE)  # h2's ``H2Stream.open``
+
+
+def acknowledger(stream: Any) -> Callable[[int], None]:
+    """What grpclib's ``Connection.ack`` does for the transport-level ``stream`` (h2's
+    ``acknowledge_received_data``, then a write of what h2 queued), as a function of the size,
+    for the stream's receive buffer to call per message it takes.
+
+    h2 hands processed bytes back to the peer only in batches (a WINDOW_UPDATE once half a
+    window was processed, see ``h2.windows.WindowManager``); between them an acknowledgment only
+    counts the bytes on the connection's and the stream's window managers. That common case is
+    done here, exactly as h2 counts it; whenever either window would be due an update, the stream
+    is not open, or h2 has bytes queued to send, h2 and grpclib do it all as before."""
+    connection = stream.connection
+    conn: H2Connection = connection._connection
+    stream_id = stream.id
+    slow = functools.partial(connection.ack, stream_id)
+    conn_window = conn._inbound_flow_control_window_manager
+    streams = conn.streams
+
+    def ack(size: int) -> None:
+        h2s = streams.get(stream_id)
+        if h2s is not None and not conn._data_to_send and h2s.state_machine.state in _ACK_OPEN:
+            window = h2s._inbound_window_manager
+            if _no_update(conn_window, size) and _no_update(window, size):
+                conn_window._bytes_processed += size
+                window._bytes_processed += size
+                return
+        slow(size)
+
+    return ack
+
+
+def _no_update(window: Any, size: int) -> bool:
+    """Whether h2's ``WindowManager.process_bytes(size)`` would only count the bytes (the
+    negation of its ``_maybe_update_window`` condition; ``size`` > 0)."""
+    processed = window._bytes_processed + size
+    limit = window.max_window_size
+    return processed < limit // 2 and (window.current_window_size != 0 or processed <= min(1024, limit // 4))
 
 
 def limit_closed_streams(protocol: H2Protocol, kept: int) -> bool:

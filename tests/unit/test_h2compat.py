@@ -4,6 +4,7 @@ installed versions: an upgrade that moves one fails here, by name."""
 from __future__ import annotations
 
 import asyncio
+from functools import partial
 
 import grpc
 import pytest
@@ -323,11 +324,14 @@ def _pieces(data: bytes, split: int | str) -> list[bytes]:
     return [data[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _receive(data: bytes, split: int | str, fast: bool, monkeypatch) -> tuple[object, int]:
+def _receive(data: bytes, split: int | str, fast: bool, monkeypatch, fast_ack: bool = True) -> tuple[object, int]:
     """Feed ``data`` in pieces (see ``_pieces``) to a server connection; its h2, grpclib and
-    buffer state after, and how many bytes the fast path took."""
+    buffer state after, and how many bytes the fast path took. ``fast_ack`` False: the buffers
+    acknowledge through grpclib's ``Connection.ack`` instead of ``h2compat.acknowledger``."""
     taken = 0
     real = h2compat.receive_data_frames
+    if not fast_ack:
+        monkeypatch.setattr(h2compat, "acknowledger", lambda stream: partial(stream.connection.ack, stream.id))
 
     def counting(protocol, piece):
         nonlocal taken
@@ -357,6 +361,7 @@ def _receive(data: bytes, split: int | str, fast: bool, monkeypatch) -> tuple[ob
             streams[sid] = (
                 h2s.state_machine.state,
                 h2s._inbound_window_manager.current_window_size,
+                h2s._inbound_window_manager._bytes_processed,
                 h2s._actual_content_length,
                 messages,
                 buf.ended,
@@ -365,6 +370,7 @@ def _receive(data: bytes, split: int | str, fast: bool, monkeypatch) -> tuple[ob
         proto.connection._transport.flush()
         state = (
             conn._inbound_flow_control_window_manager.current_window_size,
+            conn._inbound_flow_control_window_manager._bytes_processed,
             proto.connection.data_received,
             streams,
             bytes(transport.written),
@@ -386,9 +392,36 @@ def test_data_frames_past_h2_leave_the_same_state(split, monkeypatch):
     fast, taken = _receive(data, split, True, monkeypatch)
     slow, none = _receive(data, split, False, monkeypatch)
     assert fast == slow and none == 0
-    assert len(fast[2][1][3]) == 8 and len(fast[2][3][3]) == 14  # every message read
+    assert len(fast[3][1][4]) == 8 and len(fast[3][3][4]) == 14  # every message read
     if isinstance(split, str):  # whole frames per read, as Envoy's: the DATA frames go past h2
         assert taken > 30000
+
+
+@pytest.mark.parametrize("split", [1, 9, 1000, "frames"])
+def test_acknowledgments_past_h2_leave_the_same_state(split, monkeypatch):
+    """``acknowledger`` (bytes counted on h2's window managers while no WINDOW_UPDATE is due)
+    against grpclib's ``Connection.ack``: the same windows, counts and bytes written back (the
+    large message's WINDOW_UPDATEs go through h2)."""
+    data = _client_bytes()
+    fast, _ = _receive(data, split, True, monkeypatch)
+    slow, _ = _receive(data, split, True, monkeypatch, fast_ack=False)
+    assert fast == slow
+    assert b"\x00\x00\x04\x08" in fast[4]  # a WINDOW_UPDATE frame was written back
+
+
+def test_an_acknowledgment_counted_past_h2_is_one_h2_would_only_count():
+    """``_no_update`` is exactly the negation of h2's window-update condition, at every boundary."""
+    from h2.windows import WindowManager
+
+    for limit in (100, 4096, 65535):
+        for current in (0, 1, limit // 2, limit):
+            for processed in (0, 1, 24, 25, 26, 49, 50, 1023, 1024, 1025, limit // 4, limit // 2 - 1, limit // 2):
+                for size in (1, 2, 25):
+                    w = WindowManager(limit)
+                    w.current_window_size, w._bytes_processed = current, processed
+                    counted = h2compat._no_update(w, size)
+                    increment = w.process_bytes(size)
+                    assert counted == (not increment and w._bytes_processed == processed + size and w.current_window_size == current)
 
 
 def test_the_constant_response_headers_are_what_grpclib_sends():

@@ -51,6 +51,30 @@ def test_only_the_frames_the_reader_needs_are_acknowledged():
     assert acked == [len(one)] and buf.unacked_size() == len(two)  # the second frame is still Envoy's to wait for
 
 
+def test_frames_of_one_whole_message_mixed_with_split_ones():
+    """Envoy's frames each hold one whole message (taken straight from the frame); a message
+    split across frames, or frames holding several, between them keep their order and acks."""
+    acked = []
+    buf = MessageBuffer(acked.append, lambda: 1 << 20)
+    a, b, c, d, e = framed(b"a" * 7), framed(b"b" * 9), framed(b"c"), framed(b""), framed(b"e" * 4)
+    frames = [a, b[:3], b[3:] + c[:2], c[2:], d, d + e, a]
+    for f in frames:
+        buf.add(f, len(f))
+    assert drain(buf) == [b"a" * 7, b"b" * 9, b"c", b"", b"", b"e" * 4, b"a" * 7]
+    assert acked == [len(f) for f in frames] and buf.unacked_size() == 0
+    assert buf.next_message() is None and not buf.ended
+
+
+def test_an_oversized_message_in_one_frame_is_refused():
+    buf = MessageBuffer(lambda n: None, lambda: 999)
+    buf.add(framed(b"q" * 999), 1004)
+    assert buf.next_message() == b"q" * 999
+    buf.add(framed(b"q" * 1000), 1005)
+    with pytest.raises(BadStream) as e:
+        buf.next_message()
+    assert e.value.status == Status.RESOURCE_EXHAUSTED
+
+
 def test_a_waiting_reader_acknowledges_frames_as_they_arrive():
     """A message larger than the stream's window: its first frames must be acknowledged while the
     reader waits for the rest, or the peer could never send the rest."""
