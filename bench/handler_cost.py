@@ -8,6 +8,8 @@ machine's preemption does not count).
 A call is an OpenAI chat completion driven as the server drives it (``open_stream``, ``handle``
 per message, ``close_stream``): non-streamed (4 messages, 2 replies with metadata) and streamed
 (50 SSE chunks, then the usage and ``[DONE]``), in the default mode and in observability mode.
+The message path before ``handle`` (a DATA frame taken from the stream's buffer and acknowledged
+on an h2 connection) is measured on its own, per message.
 ``--checkout`` runs each measurement in a subprocess importing ``extproc`` from that directory.
 """
 
@@ -84,7 +86,45 @@ def measure() -> dict[str, float]:
     c.obs.finish_reasons.append("stop")
     fields = len(metadata.fields(c))
     out[f"metadata encoding, {fields} fields (us)"] = 1e6 * _best(lambda: metadata.encoded("ai.gateway.kgateway.dev", c), 20000)
+    out["message path: a streamed chunk's DATA frame taken and acknowledged (us)"] = 1e6 * _best(_message_path(), 1000)
     return out
+
+
+def _message_path():
+    """What the server does for each message before ``Stream.handle``: the stream's
+    ``MessageBuffer`` takes a DATA frame holding one whole message and acknowledges it on a live
+    h2 connection (grpclib's ``Connection``)."""
+    import functools
+    import types
+
+    from grpclib.config import Configuration
+    from grpclib.protocol import Connection
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    from extproc._pb.envoy_api import external_processor_pb2 as pb
+    from extproc.server import h2compat
+    from extproc.server.message_buffer import MessageBuffer
+
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, [(":method", "POST"), (":scheme", "http"), (":path", "/x"), (":authority", "x")])
+    server = H2Connection(H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    transport = types.SimpleNamespace(write=lambda data: None)
+    connection = Connection(server, transport, config=Configuration())  # type: ignore[arg-type]
+    stream = types.SimpleNamespace(connection=connection, id=1)
+    acknowledger = getattr(h2compat, "acknowledger", None)  # absent from older checkouts
+    ack = acknowledger(stream) if acknowledger is not None else functools.partial(connection.ack, 1)
+    buf = MessageBuffer(ack, lambda: 4 << 20)
+    buf.inline = lambda message: True
+    buf.handover = lambda: None
+    message = pb.ProcessingRequest(response_body=pb.HttpBody(body=CHUNK)).SerializeToString()
+    frame = b"\0" + len(message).to_bytes(4, "big") + message
+    add = buf.add
+    size = len(frame)
+    return lambda: add(frame, size)
 
 
 def main() -> None:
