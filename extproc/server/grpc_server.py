@@ -266,6 +266,7 @@ class _Protocol(H2Protocol):
         h2compat.on_stream_reset(self, self._stream_reset)
         h2compat.h2_connection(self).update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: MAX_CONCURRENT_STREAMS})
         h2compat.limit_closed_streams(self, CLOSED_STREAMS_KEPT)
+        h2compat.cache_header_blocks(self)
         self.connection.flush()
         if self._owner.draining:
             self.goaway()

@@ -27,11 +27,14 @@ from h2.errors import ErrorCodes
 from h2.events import StreamReset
 from h2.stream import StreamInputs, StreamState
 from h2.utilities import SizeLimitDict
+from hpack import Decoder
+from hpack.table import HeaderTable, table_entry_size
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
     "StreamReset",
     "acknowledger",
+    "cache_header_blocks",
     "cancel_stream",
     "cancelled_tasks",
     "forget_when_done",
@@ -324,6 +327,110 @@ def receive_data_frames(protocol: H2Protocol, data: bytes) -> int:
         grpc_conn.data_received += taken
         grpc_conn.last_data_received = time.monotonic()
     return offset
+
+
+_MAXSIZE: Any = HeaderTable.__dict__["maxsize"]  # hpack's property
+
+
+class _CountingTable(HeaderTable):
+    """hpack's dynamic table, counting the calls that can change it: an entry added, a new
+    maximum size set (a dynamic table size update, or h2 applying a setting). hpack changes the
+    table through these two only (``_shrink`` runs inside them)."""
+
+    changes = 0
+
+    def add(self, name: bytes, value: bytes) -> None:
+        self.changes += 1
+        super().add(name, value)
+
+    def _set_maxsize(self, newmax: int) -> None:
+        self.changes += 1
+        _MAXSIZE.fset(self, newmax)
+
+    maxsize = property(_MAXSIZE.fget, _set_maxsize)  # type: ignore[assignment]
+
+
+class _Block:
+    """A header block's decoded headers (hpack's raw ``HeaderTuple``s), hpack's size of the list
+    (what ``max_header_list_size`` bounds), and whether h2 receives them as a new request's
+    headers without anything to refuse (:func:`receive_frames`): all ASCII (h2 decodes them
+    with grpclib's ``ascii`` encoding), no ``:status`` (an informational response), no
+    ``content-length`` (a value h2 checks, and whose stream it tracks)."""
+
+    __slots__ = ("headers", "size", "plain")
+
+    def __init__(self, headers: list[Any]) -> None:
+        self.headers = headers
+        self.size = sum(table_entry_size(n, v) for n, v in headers)
+        self.plain = all(n.isascii() and v.isascii() and n not in _NOT_PLAIN for n, v in headers)
+
+
+_NOT_PLAIN = (b":status", b"content-length")
+BLOCKS_KEPT = 4  # header blocks cached per connection
+BLOCK_MAX = 512  # bytes: a longer header block is decoded every time
+
+
+class _CachingDecoder(Decoder):
+    """h2's HPACK decoder, remembering the last few header blocks whose decoding changed
+    nothing. A block that neither adds to the dynamic table nor resizes it (indexed fields,
+    literals without indexing) decodes to the same headers for as long as the table is
+    unchanged: Envoy sends every ext_proc stream after a connection's first the same bytes, so
+    each is decoded once per connection instead of per stream (the Huffman-coded ``:path``
+    included). Any change of the table (:class:`_CountingTable`) drops what was kept, and a
+    block is served from the cache only while the limits hpack checks at the end of a decode
+    still hold (``max_header_list_size``, the table within ``max_allowed_table_size``);
+    otherwise it is decoded as usual, which raises as usual. The cache is bounded: at most
+    :data:`BLOCKS_KEPT` blocks of at most :data:`BLOCK_MAX` bytes (the client chooses them)."""
+
+    def __init__(self, max_header_list_size: int) -> None:
+        super().__init__(max_header_list_size)
+        self.header_table: _CountingTable = _CountingTable()
+        self.blocks: dict[bytes, _Block] = {}
+        self.changes = 0  # the table's count when the kept blocks were decoded
+
+    def cached(self, data: bytes) -> _Block | None:
+        """``data``'s decoding, if kept and still what decoding it now would give, else None."""
+        block = self.blocks.get(data)
+        if (
+            block is None
+            or self.header_table.changes != self.changes
+            or block.size > self.max_header_list_size
+            or self.header_table_size > self.max_allowed_table_size
+        ):
+            return None
+        return block
+
+    def decode(self, data: bytes, raw: bool = False) -> Any:
+        if not raw or data.__class__ is not bytes:  # h2 decodes bytes, raw
+            return super().decode(data, raw)
+        block = self.cached(data)
+        if block is not None:
+            return block.headers[:]
+        table = self.header_table
+        changes = table.changes
+        headers = super().decode(data, raw)
+        if table.changes == changes and len(data) <= BLOCK_MAX:
+            blocks = self.blocks
+            if self.changes != changes:
+                blocks.clear()
+                self.changes = changes
+            elif len(blocks) >= BLOCKS_KEPT:
+                del blocks[next(iter(blocks))]  # the oldest
+            blocks[data] = _Block(list(headers))
+        return headers
+
+
+def cache_header_blocks(protocol: H2Protocol) -> bool:
+    """Give a new connection's h2 a :class:`_CachingDecoder` (same limits, same empty table).
+    False, changing nothing, if its decoder is not a fresh hpack ``Decoder``."""
+    conn = h2_connection(protocol)
+    old = conn.decoder
+    if old.__class__ is not Decoder or old.header_table.dynamic_entries or old.header_table_size != HeaderTable.DEFAULT_SIZE:
+        return False
+    new = _CachingDecoder(old.max_header_list_size)
+    new.max_allowed_table_size = old.max_allowed_table_size
+    conn.decoder = new
+    return True
 
 
 class _LazyRepr:

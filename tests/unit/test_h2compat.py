@@ -570,3 +570,109 @@ def test_constant_response_headers_leave_h2s_stream_state_as_h2_would():
         await asyncio.sleep(0)
 
     asyncio.run(main())
+
+
+# Envoy 1.40's header block for each ext_proc stream after a connection's first: indexed fields,
+# literals without indexing (``:path`` Huffman-coded) and references to the dynamic table.
+ENVOY_BLOCK = bytes.fromhex("8304a560b5773fa5d05b3b98855cbe5315761c8bf7657c1e525b2a1d1aec390a841ec635d8721508c286c1c0bfbe")
+ENVOY_HEADERS = [
+    (b":method", b"POST"),
+    (b":path", b"/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+    (b"x-forwarded-for", b"192.0.2.2"),
+    (b":scheme", b"http"),
+    (b"x-envoy-internal", b"true"),
+    (b"content-type", b"application/grpc"),
+    (b"te", b"trailers"),
+    (b":authority", b"ext_proc"),
+]
+# a block that adds an entry (literal with incremental indexing): every later reference shifts
+INDEXING_BLOCK = b"\x83\x86\x84" + b"\x40\x05x-new\x01v"
+
+
+def _envoy_first_block() -> bytes:
+    """A first block as Envoy's: a dynamic table size update, then literals with indexing that
+    leave the table as the later :data:`ENVOY_BLOCK` reads it."""
+    from hpack import Encoder
+    from hpack.struct import NeverIndexedHeaderTuple
+
+    entries = [(b"x-forwarded-for", b"192.0.2.2"), (b"x-envoy-internal", b"true"), (b"content-type", b"application/grpc")]
+    entries += [(b"te", b"trailers"), (b":authority", b"ext_proc")]
+    rest = [(b":method", b"POST"), NeverIndexedHeaderTuple(b":path", b"/envoy.service.ext_proc.v3.ExternalProcessor/Process")]
+    return bytes.fromhex("3fe11f") + Encoder().encode(entries + rest + [(b":scheme", b"http")])
+
+
+def _decode_all(decoder, blocks) -> list:
+    out = []
+    for block in blocks:
+        try:
+            out.append(("ok", [tuple(h) for h in decoder.decode(block, raw=True)], len(decoder.header_table.dynamic_entries)))
+        except Exception as e:  # the same exception, with the same message
+            out.append(("error", type(e).__name__, str(e)))
+    return out
+
+
+def test_cached_header_blocks_decode_as_hpack_does():
+    """The caching decoder against hpack's on the same blocks in turn: Envoy's first block (a
+    size update and literals with indexing), the repeated block (kept, then served from the
+    cache), a block that adds an entry (every later reference shifts: the kept decoding is
+    stale and must not be served), the repeated block again, a size update to 0 (the table
+    emptied: the repeated block's references are now invalid and must raise)."""
+    from hpack import Decoder
+
+    blocks = [_envoy_first_block(), ENVOY_BLOCK, ENVOY_BLOCK, INDEXING_BLOCK, ENVOY_BLOCK, ENVOY_BLOCK, INDEXING_BLOCK]
+    blocks += [ENVOY_BLOCK, b"\x20\x83\x86\x84", ENVOY_BLOCK, b"\x83\x86\x84", b"\x83\x86\x84"]
+    decoder = h2compat._CachingDecoder(65536)
+    hits = []
+    real = decoder.cached
+    decoder.cached = lambda data: hits.append(real(data)) or hits[-1]
+    got = _decode_all(decoder, blocks)
+    assert got == _decode_all(Decoder(), blocks)
+    assert got[1][1] == got[2][1] == ENVOY_HEADERS and got[4][1] != ENVOY_HEADERS and got[9][0] == "error"
+    served = [b is not None for b in hits]
+    assert served == [False, False, True, False, False, True, False, False, False, False, False, True]
+
+
+def test_cached_header_blocks_respect_the_limits_h2_sets():
+    """A kept block is decoded again, raising as hpack does, once h2 lowers the header-list size
+    limit below it (a MAX_HEADER_LIST_SIZE setting acknowledged) or the table's allowed size below
+    the table's size (a HEADER_TABLE_SIZE setting the client has not applied yet)."""
+    from hpack import Decoder
+
+    first = _envoy_first_block()
+    for limit in ("max_header_list_size", "max_allowed_table_size"):
+        plain, caching = Decoder(), h2compat._CachingDecoder(65536)
+        assert _decode_all(plain, [first, ENVOY_BLOCK, ENVOY_BLOCK]) == _decode_all(caching, [first, ENVOY_BLOCK, ENVOY_BLOCK])
+        assert caching.cached(ENVOY_BLOCK) is not None
+        for d in (plain, caching):
+            setattr(d, limit, 200)
+        got = _decode_all(caching, [ENVOY_BLOCK])
+        assert got == _decode_all(plain, [ENVOY_BLOCK]) and got[0][0] == "error"
+
+
+def test_header_block_cache_is_bounded():
+    """At most ``BLOCKS_KEPT`` blocks (the latest), each at most ``BLOCK_MAX`` bytes: the client
+    chooses them."""
+    decoder = h2compat._CachingDecoder(65536)
+    blocks = [b"\x83\x86\x84\x0f\x2b" + bytes([n]) + b"x" * n for n in range(1, 11)]  # literal user-agent, no indexing
+    for block in blocks:
+        decoder.decode(block, raw=True)
+    assert list(decoder.blocks) == blocks[-h2compat.BLOCKS_KEPT :]
+    from hpack.hpack import encode_integer
+
+    long = b"\x83\x86\x84\x0f\x2b" + bytes(encode_integer(h2compat.BLOCK_MAX, 7)) + b"x" * h2compat.BLOCK_MAX
+    assert decoder.decode(long, raw=True)[-1] == (b"user-agent", b"x" * h2compat.BLOCK_MAX)
+    assert long not in decoder.blocks and len(decoder.blocks) == h2compat.BLOCKS_KEPT
+
+
+def test_new_connections_get_the_caching_decoder():
+    processor = Processor(parse({"listen": "127.0.0.1:1"}), [Recorder()])
+    server = build_server(processor, "127.0.0.1:1")
+
+    async def main() -> None:
+        proto = server._protocol_factory()
+        proto.connection_made(_Transport())
+        decoder = h2compat.h2_connection(proto).decoder
+        assert isinstance(decoder, h2compat._CachingDecoder) and decoder.max_header_list_size == H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE
+        assert h2compat.cache_header_blocks(proto) is False  # only once, on a fresh decoder
+
+    asyncio.run(main())
