@@ -3,13 +3,15 @@ must parse to exactly what google.protobuf builds (metadata.write), for every ki
 
 from __future__ import annotations
 
+import random
+
 from google.protobuf.struct_pb2 import Struct
 
 from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.core.call import OK, Call
 from extproc.core.config import BudgetsConfig
 from extproc.core.observation import Observation, Usage
-from extproc.core.pricing import Cost
+from extproc.core.pricing import UNKNOWN_MODEL, Cost
 from extproc.server.replies import CONTINUE_RESPONSE_BODY, HEADERS_STREAMED
 from extproc.telemetry import metadata
 
@@ -78,12 +80,74 @@ def test_encoded_metadata_parses_like_protobuf():
     }
 
 
-def test_a_value_of_another_kind_is_encoded_by_protobuf(monkeypatch):
-    monkeypatch.setattr(metadata, "fields", lambda call, budget=None: {"provider": "p", "tags": ["a", 1.5], "extra": None})
-    got = pb.ProcessingResponse.FromString(metadata.encoded("ns", Call()))
-    want = Struct()
-    want.fields["ns"].struct_value.update({"provider": "p", "tags": ["a", 1.5], "extra": None})
-    assert got.dynamic_metadata == want
+def _varied_calls() -> list[Call]:
+    """Calls of every shape ``fields`` distinguishes: each key present or absent, every outcome,
+    error statuses, streams with and without their timings, costs and budget charges."""
+    rng = random.Random(7)
+    calls = []
+    for i in range(400):
+        pick = rng.random
+        usage = Usage(
+            **{
+                name: rng.choice([None, 0, 1, 127, 128, 300, 2**40])
+                for name in (
+                    "input_tokens",
+                    "output_tokens",
+                    "total_tokens",
+                    "cached_input_tokens",
+                    "cache_creation_input_tokens",
+                    "reasoning_tokens",
+                )
+            }
+        )
+        obs = Observation(
+            operation=rng.choice(["chat", "embeddings", "o" * 130]),
+            request_model=rng.choice([None, "", "gpt-4o", "m" * 129, f"model-{i}"]),
+            response_model=rng.choice([None, "", "gpt-4o-2024", "r" * 200, "é€😀"]),
+            streaming=pick() < 0.5,
+            usage=usage,
+            params={"max_tokens": 50} if pick() < 0.3 else {},
+        )
+        if pick() < 0.6:
+            obs.finish_reasons.extend(rng.sample(["stop", "length", "", "STOP ", "weird"], 2))
+        call = Call(
+            obs=obs,
+            provider=rng.choice(["openai", "anthropic", "p" * 150]),
+            outcome=rng.choice(["", OK, "error", "client_abort"]),
+            status=rng.choice([0, 200, 429, 500]),
+            priced=pick() < 0.7,
+            start=1.0,
+            first_chunk=rng.choice([None, 1.5]),
+            completed=rng.choice([None, 2.0]),
+            end=rng.choice([None, 3.0]),
+            end_user_header=rng.choice([None, "", "alice"]),
+            session_id=rng.choice([None, "", "s-1"]),
+            key_id=rng.choice([None, "", "k-1"]),
+        )
+        if obs.end_user is None and pick() < 0.3:
+            obs.end_user = "bob"
+        call.cost = rng.choice([None, Cost(0.5, 0.25, 0.25, "m", "catalogue"), UNKNOWN_MODEL])
+        calls.append(call)
+    return calls
+
+
+def test_encoded_metadata_parses_like_protobuf_for_calls_of_every_shape():
+    """``encoded`` reads the call directly, not through ``fields``: they must agree on every
+    key and value, whatever is known of the call."""
+    budgets = [None, *(metadata.Budget(BudgetsConfig(enabled=True, unit=unit)) for unit in ("total_tokens", "micro_usd"))]
+    seen: set[str] = set()
+    for i, call in enumerate(_varied_calls()):
+        budget = budgets[i % len(budgets)]
+        want = pb.ProcessingResponse()
+        metadata.write(want.dynamic_metadata, "ns", call, budget)
+        got = pb.ProcessingResponse.FromString(metadata.encoded("ns", call, budget))
+        assert got == want, metadata.fields(call, budget)
+        seen.update(metadata.fields(call, budget))
+    assert seen == {  # every key fields() writes came up
+        *("provider", "streaming", "operation", "outcome", "model", "provider_model", "finish_reason"),
+        *("prompt_tokens", "completion_tokens", "total_tokens", "cached_tokens", "cache_creation_tokens", "reasoning_tokens"),
+        *("cost_usd", "ratelimit_cost", "ttft_ms", "tpot_ms", "end_user", "session_id", "key_id"),
+    }
 
 
 def test_kept_entries_are_bounded(monkeypatch):
