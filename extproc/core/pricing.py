@@ -146,7 +146,12 @@ class _Override:
         inp, out, read, write = self.rates
         in_usd = (uncached * inp + cache_read * read + cache_write * write) / 1e6
         out_usd = (u.output_tokens or 0) * out / 1e6
-        return Cost(in_usd + out_usd, in_usd, out_usd, self.spec.model or self.spec.model_regex or "", "override")
+        return _rounded(in_usd + out_usd, in_usd, out_usd, self.spec.model or self.spec.model_regex or "", "override")
+
+
+def _rounded(total: float, in_usd: float, out_usd: float, model: str, source: Literal["override", "catalogue"]) -> Cost:
+    """A cost to the pico-dollar: 7.5e-06, not 7.499999999999999e-06."""
+    return Cost(round(total, 12), round(in_usd, 12), round(out_usd, 12), model, source)
 
 
 class Pricer:
@@ -187,10 +192,7 @@ class Pricer:
         if not self.enabled:
             return DISABLED
         try:
-            result = self._price(provider, request_model, response_model, usage, service_tier)
-            if isinstance(result, Cost):  # to the pico-dollar: 7.5e-06, not 7.499999999999999e-06
-                result = Cost(round(result.total, 12), round(result.input, 12), round(result.output, 12), result.model, result.source)
-            return result
+            return self._price(provider, request_model, response_model, usage, service_tier)
         except Exception:  # the catalogue raises on usage it finds inconsistent; never propagate
             self.errors += 1
             if self.errors <= 10 or self.errors % 1000 == 0:
@@ -200,8 +202,11 @@ class Pricer:
     def _price(
         self, provider: str, request_model: str | None, response_model: str | None, usage: Usage, service_tier: str | None
     ) -> Cost | Unpriced:
-        models = tuple(m for m in (response_model, request_model) if m)
-        if not models:
+        if response_model:
+            models: tuple[str, ...] = (response_model, request_model) if request_model else (response_model,)
+        elif request_model:
+            models = (request_model,)
+        else:
             return UNKNOWN_MODEL
         # Usage counts as known when input or output is (a total alone prices nothing).
         known = usage.input_tokens is not None or usage.output_tokens is not None
@@ -290,11 +295,13 @@ class _Plan:
     of input) is done here in a few microseconds instead of the library's generic unit algebra
     (~300 us). tests/unit/test_pricing.py checks both agree on every catalogue model."""
 
-    __slots__ = ("input", "output", "cache_read", "cache_write", "tiered")
+    __slots__ = ("input", "output", "cache_read", "cache_write", "tiered", "rates")
 
     def __init__(self, prices: dict[str, Any]) -> None:
         self.input, self.output, self.cache_read, self.cache_write = (prices.get(k) for k in _BASE_KEYS)
         self.tiered = any(not isinstance(p, Decimal) for p in prices.values() if p is not None)
+        # flat rates as the floats _rate gives for them, converted once
+        self.rates = None if self.tiered else tuple(_rate(p, 0) for p in (self.input, self.output, self.cache_read, self.cache_write))
 
     def cost(self, u: Usage, model_id: str) -> Cost | Unpriced:
         total_input = uncached = u.input_tokens or 0
@@ -305,14 +312,14 @@ class _Plan:
             uncached -= cache_write
         if uncached < 0:  # the library refuses cached > input too
             return ERROR
-        threshold = total_input if self.tiered else 0
-        in_usd = (
-            _rate(self.input, threshold) * uncached
-            + _rate(self.cache_read, threshold) * cache_read
-            + _rate(self.cache_write, threshold) * cache_write
-        ) / 1e6
-        out_usd = _rate(self.output, threshold) * (u.output_tokens or 0) / 1e6
-        return Cost(in_usd + out_usd, in_usd, out_usd, model_id, "catalogue")
+        rates = self.rates
+        if rates is None:
+            t = total_input
+            rates = (_rate(self.input, t), _rate(self.output, t), _rate(self.cache_read, t), _rate(self.cache_write, t))
+        input_rate, output_rate, read_rate, write_rate = rates
+        in_usd = (input_rate * uncached + read_rate * cache_read + write_rate * cache_write) / 1e6
+        out_usd = output_rate * (u.output_tokens or 0) / 1e6
+        return _rounded(in_usd + out_usd, in_usd, out_usd, model_id, "catalogue")
 
 
 def _rate(price: Any, total_input: int) -> float:
@@ -382,4 +389,4 @@ def _library_cost(provider: Any, model: Any, u: Usage, service_tier: str | None)
     total = float(calc.total_price)
     if not math.isfinite(total):
         return ERROR
-    return Cost(total, float(calc.input_price), float(calc.output_price), model.id, "catalogue")
+    return _rounded(total, float(calc.input_price), float(calc.output_price), model.id, "catalogue")
