@@ -8,8 +8,9 @@ leaves in one ``write`` per read or loop iteration (see ``_CoalescingTransport``
 
 grpclib provides the HTTP/2 connection handling (``H2Protocol``) and per-stream request handling
 (``Handler`` / ``request_handler``: headers, deadlines, trailers, resets). We add here: the
-pass-through codec, the ext_proc streams' receive path (DATA frames past h2's parser into a
-:class:`MessageBuffer`), the listener (TCP with SO_REUSEPORT, ``unix:``, TLS), the health service on
+pass-through codec, the ext_proc streams' receive path (a read walked frame by frame: a new
+stream's HEADERS, its header block decoded once per connection, and its DATA frames past h2's
+parser, the DATA into a :class:`MessageBuffer`; any other frame through h2 on its own), the listener (TCP with SO_REUSEPORT, ``unix:``, TLS), the health service on
 ``grpc_health``'s messages, and a graceful stop (grpclib's own ``Server.close`` cancels every
 stream at once).
 """
@@ -288,11 +289,21 @@ class _Protocol(H2Protocol):
         self.connection.streams_failed += 1
 
     def data_received(self, data: bytes) -> None:
-        # The DATA frames of ext_proc messages on open streams go straight to their streams; h2
-        # gets whatever else there is (see h2compat.receive_data_frames).
-        taken = h2compat.receive_data_frames(self, data)
-        if taken < len(data):
-            super().data_received(data[taken:] if taken else data)
+        # The frames of ext_proc streams (a new stream's HEADERS, the DATA frames of its messages)
+        # go straight to their streams (h2compat.receive_frames); any other whole frame goes to
+        # h2 and grpclib on its own, and the loop goes on past it; from a partial frame on, the
+        # rest goes to h2 as it is.
+        end = len(data)
+        offset = h2compat.receive_frames(self, data)
+        while offset < end:
+            stop = h2compat.frame_end(self, data, offset)
+            if not stop:
+                super().data_received(data[offset:] if offset else data)
+                break
+            super().data_received(data[offset:stop])
+            if h2compat.failed(self):  # a protocol error: the connection is closed, the rest unread
+                break
+            offset = h2compat.receive_frames(self, data, stop)
         # what handling this read produced (replies made inline, window updates) leaves now, in
         # one write: no further event-loop iteration per streamed chunk
         self._out.flush()

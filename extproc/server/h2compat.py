@@ -1,10 +1,18 @@
-"""Every private grpclib / h2 / hyperframe detail the server relies on, in one place.
+"""Every private grpclib / h2 / hpack / hyperframe detail the server relies on, in one place.
 
-grpclib has no public hooks for what :mod:`extproc.server.grpc_server` needs (a graceful stop that keeps
-streams in flight, cheap stream resets, a bounded memory of closed streams), so the server reaches
-into a few internals. Each one is a function here, and ``tests/unit/test_h2compat.py`` checks
-every assumption against the installed versions (pinned in pyproject: grpclib, h2, hyperframe),
-so an upgrade that breaks one fails a named test instead of a stream in production.
+grpclib has no public hooks for what :mod:`extproc.server.grpc_server` needs (a graceful stop that
+keeps streams in flight, cheap stream resets, a bounded memory of closed streams, the ext_proc
+streams' frames taken past h2's parser, an HPACK decode cache), so the server reaches into a few
+internals. Each one is a function (or class) here, and ``tests/unit/test_h2compat.py`` checks
+every assumption against the installed versions (pinned in pyproject: grpclib, h2, hpack,
+hyperframe), so an upgrade that breaks one fails a named test instead of a stream in production.
+
+The receive path (:func:`receive_frames`, :func:`frame_end`, driven by the server's
+``_Protocol.data_received``) walks a read frame by frame: what it takes past h2 leaves h2's and
+grpclib's state as h2 would, and every other whole frame is h2's alone, in order. One difference
+is by design: h2 parses a whole read before grpclib handles its events, so a protocol error in a
+read drops the events of the frames before it in the same read (the connection is closed
+anyway); here those frames have been handled, as h2 does when each comes in a read of its own.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from grpclib.config import Configuration
 from grpclib.events import _DispatchServerEvents
 from grpclib.protocol import H2Protocol
 from grpclib.server import Handler
-from h2.connection import ConnectionState, H2Connection
+from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import StreamReset
 from h2.stream import StreamInputs, StreamState
@@ -43,7 +51,9 @@ __all__ = (
     "lazy_frame_repr",
     "limit_closed_streams",
     "on_stream_reset",
-    "receive_data_frames",
+    "failed",
+    "frame_end",
+    "receive_frames",
     "send_goaway",
     "closed",
     "initial_metadata_sent",
@@ -271,38 +281,67 @@ def closed(ps: Any) -> bool:
 _RECEIVABLE = (StreamState.OPEN, StreamState.HALF_CLOSED_LOCAL)
 
 
-def receive_data_frames(protocol: H2Protocol, data: bytes) -> int:
-    """Take the plain DATA frames at the start of ``data`` (what Envoy sends for each ext_proc
-    message on an open stream) past h2's frame parser and event objects, straight into grpclib's
-    stream buffer; return how many bytes were taken. The rest (from the first frame that is
-    anything else: another type, END_STREAM or PADDED flags, an unknown or closing stream, a frame
-    that overdraws a flow-control window or is incomplete) is for h2's ``receive_data``, which
-    then handles it, and its errors, exactly as before. Nothing is taken while h2 holds bytes of
-    its own (a partial frame, the preface, a header block awaiting CONTINUATION): frames keep
-    their order.
+def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
+    """Take the frames of ext_proc streams at ``data[offset:]`` past h2's frame parser and event
+    objects, and return where the first frame not taken starts (``offset`` if none was):
 
-    For each frame taken this does what h2's ``_receive_data_frame`` -> ``H2Stream.receive_data``
-    and grpclib's ``process_data_received`` do for it: the connection's RECV_DATA input in
-    SERVER_OPEN and the stream's in OPEN / HALF_CLOSED_LOCAL keep their states and only make the
-    ``DataReceived`` event; both inbound windows are debited; the stream's received length is
-    counted (a stream with a content-length header is left to h2); the payload goes into the
-    stream's buffer with its flow-controlled length (acknowledged when the handler reads it)."""
+    - a plain DATA frame (what Envoy sends for each ext_proc message on an open stream) goes
+      straight into grpclib's stream buffer;
+    - a HEADERS frame opening a new stream (what Envoy sends for each ext_proc stream) whose
+      header block h2's decoder has cached (:class:`_CachingDecoder`) and can take as a
+      request's headers (:class:`_Block`) opens the stream as h2 would, and grpclib's processor
+      handles the ``RequestReceived`` (the handler's ``accept``) as usual.
+
+    The rest (from the first frame that is anything else: another type or other flags, an
+    unknown, closing or already used stream id, a header block not cached, a frame that
+    overdraws a flow-control window or is incomplete) is for h2's ``receive_data``, which then
+    handles it, and its errors, exactly as before. Nothing is taken while h2 holds bytes of its
+    own (a partial frame, the preface, a header block awaiting CONTINUATION) or the connection
+    is not open: frames keep their order.
+
+    For each DATA frame taken this does what h2's ``_receive_data_frame`` ->
+    ``H2Stream.receive_data`` and grpclib's ``process_data_received`` do for it: the
+    connection's RECV_DATA input in SERVER_OPEN and the stream's in OPEN / HALF_CLOSED_LOCAL keep
+    their states and only make the ``DataReceived`` event; both inbound windows are debited; the
+    stream's received length is counted (a stream with a content-length header is left to h2);
+    the payload goes into the stream's buffer with its flow-controlled length (acknowledged when
+    the handler reads it). For a HEADERS frame, see :func:`_open_stream`."""
     conn: H2Connection = protocol.connection._connection
     incoming = conn.incoming_buffer
     if incoming._data or incoming._headers_buffer or incoming._preamble_len or conn.state_machine.state is not ConnectionState.SERVER_OPEN:
-        return 0
+        return offset
     streams = conn.streams
     grpc_streams = protocol.processor.streams
     window = conn._inbound_flow_control_window_manager
     max_size = conn.max_inbound_frame_size
+    cached = getattr(conn.decoder, "cached", None)
     unpack = _FRAME_HEAD.unpack_from
     end = len(data)
-    offset = taken = 0
+    taken = 0
     while offset + 9 <= end:
         high, low, kind, flags, stream_id = unpack(data, offset)
         size = (high << 8) | low
         start = offset + 9
-        if kind or flags or start + size > end or size > max_size or size > window.current_window_size:
+        if start + size > end or size > max_size:
+            break
+        if kind == 1:  # HEADERS
+            stream_id &= 0x7FFFFFFF
+            if (
+                flags != _HEADERS_END
+                or not stream_id & 1
+                or stream_id <= conn.highest_inbound_stream_id
+                or cached is None
+                or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+            ):
+                break
+            block = cached(data[start : start + size])
+            # h2's check of the streams open (which also forgets the closed ones) comes first
+            if block is None or not block.plain or conn.open_inbound_streams >= conn.local_settings.max_concurrent_streams:
+                break
+            _open_stream(protocol, conn, stream_id, block.headers[:])
+            offset = start + size
+            continue
+        if kind or flags or size > window.current_window_size:
             break
         h2s = streams.get(stream_id & 0x7FFFFFFF)
         stream = grpc_streams.get(stream_id & 0x7FFFFFFF)
@@ -327,6 +366,53 @@ def receive_data_frames(protocol: H2Protocol, data: bytes) -> int:
         grpc_conn.data_received += taken
         grpc_conn.last_data_received = time.monotonic()
     return offset
+
+
+def _open_stream(protocol: H2Protocol, conn: H2Connection, stream_id: int, headers: list[Any]) -> None:
+    """What h2's ``_receive_frame`` -> ``_receive_headers_frame`` and grpclib's
+    ``H2Protocol.data_received`` do for a HEADERS frame with only END_HEADERS set that opens
+    client stream ``stream_id`` (odd, above every id the client used) on an open server
+    connection, its block already decoded (``headers``, as hpack's decoder returns them), once
+    the check of the streams open passed: the connection's RECV_HEADERS input (no state change
+    in SERVER_OPEN), the new stream (``_begin_new_stream``) and its ``receive_headers`` (IDLE ->
+    OPEN: the ``RequestReceived`` event), no frame to send; then each event through grpclib's
+    processor, with h2's output flushed before and after as grpclib does. None of these raises
+    for a :class:`_Block` that is ``plain``."""
+    events = conn.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
+    h2s = conn._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
+    _frames, stream_events = h2s.receive_headers(headers, False, conn.config.header_encoding)
+    grpc_conn = protocol.connection
+    if conn._data_to_send:
+        grpc_conn.flush()
+    process = protocol.processor.process
+    for event in events:
+        process(event)
+    for event in stream_events:
+        process(event)
+    if conn._data_to_send:
+        grpc_conn.flush()
+
+
+def frame_end(protocol: H2Protocol, data: bytes, offset: int) -> int:
+    """Where the frame at ``data[offset:]`` ends if it is complete and h2 holds no partial frame
+    (so h2 can take it on its own; a header block awaiting CONTINUATION is fine: the frame is
+    the next one h2 reads, whatever it is); the connection preface counts as a frame. 0
+    otherwise: the rest of ``data`` is for h2 as it is."""
+    incoming = h2_connection(protocol).incoming_buffer
+    if incoming._data:
+        return 0
+    if incoming._preamble_len:
+        end = offset + incoming._preamble_len
+    elif offset + 9 <= len(data):
+        end = offset + 9 + int.from_bytes(data[offset : offset + 3], "big")
+    else:
+        return 0
+    return end if end <= len(data) else 0
+
+
+def failed(protocol: H2Protocol) -> bool:
+    """Whether grpclib closed the connection for a protocol error (``EventsProcessor.close``)."""
+    return not hasattr(protocol.processor, "processors")
 
 
 _MAXSIZE: Any = HeaderTable.__dict__["maxsize"]  # hpack's property

@@ -16,9 +16,10 @@ The path of one ext_proc message, from the socket to its reply (headers mode; th
 explains why it takes this route):
 
 1. ``grpc_server._Protocol.data_received``: the bytes Envoy wrote on its HTTP/2 connection.
-2. ``h2compat.receive_data_frames``: plain DATA frames of open ext_proc streams go straight to the
-   stream's :class:`MessageBuffer` (``MessageBuffer.add``); anything else goes through h2 and
-   grpclib as usual, to the same buffer.
+2. ``h2compat.receive_frames``: plain DATA frames of open ext_proc streams go straight to the
+   stream's :class:`MessageBuffer` (``MessageBuffer.add``), as do a new stream's HEADERS (its
+   header block decoded once per connection) to grpclib's processor; any other frame goes
+   through h2 and grpclib as usual, to the same buffer.
 3. ``MessageBuffer.add`` -> ``next_message``: the gRPC length prefix is checked
    (``limits.maxGrpcMessageBytes``) and a whole message taken; it is handed to the stream's
    ``grpc_server._Exchange.one`` right there (``MessageBuffer.inline``: a stream has no task unless
@@ -364,8 +365,7 @@ class Stream:
                         call.obs.parse_error("decode_" + decoder.failed)
                         self._release()  # abandon parsing; the bytes flow on untouched
                     parser = PASS_THROUGH  # (takes nothing below)
-            # (a message of at most that many bytes cannot hold more lines: not counted)
-            if len(body) > limits.max_lines_per_message and parser.work_items(body) > limits.max_lines_per_message:
+            if parser.work_items(body) > limits.max_lines_per_message:
                 self._abandon("message_budget")
             else:
                 changed = parser.feed_response(body, complete) or first

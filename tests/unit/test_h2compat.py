@@ -16,6 +16,7 @@ from extproc.core.config import parse
 from extproc.devtools.dev import free_port
 from extproc.server import grpc_server, h2compat
 from extproc.server.grpc_server import build_server
+from extproc.server.message_buffer import MessageBuffer
 from extproc.server.processor import Processor
 from tests.unit.test_processor import Recorder
 from tests.unit.test_servers import REQ, RESP, _in_flight, _wait
@@ -259,6 +260,7 @@ def test_a_serving_worker_does_not_import_grpcio():
 class _Transport:
     def __init__(self) -> None:
         self.written = bytearray()
+        self.closed = False
 
     def write(self, data: bytes) -> None:
         self.written += data
@@ -267,7 +269,7 @@ class _Transport:
         return False
 
     def close(self) -> None:
-        pass
+        self.closed = True
 
     def get_extra_info(self, name, default=None):
         return default
@@ -324,57 +326,107 @@ def _pieces(data: bytes, split: int | str) -> list[bytes]:
     return [data[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-def _receive(data: bytes, split: int | str, fast: bool, monkeypatch, fast_ack: bool = True) -> tuple[object, int]:
-    """Feed ``data`` in pieces (see ``_pieces``) to a server connection; its h2, grpclib and
-    buffer state after, and how many bytes the fast path took. ``fast_ack`` False: the buffers
-    acknowledge through grpclib's ``Connection.ack`` instead of ``h2compat.acknowledger``."""
-    taken = 0
-    real = h2compat.receive_data_frames
+_REAL = {"receive_frames": h2compat.receive_frames, "_open_stream": h2compat._open_stream, "accept": grpc_server._Handler.accept}
+
+
+def _receive(data: bytes, split: int | str, fast: bool, monkeypatch, fast_ack: bool = True, setup=None) -> tuple[dict, dict]:
+    """Feed ``data`` in pieces (see ``_pieces``) to a server connection, until it closes; its h2,
+    grpclib and buffer state after, and what the fast path took: ``data`` bytes (DATA payloads)
+    and ``headers`` (streams opened by ``_open_stream``). ``fast`` False: plain grpclib and h2
+    (``H2Protocol.data_received``, hpack's decoder). ``fast_ack`` False: the buffers acknowledge
+    through grpclib's ``Connection.ack`` instead of ``h2compat.acknowledger``. ``setup(h2
+    connection)`` runs once the connection is made."""
+    with pytest.MonkeyPatch.context() as patch:  # undone after each run: fast and plain runs alternate
+        return _receive_patched(data, split, fast, patch, fast_ack, setup)
+
+
+def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fast_ack: bool, setup) -> tuple[dict, dict]:
+    from grpclib.protocol import H2Protocol
+
+    taken = {"data": 0, "headers": 0}
     if not fast_ack:
         monkeypatch.setattr(h2compat, "acknowledger", lambda stream: partial(stream.connection.ack, stream.id))
+    if fast:
+        receive_frames, open_stream = _REAL["receive_frames"], _REAL["_open_stream"]
 
-    def counting(protocol, piece):
-        nonlocal taken
-        n = real(protocol, piece) if fast else 0
-        taken += n
-        return n
+        def counting(protocol, piece, offset=0):
+            before = protocol.connection.data_received
+            end = receive_frames(protocol, piece, offset)
+            taken["data"] += protocol.connection.data_received - before
+            return end
 
-    monkeypatch.setattr(h2compat, "receive_data_frames", counting)
+        def opening(*args):
+            taken["headers"] += 1
+            open_stream(*args)
+
+        monkeypatch.setattr(h2compat, "receive_frames", counting)
+        monkeypatch.setattr(h2compat, "_open_stream", opening)
+    else:
+
+        def plain(self, data: bytes) -> None:
+            H2Protocol.data_received(self, data)
+            self._out.flush()
+
+        monkeypatch.setattr(grpc_server._Protocol, "data_received", plain)
+        monkeypatch.setattr(h2compat, "cache_header_blocks", lambda protocol: False)
+    accepted = []
+    accept = _REAL["accept"]
+
+    def recording(self, stream, headers, release_stream):
+        accepted.append((stream.id, [tuple(h) for h in headers]))
+        accept(self, stream, headers, release_stream)
+
+    monkeypatch.setattr(grpc_server._Handler, "accept", recording)
     processor = Processor(parse({"listen": "127.0.0.1:1"}), [Recorder()])
     server = build_server(processor, "127.0.0.1:1")
     server.untasked.clear()  # streams in tasks that never run here: the messages stay in the buffers to compare
 
-    async def main() -> object:
+    async def main() -> dict:
         proto = server._protocol_factory()
         transport = _Transport()
         proto.connection_made(transport)
-        for piece in _pieces(data, split):
-            proto.data_received(piece)
         conn = h2compat.h2_connection(proto)
+        if setup is not None:
+            setup(conn)
+            proto.connection.flush()
+        for piece in _pieces(data, split):
+            if transport.closed:
+                break
+            proto.data_received(piece)
         streams = {}
-        for sid in (1, 3):
-            h2s = conn.streams[sid]
-            buf = h2compat.stream_of(proto, sid).buffer
+        for sid in sorted(set(conn.streams) | set(proto.processor.streams)):
+            h2s = conn.streams.get(sid)
+            ps = h2compat.stream_of(proto, sid)
             messages = []
-            while (m := buf.next_message()) is not None:
-                messages.append(m)
+            ours = ps is not None and isinstance(ps.buffer, MessageBuffer)  # an ext_proc stream
+            if ours and not transport.closed:  # (reading acknowledges: not on a closed connection)
+                while (m := ps.buffer.next_message()) is not None:
+                    messages.append(m)
             streams[sid] = (
-                h2s.state_machine.state,
-                h2s._inbound_window_manager.current_window_size,
-                h2s._inbound_window_manager._bytes_processed,
-                h2s._actual_content_length,
-                messages,
-                buf.ended,
-                buf.unacked_size(),
+                h2s
+                and (
+                    h2s.state_machine.state,
+                    h2s._inbound_window_manager.current_window_size,
+                    h2s._inbound_window_manager._bytes_processed,
+                    h2s._actual_content_length,
+                    h2s._expected_content_length,
+                ),
+                ours and (messages, ps.buffer.ended, ps.buffer.unacked_size(), ps.data_received),
             )
-        proto.connection._transport.flush()
-        state = (
-            conn._inbound_flow_control_window_manager.current_window_size,
-            conn._inbound_flow_control_window_manager._bytes_processed,
-            proto.connection.data_received,
-            streams,
-            bytes(transport.written),
-        )
+        proto._out.flush()
+        state = {
+            "connection": (conn.state_machine.state, conn.highest_inbound_stream_id, sorted(conn._closed_streams.items())),
+            "window": (
+                conn._inbound_flow_control_window_manager.current_window_size,
+                conn._inbound_flow_control_window_manager._bytes_processed,
+            ),
+            "data_received": proto.connection.data_received,
+            "streams": streams,
+            "accepted": accepted,
+            "written": bytes(transport.written),
+            "unsent": bytes(conn._data_to_send),  # (grpclib closes on a protocol error without sending h2's GOAWAY)
+            "closed": transport.closed,
+        }
         for task in list(proto.handler._tasks.values()):
             task.cancel()
         return state
@@ -384,17 +436,17 @@ def _receive(data: bytes, split: int | str, fast: bool, monkeypatch, fast_ack: b
 
 @pytest.mark.parametrize("split", [1, 7, 9, 64, 1000, 1 << 20, "frames", "2frames"])
 def test_data_frames_past_h2_leave_the_same_state(split, monkeypatch):
-    """``receive_data_frames`` (DATA frames straight into the stream's buffer) against h2's own
+    """``receive_frames`` (DATA frames straight into the stream's buffer) against h2's own
     path, on the same bytes cut at every kind of boundary: the same windows, stream states,
     counts, messages read and bytes written back (WINDOW_UPDATEs, the PING ack); and it does take
     the frames when they arrive whole."""
     data = _client_bytes()
     fast, taken = _receive(data, split, True, monkeypatch)
-    slow, none = _receive(data, split, False, monkeypatch)
-    assert fast == slow and none == 0
-    assert len(fast[3][1][4]) == 8 and len(fast[3][3][4]) == 14  # every message read
+    slow, _ = _receive(data, split, False, monkeypatch)
+    assert fast == slow
+    assert len(fast["streams"][1][1][0]) == 8 and len(fast["streams"][3][1][0]) == 14  # every message read
     if isinstance(split, str):  # whole frames per read, as Envoy's: the DATA frames go past h2
-        assert taken > 30000
+        assert taken["data"] > 30000
 
 
 @pytest.mark.parametrize("split", [1, 9, 1000, "frames"])
@@ -406,7 +458,7 @@ def test_acknowledgments_past_h2_leave_the_same_state(split, monkeypatch):
     fast, _ = _receive(data, split, True, monkeypatch)
     slow, _ = _receive(data, split, True, monkeypatch, fast_ack=False)
     assert fast == slow
-    assert b"\x00\x00\x04\x08" in fast[4]  # a WINDOW_UPDATE frame was written back
+    assert b"\x00\x00\x04\x08" in fast["written"]  # a WINDOW_UPDATE frame was written back
 
 
 def test_an_acknowledgment_counted_past_h2_is_one_h2_would_only_count():
@@ -676,3 +728,173 @@ def test_new_connections_get_the_caching_decoder():
         assert h2compat.cache_header_blocks(proto) is False  # only once, on a fresh decoder
 
     asyncio.run(main())
+
+
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+END_STREAM, END_HEADERS, PADDED, PRIORITY, ACK = 0x1, 0x4, 0x8, 0x20, 0x1
+
+
+def _frame(kind: int, flags: int, sid: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + sid.to_bytes(4, "big") + payload
+
+
+def _headers(sid: int, block: bytes, flags: int = END_HEADERS) -> bytes:
+    return _frame(1, flags, sid, block)
+
+
+def _data(sid: int, n: int = 1) -> bytes:
+    from tests.unit.test_processor import req_headers
+
+    return _frame(0, 0, sid, _grpc_frame(req_headers()) * n)
+
+
+def _rst(sid: int) -> bytes:
+    return _frame(3, 0, sid, (8).to_bytes(4, "big"))  # CANCEL, as Envoy's
+
+
+def _window_update(sid: int, n: int) -> bytes:
+    return _frame(8, 0, sid, n.to_bytes(4, "big"))
+
+
+def _opening() -> bytes:
+    """Envoy's start of a connection: the preface, its settings, a window update, the first
+    stream (its block a table size update and literals with indexing), then a stream with the
+    repeated block (decoded by h2 and kept), the first reset."""
+    out = PREFACE + _frame(4, 0, 0, (4).to_bytes(2, "big") + (1 << 20).to_bytes(4, "big")) + _window_update(0, 1 << 24)
+    return out + _headers(1, _envoy_first_block()) + _data(1) + _headers(3, ENVOY_BLOCK) + _data(3, 2) + _rst(1)
+
+
+def _compare(data: bytes, monkeypatch, splits=(1, 9, 100, 1 << 20, "frames", "2frames"), baseline=None, setup=None) -> list[dict]:
+    """Each cut of ``data`` through the fast path and through plain h2 (cut the same way, or
+    as ``baseline``): the same state; the fast path's state and what it took, per cut."""
+    out = []
+    for split in splits:
+        fast, taken = _receive(data, split, True, monkeypatch, setup=setup)
+        slow, _ = _receive(data, split if baseline is None else baseline, False, monkeypatch, setup=setup)
+        assert fast == slow, split
+        out.append({"split": split, "state": fast, **taken})
+    return out
+
+
+def test_new_streams_headers_past_h2_leave_the_same_state(monkeypatch):
+    """Envoy's HEADERS for new streams, interleaved with their DATA, resets, window updates, a
+    ping, settings and their acknowledgment, and HEADERS h2 must take: PRIORITY and PADDED
+    flags, END_STREAM, a block split over CONTINUATION, a block with a content-length (kept, but
+    h2 must check it), the same through the fast path and plain h2 at every cut; read whole
+    frames at a time, the new streams with the kept block open past h2."""
+    cl_block = ENVOY_BLOCK + b"\x0f\x0d\x015"  # content-length: 5, literal without indexing
+    data = _opening()
+    data += _headers(5, ENVOY_BLOCK) + _data(5) + _frame(6, 0, 0, b"12345678") + _window_update(5, 1000)
+    data += _frame(4, 0, 0, (4).to_bytes(2, "big") + (1 << 21).to_bytes(4, "big")) + _frame(4, ACK, 0)
+    data += _headers(7, ENVOY_BLOCK) + _data(7, 3) + _rst(3)
+    data += _headers(9, b"\x00\x00\x00\x03\x10" + ENVOY_BLOCK, END_HEADERS | PRIORITY) + _data(9)
+    data += _headers(11, b"\x03" + ENVOY_BLOCK + b"\x00" * 3, END_HEADERS | PADDED) + _data(11)
+    data += _headers(13, ENVOY_BLOCK, END_HEADERS | END_STREAM)
+    data += _headers(15, ENVOY_BLOCK[:20], 0) + _frame(9, END_HEADERS, 15, ENVOY_BLOCK[20:]) + _data(15)
+    data += _headers(17, cl_block) + _headers(19, cl_block) + _rst(5)
+    data += _headers(21, ENVOY_BLOCK) + _data(21) + _rst(7) + _rst(21)
+    runs = _compare(data, monkeypatch)
+    state = runs[0]["state"]
+    assert [sid for sid, _ in state["accepted"]] == list(range(1, 23, 2))
+    assert all(headers == [(n.decode(), v.decode()) for n, v in ENVOY_HEADERS] for _, headers in state["accepted"][1:8])
+    assert state["streams"][19][0][4] == 5 and not state["closed"]  # h2 read the content-length
+    for run in runs:
+        if isinstance(run["split"], str) or run["split"] == 1 << 20:
+            assert run["headers"] == 3 and run["data"] > 0  # streams 5, 7, 21
+        elif run["split"] == 1:
+            assert run["headers"] == 0  # a frame never arrives whole: all of it through h2
+
+
+def _accepted(run: dict) -> dict:
+    return dict(run["state"]["accepted"])
+
+
+def test_a_block_that_changes_the_table_is_never_served_from_the_cache(monkeypatch):
+    """A block with incremental indexing (twice: it changes the table each time) shifts every
+    reference: Envoy's repeated block, kept before, must now decode to other headers (h2 reads
+    them, and the kept decoding is dropped); so must a table size update (to the same size);
+    once a block is decoded at the new table it is kept and served again."""
+    data = _opening() + _headers(5, ENVOY_BLOCK) + _data(5)
+    data += _headers(7, INDEXING_BLOCK) + _headers(9, ENVOY_BLOCK) + _data(9)
+    data += _headers(11, INDEXING_BLOCK) + _headers(13, ENVOY_BLOCK) + _headers(15, ENVOY_BLOCK) + _data(15)
+    data += _headers(17, b"\x3f\xe1\x1f\x83\x86\x84") + _headers(19, ENVOY_BLOCK) + _headers(21, ENVOY_BLOCK) + _data(21)
+    runs = _compare(data, monkeypatch)
+    accepted = _accepted(runs[0])
+    assert ("x-new", "v") not in accepted[5] and ("x-new", "v") in accepted[9]
+    assert accepted[13] == accepted[15] != accepted[9] and accepted[19] == accepted[21] == accepted[15]
+    whole = [run for run in runs if run["split"] in ("frames", 1 << 20)]
+    assert all(run["headers"] == 3 for run in whole)  # 5, 15, 21: each after the block was decoded at that table
+
+
+ERROR_SPLITS = (1, "frames", "2frames", 1 << 20)  # against plain h2 fed one frame per read: see below
+
+
+def _compare_error(data: bytes, monkeypatch, setup=None) -> list[dict]:
+    """A protocol error closes the connection; the frames before it in the same read were
+    handled one by one, as h2 would if each came in a read of its own (plain grpclib drops the
+    events of a read that ends in an error): so the fast path at frame-aligned cuts (or byte by
+    byte, where it leaves every frame to h2) against plain h2 fed one frame per read."""
+    runs = _compare(data, monkeypatch, splits=ERROR_SPLITS, baseline="frames", setup=setup)
+    for run in runs:
+        assert run["state"]["closed"] and run["state"]["unsent"][-17:-13] == b"\x00\x00\x08\x07"  # h2's GOAWAY
+    return runs
+
+
+def _goaway_error(run: dict) -> int:
+    return int.from_bytes(run["state"]["unsent"][-4:], "big")
+
+
+def test_a_table_size_update_to_zero_makes_kept_blocks_invalid(monkeypatch):
+    """After a size update to 0 (the table emptied) Envoy's repeated block refers to entries that
+    are gone: h2 fails the connection, and so must the fast path, which had
+    the block kept."""
+    data = _opening() + _headers(5, ENVOY_BLOCK) + _data(5) + _headers(7, b"\x20\x83\x86\x84") + _headers(9, ENVOY_BLOCK) + _data(9)
+    runs = _compare_error(data, monkeypatch)
+    assert {_goaway_error(run) for run in runs} == {1}  # PROTOCOL_ERROR (h2's for any HPACK error)
+    assert sorted(_accepted(runs[-1])) == [1, 3, 5, 7] and runs[-1]["headers"] == 1
+
+
+def test_a_kept_block_over_a_lowered_header_list_limit_fails_as_h2_does(monkeypatch):
+    """The server lowers MAX_HEADER_LIST_SIZE; once the client acknowledges it, Envoy's repeated
+    block (kept, ~430 bytes as hpack counts it) is over the limit: h2 fails the connection
+    (ENHANCE_YOUR_CALM), and so must the fast path."""
+    from h2.settings import SettingCodes
+
+    def lower(conn) -> None:
+        conn.update_settings({SettingCodes.MAX_HEADER_LIST_SIZE: 200})
+
+    settings_ack = _frame(4, ACK, 0)
+    data = _opening() + _headers(5, ENVOY_BLOCK) + _data(5) + settings_ack + _headers(7, ENVOY_BLOCK) + _data(7)
+    runs = _compare_error(data, monkeypatch, setup=lower)
+    assert {_goaway_error(run) for run in runs} == {11}  # ENHANCE_YOUR_CALM
+    assert sorted(_accepted(runs[-1])) == [1, 3, 5] and runs[-1]["headers"] == 1
+
+
+def test_an_even_stream_id_fails_the_connection_as_h2_does(monkeypatch):
+    data = _opening() + _headers(5, ENVOY_BLOCK) + _data(5) + _headers(6, ENVOY_BLOCK) + _data(5)
+    runs = _compare_error(data, monkeypatch)
+    assert {_goaway_error(run) for run in runs} == {1}  # PROTOCOL_ERROR
+    assert sorted(_accepted(runs[-1])) == [1, 3, 5]
+
+
+def test_a_skipped_stream_id_used_later_fails_the_connection_as_h2_does(monkeypatch):
+    data = _opening() + _headers(7, ENVOY_BLOCK) + _data(7) + _headers(5, ENVOY_BLOCK) + _data(7)
+    runs = _compare_error(data, monkeypatch)
+    assert {_goaway_error(run) for run in runs} == {1}
+    assert sorted(_accepted(runs[-1])) == [1, 3, 7]
+
+
+def test_a_reset_stream_id_used_again_is_reset_as_h2_does(monkeypatch):
+    """HEADERS on a stream the client reset: a stream error (RST_STREAM STREAM_CLOSED), the
+    connection goes on, and the next new stream opens past h2."""
+    data = _opening() + _headers(1, ENVOY_BLOCK) + _headers(5, ENVOY_BLOCK) + _data(5)
+    runs = _compare(data, monkeypatch)
+    for run in runs:
+        assert not run["state"]["closed"] and _rst_frame(1, 5) in run["state"]["written"]
+        assert sorted(_accepted(run)) == [1, 3, 5]
+        if run["split"] in ("frames", 1 << 20):
+            assert run["headers"] == 1
+
+
+def _rst_frame(sid: int, code: int) -> bytes:
+    return _frame(3, 0, sid, code.to_bytes(4, "big"))
