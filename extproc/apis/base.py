@@ -336,7 +336,12 @@ class ApiParser:
     def held_bytes(self) -> int:
         """Bytes this parser holds between chunks (bodies, unfinished lines, events, frames)."""
         stream = self._stream
-        return max(self._body_len, 0) + max(self._request_len, 0) + (stream.held if stream is not None else 0)
+        held = stream.held if stream is not None else 0
+        if self._body_len > 0:  # -1: over the cap, nothing held
+            held += self._body_len
+        if self._request_len > 0:
+            held += self._request_len
+        return held
 
     # ---- hooks -----------------------------------------------------------------------------
     def on_request_json(self, obj: dict[str, Any]) -> None:

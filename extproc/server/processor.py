@@ -365,7 +365,8 @@ class Stream:
                         call.obs.parse_error("decode_" + decoder.failed)
                         self._release()  # abandon parsing; the bytes flow on untouched
                     parser = PASS_THROUGH  # (takes nothing below)
-            if parser.work_items(body) > limits.max_lines_per_message:
+            # (a message of at most that many bytes cannot hold more lines: not counted)
+            if len(body) > limits.max_lines_per_message and parser.work_items(body) > limits.max_lines_per_message:
                 self._abandon("message_budget")
             else:
                 changed = parser.feed_response(body, complete) or first

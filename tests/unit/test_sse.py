@@ -52,3 +52,37 @@ def test_oversized_line_is_dropped_and_counted_without_losing_later_events():
 @given(st.lists(st.binary(max_size=64), max_size=20))
 def test_never_raises_on_arbitrary_bytes(chunks):
     decode(chunks, max_line=128)
+
+
+def _without_shortcut(chunks: list[bytes], max_line: int) -> tuple[list, int, int]:
+    """The reference: each chunk ending in a blank line fed as two, its last byte apart (the
+    same lines and events to the loop, never a whole event in one chunk, so never the shortcut)."""
+    d = SSEDecoder(max_line)
+    out = []
+    for c in chunks:
+        for piece in (c[:-1], c[-1:]) if c.endswith(b"\n\n") else (c,):
+            out.extend(d.decode(piece))
+    return out, d.oversized, d.held
+
+
+PIECES = [b"data: ", b"{}", b"x" * 40, b"\n", b"\n\n", b"\r", b"\r\n", b"event: e\n", b": c\n", b"data:x", b"data: [DONE]"]
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.builds(lambda v: b"data: " + v + b"\n\n", st.sampled_from([b"{}", b"x" * 40, b"", b"a:b", b" y"])),
+            st.lists(st.sampled_from(PIECES), max_size=6).map(b"".join),
+        ),
+        max_size=12,
+    ),
+    st.sampled_from([8, 40, 1 << 20]),
+)
+def test_whole_one_line_events_decode_as_without_the_shortcut(chunks, max_line):
+    """A chunk that is one whole ``data:`` event (the common one) takes a shortcut: the events,
+    what was dropped and what is held must be what the loop gives, whatever
+    came before (a partial line, an event with its name, a pending "\\r", an oversized line)."""
+    d = SSEDecoder(max_line)
+    out = [e for c in chunks for e in d.decode(c)]
+    assert (out, d.oversized, d.held) == _without_shortcut(chunks, max_line)
