@@ -6,7 +6,7 @@ machine's preemption does not count).
     python -m bench.handler_cost --checkout BASE --checkout .      # an A/B, alternated --reps times
 
 A call is an OpenAI chat completion driven as the server drives it (``open_stream``, ``handle``
-per message, ``close_stream``): non-streamed (4 messages, 2 replies with metadata) and streamed
+per message, ``close_stream``), with the headers Envoy forwards for one: non-streamed (4 messages, 2 replies with metadata) and streamed
 (50 SSE chunks, then the usage and ``[DONE]``), in the default mode and in observability mode.
 The message path before ``handle`` (a DATA frame taken from the stream's buffer and acknowledged
 on an h2 connection) is measured on its own, per message.
@@ -36,6 +36,31 @@ LAST = (
 )
 
 
+# Headers as Envoy forwards them for an OpenAI call (the request's, then the response's besides
+# its status and content type).
+REQUEST_HEADERS = {
+    ":authority": "api.openai.com",
+    ":path": "/v1/chat/completions",
+    ":method": "POST",
+    ":scheme": "https",
+    "user-agent": "OpenAI/Python 1.54.0",
+    "accept": "application/json",
+    "content-type": "application/json",
+    "content-length": "61",
+    "authorization": "Bearer sk-proj-0123456789abcdef0123456789abcdef",
+    "x-forwarded-proto": "https",
+    "x-request-id": "6f1c1b52-3c1e-4d55-9b39-7d0f7f0e7c11",
+}
+RESPONSE_HEADERS = {
+    "date": "Mon, 07 Dec 2026 08:00:00 GMT",
+    "openai-processing-ms": "412",
+    "x-ratelimit-remaining-requests": "9999",
+    "x-ratelimit-remaining-tokens": "29999000",
+    "x-request-id": "req_0123456789abcdef",
+    "x-envoy-upstream-service-time": "415",
+}
+
+
 def _best(f, n: int) -> float:
     """Seconds per call of ``f``, best of 9 rounds of ``n``."""
     return min(timeit.repeat(f, number=n, repeat=9, timer=time.process_time)) / n
@@ -59,9 +84,13 @@ def measure() -> dict[str, float]:
             return pb.ProcessingRequest(**{kind: pb.HttpBody(body=data, end_of_stream=end)}, observability_mode=observe)
 
         start = [
-            headers("request_headers", **{":path": "/v1/chat/completions", ":method": "POST", ":authority": "api.openai.com"}),
+            headers("request_headers", **REQUEST_HEADERS),
             body("request_body", b'{"model":"gpt-4o","stream":%s,"messages":[]}' % (b"true" if streamed else b"false"), True),
-            headers("response_headers", **{":status": "200", "content-type": "text/event-stream" if streamed else "application/json"}),
+            headers(
+                "response_headers",
+                **{":status": "200", "content-type": "text/event-stream" if streamed else "application/json"},
+                **RESPONSE_HEADERS,
+            ),
         ]
         if streamed:
             return start + [body("response_body", CHUNK) for _ in range(50)] + [body("response_body", LAST, True)]

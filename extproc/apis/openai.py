@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from extproc.apis.base import ApiParser, dig, items
+from extproc.apis.base import DEFAULT_LIMITS, ApiParser, Limits, dig, items
 from extproc.apis.finish import CONTENT_FILTER, ERROR, LENGTH, STOP, TOOL_CALLS
 from extproc.apis.routing import Provider, route
+from extproc.core.observation import Observation
 
 _SAMPLING = (
     "temperature",
@@ -49,8 +50,8 @@ class _ChatLike(ApiParser):
     default_provider = "openai"
     stream_markers = True
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, obs: Observation, *, path_model: str | None = None, limits: Limits = DEFAULT_LIMITS, capture: bool = False) -> None:
+        super().__init__(obs, path_model=path_model, limits=limits, capture=capture)
         self._finished: set[Any] = set()  # choice indexes that have their finish_reason
 
     param_keys = _SAMPLING

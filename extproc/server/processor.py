@@ -75,6 +75,7 @@ from extproc.server.settings import Settings, settings
 from extproc.telemetry import metadata
 
 _clock = time.perf_counter  # one global lookup per read on the per-message path
+_RESPONSE_FIELDS = frozenset((":status", "content-type", "content-encoding", "content-length"))  # the response headers read
 log = logging.getLogger("extproc")
 abandoned_log = RateLimited(log)
 
@@ -231,7 +232,8 @@ class Stream:
         call = self.call
         headers = call.headers
         for h in msg.headers.headers:
-            headers[h.key] = h.raw_value.decode("utf-8", "replace") if h.raw_value else h.value
+            raw = h.raw_value  # (each read of a field makes a new object)
+            headers[h.key] = raw.decode("utf-8", "replace") if raw else h.value
         call.method = headers.get(":method", "")
         call.path = headers.get(":path", "")
         call.host = headers.get(":authority", "") or headers.get("host", "")
@@ -285,8 +287,9 @@ class Stream:
         status = "0"
         for h in msg.headers.headers:
             key = h.key
-            if key == ":status" or key == "content-type" or key == "content-encoding" or key == "content-length":
-                value = h.raw_value.decode("latin-1") if h.raw_value else h.value
+            if key in _RESPONSE_FIELDS:
+                raw = h.raw_value
+                value = raw.decode("latin-1") if raw else h.value
                 if key == ":status":
                     status = value
                 elif key == "content-type":
