@@ -272,14 +272,16 @@ class _Protocol(H2Protocol):
         if self._owner.draining:
             self.goaway()
 
-    def _stream_reset(self, event: h2compat.StreamReset) -> None:
+    def _stream_reset(self, stream_id: int) -> None:
         """Envoy resets (RST_STREAM) most ext_proc streams when its filter is done with them, so
         this is the common way a stream ends. grpclib would also hand the stream's task a
         ``StreamTerminatedError`` kept on its ``Wrapper``: a reference cycle through the
         traceback's frames per stream, i.e. cyclic garbage that made full GC passes of 100-200 ms
         under load. Cancelling the task is enough (the Processor's ``finally`` reports the call);
-        a stream handled without a task is closed (and its call reported) right here."""
-        stream = h2compat.stream_of(self, event.stream_id)
+        a stream handled without a task is closed (and its call reported) right here. Envoy's
+        RST_STREAM comes here from ``h2compat.receive_frames`` without h2's parser or event;
+        a reset h2 makes itself (a stream error) through h2 and grpclib's processor."""
+        stream = h2compat.stream_of(self, stream_id)
         if stream is not None:
             exchange = self._owner.exchanges.get(stream)
             if exchange is not None and not exchange.tasked:

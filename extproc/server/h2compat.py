@@ -33,14 +33,13 @@ from grpclib.server import Handler
 from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import StreamReset
-from h2.stream import StreamInputs, StreamState
+from h2.stream import StreamClosedBy, StreamInputs, StreamState
 from h2.utilities import SizeLimitDict
 from hpack import Decoder
 from hpack.table import HeaderTable, table_entry_size
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
-    "StreamReset",
     "acknowledger",
     "cache_header_blocks",
     "cancel_stream",
@@ -146,9 +145,29 @@ def limit_closed_streams(protocol: H2Protocol, kept: int) -> bool:
     return False
 
 
-def on_stream_reset(protocol: H2Protocol, callback: Callable[[StreamReset], None]) -> None:
-    """Handle RST_STREAM ourselves instead of grpclib's processor."""
-    protocol.processor.processors[StreamReset] = callback
+class _OnReset:
+    """What grpclib's processor calls for h2's ``StreamReset`` event: ``by_id(stream_id)``, which
+    :func:`receive_frames` also calls, without an event, for the RST_STREAM it takes."""
+
+    __slots__ = ("by_id",)
+
+    def __init__(self, by_id: Callable[[int], None]) -> None:
+        self.by_id = by_id
+
+    def __call__(self, event: StreamReset) -> None:
+        self.by_id(event.stream_id)
+
+
+def on_stream_reset(protocol: H2Protocol, callback: Callable[[int], None]) -> None:
+    """Handle a stream's reset (the client's RST_STREAM, or h2 resetting it for a stream error)
+    ourselves instead of grpclib's processor: ``callback(stream_id)``."""
+    protocol.processor.processors[StreamReset] = _OnReset(callback)  # type: ignore[assignment]
+
+
+def _reset_callback(protocol: H2Protocol) -> Callable[[int], None] | None:
+    """The ``callback`` :func:`on_stream_reset` registered, if grpclib's processor still has it."""
+    handler = getattr(protocol.processor, "processors", {}).get(StreamReset)
+    return handler.by_id if handler.__class__ is _OnReset else None
 
 
 def stream_of(protocol: H2Protocol, stream_id: int) -> Any:
@@ -290,10 +309,14 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
     - a HEADERS frame opening a new stream (what Envoy sends for each ext_proc stream) whose
       header block h2's decoder has cached (:class:`_CachingDecoder`) and can take as a
       request's headers (:class:`_Block`) opens the stream as h2 would, and grpclib's processor
-      handles the ``RequestReceived`` (the handler's ``accept``) as usual.
+      handles the ``RequestReceived`` (the handler's ``accept``) as usual;
+    - a RST_STREAM on a stream h2 has open (what Envoy sends to end each ext_proc stream) closes
+      it as h2 would and goes to the handler :func:`on_stream_reset` registered, see
+      :func:`_reset_stream`.
 
     The rest (from the first frame that is anything else: another type or other flags, an
-    unknown, closing or already used stream id, a header block not cached, a frame that
+    unknown, closing or already used stream id (a reset of an idle, closed or unknown stream, or
+    of stream 0), a RST_STREAM of another length, a header block not cached, a frame that
     overdraws a flow-control window or is incomplete) is for h2's ``receive_data``, which then
     handles it, and its errors, exactly as before. Nothing is taken while h2 holds bytes of its
     own (a partial frame, the preface, a header block awaiting CONTINUATION) or the connection
@@ -316,6 +339,7 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
     max_size = conn.max_inbound_frame_size
     cached = getattr(conn.decoder, "cached", None)
     unpack = _FRAME_HEAD.unpack_from
+    on_reset: Callable[[int], None] | None = None
     end = len(data)
     taken = 0
     while offset + 9 <= end:
@@ -339,6 +363,23 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
             if block is None or not block.plain or conn.open_inbound_streams >= conn.local_settings.max_concurrent_streams:
                 break
             _open_stream(protocol, conn, stream_id, block.headers[:])
+            offset = start + size
+            continue
+        if kind == 3:  # RST_STREAM
+            h2s = streams.get(stream_id & 0x7FFFFFFF)
+            if (
+                size != 4
+                or flags
+                or h2s is None
+                or h2s.state_machine.state not in _ACK_OPEN
+                or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+            ):
+                break
+            if on_reset is None:
+                on_reset = _reset_callback(protocol)
+                if on_reset is None:
+                    break
+            _reset_stream(protocol, conn, h2s, on_reset)
             offset = start + size
             continue
         if kind or flags or size > window.current_window_size:
@@ -389,6 +430,27 @@ def _open_stream(protocol: H2Protocol, conn: H2Connection, stream_id: int, heade
         process(event)
     for event in stream_events:
         process(event)
+    if conn._data_to_send:
+        grpc_conn.flush()
+
+
+def _reset_stream(protocol: H2Protocol, conn: H2Connection, h2s: Any, on_reset: Callable[[int], None]) -> None:
+    """What h2's ``_receive_frame`` -> ``_receive_rst_stream_frame`` and grpclib's
+    ``H2Protocol.data_received`` do for a well-formed RST_STREAM (4 bytes, no flags) on a stream
+    h2 has open (OPEN or half closed) on an open server connection: the connection's
+    RECV_RST_STREAM input (no state change, no callback in SERVER_OPEN), the stream's
+    (``H2Stream.stream_reset``: CLOSED, closed by RECV_RST_STREAM, the ``StreamReset`` event), no
+    frame to send; then the event's handler (:func:`on_stream_reset`'s ``callback``) with the
+    stream id, h2's output flushed before and after as grpclib does. h2 keeps the closed stream in
+    ``streams`` until its next count of the open streams moves it to ``_closed_streams`` with
+    its reason (``closed_by``), here as there."""
+    machine = h2s.state_machine
+    machine.state = StreamState.CLOSED
+    machine.stream_closed_by = StreamClosedBy.RECV_RST_STREAM
+    grpc_conn = protocol.connection
+    if conn._data_to_send:
+        grpc_conn.flush()
+    on_reset(h2s.stream_id)
     if conn._data_to_send:
         grpc_conn.flush()
 

@@ -326,24 +326,34 @@ def _pieces(data: bytes, split: int | str) -> list[bytes]:
     return [data[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
 
-_REAL = {"receive_frames": h2compat.receive_frames, "_open_stream": h2compat._open_stream, "accept": grpc_server._Handler.accept}
+_REAL = {
+    "receive_frames": h2compat.receive_frames,
+    "_open_stream": h2compat._open_stream,
+    "_reset_stream": h2compat._reset_stream,
+    "accept": grpc_server._Handler.accept,
+}
 
 
-def _receive(data: bytes, split: int | str, fast: bool, monkeypatch, fast_ack: bool = True, setup=None) -> tuple[dict, dict]:
+def _receive(
+    data: bytes, split: int | str, fast: bool, monkeypatch, fast_ack: bool = True, setup=None, untasked: bool = False
+) -> tuple[dict, dict]:
     """Feed ``data`` in pieces (see ``_pieces``) to a server connection, until it closes; its h2,
-    grpclib and buffer state after, and what the fast path took: ``data`` bytes (DATA payloads)
-    and ``headers`` (streams opened by ``_open_stream``). ``fast`` False: plain grpclib and h2
-    (``H2Protocol.data_received``, hpack's decoder). ``fast_ack`` False: the buffers acknowledge
-    through grpclib's ``Connection.ack`` instead of ``h2compat.acknowledger``. ``setup(h2
-    connection)`` runs once the connection is made."""
+    grpclib and buffer state after, and what the fast path took: ``data`` bytes (DATA payloads),
+    ``headers`` (streams opened by ``_open_stream``) and ``resets`` (RST_STREAMs taken by
+    ``_reset_stream``). ``fast`` False: plain grpclib and h2 (``H2Protocol.data_received``, hpack's
+    decoder). ``fast_ack`` False: the buffers acknowledge through grpclib's ``Connection.ack``
+    instead of ``h2compat.acknowledger``. ``setup(h2 connection)`` runs once the connection is
+    made. ``untasked``: ext_proc streams are handled without a task, as in production (each
+    message answered where it is read, each call reported where its reset is), else each
+    stream gets a task that never runs (its messages stay in its buffer, compared)."""
     with pytest.MonkeyPatch.context() as patch:  # undone after each run: fast and plain runs alternate
-        return _receive_patched(data, split, fast, patch, fast_ack, setup)
+        return _receive_patched(data, split, fast, patch, fast_ack, setup, untasked)
 
 
-def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fast_ack: bool, setup) -> tuple[dict, dict]:
+def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fast_ack: bool, setup, untasked: bool) -> tuple[dict, dict]:
     from grpclib.protocol import H2Protocol
 
-    taken = {"data": 0, "headers": 0}
+    taken = {"data": 0, "headers": 0, "resets": 0}
     if not fast_ack:
         monkeypatch.setattr(h2compat, "acknowledger", lambda stream: partial(stream.connection.ack, stream.id))
     if fast:
@@ -359,8 +369,14 @@ def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fas
             taken["headers"] += 1
             open_stream(*args)
 
+        def resetting(*args):
+            taken["resets"] += 1
+            reset_stream(*args)
+
+        reset_stream = _REAL["_reset_stream"]
         monkeypatch.setattr(h2compat, "receive_frames", counting)
         monkeypatch.setattr(h2compat, "_open_stream", opening)
+        monkeypatch.setattr(h2compat, "_reset_stream", resetting)
     else:
 
         def plain(self, data: bytes) -> None:
@@ -377,9 +393,11 @@ def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fas
         accept(self, stream, headers, release_stream)
 
     monkeypatch.setattr(grpc_server._Handler, "accept", recording)
-    processor = Processor(parse({"listen": "127.0.0.1:1"}), [Recorder()])
+    recorder = Recorder()
+    processor = Processor(parse({"listen": "127.0.0.1:1"}), [recorder])
     server = build_server(processor, "127.0.0.1:1")
-    server.untasked.clear()  # streams in tasks that never run here: the messages stay in the buffers to compare
+    if not untasked:
+        server.untasked.clear()  # streams in tasks that never run here: the messages stay in the buffers to compare
 
     async def main() -> dict:
         proto = server._protocol_factory()
@@ -403,14 +421,7 @@ def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fas
                 while (m := ps.buffer.next_message()) is not None:
                     messages.append(m)
             streams[sid] = (
-                h2s
-                and (
-                    h2s.state_machine.state,
-                    h2s._inbound_window_manager.current_window_size,
-                    h2s._inbound_window_manager._bytes_processed,
-                    h2s._actual_content_length,
-                    h2s._expected_content_length,
-                ),
+                h2s and _h2_stream_state(h2s),
                 ours and (messages, ps.buffer.ended, ps.buffer.unacked_size(), ps.data_received),
             )
         proto._out.flush()
@@ -421,17 +432,30 @@ def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fas
                 conn._inbound_flow_control_window_manager._bytes_processed,
             ),
             "data_received": proto.connection.data_received,
+            "streams_failed": proto.connection.streams_failed,  # resets handled (``_Protocol._stream_reset``)
             "streams": streams,
             "accepted": accepted,
             "written": bytes(transport.written),
             "unsent": bytes(conn._data_to_send),  # (grpclib closes on a protocol error without sending h2's GOAWAY)
             "closed": transport.closed,
+            "calls": [(c.outcome, c.path, c.status) for c in recorder.calls],  # the calls reported (streams without a task)
+            "exchanges": sorted(ps.id for ps in server.exchanges),  # streams without a task still open
         }
         for task in list(proto.handler._tasks.values()):
             task.cancel()
         return state
 
     return asyncio.run(main()), taken
+
+
+def _h2_stream_state(h2s) -> dict:
+    """Everything h2 keeps for a stream (its state machine's and window manager's attributes
+    included), but the connection's configuration object it shares."""
+    state = {k: v for k, v in vars(h2s).items() if k not in ("config", "state_machine", "_inbound_window_manager")}
+    state["config"] = h2s.config.__class__
+    state["state_machine"] = (h2s.state_machine.__class__, vars(h2s.state_machine))
+    state["_inbound_window_manager"] = (h2s._inbound_window_manager.__class__, vars(h2s._inbound_window_manager))
+    return state
 
 
 @pytest.mark.parametrize("split", [1, 7, 9, 64, 1000, 1 << 20, "frames", "2frames"])
@@ -764,13 +788,15 @@ def _opening() -> bytes:
     return out + _headers(1, _envoy_first_block()) + _data(1) + _headers(3, ENVOY_BLOCK) + _data(3, 2) + _rst(1)
 
 
-def _compare(data: bytes, monkeypatch, splits=(1, 9, 100, 1 << 20, "frames", "2frames"), baseline=None, setup=None) -> list[dict]:
+def _compare(
+    data: bytes, monkeypatch, splits=(1, 9, 100, 1 << 20, "frames", "2frames"), baseline=None, setup=None, untasked=False
+) -> list[dict]:
     """Each cut of ``data`` through the fast path and through plain h2 (cut the same way, or
     as ``baseline``): the same state; the fast path's state and what it took, per cut."""
     out = []
     for split in splits:
-        fast, taken = _receive(data, split, True, monkeypatch, setup=setup)
-        slow, _ = _receive(data, split if baseline is None else baseline, False, monkeypatch, setup=setup)
+        fast, taken = _receive(data, split, True, monkeypatch, setup=setup, untasked=untasked)
+        slow, _ = _receive(data, split if baseline is None else baseline, False, monkeypatch, setup=setup, untasked=untasked)
         assert fast == slow, split
         out.append({"split": split, "state": fast, **taken})
     return out
@@ -797,7 +823,7 @@ def test_new_streams_headers_past_h2_leave_the_same_state(monkeypatch):
     state = runs[0]["state"]
     assert [sid for sid, _ in state["accepted"]] == list(range(1, 23, 2))
     assert all(headers == [(n.decode(), v.decode()) for n, v in ENVOY_HEADERS] for _, headers in state["accepted"][1:8])
-    assert state["streams"][19][0][4] == 5 and not state["closed"]  # h2 read the content-length
+    assert state["streams"][19][0]["_expected_content_length"] == 5 and not state["closed"]  # h2 read the content-length
     for run in runs:
         if isinstance(run["split"], str) or run["split"] == 1 << 20:
             assert run["headers"] == 3 and run["data"] > 0  # streams 5, 7, 21
@@ -898,3 +924,92 @@ def test_a_reset_stream_id_used_again_is_reset_as_h2_does(monkeypatch):
 
 def _rst_frame(sid: int, code: int) -> bytes:
     return _frame(3, 0, sid, code.to_bytes(4, "big"))
+
+
+def _resets() -> bytes:
+    """Envoy's opening, then streams ended by RST_STREAM in every way a client can: after their
+    DATA in the same read or alone, one reset twice, one after the client's END_STREAM (half
+    closed), one with a flag set (h2 ignores RST_STREAM's flags), resets of an idle stream and
+    of a stream h2 has forgotten (closed and counted out), and DATA on a reset stream (a stream
+    error h2 answers with its own RST_STREAM)."""
+    data = _opening() + _headers(5, ENVOY_BLOCK) + _data(5) + _rst(3) + _headers(7, ENVOY_BLOCK) + _data(7, 2)
+    data += _rst(5) + _rst(5) + _data(7) + _headers(9, ENVOY_BLOCK, END_HEADERS | END_STREAM) + _rst(9)
+    data += _headers(11, ENVOY_BLOCK) + _data(11) + _frame(3, 0x1, 11, (8).to_bytes(4, "big")) + _rst(13)
+    data += _headers(15, ENVOY_BLOCK) + _rst(5) + _data(7) + _rst(7) + _data(7) + _headers(17, ENVOY_BLOCK) + _data(17)
+    return data + _frame(6, 0, 0, b"12345678") + _rst(17) + _headers(19, ENVOY_BLOCK) + _data(19) + _rst(15)
+
+
+def test_resets_past_h2_leave_the_same_state(monkeypatch):
+    """``receive_frames`` takes Envoy's RST_STREAM of an open stream past h2 (the stream closed
+    by the reset, the reset handler called with its id) and leaves every other reset to h2:
+    the same h2 state (streams, their close reasons once counted out, windows), grpclib state
+    and bytes written back (h2's RST_STREAM answers) as plain h2, at every cut."""
+    runs = _compare(_resets(), monkeypatch)
+    state = runs[0]["state"]
+    assert not state["closed"] and _rst_frame(7, 5) in state["written"]  # DATA after the reset: h2's STREAM_CLOSED
+    h2_streams = {sid: s[0] for sid, s in state["streams"].items() if s[0]}
+    assert h2_streams[19]["state_machine"][1]["state"].name == "OPEN"
+    assert h2_streams[15]["state_machine"][1]["state"].name == "CLOSED"  # kept until h2 next counts the open streams
+    assert h2_streams[15]["state_machine"][1]["stream_closed_by"].name == "RECV_RST_STREAM"
+    closed = dict(state["connection"][2])
+    assert sorted(closed) == [1, 3, 5, 7, 9, 11, 17] and {c.name for c in closed.values()} == {"RECV_RST_STREAM"}
+    for run in runs:
+        if isinstance(run["split"], str) or run["split"] == 1 << 20:
+            assert run["resets"] == 7  # each open stream's first reset but 11's (a flag set): 1, 3, 5, 9, 7, 17, 15
+        elif run["split"] == 1:
+            assert run["resets"] == 0  # a frame never arrives whole: all of it through h2
+
+
+def test_resets_past_h2_end_streams_without_a_task_as_h2_does(monkeypatch):
+    """As in production (ext_proc streams handled without a task): each message answered where
+    it is read, each stream's call reported where its reset is taken; the same calls, replies
+    and state as plain h2 fed one frame per read (so each message is answered before the reset
+    that follows it is read, as the fast path does within a read)."""
+    runs = _compare(_resets(), monkeypatch, splits=("frames", "2frames", 1 << 20), baseline="frames", untasked=True)
+    for run in runs:
+        state = run["state"]
+        # every stream's call reported but 19's (open) and 9's (its END_STREAM gave it a task, cancelled by the reset: not run here)
+        assert run["resets"] == 7 and len(state["calls"]) == 7 and state["exchanges"] == [9, 19]
+        assert state["written"].count(h2compat.RESPONSE_HEADERS_BLOCK) == 7  # every stream with a message answered: 1, 3, 5, 7, 11, 17, 19
+
+
+@pytest.mark.parametrize(
+    ("reset", "error"),
+    [
+        (_frame(3, 0, 0, (8).to_bytes(4, "big")), 1),  # on stream 0: PROTOCOL_ERROR
+        (_frame(3, 0, 5, (8).to_bytes(3, "big")), 6),  # 3 bytes: FRAME_SIZE_ERROR
+        (_frame(3, 0, 5, (8).to_bytes(5, "big")), 6),  # 5 bytes
+    ],
+)
+def test_a_malformed_reset_fails_the_connection_as_h2_does(reset, error, monkeypatch):
+    """A RST_STREAM on stream 0 or of another length than 4 is a connection error: h2's, with
+    its GOAWAY, through the fast path too (the open stream it names stays open)."""
+    data = _opening() + _headers(5, ENVOY_BLOCK) + _data(5) + reset + _data(5) + _rst(5)
+    runs = _compare_error(data, monkeypatch)
+    assert {_goaway_error(run) for run in runs} == {error}
+    for run in runs:
+        assert run["state"]["streams"][5][0]["state_machine"][1]["state"].name == "OPEN"
+
+
+def test_h2s_reset_of_an_open_stream_is_what_the_fast_path_does():
+    """h2's transitions for a received RST_STREAM that ``_reset_stream`` does by hand: none for
+    the open server connection, CLOSED via ``stream_reset`` (which only records the reason and
+    makes the event) for a stream OPEN or half closed."""
+    from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
+    from h2.stream import H2StreamStateMachine, StreamClosedBy, StreamInputs, StreamState, _transitions
+
+    assert H2ConnectionStateMachine._transitions[(ConnectionState.SERVER_OPEN, ConnectionInputs.RECV_RST_STREAM)] == (
+        None,
+        ConnectionState.SERVER_OPEN,
+    )
+    for state in h2compat._ACK_OPEN:
+        assert _transitions[(state, StreamInputs.RECV_RST_STREAM)] == (H2StreamStateMachine.stream_reset, StreamState.CLOSED)
+        machine = H2StreamStateMachine(5)
+        machine.state, machine.client, machine.headers_received = state, False, True
+        before = dict(vars(machine))
+        [event] = machine.process_input(StreamInputs.RECV_RST_STREAM)
+        assert event.stream_id == 5 and vars(machine) == {
+            **before,
+            "state": StreamState.CLOSED,
+            "stream_closed_by": StreamClosedBy.RECV_RST_STREAM,
+        }
