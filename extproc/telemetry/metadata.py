@@ -215,11 +215,12 @@ def write(target: Struct, namespace: str, call: Call, budget: Budget | None = No
 # 8-byte double, and the four levels around them written in front in one join.
 _DYNAMIC_METADATA_TAG = b"\x42"  # ProcessingResponse.dynamic_metadata = 8, length-delimited (8 << 3 | 2)
 _pack_double = struct.Struct("<d").pack
-# Entries of string and boolean values kept, by (key, value): bounded (values are client-chosen;
+# Entries of string and boolean values kept, per key by value: bounded (values are client-chosen;
 # past the bound an entry is encoded each time), and only keys whose values repeat across calls.
 _ENTRIES_KEPT = 2048
 _REPEATING_KEYS = frozenset({"provider", "streaming", "operation", "outcome", "model", "provider_model", "finish_reason"})
-_entries: dict[tuple[str, str | bool], bytes] = {}
+_entries: dict[str, dict[Any, bytes]] = {key: {} for key in _REPEATING_KEYS}
+_kept = 0  # entries in _entries, all keys
 _number_prefix: dict[str, bytes] = {}  # entry up to the double: key, Value tag and length, number_value tag
 _namespace_key: dict[str, bytes] = {}  # the outer entry's key field, per namespace
 
@@ -241,12 +242,15 @@ def _field(tag: bytes, payload: bytes) -> bytes:
 
 def _entry(key: str, value: Any) -> bytes:
     """One Struct map entry (field 1): key (1) and a Value (2) of string_value (3) or bool_value (4)."""
-    entry = _entries.get((key, value))
+    global _kept
+    kept = _entries.get(key)
+    entry = kept.get(value) if kept is not None else None
     if entry is None:
         v = (b"\x20\x01" if value else b"\x20\x00") if value.__class__ is bool else _field(b"\x1a", value.encode())
         entry = _field(b"\x0a", _field(b"\x0a", key.encode()) + _field(b"\x12", v))
-        if key in _REPEATING_KEYS and len(_entries) < _ENTRIES_KEPT:
-            _entries[(key, value)] = entry
+        if kept is not None and _kept < _ENTRIES_KEPT:
+            kept[value] = entry
+            _kept += 1
     return entry
 
 
@@ -267,24 +271,23 @@ def encoded(namespace: str, call: Call, budget: Budget | None = None) -> bytes:
     built and walked per message: a change to one is a change to both;
     tests/unit/test_metadata_encoding.py compares them on calls of every shape)."""
     obs = call.obs
-    get = _entries.get
     provider = call.provider
     operation = obs.operation
     outcome = call.outcome or CLIENT_ABORT  # until complete, ending now would be an abort
     streaming = obs.streaming
     parts = [
-        get(("provider", provider)) or _entry("provider", clip(provider)),
-        get(("streaming", streaming)) or _entry("streaming", streaming),
-        get(("operation", operation)) or _entry("operation", clip(operation)),
-        get(("outcome", outcome)) or _entry("outcome", outcome),
+        _PROVIDERS.get(provider) or _entry("provider", clip(provider)),
+        _STREAMING.get(streaming) or _entry("streaming", streaming),
+        _OPERATIONS.get(operation) or _entry("operation", clip(operation)),
+        _OUTCOMES.get(outcome) or _entry("outcome", outcome),
     ]
     add = parts.append
     model = obs.request_model
     if model:
-        add(get(("model", model)) or _entry("model", clip(model)))
+        add(_MODELS.get(model) or _entry("model", clip(model)))
     model = obs.response_model
     if model:
-        add(get(("provider_model", model)) or _entry("provider_model", clip(model)))
+        add(_PROVIDER_MODELS.get(model) or _entry("provider_model", clip(model)))
     u = obs.usage
     n = u.input_tokens
     if n is not None:
@@ -321,7 +324,7 @@ def encoded(namespace: str, call: Call, budget: Budget | None = None) -> bytes:
     if obs.finish_reasons:
         finish = finish_reason(call)
         if finish is not None:
-            add(get(("finish_reason", finish)) or _entry("finish_reason", finish))
+            add(_FINISH_REASONS.get(finish) or _entry("finish_reason", finish))
     end_user = call.end_user
     if end_user:
         add(_entry("end_user", end_user))  # already cut to 128 characters, like session_id
@@ -345,6 +348,14 @@ def encoded(namespace: str, call: Call, budget: Budget | None = None) -> bytes:
     return b"".join((_DYNAMIC_METADATA_TAG, _length(1 + len(v2) + n2), b"\x0a", v2, ns, b"\x12", v1, b"\x2a", v0, entries))
 
 
+# the kept entries of each repeating key, by value (one dict lookup per entry, no (key, value) tuple)
+_PROVIDERS = _entries["provider"]
+_STREAMING = _entries["streaming"]
+_OPERATIONS = _entries["operation"]
+_OUTCOMES = _entries["outcome"]
+_MODELS = _entries["model"]
+_PROVIDER_MODELS = _entries["provider_model"]
+_FINISH_REASONS = _entries["finish_reason"]
 _PROMPT_TOKENS = _number("prompt_tokens")
 _COMPLETION_TOKENS = _number("completion_tokens")
 _TOTAL_TOKENS = _number("total_tokens")

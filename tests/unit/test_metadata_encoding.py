@@ -150,12 +150,22 @@ def test_encoded_metadata_parses_like_protobuf_for_calls_of_every_shape():
     }
 
 
-def test_kept_entries_are_bounded(monkeypatch):
-    monkeypatch.setattr(metadata, "_entries", {})
-    for i in range(metadata._ENTRIES_KEPT + 100):
-        metadata.encoded("ns", Call(obs=Observation(request_model=f"model-{i}"), session_id=f"session-{i}"))
-    assert len(metadata._entries) == metadata._ENTRIES_KEPT
-    assert not any(key == "session_id" for key, _ in metadata._entries)  # unique per call: never kept
+def test_kept_entries_are_bounded():
+    def forget() -> None:
+        for kept in metadata._entries.values():
+            kept.clear()
+        metadata._kept = 0
+
+    forget()
+    try:
+        for i in range(metadata._ENTRIES_KEPT + 100):
+            metadata.encoded("ns", Call(obs=Observation(request_model=f"model-{i}"), session_id=f"session-{i}"))
+        assert sum(map(len, metadata._entries.values())) == metadata._kept == metadata._ENTRIES_KEPT
+        assert "session_id" not in metadata._entries  # unique per call: never kept
+        got = pb.ProcessingResponse.FromString(metadata.encoded("ns", Call(obs=Observation(request_model="past-the-bound"))))
+        assert got.dynamic_metadata.fields["ns"].struct_value.fields["model"].string_value == "past-the-bound"
+    finally:
+        forget()
 
 
 def test_encoded_metadata_follows_a_headers_reply():
