@@ -22,6 +22,7 @@ from typing import Any
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+from opentelemetry.trace import SpanContext
 
 log = logging.getLogger("extproc.telemetry.tracing")
 
@@ -77,11 +78,14 @@ def _any_value(v: Any) -> bytes:
 
 
 _keys: dict[str, bytes] = {}
-# Whole ``KeyValue``s (length included) of short string values, by (key, value): most repeat from
-# call to call (operation, provider, models, server, finish reasons). Bounded: values are chosen
-# by clients and upstreams; once full, an entry is written each time.
-_STRING_ENTRIES_KEPT = 4096
-_string_entries: dict[tuple[str, str], bytes] = {}
+# Whole ``KeyValue`` fields (tag and length included) by tag, then (key, type, value): most repeat
+# from call to call (operation, provider, models, server, finish reasons, status, stream flag).
+# The type is in the key because ``True == 1 == 1.0`` hash alike but encode apart; a float zero
+# (``0.0 == -0.0``) and a sequence holding anything but strings are not kept. Bounded: values are
+# chosen by clients and upstreams; a full table is emptied and refills with what recurs.
+_ENTRIES_KEPT = 4096
+_ENTRY_BYTES_KEPT = 256
+_entries: dict[bytes, dict[tuple[str, type, Any], bytes]] = {}
 
 
 def _key(k: str) -> bytes:
@@ -98,39 +102,56 @@ def _key_value(key: bytes, v: Any) -> bytes:
     return key + _field(b"\x12", _any_value(v))
 
 
+def _entry(tag: bytes, k: str, v: Any, t: type) -> bytes:
+    """One attribute as a repeated ``KeyValue`` field (the common value types written inline)."""
+    key = _keys.get(k) or _key(k)
+    if t is str:
+        kv = key + _field(b"\x12", _field(b"\x0a", v.encode()))
+    elif t is bool:
+        kv = key + (b"\x12\x02\x10\x01" if v else b"\x12\x02\x10\x00")
+    elif t is int and 0 <= v <= _INT64[1]:
+        kv = key + _field(b"\x12", b"\x18" + _varint(v))
+    elif t is float:
+        kv = key + b"\x12\x09\x21" + _DOUBLE(v)
+    else:
+        kv = _key_value(key, v)
+    return _field(tag, kv)
+
+
 def attributes(tag: bytes, attrs: Mapping[str, Any] | None) -> bytes:
     """Repeated ``KeyValue`` fields; an attribute whose value cannot be encoded is left out."""
     if not attrs:
         return b""
+    entries = _entries.get(tag)
+    if entries is None:
+        entries = _entries[tag] = {}
     out: list[bytes] = []
     append = out.append
-    keys = _keys
-    strings = _string_entries
     for k, v in attrs.items():
         t = type(v)
-        if t is str:
-            entry = strings.get((k, v))
-            if entry is not None:
-                append(tag + entry)
-                continue
-        key = keys.get(k) or _key(k)
-        try:  # the common cases inline: a short string or a small int under a short key
-            # (every length fits in one byte)
-            if t is str:
-                b = v.encode()
-                n = len(b)
-                if n < 126 and len(key) + n < 124:
-                    entry = bytes((len(key) + n + 4,)) + key + b"\x12" + bytes((n + 2,)) + b"\x0a" + bytes((n,)) + b
-                    if len(strings) < _STRING_ENTRIES_KEPT:
-                        strings[(k, v)] = entry
-                    append(tag + entry)
-                    continue
-            elif t is int and 0 <= v < 0x80 and len(key) < 122:
-                append(tag + bytes((len(key) + 4,)) + key + b"\x12\x02\x18" + bytes((v,)))
-                continue
-            append(_field(tag, _key_value(key, v)))
+        if t is list:  # encoded as a tuple is (any sequence alike); a tuple can be a key
+            v = tuple(v)
+            t = tuple
+        try:
+            entry = entries.get((k, t, v))
+        except TypeError:  # a sequence holding a mapping or a list: not hashable
+            entry = None
+            t = object  # not kept
+        if entry is not None:
+            append(entry)
+            continue
+        try:
+            entry = _entry(tag, k, v, t)
         except Exception as error:  # as the SDK's encoder: logged, the attribute left out
             log.warning("span attribute %s not encoded: %s", k, error)
+            continue
+        append(entry)
+        if len(entry) < _ENTRY_BYTES_KEPT and (
+            t is str or t is int or t is bool or (t is float and v != 0.0) or (t is tuple and all(type(x) is str for x in v))
+        ):
+            if len(entries) >= _ENTRIES_KEPT:
+                entries.clear()
+            entries[(k, t, v)] = entry
     return b"".join(out)
 
 
@@ -139,26 +160,73 @@ def _span(s: ReadableSpan) -> bytes:
         raise Unsupported
     ctx = s.context
     assert ctx is not None
-    parent = s.parent
-    out = [b"\x0a\x10", ctx.trace_id.to_bytes(16, "big"), b"\x12\x08", ctx.span_id.to_bytes(8, "big")]
-    if ctx.trace_state:
-        out.append(_field(b"\x1a", ",".join(f"{k}={v}" for k, v in ctx.trace_state.items()).encode()))
+    status = s.status
+    return span(
+        ctx.trace_id,
+        ctx.span_id,
+        ctx.trace_state,
+        s.parent,
+        s.name,
+        s.kind.value,
+        s.start_time,
+        s.end_time,
+        s.attributes,
+        s.dropped_attributes,
+        status.status_code.value,
+        status.description,
+    )
+
+
+_names: dict[str, bytes] = {}
+_STATUS = {0: b"\x7a\x00", 1: b"\x7a\x02\x18\x01", 2: b"\x7a\x02\x18\x02"}  # Status without a message, by code
+_REMOTE = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)  # Span.flags
+_NOT_REMOTE = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
+
+
+def _name(name: str) -> bytes:
+    """A span's name field, kept for the names that recur (operation and model), bounded."""
+    b = _field(b"\x2a", name.encode())
+    if len(_names) >= _ENTRIES_KEPT:
+        _names.clear()
+    _names[name] = b
+    return b
+
+
+def span(
+    trace_id: int,
+    span_id: int,
+    trace_state: Mapping[str, str] | None,
+    parent: SpanContext | None,
+    name: str,
+    kind: int,
+    start: int | None,
+    end: int | None,
+    attrs: Mapping[str, Any] | None,
+    dropped_attributes: int,
+    code: int,
+    description: str | None,
+) -> bytes:
+    """One ``ScopeSpans.spans`` field, from a span's parts (``kind``: the SDK's ``SpanKind`` value,
+    ``code``: its ``StatusCode`` value), with no events or links: what ``encode_spans`` writes for
+    the ``ReadableSpan`` of those parts."""
+    out = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
+    if trace_state:
+        out.append(_field(b"\x1a", ",".join(f"{k}={v}" for k, v in trace_state.items()).encode()))
     if parent:
         out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-    out.append(_field(b"\x2a", s.name.encode()))
-    out += (b"\x30", _varint(s.kind.value + 1))  # SPAN_KIND_INTERNAL = 1, ... (the SDK's value + 1)
-    if s.start_time:
-        out += (b"\x39", _FIXED64(s.start_time))
-    if s.end_time:
-        out += (b"\x41", _FIXED64(s.end_time))
-    out.append(attributes(b"\x4a", s.attributes))
-    if s.dropped_attributes:
-        out += (b"\x50", _varint(s.dropped_attributes))
-    status = s.status
-    code = status.status_code.value
-    desc = status.description
-    out.append(_field(b"\x7a", (_field(b"\x12", desc.encode()) if desc else b"") + (b"\x18" + _varint(code) if code else b"")))
-    out += (b"\x85\x01", _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE if parent is not None and parent.is_remote else _HAS_IS_REMOTE))
+    out += (_names.get(name) or _name(name), b"\x30", _varint(kind + 1))  # SPAN_KIND_INTERNAL = 1, ... (the SDK's value + 1)
+    if start:
+        out += (b"\x39", _FIXED64(start))
+    if end:
+        out += (b"\x41", _FIXED64(end))
+    out.append(attributes(b"\x4a", attrs))
+    if dropped_attributes:
+        out += (b"\x50", _varint(dropped_attributes))
+    if description:
+        out.append(_field(b"\x7a", _field(b"\x12", description.encode()) + (b"\x18" + _varint(code) if code else b"")))
+    else:
+        out.append(_STATUS[code] if code in _STATUS else _field(b"\x7a", b"\x18" + _varint(code) if code else b""))
+    out.append(_REMOTE if parent is not None and parent.is_remote else _NOT_REMOTE)
     return _field(b"\x12", b"".join(out))  # ScopeSpans.spans = 2
 
 
@@ -176,6 +244,27 @@ def _scope(scope: InstrumentationScope | None) -> bytes:
         body += _field(b"\x12", scope.version.encode())
     body += attributes(b"\x1a", scope.attributes)
     return _field(b"\x0a", body)  # ScopeSpans.scope = 1
+
+
+class Request:
+    """Requests for spans of one resource and instrumentation scope, the block that does not
+    change written once: ``encode(spans)`` (``span`` results) is what ``encode_spans`` writes for
+    those spans."""
+
+    def __init__(self, resource: Resource, scope: InstrumentationScope | None) -> None:
+        self._resource = _resource(resource)
+        self._scope = _scope(scope)
+        self._scope_tail = _field(b"\x1a", scope.schema_url.encode()) if scope is not None and scope.schema_url else b""
+        self._resource_tail = _field(b"\x1a", resource.schema_url.encode()) if resource.schema_url else b""
+
+    def encode(self, spans: Sequence[bytes]) -> bytes:
+        """One join (a batch's request is hundreds of kB: each copy of it costs page faults)."""
+        if not spans:
+            return b""
+        scope_len = len(self._scope) + sum(map(len, spans)) + len(self._scope_tail)
+        scope_head = b"\x12" + _varint(scope_len)  # ResourceSpans.scope_spans = 2
+        n = len(self._resource) + len(scope_head) + scope_len + len(self._resource_tail)
+        return b"".join((b"\x0a", _varint(n), self._resource, scope_head, self._scope, *spans, self._scope_tail, self._resource_tail))
 
 
 def encode_spans(spans: Sequence[ReadableSpan]) -> bytes:

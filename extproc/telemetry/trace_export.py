@@ -1,12 +1,13 @@
 """Getting finished spans to the collector without ever slowing traffic.
 
 ``BoundedBatchProcessor`` queues finished calls' span records in a bounded deque (append is O(1),
-no lock held by the caller) and a daemon thread turns them into the SDK's ``ReadableSpan``s and
-exports them in batches. When the collector is slow or dead the
+no lock held by the caller) and a daemon thread exports them in batches: over OTLP/gRPC (the
+default) the thread writes each batch's request as bytes straight from the records
+(``span_encoding``) and the SDK's exporter sends those bytes; over OTLP/HTTP it builds the SDK's
+``ReadableSpan``s for the SDK's exporter. When the collector is slow or dead the
 queue fills and the oldest spans are dropped; drops and failed exports are counted in
 ``ai_trace_spans_dropped_total{reason}``. The exporter is built from ``tracing`` config, falling
-back to the standard ``OTEL_EXPORTER_OTLP_*`` variables (config wins where both are set).
-"""
+back to the standard ``OTEL_EXPORTER_OTLP_*`` variables (config wins where both are set)."""
 
 from __future__ import annotations
 
@@ -57,18 +58,54 @@ def build_exporter(cfg: TracingConfig) -> SpanExporter:
     return grpc_exporter_class()(endpoint=ep, headers=headers, timeout=timeout, insecure=insecure)
 
 
+class EncodedSpans:
+    """A batch whose OTLP ``ExportTraceServiceRequest`` is already written (``request``, bytes):
+    what ``BoundedBatchProcessor`` hands an exporter that ``takes_encoded`` instead of spans."""
+
+    __slots__ = ("count", "request")
+
+    def __init__(self, request: bytes, count: int) -> None:
+        self.request = request
+        self.count = count
+
+    def __len__(self) -> int:  # the SDK exporter counts what it exports with len()
+        return self.count
+
+
+def _serialize(request: Any) -> bytes:
+    """The request as sent: bytes as they are, a protobuf message (the SDK's encoder) serialised."""
+    return request if type(request) is bytes else request.SerializeToString()
+
+
 @functools.cache
 def grpc_exporter_class() -> type[OTLPSpanExporter]:
     """The SDK's OTLP/gRPC span exporter (channel, retries, headers, compression, timeout: all
-    the SDK's), its request written by ``span_encoding`` instead of the SDK's per-attribute
-    protobuf objects; any span that encoder does not handle, or a failure in it, takes the SDK's."""
+    the SDK's), sending requests written as bytes by ``span_encoding`` instead of the SDK's
+    per-attribute protobuf objects: an ``EncodedSpans`` batch as it is; ``ReadableSpan``s
+    encoded here, and any span that encoder does not handle, or a failure in it, by the SDK's."""
     from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter  # noqa: F811
-    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+    from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceResponse
 
     class GrpcSpanExporter(OTLPSpanExporter):
-        def _translate_data(self, data: Sequence[ReadableSpan]) -> ExportTraceServiceRequest:
+        takes_encoded = True
+
+        def _initialize_channel_and_stub(self) -> None:
+            """The SDK's channel; its stub's ``Export`` given a serializer that sends bytes as they are."""
+            super()._initialize_channel_and_stub()
+            channel: Any = self._channel
+            client: Any = self._client
+            client.Export = channel.unary_unary(
+                "/opentelemetry.proto.collector.trace.v1.TraceService/Export",
+                request_serializer=_serialize,
+                response_deserializer=ExportTraceServiceResponse.FromString,
+                _registered_method=True,
+            )
+
+        def _translate_data(self, data: Sequence[ReadableSpan] | EncodedSpans) -> Any:
+            if isinstance(data, EncodedSpans):
+                return data.request
             try:
-                return ExportTraceServiceRequest.FromString(span_encoding.encode_spans(data))
+                return span_encoding.encode_spans(data)
             except span_encoding.Unsupported:
                 pass
             except Exception:
@@ -79,14 +116,21 @@ def grpc_exporter_class() -> type[OTLPSpanExporter]:
 
 
 class BoundedBatchProcessor:
-    """``add(record)`` on the call's path; ``build(record)`` (a ``ReadableSpan``) and the export in
-    the thread. Only sampled spans are added, so every drop counted is a span lost."""
+    """``add(record)`` on the call's path; ``prepare(batch of records)`` (what the exporter's
+    ``export`` takes: ``ReadableSpan``s, or ``EncodedSpans``) and the export in the thread. Only
+    sampled spans are added, so every drop counted is a span lost."""
 
     def __init__(
-        self, exporter: SpanExporter, build: Callable[[Any], ReadableSpan], *, max_queue_size: int, max_batch: int, delay_s: float
+        self,
+        exporter: SpanExporter,
+        prepare: Callable[[list[Any]], Any],
+        *,
+        max_queue_size: int,
+        max_batch: int,
+        delay_s: float,
     ) -> None:
         self._exporter = exporter
-        self._build = build
+        self._prepare = prepare
         self._queue: deque[Any] = deque()
         self._max_queue = max_queue_size
         self._max_batch = max_batch
@@ -127,9 +171,9 @@ class BoundedBatchProcessor:
         finally:
             self._idle.set()
 
-    def _export(self, batch: Sequence[Any]) -> None:
+    def _export(self, batch: list[Any]) -> None:
         try:
-            result = self._exporter.export([self._build(r) for r in batch])
+            result = self._exporter.export(self._prepare(batch))
         except Exception:  # an exporter bug must not kill the export thread
             log.exception("span export raised")
             result = SpanExportResult.FAILURE

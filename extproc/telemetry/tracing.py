@@ -10,9 +10,11 @@ traced without content. Nothing runs per ext_proc message.
 
 No SDK span is built on the call's path: the call's end computes the attributes, reads the parent
 and asks the configured sampler (the only SDK call there, so sampling and drop counting stay
-exact), and queues a compact record; the export thread turns records into the SDK's
-``ReadableSpan`` (what ``Tracer.start_span`` + ``end`` would have produced, without the span's
-lock, attribute copies and processor calls) and hands them to the SDK's OTLP exporter.
+exact), and queues a compact record. Over OTLP/gRPC the export thread writes the request straight
+from the records (``span_encoding``: the bytes the SDK's encoder writes for the span below) and
+the SDK's exporter sends it; otherwise it turns records into the SDK's ``ReadableSpan`` (what
+``Tracer.start_span`` + ``end`` would have produced, without the span's lock, attribute copies
+and processor calls) for the SDK's exporter.
 """
 
 from __future__ import annotations
@@ -38,9 +40,9 @@ from extproc.core.config import TracingConfig
 from extproc.core.envoy_names import JWT_AUTHN_NAMESPACE, JWT_PAYLOAD_KEY
 from extproc.core.pricing import Cost
 from extproc.core.redact import safe_headers
-from extproc.telemetry import langfuse, openllmetry
+from extproc.telemetry import langfuse, openllmetry, span_encoding
 from extproc.telemetry import openinference as oi
-from extproc.telemetry.trace_export import BoundedBatchProcessor, build_exporter
+from extproc.telemetry.trace_export import BoundedBatchProcessor, EncodedSpans, build_exporter
 
 log = logging.getLogger("extproc.telemetry.tracing")
 
@@ -68,6 +70,7 @@ PARAM_ATTRIBUTES = {
 
 _PROPAGATOR = TraceContextTextMapPropagator()
 _OK = Status(StatusCode.OK)
+_OK_CODE, _ERROR_CODE, _CLIENT = StatusCode.OK.value, StatusCode.ERROR.value, SpanKind.CLIENT.value
 _SAMPLED = int(TraceFlags.SAMPLED)
 _RANDOM_TRACE_ID = int(getattr(TraceFlags, "RANDOM_TRACE_ID", 0))  # W3C level 2 flag (newer SDKs)
 SCOPE = InstrumentationScope("envoy-ai-extproc")
@@ -112,13 +115,17 @@ class Tracer:
         self.resource = provider.resource
         self.ids = provider.id_generator
         self.random_trace_ids = bool(getattr(self.ids, "is_trace_id_random", lambda: False)())
-        self.processor = processor or BoundedBatchProcessor(
-            build_exporter(cfg),
-            self.readable_span,
-            max_queue_size=cfg.max_queue_size,
-            max_batch=cfg.max_export_batch_size,
-            delay_s=cfg.schedule_delay_ms / 1000,
-        )
+        self.request = span_encoding.Request(self.resource, SCOPE)
+        if processor is None:
+            exporter = build_exporter(cfg)
+            processor = BoundedBatchProcessor(
+                exporter,
+                self.encoded_spans if getattr(exporter, "takes_encoded", False) else self.readable_spans,
+                max_queue_size=cfg.max_queue_size,
+                max_batch=cfg.max_export_batch_size,
+                delay_s=cfg.schedule_delay_ms / 1000,
+            )
+        self.processor = processor
         if isinstance(self.processor, BoundedBatchProcessor):
             self._emit = self.processor.add
         else:
@@ -153,6 +160,40 @@ class Tracer:
             return  # (a recorded-but-unsampled span is never exported either)
         start = call.start_time_ns
         self._emit((name, trace_id, parent, decision, start, start + int((call.duration or 0.0) * 1e9), _error_type(call)))
+
+    def encoded_spans(self, batch: list[tuple[Any, ...]]) -> EncodedSpans | list[ReadableSpan]:
+        """A batch of records as the OTLP request's bytes (in the export thread); should the
+        encoding fail, as ``ReadableSpan``s for the SDK's encoder."""
+        try:
+            return EncodedSpans(self.request.encode([self.encoded_span(r) for r in batch]), len(batch))
+        except Exception:
+            log.exception("span encoding failed; using the SDK's encoder")
+            return self.readable_spans(batch)
+
+    def encoded_span(self, record: tuple[Any, ...]) -> bytes:
+        """A queued record as ``span_encoding`` writes ``readable_span(record)``."""
+        name, trace_id, parent, decision, start, end, error = record
+        if error is None:
+            code, description = _OK_CODE, None
+        else:
+            code, description = _ERROR_CODE, clip(error)
+        return span_encoding.span(
+            trace_id,
+            self.ids.generate_span_id(),
+            decision.trace_state,
+            parent,
+            name,
+            _CLIENT,
+            start,
+            end,
+            decision.attributes,
+            0,
+            code,
+            description,
+        )
+
+    def readable_spans(self, batch: list[tuple[Any, ...]]) -> list[ReadableSpan]:
+        return [self.readable_span(r) for r in batch]
 
     def readable_span(self, record: tuple[Any, ...]) -> ReadableSpan:
         """A queued record as the SDK's finished span (in the export thread)."""

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+from concurrent import futures
+
+import grpc
 import pytest
 from opentelemetry.exporter.otlp.proto.common._internal.trace_encoder import encode_spans as sdk_encode_spans
-from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest
+from opentelemetry.proto.collector.trace.v1 import trace_service_pb2_grpc
+from opentelemetry.proto.collector.trace.v1.trace_service_pb2 import ExportTraceServiceRequest, ExportTraceServiceResponse
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import Event, ReadableSpan
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor, SpanExportResult
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, TraceState
 
 from extproc.core import config
 from extproc.core.call import ERROR
 from extproc.telemetry import span_encoding
-from extproc.telemetry.trace_export import build_exporter
+from extproc.telemetry.trace_export import EncodedSpans, build_exporter
 from extproc.telemetry.tracing import Tracer
 from tests.unit.test_tracing import call
 
@@ -161,13 +167,18 @@ def test_the_tracers_spans_encode_as_the_sdk_does(conventions, capture):
     t.shutdown()
 
 
+def request(sent: bytes | ExportTraceServiceRequest) -> ExportTraceServiceRequest:
+    """What the gRPC exporter's ``_translate_data`` returns, as the collector parses it."""
+    return ExportTraceServiceRequest.FromString(sent) if isinstance(sent, bytes) else sent
+
+
 def test_spans_with_events_are_left_to_the_sdks_encoder():
     s = span({"a": 1}, events=[Event("e", {"k": "v"}, timestamp=5)])
     with pytest.raises(span_encoding.Unsupported):
         span_encoding.encode_spans([s])
     exporter = build_exporter(config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1"}}).tracing)
     try:
-        assert exporter._translate_data([s]) == sdk_encode_spans([s])
+        assert request(exporter._translate_data([s])) == sdk_encode_spans([s])
     finally:
         exporter.shutdown()
 
@@ -178,21 +189,117 @@ def test_the_grpc_exporter_sends_the_hand_written_request(monkeypatch):
     exporter = build_exporter(config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1"}}).tracing)
     try:
         spans = [span(VALUES)]
-        assert exporter._translate_data(spans) == sdk_encode_spans(spans)
+        assert request(exporter._translate_data(spans)) == sdk_encode_spans(spans)
         monkeypatch.setattr(span_encoding, "encode_spans", lambda spans: b"")
-        assert exporter._translate_data(spans) == ExportTraceServiceRequest()
+        assert request(exporter._translate_data(spans)) == ExportTraceServiceRequest()
     finally:
         exporter.shutdown()
 
 
-def test_repeated_and_uncached_string_values_encode_the_same(monkeypatch):
-    """Short string values are kept whole per (key, value), up to a bound: a value met again and
-    a value past the bound encode as the SDK does."""
-    monkeypatch.setattr(span_encoding, "_string_entries", {})
-    same([span({"k": "v", "m": "chat"})] * 3)
-    assert ("k", "v") in span_encoding._string_entries
-    kept = len(span_encoding._string_entries)
-    monkeypatch.setattr(span_encoding, "_STRING_ENTRIES_KEPT", kept)
-    values = {f"key{i}": f"value{i}" for i in range(50)}
-    same([span(values), span(values)])
-    assert len(span_encoding._string_entries) == kept
+def _records(cfg: config.TracingConfig, calls: list) -> tuple[Tracer, list]:
+    """A tracer's queued records for these calls, its span ids made fixed so that both ways of
+    encoding a record give the same span."""
+    t = Tracer(cfg, processor=SimpleSpanProcessor(InMemorySpanExporter()))
+    records: list = []
+    t._emit = records.append
+    t.ids.generate_span_id = lambda: 0x1234  # type: ignore[method-assign]
+    for c in calls:
+        t.on_call_end(c)
+    return t, records
+
+
+@pytest.mark.parametrize("conventions", [["genai"], ["genai", "openinference", "langfuse", "openllmetry"]])
+@pytest.mark.parametrize("capture", [False, True])
+def test_records_encode_straight_as_the_sdk_encodes_their_spans(conventions, capture):
+    """The OTLP/gRPC path writes the request from the queued records, never building the SDK's
+    span: its bytes are what the SDK's encoder writes for ``readable_span(record)``, for a root
+    span, an error, and a remote parent with trace state."""
+    cfg = config.parse(
+        {
+            "tracing": {
+                "otlpEndpoint": "127.0.0.1:1",
+                "conventions": conventions,
+                "captureContent": capture,
+                "resourceAttributes": {"deployment.environment": "test"},
+                "fields": {"add": {"team": 'request.headers["x-team"]', "total": "llm.total_tokens", "flag": "true"}},
+            }
+        }
+    ).tracing
+    ok, failed, child = call(capture=capture), call(capture=capture), call(capture=capture)
+    failed.outcome, failed.status = ERROR, 500
+    child.headers = {**child.headers, "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "vendor=v1"}
+    t, records = _records(cfg, [ok, failed, child])
+    assert len(records) == 3
+    encoded = t.encoded_spans(records)
+    assert isinstance(encoded, EncodedSpans) and len(encoded) == 3
+    assert ExportTraceServiceRequest.FromString(encoded.request) == sdk_encode_spans(t.readable_spans(records))
+    t.shutdown()
+
+
+def test_a_record_that_fails_to_encode_goes_to_the_sdks_encoder(monkeypatch):
+    cfg = config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1"}}).tracing
+    t, records = _records(cfg, [call(capture=False)])
+
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(span_encoding, "span", broken)
+    spans = t.encoded_spans(records)
+    assert isinstance(spans, list) and isinstance(spans[0], ReadableSpan)
+    t.shutdown()
+
+
+def test_the_tracer_hands_the_grpc_exporter_encoded_batches_and_the_http_one_spans():
+    grpc = Tracer(config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1"}}).tracing)
+    http = Tracer(config.parse({"tracing": {"otlpEndpoint": "http://127.0.0.1:1", "otlpProtocol": "http"}}).tracing)
+    try:
+        assert grpc.processor._prepare == grpc.encoded_spans
+        assert http.processor._prepare == http.readable_spans
+    finally:
+        grpc.shutdown()
+        http.shutdown()
+
+
+def test_the_collector_receives_the_encoded_request_through_the_sdks_exporter():
+    """Encoded batches and SDK spans (events: the SDK's encoder) both reach a real OTLP/gRPC
+    collector through the SDK's exporter, as the SDK's own encoder would have written them."""
+    received: list[ExportTraceServiceRequest] = []
+
+    class Collector(trace_service_pb2_grpc.TraceServiceServicer):
+        def Export(self, req: ExportTraceServiceRequest, context: object) -> ExportTraceServiceResponse:  # noqa: N802
+            received.append(req)
+            return ExportTraceServiceResponse()
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=1))
+    trace_service_pb2_grpc.add_TraceServiceServicer_to_server(Collector(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    cfg = config.parse({"tracing": {"otlpEndpoint": f"127.0.0.1:{port}"}}).tracing
+    t, records = _records(cfg, [call(capture=True), call(capture=False)])
+    exporter = build_exporter(cfg)
+    try:
+        with_event = span({"a": 1}, events=[Event("e", {"k": "v"}, timestamp=5)])
+        assert exporter.export(t.encoded_spans(records)) is SpanExportResult.SUCCESS
+        assert exporter.export([with_event, span(VALUES)]) is SpanExportResult.SUCCESS
+        assert received == [sdk_encode_spans(t.readable_spans(records)), sdk_encode_spans([with_event, span(VALUES)])]
+    finally:
+        exporter.shutdown()
+        t.shutdown()
+        server.stop(None)
+
+
+def test_repeated_values_encode_as_the_sdk_does_whatever_was_kept_before(monkeypatch):
+    """Attributes are kept whole per (key, type, value), up to a bound: a value met again, values
+    that compare equal across types (True, 1, 1.0; 0.0, -0.0; (1,), (True,)), and values met after
+    the table filled all encode as the SDK does."""
+    monkeypatch.setattr(span_encoding, "_entries", {})
+    same([span({"k": "v", "m": "chat", "s": ("stop",), "n": 200, "f": 0.5, "b": False})] * 3)
+    kept = span_encoding._entries[b"\x4a"]
+    assert ("k", str, "v") in kept and ("s", tuple, ("stop",)) in kept and ("n", int, 200) in kept
+    for value in (True, 1, 1.0, 0.0, -0.0, 0, False, (1,), (True,), (1.0,), ["stop"], ("stop",), "1", b"1"):
+        same([span({"x": value}), span({"x": value})])
+    same([span({"x": -0.0}), span({"x": 0.0}), span({"x": -0.0})])
+    monkeypatch.setattr(span_encoding, "_ENTRIES_KEPT", 10)
+    values = {f"key{i}": f"value{i}" for i in range(25)}
+    same([span(values), span(values), span({"k": "v", "m": "chat"})])
+    assert len(kept) <= 10
