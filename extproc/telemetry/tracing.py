@@ -9,10 +9,11 @@ attributes (CEL, see ``extproc.core.cel``). A request carrying ``tracing.noCaptu
 traced without content. Nothing runs per ext_proc message.
 
 No SDK span is built on the call's path: the call's end computes the attributes, reads the parent
-and asks the configured sampler (the only SDK call there, so sampling and drop counting stay
-exact), and queues a compact record. Over OTLP/gRPC the export thread writes the request straight
-from the records (``span_encoding``: the bytes the SDK's encoder writes for the span below) and
-the SDK's exporter sends it; otherwise it turns records into the SDK's ``ReadableSpan`` (what
+and asks the configured sampler (so sampling and drop counting stay exact; the SDK's default,
+parent-based always-on, is decided in place from the parent's sampled flag, as it decides), and
+queues a compact record. Over OTLP/gRPC the export thread writes the request straight from the
+records (``span_encoding``: the bytes the SDK's encoder writes for the span below) and the SDK's
+exporter sends it; otherwise it turns records into the SDK's ``ReadableSpan`` (what
 ``Tracer.start_span`` + ``end`` would have produced, without the span's lock, attribute copies
 and processor calls) for the SDK's exporter.
 """
@@ -20,14 +21,14 @@ and processor calls) for the SDK's exporter.
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from typing import Any
 
 import orjson
 from opentelemetry.context import Context
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON, ParentBased, Sampler, TraceIdRatioBased
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, DEFAULT_ON, ParentBased, Sampler, TraceIdRatioBased
 from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, TraceFlags, get_current_span
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
@@ -81,8 +82,9 @@ def sampler(cfg: TracingConfig) -> Sampler | None:
     v = cfg.random_sampling
     if v is None:
         return None
-    root = ALWAYS_ON if v is True else ALWAYS_OFF if v is False else TraceIdRatioBased(float(v))
-    return ParentBased(root)
+    if v is True:
+        return DEFAULT_ON  # ParentBased(ALWAYS_ON), the SDK's own default object
+    return ParentBased(ALWAYS_OFF if v is False else TraceIdRatioBased(float(v)))
 
 
 def resource(cfg: TracingConfig) -> Resource:
@@ -112,6 +114,7 @@ class Tracer:
         # the resource (with OTEL_RESOURCE_ATTRIBUTES) and the id generator. It never sees a span.
         provider = TracerProvider(sampler=sampler(cfg), resource=resource(cfg), shutdown_on_exit=False)
         self.sampler = provider.sampler
+        self.parent_based_always_on = self.sampler is DEFAULT_ON  # decided in on_call_end
         self.resource = provider.resource
         self.ids = provider.id_generator
         self.random_trace_ids = bool(getattr(self.ids, "is_trace_id_random", lambda: False)())
@@ -155,11 +158,21 @@ class Tracer:
             parent = None
         trace_id = self.ids.generate_trace_id() if parent is None else parent.trace_id
         name = span_name(call)
-        decision = self.sampler.should_sample(context, trace_id, name, SpanKind.CLIENT, attrs)
-        if not decision.decision.is_sampled():
-            return  # (a recorded-but-unsampled span is never exported either)
+        attributes: Mapping[str, Any]
+        if self.parent_based_always_on:
+            # The default sampler's decision, as it makes it (the parent's sampled flag; no parent:
+            # sampled), without its result object: a sampled parent's trace state, the attributes.
+            if parent is not None and not parent.trace_flags.sampled:
+                return
+            trace_state, attributes = (None if parent is None else parent.trace_state), attrs
+        else:
+            decision = self.sampler.should_sample(context, trace_id, name, SpanKind.CLIENT, attrs)
+            if not decision.decision.is_sampled():
+                return  # (a recorded-but-unsampled span is never exported either)
+            trace_state, attributes = decision.trace_state, decision.attributes
         start = call.start_time_ns
-        self._emit((name, trace_id, parent, decision, start, start + int((call.duration or 0.0) * 1e9), _error_type(call)))
+        end = start + int((call.duration or 0.0) * 1e9)
+        self._emit((name, trace_id, parent, trace_state, attributes, start, end, _error_type(call)))
 
     def encoded_spans(self, batch: list[tuple[Any, ...]]) -> EncodedSpans | list[ReadableSpan]:
         """A batch of records as the OTLP request's bytes (in the export thread); should the
@@ -172,7 +185,7 @@ class Tracer:
 
     def encoded_span(self, record: tuple[Any, ...]) -> bytes:
         """A queued record as ``span_encoding`` writes ``readable_span(record)``."""
-        name, trace_id, parent, decision, start, end, error = record
+        name, trace_id, parent, trace_state, attributes, start, end, error = record
         if error is None:
             code, description = _OK_CODE, None
         else:
@@ -180,13 +193,13 @@ class Tracer:
         return span_encoding.span(
             trace_id,
             self.ids.generate_span_id(),
-            decision.trace_state,
+            trace_state,
             parent,
             name,
             _CLIENT,
             start,
             end,
-            decision.attributes,
+            attributes,
             0,
             code,
             description,
@@ -197,17 +210,17 @@ class Tracer:
 
     def readable_span(self, record: tuple[Any, ...]) -> ReadableSpan:
         """A queued record as the SDK's finished span (in the export thread)."""
-        name, trace_id, parent, decision, start, end, error = record
+        name, trace_id, parent, trace_state, attributes, start, end, error = record
         random_id = self.random_trace_ids if parent is None else getattr(parent.trace_flags, "random_trace_id", False)
         context = SpanContext(
             trace_id,
             self.ids.generate_span_id(),
             is_remote=False,
             trace_flags=TraceFlags(_SAMPLED | _RANDOM_TRACE_ID if random_id else _SAMPLED),
-            trace_state=decision.trace_state,
+            trace_state=trace_state,
         )
         # Sequences as tuples, as the SDK's span stores them (values are already valid attributes).
-        attrs = {k: tuple(v) if type(v) is list else v for k, v in decision.attributes.items()}
+        attrs = {k: tuple(v) if type(v) is list else v for k, v in attributes.items()}
         return ReadableSpan(
             name=name,
             context=context,

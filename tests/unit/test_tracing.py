@@ -852,3 +852,52 @@ def test_an_anthropic_cached_stream_reads_the_same_in_every_convention():
     assert a["llm.provider"] == a["llm.system"] == "anthropic" and a["llm.model_name"] == "claude-sonnet-4-20250514"
     assert a["llm.cost.total"] == a["gen_ai.usage.cost"] == json.loads(a["langfuse.observation.cost_details"])["total"] > 0
     assert span.status.status_code is StatusCode.OK
+
+
+# ---- sampling --------------------------------------------------------------------------------
+_SAMPLED_PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "vendor=v1"}
+_UNSAMPLED_PARENT = {"traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
+_BAD_PARENT = {"traceparent": "00-zz-b7ad6b7169203331-01"}
+
+
+def _queued(tracing: dict, parent_headers: dict, *, ask_the_sampler: bool = False) -> list:
+    """The records a tracer queues for one call with these trace headers (trace ids fixed)."""
+    t = Tracer(
+        config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1", **tracing}}).tracing, processor=SimpleSpanProcessor(InMemorySpanExporter())
+    )
+    if ask_the_sampler:
+        t.parent_based_always_on = False
+    records: list = []
+    t._emit = records.append
+    t.ids.generate_trace_id = lambda: 0xABC  # type: ignore[method-assign]
+    c = call(capture=False)
+    c.headers = {**c.headers, **parent_headers}
+    t.on_call_end(c)
+    return [(*r[:4], dict(r[4]), *r[5:]) for r in records]
+
+
+@pytest.mark.parametrize("tracing", [{}, {"randomSampling": True}])
+@pytest.mark.parametrize("parent", [{}, _SAMPLED_PARENT, _UNSAMPLED_PARENT, _BAD_PARENT])
+def test_the_default_sampler_is_decided_in_place_as_the_sdks_decides(tracing, parent):
+    """ParentBased(ALWAYS_ON) (no randomSampling, no OTEL_TRACES_SAMPLER; or randomSampling: true)
+    is decided without calling it: the same spans, trace state and attributes as the SDK's."""
+    t = Tracer(
+        config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1", **tracing}}).tracing, processor=SimpleSpanProcessor(InMemorySpanExporter())
+    )
+    assert t.parent_based_always_on
+    ours = _queued(tracing, parent)
+    assert ours == _queued(tracing, parent, ask_the_sampler=True)
+    assert len(ours) == (0 if parent is _UNSAMPLED_PARENT else 1)
+    if parent is _SAMPLED_PARENT:
+        assert ours[0][3].to_header() == "vendor=v1"
+
+
+def test_other_samplers_are_asked(monkeypatch):
+    """randomSampling false or a ratio, or another OTEL_TRACES_SAMPLER: the sampler decides."""
+    for tracing in ({"randomSampling": False}, {"randomSampling": 0.0}):
+        assert _queued(tracing, {}) == []  # no parent: randomSampling decides
+        assert len(_queued(tracing, _SAMPLED_PARENT)) == 1
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "always_off")
+    assert _queued({}, _SAMPLED_PARENT) == []
+    monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
+    assert _queued({}, {}) == [] and len(_queued({}, _SAMPLED_PARENT)) == 1
