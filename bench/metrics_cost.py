@@ -27,6 +27,11 @@ def measure(n: int, otlp: bool = False) -> float:
     from extproc.core.config import parse
     from extproc.telemetry.metrics import MetricsObserver
 
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        from extproc.telemetry import prometheus_store
+
+        prometheus_store.install()  # as the Prometheus endpoint does before the workers fork
+
     stats = parse(
         {
             "stats": {

@@ -108,7 +108,26 @@ def install() -> None:
             super()._init_value(key)
 
     values.MmapedDict = ReservedMmapedDict  # type: ignore[misc]  # what MultiProcessValue opens files with
-    values.ValueClass = safe_value_class(values.MultiProcessValue())
+    values.ValueClass = safe_value_class(values.MultiProcessValue(process_identifier=_pid))
+
+
+# prometheus-client asks for the process id on every value update (a fork starts the values
+# over): ``os.getpid`` is a system call, ~20 per LLM call. The id only changes across a fork, so
+# it is read once and again in each forked child (the workers are forked: extproc.server.supervisor).
+_process_id = os.getpid()
+
+
+def _forked() -> None:
+    global _process_id
+    _process_id = os.getpid()
+
+
+os.register_at_fork(after_in_child=_forked)
+
+
+def _pid() -> int:
+    """``os.getpid()``, without the system call."""
+    return _process_id
 
 
 def safe_value_class(inner: type) -> type:

@@ -63,3 +63,37 @@ def test_unwritable_directory_costs_metrics_not_the_process(tmp_path):
     assert json.loads(r.stdout.splitlines()[-1])["dropped"] > 0
     errors = [json.loads(line) for line in r.stderr.splitlines() if '"metrics storage failed' in line]
     assert len(errors) == 1 and errors[0]["errno"] == 30  # EROFS
+
+
+FORK = r"""
+import json, os
+from extproc.telemetry import prometheus_store
+prometheus_store.install()
+from prometheus_client import CollectorRegistry, Counter
+c = Counter("forked", "x", registry=CollectorRegistry())
+c.inc(5)
+pid = os.fork()
+if pid == 0:
+    c.inc(2)  # the child's values start over, in a file of its own
+    os._exit(0)
+os.waitpid(pid, 0)
+c.inc(1)
+print(json.dumps({"parent": os.getpid(), "child": pid}))
+"""
+
+
+def test_a_forked_worker_writes_its_own_values(tmp_path):
+    """prometheus-client's process id (read without a system call, refreshed in a forked child)
+    still starts a forked worker's values over, in its own file, as with ``os.getpid``."""
+    import os
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", FORK], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    pids = json.loads(out.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"counter_{pids[k]}.db" for k in ("parent", "child"))
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    assert registry.get_sample_value("forked_total") == 8  # 5 + 1 in the parent, 2 in the child
