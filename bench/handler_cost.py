@@ -9,7 +9,9 @@ A call is an OpenAI chat completion driven as the server drives it (``open_strea
 per message, ``close_stream``), with the headers Envoy forwards for one: non-streamed (4 messages, 2 replies with metadata) and streamed
 (50 SSE chunks, then the usage and ``[DONE]``), in the default mode and in observability mode.
 The message path before ``handle`` (a DATA frame taken from the stream's buffer and acknowledged
-on an h2 connection) is measured on its own, per message.
+on an h2 connection) is measured on its own, per message; so is the stream path (a stream's
+HEADERS and Envoy's RST_STREAM through a server connection, the Processor opening and closing
+the stream), per stream.
 ``--checkout`` runs each measurement in a subprocess importing ``extproc`` from that directory.
 """
 
@@ -116,6 +118,7 @@ def measure() -> dict[str, float]:
     fields = len(metadata.fields(c))
     out[f"metadata encoding, {fields} fields (us)"] = 1e6 * _best(lambda: metadata.encoded("ai.gateway.kgateway.dev", c), 20000)
     out["message path: a streamed chunk's DATA frame taken and acknowledged (us)"] = 1e6 * _best(_message_path(), 1000)
+    out["stream path: an ext_proc stream opened by its HEADERS and closed by Envoy's RST_STREAM (us)"] = 1e6 * _stream_path()
     return out
 
 
@@ -154,6 +157,73 @@ def _message_path():
     add = buf.add
     size = len(frame)
     return lambda: add(frame, size)
+
+
+def _stream_path() -> float:
+    """Seconds per stream, best of 9 rounds, of what the server does for an ext_proc stream
+    besides its messages: a read with the stream's HEADERS (Envoy's header block, the same for
+    every stream after a connection's first) and a read with Envoy's RST_STREAM, fed to a
+    server connection (``_Protocol.data_received``, its writes dropped) with the Processor
+    opening and closing the stream (no observers)."""
+    import asyncio
+
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.errors import ErrorCodes
+
+    from extproc.core.config import parse
+    from extproc.server.grpc_server import PROCESS, build_server
+    from extproc.server.processor import Processor
+
+    n, rounds = 2000, 9
+    client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", PROCESS), (":authority", "ext_proc")]
+    headers += [("content-type", "application/grpc"), ("te", "trailers"), ("x-envoy-internal", "true")]
+
+    def stream() -> tuple[bytes, bytes]:
+        sid = client.get_next_available_stream_id()
+        client.send_headers(sid, headers)
+        opening = client.data_to_send()
+        client.reset_stream(sid, ErrorCodes.CANCEL)
+        return opening, client.data_to_send()
+
+    preface = client.data_to_send()
+    first = stream()
+    reads = [stream() for _ in range(n * rounds)]
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            pass
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return default
+
+    async def run() -> float:
+        server = build_server(Processor(parse({}), []), "127.0.0.1:1")
+        proto = server._protocol_factory()
+        proto.connection_made(Transport())  # type: ignore[arg-type]
+        for data in (preface, *first):
+            proto.data_received(data)
+        received = proto.data_received
+        best = float("inf")
+        for r in range(rounds):
+            batch = reads[r * n : (r + 1) * n]
+            t0 = time.process_time()
+            for opening, reset in batch:
+                received(opening)
+                received(reset)
+            best = min(best, time.process_time() - t0)
+        assert not server.exchanges, "a stream was not closed"
+        return best / n
+
+    return asyncio.run(run())
 
 
 def main() -> None:
