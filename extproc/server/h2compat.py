@@ -28,13 +28,14 @@ from typing import Any
 import h2.connection
 from grpclib.config import Configuration
 from grpclib.events import _DispatchServerEvents
-from grpclib.protocol import H2Protocol
+from grpclib.protocol import Buffer, H2Protocol, Stream
 from grpclib.server import Handler
-from h2.connection import AllowedStreamIDs, ConnectionInputs, ConnectionState, H2Connection
+from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import StreamReset
-from h2.stream import StreamClosedBy, StreamInputs, StreamState
+from h2.stream import H2Stream, H2StreamStateMachine, StreamClosedBy, StreamInputs, StreamState
 from h2.utilities import SizeLimitDict
+from h2.windows import WindowManager
 from hpack import Decoder
 from hpack.table import HeaderTable, table_entry_size
 from hyperframe.frame import GoAwayFrame
@@ -362,7 +363,11 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
             # h2's check of the streams open (which also forgets the closed ones) comes first
             if block is None or not block.plain or conn.open_inbound_streams >= conn.local_settings.max_concurrent_streams:
                 break
-            _open_stream(protocol, conn, stream_id, block.headers[:])
+            config = conn.config
+            if config.validate_inbound_headers or config.normalize_inbound_headers or failed(protocol):
+                break
+            encoding = config.header_encoding
+            _open_stream(protocol, conn, stream_id, block.text(encoding) if isinstance(encoding, str) else block.headers[:])
             offset = start + size
             continue
         if kind == 3:  # RST_STREAM
@@ -413,25 +418,107 @@ def _open_stream(protocol: H2Protocol, conn: H2Connection, stream_id: int, heade
     """What h2's ``_receive_frame`` -> ``_receive_headers_frame`` and grpclib's
     ``H2Protocol.data_received`` do for a HEADERS frame with only END_HEADERS set that opens
     client stream ``stream_id`` (odd, above every id the client used) on an open server
-    connection, its block already decoded (``headers``, as hpack's decoder returns them), once
-    the check of the streams open passed: the connection's RECV_HEADERS input (no state change
-    in SERVER_OPEN), the new stream (``_begin_new_stream``) and its ``receive_headers`` (IDLE ->
-    OPEN: the ``RequestReceived`` event), no frame to send; then each event through grpclib's
-    processor, with h2's output flushed before and after as grpclib does. None of these raises
-    for a :class:`_Block` that is ``plain``."""
-    events = conn.state_machine.process_input(ConnectionInputs.RECV_HEADERS)
-    h2s = conn._begin_new_stream(stream_id, AllowedStreamIDs.ODD)
-    _frames, stream_events = h2s.receive_headers(headers, False, conn.config.header_encoding)
+    connection that neither validates nor normalises received headers, its block already
+    decoded to a request's headers (``headers``, as ``H2Stream.receive_headers`` makes them:
+    :meth:`_Block.text`), once the check of the streams open passed: the connection's
+    RECV_HEADERS input (no state change, no callback in SERVER_OPEN); the new stream as
+    ``_begin_new_stream`` and ``receive_headers`` leave it (:func:`_new_h2_stream`: IDLE ->
+    OPEN, received from a client, no content-length), the highest stream id; no frame to send;
+    then grpclib's ``process_request_received`` for the ``RequestReceived`` event (its stream,
+    a :class:`_ServerStream`, registered, handed to the handler's ``accept``) without the
+    event, h2's output flushed before and after as grpclib does."""
+    conn.streams[stream_id] = _new_h2_stream(conn, stream_id)
+    conn.highest_inbound_stream_id = stream_id
     grpc_conn = protocol.connection
     if conn._data_to_send:
         grpc_conn.flush()
-    process = protocol.processor.process
-    for event in events:
-        process(event)
-    for event in stream_events:
-        process(event)
+    processor = protocol.processor
+    stream = _ServerStream(grpc_conn, conn, grpc_conn._transport, stream_id)
+    processor.handler.accept(stream, headers, processor.register(stream))
     if conn._data_to_send:
         grpc_conn.flush()
+
+
+class _OnFirstUse:
+    """An attribute made by ``make(obj)`` when first read, then an ordinary instance attribute."""
+
+    __slots__ = ("make", "name")
+
+    def __init__(self, make: Callable[[Any], Any]) -> None:
+        self.make = make
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.make(obj)
+        return value
+
+
+class _ServerStream(Stream):
+    """grpclib's transport-level ``Stream`` of a client's stream, as ``Connection.create_stream``
+    makes it for ``process_request_received``, but for its asyncio objects, made when first read
+    (each as grpclib makes it, so their first use is the same): the ``window_updated``,
+    ``headers_received`` and ``trailers_received`` events (waited for only by a task sending
+    into a full window, or on a client), and the receive ``buffer`` (a ``Buffer`` with its
+    queue), which an ext_proc stream never reads: its handler gives it a ``MessageBuffer`` at
+    once (:func:`use_buffer`). A stream handled without a task never needs any of them."""
+
+    def __init__(self, connection: Any, h2_connection: H2Connection, transport: Any, stream_id: int) -> None:
+        self.connection = connection
+        self._h2_connection = h2_connection
+        self._transport = transport
+        self.wrapper = None
+        self.id = stream_id  # init_stream, but for the buffer
+        connection.streams_started += 1
+        self.created = connection.last_stream_created = time.monotonic()
+        self.headers = None
+        self.trailers = None
+
+    buffer = _OnFirstUse(lambda self: Buffer(functools.partial(self.connection.ack, self.id)))
+    window_updated = _OnFirstUse(lambda self: asyncio.Event())
+    headers_received = _OnFirstUse(lambda self: asyncio.Event())
+    trailers_received = _OnFirstUse(lambda self: asyncio.Event())
+
+
+_H2_STREAM_NEW = H2Stream.__new__
+_MACHINE_NEW = H2StreamStateMachine.__new__
+_WINDOW_NEW = WindowManager.__new__
+
+
+def _new_h2_stream(conn: H2Connection, stream_id: int) -> H2Stream:
+    """The ``H2Stream`` h2's ``_begin_new_stream`` builds for a client's new stream, after its
+    ``receive_headers`` of a request's headers without ``content-length`` (the state machine's
+    ``request_received``: OPEN, ``client`` False, headers received), attribute for attribute,
+    without the constructors' calls, checks and no-op logging (``tests/unit/test_h2compat.py``
+    compares every attribute with h2's)."""
+    machine = _MACHINE_NEW(H2StreamStateMachine)
+    machine.state = StreamState.OPEN
+    machine.stream_id = stream_id
+    machine.client = False
+    machine.headers_sent = None
+    machine.trailers_sent = None
+    machine.headers_received = True
+    machine.trailers_received = None
+    machine.stream_closed_by = None
+    window = _WINDOW_NEW(WindowManager)
+    window.max_window_size = window.current_window_size = conn.local_settings.initial_window_size
+    window._bytes_processed = 0
+    s = _H2_STREAM_NEW(H2Stream)
+    s.state_machine = machine
+    s.stream_id = stream_id
+    s.max_outbound_frame_size = conn.max_outbound_frame_size
+    s.request_method = None
+    s.outbound_flow_control_window = conn.remote_settings.initial_window_size
+    s._inbound_window_manager = window
+    s._expected_content_length = None
+    s._actual_content_length = 0
+    s._authority = None
+    s.config = conn.config
+    return s
 
 
 def _reset_stream(protocol: H2Protocol, conn: H2Connection, h2s: Any, on_reset: Callable[[int], None]) -> None:
@@ -505,12 +592,23 @@ class _Block:
     with grpclib's ``ascii`` encoding), no ``:status`` (an informational response), no
     ``content-length`` (a value h2 checks, and whose stream it tracks)."""
 
-    __slots__ = ("headers", "size", "plain")
+    __slots__ = ("headers", "size", "plain", "_text")
 
     def __init__(self, headers: list[Any]) -> None:
         self.headers = headers
         self.size = sum(table_entry_size(n, v) for n, v in headers)
         self.plain = all(n.isascii() and v.isascii() and n not in _NOT_PLAIN for n, v in headers)
+        self._text: tuple[str, list[Any]] | None = None
+
+    def text(self, encoding: str) -> list[Any]:
+        """The headers as h2 hands a request's to grpclib (``H2Stream.receive_headers`` with
+        validation and normalisation off: each decoded with the connection's
+        ``header_encoding``, its ``HeaderTuple`` class kept), a new list each time; decoded
+        once per block."""
+        text = self._text
+        if text is None or text[0] != encoding:
+            text = self._text = (encoding, [h.__class__(h[0].decode(encoding), h[1].decode(encoding)) for h in self.headers])
+        return text[1][:]
 
 
 _NOT_PLAIN = (b":status", b"content-length")

@@ -385,11 +385,13 @@ def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fas
 
         monkeypatch.setattr(grpc_server._Protocol, "data_received", plain)
         monkeypatch.setattr(h2compat, "cache_header_blocks", lambda protocol: False)
-    accepted = []
+    accepted: list = []
+    header_classes: list = []
     accept = _REAL["accept"]
 
     def recording(self, stream, headers, release_stream):
         accepted.append((stream.id, [tuple(h) for h in headers]))
+        header_classes.append([h.__class__ for h in headers])  # hpack's HeaderTuple / NeverIndexedHeaderTuple, kept
         accept(self, stream, headers, release_stream)
 
     monkeypatch.setattr(grpc_server._Handler, "accept", recording)
@@ -422,6 +424,7 @@ def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fas
                     messages.append(m)
             streams[sid] = (
                 h2s and _h2_stream_state(h2s),
+                ps and _grpclib_stream_state(ps),
                 ours and (messages, ps.buffer.ended, ps.buffer.unacked_size(), ps.data_received),
             )
         proto._out.flush()
@@ -433,8 +436,10 @@ def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fas
             ),
             "data_received": proto.connection.data_received,
             "streams_failed": proto.connection.streams_failed,  # resets handled (``_Protocol._stream_reset``)
+            "streams_started": proto.connection.streams_started,
             "streams": streams,
             "accepted": accepted,
+            "header_classes": header_classes,
             "written": bytes(transport.written),
             "unsent": bytes(conn._data_to_send),  # (grpclib closes on a protocol error without sending h2's GOAWAY)
             "closed": transport.closed,
@@ -458,6 +463,22 @@ def _h2_stream_state(h2s) -> dict:
     return state
 
 
+def _grpclib_stream_state(ps) -> dict:
+    """grpclib's transport-level stream as its request handler would find it (its asyncio
+    objects made, if they were not yet)."""
+    return {
+        "id": ps.id,
+        "wrapper": ps.wrapper.__class__,
+        "headers": ps.headers,
+        "trailers": ps.trailers,
+        "created": ps.created.__class__,  # (a clock's reading)
+        "events": [e.__class__ for e in (ps.window_updated, ps.headers_received, ps.trailers_received)],
+        "set": [e.is_set() for e in (ps.window_updated, ps.headers_received, ps.trailers_received)],
+        "buffer": ps.buffer.__class__,
+        "connection": (ps.connection.__class__, ps._h2_connection.__class__, ps._transport.__class__),
+    }
+
+
 @pytest.mark.parametrize("split", [1, 7, 9, 64, 1000, 1 << 20, "frames", "2frames"])
 def test_data_frames_past_h2_leave_the_same_state(split, monkeypatch):
     """``receive_frames`` (DATA frames straight into the stream's buffer) against h2's own
@@ -468,7 +489,7 @@ def test_data_frames_past_h2_leave_the_same_state(split, monkeypatch):
     fast, taken = _receive(data, split, True, monkeypatch)
     slow, _ = _receive(data, split, False, monkeypatch)
     assert fast == slow
-    assert len(fast["streams"][1][1][0]) == 8 and len(fast["streams"][3][1][0]) == 14  # every message read
+    assert len(fast["streams"][1][2][0]) == 8 and len(fast["streams"][3][2][0]) == 14  # every message read
     if isinstance(split, str):  # whole frames per read, as Envoy's: the DATA frames go past h2
         assert taken["data"] > 30000
 
@@ -1013,3 +1034,75 @@ def test_h2s_reset_of_an_open_stream_is_what_the_fast_path_does():
             "state": StreamState.CLOSED,
             "stream_closed_by": StreamClosedBy.RECV_RST_STREAM,
         }
+
+
+def test_a_stream_opened_past_h2_makes_grpclibs_asyncio_objects_only_when_used(monkeypatch):
+    """grpclib's processor would make each new stream's three events and receive buffer (a
+    queue); a stream opened past h2 gets them when first read, as grpclib makes them, so a stream
+    handled without a task (answered and reset where its frames are read) makes none, and one
+    handed to a task finds the same attributes as on grpclib's own ``Stream``."""
+    from grpclib.protocol import Buffer, Stream
+    from h2.events import RequestReceived
+
+    streams = []
+    accept = _REAL["accept"]
+
+    def recording(self, stream, headers, release_stream):
+        streams.append(stream)
+        accept(self, stream, headers, release_stream)
+
+    monkeypatch.setattr(grpc_server._Handler, "accept", recording)
+    processor = Processor(parse({"listen": "127.0.0.1:1"}), [Recorder()])
+    server = build_server(processor, "127.0.0.1:1")
+    lazy = ("window_updated", "headers_received", "trailers_received", "buffer")
+
+    async def main() -> None:
+        proto = server._protocol_factory()
+        proto.connection_made(_Transport())
+        assert proto.processor.processors[RequestReceived] == proto.processor.process_request_received  # what _open_stream does
+        for frame in _pieces(_opening() + _headers(5, ENVOY_BLOCK) + _data(5) + _rst(5), "frames"):
+            proto.data_received(frame)
+        first, _third, fifth = streams
+        assert first.__class__ is Stream and fifth.__class__ is h2compat._ServerStream  # 1 through h2, 5 past it
+        assert not [name for name in lazy[:3] if name in vars(fifth)] and isinstance(vars(fifth)["buffer"], MessageBuffer)
+        # made on first use, as grpclib makes them: the same attributes, of the same kinds
+        grpclib_made = {k: v.__class__ for k, v in vars(first).items() if k != "data_received"}  # (counted: 0 on the class)
+        ours = h2compat._ServerStream(proto.connection, h2compat.h2_connection(proto), proto.connection._transport, 7)
+        for name in lazy:
+            getattr(ours, name)
+        assert {k: v.__class__ for k, v in vars(ours).items()} == {**grpclib_made, "buffer": Buffer}
+        assert ours.buffer._ack_callback.func == proto.connection.ack and ours.buffer._ack_callback.args == (7,)
+        assert ours.window_updated is ours.window_updated and not ours.window_updated.is_set()
+
+    asyncio.run(main())
+
+
+def test_header_tuple_classes_are_kept_past_h2(monkeypatch):
+    """A never-indexed field (a literal the client asks never to be indexed, e.g. a credential)
+    reaches grpclib as hpack's ``NeverIndexedHeaderTuple`` from a kept block too."""
+    never = ENVOY_BLOCK + b"\x10\x01x\x01y"  # literal never indexed, new name
+    data = _opening() + _headers(5, never) + _data(5) + _headers(7, never) + _data(7) + _rst(5) + _rst(7)
+    runs = _compare(data, monkeypatch)
+    for run in runs:
+        classes = run["state"]["header_classes"]
+        assert [c.__name__ for c in classes[-1]][-1] == "NeverIndexedHeaderTuple"
+        if run["split"] == "frames":
+            assert run["headers"] == 1  # 7, from the kept block
+
+
+def test_a_connection_that_validates_headers_opens_streams_through_h2(monkeypatch):
+    """Streams are opened past h2 only where h2 would neither validate nor normalise the
+    received headers (grpclib's configuration): otherwise h2 does it, as before."""
+    import copy
+
+    def validating(conn) -> None:
+        conn.config = copy.copy(conn.config)
+        conn.config.validate_inbound_headers = True
+
+    block = b"\x83\x86\x84\x01\x01x"  # POST, http, /, literal :authority without indexing: valid, kept
+    data = PREFACE + _frame(4, 0, 0) + b"".join(_headers(sid, block) + _data(sid) for sid in (1, 3, 5)) + _rst(3)
+    runs = _compare(data, monkeypatch, setup=validating)
+    assert all(run["headers"] == 0 for run in runs) and any(run["data"] for run in runs)
+    assert sorted(_accepted(runs[0])) == [1, 3, 5] and not runs[0]["state"]["closed"]
+    without = _compare(data, monkeypatch, splits=("frames",))  # (the same bytes are taken past h2 without validation)
+    assert without[0]["headers"] == 2
