@@ -19,7 +19,8 @@ The same calls and values as :mod:`extproc.telemetry.metrics` (both record a cal
   worker process's CPU time, read when the reader collects (nothing per call).
 
 One MeterProvider per worker process, its resource carrying a ``service.instance.id`` of its own
-(a collector sums the workers). Recording is an in-memory aggregation; a daemon thread exports
+(a collector sums the workers). Recording is an in-memory aggregation (straight into the SDK's
+aggregations, bound once per label combination: :mod:`extproc.telemetry.otel_compat`); a daemon thread exports
 every ``exportIntervalMs``, each export bounded by ``exportTimeoutMs``, so a slow or dead
 collector never delays a call. Data points of a failed export are counted in
 ``ai_otlp_metric_points_dropped_total`` (with the default cumulative temporality the next
@@ -58,7 +59,7 @@ from prometheus_client import Counter as PromCounter
 
 from extproc.core.call import Call
 from extproc.core.config import StatsConfig
-from extproc.telemetry import otlp_settings
+from extproc.telemetry import otel_compat, otlp_settings
 from extproc.telemetry.labels import worker_share
 from extproc.telemetry.measurements import (
     DURATION_BUCKETS,
@@ -70,6 +71,7 @@ from extproc.telemetry.measurements import (
     Measurements,
     Measurer,
 )
+from extproc.telemetry.otel_compat import Bound
 from extproc.telemetry.otlp_pacing import Pacer
 
 log = logging.getLogger("extproc.telemetry.metrics")
@@ -140,18 +142,35 @@ def _cpu_time(_options: CallbackOptions) -> Iterable[Observation]:
     return (Observation(t.user, {"cpu.mode": "user"}), Observation(t.system, {"cpu.mode": "system"}))
 
 
-_ATTRS_CACHE_MAX = 4096  # label combinations whose attribute sets we keep at hand (then start over)
+_ATTRS_CACHE_MAX = 4096  # label combinations whose bound instruments we keep at hand (then start over)
 
 
-class _Attributes:
-    """The attribute sets of one label combination, built once and reused by later calls."""
+class _Series:
+    """The instruments of one label combination, bound to its attribute sets (built once,
+    reused by later calls): recording a value is then the SDK's aggregation alone (see
+    :mod:`extproc.telemetry.otel_compat`). Those bound on first use (a finish or unpriced
+    reason) are kept per value."""
 
-    __slots__ = ("ai", "timed", "tokens", "missing", "requests", "own")
+    __slots__ = (
+        "ai",
+        "duration",
+        "ttft",
+        "tpot",
+        "prompt",
+        "completion",
+        "tokens",
+        "missing",
+        "cost",
+        "requests",
+        "own",
+        "finish",
+        "unpriced",
+    )
 
-    def __init__(self, labels: tuple[str, ...], names: tuple[str, ...]) -> None:
+    def __init__(self, o: OtlpMetrics, labels: tuple[str, ...], names: tuple[str, ...]) -> None:
         llm, model, request_model, response_model, operation, err, status, outcome, *values = labels
         custom = dict(zip(names, values))
-        self.ai = {"llm": llm, "model": model, **custom}
+        ai = self.ai = {"llm": llm, "model": model, **custom}
         genai = {
             "gen_ai.operation.name": operation,
             "gen_ai.provider.name": llm,
@@ -159,11 +178,19 @@ class _Attributes:
             "gen_ai.response.model": response_model,
             **custom,
         }
-        self.timed = {**genai, "error.type": err} if err else genai
-        self.tokens = tuple({**genai, "gen_ai.token.type": t} for t in TOKEN_TYPES)
-        self.missing = {**self.ai, "operation": operation}
-        self.requests = {**self.ai, "operation": operation, "status_code": status, "outcome": outcome, "error_type": err}
-        self.own = {"llm": llm, "operation": operation}
+        timed = {**genai, "error.type": err} if err else genai
+        self.duration = Bound(o.duration, timed)
+        self.ttft = Bound(o.ttft, timed)
+        self.tpot = Bound(o.tpot, timed)
+        self.prompt = Bound(o.prompt_tokens, ai)
+        self.completion = Bound(o.completion_tokens, ai)
+        self.cost = Bound(o.cost, ai)
+        self.tokens = tuple(Bound(o.token_usage, {**genai, "gen_ai.token.type": t}) for t in TOKEN_TYPES)
+        self.missing = Bound(o.usage_missing, {**ai, "operation": operation})
+        self.requests = Bound(o.requests, {**ai, "operation": operation, "status_code": status, "outcome": outcome, "error_type": err})
+        self.own = Bound(o.processing, {"llm": llm, "operation": operation})
+        self.finish: dict[str, Bound] = {}
+        self.unpriced: dict[str, Bound] = {}
 
 
 class OtlpMetrics:
@@ -186,11 +213,18 @@ class OtlpMetrics:
                 k: limit for k in (Counter, UpDownCounter, Histogram, ObservableCounter, ObservableUpDownCounter, ObservableGauge)
             },
         )
-        self.provider = MeterProvider(resource=resource(self.instance_id), metric_readers=[self.reader], shutdown_on_exit=False)
+        self.provider = MeterProvider(
+            resource=resource(self.instance_id),
+            metric_readers=[self.reader],
+            shutdown_on_exit=False,
+            exemplar_filter=otel_compat.EXEMPLAR_FILTER,  # what Bound records assumes
+        )
         self.pacer = Pacer(self.reader, otlp_settings.metrics_interval_ms(stats.otlp) / 1000, timeout_ms)
         meter = self.provider.get_meter("envoy-ai-extproc")
         self.measurer = Measurer(stats)  # shared with the Prometheus backend (see observers.py)
-        self._attrs: dict[tuple[str, ...], _Attributes] = {}
+        self._series: dict[tuple[str, ...], _Series] = {}
+        self._parse_errors: dict[tuple[str, str], Bound] = {}  # (llm, reason): bounded like _series
+        self._refused: dict[str, Bound] = {}  # a few fixed reasons
         self.failures = 0
         self.closed = False
         hist = meter.create_histogram
@@ -233,16 +267,20 @@ class OtlpMetrics:
             explicit_bucket_boundaries_advisory=PROCESSING_BUCKETS,
         )
         meter.create_observable_counter("process.cpu.time", [_cpu_time], "s", "CPU time of this worker process")
+        self._active = Bound(self.active, None)
 
     def on_stream_start(self) -> None:
-        self.active.add(1)
+        self._active.add(1)
 
     def on_stream_refused(self, reason: str) -> None:
-        self.refused.add(1, {"reason": reason})
+        bound = self._refused.get(reason)
+        if bound is None:
+            bound = self._refused[reason] = Bound(self.refused, {"reason": reason})
+        bound.add(1)
 
     def on_call_end(self, call: Call) -> None:
         try:
-            self.active.add(-1)
+            self._active.add(-1)
             self.record(call)
         except Exception:  # a metrics bug must never reach the servicer
             self.failures += 1
@@ -256,37 +294,49 @@ class OtlpMetrics:
             self.record_measurements(m)
 
     def record_measurements(self, m: Measurements) -> None:
-        a = self._attrs.get(m.labels)
+        a = self._series.get(m.labels)
         if a is None:
-            if len(self._attrs) >= _ATTRS_CACHE_MAX:
-                self._attrs.clear()
-            a = self._attrs[m.labels] = _Attributes(m.labels, self.measurer.names)
+            if len(self._series) >= _ATTRS_CACHE_MAX:
+                self._series.clear()
+            a = self._series[m.labels] = _Series(self, m.labels, self.measurer.names)
         if m.duration is not None:
-            self.duration.record(m.duration, a.timed)
+            a.duration.add(m.duration)
         if m.ttft is not None:
-            self.ttft.record(m.ttft, a.timed)
+            a.ttft.add(m.ttft)
         tokens = m.tokens
         if tokens[0] is not None:
-            self.prompt_tokens.add(tokens[0], a.ai)
+            a.prompt.add(tokens[0])
         if tokens[1] is not None:
-            self.completion_tokens.add(tokens[1], a.ai)
+            a.completion.add(tokens[1])
         if m.tpot is not None:
-            self.tpot.record(m.tpot, a.timed)
-        for attrs, n in zip(a.tokens, tokens):
+            a.tpot.add(m.tpot)
+        for token_usage, n in zip(a.tokens, tokens):
             if n is not None:
-                self.token_usage.record(n, attrs)
+                token_usage.add(n)
         if m.usage_missing:
-            self.usage_missing.add(1, a.missing)
+            a.missing.add(1)
         if m.cost_usd is not None:
-            self.cost.add(m.cost_usd, a.ai)
+            a.cost.add(m.cost_usd)
         elif m.unpriced is not None:
-            self.unpriced.add(1, {**a.ai, "reason": m.unpriced})
+            unpriced = a.unpriced.get(m.unpriced)
+            if unpriced is None:
+                unpriced = a.unpriced[m.unpriced] = Bound(self.unpriced, {**a.ai, "reason": m.unpriced})
+            unpriced.add(1)
         if m.finish_reason is not None:
-            self.finish_reasons.add(1, {**a.ai, "finish_reason": m.finish_reason})
+            finish = a.finish.get(m.finish_reason)
+            if finish is None:
+                finish = a.finish[m.finish_reason] = Bound(self.finish_reasons, {**a.ai, "finish_reason": m.finish_reason})
+            finish.add(1)
         if m.parse_errors:
-            self.parse_errors.add(m.parse_errors, {"llm": m.llm, "reason": m.parse_error_reason})
-        self.processing.record(m.processing, a.own)
-        self.requests.add(1, a.requests)
+            key = (m.llm, m.parse_error_reason)
+            errors = self._parse_errors.get(key)
+            if errors is None:
+                if len(self._parse_errors) >= _ATTRS_CACHE_MAX:
+                    self._parse_errors.clear()
+                errors = self._parse_errors[key] = Bound(self.parse_errors, {"llm": key[0], "reason": key[1]})
+            errors.add(m.parse_errors)
+        a.own.add(m.processing)
+        a.requests.add(1)
 
     def force_flush(self, timeout_millis: int = 10_000) -> bool:
         return self.provider.force_flush(timeout_millis)
