@@ -9,8 +9,9 @@ leaves in one ``write`` per read or loop iteration (see ``_CoalescingTransport``
 grpclib provides the HTTP/2 connection handling (``H2Protocol``) and per-stream request handling
 (``Handler`` / ``request_handler``: headers, deadlines, trailers, resets). We add here: the
 pass-through codec, the ext_proc streams' receive path (a read walked frame by frame: a new
-stream's HEADERS, its header block decoded once per connection, and its DATA frames past h2's
-parser, the DATA into a :class:`MessageBuffer`; any other frame through h2 on its own), the listener (TCP with SO_REUSEPORT, ``unix:``, TLS), the health service on
+stream's HEADERS, its header block decoded once per connection, its DATA frames and Envoy's
+RST_STREAM past h2's parser, the DATA into a :class:`MessageBuffer`; any other frame through h2
+on its own), the listener (TCP with SO_REUSEPORT, ``unix:``, TLS), the health service on
 ``grpc_health``'s messages, and a graceful stop (grpclib's own ``Server.close`` cancels every
 stream at once).
 """
