@@ -1012,17 +1012,17 @@ def test_a_malformed_reset_fails_the_connection_as_h2_does(reset, error, monkeyp
         assert run["state"]["streams"][5][0]["state_machine"][1]["state"].name == "OPEN"
 
 
-def test_h2s_reset_of_an_open_stream_is_what_the_fast_path_does():
-    """h2's transitions for a received RST_STREAM that ``_reset_stream`` does by hand: none for
-    the open server connection, CLOSED via ``stream_reset`` (which only records the reason and
-    makes the event) for a stream OPEN or half closed."""
+def test_h2s_transitions_are_what_the_fast_path_does():
+    """h2's transitions that ``_open_stream`` and ``_reset_stream`` do by hand: none for the open
+    server connection receiving HEADERS or RST_STREAM; a new stream's request headers take it
+    from IDLE to OPEN via ``request_received``; a received RST_STREAM closes a stream OPEN or
+    half closed via ``stream_reset`` (which only records the reason and makes the event)."""
     from h2.connection import ConnectionInputs, ConnectionState, H2ConnectionStateMachine
     from h2.stream import H2StreamStateMachine, StreamClosedBy, StreamInputs, StreamState, _transitions
 
-    assert H2ConnectionStateMachine._transitions[(ConnectionState.SERVER_OPEN, ConnectionInputs.RECV_RST_STREAM)] == (
-        None,
-        ConnectionState.SERVER_OPEN,
-    )
+    for received in (ConnectionInputs.RECV_HEADERS, ConnectionInputs.RECV_RST_STREAM):
+        assert H2ConnectionStateMachine._transitions[(ConnectionState.SERVER_OPEN, received)] == (None, ConnectionState.SERVER_OPEN)
+    assert _transitions[(StreamState.IDLE, StreamInputs.RECV_HEADERS)] == (H2StreamStateMachine.request_received, StreamState.OPEN)
     for state in h2compat._ACK_OPEN:
         assert _transitions[(state, StreamInputs.RECV_RST_STREAM)] == (H2StreamStateMachine.stream_reset, StreamState.CLOSED)
         machine = H2StreamStateMachine(5)
