@@ -154,6 +154,11 @@ class SeriesBudget:
         self.folded[family] = self.folded.get(family, 0) + 1
         return False
 
+    def fold(self, family: str) -> None:
+        """Count one more observation folded in ``family`` (a label set :meth:`admit` folded
+        before: it would fold it again, ``used`` never shrinks)."""
+        self.folded[family] = self.folded.get(family, 0) + 1
+
     def series(self, family: str) -> int:
         """Live series of ``family``, as Prometheus counts them."""
         return self._used.get(family, 0)

@@ -19,6 +19,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 
 from extproc.core.call import Call
 from extproc.core.config import BUILTIN_LABELS, StatsConfig
+from extproc.telemetry import prometheus_compat
 from extproc.telemetry.labels import SeriesBudget, folded
 from extproc.telemetry.measurements import (
     DURATION_BUCKETS,
@@ -31,6 +32,7 @@ from extproc.telemetry.measurements import (
     Measurer,
     error_type,
 )
+from extproc.telemetry.prometheus_compat import Record, series_per_label_set
 
 __all__ = (
     "DURATION_BUCKETS",
@@ -205,9 +207,10 @@ def instruments(registry: CollectorRegistry, custom: tuple[str, ...]) -> Metrics
 
 
 class _Series:
-    """The children of one label combination, looked up once and reused by later calls. A slot
-    stays None while its family's series budget folds this combination (so each later
-    observation is folded, and counted, again)."""
+    """How to record into each family for one label combination, found once and reused by later
+    calls: a slot holds the child's update (:mod:`extproc.telemetry.prometheus_compat`), or,
+    while the family's series budget folds this combination, the update of its overflow child
+    that counts the fold (each observation is folded, and counted, again). None: not yet used."""
 
     __slots__ = (
         "ai",
@@ -216,6 +219,7 @@ class _Series:
         "miss",
         "own",
         "requests",
+        "requests_folds",
         "duration",
         "ttft",
         "tpot",
@@ -236,23 +240,18 @@ class _Series:
         self.req = req  # llm, model, operation, status_code, outcome, error_type, *custom
         self.miss = miss  # llm, model, operation, *custom
         self.own = own  # llm, operation (the self-cost histogram)
-        self.processing: Any = None
-        self.requests: Any = None  # children: on first use
-        self.duration: Any = None
-        self.ttft: Any = None
-        self.tpot: Any = None
-        self.prompt: Any = None
-        self.completion: Any = None
-        self.missing: Any = None
-        self.cost: Any = None
-        self.tokens: list[Any] = [None] * len(TOKEN_TYPES)  # children, in TOKEN_TYPES order
-        self.finish: dict[str, Any] = {}  # finish_reason -> child
-
-
-def series_per_label_set(metric: Any) -> int:
-    """The series one label set of ``metric`` shows: 1, or a histogram's buckets + _sum + _count."""
-    bounds = getattr(metric, "_upper_bounds", None)
-    return 1 if bounds is None else len(bounds) + 2
+        self.processing: Record | None = None
+        self.requests: Record | None = None  # the update alone (its fold counted before the call's folds are taken)
+        self.requests_folds = False
+        self.duration: Record | None = None
+        self.ttft: Record | None = None
+        self.tpot: Record | None = None
+        self.prompt: Record | None = None
+        self.completion: Record | None = None
+        self.missing: Record | None = None
+        self.cost: Record | None = None
+        self.tokens: list[Record | None] = [None] * len(TOKEN_TYPES)  # in TOKEN_TYPES order
+        self.finish: dict[str, Record] = {}  # finish_reason -> update
 
 
 _OUTCOME = (4,)  # ai_requests: the outcome keeps its value in the overflow series (four values)
@@ -309,15 +308,32 @@ class MetricsObserver:
         if m is not None:
             self.record_measurements(m)
 
-    def _child(self, series: _Series | None, slot: str, metric: Any, labels: tuple[str, ...], keep: tuple[int, ...] = ()) -> Any:
-        """A new child of ``metric`` (the series budget admits ``labels``: cached in ``slot``),
-        else its overflow child (not cached)."""
-        if self.budget.admit(metric._name, labels, series_per_label_set(metric)):
-            child = metric.labels(*labels)
-            if series is not None:
-                setattr(series, slot, child)
-            return child
-        return metric.labels(*folded(labels, keep))
+    def _update(self, metric: Any, labels: tuple[str, ...], keep: tuple[int, ...] = ()) -> tuple[Record, Record]:
+        """The update of ``metric``'s child for ``labels`` (the series budget admits them), else
+        of its overflow child: (for this observation, for the later ones), the latter counting
+        each fold as the budget counted this one."""
+        update = prometheus_compat.observer if isinstance(metric, Histogram) else prometheus_compat.adder
+        family = metric._name
+        if self.budget.admit(family, labels, series_per_label_set(metric)):
+            now = update(metric.labels(*labels))
+            return now, now
+        now = update(metric.labels(*folded(labels, keep)))
+        budget = self.budget
+
+        def fold(amount: float) -> None:
+            budget.fold(family)
+            now(amount)
+
+        return now, fold
+
+    def _new(self, series: _Series, slot: str, metric: Any, labels: tuple[str, ...], keep: tuple[int, ...] = ()) -> Record:
+        now, later = self._update(metric, labels, keep)
+        setattr(series, slot, later)
+        return now
+
+    def _once(self, metric: Any, labels: tuple[str, ...], keep: tuple[int, ...]) -> Record:
+        """An update not kept (rare labels: unpriced and parse-error reasons)."""
+        return self._update(metric, labels, keep)[0]
 
     def record_measurements(self, m: Measurements) -> None:
         m_ = self.metrics
@@ -334,58 +350,55 @@ class MetricsObserver:
                 (llm, model, operation, *custom),
                 (llm, operation),
             )
-        new = self._child
+        new = self._new
 
         if m.duration is not None:
-            (series.duration or new(series, "duration", m_.duration, series.genai)).observe(m.duration)
+            (series.duration or new(series, "duration", m_.duration, series.genai))(m.duration)
         if m.ttft is not None:
-            (series.ttft or new(series, "ttft", m_.ttft, series.genai)).observe(m.ttft)
+            (series.ttft or new(series, "ttft", m_.ttft, series.genai))(m.ttft)
         tokens = m.tokens
         if tokens[0] is not None:
-            (series.prompt or new(series, "prompt", m_.prompt_tokens, series.ai)).inc(tokens[0])
+            (series.prompt or new(series, "prompt", m_.prompt_tokens, series.ai))(tokens[0])
         if tokens[1] is not None:
-            (series.completion or new(series, "completion", m_.completion_tokens, series.ai)).inc(tokens[1])
+            (series.completion or new(series, "completion", m_.completion_tokens, series.ai))(tokens[1])
         if m.tpot is not None:
-            (series.tpot or new(series, "tpot", m_.tpot, series.genai)).observe(m.tpot)
-        children = series.tokens
+            (series.tpot or new(series, "tpot", m_.tpot, series.genai))(m.tpot)
+        updates = series.tokens
         for i, count in enumerate(tokens):
             if count is not None:
-                child = children[i]
-                if child is None:
+                update = updates[i]
+                if update is None:
                     g = series.genai
-                    labels = (*g[:4], TOKEN_TYPES[i], *g[5:])
-                    if self.budget.admit(m_.token_usage._name, labels, series_per_label_set(m_.token_usage)):
-                        child = children[i] = m_.token_usage.labels(*labels)
-                    else:
-                        child = m_.token_usage.labels(*folded(labels, _TOKEN_TYPE))
-                child.observe(count)
+                    update, updates[i] = self._update(m_.token_usage, (*g[:4], TOKEN_TYPES[i], *g[5:]), _TOKEN_TYPE)
+                update(count)
         if m.usage_missing:
-            (series.missing or new(series, "missing", m_.usage_missing, series.miss)).inc()
+            (series.missing or new(series, "missing", m_.usage_missing, series.miss))(1)
         if m.cost_usd is not None:
-            (series.cost or new(series, "cost", m_.cost, series.ai)).inc(m.cost_usd)
+            (series.cost or new(series, "cost", m_.cost, series.ai))(m.cost_usd)
         elif m.unpriced is not None:
             a = series.ai
-            new(None, "", m_.unpriced, (a[0], a[1], m.unpriced, *a[2:]), (2,)).inc()
+            self._once(m_.unpriced, (a[0], a[1], m.unpriced, *a[2:]), (2,))(1)
         finish = m.finish_reason
         if finish is not None:
-            child = series.finish.get(finish)
-            if child is None:
+            update = series.finish.get(finish)
+            if update is None:
                 a = series.ai
-                labels = (a[0], a[1], finish, *a[2:])
-                if self.budget.admit(m_.finish_reasons._name, labels):
-                    child = series.finish[finish] = m_.finish_reasons.labels(*labels)
-                else:
-                    child = m_.finish_reasons.labels(*folded(labels, _FINISH))
-            child.inc()
+                update, series.finish[finish] = self._update(m_.finish_reasons, (a[0], a[1], finish, *a[2:]), _FINISH)
+            update(1)
         if m.parse_errors:
-            new(None, "", m_.parse_errors, (key[0], m.parse_error_reason)).inc(m.parse_errors)
-        (series.processing or new(series, "processing", m_.processing, series.own)).observe(m.processing)
+            self._once(m_.parse_errors, (key[0], m.parse_error_reason), ())(m.parse_errors)
+        (series.processing or new(series, "processing", m_.processing, series.own))(m.processing)
         if self.guard.overflowed:
             for label, n in self.guard.take_overflows().items():
                 m_.overflow.labels(label).inc(n)
-        requests = series.requests or new(series, "requests", m_.requests, series.req, _OUTCOME)
+        requests = series.requests  # its fold, if any, counted now: with this call's others, below
+        if requests is None:
+            requests, later = self._update(m_.requests, series.req, _OUTCOME)
+            series.requests, series.requests_folds = requests, later is not requests
+        elif series.requests_folds:
+            self.budget.fold(m_.requests._name)
         if self.budget.folded:
             for family, n in self.budget.take_folded().items():
                 m_.series_overflow.labels(family).inc(n)
         # Last: a scrape that counts a call in ai_requests_total also sees all its other updates.
-        requests.inc()
+        requests(1)

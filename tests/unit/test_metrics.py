@@ -336,6 +336,21 @@ def test_series_budget_caps_every_family_and_counts_folds():
     )
 
 
+def test_a_folded_label_set_is_folded_and_counted_at_every_call():
+    """Past the budget, the same label set again and again: each call lands in the overflow
+    series and is counted in ai_series_overflow_total by the time its ai_requests_total is."""
+    obs, reg = _observer(maxSeries=1)  # one label set per counter family, none for histograms (19 series each)
+    obs.on_call_end(_call("aigw__chat-basic.yaml", request=b'{"model":"first","messages":[]}'))
+    folded_requests = dict(llm=OVERFLOW, model=OVERFLOW, operation=OVERFLOW, status_code=OVERFLOW, outcome="ok", error_type="")
+    for i in range(1, 6):
+        obs.on_call_end(_call("aigw__chat-basic.yaml", request=b'{"model":"second","messages":[]}'))
+        assert _v(reg, "ai_requests_total", **folded_requests) == i
+        assert _v(reg, "ai_series_overflow_total", metric="ai_requests") == i
+        assert _v(reg, "ai_series_overflow_total", metric="gen_ai_client_operation_duration_seconds") == i + 1
+        assert _v(reg, "ai_prompt_tokens_total", llm=OVERFLOW, model=OVERFLOW) == 8 * i
+    assert obs.budget.live("ai_requests") == 1
+
+
 def test_series_budget_costs_nothing_for_known_label_sets():
     obs, reg = _observer(maxSeries=3)
     call = _call("aigw__chat-basic.yaml")

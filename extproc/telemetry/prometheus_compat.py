@@ -1,0 +1,54 @@
+"""Every private prometheus-client detail :mod:`extproc.telemetry.metrics` relies on to record a
+value, in one place: a label set's child taken down to the value objects it updates.
+
+``Counter.inc`` checks that the child has its labels and the amount's sign, then increments its
+value; ``Histogram.observe`` does the same checks, adds to the sum, and walks the buckets from
+the lowest until one holds the value (up to 17 comparisons here). A call updates about a dozen
+children. :func:`adder` and :func:`observer` return what does the update alone: the counter's
+value's ``inc``; the sum's ``inc`` and the one bucket's, found by bisection. The values are the
+same objects (in-process, or the mmap'd files of multiprocess mode, :mod:`prometheus_store`),
+so the exposition is the same. Callers guarantee what the checks would refuse: a child of a
+labelled metric, a counter amount >= 0 (the measurement step raises for a negative one), and no
+exemplar.
+
+``tests/unit/test_prometheus_compat.py`` checks each assumption against the installed release
+(pinned in pyproject) and compares the exposition with ``inc``/``observe``'s.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ("adder", "observer", "series_per_label_set")
+
+Record = Callable[[float], None]
+
+
+def adder(counter_child: Any) -> Record:
+    """``counter_child.inc`` for an amount >= 0, without an exemplar."""
+    inc: Record = counter_child._value.inc
+    return inc
+
+
+def observer(histogram_child: Any) -> Record:
+    """``histogram_child.observe``, without an exemplar."""
+    add_sum = histogram_child._sum.inc
+    buckets = histogram_child._buckets
+    bounds = histogram_child._upper_bounds  # sorted, the last +Inf
+    last = len(bounds)
+
+    def observe(amount: float) -> None:
+        add_sum(amount)
+        i = bisect_left(bounds, amount)  # the first bound >= amount: the bucket observe's walk stops at
+        if i < last and amount <= bounds[i]:  # NaN: no bucket, as in the walk
+            buckets[i].inc(1)
+
+    return observe
+
+
+def series_per_label_set(metric: Any) -> int:
+    """The series one label set of ``metric`` shows: 1, or a histogram's buckets + _sum + _count."""
+    bounds = getattr(metric, "_upper_bounds", None)
+    return 1 if bounds is None else len(bounds) + 2
