@@ -119,6 +119,7 @@ def measure() -> dict[str, float]:
     out[f"metadata encoding, {fields} fields (us)"] = 1e6 * _best(lambda: metadata.encoded("ai.gateway.kgateway.dev", c), 20000)
     out["message path: a streamed chunk's DATA frame taken and acknowledged (us)"] = 1e6 * _best(_message_path(), 1000)
     out["stream path: an ext_proc stream opened by its HEADERS and closed by Envoy's RST_STREAM (us)"] = 1e6 * _stream_path()
+    out["stream path, 32 other streams open on the connection (us)"] = 1e6 * _stream_path(32)
     return out
 
 
@@ -159,12 +160,14 @@ def _message_path():
     return lambda: add(frame, size)
 
 
-def _stream_path() -> float:
+def _stream_path(others: int = 0) -> float:
     """Seconds per stream, best of 9 rounds, of what the server does for an ext_proc stream
     besides its messages: a read with the stream's HEADERS (Envoy's header block, the same for
     every stream after a connection's first) and a read with Envoy's RST_STREAM, fed to a
     server connection (``_Protocol.data_received``, its writes dropped) with the Processor
-    opening and closing the stream (no observers)."""
+    opening and closing the stream (no observers). ``others``: that many streams are open on
+    the connection meanwhile (each stream is reset once ``others`` later ones opened), as Envoy
+    keeps its concurrent calls' streams on a few connections."""
     import asyncio
 
     from h2.config import H2Configuration
@@ -181,15 +184,19 @@ def _stream_path() -> float:
     headers = [(":method", "POST"), (":scheme", "http"), (":path", PROCESS), (":authority", "ext_proc")]
     headers += [("content-type", "application/grpc"), ("te", "trailers"), ("x-envoy-internal", "true")]
 
+    opened: list[int] = []
+
     def stream() -> tuple[bytes, bytes]:
         sid = client.get_next_available_stream_id()
         client.send_headers(sid, headers)
+        opened.append(sid)
         opening = client.data_to_send()
-        client.reset_stream(sid, ErrorCodes.CANCEL)
+        if len(opened) > others:
+            client.reset_stream(opened.pop(0), ErrorCodes.CANCEL)
         return opening, client.data_to_send()
 
     preface = client.data_to_send()
-    first = stream()
+    first = [stream() for _ in range(others + 1)]
     reads = [stream() for _ in range(n * rounds)]
 
     class Transport:
@@ -209,8 +216,11 @@ def _stream_path() -> float:
         server = build_server(Processor(parse({}), []), "127.0.0.1:1")
         proto = server._protocol_factory()
         proto.connection_made(Transport())  # type: ignore[arg-type]
-        for data in (preface, *first):
-            proto.data_received(data)
+        proto.data_received(preface)
+        for opening, reset in first:
+            proto.data_received(opening)
+            if reset:
+                proto.data_received(reset)
         received = proto.data_received
         best = float("inf")
         for r in range(rounds):
@@ -220,7 +230,7 @@ def _stream_path() -> float:
                 received(opening)
                 received(reset)
             best = min(best, time.process_time() - t0)
-        assert not server.exchanges, "a stream was not closed"
+        assert len(server.exchanges) == others, "a stream was not closed"
         return best / n
 
     return asyncio.run(run())

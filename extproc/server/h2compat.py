@@ -361,7 +361,7 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
                 break
             block = cached(data[start : start + size])
             # h2's check of the streams open (which also forgets the closed ones) comes first
-            if block is None or not block.plain or conn.open_inbound_streams >= conn.local_settings.max_concurrent_streams:
+            if block is None or not block.plain or _open_inbound_streams(conn) >= conn.local_settings.max_concurrent_streams:
                 break
             config = conn.config
             if config.validate_inbound_headers or config.normalize_inbound_headers or failed(protocol):
@@ -412,6 +412,30 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
         grpc_conn.data_received += taken
         grpc_conn.last_data_received = time.monotonic()
     return offset
+
+
+def _open_inbound_streams(conn: H2Connection) -> int:
+    """h2's ``open_inbound_streams`` for a server connection (``_open_streams(1)``): the client's
+    streams open or half closed, counted while every closed stream is moved from ``streams`` to
+    ``_closed_streams`` with how it was closed, in the same order; without its per-stream
+    property calls."""
+    count = 0
+    closed: list[int] | None = None
+    for stream_id, stream in conn.streams.items():
+        state = stream.state_machine.state
+        if state in _ACK_OPEN:
+            count += stream_id & 1
+        elif state is StreamState.CLOSED:
+            if closed is None:
+                closed = [stream_id]
+            else:
+                closed.append(stream_id)
+    if closed is not None:
+        streams = conn.streams
+        kept = conn._closed_streams
+        for stream_id in closed:
+            kept[stream_id] = streams.pop(stream_id).state_machine.stream_closed_by
+    return count
 
 
 def _open_stream(protocol: H2Protocol, conn: H2Connection, stream_id: int, headers: list[Any]) -> None:

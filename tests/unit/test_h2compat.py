@@ -1106,3 +1106,23 @@ def test_a_connection_that_validates_headers_opens_streams_through_h2(monkeypatc
     assert sorted(_accepted(runs[0])) == [1, 3, 5] and not runs[0]["state"]["closed"]
     without = _compare(data, monkeypatch, splits=("frames",))  # (the same bytes are taken past h2 without validation)
     assert without[0]["headers"] == 2
+
+
+def test_the_open_streams_count_past_h2_is_h2s(monkeypatch):
+    """The server lowers MAX_CONCURRENT_STREAMS to 3; once the client acknowledges it (the
+    server's two earlier SETTINGS first), a stream opened while 3 are open (one half closed) is
+    a connection error in h2, and in the fast path too; one opened after a reset (the reset
+    stream forgotten by the count) is taken past h2."""
+    from h2.settings import SettingCodes
+
+    def lower(conn) -> None:
+        conn.update_settings({SettingCodes.MAX_CONCURRENT_STREAMS: 3})
+
+    data = _opening() + _frame(4, ACK, 0) * 3 + _headers(5, ENVOY_BLOCK) + _headers(7, ENVOY_BLOCK, END_HEADERS | END_STREAM)
+    data += _rst(3) + _headers(9, ENVOY_BLOCK) + _data(9) + _headers(11, ENVOY_BLOCK) + _data(9)
+    runs = _compare_error(data, monkeypatch, setup=lower)
+    assert {_goaway_error(run) for run in runs} == {1}  # PROTOCOL_ERROR (h2's TooManyStreamsError)
+    for run in runs:
+        assert sorted(_accepted(run)) == [1, 3, 5, 7, 9]
+        if run["split"] != 1:
+            assert run["headers"] == 2  # 5 and 9
