@@ -79,9 +79,9 @@ class _Slot:
 
 class Bound:
     """``instrument`` with ``attributes`` fixed: :meth:`add` is ``instrument.add(value,
-    attributes)`` (or ``record``) for an enabled instrument and a finite value, the caller having
-    a value the instrument would refuse (not finite; negative, but for an up-down counter) is
-    dropped as the SDK drops it (without its warning)."""
+    attributes)`` (or ``record``) for an enabled instrument (no meter configurator disables one
+    here). A value the instrument would refuse (not finite; negative, but for an up-down counter)
+    is dropped as the SDK drops it (without its warning)."""
 
     __slots__ = ("_instrument", "_attributes", "_slots", "_signed")
 

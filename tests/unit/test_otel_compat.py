@@ -254,4 +254,5 @@ def test_the_sdk_internals_relied_on_exist():
     agg.aggregate(otel_compat._Value(5), False)  # reads nothing but the value when not sampling
     assert match._attributes_aggregation[otel_compat._hash_attributes({"k": "v"})] is agg
     assert o.provider._sdk_config.exemplar_filter is otel_compat.EXEMPLAR_FILTER
+    assert o.requests._is_enabled() and o.token_usage._is_enabled()  # no meter configurator: Bound does not ask
     o.shutdown()
