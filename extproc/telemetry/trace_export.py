@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -181,8 +182,17 @@ class BoundedBatchProcessor:
             SPANS_DROPPED.labels("export_failed").inc(len(batch))
 
     def force_flush(self, timeout_millis: int = 30000) -> bool:
-        self._wake.set()
-        return self._idle.wait(timeout_millis / 1000) and not self._queue
+        """Until every span queued so far is exported (True), or ``timeout_millis`` (False).
+        The export thread is woken; spans it has taken but not yet sent count as queued (it is
+        not idle), so a flush called before the thread picks the queue up waits for it."""
+        deadline = time.monotonic() + timeout_millis / 1000
+        while True:
+            self._wake.set()
+            if not self._queue and self._idle.is_set():
+                return True
+            if time.monotonic() >= deadline or not self._thread.is_alive():
+                return not self._queue and self._idle.is_set()
+            time.sleep(0.002)
 
     def shutdown(self) -> None:
         self._stopped = True
