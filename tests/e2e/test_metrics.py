@@ -255,10 +255,13 @@ def test_two_workers_one_scrape_sums_both(tmp_path, mock, monkeypatch):
 
         # A worker that dies loses nothing: its files still count, its replacement adds to them.
         workers = [int(p) for p in pids]
+        before = stack.listening_pids()
         os.kill(workers[0], 9)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and len(_children(stack.sidecar.pid)) < 2:
-            time.sleep(0.1)
+        # Until the replacement listens: the dead worker stays a child (a zombie) until the
+        # supervisor reaps it, so a count of children alone can end this wait at once, and calls
+        # sent then could meet Envoy's connections to the dead worker (failing open, unobserved).
+        replacement = stack.wait_listening(len(before) + 1, timeout=10) - before
+        assert replacement and workers[0] not in _children(stack.sidecar.pid), (replacement, _children(stack.sidecar.pid))
         more = [chat(stack, "alice", "gpt-4o-mini", False, 5, 5) for _ in range(8)]
         samples = scrape_after(stack.metrics_port, len(sent) + len(more), stack=stack)
         assert total(samples, "ai_prompt_tokens_total", team="dev") == sum(s.prompt for s in sent + more if s.user == "alice")
