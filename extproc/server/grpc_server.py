@@ -35,6 +35,7 @@ from grpclib.server import Handler, Stream
 from h2.config import H2Configuration
 from h2.errors import ErrorCodes
 from h2.settings import SettingCodes
+from multidict import MultiDictProxy
 
 from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.core.config import TlsConfig
@@ -456,8 +457,8 @@ bad_stream_log = RateLimited(log)
 def _plain_metadata(headers: Any) -> Any:
     """The gRPC metadata of a request grpclib's request handler would accept as it is (POST,
     gRPC content type of the proto codec, ``te: trailers``) and that has no deadline
-    (``grpc-timeout``: grpclib enforces it in the stream's task), else None: such a stream gets
-    grpclib's task, which answers or enforces them as before."""
+    (``grpc-timeout``: grpclib enforces it in the stream's task), read-only, else None: such a
+    stream gets grpclib's task, which answers or enforces them as before."""
     method = content_type = te = None
     for name, value in headers:
         if name == ":method":
@@ -470,7 +471,11 @@ def _plain_metadata(headers: Any) -> Any:
             return None
     if method != "POST" or te != "trailers" or content_type not in ("application/grpc", "application/grpc+proto"):
         return None
-    return decode_metadata(headers)
+    return MultiDictProxy(decode_metadata(headers))
+
+
+METADATA_KEPT = 8  # header lists whose ``_plain_metadata`` a server keeps
+_UNKNOWN = object()
 
 
 class _Exchange:
@@ -596,20 +601,33 @@ _send_headers_now = h2compat.send_response_headers_now
 class _Exchanges:
     """What a server's ext_proc streams share: the Processor, the stream cap, the server."""
 
-    __slots__ = ("server", "cap", "open_stream", "close_stream")
+    __slots__ = ("server", "cap", "open_stream", "close_stream", "metadata")
 
     def __init__(self, server: GrpclibServer, processor: Processor, cap: StreamCap) -> None:
         self.server = server
         self.cap = cap
         self.open_stream = processor.open_stream
         self.close_stream = processor.close_stream
+        # ``_plain_metadata`` of the last few header lists: Envoy opens each ext_proc stream of a
+        # connection with the same headers (one cached header block, see
+        # ``h2compat.cache_header_blocks``), so their metadata is decoded once, not per stream.
+        # Bounded (``METADATA_KEPT`` lists, the oldest dropped); each a read-only proxy, which
+        # ``Processor.open_stream`` only reads.
+        self.metadata: dict[tuple[Any, ...], Any] = {}
 
     def start(self, handler: _Handler, ps: Any, headers: Any, release: Callable[[], Any]) -> bool:
         """``GrpclibServer.untasked``: take a new ext_proc stream without a task, if its headers
         allow (see ``_plain_metadata``) and the worker keeps up (``StreamCap.behind``)."""
         if self.cap.behind():  # a worker that falls behind gives new streams tasks, which count as waiting
             return False
-        metadata = _plain_metadata(headers)
+        key = tuple(headers)
+        kept = self.metadata
+        metadata = kept.get(key, _UNKNOWN)
+        if metadata is _UNKNOWN:
+            metadata = _plain_metadata(headers)
+            if len(kept) >= METADATA_KEPT:
+                del kept[next(iter(kept))]  # the oldest
+            kept[key] = metadata
         if metadata is None:
             return False
         buf: MessageBuffer = ps.buffer

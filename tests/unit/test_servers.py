@@ -19,7 +19,7 @@ from extproc.core.config import ConfigError, parse
 from extproc.devtools.dev import free_port
 from extproc.server import h2compat
 from extproc.server import worker as server_mod
-from extproc.server.grpc_server import CLOSED_STREAMS_KEPT, StreamCap, build_server
+from extproc.server.grpc_server import CLOSED_STREAMS_KEPT, METADATA_KEPT, PROCESS, StreamCap, build_server
 from extproc.server.health import Health
 from extproc.server.processor import Processor
 from extproc.server.replies import CONTINUE_REQUEST_HEADERS
@@ -139,6 +139,31 @@ def test_a_stream_is_handled_without_a_task_and_ends_where_its_reset_arrives():
             assert not r.server.exchanges and r.server.cap.open == 0 and not proto.handler.untasked
             await asyncio.sleep(0.1)
             assert [c.outcome for c in r.recorder.calls] == [OK]
+
+    asyncio.run(main())
+
+
+def test_each_stream_reads_its_own_metadata_and_the_decoded_metadata_kept_is_bounded():
+    """The metadata decoded per header list is kept for the next streams with the same headers:
+    a stream still reads its own headers' provider (one kept list per distinct header list, the
+    oldest dropped past ``METADATA_KEPT``, read-only) and the same headers again read the same."""
+    address = f"127.0.0.1:{free_port()}"
+    providers = [f"p{i}" for i in range(METADATA_KEPT + 3)] + ["p0", "p0"]
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            kept = r.server.untasked[PROCESS].__self__.metadata  # type: ignore[attr-defined]
+            for provider in providers:
+                call = _stream(ch, metadata=(("x-llm-provider", provider),))
+                await call.write(REQ)
+                await call.read()
+                call.cancel()
+                await _wait(lambda: r.processor.counters.active == 0)
+                assert len(kept) <= METADATA_KEPT
+            assert [c.provider for c in r.recorder.calls] == providers
+            [metadata] = [m for k, m in kept.items() if ("x-llm-provider", "p0") in k]
+            with pytest.raises(TypeError):
+                metadata["x-llm-provider"] = "other"  # shared by the streams: read-only
 
     asyncio.run(main())
 
