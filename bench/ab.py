@@ -96,6 +96,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--interval", type=float, default=2.0, help="--sse: ms between a stream's events")
     ap.add_argument("--event-loop", choices=["uvloop", "asyncio"], help="the sidecar's eventLoop (default: its config default)")
     ap.add_argument("--metrics", action="store_true", help="Prometheus metrics on (stats.port: a free port; default off)")
+    ap.add_argument(
+        "--streams-per-connection",
+        type=int,
+        action="append",
+        metavar="N",
+        help="Envoy's ext_proc streams per HTTP/2 connection (repeat: one per stack, the last for the rest)",
+    )
+    ap.add_argument(
+        "--max-requests-per-connection",
+        type=int,
+        action="append",
+        metavar="N",
+        help="Envoy recycles an ext_proc connection after N streams, 0: never (repeat: one per stack; default: envoy_config's)",
+    )
     ap.add_argument("--unix", action="store_true", help="Envoy reaches the sidecar on a Unix socket instead of TCP")
     ap.add_argument(
         "--checkout",
@@ -124,6 +138,11 @@ def wait_unix(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
             except OSError:
                 time.sleep(0.1)
     raise TimeoutError(path)
+
+
+def stack_option(values: list[int] | None, index: int) -> int | None:
+    """A repeatable option's value for the stack at ``index``: the last one given for the rest."""
+    return values[min(index, len(values) - 1)] if values else None
 
 
 class Stack:
@@ -178,8 +197,12 @@ class Stack:
             )
             procs.append(self.sidecar)
         self.port, self.admin = free_port(), free_port()
+        spc = stack_option(a.streams_per_connection, len(stacks))
+        mrpc = stack_option(a.max_requests_per_connection, len(stacks))
         boot = envoy_config.bootstrap(
             upstreams=upstreams,
+            extproc_streams_per_connection=spc or envoy_config.EXTPROC_STREAMS_PER_CONNECTION,
+            extproc_max_requests_per_connection=envoy_config.EXTPROC_MAX_REQUESTS_PER_CONNECTION if mrpc is None else mrpc or None,
             listen=f"127.0.0.1:{self.port}",
             extproc=extproc,
             access_log=str(self.dir / "access.log"),
@@ -211,6 +234,10 @@ class Stack:
                 if not line.endswith(": 0") and "P0(" not in line and "No recorded values" not in line
             ]
 
+    def connections(self) -> int:
+        """HTTP/2 connections Envoy has opened to the sidecar so far."""
+        return sum(int(line.rpartition(": ")[2]) for line in self.stats("cluster.ext_proc.upstream_cx_total"))
+
     def msgs_sent(self) -> int:
         return sum(int(line.rpartition(": ")[2]) for line in self.stats("ext_proc.stream_msgs_sent"))
 
@@ -235,20 +262,25 @@ def measure(s: Stack) -> None:
         out = []
         for w in workers:
             total = 0
-            for tid in os.listdir(f"/proc/{w}/task"):
-                with open(f"/proc/{w}/task/{tid}/schedstat") as f:
-                    total += int(f.read().split()[1])
+            try:  # a worker gone (killed, restarted) counts 0, as in cpu_seconds
+                for tid in os.listdir(f"/proc/{w}/task"):
+                    with open(f"/proc/{w}/task/{tid}/schedstat") as f:
+                        total += int(f.read().split()[1])
+            except OSError:
+                pass
             out.append(total / 1e9)
         return out
 
     q0 = waits()
     m0 = s.msgs_sent() if s.sidecar else 0
+    c0 = s.connections() if s.sidecar else 0
     s0, e0, w0 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
     n, text = run_sse(s) if a.sse else run_wrk(s)
     if mode.observability and s.sidecar:
         time.sleep(0.3)  # Envoy does not wait for the sidecar: let it finish the messages sent
     s1, e1, w1 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
     m1 = s.msgs_sent() if s.sidecar else 0
+    c1 = s.connections() if s.sidecar else 0
     share = sorted((y - x for x, y in zip(w0, w1)), reverse=True)
     rq = [y - x for x, y in zip(q0, waits())]
     unit = "chunk" if a.sse else "req"
@@ -260,6 +292,7 @@ def measure(s: Stack) -> None:
         + (f"sidecar {res['sidecar']:.0f} us/{unit} " if s.sidecar else "")
         + f"envoy {res['envoy']:.0f} us/{unit}"
         + (f" ext_proc msgs/{unit} {(m1 - m0) / n:.2f}" if s.sidecar else "")
+        + (f" ext_proc connections opened {c1 - c0} (total {c1})" if s.sidecar else "")
         + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else "")
         + (f" run-queue wait {'/'.join(f'{x:.2f}' for x in rq)} s" if rq else ""),
         flush=True,
@@ -301,6 +334,9 @@ if __name__ == "__main__":  # (imported by the tests for its command line)
                 name += f" [{per_stack[min(i, len(per_stack) - 1)]}]"
             if a.tracing_config and len(a.tracing_config) > 1:
                 name += f" [{a.tracing_config[min(i, len(a.tracing_config) - 1)]}]"
+            for label, values in (("streams/cx", a.streams_per_connection), ("max rq/cx", a.max_requests_per_connection)):
+                if values and len(values) > 1:
+                    name += f" [{label} {stack_option(values, i)}]"
             stacks.append(Stack(name, c, a.prof if i == 0 else None))
         if a.sse:
             stacks.append(Stack("envoy-alone", None, None))

@@ -47,6 +47,7 @@ from envoy_data_plane.envoy.config.core.v3 import (
     TransportSocket,
     TypedExtensionConfig,
 )
+from envoy_data_plane.envoy.config.core.v3 import HttpProtocolOptions as CommonHttpProtocolOptions
 from envoy_data_plane.envoy.config.endpoint.v3 import ClusterLoadAssignment, Endpoint, LbEndpoint, LocalityLbEndpoints
 from envoy_data_plane.envoy.config.listener.v3 import Filter, FilterChain, Listener
 from envoy_data_plane.envoy.config.ratelimit.v3 import RateLimitServiceConfig
@@ -142,6 +143,11 @@ from extproc.devtools.modes import MODES, Mode
 RATELIMIT_COST_KEY = "ratelimit_cost"  # the sidecar's dynamic metadata key (docs/budgets.md)
 # ext_proc cluster: streams per HTTP/2 connection before Envoy opens another (docs/performance.md).
 EXTPROC_STREAMS_PER_CONNECTION = 8
+# ext_proc cluster: Envoy closes a connection after this many streams and opens a new one, which
+# the kernel hashes to a sidecar worker afresh: connections that all landed on one worker (a worker
+# restarted, or listening late, misses the reconnections) spread again within seconds under load.
+# One new HTTP/2 connection per 1,000 calls costs nothing measurable (docs/performance.md).
+EXTPROC_MAX_REQUESTS_PER_CONNECTION = 1000
 # Observability mode: connections to the sidecar (x streams per connection = streams in flight),
 # and ext_proc streams Envoy may queue for a connection; past them Envoy sheds the call's
 # observation at once (docs/operations.md, "Overload").
@@ -346,9 +352,12 @@ def _cluster(up: Upstream) -> Cluster:
     return cluster
 
 
-def _grpc_cluster(name: str, address: str, max_concurrent_streams: int | None = None) -> Cluster:
+def _grpc_cluster(
+    name: str, address: str, max_concurrent_streams: int | None = None, max_requests_per_connection: int | None = None
+) -> Cluster:
     """A cluster speaking HTTP/2 (gRPC). A service name (docker compose: extproc:18080) is
-    resolved, and re-resolved, by DNS; an IP or a unix socket is static."""
+    resolved, and re-resolved, by DNS; an IP or a unix socket is static. ``max_requests_per_connection``
+    (gRPC streams) makes Envoy close a connection after that many and open a new one."""
     by_name = not address.startswith("unix:") and not _is_ip(address.rpartition(":")[0].strip("[]"))
     http2 = Http2ProtocolOptions()
     if max_concurrent_streams is not None:
@@ -360,7 +369,14 @@ def _grpc_cluster(name: str, address: str, max_concurrent_streams: int | None = 
         connect_timeout=timedelta(seconds=1),
         typed_extension_protocol_options={
             HTTP_PROTOCOL_OPTIONS: pack(
-                HttpProtocolOptions(explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=http2))
+                HttpProtocolOptions(
+                    common_http_protocol_options=(
+                        CommonHttpProtocolOptions(max_requests_per_connection=max_requests_per_connection)
+                        if max_requests_per_connection
+                        else None
+                    ),
+                    explicit_http_config=HttpProtocolOptionsExplicitHttpConfig(http2_protocol_options=http2),
+                )
             )
         },
         load_assignment=_load_assignment(name, address),
@@ -566,6 +582,7 @@ def bootstrap(
     extproc_tls: ExtProcTls | None = None,
     extproc_streams_per_connection: int = EXTPROC_STREAMS_PER_CONNECTION,
     extproc_max_connections: int | None = None,
+    extproc_max_requests_per_connection: int | None = EXTPROC_MAX_REQUESTS_PER_CONNECTION,
     ratelimit: RateLimitService | None = None,
     fewer_messages: bool = False,
     passthrough: tuple[str, ...] = (),
@@ -586,6 +603,8 @@ def bootstrap(
     means more connections, spread over more sidecar workers. ``extproc_max_connections`` caps
     the connections to the sidecar (default: 1,000; 128 in observability mode, see
     :data:`OBSERVE_MAX_CONNECTIONS`), so the streams in flight to it, at most their product.
+    ``extproc_max_requests_per_connection`` recycles each connection after that many streams
+    (``None``: never), so a skewed spread over the sidecar's workers does not last.
 
     ``ratelimit`` enforces budgets with Envoy's global rate limit filter (docs/budgets.md); it
     needs the sidecar (which computes each call's cost) in non-observability mode.
@@ -678,7 +697,7 @@ def bootstrap(
     for up in upstreams:
         clusters.setdefault(up.cluster, _cluster(up))
     if extproc is not None:
-        ext = _grpc_cluster("ext_proc", extproc, extproc_streams_per_connection)
+        ext = _grpc_cluster("ext_proc", extproc, extproc_streams_per_connection, extproc_max_requests_per_connection)
         # At most extproc_streams_per_connection streams per HTTP/2 connection: under load Envoy
         # opens more connections (not just one per worker thread), so the kernel's SO_REUSEPORT
         # hashing spreads them over every sidecar worker process. And every in-flight LLM call

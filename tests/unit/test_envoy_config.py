@@ -207,3 +207,23 @@ def test_envoy_normalises_paths_before_any_filter_or_route(variant):
     hcm = listener["filter_chains"][0]["filters"][0]["typed_config"]
     assert hcm["normalize_path"] is True and hcm["merge_slashes"] is True
     assert hcm["path_with_escaped_slashes_action"] == "KEEP_UNCHANGED"  # %2F in model ids (Bedrock ARNs)
+
+
+def _ext_proc_http_options(cfg: Any) -> dict[str, Any]:
+    clusters = envoy_config.to_dict(cfg)["static_resources"]["clusters"]
+    [ext] = [c for c in clusters if c["name"] == "ext_proc"]
+    return ext["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]
+
+
+@pytest.mark.parametrize("observability_mode", [False, True])
+def test_envoy_recycles_ext_proc_connections_so_every_sidecar_worker_gets_a_share(observability_mode):
+    """SO_REUSEPORT hashes each connection to one sidecar worker once; HTTP/2 connections live
+    forever, so connections that all landed on one worker (a restarted worker misses the
+    reconnections) would stay there. Closing each after 1,000 streams re-spreads them."""
+    options = _ext_proc_http_options(envoy_config.bootstrap(upstreams=UPSTREAMS, observability_mode=observability_mode))
+    assert options["common_http_protocol_options"]["max_requests_per_connection"] == 1000
+    assert options["explicit_http_config"]["http2_protocol_options"]["max_concurrent_streams"] == 8
+    never = _ext_proc_http_options(envoy_config.bootstrap(upstreams=UPSTREAMS, extproc_max_requests_per_connection=None))
+    assert "common_http_protocol_options" not in never
+    reference = _ext_proc_http_options(envoy_config.reference())
+    assert reference["common_http_protocol_options"]["max_requests_per_connection"] == 1000
