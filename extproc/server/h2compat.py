@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import builtins
+import collections
 import functools
 import struct
 import time
@@ -33,6 +34,7 @@ from grpclib.server import Handler
 from h2.connection import ConnectionState, H2Connection
 from h2.errors import ErrorCodes
 from h2.events import StreamReset
+from h2.settings import SettingCodes
 from h2.stream import H2Stream, H2StreamStateMachine, StreamClosedBy, StreamInputs, StreamState
 from h2.utilities import SizeLimitDict
 from h2.windows import WindowManager
@@ -111,7 +113,7 @@ def acknowledger(stream: Any) -> Callable[[int], None]:
     connection = stream.connection
     conn: H2Connection = connection._connection
     stream_id = stream.id
-    slow = functools.partial(connection.ack, stream_id)
+    slow = connection.ack  # no partial per stream: called with the id in the rare case
     conn_window = conn._inbound_flow_control_window_manager
     streams = conn.streams
 
@@ -123,7 +125,7 @@ def acknowledger(stream: Any) -> Callable[[int], None]:
                 conn_window._bytes_processed += size
                 window._bytes_processed += size
                 return
-        slow(size)
+        slow(stream_id, size)
 
     return ack
 
@@ -361,7 +363,7 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
                 break
             block = cached(data[start : start + size])
             # h2's check of the streams open (which also forgets the closed ones) comes first
-            if block is None or not block.plain or _open_inbound_streams(conn) >= conn.local_settings.max_concurrent_streams:
+            if block is None or not block.plain or _open_inbound_streams(conn) >= _max_concurrent_streams(conn):
                 break
             config = conn.config
             if config.validate_inbound_headers or config.normalize_inbound_headers or failed(protocol):
@@ -432,10 +434,36 @@ def _open_inbound_streams(conn: H2Connection) -> int:
                 closed.append(stream_id)
     if closed is not None:
         streams = conn.streams
-        kept = conn._closed_streams
+        kept: Any = conn._closed_streams  # h2's SizeLimitDict (typed as a dict)
+        limit = kept._size_limit
         for stream_id in closed:
-            kept[stream_id] = streams.pop(stream_id).state_machine.stream_closed_by
+            # h2's ``SizeLimitDict.__setitem__``, its size check inline: the oldest dropped
+            _ODICT_SET(kept, stream_id, streams.pop(stream_id).state_machine.stream_closed_by)
+            if limit is not None:
+                while len(kept) > limit:
+                    kept.popitem(last=False)
     return count
+
+
+_ODICT_SET = collections.OrderedDict.__setitem__
+_MAX_STREAMS = SettingCodes.MAX_CONCURRENT_STREAMS
+_INITIAL_WINDOW = SettingCodes.INITIAL_WINDOW_SIZE
+
+
+def _max_concurrent_streams(conn: H2Connection) -> int:
+    """h2's ``local_settings.max_concurrent_streams`` (its value once the client acknowledged
+    it, else h2's default), read from the settings' table without the property and mapping
+    calls."""
+    values = conn.local_settings._settings.get(_MAX_STREAMS)
+    value = values[0] if values else None
+    return 2**32 + 1 if value is None else value  # type: ignore[no-any-return]
+
+
+def _initial_window(settings: Any) -> int:
+    """h2's ``settings.initial_window_size``, read from the settings' table (h2's property
+    itself when the value is not there: it raises as h2 does)."""
+    value = settings._settings[_INITIAL_WINDOW][0]
+    return settings.initial_window_size if value is None else value  # type: ignore[no-any-return]
 
 
 def _open_stream(protocol: H2Protocol, conn: H2Connection, stream_id: int, headers: list[Any]) -> None:
@@ -529,14 +557,14 @@ def _new_h2_stream(conn: H2Connection, stream_id: int) -> H2Stream:
     machine.trailers_received = None
     machine.stream_closed_by = None
     window = _WINDOW_NEW(WindowManager)
-    window.max_window_size = window.current_window_size = conn.local_settings.initial_window_size
+    window.max_window_size = window.current_window_size = _initial_window(conn.local_settings)
     window._bytes_processed = 0
     s = _H2_STREAM_NEW(H2Stream)
     s.state_machine = machine
     s.stream_id = stream_id
     s.max_outbound_frame_size = conn.max_outbound_frame_size
     s.request_method = None
-    s.outbound_flow_control_window = conn.remote_settings.initial_window_size
+    s.outbound_flow_control_window = _initial_window(conn.remote_settings)
     s._inbound_window_manager = window
     s._expected_content_length = None
     s._actual_content_length = 0
