@@ -486,9 +486,27 @@ def _open_stream(protocol: H2Protocol, conn: H2Connection, stream_id: int, heade
         grpc_conn.flush()
     processor = protocol.processor
     stream = _ServerStream(grpc_conn, conn, grpc_conn._transport, stream_id)
-    processor.handler.accept(stream, headers, processor.register(stream))
+    processor.handler.accept(stream, headers, _register(processor, grpc_conn, stream, stream_id))
     if conn._data_to_send:
         grpc_conn.flush()
+
+
+def _register(processor: Any, connection: Any, stream: Any, stream_id: int) -> Callable[[], None]:
+    """grpclib's ``EventsProcessor.register``: ``stream`` registered, and its release function,
+    which does what grpclib's does (the stream forgotten, the connection's close waiter set, the
+    bytes its buffer took but did not acknowledge handed back) but asks whether the connection
+    is closing only when there are such bytes (acknowledging none does nothing)."""
+    streams = processor.streams
+    streams[stream_id] = stream
+
+    def release_stream() -> None:
+        released = streams.pop(stream_id)
+        connection.stream_close_waiter.set()
+        size = released.buffer.unacked_size()
+        if size and not connection.is_closing():
+            connection.ack(stream_id, size)
+
+    return release_stream
 
 
 class _OnFirstUse:

@@ -1126,3 +1126,49 @@ def test_the_open_streams_count_past_h2_is_h2s(monkeypatch):
         assert sorted(_accepted(run)) == [1, 3, 5, 7, 9]
         if run["split"] != 1:
             assert run["headers"] == 2  # 5 and 9
+
+
+@pytest.mark.parametrize("unacked", [0, 5])
+@pytest.mark.parametrize("closing", [False, True])
+def test_a_stream_released_past_grpclib_does_what_grpclibs_release_does(unacked, closing):
+    """The release function of a stream opened past h2 (``_register``) and grpclib's
+    (``EventsProcessor.register``) do the same to the connection: the stream forgotten, the
+    close waiter set, the bytes the buffer did not acknowledge handed back unless the connection
+    is closing."""
+    from grpclib.protocol import EventsProcessor
+
+    class Buffer:
+        def unacked_size(self) -> int:
+            return unacked
+
+    class Connection:
+        def __init__(self) -> None:
+            self.stream_close_waiter = asyncio.Event()
+            self.acks: list[tuple[int, int]] = []
+
+        def is_closing(self) -> bool:
+            return closing
+
+        def ack(self, stream_id: int, size: int) -> None:
+            if size:  # grpclib's: acknowledging nothing does nothing
+                self.acks.append((stream_id, size))
+
+    class Stream:
+        id = 7
+        buffer = Buffer()
+
+    class Processor:
+        def __init__(self) -> None:
+            self.connection = Connection()
+            self.streams: dict = {}
+
+    def run(register) -> tuple:
+        p = Processor()
+        release = register(p, Stream())
+        registered = dict(p.streams)
+        release()
+        return registered.keys(), p.streams, p.connection.stream_close_waiter.is_set(), p.connection.acks
+
+    ours = run(lambda p, s: h2compat._register(p, p.connection, s, s.id))
+    assert ours == run(EventsProcessor.register)
+    assert ours[2] and ours[3] == ([] if closing or not unacked else [(7, unacked)])
