@@ -95,6 +95,17 @@ def test_lazy_frame_repr():
     assert str(h2.connection.repr(frame)) == repr(frame)  # as logging formats "%s"
 
 
+# the gRPC request headers a client opens an ext_proc stream with
+REQUEST_HEADERS = [
+    (":method", "POST"),
+    (":scheme", "http"),
+    (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
+    (":authority", "x"),
+    ("content-type", "application/grpc"),
+    ("te", "trailers"),
+]
+
+
 def _grpc_frame(msg) -> bytes:
     data = msg.SerializeToString()
     return b"\0" + len(data).to_bytes(4, "big") + data
@@ -144,14 +155,7 @@ def test_send_message_now_within_flow_control(monkeypatch):
         sid = c.get_next_available_stream_id()
         c.send_headers(
             sid,
-            [
-                (":method", "POST"),
-                (":scheme", "http"),
-                (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-                (":authority", "x"),
-                ("content-type", "application/grpc"),
-                ("te", "trailers"),
-            ],
+            REQUEST_HEADERS,
         )
         c.send_data(sid, b"".join(_grpc_frame(m) for m in messages))
         writer.write(c.data_to_send())
@@ -286,16 +290,8 @@ def _client_bytes() -> bytes:
 
     c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
     c.initiate_connection()
-    hdrs = [
-        (":method", "POST"),
-        (":scheme", "http"),
-        (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-        (":authority", "x"),
-        ("content-type", "application/grpc"),
-        ("te", "trailers"),
-    ]
-    c.send_headers(1, hdrs)
-    c.send_headers(3, hdrs)
+    c.send_headers(1, REQUEST_HEADERS)
+    c.send_headers(3, REQUEST_HEADERS)
     chunk = _grpc_frame(body("response_body", b'data: {"choices":[{"delta":{"content":"x"}}]}\n\n'))
     for _ in range(6):
         c.send_data(1, chunk)
@@ -575,14 +571,7 @@ def test_response_headers_sent_now_or_through_h2(monkeypatch):
             sid = c.get_next_available_stream_id()
             c.send_headers(
                 sid,
-                [
-                    (":method", "POST"),
-                    (":scheme", "http"),
-                    (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-                    (":authority", "x"),
-                    ("content-type", "application/grpc"),
-                    ("te", "trailers"),
-                ],
+                REQUEST_HEADERS,
             )
             c.send_data(sid, b"".join(_grpc_frame(m) for m in messages), end_stream=True)
             writer.write(c.data_to_send())
@@ -637,14 +626,7 @@ def test_constant_response_headers_leave_h2s_stream_state_as_h2_would():
     c.initiate_connection()
     c.send_headers(
         1,
-        [
-            (":method", "POST"),
-            (":scheme", "http"),
-            (":path", "/envoy.service.ext_proc.v3.ExternalProcessor/Process"),
-            (":authority", "x"),
-            ("content-type", "application/grpc"),
-            ("te", "trailers"),
-        ],
+        REQUEST_HEADERS,
     )
     c.send_data(1, _grpc_frame(req_headers()))
     processor = Processor(parse({"listen": "127.0.0.1:1"}), [Recorder()])
