@@ -595,6 +595,8 @@ class _Exchange:
 
 
 _send_now = h2compat.send_message_now
+_header_block = h2compat.header_block
+_NOT_DERIVED = h2compat.NOT_DERIVED
 _send_headers_now = h2compat.send_response_headers_now
 
 
@@ -608,11 +610,12 @@ class _Exchanges:
         self.cap = cap
         self.open_stream = processor.open_stream
         self.close_stream = processor.close_stream
-        # ``_plain_metadata`` of the last few header lists: Envoy opens each ext_proc stream of a
-        # connection with the same headers (one cached header block, see
-        # ``h2compat.cache_header_blocks``), so their metadata is decoded once, not per stream.
-        # Bounded (``METADATA_KEPT`` lists, the oldest dropped); each a read-only proxy, which
-        # ``Processor.open_stream`` only reads.
+        # ``_plain_metadata`` of the last few header lists of streams h2 opened (a connection's
+        # first, a header block not kept): bounded (``METADATA_KEPT`` lists, the oldest
+        # dropped). Envoy opens each ext_proc stream after a connection's first with the same
+        # header block, which h2compat keeps decoded (``cache_header_blocks``): those streams'
+        # metadata is kept on the block itself (``h2compat.header_block``), no lookup per
+        # stream. Each a read-only proxy, which ``Processor.open_stream`` only reads.
         self.metadata: dict[tuple[Any, ...], Any] = {}
 
     def start(self, handler: _Handler, ps: Any, headers: Any, release: Callable[[], Any]) -> bool:
@@ -620,14 +623,20 @@ class _Exchanges:
         allow (see ``_plain_metadata``) and the worker keeps up (``StreamCap.behind``)."""
         if self.cap.behind():  # a worker that falls behind gives new streams tasks, which count as waiting
             return False
-        key = tuple(headers)
-        kept = self.metadata
-        metadata = kept.get(key, _UNKNOWN)
-        if metadata is _UNKNOWN:
-            metadata = _plain_metadata(headers)
-            if len(kept) >= METADATA_KEPT:
-                del kept[next(iter(kept))]  # the oldest
-            kept[key] = metadata
+        block = _header_block(ps)
+        if block is not None:  # opened from a kept header block: ``headers`` are its request headers
+            metadata = block.derived
+            if metadata is _NOT_DERIVED:
+                metadata = block.derived = _plain_metadata(headers)
+        else:
+            key = tuple(headers)
+            kept = self.metadata
+            metadata = kept.get(key, _UNKNOWN)
+            if metadata is _UNKNOWN:
+                metadata = _plain_metadata(headers)
+                if len(kept) >= METADATA_KEPT:
+                    del kept[next(iter(kept))]  # the oldest
+                kept[key] = metadata
         if metadata is None:
             return False
         buf: MessageBuffer = ps.buffer

@@ -43,6 +43,7 @@ from hpack.table import HeaderTable, table_entry_size
 from hyperframe.frame import GoAwayFrame
 
 __all__ = (
+    "NOT_DERIVED",
     "acknowledger",
     "cache_header_blocks",
     "cancel_stream",
@@ -50,6 +51,7 @@ __all__ = (
     "forget_when_done",
     "h2_connection",
     "h2_stream",
+    "header_block",
     "lazy_frame_repr",
     "limit_closed_streams",
     "on_stream_reset",
@@ -368,8 +370,7 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
             config = conn.config
             if config.validate_inbound_headers or config.normalize_inbound_headers or failed(protocol):
                 break
-            encoding = config.header_encoding
-            _open_stream(protocol, conn, stream_id, block.text(encoding) if isinstance(encoding, str) else block.headers[:])
+            _open_stream(protocol, conn, stream_id, block, config.header_encoding)
             offset = start + size
             continue
         if kind == 3:  # RST_STREAM
@@ -466,26 +467,29 @@ def _initial_window(settings: Any) -> int:
     return settings.initial_window_size if value is None else value  # type: ignore[no-any-return]
 
 
-def _open_stream(protocol: H2Protocol, conn: H2Connection, stream_id: int, headers: list[Any]) -> None:
+def _open_stream(protocol: H2Protocol, conn: H2Connection, stream_id: int, block: _Block, encoding: Any) -> None:
     """What h2's ``_receive_frame`` -> ``_receive_headers_frame`` and grpclib's
     ``H2Protocol.data_received`` do for a HEADERS frame with only END_HEADERS set that opens
     client stream ``stream_id`` (odd, above every id the client used) on an open server
     connection that neither validates nor normalises received headers, its block already
-    decoded to a request's headers (``headers``, as ``H2Stream.receive_headers`` makes them:
-    :meth:`_Block.text`), once the check of the streams open passed: the connection's
-    RECV_HEADERS input (no state change, no callback in SERVER_OPEN); the new stream as
-    ``_begin_new_stream`` and ``receive_headers`` leave it (:func:`_new_h2_stream`: IDLE ->
-    OPEN, received from a client, no content-length), the highest stream id; no frame to send;
-    then grpclib's ``process_request_received`` for the ``RequestReceived`` event (its stream,
-    a :class:`_ServerStream`, registered, handed to the handler's ``accept``) without the
-    event, h2's output flushed before and after as grpclib does."""
+    decoded (``block``: the request's headers as ``H2Stream.receive_headers`` makes them with
+    the connection's ``header_encoding``, :meth:`_Block.request_headers`), once the check of the
+    streams open passed: the connection's RECV_HEADERS input (no state change, no callback in
+    SERVER_OPEN); the new stream as ``_begin_new_stream`` and ``receive_headers`` leave it
+    (:func:`_new_h2_stream`: IDLE -> OPEN, received from a client, no content-length), the
+    highest stream id; no frame to send; then grpclib's ``process_request_received`` for the
+    ``RequestReceived`` event (its stream, a :class:`_ServerStream` that knows its ``block``
+    (:func:`header_block`), registered, handed to the handler's ``accept``) without the event,
+    h2's output flushed before and after as grpclib does."""
     conn.streams[stream_id] = _new_h2_stream(conn, stream_id)
     conn.highest_inbound_stream_id = stream_id
     grpc_conn = protocol.connection
     if conn._data_to_send:
         grpc_conn.flush()
     processor = protocol.processor
+    headers = block.request_headers(encoding)
     stream = _ServerStream(grpc_conn, conn, grpc_conn._transport, stream_id)
+    stream.block = block
     processor.handler.accept(stream, headers, _register(processor, grpc_conn, stream, stream_id))
     if conn._data_to_send:
         grpc_conn.flush()
@@ -548,6 +552,7 @@ class _ServerStream(Stream):
         self.headers = None
         self.trailers = None
 
+    block: _Block | None = None  # the kept header block it was opened from (set by ``_open_stream``)
     buffer = _OnFirstUse(lambda self: Buffer(functools.partial(self.connection.ack, self.id)))
     window_updated = _OnFirstUse(lambda self: asyncio.Event())
     headers_received = _OnFirstUse(lambda self: asyncio.Event())
@@ -655,30 +660,49 @@ class _CountingTable(HeaderTable):
     maxsize = property(_MAXSIZE.fget, _set_maxsize)  # type: ignore[assignment]
 
 
+NOT_DERIVED: Any = object()  # a block's ``derived`` before the server set it
+
+
 class _Block:
     """A header block's decoded headers (hpack's raw ``HeaderTuple``s), hpack's size of the list
     (what ``max_header_list_size`` bounds), and whether h2 receives them as a new request's
     headers without anything to refuse (:func:`receive_frames`): all ASCII (h2 decodes them
     with grpclib's ``ascii`` encoding), no ``:status`` (an informational response), no
-    ``content-length`` (a value h2 checks, and whose stream it tracks)."""
+    ``content-length`` (a value h2 checks, and whose stream it tracks).
 
-    __slots__ = ("headers", "size", "plain", "_text")
+    ``derived`` is the server's: what it computes from the request headers of a stream opened
+    from this block (:meth:`request_headers`) and keeps for the next such streams, so every
+    stream after the first reads it instead of computing it (:data:`NOT_DERIVED` until then, and
+    again when the headers are handed out in another form: another ``header_encoding``)."""
+
+    __slots__ = ("headers", "size", "plain", "_request", "derived")
 
     def __init__(self, headers: list[Any]) -> None:
         self.headers = headers
         self.size = sum(table_entry_size(n, v) for n, v in headers)
         self.plain = all(n.isascii() and v.isascii() and n not in _NOT_PLAIN for n, v in headers)
-        self._text: tuple[str, list[Any]] | None = None
+        self._request: tuple[Any, list[Any]] | None = None
+        self.derived: Any = NOT_DERIVED
 
-    def text(self, encoding: str) -> list[Any]:
+    def request_headers(self, encoding: Any) -> list[Any]:
         """The headers as h2 hands a request's to grpclib (``H2Stream.receive_headers`` with
-        validation and normalisation off: each decoded with the connection's
-        ``header_encoding``, its ``HeaderTuple`` class kept), a new list each time; decoded
-        once per block."""
-        text = self._text
-        if text is None or text[0] != encoding:
-            text = self._text = (encoding, [h.__class__(h[0].decode(encoding), h[1].decode(encoding)) for h in self.headers])
-        return text[1][:]
+        validation and normalisation off: with a str ``header_encoding`` each decoded with it,
+        its ``HeaderTuple`` class kept, else hpack's bytes as they are), a new list each time;
+        decoded once per block and encoding."""
+        request = self._request
+        if request is None or request[0] != encoding:
+            raw = self.headers
+            headers = [h.__class__(h[0].decode(encoding), h[1].decode(encoding)) for h in raw] if isinstance(encoding, str) else raw[:]
+            request = self._request = (encoding, headers)
+            self.derived = NOT_DERIVED
+        return request[1][:]
+
+
+def header_block(stream: Any) -> _Block | None:
+    """The kept header block a transport-level stream was opened from past h2
+    (:func:`receive_frames`), whose ``derived`` the server may read and set; None for a stream
+    h2 opened (its headers decoded by h2's parser)."""
+    return stream.block if stream.__class__ is _ServerStream else None
 
 
 _NOT_PLAIN = (b":status", b"content-length")

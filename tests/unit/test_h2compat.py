@@ -1059,6 +1059,60 @@ def test_a_stream_opened_past_h2_makes_grpclibs_asyncio_objects_only_when_used(m
     asyncio.run(main())
 
 
+def test_streams_opened_from_a_kept_block_share_its_metadata_decoded_once(monkeypatch):
+    """The gRPC metadata of a stream opened past h2 is kept on its header block: the block's
+    first stream decodes it, every later one gets the same (read-only) metadata without
+    decoding or looking up its headers; the streams h2 opened (a connection's first two, the
+    second decoding the block that is kept) go through the server's own bounded table."""
+    computed = []
+    real = grpc_server._plain_metadata
+    monkeypatch.setattr(grpc_server, "_plain_metadata", lambda headers: computed.append([tuple(h) for h in headers]) or real(headers))
+    recorder = Recorder()
+    processor = Processor(parse({"listen": "127.0.0.1:1"}), [recorder])
+    opened = []  # the metadata each stream's Processor stream was opened with
+    open_stream = processor.open_stream
+    processor.open_stream = lambda metadata: opened.append(metadata) or open_stream(metadata)  # type: ignore[method-assign]
+    server = build_server(processor, "127.0.0.1:1")
+    shared = server.untasked[grpc_server.PROCESS].__self__  # type: ignore[attr-defined]
+
+    async def main() -> None:
+        proto = server._protocol_factory()
+        proto.connection_made(_Transport())
+        data = _opening() + b"".join(_headers(sid, ENVOY_BLOCK) + _data(sid) + _rst(sid) for sid in (5, 7, 9))
+        for frame in _pieces(data, "frames"):
+            proto.data_received(frame)
+        block = h2compat.h2_connection(proto).decoder.blocks[ENVOY_BLOCK]
+        envoy = [(n.decode(), v.decode()) for n, v in ENVOY_HEADERS]
+        assert len(opened) == 5 and computed[1:] == [envoy, envoy]  # stream 3 (through h2), then the block's first (5)
+        assert opened[2] is opened[3] is opened[4] is block.derived  # 5, 7, 9
+        assert len(shared.metadata) == 2  # streams 1 and 3 only
+        assert dict(block.derived) == {"x-forwarded-for": "192.0.2.2", "x-envoy-internal": "true"}
+        with pytest.raises(TypeError):
+            block.derived["x-envoy-internal"] = "false"  # shared by the block's streams: read-only
+        assert processor.counters.active == 1 and len(recorder.calls) == 4  # 3 open; 1 (its reset in _opening), 5, 7, 9 reported
+
+    asyncio.run(main())
+
+
+def test_a_blocks_derived_value_is_dropped_when_its_headers_change_form():
+    """A kept block hands out its request headers as h2 would (decoded with a str
+    ``header_encoding``, hpack's bytes otherwise), a new list each time; what the server derived
+    from them is dropped when they are handed out in another form."""
+    from hpack import Decoder
+
+    block = h2compat._Block(list(Decoder().decode(_envoy_first_block(), raw=True)))
+    first = block.request_headers("ascii")
+    classes = [h.__class__.__name__ for h in first]
+    assert block.derived is h2compat.NOT_DERIVED and classes[-3:-1] == ["HeaderTuple", "NeverIndexedHeaderTuple"]
+    block.derived = "metadata"
+    again = block.request_headers("ascii")
+    assert again == first and again is not first and block.derived == "metadata"
+    raw = block.request_headers(None)
+    assert raw == block.headers and raw is not block.headers and block.derived is h2compat.NOT_DERIVED
+    block.derived = "other"
+    assert block.request_headers("utf-8") == first and block.derived is h2compat.NOT_DERIVED
+
+
 def test_header_tuple_classes_are_kept_past_h2(monkeypatch):
     """A never-indexed field (a literal the client asks never to be indexed, e.g. a credential)
     reaches grpclib as hpack's ``NeverIndexedHeaderTuple`` from a kept block too."""
