@@ -482,13 +482,15 @@ class _Exchange:
     """One ext_proc stream, handled where its frames arrive: opened (``Processor.open_stream``)
     as its HEADERS are received, each message answered as its DATA frame is received (the first
     reply behind the constant response headers), and closed (``Processor.close_stream``, the call
-    reported) where Envoy's RST_STREAM is received. No task, no wake-up, no cancellation for the
-    common exchange.
+    reported) where Envoy's RST_STREAM is received, or, in observability mode (the sidecar ends
+    the stream), where its last message is handled: its trailers (``grpc-status: 0``) go out as a
+    constant HPACK block (``h2compat.send_trailers_now``) and the stream is closed there. No task,
+    no wake-up, no cancellation for the common exchange.
 
     What needs awaiting hands the stream to a task (``to_task``: grpclib's request handler,
     which calls ``handle`` with the stream where it was left): a reply that the flow-control
-    windows, a paused transport or a pending HPACK table size update hold back, the end of the
-    stream (the trailers; in observability mode the sidecar ends it), a bad message (its status).
+    windows, a paused transport or a pending HPACK table size update hold back, the trailers
+    when one of the last two does, a bad message (its status).
     Streams whose headers need grpclib's checks (a ``grpc-timeout``, anything unusual) start in a
     task as before."""
 
@@ -551,8 +553,11 @@ class _Exchange:
             if not _send_now(ps, reply):
                 self.held = reply
                 return False
-        if self.s.end_stream:
-            self.end = True
+        if self.s.end_stream:  # the sidecar ends the stream (observability mode)
+            if not self.tasked and _send_trailers_now(self.ps):  # a constant HPACK block
+                self.close()  # reported here; ``close`` cleared the buffer's hand-over
+            else:
+                self.end = True  # the task's handler returns; grpclib sends the trailers
             return False
         return True
 
@@ -598,6 +603,7 @@ _send_now = h2compat.send_message_now
 _header_block = h2compat.header_block
 _NOT_DERIVED = h2compat.NOT_DERIVED
 _send_headers_now = h2compat.send_response_headers_now
+_send_trailers_now = h2compat.send_trailers_now
 
 
 class _Exchanges:

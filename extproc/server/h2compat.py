@@ -64,6 +64,7 @@ __all__ = (
     "response_headers_sent",
     "send_message_now",
     "send_response_headers_now",
+    "send_trailers_now",
     "server_configuration",
     "server_events",
     "stream_of",
@@ -280,6 +281,53 @@ def send_response_headers_now(ps: Any) -> bool:
     h2s.state_machine.process_input(StreamInputs.SEND_HEADERS)
     pending = conn.data_to_send() if conn._data_to_send else b""
     ps._transport.write(pending + _FRAME_HEAD.pack(0, len(block), 1, _HEADERS_END, ps.id) + block)
+    ps.connection.headers_send_process()
+    return True
+
+
+# grpclib's trailers for status OK and no trailing metadata (``send_trailing_metadata``):
+# ``grpc-status: 0``, a literal *without indexing* with a literal name (RFC 7541 6.2.2), so,
+# like :data:`RESPONSE_HEADERS_BLOCK`, the same bytes on every stream, the encoder's dynamic
+# table untouched. Behind the response headers when none went out yet ("trailers-only", what
+# grpclib sends then: ``:status``, ``content-type``, ``grpc-status`` in one block).
+TRAILERS_OK_BLOCK = b"\x00\x0bgrpc-status\x010"
+TRAILERS_ONLY_OK_BLOCK = RESPONSE_HEADERS_BLOCK + TRAILERS_OK_BLOCK
+_HEADERS_END_STREAM = 0x1 | _HEADERS_END  # END_STREAM | END_HEADERS
+
+
+def send_trailers_now(ps: Any) -> bool:
+    """End a stream with status OK (what grpclib's request handler does when the method's handler
+    returns: ``send_trailing_metadata`` -> ``send_headers(..., end_stream=True)``): one HEADERS
+    frame with END_STREAM of the constant :data:`TRAILERS_OK_BLOCK`, or
+    :data:`TRAILERS_ONLY_OK_BLOCK` if h2 has sent no response headers on the stream, written at
+    once, if h2 would send them right now: trailers not sent yet, stream and connection open for
+    sending, the peer's maximum frame size large enough, no HPACK table size update pending, the
+    transport not paused. Returns False, having done nothing, otherwise (the caller then leaves
+    the stream's end to grpclib's request handler, which sends the trailers through h2 or finds
+    the stream gone, as usual).
+
+    The stream's state machine takes the inputs h2's ``send_headers`` gives it (SEND_HEADERS:
+    the response headers or the trailers sent; SEND_END_STREAM: half closed, or closed by our
+    END_STREAM if Envoy had ended its side), the connection's SEND_HEADERS in SERVER_OPEN
+    changes nothing, no frame objects, header lists or HPACK encoding per stream."""
+    conn: H2Connection = ps._h2_connection
+    h2s = conn.streams.get(ps.id)
+    if (
+        h2s is None
+        or h2s.state_machine.state not in _SENDABLE
+        or h2s.state_machine.trailers_sent
+        or conn.state_machine.state is not ConnectionState.SERVER_OPEN
+        or conn.encoder.header_table.resized
+        or len(TRAILERS_ONLY_OK_BLOCK) > conn.max_outbound_frame_size
+        or not ps.connection.write_ready.is_set()
+    ):
+        return False
+    machine = h2s.state_machine
+    block = TRAILERS_OK_BLOCK if machine.headers_sent else TRAILERS_ONLY_OK_BLOCK
+    machine.process_input(StreamInputs.SEND_HEADERS)
+    machine.process_input(StreamInputs.SEND_END_STREAM)
+    pending = conn.data_to_send() if conn._data_to_send else b""
+    ps._transport.write(pending + _FRAME_HEAD.pack(0, len(block), 1, _HEADERS_END_STREAM, ps.id) + block)
     ps.connection.headers_send_process()
     return True
 

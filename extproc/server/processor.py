@@ -38,8 +38,10 @@ explains why it takes this route):
    When flow control (or a paused transport, or a pending HPACK table size update) holds a reply
    back, ``one`` hands the stream to a task (``_Exchange.to_task``), which sends it with grpclib's
    ``send_message``.
-6. When the stream ends (Envoy's reset, where its RST_STREAM is received; its end of stream, in
-   the task's ``finally``; a lost connection, a drain), ``_Exchange.close`` calls
+6. When the stream ends (Envoy's reset, where its RST_STREAM is received; in observability
+   mode the sidecar's own end, where the last message is handled: its trailers a constant HPACK
+   block, ``h2compat.send_trailers_now``; its end of stream, in the task's ``finally``; a lost
+   connection, a drain), ``_Exchange.close`` calls
    :meth:`Processor.close_stream` -> :meth:`Stream.finish`: the call is settled, priced and
    reported to the observers (:meth:`Processor.report`).
 """

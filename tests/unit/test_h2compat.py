@@ -1208,3 +1208,235 @@ def test_a_stream_released_past_grpclib_does_what_grpclibs_release_does(unacked,
     ours = run(lambda p, s: h2compat._register(p, p.connection, s, s.id))
     assert ours == run(EventsProcessor.register)
     assert ours[2] and ours[3] == ([] if closing or not unacked else [(7, unacked)])
+
+
+def test_the_constant_trailers_are_what_grpclib_sends():
+    """The pre-encoded trailers read as the header lists grpclib's ``send_trailing_metadata``
+    hands h2 for status OK, with and without response headers sent before (trailers-only), and
+    leave a decoder's dynamic table empty (so the encoder's, which they bypass, stays in step)."""
+    from grpclib.const import Cardinality, Status
+    from grpclib.server import Stream
+    from hpack import Decoder
+
+    from extproc.server.grpc_server import _Codec
+
+    sent = []
+
+    class _Recording:
+        connection = type("C", (), {"get_peer": lambda self: None})()
+
+        async def send_headers(self, headers, end_stream=False):
+            sent.append((list(headers), end_stream))
+
+    for initial_sent in (False, True):
+        stream = Stream(
+            _Recording(),
+            "/m",
+            Cardinality.STREAM_STREAM,
+            bytes,
+            bytes,
+            codec=_Codec(),
+            status_details_codec=None,
+            dispatch=h2compat.server_events(),
+        )
+        stream._send_initial_metadata_done = initial_sent
+        asyncio.run(stream.send_trailing_metadata(status=Status.OK))
+    [(trailers_only, end1), (trailers, end2)] = sent
+    assert end1 and end2
+    decoder = Decoder()
+    assert decoder.decode(h2compat.TRAILERS_ONLY_OK_BLOCK) == trailers_only
+    assert decoder.decode(h2compat.TRAILERS_OK_BLOCK) == trailers
+    assert len(decoder.header_table.dynamic_entries) == 0
+
+
+def _frames(data: bytes) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream id, payload) of each frame in ``data`` (no preface: a server's)."""
+    out, offset = [], 0
+    while offset < len(data):
+        size = int.from_bytes(data[offset : offset + 3], "big")
+        kind, flags, sid = data[offset + 3], data[offset + 4], int.from_bytes(data[offset + 5 : offset + 9], "big") & 0x7FFFFFFF
+        out.append((kind, flags, sid, data[offset + 9 : offset + 9 + size]))
+        offset += 9 + size
+    return out
+
+
+def _observe_run(monkeypatch, now: bool, half_closed: bool, reply_first: bool) -> dict:
+    """One observability-mode stream (stream 1, ended by the server at the response's end), then
+    one default-mode stream the client ends (stream 3: its trailers through h2's encoder), on a
+    server whose trailers go out now (``send_trailers_now``) or, as before, from grpclib's task
+    through h2: what h2, grpclib and the Processor are left with, and what the client reads."""
+    from h2.config import H2Configuration
+    from h2.events import DataReceived, ResponseReceived, StreamEnded, TrailersReceived
+
+    from tests.unit.test_processor import CHAT_JSON, body, headers, req_headers
+
+    real = h2compat.send_trailers_now
+    ended_now = []
+
+    def sending(ps):
+        ok = now and real(ps)
+        ended_now.append(ok)
+        return ok
+
+    monkeypatch.setattr(grpc_server, "_send_trailers_now", sending)
+    tasks = []
+    start_task = grpc_server._Handler.start_task
+    monkeypatch.setattr(grpc_server._Handler, "start_task", lambda self, ps, *a: (tasks.append(ps.id), start_task(self, ps, *a))[1])
+    c = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    c.initiate_connection()
+    c.send_headers(1, REQUEST_HEADERS)
+    msgs = [
+        req_headers(),
+        headers("response_headers", **{":status": "200", "content-type": "application/json"}),
+        body("response_body", CHAT_JSON, end=True),
+    ]
+    for m in msgs[1 if reply_first else 0 :]:
+        m.observability_mode = True
+    c.send_data(1, b"".join(_grpc_frame(m) for m in msgs), end_stream=half_closed)
+    first = c.data_to_send()
+    c.send_headers(3, REQUEST_HEADERS)
+    c.send_data(3, _grpc_frame(req_headers()), end_stream=True)
+    second = c.data_to_send()
+    recorder = Recorder()
+    processor = Processor(parse({"listen": "127.0.0.1:1"}), [recorder])
+    server = build_server(processor, "127.0.0.1:1")
+    out: dict = {}
+
+    async def main() -> None:
+        proto = server._protocol_factory()
+        transport = _Transport()
+        proto.connection_made(transport)
+        proto.data_received(first)
+        await _wait(lambda: len(recorder.calls) == 1)
+        conn = h2compat.h2_connection(proto)
+        out["stream 1"] = _h2_stream_state(conn.streams[1])
+        out["grpclib streams"] = sorted(proto.processor.streams)
+        out["open"] = (processor.counters.active, server.cap.open, len(server.exchanges), len(proto.handler.untasked))
+        proto.data_received(second)
+        await _wait(lambda: len(recorder.calls) == 2)
+        await asyncio.sleep(0.01)
+        proto.connection._transport.flush()
+        out["encoder"] = len(conn.encoder.header_table.dynamic_entries)
+        written = bytes(transport.written)
+        out["frames"] = [(kind, flags, sid, payload if kind != 1 else None) for kind, flags, sid, payload in _frames(written)]
+        events = []
+        for ev in c.receive_data(written):
+            if isinstance(ev, (ResponseReceived, TrailersReceived)):
+                events.append((ev.__class__.__name__, ev.stream_id, list(ev.headers)))
+            elif isinstance(ev, DataReceived):
+                events.append(("DataReceived", ev.stream_id, ev.data))
+            elif isinstance(ev, StreamEnded):
+                events.append(("StreamEnded", ev.stream_id))
+        out["client"] = events
+        out["calls"] = [(call.outcome, call.obs.usage.total_tokens) for call in recorder.calls]
+        out["tasks"] = tasks[:]
+        out["ended now"] = ended_now[:]
+
+    asyncio.run(main())
+    return out
+
+
+@pytest.mark.parametrize("half_closed", [False, True], ids=["envoy-open", "envoy-half-closed"])
+@pytest.mark.parametrize("reply_first", [False, True], ids=["trailers-only", "after-a-reply"])
+def test_trailers_sent_now_leave_the_state_h2_and_grpclib_leave(half_closed, reply_first, monkeypatch):
+    """The server's end of an observability-mode stream without a task (``send_trailers_now``,
+    then the exchange closed where its last message is handled) against grpclib's request
+    handler sending them through h2 from the stream's task: h2's stream (state machine included:
+    half closed, or closed by our END_STREAM when Envoy had ended its side), grpclib's streams,
+    the call's report and the frames written are the same, byte for byte but for the HPACK block
+    of the trailers, which the client's h2 reads as the same headers; and a later header block
+    h2 encodes (another stream's trailers) still reads right (the constant block left the
+    encoder's table alone, h2's own indexes ``grpc-status``)."""
+    fast = _observe_run(monkeypatch, True, half_closed, reply_first)
+    slow = _observe_run(monkeypatch, False, half_closed, reply_first)
+    assert fast["ended now"] == [True] and slow["ended now"] == [False]
+    assert fast["tasks"] == [3] and slow["tasks"] == [1, 3]  # no task for the observability-mode stream
+    assert fast["encoder"] == 1  # stream 3's ``grpc-status`` (h2's); the constant blocks indexed nothing
+    for key in ("stream 1", "grpclib streams", "open", "frames", "client", "calls"):
+        assert fast[key] == slow[key], key
+    machine = fast["stream 1"]["state_machine"][1]
+    assert machine["state"] == (h2compat.StreamState.CLOSED if half_closed else h2compat.StreamState.HALF_CLOSED_LOCAL)
+    assert machine["trailers_sent" if reply_first else "headers_sent"] is True
+    assert fast["open"] == (0, 0, 0, 0) and fast["calls"][0] == (OK, 12)
+    trailers = [e for e in fast["client"] if e[1] == 1 and e[0] in ("TrailersReceived", "ResponseReceived")]
+    expected = (
+        [("grpc-status", "0")]
+        if reply_first
+        else [(":status", "200"), ("content-type", h2compat.RESPONSE_CONTENT_TYPE), ("grpc-status", "0")]
+    )
+    assert trailers[-1][2] == expected and ("StreamEnded", 1) in fast["client"] and ("StreamEnded", 3) in fast["client"]
+
+
+def _ps(conn: H2Connection, stream_id: int, ready: bool = True):
+    """A grpclib transport-level stream's fields ``send_trailers_now`` reads, on ``conn``."""
+    from types import SimpleNamespace
+
+    written = bytearray()
+    event = asyncio.Event()
+    if ready:
+        event.set()
+    connection = SimpleNamespace(write_ready=event, headers_send_process=lambda: None)
+    return SimpleNamespace(
+        _h2_connection=conn, id=stream_id, _transport=SimpleNamespace(write=written.extend), connection=connection
+    ), written
+
+
+def _server_with_stream(state: str = "open") -> H2Connection:
+    from h2.config import H2Configuration
+
+    client = H2Connection(H2Configuration(client_side=True))
+    client.initiate_connection()
+    client.send_headers(1, REQUEST_HEADERS, end_stream=state == "half-closed")
+    server = H2Connection(H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    server.data_to_send()
+    return server
+
+
+@pytest.mark.parametrize("case", ["reset", "trailers sent", "table size update", "paused", "connection closed", "unknown stream"])
+def test_trailers_that_cannot_go_now_are_left_to_h2(case):
+    """Whatever h2 would refuse or hold back, ``send_trailers_now`` leaves alone (False, nothing
+    written, nothing changed), for grpclib's task to send through h2 (or find the stream gone):
+    a stream already reset, trailers already sent, a pending HPACK table size update (it must
+    open the next block, which h2 writes), a paused transport, a closed connection."""
+    conn = _server_with_stream()
+    ps, written = _ps(conn, 1, ready=case != "paused")
+    if case == "reset":
+        conn.reset_stream(1)
+    elif case == "trailers sent":
+        conn.send_headers(1, [(":status", "200")])
+        conn.send_headers(1, [("grpc-status", "0")], end_stream=True)
+    elif case == "table size update":
+        conn.encoder.header_table_size = 256
+    elif case == "connection closed":
+        conn.close_connection()
+    elif case == "unknown stream":
+        ps.id = 3
+    conn.data_to_send()
+    before = _h2_stream_state(conn.streams[1])
+    assert h2compat.send_trailers_now(ps) is False
+    assert not written and _h2_stream_state(conn.streams[1]) == before
+
+
+def test_trailers_sent_now_flush_what_h2_had_queued_first():
+    """Bytes h2 queued before (a WINDOW_UPDATE, a PING ack) go out ahead of the trailers, in one
+    write, as h2's ``send_headers`` + ``data_to_send`` would order them."""
+    from h2.config import H2Configuration
+    from h2.events import StreamEnded
+
+    client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    client.send_headers(1, REQUEST_HEADERS)
+    server = H2Connection(H2Configuration(client_side=False))
+    server.initiate_connection()
+    server.receive_data(client.data_to_send())
+    server.data_to_send()
+    server.ping(b"12345678")
+    ps, written = _ps(server, 1)
+    assert h2compat.send_trailers_now(ps) is True
+    frames = _frames(bytes(written))
+    assert [(kind, flags, sid) for kind, flags, sid, _ in frames] == [(6, 0, 0), (1, 0x5, 1)]
+    assert not server._data_to_send
+    events = client.receive_data(bytes(written))
+    assert any(isinstance(e, StreamEnded) and e.stream_id == 1 for e in events)
