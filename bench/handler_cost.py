@@ -11,7 +11,9 @@ per message, ``close_stream``), with the headers Envoy forwards for one: non-str
 The message path before ``handle`` (a DATA frame taken from the stream's buffer and acknowledged
 on an h2 connection) is measured on its own, per message; so is the stream path (a stream's
 HEADERS and Envoy's RST_STREAM through a server connection, the Processor opening and closing
-the stream), per stream.
+the stream), per stream; and the chunk path (a streamed chunk's DATA frame through a server
+connection, its buffer, the Processor and its reply written), per chunk, on the workers' event
+loop (uvloop).
 ``--checkout`` runs each measurement in a subprocess importing ``extproc`` from that directory.
 """
 
@@ -120,6 +122,7 @@ def measure() -> dict[str, float]:
     out["message path: a streamed chunk's DATA frame taken and acknowledged (us)"] = 1e6 * _best(_message_path(), 1000)
     out["stream path: an ext_proc stream opened by its HEADERS and closed by Envoy's RST_STREAM (us)"] = 1e6 * _stream_path()
     out["stream path, 32 other streams open on the connection (us)"] = 1e6 * _stream_path(32)
+    out["chunk path: a streamed chunk's DATA frame through a server connection to its reply (us)"] = 1e6 * _chunk_path()
     return out
 
 
@@ -234,6 +237,92 @@ def _stream_path(others: int = 0) -> float:
         return best / n
 
     return asyncio.run(run())
+
+
+def _chunk_path() -> float:
+    """Seconds per chunk, best of 9 rounds, of what the server does for a streamed chunk: a read
+    holding the DATA frame of one ``response_body`` message (an OpenAI text delta) on a stream
+    handled without a task, fed to a server connection (``_Protocol.data_received``, its writes
+    dropped), through the stream's buffer, the Processor and the reply written: everything per
+    chunk but the socket and the event loop. The client's windows are opened wide, so no reply
+    waits for one."""
+    import asyncio
+    import struct
+
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.settings import SettingCodes
+
+    from extproc._pb.envoy_api import external_processor_pb2 as pb
+    from extproc.core.config import parse
+    from extproc.server.grpc_server import PROCESS, build_server
+    from extproc.server.processor import Processor
+
+    n, rounds = 2000, 9
+    wide = 2**31 - 1
+    client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: wide})
+    client.increment_flow_control_window(wide - 65535)
+    headers = [(":method", "POST"), (":scheme", "http"), (":path", PROCESS), (":authority", "ext_proc")]
+    headers += [("content-type", "application/grpc"), ("te", "trailers")]
+    client.send_headers(1, headers)
+
+    def message(**kw: object) -> bytes:
+        data = pb.ProcessingRequest(**kw).SerializeToString()  # type: ignore[arg-type]
+        return b"\0" + len(data).to_bytes(4, "big") + data
+
+    def header_map(**h: str) -> object:
+        hm = pb.HttpHeaders()
+        for k, v in h.items():
+            hm.headers.headers.add(key=k, raw_value=v.encode())
+        return hm
+
+    for m in (
+        message(request_headers=header_map(**REQUEST_HEADERS)),
+        message(request_body=pb.HttpBody(body=b'{"model":"gpt-4o","stream":true,"messages":[]}', end_of_stream=True)),
+        message(response_headers=header_map(**{":status": "200", "content-type": "text/event-stream"}, **RESPONSE_HEADERS)),
+    ):
+        client.send_data(1, m)
+    opening = client.data_to_send()
+    chunk = message(response_body=pb.HttpBody(body=CHUNK))
+    frame = struct.pack(">HBBBL", len(chunk) >> 8, len(chunk) & 0xFF, 0, 0, 1) + chunk  # DATA, no flags, stream 1
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            pass
+
+        def is_closing(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            pass
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return default
+
+    async def run() -> float:
+        server = build_server(Processor(parse({}), []), "127.0.0.1:1")
+        proto = server._protocol_factory()
+        proto.connection_made(Transport())  # type: ignore[arg-type]
+        proto.data_received(opening)
+        (exchange,) = server.exchanges.values()
+        received = proto.data_received
+        best = float("inf")
+        for _ in range(rounds):
+            t0 = time.process_time()
+            for _ in range(n):
+                received(frame)
+            await asyncio.sleep(0)  # what the reads scheduled runs (a flush each, if any)
+            best = min(best, time.process_time() - t0)
+        assert not exchange.tasked and not exchange.done, "the stream left the path measured"
+        return best / n
+
+    try:
+        import uvloop  # the workers' default event loop
+    except ImportError:
+        return asyncio.run(run())
+    return uvloop.run(run())  # type: ignore[no-any-return]
 
 
 def main() -> None:
