@@ -78,8 +78,12 @@ class _Codec(CodecBase):
 class _CoalescingTransport:
     """Stands in for a connection's transport: writes made during one event-loop iteration
     (HEADERS + DATA of a first reply, replies of several streams, WINDOW_UPDATEs) are joined and
-    handed to the socket once, at the next iteration, or at the end of the read that made them
-    (``_Protocol.data_received`` flushes)."""
+    handed to the socket once, at the next iteration, or at the end of the read that made them.
+
+    A write schedules that flush (``call_soon``) unless one is due already (``_scheduled``).
+    ``_Protocol.data_received`` marks one due while it handles a read and flushes at its end,
+    so the writes a read makes (a streamed chunk's reply) cost no event-loop callback of their
+    own; writes made elsewhere (a stream's task, a timer) schedule the flush."""
 
     __slots__ = ("_t", "_buf", "_scheduled", "_loop")
 
@@ -297,20 +301,25 @@ class _Protocol(H2Protocol):
         # go straight to their streams (h2compat.receive_frames); any other whole frame goes to
         # h2 and grpclib on its own, and the loop goes on past it; from a partial frame on, the
         # rest goes to h2 as it is.
-        end = len(data)
-        offset = h2compat.receive_frames(self, data)
-        while offset < end:
-            stop = h2compat.frame_end(self, data, offset)
-            if not stop:
-                super().data_received(data[offset:] if offset else data)
-                break
-            super().data_received(data[offset:stop])
-            if h2compat.failed(self):  # a protocol error: the connection is closed, the rest unread
-                break
-            offset = h2compat.receive_frames(self, data, stop)
-        # what handling this read produced (replies made inline, window updates) leaves now, in
-        # one write: no further event-loop iteration per streamed chunk
-        self._out.flush()
+        # What handling this read produces (replies made inline, window updates) leaves at its
+        # end, in one write, without a callback scheduled for it: no further event-loop
+        # iteration or callback per streamed chunk.
+        out = self._out
+        out._scheduled = True  # this read's writes schedule no flush: it comes below
+        try:
+            end = len(data)
+            offset = h2compat.receive_frames(self, data)
+            while offset < end:
+                stop = h2compat.frame_end(self, data, offset)
+                if not stop:
+                    super().data_received(data[offset:] if offset else data)
+                    break
+                super().data_received(data[offset:stop])
+                if h2compat.failed(self):  # a protocol error: the connection is closed, the rest unread
+                    break
+                offset = h2compat.receive_frames(self, data, stop)
+        finally:
+            out.flush()
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._owner._protocols.discard(self)

@@ -505,3 +505,67 @@ def test_observability_mode_streams_get_no_replies_and_end_at_the_response_end()
             assert r.recorder.calls[0].obs.usage.total_tokens == 12
 
     asyncio.run(main())
+
+
+class _Written:
+    def __init__(self) -> None:
+        self.written = bytearray()
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        pass
+
+    def get_extra_info(self, name, default=None):
+        return default
+
+
+def test_a_reads_replies_leave_at_its_end_without_a_callback_and_other_writes_at_the_next_iteration():
+    """What handling a read writes (here the reply to a streamed chunk's message) is handed to
+    the socket at the end of ``data_received``, with no event-loop callback scheduled for it;
+    a write made outside a read (a task's, a timer's) is flushed by a callback at the next
+    iteration, joined with any other made meanwhile."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    from tests.unit.test_h2compat import REQUEST_HEADERS, _grpc_frame
+
+    async def main() -> None:
+        server = build_server(Processor(parse({"listen": "127.0.0.1:1"}), []), "127.0.0.1:1")
+        proto = server._protocol_factory()
+        transport = _Written()
+        proto.connection_made(transport)
+        out = proto._out
+        loop = asyncio.get_running_loop()
+        scheduled: list = []
+
+        class CountingLoop:
+            def call_soon(self, callback, *args):
+                scheduled.append(callback)
+                return loop.call_soon(callback, *args)
+
+        out._loop = CountingLoop()
+        client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        client.initiate_connection()
+        client.send_headers(1, REQUEST_HEADERS)
+        client.send_data(1, _grpc_frame(REQ))
+        proto.data_received(client.data_to_send())
+        assert CONTINUE_REQUEST_HEADERS in transport.written  # the reply left with the read
+        for _ in range(3):  # a streamed chunk's message, one read each
+            before = len(transport.written)
+            client.send_data(1, _grpc_frame(RESP))
+            proto.data_received(client.data_to_send())
+            assert len(transport.written) > before
+        assert scheduled == [] and len(server.exchanges) == 1
+        before = bytes(transport.written)
+        out.write(b"one")
+        out.write(b"two")
+        assert len(scheduled) == 1 and transport.written == before
+        await asyncio.sleep(0)
+        assert transport.written == before + b"onetwo"
+
+    asyncio.run(main())
