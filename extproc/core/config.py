@@ -33,6 +33,9 @@ DEFAULT_LISTEN = "127.0.0.1:18080"
 # The request header (and the grpc_initial_metadata key the generated Envoy configs set per route)
 # naming the provider: ``providers.header``.
 DEFAULT_PROVIDER_HEADER = "x-llm-provider"
+# limits.maxGrpcMessageBytes' lowest allowed value: a smaller message is within the limit
+# whatever it is set to (the server's receive path checks only larger ones against it).
+MIN_GRPC_MESSAGE_BYTES = 64 << 10
 
 
 class ConfigError(ValueError):
@@ -84,7 +87,7 @@ class LimitsConfig(_Section):
     # One gRPC message from Envoy (a body chunk, or a body Envoy buffered: bounded by its buffer
     # limits, 1 MiB by default). Larger ones end the stream with RESOURCE_EXHAUSTED before they are
     # read, like gRPC's own default receive limit (4 MiB).
-    max_grpc_message_bytes: int = Field(4 << 20, ge=64 << 10)
+    max_grpc_message_bytes: int = Field(4 << 20, ge=MIN_GRPC_MESSAGE_BYTES)
     # ext_proc streams (calls) one worker takes on. A new stream past either bound is refused as it
     # opens (HTTP/2 REFUSED_STREAM, nothing of it read; counted in ai_streams_refused_total):
     # Envoy lets that call through unobserved (failure_mode_allow).

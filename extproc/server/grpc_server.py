@@ -38,7 +38,7 @@ from h2.settings import SettingCodes
 from multidict import MultiDictProxy
 
 from extproc._pb.envoy_api import external_processor_pb2 as pb
-from extproc.core.config import TlsConfig
+from extproc.core.config import MIN_GRPC_MESSAGE_BYTES, TlsConfig
 from extproc.core.envoy_names import EXT_PROC_METHOD
 from extproc.core.logs import RateLimited
 from extproc.server import h2compat
@@ -682,7 +682,7 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
     started = cap.started
     current_task = asyncio.current_task
     shared = _Exchanges(server, processor, cap)
-    server.buffers[PROCESS] = lambda ack: MessageBuffer(ack, max_message, on_large)
+    server.buffers[PROCESS] = lambda ack: MessageBuffer(ack, max_message, on_large, MIN_GRPC_MESSAGE_BYTES)
     server.untasked[PROCESS] = shared.start
     exchanges = server.exchanges
 

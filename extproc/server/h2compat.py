@@ -123,22 +123,21 @@ def acknowledger(stream: Any) -> Callable[[int], None]:
     def ack(size: int) -> None:
         h2s = streams.get(stream_id)
         if h2s is not None and not conn._data_to_send and h2s.state_machine.state in _ACK_OPEN:
+            # For each window: would h2's ``WindowManager.process_bytes(size)`` only count the
+            # bytes? (the negation of its ``_maybe_update_window`` condition; ``size`` > 0)
             window = h2s._inbound_window_manager
-            if _no_update(conn_window, size) and _no_update(window, size):
-                conn_window._bytes_processed += size
-                window._bytes_processed += size
-                return
+            processed = conn_window._bytes_processed + size
+            limit = conn_window.max_window_size
+            if processed < limit // 2 and (conn_window.current_window_size != 0 or processed <= min(1024, limit // 4)):
+                stream_processed = window._bytes_processed + size
+                limit = window.max_window_size
+                if stream_processed < limit // 2 and (window.current_window_size != 0 or stream_processed <= min(1024, limit // 4)):
+                    conn_window._bytes_processed = processed
+                    window._bytes_processed = stream_processed
+                    return
         slow(stream_id, size)
 
     return ack
-
-
-def _no_update(window: Any, size: int) -> bool:
-    """Whether h2's ``WindowManager.process_bytes(size)`` would only count the bytes (the
-    negation of its ``_maybe_update_window`` condition; ``size`` > 0)."""
-    processed = window._bytes_processed + size
-    limit = window.max_window_size
-    return processed < limit // 2 and (window.current_window_size != 0 or processed <= min(1024, limit // 4))
 
 
 def limit_closed_streams(protocol: H2Protocol, kept: int) -> bool:

@@ -52,6 +52,7 @@ class MessageBuffer:
     __slots__ = (
         "_ack",
         "_max_size",
+        "_within",
         "_on_large",
         "_frames",
         "_head",
@@ -65,9 +66,13 @@ class MessageBuffer:
         "handover",
     )
 
-    def __init__(self, ack: Callable[[int], None], max_size: Callable[[], int], on_large: Callable[[int], None] | None = None) -> None:
+    def __init__(
+        self, ack: Callable[[int], None], max_size: Callable[[], int], on_large: Callable[[int], None] | None = None, within: int = 0
+    ) -> None:
         self._ack = ack  # gives ``n`` flow-controlled bytes back to the peer's windows
         self._max_size = max_size  # read per message: a reload applies at once
+        # a message shorter than this is within ``max_size()`` whatever it returns (and not large)
+        self._within = min(within, LARGE_MESSAGE)
         self._on_large = on_large
         self._frames: deque[tuple[bytes, int]] = deque()  # frames not acknowledged yet
         self._head = bytearray()  # acknowledged bytes not taken yet
@@ -82,6 +87,39 @@ class MessageBuffer:
 
     # ---- grpclib's side ------------------------------------------------------------------------
     def add(self, data: bytes, ack_size: int) -> None:
+        """One DATA frame's payload and its flow-controlled length.
+
+        The common frame, Envoy's, holds one whole message and arrives at an empty buffer whose
+        messages go to ``inline``: it is handed over here as ``_add`` -> ``_run_inline`` ->
+        ``next_message`` would (acknowledged, then ``inline(message)``, the same hand-over on
+        False or an exception), without the frame queued and taken back, or the second
+        ``next_message`` that finds the buffer empty."""
+        waiter = self._waiter
+        inline = self.inline
+        if (
+            inline is not None
+            and (self.handover is not None if waiter is None else not waiter.done())
+            and not self._frames
+            and self._size < 0
+            and not self._head
+            and len(data) >= 5
+            and not data[0]
+        ):
+            size = _SIZE(data, 1)[0]
+            if len(data) == size + 5 and (size < self._within or size < LARGE_MESSAGE and size <= self._max_size()):
+                if ack_size:
+                    self._ack(ack_size)
+                try:
+                    if inline(data[5:]):
+                        return  # (the buffer is empty, as ``next_message`` would find it: ``_need`` is 5)
+                except Exception as e:  # raised to the reader, in its task
+                    self._error = e
+                self._wake()
+                return
+        self._add(data, ack_size)
+
+    def _add(self, data: bytes, ack_size: int) -> None:
+        """``add`` for any frame: queued, then read as ``inline`` or the reader needs."""
         self._frames.append((data, ack_size))
         self._unacked += ack_size
         waiter = self._waiter

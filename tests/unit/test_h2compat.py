@@ -503,18 +503,47 @@ def test_acknowledgments_past_h2_leave_the_same_state(split, monkeypatch):
 
 
 def test_an_acknowledgment_counted_past_h2_is_one_h2_would_only_count():
-    """``_no_update`` is exactly the negation of h2's window-update condition, at every boundary."""
+    """``acknowledger`` counts the bytes itself exactly when h2 would only count them on both
+    window managers (the negation of h2's window-update condition, at every boundary, for the
+    connection's window and the stream's), else leaves the acknowledgment to grpclib."""
+    import types
+
+    from h2.stream import StreamState
     from h2.windows import WindowManager
 
-    for limit in (100, 4096, 65535):
-        for current in (0, 1, limit // 2, limit):
-            for processed in (0, 1, 24, 25, 26, 49, 50, 1023, 1024, 1025, limit // 4, limit // 2 - 1, limit // 2):
-                for size in (1, 2, 25):
-                    w = WindowManager(limit)
-                    w.current_window_size, w._bytes_processed = current, processed
-                    counted = h2compat._no_update(w, size)
-                    increment = w.process_bytes(size)
-                    assert counted == (not increment and w._bytes_processed == processed + size and w.current_window_size == current)
+    cases = [
+        (limit, current, processed, size)
+        for limit in (100, 4096, 65535)
+        for current in (0, 1, limit // 2, limit)
+        for processed in (0, 1, 24, 25, 26, 49, 50, 1023, 1024, 1025, limit // 4, limit // 2 - 1, limit // 2)
+        for size in (1, 2, 25)
+        if processed <= limit
+    ]
+    roomy = (65535, 65535, 0)
+    for limit, current, processed, size in cases:
+        for conn_window, stream_window in (((limit, current, processed), roomy), (roomy, (limit, current, processed))):
+            windows = []
+            for lim, cur, proc in (conn_window, stream_window):
+                w = WindowManager(lim)
+                w.current_window_size, w._bytes_processed = cur, proc
+                windows.append(w)
+            h2s = types.SimpleNamespace(state_machine=types.SimpleNamespace(state=StreamState.OPEN), _inbound_window_manager=windows[1])
+            conn = types.SimpleNamespace(_inbound_flow_control_window_manager=windows[0], streams={1: h2s}, _data_to_send=b"")
+            slow: list = []
+            stream = types.SimpleNamespace(connection=types.SimpleNamespace(_connection=conn, ack=lambda sid, n: slow.append(n)), id=1)
+            h2compat.acknowledger(stream)(size)
+            counted = not slow
+            expect = []
+            for (lim, cur, proc), w in zip((conn_window, stream_window), windows):
+                h2w = WindowManager(lim)
+                h2w.current_window_size, h2w._bytes_processed = cur, proc
+                only_counted = not h2w.process_bytes(size) and h2w._bytes_processed == proc + size and h2w.current_window_size == cur
+                expect.append(only_counted)
+                if counted:  # counted here: as h2 counts it
+                    assert (w._bytes_processed, w.current_window_size) == (h2w._bytes_processed, cur)
+                else:  # left to grpclib: untouched here
+                    assert (w._bytes_processed, w.current_window_size) == (proc, cur)
+            assert counted == all(expect), (conn_window, stream_window, size)
 
 
 def test_the_constant_response_headers_are_what_grpclib_sends():

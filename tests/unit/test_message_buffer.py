@@ -205,3 +205,86 @@ def test_inline_handles_messages_while_the_reader_waits():
         assert e.value.status == Status.UNIMPLEMENTED
 
     asyncio.run(main())
+
+
+def _exchange(frames: list[bytes], within: int, max_size: int = 1 << 20) -> list:
+    """What a stream handled without a task sees for ``frames`` (each added with a flow-controlled
+    length one more than its bytes): every message ``inline`` got, every acknowledgment, the
+    hand-over, then what a reader task (``inline`` still set, as the server's) read and raised.
+    ``inline`` returns False at b"stop" (the hand-over) and raises at b"boom"."""
+    log: list = []
+
+    async def main() -> None:
+        buf = MessageBuffer(lambda n: log.append(("ack", n)), lambda: max_size, lambda n: log.append(("large", n)), within)
+
+        def inline(m: bytes) -> bool:
+            log.append(("inline", m))
+            if m == b"boom":
+                raise ValueError("boom")
+            return m != b"stop"
+
+        async def reader() -> None:
+            try:
+                buf.check()
+                while True:
+                    m = buf.next_message()
+                    if m is not None:
+                        log.append(("reader", m))
+                    elif buf.ended:
+                        return
+                    else:
+                        await buf.wait()
+            except Exception as e:
+                log.append(("raised", type(e).__name__))
+
+        tasks: list = []
+        buf.inline = inline
+        buf.handover = lambda: (log.append(("handover",)), tasks.append(asyncio.ensure_future(reader())))
+        for i, f in enumerate(frames):
+            buf.add(f, len(f) + 1)
+            if i % 3 == 2:
+                await asyncio.sleep(0)
+            log.append(("unacked", buf.unacked_size()))
+        buf.eof()
+        for t in tasks:
+            await asyncio.wait_for(t, 1)
+        log.append(("end", buf.ended, buf.unacked_size()))
+
+    asyncio.run(main())
+    return log
+
+
+@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("within", [0, 64, 1 << 16])
+def test_a_frame_of_one_whole_message_is_handled_as_the_general_path_handles_it(seed, within, monkeypatch):
+    """``add``'s shortcut for a frame holding one whole message (Envoy's) gives ``inline`` the
+    same messages, acknowledgments, hand-overs and errors, in the same order, as the general
+    path (``_add``: queued, then read by ``next_message``), whatever frames come before and
+    after it: split messages, several per frame, empty ones, a large one, a compressed one, an
+    oversized one, ``inline`` handing over or raising."""
+    import random
+
+    rnd = random.Random(seed)
+    pool = [b"a" * 7, b"", b"x" * 120, b"stop", b"boom", b"l" * LARGE_MESSAGE, b"o" * 200]
+    frames: list[bytes] = []
+    for _ in range(rnd.randint(1, 12)):
+        shape = rnd.random()
+        m = rnd.choice(pool[:4] + pool[6:] if rnd.random() < 0.7 else pool)
+        if shape < 0.6:
+            frames.append(framed(m))
+        elif shape < 0.75:
+            data = framed(m, rnd.choice(pool[:3]))
+            frames.append(data)
+        elif shape < 0.9:
+            data = framed(m)
+            cut = rnd.randint(1, len(data))
+            frames += [data[:cut], data[cut:]] if cut < len(data) else [data]
+        else:
+            frames.append(b"\1" + framed(m)[1:])  # compressed
+    if seed < 2:  # a frame that would read as one whole message, arriving after a message's prefix
+        frames += [framed(b"abc")[:5], framed(b"xyz")] if seed == 0 else [b"\0", framed(b"xyz")]
+    max_size = max(150, within) if seed % 5 == 0 else 1 << 20  # (never below ``within``: the config's bound)
+    fast = _exchange(frames, within, max_size)
+    monkeypatch.setattr(MessageBuffer, "add", MessageBuffer._add)
+    general = _exchange(frames, within, max_size)
+    assert fast == general
