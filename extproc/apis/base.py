@@ -271,7 +271,11 @@ class ApiParser:
             sse = self._sse
             assert sse is not None
             for event, data in sse.decode(chunk):
-                self._sse_event(event, data)
+                # ``_sse_event``, inline (most chunks are one event the filter rejects)
+                if data == b"[DONE]":
+                    self.on_sse_done()
+                elif data and self.want_sse_event(event, data):
+                    self._sse_json(event, data)
             if end:
                 for event, data in sse.flush():
                     self._sse_event(event, data)
@@ -485,6 +489,10 @@ class ApiParser:
             return
         if not data or not self.want_sse_event(event, data):
             return
+        self._sse_json(event, data)
+
+    def _sse_json(self, event: bytes, data: bytes) -> None:
+        """An event the filter wants: its data parsed as JSON, for ``on_sse_event``."""
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:

@@ -14,7 +14,7 @@ Event = tuple[bytes, bytes]  # (event name, data); name is b"" when the event ha
 
 
 class SSEDecoder:
-    __slots__ = ("_pieces", "_plen", "_dropping", "_skip_lf", "_event", "_data", "_dlen", "_drop_event", "_max_line", "oversized")
+    __slots__ = ("_pieces", "_plen", "_dropping", "_skip_lf", "_event", "_data", "_dlen", "_drop_event", "_max_line", "oversized", "held")
 
     def __init__(self, max_line: int = 4 << 20) -> None:
         self._pieces: list[bytes] = []  # the unfinished last line, as received
@@ -27,6 +27,9 @@ class SSEDecoder:
         self._drop_event = False  # the event being read went over max_line: skip to its end
         self._max_line = max_line
         self.oversized = 0  # lines dropped for exceeding max_line
+        # Bytes held: the unfinished line and the data of the unfinished event (``_plen`` +
+        # ``_dlen``, set after each ``decode`` and ``flush``: a plain attribute, read per chunk)
+        self.held = 0
 
     def decode(self, chunk: bytes) -> list[Event]:
         if (
@@ -38,8 +41,14 @@ class SSEDecoder:
             and len(chunk) - 7 <= self._max_line
         ):
             # The common chunk, one whole event of one data line between events: what the loop
-            # below makes of it (the value after "data: ", no state left), without the loop.
+            # below makes of it (the value after "data: ", no state left, nothing held), without
+            # the loop.
             return [(b"", chunk[6:-2])]
+        out = self._decode(chunk)
+        self.held = self._plen + self._dlen
+        return out
+
+    def _decode(self, chunk: bytes) -> list[Event]:
         out: list[Event] = []
         if self._skip_lf:
             self._skip_lf = False
@@ -94,11 +103,13 @@ class SSEDecoder:
         self._pieces = []
         self._plen = 0
         self._dropping = False
+        out = []
         if self._drop_event:
             self._drop_event = False
         elif self._data or self._event:
-            return [self._dispatch()]
-        return []
+            out.append(self._dispatch())
+        self.held = self._dlen
+        return out
 
     def _hold(self, piece: bytes) -> None:
         if self._dropping or not piece:
@@ -139,8 +150,3 @@ class SSEDecoder:
         self._data = []
         self._dlen = 0
         return event
-
-    @property
-    def held(self) -> int:
-        """Bytes held: the unfinished line and the data of the unfinished event."""
-        return self._plen + self._dlen

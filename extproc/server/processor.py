@@ -20,7 +20,8 @@ explains why it takes this route):
    stream's :class:`MessageBuffer` (``MessageBuffer.add``), as do a new stream's HEADERS (its
    header block decoded once per connection) to grpclib's processor; any other frame goes
    through h2 and grpclib as usual, to the same buffer.
-3. ``MessageBuffer.add`` -> ``next_message``: the gRPC length prefix is checked
+3. ``MessageBuffer.add`` (a frame holding one whole message, Envoy's, at once; any other
+   through ``next_message``): the gRPC length prefix is checked
    (``limits.maxGrpcMessageBytes``) and a whole message taken; it is handed to the stream's
    ``grpc_server._Exchange.one`` right there (``MessageBuffer.inline``: a stream has no task unless
    something must be awaited, and a task that waits leaves its messages to ``one`` too), else the
@@ -166,6 +167,7 @@ class Stream:
         "_priced",
         "_content_length",
         "_routed",
+        "end_stream",
     )
 
     def __init__(self, processor: Processor) -> None:
@@ -185,23 +187,22 @@ class Stream:
         self._priced: tuple[object, ...] | None = None  # what call.cost was computed from
         self._content_length: int | None = None  # the response's, when it declares one
         self._routed = False  # path, host and method read (request headers, or attributes)
+        # The server should end the stream now: in observability mode, once the response has
+        # ended (Envoy would otherwise hold the stream open for its deferred_close_timeout, 5 s,
+        # before the call is reported). Set by ``handle``: a plain attribute, read per message.
+        self.end_stream = False
 
     def handle(self, req: pb.ProcessingRequest) -> bytes | None:
         """One message from Envoy: the reply to send, or None when there is none (observability
         mode: Envoy expects no reply; the stream is then over at the response's end, see
         ``end_stream``; in observability mode no reply is built, see ``_observe_only``). The
-        time spent here is added to ``call.processing`` (the self-cost metric)."""
+        time spent here is added to ``call.processing`` (the self-cost metric). The phase
+        handler of the message's kind builds the reply (a streamed chunk's, the common message,
+        is dispatched first)."""
         started = _clock()
-        if req.observability_mode:
+        observe = req.observability_mode
+        if observe:
             self._observe_only = True
-            self._reply(req)
-            reply = None
-        else:
-            reply = self._reply(req)
-        self.call.processing += _clock() - started
-        return reply
-
-    def _reply(self, req: pb.ProcessingRequest) -> bytes | None:
         call = self.call
         if call.forwarded is None and req.HasField("metadata_context"):
             call.forwarded = req.metadata_context.filter_metadata
@@ -212,22 +213,29 @@ class Stream:
                     # fewer-messages mode: no headers messages; the first response message
                     # carries the status (and the request line, for a GET) as attributes
                     self._response_start_from(req)
-                    return self._response_body(req.response_body, first=True)
-                return self._response_body(req.response_body)
-            if kind == "request_headers":
-                return self._request_headers(req.request_headers)
-            if kind == "request_body":
+                    reply = self._response_body(req.response_body, first=True)
+                else:
+                    reply = self._response_body(req.response_body)
+            elif kind == "request_headers":
+                reply = self._request_headers(req.request_headers)
+            elif kind == "request_body":
                 if not self._routed:
                     self._route_from(req)  # fewer-messages mode: the request line as attributes
-                return self._request_body(req.request_body)
-            if kind == "response_headers":
-                return self._response_headers(req.response_headers)
+                reply = self._request_body(req.request_body)
+            elif kind == "response_headers":
+                reply = self._response_headers(req.response_headers)
+            else:
+                reply = CONTINUE.get(kind)
         except Exception:  # fail open: a bug on one payload never becomes a client error
             self.p.counters.internal_errors += 1
             log.exception("processing %s failed; observing nothing more on this stream", kind)
             self._release()
             call.obs.parse_error("internal_error")
-        return CONTINUE.get(kind)
+            reply = CONTINUE.get(kind)
+        call.processing += _clock() - started
+        if self._observe_only:
+            self.end_stream = self._response_done
+        return None if observe else reply
 
     # ---- request phase -----------------------------------------------------------------------
     def _request_headers(self, msg: pb.HttpHeaders) -> bytes:
@@ -395,13 +403,6 @@ class Stream:
         return CONTINUE_RESPONSE_BODY + metadata.encoded(s.config.metadata.namespace, call, s.budget)
 
     # ---- end ---------------------------------------------------------------------------------
-    @property
-    def end_stream(self) -> bool:
-        """The server should end the stream now: in observability mode, once the response has
-        ended (Envoy would otherwise hold the stream open for its deferred_close_timeout, 5 s,
-        before the call is reported)."""
-        return self._observe_only and self._response_done
-
     def _hold(self, held: int) -> None:
         """The parser now holds ``held`` bytes (a request body's chunks, an unparsed response):
         the worker's total follows; past ``limits.maxHeldBytes`` the stream's parsing is abandoned."""

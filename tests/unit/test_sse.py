@@ -86,3 +86,17 @@ def test_whole_one_line_events_decode_as_without_the_shortcut(chunks, max_line):
     d = SSEDecoder(max_line)
     out = [e for c in chunks for e in d.decode(c)]
     assert (out, d.oversized, d.held) == _without_shortcut(chunks, max_line)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.lists(st.sampled_from(PIECES), max_size=6).map(b"".join), max_size=12), st.sampled_from([8, 40, 1 << 20]))
+def test_held_is_the_unfinished_line_and_event_after_every_call(chunks, max_line):
+    """``held`` (a plain attribute, read per chunk) is, after each ``decode`` and ``flush``, the
+    bytes of the unfinished line as received plus the data of the unfinished event."""
+    d = SSEDecoder(max_line)
+    for c in chunks:
+        d.decode(c)
+        line = 0 if d._dropping else sum(map(len, d._pieces))
+        assert d.held == line + sum(len(v) + 1 for v in d._data)
+    d.flush()
+    assert d.held == 0
