@@ -221,7 +221,7 @@ def send_message_now(ps: Any, message: bytes) -> bool:
         or size > conn.outbound_flow_control_window
         or size > h2s.outbound_flow_control_window
         or size > conn.max_outbound_frame_size
-        or not ps.connection.write_ready.is_set()
+        or not ps.connection.write_ready._value  # asyncio's ``Event.is_set()``, without the call
     ):
         return False
     h2s.outbound_flow_control_window -= size
@@ -389,7 +389,7 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
     grpc_streams = protocol.processor.streams
     window = conn._inbound_flow_control_window_manager
     max_size = conn.max_inbound_frame_size
-    cached = getattr(conn.decoder, "cached", None)
+    cached: Any = False  # the decoder's ``cached``, looked up at the first HEADERS frame
     unpack = _FRAME_HEAD.unpack_from
     on_reset: Callable[[int], None] | None = None
     end = len(data)
@@ -402,6 +402,8 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
             break
         if kind == 1:  # HEADERS
             stream_id &= 0x7FFFFFFF
+            if cached is False:
+                cached = getattr(conn.decoder, "cached", None)
             if (
                 flags != _HEADERS_END
                 or not stream_id & 1

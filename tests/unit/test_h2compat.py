@@ -203,6 +203,36 @@ def test_send_message_now_within_flow_control(monkeypatch):
     assert sent_now.count(True) > 0 and sent_now.count(False) > 0  # both paths were taken
 
 
+def test_nothing_is_sent_now_while_the_transport_is_paused():
+    """A paused transport (grpclib's ``write_ready`` cleared by ``pause_writing``) holds replies
+    and response headers back: ``send_message_now`` and ``send_response_headers_now`` send
+    nothing and say so, as grpclib's ``send_message`` would wait; once resumed they send."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+
+    async def main() -> None:
+        server = build_server(Processor(parse({"listen": "127.0.0.1:1"}), []), "127.0.0.1:1")
+        proto = server._protocol_factory()
+        transport = _Transport()
+        proto.connection_made(transport)
+        client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        client.initiate_connection()
+        client.send_headers(1, REQUEST_HEADERS)
+        proto.data_received(client.data_to_send())
+        ps = h2compat.stream_of(proto, 1)
+        proto.pause_writing()
+        before = bytes(transport.written)
+        assert not h2compat.send_response_headers_now(ps) and not h2compat.send_message_now(ps, b"reply")
+        proto._out.flush()
+        assert transport.written == before
+        proto.resume_writing()
+        assert h2compat.send_response_headers_now(ps) and h2compat.send_message_now(ps, b"reply")
+        proto._out.flush()
+        assert transport.written.endswith(b"\0\0\0\0\x05reply")
+
+    asyncio.run(main())
+
+
 def _messages(data: bytes) -> list[bytes]:
     out, pos = [], 0
     while pos + 5 <= len(data):
