@@ -332,3 +332,47 @@ def test_a_system_message_inside_the_messages_is_not_apart() -> None:
     case = Case("x", "/v1/chat/completions", JSON, body=b"{}", expect={}, request=orjson.dumps(request))
     obs = new_parser(case, capture=True)[1]
     assert obs.input_messages == request["messages"] and not obs.system_apart
+
+
+_CHAT_PIECES = [
+    b'{"id":"c","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"hi"}',
+    b',"finish_reason":null}]}',
+    b',"finish_reason":"stop"}]}',
+    b',"finish_reason": "length"}]}',
+    b'"usage":null',
+    b'"usage":{"prompt_tokens":3}',
+    b'"usage": null',
+    b'{"error"',
+    b'"finish_reason"',
+    b"x",
+    b'"',
+]
+
+
+def _old_chat_filter(capture: bool, model: str | None, data: bytes) -> bool:
+    """The chat filter as three substring searches (its definition)."""
+    return (
+        capture
+        or model is None
+        or (b'"usage"' in data and b'"usage":null' not in data)
+        or b'"finish_reason":"' in data
+        or b'"finish_reason": "' in data
+        or data.startswith(b'{"error"')
+    )
+
+
+def test_the_chat_filter_wants_exactly_the_chunks_its_substring_searches_want() -> None:
+    """OpenAI chat's ``want_sse_event`` (one scan for usage or a finish reason, then the
+    searches only where it matched) wants the same events as its three substring searches."""
+    import itertools
+
+    from extproc.apis.openai import OpenAIChat
+    from extproc.core.observation import Observation
+
+    datas = [b"".join(p) for n in range(4) for p in itertools.product(_CHAT_PIECES, repeat=n)]
+    for capture, model in ((False, "gpt-4o"), (False, None), (True, "gpt-4o")):
+        obs = Observation()
+        parser = OpenAIChat(obs, capture=capture)
+        obs.response_model = model
+        for data in datas:
+            assert parser.want_sse_event(b"", data) == _old_chat_filter(capture, model, data), data
