@@ -416,8 +416,8 @@ def receive_frames(protocol: H2Protocol, data: bytes, offset: int = 0) -> int:
             # h2's check of the streams open (which also forgets the closed ones) comes first
             if block is None or not block.plain or _open_inbound_streams(conn) >= _max_concurrent_streams(conn):
                 break
-            config = conn.config
-            if config.validate_inbound_headers or config.normalize_inbound_headers or failed(protocol):
+            config: Any = conn.config  # (its two options read where h2's descriptors keep them)
+            if config._validate_inbound_headers or config._normalize_inbound_headers or failed(protocol):
                 break
             _open_stream(protocol, conn, stream_id, block, config.header_encoding)
             offset = start + size
@@ -784,7 +784,7 @@ class _CachingDecoder(Decoder):
             block is None
             or self.header_table.changes != self.changes
             or block.size > self.max_header_list_size
-            or self.header_table_size > self.max_allowed_table_size
+            or self.header_table._maxsize > self.max_allowed_table_size  # hpack's ``header_table_size``
         ):
             return None
         return block

@@ -1185,14 +1185,15 @@ def test_header_tuple_classes_are_kept_past_h2(monkeypatch):
             assert run["headers"] == 1  # 7, from the kept block
 
 
-def test_a_connection_that_validates_headers_opens_streams_through_h2(monkeypatch):
+@pytest.mark.parametrize("option", ["validate_inbound_headers", "normalize_inbound_headers"])
+def test_a_connection_that_validates_headers_opens_streams_through_h2(option, monkeypatch):
     """Streams are opened past h2 only where h2 would neither validate nor normalise the
     received headers (grpclib's configuration): otherwise h2 does it, as before."""
     import copy
 
     def validating(conn) -> None:
         conn.config = copy.copy(conn.config)
-        conn.config.validate_inbound_headers = True
+        setattr(conn.config, option, True)  # (through h2's descriptor, as a user would)
 
     block = b"\x83\x86\x84\x01\x01x"  # POST, http, /, literal :authority without indexing: valid, kept
     data = PREFACE + _frame(4, 0, 0) + b"".join(_headers(sid, block) + _data(sid) for sid in (1, 3, 5)) + _rst(3)
