@@ -137,6 +137,7 @@ class BoundedBatchProcessor:
         self._max_batch = max_batch
         self._delay = delay_s
         self._wake = threading.Event()
+        self._full = False  # add() woke the thread for a full batch (not the timer, a flush, shutdown)
         self._stopped = False
         self._idle = threading.Event()
         self._idle.set()
@@ -152,19 +153,25 @@ class BoundedBatchProcessor:
             SPANS_DROPPED.labels("queue_full").inc()
         queue.append(record)
         if len(queue) >= self._max_batch:
+            self._full = True
             self._wake.set()
 
     def _run(self) -> None:
         while not self._stopped:
             self._wake.wait(self._delay)
             self._wake.clear()
-            self._drain()
-        self._drain()
+            full, self._full = self._full, False
+            # Woken for a full batch: only full batches go, the rest waits to fill one (or for the
+            # timer). Draining to the last span instead sent a few spans per call as they came in
+            # while the big batch was written: the same gRPC call's cost for a handful.
+            self._drain(self._max_batch if full else 1)
+        self._drain(1)
 
-    def _drain(self) -> None:
+    def _drain(self, least: int) -> None:
+        """Export batches while ``least`` spans or more are queued."""
         self._idle.clear()
         try:
-            while self._queue:
+            while len(self._queue) >= least:
                 batch: list[Any] = []
                 while self._queue and len(batch) < self._max_batch:
                     batch.append(self._queue.popleft())
@@ -187,6 +194,7 @@ class BoundedBatchProcessor:
         not idle), so a flush called before the thread picks the queue up waits for it."""
         deadline = time.monotonic() + timeout_millis / 1000
         while True:
+            self._full = False  # everything, not only full batches
             self._wake.set()
             if not self._queue and self._idle.is_set():
                 return True

@@ -67,3 +67,61 @@ def test_force_flush_reports_failure_when_the_export_outlasts_the_timeout() -> N
         assert time.monotonic() - started < 0.9
     finally:
         processor.shutdown()
+
+
+class _GatedExporter(SpanExporter):
+    """Records each batch; the first export waits for ``gate`` (the spans are all queued by then)."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[Any]] = []
+        self.gate = threading.Event()
+
+    def export(self, spans: Any) -> SpanExportResult:
+        self.gate.wait(5)
+        self.batches.append(list(spans))
+        return SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        pass
+
+
+def _wait_for(predicate: Any, seconds: float = 5.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while not predicate():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.005)
+    return True
+
+
+def test_a_full_batch_sends_only_full_batches_and_the_rest_waits_for_the_timer() -> None:
+    """Woken because a batch filled, the thread sends full batches only: the spans that came in
+    meanwhile are not sent a few at a time (each export is a gRPC call), they wait for the next
+    full batch or the schedule delay."""
+    exporter = _GatedExporter()
+    processor = _processor(exporter, delay_s=0.5)
+    try:
+        for i in range(90):
+            processor.add(i)
+        exporter.gate.set()
+        assert _wait_for(lambda: len(exporter.batches) == 1)
+        time.sleep(0.1)  # the thread has gone back to waiting; the last 40 are still queued
+        assert [len(b) for b in exporter.batches] == [50]
+        assert _wait_for(lambda: len(exporter.batches) == 2)  # the timer sends the rest
+        assert exporter.batches[1] == list(range(50, 90))
+    finally:
+        processor.shutdown()
+
+
+def test_force_flush_sends_a_part_batch_left_after_a_full_one() -> None:
+    exporter = _GatedExporter()
+    processor = _processor(exporter)  # the timer: a minute away
+    try:
+        for i in range(70):
+            processor.add(i)
+        exporter.gate.set()
+        assert _wait_for(lambda: len(exporter.batches) >= 1)
+        assert processor.force_flush(5000) is True
+        assert [len(b) for b in exporter.batches] == [50, 20]
+    finally:
+        processor.shutdown()
