@@ -45,6 +45,7 @@ from extproc.server import h2compat
 from extproc.server.message_buffer import BadStream, MessageBuffer
 from extproc.server.processor import Processor
 from extproc.server.tls import ssl_context, warn_if_plaintext
+from extproc.server.wire import response_body_only
 
 log = logging.getLogger("extproc")
 # grpclib logs every stream Envoy resets (a client that hung up) at INFO: routine here; h2 and
@@ -457,6 +458,7 @@ class GrpclibServer:
 
 
 _PARSE = pb.ProcessingRequest.FromString
+_body_only = response_body_only
 
 
 # One line per malformed stream at most every 10 s (a client can send them at will).
@@ -512,6 +514,7 @@ class _Exchange:
         "s",
         "buf",
         "handle_message",
+        "handle_chunk",
         "held",
         "end",
         "headers_sent",
@@ -538,6 +541,7 @@ class _Exchange:
         self.s = s  # the Processor's Stream
         self.buf = buf
         self.handle_message = s.handle
+        self.handle_chunk = s.handle_body_chunk
         self.held: bytes | None = None  # a reply for the task to send
         self.end = False
         self.headers_sent = False
@@ -546,12 +550,17 @@ class _Exchange:
         self.done = False
 
     def one(self, data: bytes) -> bool:
-        """One message: handled and answered now (True), or left to the task (False)."""
-        try:
-            req = _PARSE(data)
-        except DecodeError:
-            raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
-        reply = self.handle_message(req)
+        """One message: handled and answered now (True), or left to the task (False). A
+        streamed chunk's message (a response body and nothing else) is handled from its bytes."""
+        body = _body_only(data)
+        if body is not None:
+            reply = self.handle_chunk(body)
+        else:
+            try:
+                req = _PARSE(data)
+            except DecodeError:
+                raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
+            reply = self.handle_message(req)
         if reply is not None:
             ps = self.ps
             if not self.headers_sent:  # the response headers go first: a constant HPACK block

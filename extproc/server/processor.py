@@ -26,7 +26,9 @@ explains why it takes this route):
    ``grpc_server._Exchange.one`` right there (``MessageBuffer.inline``: a stream has no task unless
    something must be awaited, and a task that waits leaves its messages to ``one`` too), else the
    task (``grpc_server.build_server.handle``) takes it in its loop.
-4. ``one``: ``ProcessingRequest.FromString``, then :meth:`Stream.handle` (this module): the phase
+4. ``one``: ``ProcessingRequest.FromString``, then :meth:`Stream.handle` (this module; a
+   streamed chunk's message, a response body and nothing else, is read from its bytes by
+   ``wire.response_body_only`` and handled by :meth:`Stream.handle_body_chunk`): the phase
    handler of its kind (``_request_headers``, ``_request_body``, ``_response_headers``,
    ``_response_body``) routes, parses through the API parser (``extproc.apis``), settles and
    prices the call, and returns the reply: a constant of :mod:`extproc.server.replies`, plus the
@@ -104,7 +106,9 @@ class Processor:
     def open_stream(self, metadata: Mapping[str, Any] | None = None) -> Stream:
         """The one way to drive an ext_proc stream: ``open_stream`` with the stream's gRPC
         metadata (lower-case keys), then ``stream.handle(req)`` per message (the reply to send, or
-        None) until the messages end or ``stream.end_stream``, then ``close_stream`` exactly once,
+        None; ``stream.handle_body_chunk(body)`` for a message that is a response body chunk and
+        nothing else, read from its bytes) until the messages end or ``stream.end_stream``, then
+        ``close_stream`` exactly once,
         however the stream ended (see ``grpc_server.build_server``)."""
         stream = Stream(self)
         if metadata:
@@ -209,13 +213,14 @@ class Stream:
         kind = req.WhichOneof("request")
         try:
             if kind == "response_body":
+                msg = req.response_body
                 if call.response_start is None:
                     # fewer-messages mode: no headers messages; the first response message
                     # carries the status (and the request line, for a GET) as attributes
                     self._response_start_from(req)
-                    reply = self._response_body(req.response_body, first=True)
+                    reply = self._response_body(msg.body, msg.end_of_stream, first=True)
                 else:
-                    reply = self._response_body(req.response_body)
+                    reply = self._response_body(msg.body, msg.end_of_stream)
             elif kind == "request_headers":
                 reply = self._request_headers(req.request_headers)
             elif kind == "request_body":
@@ -227,15 +232,41 @@ class Stream:
             else:
                 reply = CONTINUE.get(kind)
         except Exception:  # fail open: a bug on one payload never becomes a client error
-            self.p.counters.internal_errors += 1
-            log.exception("processing %s failed; observing nothing more on this stream", kind)
-            self._release()
-            call.obs.parse_error("internal_error")
-            reply = CONTINUE.get(kind)
+            reply = self._failed(kind)
         call.processing += _clock() - started
         if self._observe_only:
             self.end_stream = self._response_done
         return None if observe else reply
+
+    def handle_body_chunk(self, body: bytes) -> bytes | None:
+        """``handle`` for a message that holds a response body chunk (``body``, not empty) and
+        nothing else: no end of stream, no metadata context, no attributes, not in
+        observability mode (what Envoy sends for each streamed chunk after the first, read from
+        the message's bytes by ``wire.response_body_only``). The same reply and state as
+        ``handle`` of that message, without its protobuf objects."""
+        started = _clock()
+        call = self.call
+        try:
+            if call.response_start is None:
+                self._response_start_from(None)
+                reply = self._response_body(body, False, first=True)
+            else:
+                reply = self._response_body(body, False)
+        except Exception:  # fail open, as in ``handle``
+            reply = self._failed("response_body")
+        call.processing += _clock() - started
+        if self._observe_only:
+            self.end_stream = self._response_done
+        return reply
+
+    def _failed(self, kind: str | None) -> bytes | None:
+        """A bug on one payload: counted, logged, nothing more observed on this stream; the
+        reply lets the message through."""
+        self.p.counters.internal_errors += 1
+        log.exception("processing %s failed; observing nothing more on this stream", kind)
+        self._release()
+        self.call.obs.parse_error("internal_error")
+        return CONTINUE.get(kind)  # type: ignore[arg-type]
 
     # ---- request phase -----------------------------------------------------------------------
     def _request_headers(self, msg: pb.HttpHeaders) -> bytes:
@@ -333,11 +364,11 @@ class Stream:
         if encoding and parser.observed:
             self.decoder = make_decoder(encoding, self.p.settings.limits.max_decoded_bytes)
 
-    def _response_start_from(self, req: pb.ProcessingRequest) -> None:
+    def _response_start_from(self, req: pb.ProcessingRequest | None) -> None:
         """fewer-messages mode: the response's start, from the attributes of its first body
         message (see :func:`read_response_attributes`), and the request line when no request
-        message came (a GET, an early or local reply)."""
-        attrs = req.attributes.get(ATTRIBUTES_KEY)
+        message came (a GET, an early or local reply). ``req`` None: a message without them."""
+        attrs = req.attributes.get(ATTRIBUTES_KEY) if req is not None else None
         status = content_type = encoding = ""
         if attrs is not None:
             if not self._routed:
@@ -348,13 +379,12 @@ class Stream:
         if not self.parser.observed:
             self._complete()  # not an LLM path: the status is all we observe
 
-    def _response_body(self, msg: pb.HttpBody, first: bool = False) -> bytes | None:
+    def _response_body(self, body: bytes, end: bool, first: bool = False) -> bytes | None:
+        """A response body message's ``body`` and ``end_of_stream``."""
         call = self.call
         if call.first_chunk is None:
             call.first_chunk = time.perf_counter()
-        body = msg.body
         call.response_bytes += len(body)
-        end = msg.end_of_stream
         # The body is complete once its Content-Length has arrived, which can be a message before
         # Envoy's end_of_stream (an HTTP/1.1 upstream: the data, then an empty end of stream).
         # Envoy hands this chunk to the client on our reply, and a client that has its

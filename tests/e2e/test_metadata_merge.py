@@ -56,6 +56,9 @@ class _NumberedReplies:
         self._sent.append(self._n)
         return r.SerializeToString()
 
+    def handle_body_chunk(self, body: bytes) -> bytes:  # a streamed chunk read from its bytes: numbered too
+        return self.handle(pb.ProcessingRequest(response_body=pb.HttpBody(body=body)))
+
 
 class _NumberingProcessor(Processor):
     sent: list[int] = []

@@ -219,6 +219,9 @@ class _SlowEnd:
             time.sleep(0.3)
         return self.stream.handle(req)
 
+    def handle_body_chunk(self, body):  # a streamed chunk read from its bytes: never the empty end
+        return self.stream.handle_body_chunk(body)
+
     @property
     def end_stream(self) -> bool:
         return self.stream.end_stream

@@ -1,0 +1,58 @@
+"""The ext_proc message Envoy sends for each streamed chunk after the first, read from its bytes.
+
+Per streamed chunk Envoy sends a ``ProcessingRequest`` holding a ``response_body`` with its
+``body`` and nothing else (no end of stream, no other field): two length-delimited fields, one
+inside the other. :func:`response_body_only` recognises exactly that shape and returns the body
+(a slice of the message's bytes), so the servicer handles the chunk without building the protobuf
+message, its ``HttpBody`` wrapper and the body's copy, or asking it which field is set; any other
+message (or an unusual encoding: a length over two varint bytes, a repeated or unknown field)
+returns None and is parsed as usual. ``tests/unit/test_wire.py`` checks it against protobuf's
+own parse.
+"""
+
+from __future__ import annotations
+
+from extproc._pb.envoy_api import external_processor_pb2 as pb
+
+
+def _tag(field: int) -> int:
+    """The one-byte key of a length-delimited field (wire type 2)."""
+    key = (field << 3) | 2
+    assert key < 0x80, "a one-byte key"
+    return key
+
+
+_RESPONSE_BODY = _tag(pb.ProcessingRequest.DESCRIPTOR.fields_by_name["response_body"].number)
+_BODY = _tag(pb.HttpBody.DESCRIPTOR.fields_by_name["body"].number)
+
+
+def response_body_only(data: bytes) -> bytes | None:
+    """The body of a serialised ``ProcessingRequest`` that holds a ``response_body`` with a
+    non-empty ``body`` and nothing else (each length in one or two varint bytes); None for any
+    other message."""
+    n = len(data)
+    if n < 4 or data[0] != _RESPONSE_BODY:
+        return None
+    size = data[1]
+    p = 2
+    if size & 0x80:
+        high = data[2]
+        if high & 0x80:
+            return None
+        size = (size & 0x7F) | (high << 7)
+        p = 3
+    if size < 2 or p + size != n or data[p] != _BODY:
+        return None
+    size = data[p + 1]
+    q = p + 2
+    if size & 0x80:
+        if q >= n:
+            return None
+        high = data[q]
+        if high & 0x80:
+            return None
+        size = (size & 0x7F) | (high << 7)
+        q += 1
+    if q + size != n:
+        return None
+    return data[q:]
