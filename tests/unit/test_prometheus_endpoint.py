@@ -9,7 +9,7 @@ import concurrent.futures
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -21,28 +21,38 @@ from extproc.telemetry.prometheus_endpoint import Endpoint
 
 
 class SlowCollector:
-    """A registry whose render takes ``delay`` seconds and yields ``series`` samples."""
+    """A registry whose render takes ``delay`` seconds and yields ``series`` samples. A gated
+    one's render also waits until the test calls :meth:`release`: what the endpoint does while a
+    render is in progress is then checked while it certainly is, however loaded the machine."""
 
-    def __init__(self, delay: float, series: int = 10) -> None:
+    def __init__(self, delay: float, series: int = 10, gated: bool = False) -> None:
         self.delay = delay
         self.series = series
         self.calls = 0
         self.lock = threading.Lock()
+        self.gate = threading.Event()
+        if not gated:
+            self.gate.set()
+
+    def release(self) -> None:
+        self.gate.set()
 
     def collect(self) -> Iterator[Any]:
         with self.lock:
             self.calls += 1
         time.sleep(self.delay)
+        if not self.gate.wait(30):
+            raise RuntimeError("the test never released the render")
         g = GaugeMetricFamily("slow_value", "a value", labels=["i"])
         for i in range(self.series):
             g.add_metric([str(i)], float(i))
         yield g
 
 
-def endpoint(delay: float = 0.0, series: int = 10, **stats: Any) -> tuple[Endpoint, SlowCollector]:
+def endpoint(delay: float = 0.0, series: int = 10, gated: bool = False, **stats: Any) -> tuple[Endpoint, SlowCollector]:
     reg = CollectorRegistry()
-    slow = SlowCollector(delay, series)
-    reg.register(slow)
+    slow = SlowCollector(delay, series, gated)
+    reg.register(slow)  # before the endpoint's own counters: a render collects them after this one
     cfg = config.parse({"stats": {"port": 0, **stats}}).stats
     return Endpoint(cfg, reg), slow
 
@@ -56,6 +66,16 @@ def get(port: int, path: str = "/metrics", timeout: float = 10) -> tuple[int, by
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     return int(head.split()[1]) if head else 0, body, time.monotonic() - t0
+
+
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    """Polls ``condition`` until it holds (True) or ``seconds`` pass (False)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def closed_within(sock: socket.socket, seconds: float) -> float | None:
@@ -77,21 +97,29 @@ def test_default_bind_is_loopback():
 
 
 def test_concurrent_scrapes_share_one_render_and_extra_ones_get_503_at_once():
-    ep, slow = endpoint(delay=1.0, maxConcurrentScrapes=3, renderIntervalSeconds=5)
+    ep, slow = endpoint(gated=True, maxConcurrentScrapes=3, renderIntervalSeconds=60)
     try:
         with concurrent.futures.ThreadPoolExecutor(10) as pool:
-            results = list(pool.map(lambda _: get(ep.port), range(10)))
-        ok = [r for r in results if r[0] == 200]
-        busy = [r for r in results if r[0] == 503]
-        assert len(ok) == 3 and len(busy) == 7
-        assert all(elapsed < 0.5 for _, _, elapsed in busy)  # refused at once, not after the render
+            try:
+                scrapes = [pool.submit(get, ep.port, timeout=30) for _ in range(10)]
+                # The render is held: three scrapes wait for it, the other seven are answered
+                # without waiting for it (at once: the render cannot finish first).
+                answered = wait_until(lambda: sum(f.done() for f in scrapes) == 7 and ep.scrapes == 3)
+                refused = [f.result()[0] for f in scrapes if f.done()]
+                assert answered and refused == [503] * 7, (refused, ep.scrapes)
+                held = [f for f in scrapes if not f.done()]
+            finally:
+                slow.release()
+            ok = [f.result() for f in held]
+        assert [code for code, _, _ in ok] == [200] * 3
         assert len({body for _, body, _ in ok}) == 1 and b'slow_value{i="9"} 9.0' in ok[0][1]
         assert slow.calls == 1  # one render for the three scrapes
-        code, body, elapsed = get(ep.port)  # within renderIntervalSeconds: the same bytes, no render
-        assert code == 200 and body == ok[0][1] and elapsed < 0.5 and slow.calls == 1
-        code, body, _ = get(ep.port)
+        code, body, _ = get(ep.port)  # within renderIntervalSeconds: the same bytes, no render
+        assert code == 200 and body == ok[0][1] and slow.calls == 1
+        # The render collected the endpoint's counters after the seven refusals (it was held).
         assert b'extproc_metrics_rejected_total{reason="busy"} 7.0' in body
     finally:
+        slow.release()
         ep.close()
 
 
