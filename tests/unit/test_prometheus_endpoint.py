@@ -21,12 +21,11 @@ from extproc.telemetry.prometheus_endpoint import Endpoint
 
 
 class SlowCollector:
-    """A registry whose render takes ``delay`` seconds and yields ``series`` samples. A gated
-    one's render also waits until the test calls :meth:`release`: what the endpoint does while a
-    render is in progress is then checked while it certainly is, however loaded the machine."""
+    """A registry that yields ``series`` samples. A gated one's render waits until the test calls
+    :meth:`release`: what the endpoint does while a render is in progress is then checked while
+    it certainly is, however loaded the machine (a render timed with a sleep can end first)."""
 
-    def __init__(self, delay: float, series: int = 10, gated: bool = False) -> None:
-        self.delay = delay
+    def __init__(self, series: int = 10, gated: bool = False) -> None:
         self.series = series
         self.calls = 0
         self.lock = threading.Lock()
@@ -40,7 +39,6 @@ class SlowCollector:
     def collect(self) -> Iterator[Any]:
         with self.lock:
             self.calls += 1
-        time.sleep(self.delay)
         if not self.gate.wait(30):
             raise RuntimeError("the test never released the render")
         g = GaugeMetricFamily("slow_value", "a value", labels=["i"])
@@ -49,9 +47,9 @@ class SlowCollector:
         yield g
 
 
-def endpoint(delay: float = 0.0, series: int = 10, gated: bool = False, **stats: Any) -> tuple[Endpoint, SlowCollector]:
+def endpoint(series: int = 10, gated: bool = False, **stats: Any) -> tuple[Endpoint, SlowCollector]:
     reg = CollectorRegistry()
-    slow = SlowCollector(delay, series, gated)
+    slow = SlowCollector(series, gated)
     reg.register(slow)  # before the endpoint's own counters: a render collects them after this one
     cfg = config.parse({"stats": {"port": 0, **stats}}).stats
     return Endpoint(cfg, reg), slow
@@ -181,18 +179,25 @@ def test_at_the_cap_a_new_connection_evicts_the_oldest_idle_one():
 
 
 def test_at_the_cap_with_every_connection_waiting_for_a_render_a_new_one_is_closed_at_once():
-    ep, slow = endpoint(delay=1.5, maxConnections=2, maxConcurrentScrapes=4)
+    # readTimeoutSeconds=30: a connection closed well before that was refused, not timed out.
+    ep, slow = endpoint(gated=True, maxConnections=2, maxConcurrentScrapes=4, readTimeoutSeconds=30)
     try:
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
-            scrapes = [pool.submit(get, ep.port) for _ in range(2)]
-            time.sleep(0.5)  # both wait for the render: not evictable
-            extra = socket.create_connection(("127.0.0.1", ep.port))
-            took = closed_within(extra, 2)
-            assert took is not None and took < 0.5
-            extra.close()
+            try:
+                scrapes = [pool.submit(get, ep.port, timeout=30) for _ in range(2)]
+                assert wait_until(lambda: ep.scrapes == 2)  # both wait for the held render: not evictable
+                extra = socket.create_connection(("127.0.0.1", ep.port))
+                took = closed_within(extra, 10)
+                extra.close()
+                # closed while the render is still held (at once, not after it), and refused:
+                assert took is not None and not any(f.done() for f in scrapes)
+                assert ep.rejected == {"connections": 1}
+            finally:
+                slow.release()
             assert [f.result()[0] for f in scrapes] == [200, 200]
-        assert ep.rejected.get("connections") == 1
+        assert ep.rejected == {"connections": 1}
     finally:
+        slow.release()
         ep.close()
 
 
