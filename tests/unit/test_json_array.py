@@ -67,7 +67,8 @@ def test_scans_megabytes_quickly(chunk: int) -> None:
     element = orjson.dumps({"candidates": [{"content": {"parts": [{"text": "word " * 200}]}}]})
     data = b"[" + b",".join([element] * 4000) + b"]"  # ~4 MB
     s = JsonArrayDecoder(1 << 20)
-    start = time.perf_counter()
+    start = time.thread_time()  # CPU time: what scanning costs, not the waits for a CPU of a loaded machine
     n = sum(len(s.decode(data[i : i + chunk])) for i in range(0, len(data), chunk))
+    cpu = time.thread_time() - start
     assert n == 4000
-    assert time.perf_counter() - start < 1.0
+    assert cpu < 1.0, f"{cpu:.2f} s of CPU"
