@@ -35,7 +35,7 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 
 from extproc.apis.routing import semconv_name
 from extproc.core import cel
-from extproc.core.bounded import MAX_LIST_ITEMS, bounded_attribute, clip, clip_opt
+from extproc.core.bounded import MAX_LIST_ITEMS, MAX_VALUE_CHARS, bounded_attribute, clip, clip_opt
 from extproc.core.call import ERROR, OK, Call
 from extproc.core.config import TracingConfig
 from extproc.core.envoy_names import JWT_AUTHN_NAMESPACE, JWT_PAYLOAD_KEY
@@ -282,53 +282,79 @@ def span_attributes(call: Call, capture: bool, max_chars: int, conventions: Coll
 
 
 def _genai_attributes(a: dict[str, Any], call: Call, capture: bool, max_chars: int) -> None:
-    """The OpenTelemetry GenAI semantic conventions (``tracing.conventions: [genai]``)."""
+    """The OpenTelemetry GenAI semantic conventions (``tracing.conventions: [genai]``).
+
+    Values a client or upstream chose are cut to 128 characters (lists to 16 items). Written out,
+    without ``clip``/``_put`` calls per attribute: this runs for every traced call."""
     obs = call.obs
     u = obs.usage
-    # Values a client or upstream chose are cut to 128 characters (lists to 16 items).
-    a["gen_ai.operation.name"] = clip(obs.operation)
+    v: Any = obs.operation
+    a["gen_ai.operation.name"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
     if call.api != "mcp":
-        provider = clip(semconv_name(call.provider))
+        provider = _PROVIDER_NAMES.get(call.provider) or _provider_name(call.provider)
         a["gen_ai.provider.name"] = provider
         a["gen_ai.system"] = provider  # the attribute older backends still read
         a["gen_ai.request.stream"] = obs.streaming
-    _put(a, "gen_ai.request.model", clip_opt(obs.request_model))
-    _put(a, "gen_ai.response.model", clip_opt(obs.response_model))
-    _put(a, "gen_ai.response.id", clip_opt(obs.response_id))
+    if (v := obs.request_model) is not None:
+        a["gen_ai.request.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
+    if (v := obs.response_model) is not None:
+        a["gen_ai.response.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
+    if (v := obs.response_id) is not None:
+        a["gen_ai.response.id"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
     if obs.finish_reasons:
         a["gen_ai.response.finish_reasons"] = [clip(str(r)) for r in dict.fromkeys(obs.finish_reasons)][:MAX_LIST_ITEMS]
-    for key, value in obs.params.items():
-        name = PARAM_ATTRIBUTES.get(key)
-        if name is not None:
-            v = value if name != "gen_ai.request.stop_sequences" or isinstance(value, list) else [value]
-            _put(a, name, bounded_attribute(cel.to_attribute(v)))
+    if obs.params:
+        for key, value in obs.params.items():
+            name = PARAM_ATTRIBUTES.get(key)
+            if name is not None:
+                v = value if name != "gen_ai.request.stop_sequences" or isinstance(value, list) else [value]
+                _put(a, name, bounded_attribute(cel.to_attribute(v)))
     # Normalised counts (input: every input token, cache reads/writes included; output: every
     # output token, reasoning included) and their breakdowns, as the conventions define them.
-    _put(a, "gen_ai.usage.input_tokens", u.input_tokens)
-    _put(a, "gen_ai.usage.output_tokens", u.output_tokens)
-    _put(a, "gen_ai.usage.cache_read.input_tokens", u.cached_input_tokens)
-    _put(a, "gen_ai.usage.cache_creation.input_tokens", u.cache_creation_input_tokens)
-    _put(a, "gen_ai.usage.reasoning.output_tokens", u.reasoning_tokens)
-    if isinstance(call.cost, Cost):  # USD; Langfuse reads gen_ai.usage.cost
-        a["gen_ai.usage.cost"] = call.cost.total
-        a["gen_ai.usage.input_cost"] = call.cost.input
-        a["gen_ai.usage.output_cost"] = call.cost.output
-    if call.ttft is not None and obs.streaming:
-        a["gen_ai.response.time_to_first_chunk"] = round(call.ttft, 6)
+    if (v := u.input_tokens) is not None:
+        a["gen_ai.usage.input_tokens"] = v
+    if (v := u.output_tokens) is not None:
+        a["gen_ai.usage.output_tokens"] = v
+    if (v := u.cached_input_tokens) is not None:
+        a["gen_ai.usage.cache_read.input_tokens"] = v
+    if (v := u.cache_creation_input_tokens) is not None:
+        a["gen_ai.usage.cache_creation.input_tokens"] = v
+    if (v := u.reasoning_tokens) is not None:
+        a["gen_ai.usage.reasoning.output_tokens"] = v
+    cost = call.cost
+    if isinstance(cost, Cost):  # USD; Langfuse reads gen_ai.usage.cost
+        a["gen_ai.usage.cost"] = cost.total
+        a["gen_ai.usage.input_cost"] = cost.input
+        a["gen_ai.usage.output_cost"] = cost.output
+    if obs.streaming and call.first_chunk is not None:
+        a["gen_ai.response.time_to_first_chunk"] = round(call.first_chunk - call.start, 6)  # Call.ttft
     if call.api == "mcp":
         _put(a, "gen_ai.tool.name", clip_opt(obs.extra.get("mcp.tool")))
     if capture:
         _content(a, call, max_chars)
 
 
+_PROVIDER_NAMES: dict[str, str] = {}  # our provider name -> gen_ai.provider.name, cut
+
+
+def _provider_name(provider: str) -> str:
+    """``gen_ai.provider.name`` for a provider name, kept (bounded: the names come from config and routes)."""
+    name = clip(semconv_name(provider))
+    if len(_PROVIDER_NAMES) < 1024:
+        _PROVIDER_NAMES[provider] = name
+    return name
+
+
 def _attribution(a: dict[str, Any], call: Call, genai: bool) -> None:
     """Who the call was for (extproc.core.attribution; values already cut to 128 characters)."""
-    _put(a, "user.id", call.end_user)
+    if (v := call.end_user_header or call.obs.end_user) is not None:  # Call.end_user
+        a["user.id"] = v
     if call.session_id:
         a["session.id"] = call.session_id
         if genai:
             a["gen_ai.conversation.id"] = call.session_id
-    _put(a, "extproc.key_id", call.key_id)
+    if (v := call.key_id) is not None:
+        a["extproc.key_id"] = v
 
 
 def _mcp_attributes(a: dict[str, Any], call: Call) -> None:
