@@ -1,19 +1,30 @@
-"""CPU of the servicer's own code, without gRPC, HTTP/2 or Envoy: ``Stream.handle`` per call and
+"""CPU of the servicer's own code, without gRPC, HTTP/2 or Envoy: the Processor per call and
 per streamed chunk, and one metadata encoding, best of 9 rounds (process CPU time, so a busy
 machine's preemption does not count).
 
     python -m bench.handler_cost                                   # this checkout
     python -m bench.handler_cost --checkout BASE --checkout .      # an A/B, alternated --reps times
 
-A call is an OpenAI chat completion driven as the server drives it (``open_stream``, ``handle``
-per message, ``close_stream``), with the headers Envoy forwards for one: non-streamed (4 messages, 2 replies with metadata) and streamed
-(50 SSE chunks, then the usage and ``[DONE]``), in the default mode and in observability mode.
-The message path before ``handle`` (a DATA frame taken from the stream's buffer and acknowledged
-on an h2 connection) is measured on its own, per message; so is the stream path (a stream's
-HEADERS and Envoy's RST_STREAM through a server connection, the Processor opening and closing
-the stream), per stream; and the chunk path (a streamed chunk's DATA frame through a server
-connection, its buffer, the Processor and its reply written), per chunk, on the workers' event
-loop (uvloop).
+The rows:
+
+- *non-streamed call* / *streamed call, 50 chunks*: an OpenAI chat completion driven through the
+  Processor as the server drives it (``open_stream``, each message, ``close_stream``), with the
+  headers Envoy forwards for one: non-streamed (4 messages, 2 replies with metadata) and streamed
+  (50 SSE chunks, then the usage and ``[DONE]``), in the default mode and in observability mode.
+  Each message is dispatched as ``grpc_server._Exchange.one`` dispatches it: a message that is a
+  response body and nothing else (a streamed chunk in the default mode) read from its bytes by
+  ``wire.response_body_only`` and handled by ``Stream.handle_body_chunk``; any other (headers,
+  bodies ending a stream, every message in observability mode, which carries
+  ``observability_mode``) by ``Stream.handle``, its protobuf parse not counted.
+- *metadata encoding*: one ``metadata.encoded`` of a call's fields.
+- *message path*: what comes before the Processor, per message: a DATA frame taken from the
+  stream's buffer and acknowledged on an h2 connection.
+- *stream path*: a stream's HEADERS and Envoy's RST_STREAM through a server connection, the
+  Processor opening and closing the stream, per stream (alone, and with 32 other streams open).
+- *chunk path*: a streamed chunk's DATA frame through a server connection, its buffer, the
+  Processor and its reply written, per chunk, on the workers' event loop (uvloop): the whole of
+  the server's Python per chunk but the socket.
+
 ``--checkout`` runs each measurement in a subprocess importing ``extproc`` from that directory.
 """
 
@@ -25,6 +36,7 @@ import sys
 import time
 import timeit
 from pathlib import Path
+from typing import Any
 
 CHAT = (
     b'{"id":"c1","model":"gpt-4o-2024","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],'
@@ -65,6 +77,10 @@ RESPONSE_HEADERS = {
 }
 
 
+def _not_read(data: bytes) -> bytes | None:
+    return None
+
+
 def _best(f, n: int) -> float:
     """Seconds per call of ``f``, best of 9 rounds of ``n``."""
     return min(timeit.repeat(f, number=n, repeat=9, timer=time.process_time)) / n
@@ -100,19 +116,35 @@ def measure() -> dict[str, float]:
             return start + [body("response_body", CHUNK) for _ in range(50)] + [body("response_body", LAST, True)]
         return start + [body("response_body", CHAT, True)]
 
+    try:
+        from extproc.server.wire import response_body_only
+    except ImportError:  # a checkout from before streamed chunks were read from their bytes
+        response_body_only = _not_read  # every message through ``handle``
+
     p = Processor(parse({}), [])
 
     def drive(messages: list) -> None:
+        """A call's messages, each dispatched as ``grpc_server._Exchange.one`` does
+        (``messages``: each message and its bytes)."""
         s = p.open_stream({})
-        for m in messages:
-            s.handle(m)
+        handle, body_only = s.handle, response_body_only
+        handle_chunk: Any = getattr(s, "handle_body_chunk", None)  # called only where body_only read a body
+        for m, data in messages:
+            body = body_only(data)
+            if body is not None:
+                handle_chunk(body)
+            else:
+                handle(m)
         p.close_stream(s)
+
+    def with_bytes(messages: list) -> list:
+        return [(m, m.SerializeToString()) for m in messages]
 
     out = {}
     for observe in (False, True):
         mode = "observability mode" if observe else "default mode"
-        out[f"{mode}: non-streamed call (us)"] = 1e6 * _best(lambda m=call_messages(False, observe): drive(m), 2000)
-        out[f"{mode}: streamed call, 50 chunks (us)"] = 1e6 * _best(lambda m=call_messages(True, observe): drive(m), 200)
+        out[f"{mode}: non-streamed call (us)"] = 1e6 * _best(lambda m=with_bytes(call_messages(False, observe)): drive(m), 2000)
+        out[f"{mode}: streamed call, 50 chunks (us)"] = 1e6 * _best(lambda m=with_bytes(call_messages(True, observe)): drive(m), 200)
     c = Call(provider="openai", api="openai.chat", status=200, outcome=OK)
     c.obs.request_model, c.obs.response_model, c.obs.operation = "gpt-4o", "gpt-4o-2024-08-06", "chat"
     c.obs.usage.input_tokens, c.obs.usage.output_tokens, c.obs.usage.cached_input_tokens = 1234, 567, 100
