@@ -25,6 +25,7 @@ The event handling lives in :class:`AnthropicEvents` so Bedrock InvokeModel and 
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from extproc.apis.base import ApiParser, items
@@ -34,6 +35,7 @@ from extproc.apis.routing import Provider, route
 # Events that can carry usage, the model or a finish/error; everything else is text deltas.
 _USEFUL_EVENTS = frozenset((b"message_start", b"message_delta", b"message_stop", b"error"))
 _USEFUL_TYPES = (b'"message_start"', b'"message_delta"', b'"message_stop"', b'"error"')
+_USEFUL_TYPE = re.compile(b"|".join(re.escape(t) for t in _USEFUL_TYPES)).search
 
 
 class AnthropicEvents(ApiParser):
@@ -67,8 +69,8 @@ class AnthropicEvents(ApiParser):
         """Cheap test on a raw event payload (no event name): may it hold what we read?"""
         if self.capture:
             return True
-        head = data[:64]  # "type" comes first in Anthropic's events
-        return any(t in head for t in _USEFUL_TYPES) or b'"usage"' in data
+        # "type" comes first in Anthropic's events: one scan of the first 64 bytes
+        return _USEFUL_TYPE(data, 0, 64) is not None or data.find(b'"usage"') >= 0
 
     def anthropic_event(self, obj: Any) -> None:
         """One parsed stream event (``{"type": "message_start", ...}``)."""

@@ -205,7 +205,12 @@ class BedrockInvoke(_EventStreamParser, AnthropicEvents):
             self._native(obj, streamed=True)
 
     def _want_inner(self, inner: bytes) -> bool:
-        return self.want_anthropic_event(inner) or b"invocationMetrics" in inner or b'"metadata"' in inner or b'"messageStop"' in inner
+        return (
+            self.want_anthropic_event(inner)
+            or inner.find(b"invocationMetrics") >= 0
+            or inner.find(b'"metadata"') >= 0
+            or inner.find(b'"messageStop"') >= 0
+        )
 
     def _native(self, obj: dict[str, Any], streamed: bool) -> None:
         kind = obj.get("type")

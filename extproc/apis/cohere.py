@@ -82,7 +82,7 @@ class CohereChat(_CohereUsage):
             return True
         if event:
             return event == b"message-end"
-        return b'"message-end"' in data[:64]
+        return data.find(b'"message-end"', 0, 64) >= 0
 
     def on_sse_event(self, event: bytes, obj: Any) -> None:
         if not isinstance(obj, dict):
@@ -117,7 +117,7 @@ class CohereChatV1(_CohereUsage):
         return super().framing_for(status, content_type)
 
     def want_json_line(self, line: bytes) -> bool:
-        return self.capture or b'"stream-end"' in line
+        return self.capture or line.find(b'"stream-end"') >= 0
 
     def cohere_response(self, obj: dict[str, Any]) -> None:
         kind = obj.get("event_type")

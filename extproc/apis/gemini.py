@@ -172,9 +172,9 @@ class GeminiStream(GeminiGenerate):
         return (
             self.capture
             or self.obs.response_model is None
-            or b'"usageMetadata"' in data
-            or b'"finishReason"' in data
-            or b'"error"' in data[:32]
+            or data.find(b'"usageMetadata"') >= 0
+            or data.find(b'"finishReason"') >= 0
+            or data.find(b'"error"', 0, 32) >= 0
         )
 
     def on_sse_event(self, event: bytes, obj: Any) -> None:

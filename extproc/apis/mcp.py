@@ -88,7 +88,7 @@ class McpParser(ApiParser):
         self._message(obj)
 
     def want_sse_event(self, event: bytes, data: bytes) -> bool:
-        return b'"result"' in data or b'"error"' in data  # responses; not notifications/requests
+        return data.find(b'"result"') >= 0 or data.find(b'"error"') >= 0  # responses; not notifications/requests
 
     def on_sse_event(self, event: bytes, obj: Any) -> None:
         self._message(obj)

@@ -44,7 +44,13 @@ class _Ollama(ApiParser):
                     self.obs.params[name] = value
 
     def want_json_line(self, line: bytes) -> bool:
-        return self.capture or self.obs.response_model is None or b'"done":true' in line or b'"done": true' in line or b'"error"' in line
+        return (
+            self.capture
+            or self.obs.response_model is None
+            or line.find(b'"done":true') >= 0
+            or line.find(b'"done": true') >= 0
+            or line.find(b'"error"') >= 0
+        )
 
     def on_response_json(self, obj: Any) -> None:
         if not isinstance(obj, dict):

@@ -87,7 +87,11 @@ class _ChatLike(ApiParser):
             return True
         if _USAGE_OR_FINISH(data) is None:
             return False
-        return (b'"usage"' in data and b'"usage":null' not in data) or b'"finish_reason":"' in data or b'"finish_reason": "' in data
+        return (
+            (data.find(b'"usage"') >= 0 and data.find(b'"usage":null') < 0)
+            or data.find(b'"finish_reason":"') >= 0
+            or data.find(b'"finish_reason": "') >= 0
+        )
 
     def on_sse_event(self, event: bytes, obj: Any) -> None:
         if not isinstance(obj, dict):

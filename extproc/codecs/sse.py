@@ -36,7 +36,7 @@ class SSEDecoder:
             chunk.endswith(b"\n\n")
             and chunk.startswith(b"data: ")
             and chunk.find(b"\n") == len(chunk) - 2
-            and b"\r" not in chunk
+            and chunk.find(b"\r") < 0
             and not (self._pieces or self._data or self._event or self._skip_lf or self._dropping or self._drop_event)
             and len(chunk) - 7 <= self._max_line
         ):
@@ -54,7 +54,7 @@ class SSEDecoder:
             self._skip_lf = False
             if chunk[:1] == b"\n":
                 chunk = chunk[1:]
-        if b"\r" in chunk:  # "\r\n" and a lone "\r" end lines too
+        if chunk.find(b"\r") >= 0:  # "\r\n" and a lone "\r" end lines too
             self._skip_lf = chunk[-1:] == b"\r"
             chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         end = chunk.rfind(b"\n")

@@ -376,3 +376,41 @@ def test_the_chat_filter_wants_exactly_the_chunks_its_substring_searches_want() 
         obs.response_model = model
         for data in datas:
             assert parser.want_sse_event(b"", data) == _old_chat_filter(capture, model, data), data
+
+
+_ANTHROPIC_PIECES = [
+    b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}',
+    b'{"type":"message_start"',
+    b'{"type":"message_delta"',
+    b'{"type":"message_stop"}',
+    b'{"type":"error"',
+    b'"usage"',
+    b'"message_sta',
+    b'rt"',
+    b"x" * 40,
+]
+
+
+def _old_anthropic_filter(capture: bool, data: bytes) -> bool:
+    """Anthropic's event filter as substring searches (its definition): an event type that can
+    carry usage, the model or a finish/error within the first 64 bytes, or usage anywhere."""
+    head = data[:64]
+    types = (b'"message_start"', b'"message_delta"', b'"message_stop"', b'"error"')
+    return capture or any(t in head for t in types) or b'"usage"' in data
+
+
+def test_the_anthropic_filter_wants_exactly_the_events_its_substring_searches_want() -> None:
+    """Anthropic's ``want_anthropic_event`` (one regex scan of the first 64 bytes for the useful
+    types, then a search for usage) wants the same events as its substring searches, a type cut
+    by the 64-byte boundary included."""
+    import itertools
+
+    from extproc.apis.anthropic import AnthropicMessages
+    from extproc.core.observation import Observation
+
+    datas = [b"".join(p) for n in range(4) for p in itertools.product(_ANTHROPIC_PIECES, repeat=n)]
+    datas += [b"y" * k + b'"message_stop"' for k in range(40, 60)]  # across the 64th byte
+    for capture in (False, True):
+        parser = AnthropicMessages(Observation(), capture=capture)
+        for data in datas:
+            assert parser.want_anthropic_event(data) == _old_anthropic_filter(capture, data), data
