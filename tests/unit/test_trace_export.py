@@ -94,19 +94,51 @@ def _wait_for(predicate: Any, seconds: float = 5.0) -> bool:
     return True
 
 
+class _ManualTimer(threading.Event):
+    """The export thread's wake-up event with a timer the test runs out: ``wait(timeout)``
+    returns True once set, and False only when the test calls ``expire()``, so that the timer
+    has not fired yet holds however long the test is kept from running on a loaded machine."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._expired = threading.Event()
+        self.parked = False  # a wait() under way, nothing set
+        self.timeouts: list[float | None] = []
+
+    def wait(self, timeout: float | None = None) -> bool:
+        self.timeouts.append(timeout)
+        while not self.is_set():
+            if self._expired.is_set():
+                self._expired.clear()
+                self.parked = False
+                return False
+            self.parked = True
+            time.sleep(0.002)
+        self.parked = False
+        return True
+
+    def expire(self) -> None:
+        self._expired.set()
+
+
 def test_a_full_batch_sends_only_full_batches_and_the_rest_waits_for_the_timer() -> None:
     """Woken because a batch filled, the thread sends full batches only: the spans that came in
     meanwhile are not sent a few at a time (each export is a gRPC call), they wait for the next
     full batch or the schedule delay."""
     exporter = _GatedExporter()
     processor = _processor(exporter, delay_s=0.5)
+    timer = _ManualTimer()
+    first, processor._wake = processor._wake, timer
+    first.set()  # the thread leaves its first wait (nothing queued) and waits on the timer
     try:
+        assert _wait_for(lambda: timer.parked)
         for i in range(90):
             processor.add(i)
         exporter.gate.set()
-        assert _wait_for(lambda: len(exporter.batches) == 1)
-        time.sleep(0.1)  # the thread has gone back to waiting; the last 40 are still queued
-        assert [len(b) for b in exporter.batches] == [50]
+        # The thread is back waiting (on the timer, which has not fired): the last 40 are queued.
+        assert _wait_for(lambda: len(exporter.batches) == 1 and timer.parked)
+        assert [len(b) for b in exporter.batches] == [50] and timer.timeouts[-1] == 0.5
+        timer.expire()
         assert _wait_for(lambda: len(exporter.batches) == 2)  # the timer sends the rest
         assert exporter.batches[1] == list(range(50, 90))
     finally:
