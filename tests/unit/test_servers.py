@@ -441,17 +441,34 @@ def test_stream_cap_knows_when_the_event_loop_runs_behind():
     beat runs on time again; with no stream open the beats stop."""
 
     async def main() -> None:
+        # The loop's clock is the test's: a beat runs exactly as late as the test makes it,
+        # however late a loaded machine runs the test itself (a real beat 20 ms late is LATE).
+        loop = asyncio.get_running_loop()
+        now = [loop.time()]
+        loop.time = lambda: now[0]  # type: ignore[method-assign]
+
+        async def beat_at(late: float) -> None:
+            """Moves the clock to the next beat's time plus ``late`` and lets the loop run it."""
+            due = cap._due
+            assert due is not None
+            now[0] = due + late
+            for _ in range(1000):
+                if cap._due != due:
+                    return
+                await asyncio.sleep(0)
+            raise AssertionError("the beat did not run")
+
         cap = StreamCap(METHOD, lambda: 10, lambda: 2, lambda reason: None)
         cap.taken()
-        assert cap.behind() is False
-        time.sleep(StreamCap.BEAT + 2 * StreamCap.LATE)  # the worker is busy: the beat comes late
-        await asyncio.sleep(0.005)  # the late beat runs
+        assert cap.behind() is False  # and the beats start
+        await beat_at(2 * StreamCap.LATE)  # the worker was busy: the beat ran late
         assert cap.behind() is True
-        await asyncio.sleep(3 * StreamCap.BEAT)  # on time again
+        await beat_at(StreamCap.LATE / 2)  # on time again (less than LATE behind)
         assert cap.behind() is False
         cap.released()
-        await asyncio.sleep(2 * StreamCap.BEAT)
+        await beat_at(0)
         assert cap._due is None  # no stream open: no more beats
+        del loop.time  # type: ignore[method-assign]
 
     asyncio.run(main())
 
