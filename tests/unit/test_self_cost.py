@@ -5,6 +5,7 @@ on Prometheus and over OTLP."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -12,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from extproc.apis.openai import OpenAIChat
 from extproc.core import config
 from extproc.core.config import parse
+from extproc.server import processor as processor_module
 from extproc.server.processor import Processor
 from extproc.telemetry.metrics import WORKER_CPU, MetricsObserver
 from extproc.telemetry.otlp_metrics import OtlpMetrics
@@ -31,14 +33,14 @@ def _messages() -> list:
     ]
 
 
-def _drive(processor: Processor, pause: float = 0.0) -> None:
-    """One stream, message by message as the server drives it, waiting ``pause`` between messages
-    (Envoy, the upstream, the client: time the sidecar does not spend)."""
+def _drive(processor: Processor, between: Callable[[], None] = lambda: None) -> None:
+    """One stream, message by message as the server drives it, calling ``between`` after each
+    message (the time until the next one: Envoy, the upstream, the client, not the sidecar)."""
     stream = processor.open_stream()
     try:
         for req in _messages():
             stream.handle(req)
-            time.sleep(pause)
+            between()
     finally:
         processor.close_stream(stream)
 
@@ -76,14 +78,21 @@ def test_a_slow_handler_is_observed_in_both_backends(slow_parser):
     assert exporter.store.total("extproc.processing.duration", "sum", llm="openai", operation="chat") == pytest.approx(observed)
 
 
-def test_time_between_messages_is_not_counted():
+def test_time_between_messages_is_not_counted(monkeypatch):
+    # The sidecar's clock jumps an hour between two messages, far more than any handler takes
+    # (real 50 ms pauses raced the handlers' time, which on a loaded machine includes its waits
+    # for a CPU).
+    skipped = [0.0]
+    monkeypatch.setattr(processor_module, "_clock", lambda: time.perf_counter() + skipped[0])
+
+    def an_hour_passes() -> None:
+        skipped[0] += 3600
+
     rec = Recorder()
-    started = time.perf_counter()
-    _drive(Processor(parse({}), [rec]), pause=0.05)
-    wall = time.perf_counter() - started
+    _drive(Processor(parse({}), [rec]), between=an_hour_passes)
     (call,) = rec.calls
-    assert wall >= 5 * 0.05
-    assert 0 < call.processing < 0.05  # five quick handlers; the 0.25 s of pauses are not in it
+    assert skipped[0] == 5 * 3600
+    assert 0 < call.processing < 3600  # five quick handlers; none of the hours between them
 
 
 def test_worker_cpu_is_sampled_as_calls_end():
