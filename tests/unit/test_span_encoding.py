@@ -117,6 +117,20 @@ def test_span_shapes_encode_as_the_sdk_does(kw):
     same([span({"a": 1}, **kw)])
 
 
+@pytest.mark.parametrize(
+    "kw", [{"start_time": None}, {"end_time": None}, {"start_time": None, "end_time": None}, {"kind": SpanKind.PRODUCER}]
+)
+def test_spans_without_times_and_every_kind_encode_as_the_sdk_does(kw):
+    """The start and end are written together when both are set, each alone otherwise."""
+    same([span({"a": 1}, **kw)])
+
+
+@pytest.mark.parametrize("n", [0x7F, 0x80, 0x3FFF, 0x4000, 0x1FFFFF, 0x200000])
+def test_lengths_around_the_varint_byte_boundaries_encode_as_the_sdk_does(n):
+    """A field's length in one, two (a span's usual size) or more bytes."""
+    same([span({"content": "x" * n})])
+
+
 def test_spans_group_by_resource_then_scope_in_order_of_appearance():
     same([])
     equal_but_distinct = Resource({"service.name": "svc", "deployment.environment": "test", "n": 3})
