@@ -266,22 +266,33 @@ def send_response_headers_now(ps: Any) -> bool:
     trailers h2 encodes later read right."""
     conn: H2Connection = ps._h2_connection
     h2s = conn.streams.get(ps.id)
-    block = RESPONSE_HEADERS_BLOCK
-    if (
-        h2s is None
-        or h2s.state_machine.state not in _SENDABLE
-        or h2s.state_machine.headers_sent
-        or conn.state_machine.state is not ConnectionState.SERVER_OPEN
-        or conn.encoder.header_table.resized
-        or len(block) > conn.max_outbound_frame_size
-        or not ps.connection.write_ready.is_set()
-    ):
+    if h2s is None or h2s.state_machine.headers_sent or not _headers_sendable(ps, conn, h2s, len(RESPONSE_HEADERS_BLOCK)):
         return False
     h2s.state_machine.process_input(StreamInputs.SEND_HEADERS)
-    pending = conn.data_to_send() if conn._data_to_send else b""
-    ps._transport.write(pending + _FRAME_HEAD.pack(0, len(block), 1, _HEADERS_END, ps.id) + block)
-    ps.connection.headers_send_process()
+    _write_headers(ps, conn, RESPONSE_HEADERS_BLOCK, _HEADERS_END)
     return True
+
+
+def _headers_sendable(ps: Any, conn: H2Connection, h2s: Any, size: int) -> bool:
+    """Whether h2 would send a HEADERS frame of a ``size``-byte block on the stream right now:
+    stream and connection open for sending, the peer's maximum frame size large enough, no
+    HPACK table size update pending (it must open the next header block), the transport not
+    paused (grpclib's ``write_ready``)."""
+    return (
+        h2s.state_machine.state in _SENDABLE
+        and conn.state_machine.state is ConnectionState.SERVER_OPEN
+        and not conn.encoder.header_table.resized
+        and size <= conn.max_outbound_frame_size
+        and ps.connection.write_ready.is_set()
+    )
+
+
+def _write_headers(ps: Any, conn: H2Connection, block: bytes, flags: int) -> None:
+    """One HEADERS frame of ``block`` with ``flags``, written behind what h2 has queued (frame
+    order kept), then grpclib's count of headers sent, as its ``send_headers`` does."""
+    pending = conn.data_to_send() if conn._data_to_send else b""
+    ps._transport.write(pending + _FRAME_HEAD.pack(0, len(block), 1, flags, ps.id) + block)
+    ps.connection.headers_send_process()
 
 
 # grpclib's trailers for status OK and no trailing metadata (``send_trailing_metadata``):
@@ -311,23 +322,13 @@ def send_trailers_now(ps: Any) -> bool:
     changes nothing, no frame objects, header lists or HPACK encoding per stream."""
     conn: H2Connection = ps._h2_connection
     h2s = conn.streams.get(ps.id)
-    if (
-        h2s is None
-        or h2s.state_machine.state not in _SENDABLE
-        or h2s.state_machine.trailers_sent
-        or conn.state_machine.state is not ConnectionState.SERVER_OPEN
-        or conn.encoder.header_table.resized
-        or len(TRAILERS_ONLY_OK_BLOCK) > conn.max_outbound_frame_size
-        or not ps.connection.write_ready.is_set()
-    ):
+    if h2s is None or h2s.state_machine.trailers_sent or not _headers_sendable(ps, conn, h2s, len(TRAILERS_ONLY_OK_BLOCK)):
         return False
     machine = h2s.state_machine
     block = TRAILERS_OK_BLOCK if machine.headers_sent else TRAILERS_ONLY_OK_BLOCK
     machine.process_input(StreamInputs.SEND_HEADERS)
     machine.process_input(StreamInputs.SEND_END_STREAM)
-    pending = conn.data_to_send() if conn._data_to_send else b""
-    ps._transport.write(pending + _FRAME_HEAD.pack(0, len(block), 1, _HEADERS_END_STREAM, ps.id) + block)
-    ps.connection.headers_send_process()
+    _write_headers(ps, conn, block, _HEADERS_END_STREAM)
     return True
 
 
