@@ -9,7 +9,6 @@ or several of these.
 from __future__ import annotations
 
 import asyncio
-import gc
 import logging
 import os
 import signal
@@ -29,15 +28,6 @@ log = logging.getLogger("extproc")
 
 ObserverFactory = Callable[[Config], Sequence[CallObserver]]
 
-
-# The cyclic garbage collector's first threshold while serving (CPython's default: 700). A
-# collection starts once allocations of container objects outnumber deallocations by this much;
-# the objects of the calls in flight (a few dozen per call, 64 calls at once) pass 700 by
-# themselves, so a serving worker collected ~7 times a second and a full collection (every
-# 100th, ~25-35 ms over the start-up objects) every ~20 s: ~1-2% of its CPU, finding no
-# garbage at all (docs/performance.md, "What was tried"). At 7,000 the calls in flight no longer
-# start collections; cyclic garbage, should some appear, still starts one within 7,000 objects.
-GC_FIRST_THRESHOLD = 7000
 
 # Keys a SIGHUP reload cannot change in a running process (sockets, metric label sets).
 RESTART_ONLY = ("listen", "health_listen", "stats", "event_loop")
@@ -63,7 +53,6 @@ async def run_worker(
     if health_server is not None:
         await health_server.start()
     await server.start()
-    collect_less_often()
     await health.serving()
     log.info("ext_proc listening", extra={"address": config.listen, "pid": os.getpid()})
     if ready is not None:
@@ -83,13 +72,6 @@ async def run_worker(
     finish_closing()
     close_observers(processor.observers)
     log.info("stopped", extra={"pid": os.getpid()})
-
-
-def collect_less_often() -> None:
-    """Raise the garbage collector's first threshold to :data:`GC_FIRST_THRESHOLD` (the other two
-    kept): once per worker, when it starts serving."""
-    _, second, third = gc.get_threshold()
-    gc.set_threshold(GC_FIRST_THRESHOLD, second, third)
 
 
 class RestartNeeded(ValueError):
