@@ -8,6 +8,8 @@ chunk), for quick A/Bs.
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --checkout ../main --checkout .   # A/B of two checkouts (another checkout of the repo)
     .venv/bin/python -m bench.ab --sse 50 --reps 4 --event-loop asyncio    # the sidecar on asyncio's loop
     .venv/bin/python -m bench.ab --reps 4 --checkout . --checkout . --tracing off --tracing live   # what tracing costs
+    .venv/bin/python -m bench.ab -c 64 --workers 2 --reps 4 --checkout . --checkout . \
+        --envoy-variant base --envoy-variant oghttp2-off        # what an Envoy setting costs (ENVOY_VARIANTS)
     .venv/bin/python -m bench.ab --tracing live --reps 4 --checkout . --checkout . \
         --tracing-conventions genai --tracing-conventions genai,openinference   # what a convention costs
 
@@ -42,6 +44,54 @@ from bench.run import SSE_PATH, wrk, wrk_script
 from bench.upstream import CHAT_REQUEST, STREAM_REQUEST, direct_response_envoy
 from extproc.devtools import envoy_config, modes
 from extproc.devtools.dev import envoy_command, free_port, wait_port
+
+
+def _ext_proc_filter(boot: dict[str, Any]) -> dict[str, Any]:
+    hcm = boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+    return next(f for f in hcm["http_filters"] if f["name"] == "envoy.filters.http.ext_proc")["typed_config"]
+
+
+def _hcm(boot: dict[str, Any]) -> dict[str, Any]:
+    return boot["static_resources"]["listeners"][0]["filter_chains"][0]["filters"][0]["typed_config"]
+
+
+def _ext_proc_h2(boot: dict[str, Any]) -> dict[str, Any]:
+    cluster = next(c for c in boot["static_resources"]["clusters"] if c["name"] == "ext_proc")
+    return cluster["typed_extension_protocol_options"]["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]["explicit_http_config"][
+        "http2_protocol_options"
+    ]
+
+
+def _runtime(key: str, value: Any):
+    def patch(boot: dict[str, Any]) -> None:
+        layers = boot.setdefault("layered_runtime", {"layers": [{"name": "static", "static_layer": {}}]})["layers"]
+        layers[0]["static_layer"][key] = value
+
+    return patch
+
+
+def _google_grpc(boot: dict[str, Any]) -> None:
+    f = _ext_proc_filter(boot)
+    cluster = next(c for c in boot["static_resources"]["clusters"] if c["name"] == "ext_proc")
+    sa = cluster["load_assignment"]["endpoints"][0]["lb_endpoints"][0]["endpoint"]["address"]
+    target = f"unix:{sa['pipe']['path']}" if "pipe" in sa else f"{sa['socket_address']['address']}:{sa['socket_address']['port_value']}"
+    f["grpc_service"] = {"google_grpc": {"target_uri": target, "stat_prefix": "ext_proc"}}
+
+
+# Envoy settings to A/B (--envoy-variant, one per stack): each edits the generated bootstrap in
+# place. Measurement only: none is the product's config until docs/performance.md says so.
+ENVOY_VARIANTS: dict[str, Any] = {
+    "base": lambda boot: None,
+    "oghttp2-on": _runtime("envoy.reloadable_features.http2_use_oghttp2", True),
+    "oghttp2-off": _runtime("envoy.reloadable_features.http2_use_oghttp2", False),
+    "h2-windows-1m": lambda boot: _ext_proc_h2(boot).update(initial_stream_window_size=1 << 20, initial_connection_window_size=1 << 20),
+    "h2-streams-100": lambda boot: _ext_proc_h2(boot).update(max_concurrent_streams=100),
+    "no-message-timeout": lambda boot: _ext_proc_filter(boot).pop("message_timeout"),
+    "no-metadata-options": lambda boot: _ext_proc_filter(boot).pop("metadata_options"),
+    "no-access-log": lambda boot: _hcm(boot).pop("access_log"),
+    "google-grpc": _google_grpc,
+    "graceful-close": _runtime("envoy.reloadable_features.ext_proc_graceful_grpc_close", True),
+}
 
 
 def parser() -> argparse.ArgumentParser:
@@ -109,6 +159,17 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         metavar="N",
         help="Envoy recycles an ext_proc connection after N streams, 0: never (repeat: one per stack; default: envoy_config's)",
+    )
+    ap.add_argument(
+        "--envoy-variant",
+        action="append",
+        choices=list(ENVOY_VARIANTS),
+        help="an Envoy setting to A/B, applied to the generated bootstrap (repeat: one per stack, the last for the rest)",
+    )
+    ap.add_argument(
+        "--envoy-alone",
+        action="store_true",
+        help="also measure an Envoy without ext_proc (as --sse always does): Envoy's own cost per call, for comparison",
     )
     ap.add_argument("--unix", action="store_true", help="Envoy reaches the sidecar on a Unix socket instead of TCP")
     ap.add_argument(
@@ -210,7 +271,11 @@ class Stack:
             fewer_messages=mode.fewer_messages,
             observability_mode=mode.observability,
         )
-        (self.dir / "e.yaml").write_text(envoy_config.dump(boot))
+        variant = a.envoy_variant[min(len(stacks), len(a.envoy_variant) - 1)] if a.envoy_variant and checkout else None
+        boot_d = envoy_config.to_dict(boot)
+        if variant:
+            ENVOY_VARIANTS[variant](boot_d)
+        (self.dir / "e.yaml").write_text(yaml.safe_dump(boot_d, sort_keys=False, width=120))
         self.envoy = subprocess.Popen(
             envoy_command(self.dir / "e.yaml", "--concurrency", "2"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -334,11 +399,13 @@ if __name__ == "__main__":  # (imported by the tests for its command line)
                 name += f" [{per_stack[min(i, len(per_stack) - 1)]}]"
             if a.tracing_config and len(a.tracing_config) > 1:
                 name += f" [{a.tracing_config[min(i, len(a.tracing_config) - 1)]}]"
+            if a.envoy_variant and len(a.envoy_variant) > 1:
+                name += f" [{a.envoy_variant[min(i, len(a.envoy_variant) - 1)]}]"
             for label, values in (("streams/cx", a.streams_per_connection), ("max rq/cx", a.max_requests_per_connection)):
                 if values and len(values) > 1:
                     name += f" [{label} {stack_option(values, i)}]"
             stacks.append(Stack(name, c, a.prof if i == 0 else None))
-        if a.sse:
+        if a.sse or a.envoy_alone:
             stacks.append(Stack("envoy-alone", None, None))
         script = wrk_script(d / "chat.lua", CHAT_REQUEST)
         sse_raw = load.raw_request(SSE_PATH, STREAM_REQUEST, "bench", {"x-chunks": str(a.sse or 1), "x-chunk-interval-ms": str(a.interval)})
@@ -369,7 +436,8 @@ if __name__ == "__main__":  # (imported by the tests for its command line)
             stats = s.stats("(ext_proc\\.(stream|failure|message|spurious)|rq_5xx|rq_503|reset|overflow|cx_destroy|llm_)")
             print(f"{s.name}: Envoy stats (non-zero):", "; ".join(stats), flush=True)
             codes: dict[str, int] = {}
-            for line in (s.dir / "access.log").read_text().splitlines():
+            log = s.dir / "access.log"
+            for line in log.read_text().splitlines() if log.exists() else []:  # (no access log: --envoy-variant no-access-log)
                 code = line.split('"response_code":', 1)[1].split(",", 1)[0]
                 codes[code] = codes.get(code, 0) + 1
             print(f"{s.name}: response codes (access log):", codes, flush=True)
