@@ -78,6 +78,16 @@ def _google_grpc(boot: dict[str, Any]) -> None:
     f["grpc_service"] = {"google_grpc": {"target_uri": target, "stat_prefix": "ext_proc"}}
 
 
+def _access_log_one_metadata_field(boot: dict[str, Any]) -> None:
+    """The access log's per-key ``%DYNAMIC_METADATA(ns:key)%`` fields as one field holding the
+    namespace's whole Struct (a different log shape: measures what the per-key lookups cost)."""
+    fmt = _hcm(boot)["access_log"][0]["typed_config"]["log_format"]["json_format"]
+    ns = "ai.gateway.kgateway.dev"
+    for k in [k for k, v in fmt.items() if isinstance(v, str) and v.startswith(f"%DYNAMIC_METADATA({ns}:")]:
+        del fmt[k]
+    fmt["ai"] = f"%DYNAMIC_METADATA({ns})%"
+
+
 # Envoy settings to A/B (--envoy-variant, one per stack): each edits the generated bootstrap in
 # place. Measurement only: none is the product's config until docs/performance.md says so.
 ENVOY_VARIANTS: dict[str, Any] = {
@@ -89,6 +99,7 @@ ENVOY_VARIANTS: dict[str, Any] = {
     "no-message-timeout": lambda boot: _ext_proc_filter(boot).pop("message_timeout"),
     "no-metadata-options": lambda boot: _ext_proc_filter(boot).pop("metadata_options"),
     "no-access-log": lambda boot: _hcm(boot).pop("access_log"),
+    "access-log-one-metadata-field": _access_log_one_metadata_field,
     "google-grpc": _google_grpc,
     "graceful-close": _runtime("envoy.reloadable_features.ext_proc_graceful_grpc_close", True),
 }
