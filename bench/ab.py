@@ -314,6 +314,15 @@ class Stack:
         """HTTP/2 connections Envoy has opened to the sidecar so far."""
         return sum(int(line.rpartition(": ")[2]) for line in self.stats("cluster.ext_proc.upstream_cx_total"))
 
+    def upstream(self) -> tuple[int, int]:
+        """Connections Envoy has opened to the LLM upstreams so far, and requests sent on them: a
+        connection per request would tax every stack's Envoy with a connect (docs/performance.md)."""
+        totals = {"upstream_cx_total": 0, "upstream_rq_total": 0}
+        for line in self.stats("cluster\\.llm_.*\\.upstream_(cx|rq)_total$"):
+            name, _, value = line.rpartition(": ")
+            totals[name.rpartition(".")[2]] += int(value)
+        return totals["upstream_cx_total"], totals["upstream_rq_total"]
+
     def msgs_sent(self) -> int:
         return sum(int(line.rpartition(": ")[2]) for line in self.stats("ext_proc.stream_msgs_sent"))
 
@@ -350,6 +359,7 @@ def measure(s: Stack) -> None:
     q0 = waits()
     m0 = s.msgs_sent() if s.sidecar else 0
     c0 = s.connections() if s.sidecar else 0
+    u0 = s.upstream()
     s0, e0, w0 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
     n, text = run_sse(s) if a.sse else run_wrk(s)
     if mode.observability and s.sidecar:
@@ -357,6 +367,7 @@ def measure(s: Stack) -> None:
     s1, e1, w1 = cpu_seconds(tree(s.sidecar.pid)) if s.sidecar else 0.0, cpu_seconds([s.envoy.pid]), [cpu_seconds([w]) for w in workers]
     m1 = s.msgs_sent() if s.sidecar else 0
     c1 = s.connections() if s.sidecar else 0
+    ucx, urq = (y - x for x, y in zip(u0, s.upstream()))
     share = sorted((y - x for x, y in zip(w0, w1)), reverse=True)
     rq = [y - x for x, y in zip(q0, waits())]
     unit = "chunk" if a.sse else "req"
@@ -369,6 +380,7 @@ def measure(s: Stack) -> None:
         + f"envoy {res['envoy']:.0f} us/{unit}"
         + (f" ext_proc msgs/{unit} {(m1 - m0) / n:.2f}" if s.sidecar else "")
         + (f" ext_proc connections opened {c1 - c0} (total {c1})" if s.sidecar else "")
+        + f" upstream connections opened {ucx} for {urq} requests"
         + (f" workers {'/'.join(f'{x:.2f}' for x in share)} s" if share else "")
         + (f" run-queue wait {'/'.join(f'{x:.2f}' for x in rq)} s" if rq else ""),
         flush=True,

@@ -15,6 +15,7 @@ EXT_PROC_FILTER = "envoy.filters.http.ext_proc"
 JWT_AUTHN_FILTER = "envoy.filters.http.jwt_authn"
 RATELIMIT_FILTER = "envoy.filters.http.ratelimit"
 ROUTER_FILTER = "envoy.filters.http.router"
+BUFFER_FILTER = "envoy.filters.http.buffer"
 HEADER_TO_METADATA_FILTER = "envoy.filters.http.header_to_metadata"
 HTTP_CONNECTION_MANAGER = "envoy.filters.network.http_connection_manager"
 

@@ -68,6 +68,7 @@ from envoy_data_plane.envoy.config.route.v3 import (
 )
 from envoy_data_plane.envoy.config.trace.v3 import OpenTelemetryConfig, TracingHttp
 from envoy_data_plane.envoy.extensions.access_loggers.file.v3 import FileAccessLog
+from envoy_data_plane.envoy.extensions.filters.http.buffer.v3 import Buffer
 from envoy_data_plane.envoy.extensions.filters.http.ext_proc.v3 import (
     ExternalProcessor,
     ExtProcOverrides,
@@ -122,6 +123,7 @@ from envoy_data_plane.google.protobuf import Empty, Struct
 
 from extproc.core.config import DEFAULT_NAMESPACE, DEFAULT_NO_CAPTURE_HEADER, DEFAULT_PROVIDER_HEADER, BudgetEntry, BudgetsConfig
 from extproc.core.envoy_names import (
+    BUFFER_FILTER,
     EXT_PROC_FILTER,
     FILE_ACCESS_LOG,
     HEADER_TO_METADATA_FILTER,
@@ -788,7 +790,13 @@ def _ops_listener(addr: str) -> Listener:
 
 
 def direct_response(listen: str, body: str, content_type: str = "application/json", admin: str | None = None) -> Bootstrap:
-    """An Envoy answering every request with ``body`` (200): the benchmark's non-streaming upstream."""
+    """An Envoy answering every request with ``body`` (200): the benchmark's non-streaming upstream.
+
+    The buffer filter holds each request until its body has arrived, so the response follows the
+    whole request. A ``direct_response`` alone answers on the headers: the response then comes
+    before the request is complete, and the Envoy in front closes an HTTP/1.1 connection after
+    such a response, so every call paid a new connection to the upstream (a production Envoy
+    reuses its upstream connections)."""
     route = Route(
         match=RouteMatch(prefix="/"),
         direct_response=DirectResponseAction(status=200, body=DataSource(inline_string=body)),
@@ -797,7 +805,10 @@ def direct_response(listen: str, body: str, content_type: str = "application/jso
     hcm = HttpConnectionManager(
         stat_prefix="up",
         route_config=RouteConfiguration(virtual_hosts=[VirtualHost(name="all", domains=["*"], routes=[route])]),
-        http_filters=[HttpFilter(name=ROUTER_FILTER, typed_config=pack(Router()))],
+        http_filters=[
+            HttpFilter(name=BUFFER_FILTER, typed_config=pack(Buffer(max_request_bytes=1 << 20))),
+            HttpFilter(name=ROUTER_FILTER, typed_config=pack(Router())),
+        ],
     )
     cfg = Bootstrap(
         static_resources=BootstrapStaticResources(
