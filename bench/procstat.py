@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,15 +23,26 @@ def tree(pid: int) -> list[int]:
 
 
 def cpu_seconds(pids: Iterable[int]) -> float:
-    """utime + stime of these processes (each on its own; a process gone counts 0)."""
-    total = 0
+    """CPU time of these processes, all their threads (each process on its own; a process gone
+    counts 0), in nanoseconds from the kernel's per-process CPU clock.
+
+    Why not utime + stime from /proc/<pid>/stat: those count in clock ticks (10 ms here), so a
+    6 s run of 1,500 streamed chunks read the sidecar's CPU per chunk in ~6.7 us steps. The
+    process CPU clock (``clock_getcpuclockid``: ``(~pid << 3) | 2`` on Linux) is the same total,
+    the scheduler's runtime, in ns; where the kernel refuses it, ticks as before."""
+    total = 0.0
     for p in pids:
+        try:
+            total += time.clock_gettime(((~p) << 3) | 2)
+            continue
+        except OSError:
+            pass
         try:
             fields = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        total += int(fields[11]) + int(fields[12])
-    return total / _TICK
+        total += (int(fields[11]) + int(fields[12])) / _TICK
+    return total
 
 
 def process_rss(pid: int) -> int:
