@@ -220,7 +220,7 @@ def stack_option(values: list[int] | None, index: int) -> int | None:
 class Stack:
     def __init__(self, name: str, checkout: str | None, prof: str | None) -> None:
         self.name = name
-        self.dir = d / f"stack{len(stacks)}"
+        self.dir: Path = d / f"stack{len(stacks)}"
         self.dir.mkdir()
         self.sidecar: subprocess.Popen | None = None
         extproc = None
@@ -268,7 +268,8 @@ class Stack:
                 stderr=open(self.dir / "sidecar.log", "wb"),
             )
             procs.append(self.sidecar)
-        self.port, self.admin = free_port(), free_port()
+        self.port: int = free_port()
+        self.admin: int = free_port()
         spc = stack_option(a.streams_per_connection, len(stacks))
         mrpc = stack_option(a.max_requests_per_connection, len(stacks))
         boot = envoy_config.bootstrap(

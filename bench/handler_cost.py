@@ -375,8 +375,8 @@ def main() -> None:
                 check=True,
             ).stdout
             for line in out.splitlines():
-                k, v = line.split("\t")
-                results[c].setdefault(k, []).append(float(v))
+                k, value = line.split("\t")
+                results[c].setdefault(k, []).append(float(value))
     for k in results[a.checkout[0]]:
         print(k)
         for c in a.checkout:

@@ -43,8 +43,10 @@ def main() -> int:
     served = errors = aborted = 0
     rids: set[str] = set()
     with tempfile.TemporaryDirectory() as tmp, Stack(Path(tmp), up.url, jwks_json=jwks_json(), workers=2) as s:
+        assert s.sidecar is not None  # started by the Stack (start_sidecar's default)
+        sidecar = s.sidecar
         time.sleep(1)
-        rss_start = rss_bytes(s.sidecar.pid)
+        rss_start = rss_bytes(sidecar.pid)
         t0 = time.monotonic()
         seed = 0
         history: list[dict[int, int]] = []
@@ -59,12 +61,12 @@ def main() -> int:
             for team in tokens:
                 for k, v in run.expected(team).items():
                     expected[f"{team}.{k}"] += v
-            rss = rss_bytes(s.sidecar.pid)
+            rss = rss_bytes(sidecar.pid)
             history.append(rss)
             print(f"  {time.monotonic() - t0:6.0f}s  {served} requests, {errors} client errors, RSS {mb(rss)}", flush=True)
         elapsed = time.monotonic() - t0
         time.sleep(1.5)
-        rss_end = rss_bytes(s.sidecar.pid)
+        rss_end = rss_bytes(sidecar.pid)
         # Envoy's own view: a message the sidecar did not answer in time (or a failed stream) makes
         # Envoy fail open, and that call's metadata is missed. Non-zero here explains a shortfall.
         envoy = {

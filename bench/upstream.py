@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from typing import cast
 
 import orjson
 
@@ -116,8 +117,10 @@ def _chunked_end(buf: bytes, pos: int) -> int:
 
 
 class SSEServer(asyncio.Protocol):
+    t: asyncio.Transport
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.t = transport  # type: ignore[assignment]
+        self.t = cast(asyncio.Transport, transport)  # a TCP server's: asyncio's or uvloop's
         self.buf = b""
         self.busy = False
 
