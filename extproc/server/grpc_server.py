@@ -551,8 +551,10 @@ class _Exchange:
 
     def one(self, data: bytes) -> bool:
         """One message: handled and answered now (True), or left to the task (False). A
-        streamed chunk's message (a response body and nothing else) is handled from its bytes."""
-        body = _body_only(data)
+        streamed chunk's message (a response body and nothing else, or Envoy's forwarded
+        ``metadata_context`` after it once the call holds the one forwarded first) is handled
+        from its bytes."""
+        body = _body_only(data, self.s.call.forwarded is not None)
         if body is not None:
             reply = self.handle_chunk(body)
         else:

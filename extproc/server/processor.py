@@ -27,8 +27,9 @@ explains why it takes this route):
    something must be awaited, and a task that waits leaves its messages to ``one`` too), else the
    task (``grpc_server.build_server.handle``) takes it in its loop.
 4. ``one``: ``ProcessingRequest.FromString``, then :meth:`Stream.handle` (this module; a
-   streamed chunk's message, a response body and nothing else, is read from its bytes by
-   ``wire.response_body_only`` and handled by :meth:`Stream.handle_body_chunk`): the phase
+   streamed chunk's message, a response body and nothing else but Envoy's forwarded metadata
+   context, is read from its bytes by ``wire.response_body_only`` and handled by
+   :meth:`Stream.handle_body_chunk`): the phase
    handler of its kind (``_request_headers``, ``_request_body``, ``_response_headers``,
    ``_response_body``) routes, parses through the API parser (``extproc.apis``), settles and
    prices the call, and returns the reply: a constant of :mod:`extproc.server.replies`, plus the
@@ -107,7 +108,8 @@ class Processor:
         """The one way to drive an ext_proc stream: ``open_stream`` with the stream's gRPC
         metadata (lower-case keys), then ``stream.handle(req)`` per message (the reply to send, or
         None; ``stream.handle_body_chunk(body)`` for a message that is a response body chunk and
-        nothing else, read from its bytes) until the messages end or ``stream.end_stream``, then
+        nothing else, but a metadata context once ``call.forwarded`` is set, read from its
+        bytes) until the messages end or ``stream.end_stream``, then
         ``close_stream`` exactly once,
         however the stream ended (see ``grpc_server.build_server``)."""
         stream = Stream(self)
@@ -240,9 +242,10 @@ class Stream:
 
     def handle_body_chunk(self, body: bytes) -> bytes | None:
         """``handle`` for a message that holds a response body chunk (``body``, not empty) and
-        nothing else: no end of stream, no metadata context, no attributes, not in
-        observability mode (what Envoy sends for each streamed chunk after the first, read from
-        the message's bytes by ``wire.response_body_only``). The same reply and state as
+        nothing else: no end of stream, no attributes, not in observability mode, and no
+        metadata context unless ``call.forwarded`` is set (``handle`` reads one only until
+        then): what Envoy sends for each streamed chunk after the first, read from the
+        message's bytes by ``wire.response_body_only``. The same reply and state as
         ``handle`` of that message, without its protobuf objects."""
         started = _clock()
         call = self.call

@@ -1,13 +1,15 @@
 """The ext_proc message Envoy sends for each streamed chunk after the first, read from its bytes.
 
 Per streamed chunk Envoy sends a ``ProcessingRequest`` holding a ``response_body`` with its
-``body`` and nothing else (no end of stream, no other field): two length-delimited fields, one
-inside the other. :func:`response_body_only` recognises exactly that shape and returns the body
-(a slice of the message's bytes), so the servicer handles the chunk without building the protobuf
-message, its ``HttpBody`` wrapper and the body's copy, or asking it which field is set; any other
-message (or an unusual encoding: a length over two varint bytes, a repeated or unknown field)
-returns None and is parsed as usual. ``tests/unit/test_wire.py`` checks it against protobuf's
-own parse.
+``body`` (no end of stream) and, when its ext_proc filter forwards metadata namespaces
+(``metadata_options.forwarding_namespaces``: the generated config forwards jwt_authn's), a
+``metadata_context`` after it, on every message, empty when there is nothing to forward. That is
+two length-delimited fields, one inside the other, and perhaps a third after them.
+:func:`response_body_only` recognises exactly that shape and returns the body (a slice of the
+message's bytes), so the servicer handles the chunk without building the protobuf message, its
+``HttpBody`` wrapper and the body's copy, or asking it which field is set; any other message (or
+an unusual encoding: a length over two varint bytes, a repeated or unknown field) returns None
+and is parsed as usual. ``tests/unit/test_wire.py`` checks it against protobuf's own parse.
 """
 
 from __future__ import annotations
@@ -24,12 +26,16 @@ def _tag(field: int) -> int:
 
 _RESPONSE_BODY = _tag(pb.ProcessingRequest.DESCRIPTOR.fields_by_name["response_body"].number)
 _BODY = _tag(pb.HttpBody.DESCRIPTOR.fields_by_name["body"].number)
+_CONTEXT = _tag(pb.ProcessingRequest.DESCRIPTOR.fields_by_name["metadata_context"].number)
 
 
-def response_body_only(data: bytes) -> bytes | None:
+def response_body_only(data: bytes, context: bool = False) -> bytes | None:
     """The body of a serialised ``ProcessingRequest`` that holds a ``response_body`` with a
     non-empty ``body`` and nothing else (each length in one or two varint bytes); None for any
-    other message."""
+    other message. With ``context``, also of such a message followed by a ``metadata_context``
+    (Envoy's, forwarding metadata namespaces), whose content is not read: the caller passes it
+    once the stream's call holds what an earlier message forwarded (``Stream.handle`` reads a
+    ``metadata_context`` only until then), and it is no longer needed."""
     n = len(data)
     if n < 4 or data[0] != _RESPONSE_BODY:
         return None
@@ -41,18 +47,34 @@ def response_body_only(data: bytes) -> bytes | None:
             return None
         size = (size & 0x7F) | (high << 7)
         p = 3
-    if size < 2 or p + size != n or data[p] != _BODY:
+    end = p + size  # the response body's end
+    if end != n:  # only a metadata context may follow, and only with ``context``
+        if not context or end + 2 > n or data[end] != _CONTEXT:
+            return None
+        length = data[end + 1]
+        e = end + 2
+        if length & 0x80:
+            if e >= n:
+                return None
+            high = data[e]
+            if high & 0x80:
+                return None
+            length = (length & 0x7F) | (high << 7)
+            e += 1
+        if e + length != n:
+            return None
+    if size < 2 or data[p] != _BODY:
         return None
     size = data[p + 1]
     q = p + 2
     if size & 0x80:
-        if q >= n:
+        if q >= end:
             return None
         high = data[q]
         if high & 0x80:
             return None
         size = (size & 0x7F) | (high << 7)
         q += 1
-    if q + size != n:
+    if q + size != end:
         return None
-    return data[q:]
+    return data[q:end]

@@ -143,6 +143,54 @@ def test_a_stream_is_handled_without_a_task_and_ends_where_its_reset_arrives():
     asyncio.run(main())
 
 
+@pytest.mark.parametrize("claims", [False, True])
+def test_streamed_chunks_with_envoys_metadata_context_are_read_from_their_bytes(monkeypatch, claims):
+    """With forwarding namespaces configured (the generated Envoy config), Envoy adds a
+    ``metadata_context`` to every message, an empty one when there is nothing to forward: each
+    streamed chunk after the request headers still reaches ``Stream.handle_body_chunk`` from its
+    bytes (not protobuf's parse and ``Stream.handle``), and the call keeps what the first message
+    forwarded."""
+    from extproc.server.processor import Stream
+
+    address = f"127.0.0.1:{free_port()}"
+    read: list[bytes] = []
+    handle_body_chunk = Stream.handle_body_chunk
+
+    def spy(self, body: bytes) -> bytes | None:
+        read.append(bytes(body))
+        return handle_body_chunk(self, body)
+
+    monkeypatch.setattr(Stream, "handle_body_chunk", spy)
+
+    def context(m: pb.ProcessingRequest) -> pb.ProcessingRequest:
+        m.metadata_context.SetInParent()
+        if claims:
+            m.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].fields["sub"].string_value = "team-a"
+        return m
+
+    chunks = [b'data: {"choices":[{"index":0,"delta":{"content":"%d"}}]}\n\n' % i for i in range(5)]
+    messages = [
+        _headers("request_headers", **{":path": "/v1/chat/completions", ":method": "POST", ":authority": "api.openai.com"}),
+        pb.ProcessingRequest(request_body=pb.HttpBody(body=b'{"model":"gpt-4o","stream":true}', end_of_stream=True)),
+        _headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+    ] + [pb.ProcessingRequest(response_body=pb.HttpBody(body=c)) for c in chunks]
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            call = _stream(ch)
+            for m in messages:
+                await call.write(context(m))
+                await call.read()
+            call.cancel()
+            await _wait(lambda: len(r.recorder.calls) == 1)
+            (c,) = r.recorder.calls
+            assert c.response_bytes == sum(map(len, chunks))
+            assert ("team-a" in str(c.forwarded)) is claims
+
+    asyncio.run(main())
+    assert read == chunks
+
+
 def test_each_stream_reads_its_own_metadata_and_the_decoded_metadata_kept_is_bounded():
     """The metadata decoded per header list is kept for the next streams with the same headers:
     a stream still reads its own headers' provider (one kept list per distinct header list, the

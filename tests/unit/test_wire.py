@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from google.protobuf.json_format import MessageToDict
 
 from extproc._pb.envoy_api import external_processor_pb2 as pb
 from extproc.core.config import parse
@@ -42,16 +43,30 @@ LENGTHS = [
 ]
 
 
-def _only_body(data: bytes) -> bytes | None:
+def _only_body(data: bytes, context: bool = False) -> bytes | None:
     """What protobuf reads in ``data``: the body if the message is a response body with a
-    non-empty body and nothing else (re-serialised, it is exactly that message), else None."""
+    non-empty body and nothing else (re-serialised, it is exactly that message), else None;
+    with ``context``, also if a metadata context is all it holds besides."""
     try:
         req = pb.ProcessingRequest.FromString(data)
     except Exception:
         return None
     b = req.response_body.body
     exact = pb.ProcessingRequest(response_body=pb.HttpBody(body=b)).SerializeToString()
+    if context:
+        req.ClearField("metadata_context")
     return b if b and req.SerializeToString() == exact else None
+
+
+def _with_context(m: pb.ProcessingRequest, claims: bool = False) -> pb.ProcessingRequest:
+    """``m`` with the ``metadata_context`` Envoy adds to every message when it forwards metadata
+    namespaces: empty when there is nothing to forward (the serialised field ``42 00`` at the
+    end), else jwt_authn's claims."""
+    m = pb.ProcessingRequest.FromString(m.SerializeToString())
+    m.metadata_context.SetInParent()
+    if claims:
+        m.metadata_context.filter_metadata["envoy.filters.http.jwt_authn"].fields["sub"].string_value = "team-a"
+    return m
 
 
 def _messages() -> list[bytes]:
@@ -68,6 +83,16 @@ def _messages() -> list[bytes]:
         with_attrs = pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk))
         with_attrs.attributes["envoy.filters.http.ext_proc"].fields["k"].string_value = "v"
         out.append(with_attrs.SerializeToString())
+        for claims in (False, True):
+            out.append(_with_context(body("response_body", chunk), claims).SerializeToString())
+            out.append(_with_context(body("response_body", chunk, True), claims).SerializeToString())
+            out.append(_with_context(with_attrs, claims).SerializeToString())
+            observed = _with_context(body("response_body", chunk), claims)
+            observed.observability_mode = True
+            out.append(observed.SerializeToString())
+        big = pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk))
+        big.metadata_context.filter_metadata["x"].fields["k"].string_value = "v" * 20000  # a three-byte length
+        out.append(big.SerializeToString())
     out.append(headers("response_headers", **{":status": "200"}).SerializeToString())
     out.append(b"")
     return out
@@ -77,12 +102,30 @@ def test_a_response_body_alone_is_read_from_its_bytes_as_protobuf_reads_it():
     """Every message protobuf reads as a response body chunk and nothing else (one- and
     two-byte lengths) gives its body; every other message gives None."""
     for data in _messages():
-        got = response_body_only(data)
-        want = _only_body(data)
-        if len(data) < 16384:  # (a longer body's lengths take three varint bytes: left to protobuf)
-            assert got == want, data[:8]
-        else:
-            assert got is None or got == want
+        for context in (False, True):
+            got = response_body_only(data, context)
+            want = _only_body(data, context)
+            if len(data) < 16384:  # (a longer body's lengths take three varint bytes: left to protobuf)
+                assert got == want, (context, data[:8])
+            else:
+                assert got is None or got == want
+
+
+def test_envoys_chunk_message_with_its_metadata_context_is_read_from_its_bytes_only_when_asked():
+    """Envoy's message for a streamed chunk with forwarding namespaces configured (as the
+    generated config does): the body, then an empty metadata context (``42 00``), or the
+    forwarded claims. Read with ``context`` (the call already holds what was forwarded); without
+    it, left to protobuf, so ``Stream.handle`` can read the context."""
+    chunk = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    empty = _with_context(body("response_body", chunk)).SerializeToString()
+    assert empty.endswith(b"\x42\x00")
+    claims = _with_context(body("response_body", chunk), claims=True).SerializeToString()
+    for data in (empty, claims):
+        assert response_body_only(data, True) == chunk
+        assert response_body_only(data) is None
+        assert response_body_only(data[:-1], True) is None  # cut
+        assert response_body_only(data + b"\x42\x00", True) is None  # a repeated context
+        assert response_body_only(data + b"\x50\x01", True) is None  # observability mode after it
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -103,6 +146,14 @@ def test_odd_encodings_are_never_misread(seed):
         got = response_body_only(bytes(data))
         if got is not None:
             assert got == _only_body(bytes(data)), bytes(data)
+        got = response_body_only(bytes(data), True)
+        if got is not None:
+            try:
+                pb.ProcessingRequest.FromString(bytes(data))
+            except Exception:  # the context's content is not read: what comes before it is a chunk
+                assert any(response_body_only(bytes(data[:k])) == got for k in range(len(data))), bytes(data)
+            else:
+                assert got == _only_body(bytes(data), True), bytes(data)
     assert response_body_only(b"\x2a\x85\x00\x0a\x03abc") == b"abc" == _only_body(b"\x2a\x85\x00\x0a\x03abc")
 
 
@@ -121,7 +172,6 @@ def _reply(reply: bytes | None) -> object:
     """A reply, its metadata's timings left out (they differ from run to run)."""
     if reply is None:
         return None
-    from google.protobuf.json_format import MessageToDict
 
     msg = pb.ProcessingResponse.FromString(reply)
     md = MessageToDict(msg.dynamic_metadata)
@@ -139,7 +189,7 @@ def _calls(messages: list[pb.ProcessingRequest], from_bytes: bool) -> tuple[list
     replies, shortcuts = [], 0
     for m in messages:
         data = m.SerializeToString()
-        chunk = response_body_only(data) if from_bytes else None
+        chunk = response_body_only(data, s.call.forwarded is not None) if from_bytes else None  # as ``_Exchange.one``
         if chunk is not None:
             shortcuts += 1
             replies.append(_reply(s.handle_body_chunk(chunk)))
@@ -156,6 +206,7 @@ def _calls(messages: list[pb.ProcessingRequest], from_bytes: bool) -> tuple[list
         c.obs.response_model,
         c.obs.finish_reasons,
         c.obs.parse_errors,
+        None if c.forwarded is None else {k: MessageToDict(v) for k, v in c.forwarded.items()},
     )
     return [replies, call, s.end_stream], [shortcuts]
 
@@ -182,9 +233,17 @@ def test_a_chunk_handled_from_its_bytes_gets_the_reply_and_leaves_the_state_hand
     if rnd.random() < 0.2:
         for m in messages:
             m.observability_mode = True
+    context = rnd.random()
+    if context < 0.5:  # Envoy forwarding metadata namespaces: a context on every message, or from some on
+        claims = rnd.random() < 0.5
+        first = 0 if context < 0.3 else rnd.randrange(len(messages))
+        messages = messages[:first] + [_with_context(m, claims) for m in messages[first:]]
     (replies, call, end), (shortcuts,) = _calls(messages, True)
     assert [replies, call, end] == _calls(messages, False)[0]
-    assert shortcuts > 0 or not any(
-        m.HasField("response_body") and m.response_body.body and not m.response_body.end_of_stream and not m.observability_mode
+    eligible = sum(
+        1
         for m in messages
+        if m.HasField("response_body") and m.response_body.body and not m.response_body.end_of_stream and not m.observability_mode
     )
+    if context < 0.3 or context >= 0.5:  # a context on every message, or on none: every chunk read from its bytes
+        assert shortcuts == eligible
