@@ -226,6 +226,10 @@ class _SlowEnd:
     def end_stream(self) -> bool:
         return self.stream.end_stream
 
+    @property
+    def call(self):  # the server reads ``call.forwarded`` to read a chunk after Envoy's metadata context
+        return self.stream.call
+
     def finish(self) -> None:
         self.stream.finish()
 
