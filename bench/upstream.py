@@ -1,8 +1,9 @@
 """Fast local upstreams for the benchmark.
 
 - Non-streaming: a second Envoy answering every request with ``direct_response`` (a fixed OpenAI
-  chat completion with usage). Python cannot serve 30k req/s; Envoy can, so the upstream is never
-  the bottleneck of the Envoy-alone baseline.
+  chat completion with usage) once the request's body is in, on a connection it keeps open, as an
+  LLM API does (``envoy_config.direct_response``). Python cannot serve 30k req/s; Envoy can, so the
+  upstream is never the bottleneck of the Envoy-alone baseline.
 - Streaming: ``python -m bench.upstream --port P``, a raw asyncio server answering any POST with an
   OpenAI chat-completion SSE stream of ``x-chunks`` events (default 50), one every
   ``x-chunk-interval-ms`` (default 1). Each event's content carries the upstream's
