@@ -100,7 +100,7 @@ class _NullTransport:
         return default
 
 
-def _not_read(data: bytes) -> bytes | None:
+def _not_read(data: bytes, context: bool = False) -> bytes | None:
     return None
 
 
