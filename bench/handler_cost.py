@@ -45,9 +45,11 @@ CHAT = (
     b'{"id":"c1","model":"gpt-4o-2024","choices":[{"finish_reason":"stop","message":{"content":"hi"}}],'
     b'"usage":{"prompt_tokens":5,"completion_tokens":7,"total_tokens":12}}'
 )
+# A text delta as OpenAI streams it with ``stream_options.include_usage`` (as ``bench.upstream``
+# does): every chunk carries ``"usage":null``.
 CHUNK = (
     b'data: {"id":"c","object":"chat.completion.chunk","model":"gpt-4o","choices":[{"index":0,'
-    b'"delta":{"content":"hello "},"finish_reason":null}]}\n\n'
+    b'"delta":{"content":"hello "},"logprobs":null,"finish_reason":null}],"usage":null}\n\n'
 )
 LAST = (
     b'data: {"id":"c","model":"gpt-4o","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":50,'

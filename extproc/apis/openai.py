@@ -30,8 +30,10 @@ _SAMPLING = (
 
 
 # Where a chat chunk may carry what ``want_sse_event`` looks for: one scan instead of three
-# substring searches for the chunks that carry neither (text deltas, most of a stream).
-_USAGE_OR_FINISH = re.compile(rb'"usage"|"finish_reason": ?"').search
+# substring searches for the chunks that carry neither (text deltas, most of a stream). A
+# ``"usage":null`` does not match: with ``stream_options.include_usage`` every text delta carries
+# one, and the searches below reject it anyway.
+_USAGE_OR_FINISH = re.compile(rb'"usage"(?!:null)|"finish_reason": ?"').search
 
 # The end user: OpenAI's safety_identifier (its newer name), else the older user field.
 _END_USER = (("safety_identifier",), ("user",))

@@ -378,6 +378,16 @@ def test_the_chat_filter_wants_exactly_the_chunks_its_substring_searches_want() 
             assert parser.want_sse_event(b"", data) == _old_chat_filter(capture, model, data), data
 
 
+def test_the_chat_filters_scan_alone_rejects_a_text_delta_with_usage_null() -> None:
+    """With ``stream_options.include_usage`` every text delta carries ``"usage":null``: the
+    filter's one scan rejects it, with no substring search after it."""
+    from extproc.apis.openai import _USAGE_OR_FINISH
+
+    delta = b'{"id":"c","model":"gpt-4o","choices":[{"index":0,"delta":{"content":"hi"},"finish_reason":null}],"usage":null}'
+    assert _USAGE_OR_FINISH(delta) is None
+    assert _USAGE_OR_FINISH(delta.replace(b'"usage":null', b'"usage":{"prompt_tokens":3}')) is not None
+
+
 _ANTHROPIC_PIECES = [
     b'{"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":"hi"}}',
     b'{"type":"message_start"',
