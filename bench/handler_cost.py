@@ -15,7 +15,9 @@ The rows:
   response body and nothing else (a streamed chunk in the default mode) read from its bytes by
   ``wire.response_body_only`` and handled by ``Stream.handle_body_chunk``; any other (headers,
   bodies ending a stream, every message in observability mode, which carries
-  ``observability_mode``) by ``Stream.handle``, its protobuf parse not counted. Every message
+  ``observability_mode``) by ``Stream.handle``, its protobuf parse not counted; once a message
+  got no reply on a stream in observability mode (``Stream.observe_only``), its later messages
+  go to ``Stream.handle`` untested, as ``_Exchange.one_observed`` takes them. Every message
   carries the empty ``metadata_context`` Envoy adds when its ext_proc filter forwards metadata
   namespaces (the generated config forwards jwt_authn's), as Envoy's messages do.
 - *metadata encoding*: one ``metadata.encoded`` of a call's fields.
@@ -25,7 +27,8 @@ The rows:
   Processor opening and closing the stream, per stream (alone, and with 32 other streams open).
 - *chunk path*: a streamed chunk's DATA frame through a server connection, its buffer, the
   Processor and its reply written, per chunk, on the workers' event loop (uvloop): the whole of
-  the server's Python per chunk but the socket.
+  the server's Python per chunk but the socket. Also in observability mode (every message
+  carries ``observability_mode``; no reply).
 
 ``--checkout`` runs each measurement in a subprocess importing ``extproc`` from that directory.
 """
@@ -157,12 +160,19 @@ def measure() -> dict[str, float]:
         s = p.open_stream({})
         handle, body_only = s.handle, response_body_only
         handle_chunk: Any = getattr(s, "handle_body_chunk", None)  # called only where body_only read a body
+        picks = hasattr(type(s), "observe_only")  # absent from older checkouts: every message tested
+        test = True
         for m, data in messages:
-            body = body_only(data, s.call.forwarded is not None) if with_context else body_only(data)
+            if not test:
+                body = None
+            elif with_context:
+                body = body_only(data, s.call.forwarded is not None)
+            else:
+                body = body_only(data)
             if body is not None:
                 handle_chunk(body)
-            else:
-                handle(m)
+            elif handle(m) is None and picks and s.observe_only:
+                test = False
         p.close_stream(s)
 
     def with_bytes(messages: list) -> list:
@@ -183,6 +193,7 @@ def measure() -> dict[str, float]:
     out["stream path: an ext_proc stream opened by its HEADERS and closed by Envoy's RST_STREAM (us)"] = 1e6 * _stream_path()
     out["stream path, 32 other streams open on the connection (us)"] = 1e6 * _stream_path(32)
     out["chunk path: a streamed chunk's DATA frame through a server connection to its reply (us)"] = 1e6 * _chunk_path()
+    out["chunk path, observability mode (no reply) (us)"] = 1e6 * _chunk_path(observe=True)
     return out
 
 
@@ -286,13 +297,13 @@ def _stream_path(others: int = 0) -> float:
     return asyncio.run(run())
 
 
-def _chunk_path() -> float:
+def _chunk_path(observe: bool = False) -> float:
     """Seconds per chunk, best of 9 rounds, of what the server does for a streamed chunk: a read
     holding the DATA frame of one ``response_body`` message (an OpenAI text delta) on a stream
     handled without a task, fed to a server connection (``_Protocol.data_received``, its writes
     dropped), through the stream's buffer, the Processor and the reply written: everything per
     chunk but the socket and the event loop. The client's windows are opened wide, so no reply
-    waits for one."""
+    waits for one. ``observe``: every message carries ``observability_mode`` (no reply)."""
     import asyncio
     import struct
 
@@ -316,7 +327,7 @@ def _chunk_path() -> float:
     client.send_headers(1, headers)
 
     def message(**kw: object) -> bytes:
-        data = pb.ProcessingRequest(**kw, metadata_context=ENVOY_CONTEXT).SerializeToString()  # type: ignore[arg-type]
+        data = pb.ProcessingRequest(**kw, metadata_context=ENVOY_CONTEXT, observability_mode=observe).SerializeToString()  # type: ignore[arg-type]
         return b"\0" + len(data).to_bytes(4, "big") + data
 
     def header_map(**h: str) -> object:

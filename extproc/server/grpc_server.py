@@ -553,7 +553,9 @@ class _Exchange:
         """One message: handled and answered now (True), or left to the task (False). A
         streamed chunk's message (a response body and nothing else, or Envoy's forwarded
         ``metadata_context`` after it once the call holds the one forwarded first) is handled
-        from its bytes."""
+        from its bytes. A stream in observability mode is handed to ``one_observed`` once a
+        message of it got no reply (its first, from Envoy); a reply is always built in the
+        default mode, so the mode is not read there."""
         body = _body_only(data, self.s.call.forwarded is not None)
         if body is not None:
             reply = self.handle_chunk(body)
@@ -563,6 +565,47 @@ class _Exchange:
             except DecodeError:
                 raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
             reply = self.handle_message(req)
+            if reply is None and self.s.observe_only:
+                self.buf.inline = self.one_observed  # the next messages (``close`` may still clear it)
+        # What follows is ``answer``, inlined: a streamed chunk's path saves the call.
+        if reply is not None:
+            ps = self.ps
+            if not self.headers_sent:  # the response headers go first: a constant HPACK block
+                if not _send_headers_now(ps):
+                    self.held = reply
+                    return False
+                self.headers_sent = True
+            if not _send_now(ps, reply):
+                self.held = reply
+                return False
+        if self.s.end_stream:  # the sidecar ends the stream (observability mode)
+            if not self.tasked and _send_trailers_now(self.ps):  # a constant HPACK block
+                self.close()  # reported here; ``close`` cleared the buffer's hand-over
+            else:
+                self.end = True  # the task's handler returns; grpclib sends the trailers
+            return False
+        return True
+
+    def one_observed(self, data: bytes) -> bool:
+        """``one`` for a stream in observability mode (``Stream.observe_only``), from the
+        message after its first without a reply: each message is parsed at once. Every message
+        in this mode carries ``observability_mode``, so none has a streamed chunk's shape and
+        ``one``'s test for it (``wire.response_body_only``, ~0.2 us) would fail on each; the
+        handling is the same (``Stream.handle`` of a chunk's message is what
+        ``Stream.handle_body_chunk`` does without the protobuf objects)."""
+        try:
+            req = _PARSE(data)
+        except DecodeError:
+            raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
+        reply = self.handle_message(req)
+        if reply is None and not self.s.end_stream:  # (Envoy expects no reply in this mode)
+            return True
+        return self.answer(reply)
+
+    def answer(self, reply: bytes | None) -> bool:
+        """After a message was handled: its reply sent now (True), or held for the task
+        (False); and the stream ended by the sidecar if it is over (observability mode:
+        ``Stream.end_stream``)."""
         if reply is not None:
             ps = self.ps
             if not self.headers_sent:  # the response headers go first: a constant HPACK block
@@ -711,8 +754,7 @@ def build_server(processor: Processor, address: str, tls: TlsConfig | None = Non
             h2compat.initial_metadata_sent(stream)
         buf = exchange.buf
         send = stream.send_message
-        one = exchange.one
-        buf.inline = one
+        one = buf.inline = exchange.one_observed if exchange.s.observe_only else exchange.one
         try:
             buf.check()  # what went wrong before the hand-over (a bad message)
             while True:

@@ -29,7 +29,8 @@ explains why it takes this route):
 4. ``one``: ``ProcessingRequest.FromString``, then :meth:`Stream.handle` (this module; a
    streamed chunk's message, a response body and nothing else but Envoy's forwarded metadata
    context, is read from its bytes by ``wire.response_body_only`` and handled by
-   :meth:`Stream.handle_body_chunk`): the phase
+   :meth:`Stream.handle_body_chunk`; a stream in observability mode, whose messages never have
+   that shape, is parsed untested after its first, ``_Exchange.one_observed``): the phase
    handler of its kind (``_request_headers``, ``_request_body``, ``_response_headers``,
    ``_response_body``) routes, parses through the API parser (``extproc.apis``), settles and
    prices the call, and returns the reply: a constant of :mod:`extproc.server.replies`, plus the
@@ -198,10 +199,20 @@ class Stream:
         # before the call is reported). Set by ``handle``: a plain attribute, read per message.
         self.end_stream = False
 
+    @property
+    def observe_only(self) -> bool:
+        """Whether a message of this stream came in observability mode (``observability_mode``
+        set): from then on no reply is built and the call is priced once, when it ends. Set by
+        ``handle``, never cleared. The server reads it once per stream, after a message that got
+        no reply, to stop testing each message for the streamed chunk's shape
+        (``wire.response_body_only``), which a message carrying ``observability_mode`` never
+        has (``grpc_server._Exchange.one_observed``)."""
+        return self._observe_only
+
     def handle(self, req: pb.ProcessingRequest) -> bytes | None:
         """One message from Envoy: the reply to send, or None when there is none (observability
         mode: Envoy expects no reply; the stream is then over at the response's end, see
-        ``end_stream``; in observability mode no reply is built, see ``_observe_only``). The
+        ``end_stream``; in observability mode no reply is built, see ``observe_only``). The
         time spent here is added to ``call.processing`` (the self-cost metric). The phase
         handler of the message's kind builds the reply (a streamed chunk's, the common message,
         is dispatched first)."""

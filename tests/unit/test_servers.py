@@ -634,3 +634,91 @@ def test_a_reads_replies_leave_at_its_end_without_a_callback_and_other_writes_at
         assert transport.written == before + b"onetwo"
 
     asyncio.run(main())
+
+
+def _chunked_stream(monkeypatch, observe: bool, pick: bool = True) -> dict:
+    """One streamed chat completion (request headers and body, response headers, 12 SSE
+    chunks, the last body with end of stream), each message in its own read, through a server
+    connection: how often the server tested a message for a streamed chunk's shape
+    (``wire.response_body_only``) and handled one from its bytes, what it wrote, and the call it
+    reported. ``observe``: every message carries ``observability_mode``. ``pick`` False: a
+    stream in observability mode keeps ``one`` (the chunk test per message), as before."""
+    from h2.config import H2Configuration
+    from h2.connection import H2Connection
+    from h2.settings import SettingCodes
+
+    from extproc.server import grpc_server
+    from extproc.server import processor as processor_mod
+    from tests.unit.test_h2compat import REQUEST_HEADERS, _grpc_frame
+    from tests.unit.test_processor import SSE, body, req_headers
+
+    tested, chunks = [], []
+    body_only, handle_chunk = grpc_server._body_only, processor_mod.Stream.handle_body_chunk
+    monkeypatch.setattr(grpc_server, "_body_only", lambda *a: tested.append(1) or body_only(*a))
+    monkeypatch.setattr(processor_mod.Stream, "handle_body_chunk", lambda s, b: chunks.append(1) or handle_chunk(s, b))
+    if not pick:
+        monkeypatch.setattr(grpc_server._Exchange, "one_observed", grpc_server._Exchange.one)
+    events = [e + b"\n\n" for e in SSE.split(b"\n\n") if e]
+    messages = [
+        req_headers(),
+        body("request_body", b'{"model":"m","stream":true,"stream_options":{"include_usage":true}}', end=True),
+        _headers("response_headers", **{":status": "200", "content-type": "text/event-stream"}),
+        *[body("response_body", events[0]) for _ in range(10)],
+        *[body("response_body", e) for e in events[1:-1]],
+        body("response_body", events[-1], end=True),
+    ]
+    client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+    client.initiate_connection()
+    client.update_settings({SettingCodes.INITIAL_WINDOW_SIZE: 1 << 20})
+    client.send_headers(1, REQUEST_HEADERS)
+    reads = [client.data_to_send()]
+    for m in messages:
+        m.observability_mode = observe
+        client.send_data(1, _grpc_frame(m))
+        reads.append(client.data_to_send())
+    recorder = Recorder()
+    server = build_server(Processor(parse({"listen": "127.0.0.1:1"}), [recorder]), "127.0.0.1:1")
+    transport = _Written()
+
+    async def main() -> None:
+        proto = server._protocol_factory()
+        proto.connection_made(transport)
+        for read in reads:
+            proto.data_received(read)
+        if not observe:
+            proto.data_received(_rst_frame(1))  # Envoy's reset ends a default-mode stream
+        await asyncio.sleep(0)
+        assert not server.exchanges and not proto.handler._tasks  # closed, never handed to a task
+
+    asyncio.run(main())
+    [call] = recorder.calls
+    return {
+        "messages": len(messages),
+        "tested": len(tested),
+        "chunks": len(chunks),
+        "written": bytes(transport.written),
+        "call": (call.outcome, call.obs.response_model, call.obs.usage.total_tokens, call.obs.finish_reasons),
+    }
+
+
+def _rst_frame(sid: int) -> bytes:
+    return (4).to_bytes(3, "big") + bytes([3, 0]) + sid.to_bytes(4, "big") + (8).to_bytes(4, "big")
+
+
+def test_a_stream_in_observability_mode_stops_testing_messages_for_a_chunks_shape():
+    """The server tests each message for a streamed chunk's shape (``wire.response_body_only``)
+    and handles the chunks from their bytes in the default mode; a stream in observability mode
+    (whose messages all carry ``observability_mode``, so never have that shape) is tested at its
+    first message only, then each message is parsed at once (``_Exchange.one_observed``), with
+    what it writes and the call it reports unchanged."""
+    with pytest.MonkeyPatch.context() as patch:
+        default = _chunked_stream(patch, observe=False)
+    with pytest.MonkeyPatch.context() as patch:
+        observed = _chunked_stream(patch, observe=True)
+    with pytest.MonkeyPatch.context() as patch:
+        tested_each = _chunked_stream(patch, observe=True, pick=False)
+    assert default["tested"] == default["messages"] == 16 and default["chunks"] == 12
+    assert observed["tested"] == 1 and observed["chunks"] == 0
+    assert tested_each["tested"] == tested_each["messages"] and tested_each["chunks"] == 0
+    assert observed["written"] == tested_each["written"] and observed["call"] == tested_each["call"]
+    assert observed["call"] == default["call"] == (OK, "m-1", 7, ["stop"])
