@@ -485,10 +485,6 @@ def _plain_metadata(headers: Any) -> Any:
     return MultiDictProxy(decode_metadata(headers))
 
 
-METADATA_KEPT = 8  # header lists whose ``_plain_metadata`` a server keeps
-_UNKNOWN = object()
-
-
 class _Exchange:
     """One ext_proc stream, handled where its frames arrive: opened (``Processor.open_stream``)
     as its HEADERS are received, each message answered as its DATA frame is received (the first
@@ -672,40 +668,34 @@ _send_trailers_now = h2compat.send_trailers_now
 class _Exchanges:
     """What a server's ext_proc streams share: the Processor, the stream cap, the server."""
 
-    __slots__ = ("server", "cap", "open_stream", "close_stream", "metadata")
+    __slots__ = ("server", "cap", "open_stream", "close_stream")
 
     def __init__(self, server: GrpclibServer, processor: Processor, cap: StreamCap) -> None:
         self.server = server
         self.cap = cap
         self.open_stream = processor.open_stream
         self.close_stream = processor.close_stream
-        # ``_plain_metadata`` of the last few header lists of streams h2 opened (a connection's
-        # first, a header block not kept): bounded (``METADATA_KEPT`` lists, the oldest
-        # dropped). Envoy opens each ext_proc stream after a connection's first with the same
-        # header block, which h2compat keeps decoded (``cache_header_blocks``): those streams'
-        # metadata is kept on the block itself (``h2compat.header_block``), no lookup per
-        # stream. Each a read-only proxy, which ``Processor.open_stream`` only reads.
-        self.metadata: dict[tuple[Any, ...], Any] = {}
 
     def start(self, handler: _Handler, ps: Any, headers: Any, release: Callable[[], Any]) -> bool:
         """``GrpclibServer.untasked``: take a new ext_proc stream without a task, if its headers
-        allow (see ``_plain_metadata``) and the worker keeps up (``StreamCap.behind``)."""
+        allow (see ``_plain_metadata``) and the worker keeps up (``StreamCap.behind``).
+
+        The stream's metadata is decoded once per kept header block: Envoy opens each ext_proc
+        stream after a connection's first two with the same block, which h2compat keeps decoded
+        (``cache_header_blocks``), and the block's first stream keeps its metadata on it
+        (``h2compat.header_block``), a read-only proxy which ``Processor.open_stream`` only
+        reads. A stream h2 opened (a connection's first two, a block not kept) decodes its own,
+        kept by nothing once the stream ends: a few streams per connection, and no table of past
+        header lists whose keys a client chooses."""
         if self.cap.behind():  # a worker that falls behind gives new streams tasks, which count as waiting
             return False
         block = _header_block(ps)
-        if block is not None:  # opened from a kept header block: ``headers`` are its request headers
+        if block is None:  # opened by h2
+            metadata = _plain_metadata(headers)
+        else:  # opened from a kept header block: ``headers`` are its request headers
             metadata = block.derived
             if metadata is _NOT_DERIVED:
                 metadata = block.derived = _plain_metadata(headers)
-        else:
-            key = tuple(headers)
-            kept = self.metadata
-            metadata = kept.get(key, _UNKNOWN)
-            if metadata is _UNKNOWN:
-                metadata = _plain_metadata(headers)
-                if len(kept) >= METADATA_KEPT:
-                    del kept[next(iter(kept))]  # the oldest
-                kept[key] = metadata
         if metadata is None:
             return False
         buf: MessageBuffer = ps.buffer

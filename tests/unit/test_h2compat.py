@@ -1121,18 +1121,21 @@ def test_a_stream_opened_past_h2_makes_grpclibs_asyncio_objects_only_when_used(m
 def test_streams_opened_from_a_kept_block_share_its_metadata_decoded_once(monkeypatch):
     """The gRPC metadata of a stream opened past h2 is kept on its header block: the block's
     first stream decodes it, every later one gets the same (read-only) metadata without
-    decoding or looking up its headers; the streams h2 opened (a connection's first two, the
-    second decoding the block that is kept) go through the server's own bounded table."""
+    decoding or looking up its headers; each stream h2 opened (a connection's first two, the
+    second decoding the block that is kept) decodes its own, which nothing keeps once the
+    stream ended."""
+    import gc
+    import weakref
+
     computed = []
     real = grpc_server._plain_metadata
     monkeypatch.setattr(grpc_server, "_plain_metadata", lambda headers: computed.append([tuple(h) for h in headers]) or real(headers))
     recorder = Recorder()
     processor = Processor(parse({"listen": "127.0.0.1:1"}), [recorder])
-    opened = []  # the metadata each stream's Processor stream was opened with
+    opened = []  # the metadata each stream's Processor stream was opened with, weakly
     open_stream = processor.open_stream
-    processor.open_stream = lambda metadata: opened.append(metadata) or open_stream(metadata)  # type: ignore[method-assign]
+    processor.open_stream = lambda metadata: opened.append(weakref.ref(metadata)) or open_stream(metadata)  # type: ignore[method-assign]
     server = build_server(processor, "127.0.0.1:1")
-    shared = server.untasked[grpc_server.PROCESS].__self__  # type: ignore[attr-defined]
 
     async def main() -> None:
         proto = server._protocol_factory()
@@ -1142,9 +1145,11 @@ def test_streams_opened_from_a_kept_block_share_its_metadata_decoded_once(monkey
             proto.data_received(frame)
         block = h2compat.h2_connection(proto).decoder.blocks[ENVOY_BLOCK]
         envoy = [(n.decode(), v.decode()) for n, v in ENVOY_HEADERS]
-        assert len(opened) == 5 and computed[1:] == [envoy, envoy]  # stream 3 (through h2), then the block's first (5)
-        assert opened[2] is opened[3] is opened[4] is block.derived  # 5, 7, 9
-        assert len(shared.metadata) == 2  # streams 1 and 3 only
+        # streams 1 and 3 (through h2) each decoded their own, then the block's first (5)
+        assert len(opened) == 5 and len(computed) == 3 and computed[1:] == [envoy, envoy]
+        assert opened[2]() is opened[3]() is opened[4]() is block.derived  # 5, 7, 9
+        gc.collect()
+        assert opened[0]() is None  # stream 1 (reset in _opening): its metadata is kept by nothing
         assert dict(block.derived) == {"x-forwarded-for": "192.0.2.2", "x-envoy-internal": "true"}
         with pytest.raises(TypeError):
             block.derived["x-envoy-internal"] = "false"  # shared by the block's streams: read-only

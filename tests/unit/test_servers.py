@@ -19,7 +19,7 @@ from extproc.core.config import ConfigError, parse
 from extproc.devtools.dev import free_port
 from extproc.server import h2compat
 from extproc.server import worker as server_mod
-from extproc.server.grpc_server import CLOSED_STREAMS_KEPT, METADATA_KEPT, PROCESS, StreamCap, build_server
+from extproc.server.grpc_server import CLOSED_STREAMS_KEPT, StreamCap, build_server
 from extproc.server.health import Health
 from extproc.server.processor import Processor
 from extproc.server.replies import CONTINUE_REQUEST_HEADERS
@@ -191,27 +191,40 @@ def test_streamed_chunks_with_envoys_metadata_context_are_read_from_their_bytes(
     assert read == chunks
 
 
-def test_each_stream_reads_its_own_metadata_and_the_decoded_metadata_kept_is_bounded():
-    """The metadata decoded per header list is kept for the next streams with the same headers:
-    a stream still reads its own headers' provider (one kept list per distinct header list, the
-    oldest dropped past ``METADATA_KEPT``, read-only) and the same headers again read the same."""
+def test_each_stream_reads_its_own_metadata_and_none_is_kept_once_it_ended(monkeypatch):
+    """A stream reads the gRPC metadata of its own headers (the provider its client named, the
+    same again for the same headers), and the server keeps none once the stream ended, however
+    many distinct header lists a client sends: only a kept header block holds the metadata its
+    streams share (at most ``h2compat.BLOCKS_KEPT`` blocks per connection)."""
+    import gc
+    import weakref
+
     address = f"127.0.0.1:{free_port()}"
-    providers = [f"p{i}" for i in range(METADATA_KEPT + 3)] + ["p0", "p0"]
+    providers = [f"p{i}" for i in range(12)] + ["p0", "p0"]
+    opened = []  # the metadata each stream's Processor stream was opened with, weakly
+    open_stream = Processor.open_stream
+    monkeypatch.setattr(
+        Processor, "open_stream", lambda self, metadata: opened.append(weakref.ref(metadata)) or open_stream(self, metadata)
+    )
 
     async def main() -> None:
         async with Running(address) as r, _channel(address) as ch:
-            kept = r.server.untasked[PROCESS].__self__.metadata  # type: ignore[attr-defined]
             for provider in providers:
                 call = _stream(ch, metadata=(("x-llm-provider", provider),))
                 await call.write(REQ)
                 await call.read()
                 call.cancel()
                 await _wait(lambda: r.processor.counters.active == 0)
-                assert len(kept) <= METADATA_KEPT
             assert [c.provider for c in r.recorder.calls] == providers
-            [metadata] = [m for k, m in kept.items() if ("x-llm-provider", "p0") in k]
-            with pytest.raises(TypeError):
-                metadata["x-llm-provider"] = "other"  # shared by the streams: read-only
+            assert len(opened) == len(providers)
+            gc.collect()
+            alive = [m for m in (ref() for ref in opened) if m is not None]
+            blocks = [b for p in r.server._protocols for b in h2compat.h2_connection(p).decoder.blocks.values()]
+            assert len(blocks) <= h2compat.BLOCKS_KEPT * len(r.server._protocols)
+            assert all(any(m is b.derived for b in blocks) for m in alive)  # only on a kept block
+            for m in alive:
+                with pytest.raises(TypeError):
+                    m["x-llm-provider"] = "other"  # shared by the block's streams: read-only
 
     asyncio.run(main())
 
