@@ -2,8 +2,8 @@
 
 ``BoundedBatchProcessor`` queues finished calls' span records in a bounded deque (append is O(1),
 no lock held by the caller) and a daemon thread exports them in batches: over OTLP/gRPC (the
-default) the thread writes each batch's request as bytes straight from the records
-(``span_encoding``) and the SDK's exporter sends those bytes; over OTLP/HTTP it builds the SDK's
+default) the records are the spans already written as bytes (``span_encoding``), the thread joins
+a batch into the request and the SDK's exporter sends those bytes; over OTLP/HTTP it builds the SDK's
 ``ReadableSpan``s for the SDK's exporter. When the collector is slow or dead the
 queue fills and the oldest spans are dropped; drops and failed exports are counted in
 ``ai_trace_spans_dropped_total{reason}``. The exporter is built from ``tracing`` config, falling
@@ -61,13 +61,16 @@ def build_exporter(cfg: TracingConfig) -> SpanExporter:
 
 class EncodedSpans:
     """A batch whose OTLP ``ExportTraceServiceRequest`` is already written (``request``, bytes):
-    what ``BoundedBatchProcessor`` hands an exporter that ``takes_encoded`` instead of spans."""
+    what ``BoundedBatchProcessor`` hands an exporter that ``takes_encoded`` instead of spans.
+    ``spans``: those of the batch left to the SDK's encoder (their request is appended: a
+    request's only field is repeated, so two serialised requests joined are one with both)."""
 
-    __slots__ = ("count", "request")
+    __slots__ = ("count", "request", "spans")
 
-    def __init__(self, request: bytes, count: int) -> None:
+    def __init__(self, request: bytes, count: int, spans: Sequence[ReadableSpan] = ()) -> None:
         self.request = request
         self.count = count
+        self.spans = spans
 
     def __len__(self) -> int:  # the SDK exporter counts what it exports with len()
         return self.count
@@ -104,7 +107,9 @@ def grpc_exporter_class() -> type[OTLPSpanExporter]:
 
         def _translate_data(self, data: Sequence[ReadableSpan] | EncodedSpans) -> Any:
             if isinstance(data, EncodedSpans):
-                return data.request
+                if not data.spans:
+                    return data.request
+                return data.request + _serialize(self._translate_data(data.spans))
             try:
                 return span_encoding.encode_spans(data)
             except span_encoding.Unsupported:
@@ -131,7 +136,7 @@ class BoundedBatchProcessor:
         delay_s: float,
     ) -> None:
         self._exporter = exporter
-        self._prepare = prepare
+        self.prepare = prepare
         self._queue: deque[Any] = deque()
         self._max_queue = max_queue_size
         self._max_batch = max_batch
@@ -181,7 +186,7 @@ class BoundedBatchProcessor:
 
     def _export(self, batch: list[Any]) -> None:
         try:
-            result = self._exporter.export(self._prepare(batch))
+            result = self._exporter.export(self.prepare(batch))
         except Exception:  # an exporter bug must not kill the export thread
             log.exception("span export raised")
             result = SpanExportResult.FAILURE

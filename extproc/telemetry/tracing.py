@@ -11,9 +11,11 @@ traced without content. Nothing runs per ext_proc message.
 No SDK span is built on the call's path: the call's end computes the attributes, reads the parent
 and asks the configured sampler (so sampling and drop counting stay exact; the SDK's default,
 parent-based always-on, is decided in place from the parent's sampled flag, as it decides), and
-queues a compact record. Over OTLP/gRPC the export thread writes the request straight from the
-records (``span_encoding``: the bytes the SDK's encoder writes for the span below) and the SDK's
-exporter sends it; otherwise it turns records into the SDK's ``ReadableSpan`` (what
+queues a compact record. Over OTLP/gRPC the record is the span already written as bytes
+(``span_encoding``: the bytes the SDK's encoder writes for the span below; bytes are no work for the
+garbage collector while they wait for a full batch), the export thread joins a batch of them into
+the request and the SDK's exporter sends it; otherwise the export thread turns records (tuples)
+into the SDK's ``ReadableSpan`` (what
 ``Tracer.start_span`` + ``end`` would have produced, without the span's lock, attribute copies
 and processor calls) for the SDK's exporter.
 """
@@ -129,6 +131,11 @@ class Tracer:
                 delay_s=cfg.schedule_delay_ms / 1000,
             )
         self.processor = processor
+        # Over OTLP/gRPC a record is its span's bytes, written here at the call's end: a bytes
+        # object is not a container, so the spans waiting for a full batch (up to 512 calls) add
+        # nothing to the garbage collector's count and are never traversed or promoted by it.
+        self.encodes = isinstance(self.processor, BoundedBatchProcessor) and self.processor.prepare == self.encoded_spans
+        self._encode_failed = False
         if isinstance(self.processor, BoundedBatchProcessor):
             self._emit = self.processor.add
         else:
@@ -172,16 +179,35 @@ class Tracer:
             trace_state, attributes = decision.trace_state, decision.attributes
         start = call.start_time_ns
         end = start + int((call.duration or 0.0) * 1e9)
-        self._emit((name, trace_id, parent, trace_state, attributes, start, end, _error_type(call)))
+        record = (name, trace_id, parent, trace_state, attributes, start, end, _error_type(call))
+        if self.encodes:
+            try:
+                encoded = self.encoded_span(record)
+            except Exception:  # the export thread tries again, then the SDK's encoder (encoded_spans)
+                if not self._encode_failed:
+                    self._encode_failed = True
+                    log.exception("span encoding failed; the SDK's encoder takes such spans")
+            else:
+                self._emit(encoded)
+                return
+        self._emit(record)
 
-    def encoded_spans(self, batch: list[tuple[Any, ...]]) -> EncodedSpans | list[ReadableSpan]:
-        """A batch of records as the OTLP request's bytes (in the export thread); should the
-        encoding fail, as ``ReadableSpan``s for the SDK's encoder."""
-        try:
-            return EncodedSpans(self.request.encode([self.encoded_span(r) for r in batch]), len(batch))
-        except Exception:
-            log.exception("span encoding failed; using the SDK's encoder")
-            return self.readable_spans(batch)
+    def encoded_spans(self, batch: list[Any]) -> EncodedSpans:
+        """A batch as the OTLP request's bytes (in the export thread): records already written
+        (bytes, from ``on_call_end``) as they are, others written here; a record that fails to
+        encode goes to the SDK's encoder as a ``ReadableSpan``, in the same request."""
+        spans: list[bytes] = []
+        fallback: list[ReadableSpan] = []
+        for r in batch:
+            if type(r) is bytes:
+                spans.append(r)
+                continue
+            try:
+                spans.append(self.encoded_span(r))
+            except Exception:
+                log.exception("span encoding failed; using the SDK's encoder")
+                fallback.append(self.readable_span(r))
+        return EncodedSpans(self.request.encode(spans), len(batch), fallback)
 
     def encoded_span(self, record: tuple[Any, ...]) -> bytes:
         """A queued record as ``span_encoding`` writes ``readable_span(record)``."""

@@ -251,24 +251,96 @@ def test_records_encode_straight_as_the_sdk_encodes_their_spans(conventions, cap
 
 
 def test_a_record_that_fails_to_encode_goes_to_the_sdks_encoder(monkeypatch):
+    """In the same request as the records that encoded: the exporter appends the SDK's request."""
     cfg = config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1"}}).tracing
-    t, records = _records(cfg, [call(capture=False)])
+    t, records = _records(cfg, [call(capture=False), call(capture=True)])
+    first = t.encoded_span(records[0])
 
     def broken(*args: object) -> bytes:
         raise RuntimeError("bug")
 
     monkeypatch.setattr(span_encoding, "span", broken)
-    spans = t.encoded_spans(records)
-    assert isinstance(spans, list) and isinstance(spans[0], ReadableSpan)
-    t.shutdown()
+    spans = t.encoded_spans([first, records[1]])
+    assert isinstance(spans, EncodedSpans) and len(spans) == 2
+    assert len(spans.spans) == 1 and isinstance(spans.spans[0], ReadableSpan)
+    monkeypatch.undo()
+    exporter = build_exporter(cfg)
+    expected = ExportTraceServiceRequest()  # the spans left to the SDK in a ResourceSpans of their own
+    expected.MergeFrom(sdk_encode_spans(t.readable_spans(records[:1])))
+    expected.MergeFrom(sdk_encode_spans(t.readable_spans(records[1:])))
+    try:
+        assert len(expected.resource_spans) == 2
+        assert request(exporter._translate_data(spans)) == expected
+    finally:
+        exporter.shutdown()
+        t.shutdown()
+
+
+def _grpc_records(cfg: config.TracingConfig, calls: list) -> tuple[Tracer, list]:
+    """What a tracer exporting over OTLP/gRPC queues for these calls (span and trace ids fixed)."""
+    t = Tracer(cfg)
+    records: list = []
+    t._emit = records.append
+    t.ids.generate_span_id = lambda: 0x1234  # type: ignore[method-assign]
+    t.ids.generate_trace_id = lambda: 0xABC  # type: ignore[method-assign]
+    for c in calls:
+        t.on_call_end(c)
+    return t, records
+
+
+def test_over_grpc_a_call_queues_its_span_already_written_as_the_sdk_writes_it():
+    """The record queued at the call's end is the span's bytes (no container waits for the batch
+    to fill, so the garbage collector never sees it), and the request built from them is what the
+    SDK's encoder writes for the span the tuple record describes."""
+    cfg = config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1", "conventions": ["genai", "openinference"]}}).tracing
+    failed, child = call(capture=False), call(capture=False)
+    failed.outcome, failed.status = ERROR, 500
+    child.headers = {**child.headers, "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "vendor=v1"}
+    calls = [call(capture=False), failed, child]
+    t, records = _grpc_records(cfg, calls)
+    tuples, _ = _records(cfg, [])  # the same calls as tuple records (an SDK processor's tracer)
+    tuples.ids.generate_trace_id = lambda: 0xABC  # type: ignore[method-assign]
+    tuples, expected = _records_with(tuples, calls)
+    try:
+        assert [type(r) for r in records] == [bytes, bytes, bytes]
+        encoded = t.encoded_spans(records)
+        assert len(encoded) == 3 and not encoded.spans
+        assert ExportTraceServiceRequest.FromString(encoded.request) == sdk_encode_spans(tuples.readable_spans(expected))
+    finally:
+        t.shutdown()
+        tuples.shutdown()
+
+
+def _records_with(t: Tracer, calls: list) -> tuple[Tracer, list]:
+    records: list = []
+    t._emit = records.append
+    for c in calls:
+        t.on_call_end(c)
+    return t, records
+
+
+def test_a_span_that_fails_to_encode_at_the_calls_end_is_queued_as_its_record(monkeypatch):
+    cfg = config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1"}}).tracing
+
+    def broken(*args: object) -> bytes:
+        raise RuntimeError("bug")
+
+    monkeypatch.setattr(span_encoding, "span", broken)
+    t, records = _grpc_records(cfg, [call(capture=False)])
+    try:
+        assert len(records) == 1 and type(records[0]) is tuple
+        monkeypatch.undo()
+        assert t.encoded_spans(records).request == t.encoded_spans([t.encoded_span(records[0])]).request
+    finally:
+        t.shutdown()
 
 
 def test_the_tracer_hands_the_grpc_exporter_encoded_batches_and_the_http_one_spans():
     grpc = Tracer(config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1"}}).tracing)
     http = Tracer(config.parse({"tracing": {"otlpEndpoint": "http://127.0.0.1:1", "otlpProtocol": "http"}}).tracing)
     try:
-        assert grpc.processor._prepare == grpc.encoded_spans
-        assert http.processor._prepare == http.readable_spans
+        assert grpc.processor.prepare == grpc.encoded_spans and grpc.encodes
+        assert http.processor.prepare == http.readable_spans and not http.encodes
     finally:
         grpc.shutdown()
         http.shutdown()
