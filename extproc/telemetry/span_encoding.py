@@ -40,6 +40,8 @@ class Unsupported(Exception):
 def _varint(n: int) -> bytes:
     if n < 0x80:
         return bytes((n,))
+    if n < 0x4000:  # a span's length, most attribute values': two bytes, without the loop
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -181,6 +183,7 @@ _names: dict[str, bytes] = {}
 _STATUS = {0: b"\x7a\x00", 1: b"\x7a\x02\x18\x01", 2: b"\x7a\x02\x18\x02"}  # Status without a message, by code
 _REMOTE = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE | _IS_REMOTE)  # Span.flags
 _NOT_REMOTE = b"\x85\x01" + _FIXED32(_HAS_IS_REMOTE)
+_KINDS = {k: b"\x30" + _varint(k + 1) for k in range(5)}  # Span.kind by the SDK's value (SPAN_KIND_INTERNAL = 1, ...)
 
 
 def _name(name: str) -> bytes:
@@ -214,7 +217,7 @@ def span(
         out.append(_field(b"\x1a", ",".join(f"{k}={v}" for k, v in trace_state.items()).encode()))
     if parent:
         out += (b"\x22\x08", parent.span_id.to_bytes(8, "big"))
-    out += (_names.get(name) or _name(name), b"\x30", _varint(kind + 1))  # SPAN_KIND_INTERNAL = 1, ... (the SDK's value + 1)
+    out += (_names.get(name) or _name(name), _KINDS.get(kind) or b"\x30" + _varint(kind + 1))
     if start:
         out += (b"\x39", _FIXED64(start))
     if end:
