@@ -1505,3 +1505,80 @@ def test_trailers_sent_now_flush_what_h2_had_queued_first():
     assert not server._data_to_send
     events = client.receive_data(bytes(written))
     assert any(isinstance(e, StreamEnded) and e.stream_id == 1 for e in events)
+
+
+def test_a_stream_past_the_windows_never_finds_them_closed():
+    """A stream carrying more streamed chunks than the server's flow-control windows hold (4
+    MiB each, grpclib's defaults), each message handled where its frame arrives: the server
+    hands the bytes back in batches (h2's WINDOW_UPDATE at half a window, counted on the window
+    managers in between: ``h2compat.acknowledger``), so Envoy's windows never close: before each
+    message the client has room for it, and every message is answered."""
+    import h2.events
+    from h2.config import H2Configuration
+
+    from extproc._pb.envoy_api import external_processor_pb2 as pb
+    from tests.unit.test_processor import body, headers, req_headers
+
+    def framed(m: pb.ProcessingRequest) -> bytes:
+        data = m.SerializeToString()
+        return b"\0" + len(data).to_bytes(4, "big") + data
+
+    chunk = framed(body("response_body", b'data: {"choices":[{"delta":{"content":"' + b"x" * 1000 + b'"}}]}\n\n'))
+    chunks = 3 * (4 << 20) // len(chunk)  # three windows' worth
+    written: list[bytes] = []
+
+    class Transport:
+        def write(self, data: bytes) -> None:
+            written.append(data)
+
+        def is_closing(self) -> bool:
+            return False
+
+        def close(self) -> None:
+            pass
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return default
+
+    async def main() -> tuple[int, int]:
+        server = build_server(Processor(parse({}), []), "127.0.0.1:1")
+        proto = server._protocol_factory()
+        proto.connection_made(Transport())
+        client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
+        client.initiate_connection()
+        request = [(":method", "POST"), (":scheme", "http"), (":path", grpc_server.PROCESS), (":authority", "x")]
+        client.send_headers(1, request + [("content-type", "application/grpc"), ("te", "trailers")])
+        replies = updates = 0
+        received = b""
+
+        def exchange() -> None:
+            nonlocal replies, updates, received
+            proto.data_received(client.data_to_send())
+            out = b"".join(written)
+            written.clear()
+            for event in client.receive_data(out):
+                if isinstance(event, h2.events.DataReceived):
+                    received += event.data
+                    while len(received) >= 5 and len(received) >= 5 + int.from_bytes(received[1:5], "big"):
+                        received = received[5 + int.from_bytes(received[1:5], "big") :]  # one reply
+                        replies += 1
+                    client.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                elif isinstance(event, h2.events.WindowUpdated) and event.stream_id == 0:
+                    updates += 1
+
+        response = headers("response_headers", **{":status": "200", "content-type": "text/event-stream"})
+        for m in (req_headers(), body("request_body", b'{"model":"gpt-4o","stream":true}', True), response):
+            client.send_data(1, framed(m))
+            exchange()
+        replies = 0
+        for _ in range(chunks):
+            assert client.local_flow_control_window(1) >= len(chunk), "the client's window closed"
+            client.send_data(1, chunk)
+            exchange()
+        (exchanged,) = server.exchanges.values()
+        assert not exchanged.tasked
+        return replies, updates
+
+    replies, updates = asyncio.run(main())
+    assert replies == chunks
+    assert 2 <= updates <= 8  # handed back in batches, not per message
