@@ -3,6 +3,7 @@ memory trimmer and the tests read these (per process; the metrics observers coun
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from extproc.server.memory import TRIM_AFTER_BYTES
@@ -17,6 +18,12 @@ class WorkerCounters:
     large: int = 0  # bytes held at peaks / received in large messages since the last trim
     abandoned: dict[str, int] = field(default_factory=dict)  # streams whose parsing was abandoned, by reason
     refused: dict[str, int] = field(default_factory=dict)  # streams refused as they opened, by reason
+    trim_wanted: asyncio.Event = field(default_factory=asyncio.Event)  # wakes the memory trimmer (set by large_seen)
+
+    def large_seen(self) -> None:
+        """``large`` grew: from ``TRIM_AFTER_BYTES`` on, the trimmer starts looking (it sleeps until then)."""
+        if self.large >= TRIM_AFTER_BYTES:
+            self.trim_wanted.set()
 
     def trim_due(self) -> bool:
         """True (once) if large buffers were used and released since the last call (see

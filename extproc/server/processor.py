@@ -455,6 +455,7 @@ class Stream:
         self.held = held
         if counters.held > counters.large:
             counters.large = counters.held
+            counters.large_seen()
         if counters.held > self.p.settings.limits.max_held_bytes:
             self._abandon("worker_held_bytes")
 

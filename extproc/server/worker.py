@@ -57,7 +57,7 @@ async def run_worker(
     log.info("ext_proc listening", extra={"address": config.listen, "pid": os.getpid()})
     if ready is not None:
         ready()
-    trimmer = asyncio.create_task(trim_loop(processor.counters.trim_due))
+    trimmer = asyncio.create_task(trim_loop(processor.counters.trim_due, processor.counters.trim_wanted))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -48,7 +48,7 @@ async def main(trim: bool) -> None:
     p = Processor(parse({"listen": address, "limits": {"maxHeldBytes": 256 << 20}}), [])
     server = build_server(p, address)
     await server.start()
-    trimmer = asyncio.create_task(trim_loop(p.counters.trim_due, 0.1)) if trim else None
+    trimmer = asyncio.create_task(trim_loop(p.counters.trim_due, p.counters.trim_wanted, 0.1)) if trim else None
     out = {}
     async with grpc.aio.insecure_channel(address) as ch:
         await asyncio.gather(*(one(ch, 1 << 20) for _ in range(4)))

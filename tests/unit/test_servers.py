@@ -498,8 +498,9 @@ def test_stream_cap_counts_streams_waiting_for_a_busy_worker():
 
 def test_stream_cap_knows_when_the_event_loop_runs_behind():
     """Streams handled without a task never wait, so the worker's lateness is measured instead:
-    a beat every BEAT s while streams are open; a loop blocked past LATE reads as behind until a
-    beat runs on time again; with no stream open the beats stop."""
+    a beat BEAT s after a new stream; a loop blocked past LATE reads as behind, and the beats go
+    on while it does, until one runs on time; that one schedules no next beat (the next new
+    stream does), and with no stream open the beats stop."""
 
     async def main() -> None:
         # The loop's clock is the test's: a beat runs exactly as late as the test makes it,
@@ -521,15 +522,69 @@ def test_stream_cap_knows_when_the_event_loop_runs_behind():
 
         cap = StreamCap(METHOD, lambda: 10, lambda: 2, lambda reason: None)
         cap.taken()
-        assert cap.behind() is False  # and the beats start
+        assert cap.behind() is False  # and a beat is armed
         await beat_at(2 * StreamCap.LATE)  # the worker was busy: the beat ran late
-        assert cap.behind() is True
+        assert cap.behind() is True and cap._due is not None  # and the beats go on
+        await beat_at(2 * StreamCap.LATE)
+        assert cap.behind() is True and cap._due is not None
         await beat_at(StreamCap.LATE / 2)  # on time again (less than LATE behind)
-        assert cap.behind() is False
+        assert cap._due is None  # a stream is open, but the loop keeps up: no next beat
+        assert cap.behind() is False and cap._due is not None  # a new stream arms one
+        await beat_at(2 * StreamCap.LATE)
+        assert cap.behind() is True
         cap.released()
-        await beat_at(0)
-        assert cap._due is None  # no stream open: no more beats
+        await beat_at(2 * StreamCap.LATE)
+        assert cap._due is None and cap.late is False  # no stream open: no more beats
         del loop.time  # type: ignore[method-assign]
+
+    asyncio.run(main())
+
+
+def test_a_worker_that_keeps_up_is_woken_by_no_beat_between_new_streams():
+    """A beat is a timer: one that fires while the loop sleeps is a wake-up of its own. With a
+    stream open and the loop idle, one beat follows the new stream, and no more: not one every
+    BEAT s for as long as the stream stays open."""
+
+    async def main() -> None:
+        cap = StreamCap(METHOD, lambda: 10, lambda: 2, lambda reason: None)
+        beats = []
+        real = cap._beat
+        cap._beat = lambda loop: (beats.append(loop.time()), real(loop))  # type: ignore[method-assign]
+        cap.taken()
+        cap.behind()
+        await asyncio.sleep(12 * StreamCap.BEAT)  # the stream stays open, nothing else happens
+        assert len(beats) == 1 and cap._due is None
+        cap.taken()  # a second stream
+        cap.behind()
+        await asyncio.sleep(4 * StreamCap.BEAT)
+        assert len(beats) == 2 and cap.open == 2
+
+    asyncio.run(main())
+
+
+def test_a_worker_whose_loop_is_blocked_gives_the_next_stream_a_task_and_keeps_measuring():
+    """The whole path, no part replaced: a stream arms a beat, the event loop is then blocked
+    past the beat's time (a worker busier than it can keep up with), so the beat runs late; the
+    next stream gets a task (so limits.maxWaitingStreams can count and refuse streams), and
+    once the loop is free again a beat runs on time and the beats stop."""
+    address = f"127.0.0.1:{free_port()}"
+
+    async def main() -> None:
+        async with Running(address) as r, _channel(address) as ch:
+            cap = r.server.cap
+            first = await _in_flight(ch)
+            assert len(r.server.exchanges) == 1 and cap._due is not None  # no task; a beat armed
+            time.sleep(StreamCap.BEAT + 3 * StreamCap.LATE)  # the worker is busy: the beat is due meanwhile
+            await _wait(lambda: cap.late, timeout=1)
+            opened = []
+            real = cap.opened
+            cap.opened = lambda task: (opened.append(task), real(task))  # type: ignore[method-assign]
+            second = await _in_flight(ch)
+            assert len(opened) == 1  # the new stream got a task
+            await _wait(lambda: cap._due is None and not cap.late)  # a beat on time: none after it
+            assert cap.open == 2
+            for call in (first, second):
+                call.cancel()
 
     asyncio.run(main())
 
