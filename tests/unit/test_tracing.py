@@ -901,3 +901,44 @@ def test_other_samplers_are_asked(monkeypatch):
     assert _queued({}, _SAMPLED_PARENT) == []
     monkeypatch.setenv("OTEL_TRACES_SAMPLER", "parentbased_always_off")
     assert _queued({}, {}) == [] and len(_queued({}, _SAMPLED_PARENT)) == 1
+
+
+_TRACEPARENTS = [
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00",
+    "  00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01  ",
+    "01-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-more",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01-more",
+    "ff-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+    "00-00000000000000000000000000000000-b7ad6b7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-0000000000000000-01",
+    "00-0AF7651916CD43DD8448EB211C80319C-B7AD6B7169203331-01",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331",
+    "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01" + " " * 500,
+    "",
+    "garbage",
+]
+_TRACESTATES = [None, "", "vendor=v1", "vendor=v1,other=x=y", "a=1,a=2", "bad key=1", "k=" + "v" * 600]
+
+
+@pytest.mark.parametrize("traceparent", _TRACEPARENTS)
+@pytest.mark.parametrize("tracestate", _TRACESTATES)
+def test_the_remote_parent_is_the_one_the_w3c_propagator_extracts(traceparent, tracestate):
+    """Read without the propagator's Context and span objects, by its rules: the same span
+    context (ids, flags, trace state, remote) or none, for valid, malformed, zero and
+    versioned headers and long or malformed trace states."""
+    from opentelemetry.trace import get_current_span
+    from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+    from extproc.telemetry.tracing import parent_context, remote_parent
+
+    carrier = {"traceparent": traceparent} if tracestate is None else {"traceparent": traceparent, "tracestate": tracestate}
+    extracted = TraceContextTextMapPropagator().extract(carrier)
+    expected = get_current_span(extracted).get_span_context()
+    ours = remote_parent(carrier)
+    if not expected.is_valid:
+        assert ours is None
+    else:
+        assert ours == expected and ours.is_remote
+        assert ours.trace_flags == expected.trace_flags and ours.trace_state == expected.trace_state
+    assert get_current_span(parent_context(ours)).get_span_context() == get_current_span(extracted).get_span_context()
