@@ -14,10 +14,12 @@ The rows:
   Each message is dispatched as ``grpc_server._Exchange.one`` dispatches it: a message that is a
   response body and nothing else (a streamed chunk in the default mode) read from its bytes by
   ``wire.response_body_only`` and handled by ``Stream.handle_body_chunk``; any other (headers,
-  bodies ending a stream, every message in observability mode, which carries
-  ``observability_mode``) by ``Stream.handle``, its protobuf parse not counted; once a message
-  got no reply on a stream in observability mode (``Stream.observe_only``), its later messages
-  go to ``Stream.handle`` untested, as ``_Exchange.one_observed`` takes them. Every message
+  bodies ending a stream, a stream's first message in observability mode) by ``Stream.handle``,
+  its protobuf parse not counted; once a message got no reply on a stream in observability mode
+  (``Stream.observe_only``), its later messages are dispatched as ``_Exchange.one_observed``
+  dispatches them: a streamed chunk's (which carries ``observability_mode`` last) read from its
+  bytes with the flag where the checkout's ``wire.response_body_only`` reads it (``observed``),
+  else every message to ``Stream.handle`` untested. Every message
   carries the empty ``metadata_context`` Envoy adds when its ext_proc filter forwards metadata
   namespaces (the generated config forwards jwt_authn's), as Envoy's messages do.
 - *metadata encoding*: one ``metadata.encoded`` of a call's fields.
@@ -105,7 +107,7 @@ class _NullTransport:
         return default
 
 
-def _not_read(data: bytes, context: bool = False) -> bytes | None:
+def _not_read(data: bytes, context: bool = False, observed: bool = False) -> bytes | None:
     return None
 
 
@@ -151,6 +153,8 @@ def measure() -> dict[str, float]:
         response_body_only = _not_read  # every message through ``handle``
     # a checkout whose server reads a chunk after Envoy's metadata context (``_Exchange.one``)
     with_context = "context" in inspect.signature(response_body_only).parameters
+    # a checkout whose server reads a chunk in observability mode (``_Exchange.one_observed``)
+    with_observed = "observed" in inspect.signature(response_body_only).parameters
 
     p = Processor(parse({}), [])
 
@@ -164,7 +168,7 @@ def measure() -> dict[str, float]:
         test = True
         for m, data in messages:
             if not test:
-                body = None
+                body = body_only(data, s.call.forwarded is not None, True) if with_observed else None
             elif with_context:
                 body = body_only(data, s.call.forwarded is not None)
             else:

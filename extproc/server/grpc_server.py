@@ -594,17 +594,24 @@ class _Exchange:
 
     def one_observed(self, data: bytes) -> bool:
         """``one`` for a stream in observability mode (``Stream.observe_only``), from the
-        message after its first without a reply: each message is parsed at once. Every message
-        in this mode carries ``observability_mode``, so none has a streamed chunk's shape and
-        ``one``'s test for it (``wire.response_body_only``, ~0.2 us) would fail on each; the
-        handling is the same (``Stream.handle`` of a chunk's message is what
-        ``Stream.handle_body_chunk`` does without the protobuf objects)."""
-        try:
-            req = _PARSE(data)
-        except DecodeError:
-            raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
-        reply = self.handle_message(req)
-        if reply is None and not self.s.end_stream:  # (Envoy expects no reply in this mode)
+        message after its first without a reply. Every message in this mode carries
+        ``observability_mode`` (Envoy's last two bytes, ``50 01``), so a streamed chunk's is
+        read from its bytes with the flag (``wire.response_body_only`` with ``observed``) and
+        handled by ``Stream.handle_body_chunk``, its reply dropped: ``Stream.handle`` of that
+        message leaves the same state and returns none (Envoy expects none in this mode). Any
+        other message is parsed and handled by ``Stream.handle``."""
+        s = self.s
+        body = _body_only(data, s.call.forwarded is not None, True)
+        if body is not None:
+            self.handle_chunk(body)  # (its reply dropped: see above)
+            reply = None
+        else:
+            try:
+                req = _PARSE(data)
+            except DecodeError:
+                raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
+            reply = self.handle_message(req)
+        if reply is None and not s.end_stream:  # (Envoy expects no reply in this mode)
             return True
         return self.answer(reply)
 

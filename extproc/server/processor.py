@@ -29,8 +29,9 @@ explains why it takes this route):
 4. ``one``: ``ProcessingRequest.FromString``, then :meth:`Stream.handle` (this module; a
    streamed chunk's message, a response body and nothing else but Envoy's forwarded metadata
    context, is read from its bytes by ``wire.response_body_only`` and handled by
-   :meth:`Stream.handle_body_chunk`; a stream in observability mode, whose messages never have
-   that shape, is parsed untested after its first, ``_Exchange.one_observed``): the phase
+   :meth:`Stream.handle_body_chunk`; a stream in observability mode, after its first message,
+   goes to ``_Exchange.one_observed``, which reads its chunks with the ``observability_mode``
+   Envoy sets last on each the same way, its reply dropped): the phase
    handler of its kind (``_request_headers``, ``_request_body``, ``_response_headers``,
    ``_response_body``) routes, parses through the API parser (``extproc.apis``), settles and
    prices the call, and returns the reply: a constant of :mod:`extproc.server.replies`, plus the
@@ -204,9 +205,8 @@ class Stream:
         """Whether a message of this stream came in observability mode (``observability_mode``
         set): from then on no reply is built and the call is priced once, when it ends. Set by
         ``handle``, never cleared. The server reads it once per stream, after a message that got
-        no reply, to stop testing each message for the streamed chunk's shape
-        (``wire.response_body_only``), which a message carrying ``observability_mode`` never
-        has (``grpc_server._Exchange.one_observed``)."""
+        no reply, to read the stream's later chunks with the flag Envoy sets on each
+        (``wire.response_body_only`` with ``observed``, ``grpc_server._Exchange.one_observed``)."""
         return self._observe_only
 
     def handle(self, req: pb.ProcessingRequest) -> bytes | None:
@@ -253,11 +253,13 @@ class Stream:
 
     def handle_body_chunk(self, body: bytes) -> bytes | None:
         """``handle`` for a message that holds a response body chunk (``body``, not empty) and
-        nothing else: no end of stream, no attributes, not in observability mode, and no
-        metadata context unless ``call.forwarded`` is set (``handle`` reads one only until
-        then): what Envoy sends for each streamed chunk after the first, read from the
-        message's bytes by ``wire.response_body_only``. The same reply and state as
-        ``handle`` of that message, without its protobuf objects."""
+        nothing else: no end of stream, no attributes, and no metadata context unless
+        ``call.forwarded`` is set (``handle`` reads one only until then): what Envoy sends for
+        each streamed chunk after the first, read from the message's bytes by
+        ``wire.response_body_only``. The same reply and state as ``handle`` of that message,
+        without its protobuf objects. Also for such a message with ``observability_mode`` set on
+        a stream already in that mode (``observe_only``): the same state as ``handle``, whose
+        reply is then None (the caller drops this one)."""
         started = _clock()
         call = self.call
         try:

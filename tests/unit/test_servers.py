@@ -704,13 +704,15 @@ def test_a_reads_replies_leave_at_its_end_without_a_callback_and_other_writes_at
     asyncio.run(main())
 
 
-def _chunked_stream(monkeypatch, observe: bool, pick: bool = True) -> dict:
+def _chunked_stream(monkeypatch, observe: bool, pick: bool = True, context: bool = False) -> dict:
     """One streamed chat completion (request headers and body, response headers, 12 SSE
     chunks, the last body with end of stream), each message in its own read, through a server
     connection: how often the server tested a message for a streamed chunk's shape
-    (``wire.response_body_only``) and handled one from its bytes, what it wrote, and the call it
-    reported. ``observe``: every message carries ``observability_mode``. ``pick`` False: a
-    stream in observability mode keeps ``one`` (the chunk test per message), as before."""
+    (``wire.response_body_only``; with the observability-mode flag, separately) and handled one
+    from its bytes, what it wrote, and the call it reported. ``observe``: every message carries
+    ``observability_mode``. ``pick`` False: a stream in observability mode keeps ``one`` (the
+    default mode's chunk test per message, which fails on each: every message parsed).
+    ``context``: every message carries Envoy's empty forwarded metadata context."""
     from h2.config import H2Configuration
     from h2.connection import H2Connection
     from h2.settings import SettingCodes
@@ -720,9 +722,14 @@ def _chunked_stream(monkeypatch, observe: bool, pick: bool = True) -> dict:
     from tests.unit.test_h2compat import REQUEST_HEADERS, _grpc_frame
     from tests.unit.test_processor import SSE, body, req_headers
 
-    tested, chunks = [], []
+    tested, tested_observed, chunks = [], [], []
     body_only, handle_chunk = grpc_server._body_only, processor_mod.Stream.handle_body_chunk
-    monkeypatch.setattr(grpc_server, "_body_only", lambda *a: tested.append(1) or body_only(*a))
+
+    def spy(data: bytes, context: bool = False, observed: bool = False) -> bytes | None:
+        (tested_observed if observed else tested).append(1)
+        return body_only(data, context, observed)
+
+    monkeypatch.setattr(grpc_server, "_body_only", spy)
     monkeypatch.setattr(processor_mod.Stream, "handle_body_chunk", lambda s, b: chunks.append(1) or handle_chunk(s, b))
     if not pick:
         monkeypatch.setattr(grpc_server._Exchange, "one_observed", grpc_server._Exchange.one)
@@ -742,6 +749,8 @@ def _chunked_stream(monkeypatch, observe: bool, pick: bool = True) -> dict:
     reads = [client.data_to_send()]
     for m in messages:
         m.observability_mode = observe
+        if context:
+            m.metadata_context.SetInParent()
         client.send_data(1, _grpc_frame(m))
         reads.append(client.data_to_send())
     recorder = Recorder()
@@ -763,6 +772,7 @@ def _chunked_stream(monkeypatch, observe: bool, pick: bool = True) -> dict:
     return {
         "messages": len(messages),
         "tested": len(tested),
+        "tested_observed": len(tested_observed),
         "chunks": len(chunks),
         "written": bytes(transport.written),
         "call": (call.outcome, call.obs.response_model, call.obs.usage.total_tokens, call.obs.finish_reasons),
@@ -773,20 +783,23 @@ def _rst_frame(sid: int) -> bytes:
     return (4).to_bytes(3, "big") + bytes([3, 0]) + sid.to_bytes(4, "big") + (8).to_bytes(4, "big")
 
 
-def test_a_stream_in_observability_mode_stops_testing_messages_for_a_chunks_shape():
+@pytest.mark.parametrize("context", [False, True])
+def test_a_stream_in_observability_mode_reads_its_chunks_from_their_bytes(context):
     """The server tests each message for a streamed chunk's shape (``wire.response_body_only``)
     and handles the chunks from their bytes in the default mode; a stream in observability mode
-    (whose messages all carry ``observability_mode``, so never have that shape) is tested at its
-    first message only, then each message is parsed at once (``_Exchange.one_observed``), with
-    what it writes and the call it reports unchanged."""
+    (whose messages all carry ``observability_mode``, Envoy's last field) is tested for the
+    default shape at its first message only, then each message for the chunk's shape with the
+    flag (``_Exchange.one_observed``), and its chunks handled from their bytes too, with or
+    without Envoy's metadata context: what it writes (nothing but the stream's end) and the call
+    it reports are those of every message parsed."""
     with pytest.MonkeyPatch.context() as patch:
-        default = _chunked_stream(patch, observe=False)
+        default = _chunked_stream(patch, observe=False, context=context)
     with pytest.MonkeyPatch.context() as patch:
-        observed = _chunked_stream(patch, observe=True)
+        observed = _chunked_stream(patch, observe=True, context=context)
     with pytest.MonkeyPatch.context() as patch:
-        tested_each = _chunked_stream(patch, observe=True, pick=False)
+        parsed = _chunked_stream(patch, observe=True, pick=False, context=context)
     assert default["tested"] == default["messages"] == 16 and default["chunks"] == 12
-    assert observed["tested"] == 1 and observed["chunks"] == 0
-    assert tested_each["tested"] == tested_each["messages"] and tested_each["chunks"] == 0
-    assert observed["written"] == tested_each["written"] and observed["call"] == tested_each["call"]
+    assert observed["tested"] == 1 and observed["tested_observed"] == 15 and observed["chunks"] == 12
+    assert parsed["tested"] == parsed["messages"] and parsed["chunks"] == 0
+    assert observed["written"] == parsed["written"] and observed["call"] == parsed["call"]
     assert observed["call"] == default["call"] == (OK, "m-1", 7, ["stop"])

@@ -1,6 +1,7 @@
-"""``wire.response_body_only``: a streamed chunk's ext_proc message read from its bytes, checked
-against protobuf's own parse; and the Processor handling such a chunk from its body as it
-handles the parsed message."""
+"""``wire.response_body_only``: a streamed chunk's ext_proc message read from its bytes (in the
+default mode and, with the flag Envoy sets last, in observability mode), checked against
+protobuf's own parse; and the Processor handling such a chunk from its body as it handles the
+parsed message."""
 
 from __future__ import annotations
 
@@ -43,10 +44,11 @@ LENGTHS = [
 ]
 
 
-def _only_body(data: bytes, context: bool = False) -> bytes | None:
+def _only_body(data: bytes, context: bool = False, observed: bool = False) -> bytes | None:
     """What protobuf reads in ``data``: the body if the message is a response body with a
     non-empty body and nothing else (re-serialised, it is exactly that message), else None;
-    with ``context``, also if a metadata context is all it holds besides."""
+    with ``context``, also if a metadata context is all it holds besides; with ``observed``,
+    only if it holds ``observability_mode`` set besides."""
     try:
         req = pb.ProcessingRequest.FromString(data)
     except Exception:
@@ -55,6 +57,10 @@ def _only_body(data: bytes, context: bool = False) -> bytes | None:
     exact = pb.ProcessingRequest(response_body=pb.HttpBody(body=b)).SerializeToString()
     if context:
         req.ClearField("metadata_context")
+    if observed:
+        if not req.observability_mode:
+            return None
+        req.ClearField("observability_mode")
     return b if b and req.SerializeToString() == exact else None
 
 
@@ -87,9 +93,16 @@ def _messages() -> list[bytes]:
             out.append(_with_context(body("response_body", chunk), claims).SerializeToString())
             out.append(_with_context(body("response_body", chunk, True), claims).SerializeToString())
             out.append(_with_context(with_attrs, claims).SerializeToString())
-            observed = _with_context(body("response_body", chunk), claims)
-            observed.observability_mode = True
-            out.append(observed.SerializeToString())
+            for m in (body("response_body", chunk), body("response_body", chunk, True), with_attrs):
+                observed = _with_context(m, claims)
+                observed.observability_mode = True
+                out.append(observed.SerializeToString())
+        out.append(
+            pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk, end_of_stream=True), observability_mode=True).SerializeToString()
+        )
+        out.append(pb.ProcessingRequest(request_body=pb.HttpBody(body=chunk), observability_mode=True).SerializeToString())
+        with_attrs.observability_mode = True
+        out.append(with_attrs.SerializeToString())
         big = pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk))
         big.metadata_context.filter_metadata["x"].fields["k"].string_value = "v" * 20000  # a three-byte length
         out.append(big.SerializeToString())
@@ -100,15 +113,19 @@ def _messages() -> list[bytes]:
 
 def test_a_response_body_alone_is_read_from_its_bytes_as_protobuf_reads_it():
     """Every message protobuf reads as a response body chunk and nothing else (one- and
-    two-byte lengths) gives its body; every other message gives None."""
-    for data in _messages():
+    two-byte lengths) gives its body, or with ``observed`` such a message with
+    ``observability_mode`` set; every other message gives None."""
+    messages = _messages()
+    assert sum(1 for m in messages if _only_body(m, observed=True)) >= len(LENGTHS) - 1  # (all but the empty body)
+    for data in messages:
         for context in (False, True):
-            got = response_body_only(data, context)
-            want = _only_body(data, context)
-            if len(data) < 16384:  # (a longer body's lengths take three varint bytes: left to protobuf)
-                assert got == want, (context, data[:8])
-            else:
-                assert got is None or got == want
+            for observed in (False, True):
+                got = response_body_only(data, context, observed)
+                want = _only_body(data, context, observed)
+                if len(data) < 16384:  # (a longer body's lengths take three varint bytes: left to protobuf)
+                    assert got == want, (context, observed, data[:8])
+                else:
+                    assert got is None or got == want
 
 
 def test_envoys_chunk_message_with_its_metadata_context_is_read_from_its_bytes_only_when_asked():
@@ -126,6 +143,39 @@ def test_envoys_chunk_message_with_its_metadata_context_is_read_from_its_bytes_o
         assert response_body_only(data[:-1], True) is None  # cut
         assert response_body_only(data + b"\x42\x00", True) is None  # a repeated context
         assert response_body_only(data + b"\x50\x01", True) is None  # observability mode after it
+        assert response_body_only(data, True, observed=True) is None  # without it
+
+
+def test_envoys_chunk_message_in_observability_mode_is_read_from_its_bytes_with_the_flag_last():
+    """Envoy in observability mode builds a chunk's message (the body, its metadata context)
+    and sets ``observability_mode`` on it, serialised in field order: ``50 01`` last, after the
+    context. Read with ``observed`` (and ``context`` where the context is there); the flag
+    elsewhere or encoded otherwise is left to protobuf."""
+    chunk = b'data: {"choices":[{"delta":{"content":"hi"}}]}\n\n'
+    plain = pb.ProcessingRequest(response_body=pb.HttpBody(body=chunk), observability_mode=True).SerializeToString()
+    assert plain.endswith(b"\x50\x01")
+    assert response_body_only(plain, observed=True) == chunk
+    assert response_body_only(plain) is None  # the default mode's reading: not a chunk alone
+    for claims in (False, True):
+        m = _with_context(body("response_body", chunk), claims)
+        m.observability_mode = True
+        data = m.SerializeToString()
+        assert data == _with_context(body("response_body", chunk), claims).SerializeToString() + b"\x50\x01"
+        assert response_body_only(data, True, True) == chunk
+        assert response_body_only(data, False, True) is None  # its context left to protobuf
+        assert response_body_only(data, True) is None
+        bare = data[:-2]
+        odd = [
+            b"\x50\x01" + bare,  # the flag first
+            bare + b"\x50\x81\x00",  # a non-minimal varint
+            bare + b"\x50\x02",  # another true value
+            bare + b"\x50\x00",  # false
+            bare + b"\x50\x01\x50\x01",  # repeated
+            bare + b"\x50\x01\x42\x00",  # a context after it
+            bare[:-1] + b"\x50\x01",  # the context cut
+        ]
+        for o in odd:
+            assert response_body_only(o, True, True) is None, o
 
 
 @pytest.mark.parametrize("seed", range(20))
@@ -143,17 +193,22 @@ def test_odd_encodings_are_never_misread(seed):
             data = bytearray(b"\x2a\x85\x00\x0a\x03abc")  # a non-minimal length: protobuf reads it
         if rnd.random() < 0.1:
             data += b"\x0a\x01x"  # a repeated field
-        got = response_body_only(bytes(data))
+        if rnd.random() < 0.3:  # the flag as Envoy encodes it, or an odd encoding of it
+            data += rnd.choice([b"\x50\x01", b"\x50\x01", b"\x50\x81\x00", b"\x50\x02", b"\x50\x00", b"\x50\x01\x50\x01"])
+        observed = rnd.random() < 0.5
+        got = response_body_only(bytes(data), False, observed)
         if got is not None:
-            assert got == _only_body(bytes(data)), bytes(data)
-        got = response_body_only(bytes(data), True)
+            assert got == _only_body(bytes(data), False, observed), bytes(data)
+        got = response_body_only(bytes(data), True, observed)
         if got is not None:
             try:
                 pb.ProcessingRequest.FromString(bytes(data))
             except Exception:  # the context's content is not read: what comes before it is a chunk
-                assert any(response_body_only(bytes(data[:k])) == got for k in range(len(data))), bytes(data)
+                cut = data[:-2] if observed else data
+                assert data.endswith(b"\x50\x01") or not observed
+                assert any(response_body_only(bytes(cut[:k])) == got for k in range(len(cut))), bytes(data)
             else:
-                assert got == _only_body(bytes(data), True), bytes(data)
+                assert got == _only_body(bytes(data), True, observed), bytes(data)
     assert response_body_only(b"\x2a\x85\x00\x0a\x03abc") == b"abc" == _only_body(b"\x2a\x85\x00\x0a\x03abc")
 
 
@@ -187,14 +242,19 @@ def _calls(messages: list[pb.ProcessingRequest], from_bytes: bool) -> tuple[list
     p = Processor(parse({}), [rec])
     s = p.open_stream({})
     replies, shortcuts = [], 0
+    observing = False  # the server's ``_Exchange.one_observed`` takes the stream's messages
     for m in messages:
         data = m.SerializeToString()
-        chunk = response_body_only(data, s.call.forwarded is not None) if from_bytes else None  # as ``_Exchange.one``
+        # as ``_Exchange.one``, then ``one_observed`` (the flag read too; the reply dropped)
+        chunk = response_body_only(data, s.call.forwarded is not None, observing) if from_bytes else None
         if chunk is not None:
             shortcuts += 1
-            replies.append(_reply(s.handle_body_chunk(chunk)))
+            reply = s.handle_body_chunk(chunk)
+            replies.append(_reply(None if observing else reply))
         else:
-            replies.append(_reply(s.handle(pb.ProcessingRequest.FromString(data))))
+            reply = s.handle(pb.ProcessingRequest.FromString(data))
+            replies.append(_reply(reply))
+            observing = observing or (reply is None and s.observe_only)
     p.close_stream(s)
     (c,) = rec.calls
     call = (
@@ -216,7 +276,8 @@ def test_a_chunk_handled_from_its_bytes_gets_the_reply_and_leaves_the_state_hand
     """A stream's messages, each streamed chunk handled by ``handle_body_chunk`` from its body:
     the same replies, call and end of stream as ``handle`` of each parsed message, with or
     without response headers first (fewer-messages mode: the first body message starts the
-    response), in observability mode, with an end of stream, Content-Length or an encoding."""
+    response), in observability mode (its chunks read with the flag once its first message got
+    no reply, as the server reads them), with an end of stream, Content-Length or an encoding."""
     rnd = random.Random(seed)
     response = {":status": rnd.choice(["200", "429"]), "content-type": rnd.choice(["text/event-stream", "application/json"])}
     if rnd.random() < 0.3:
@@ -230,7 +291,7 @@ def test_a_chunk_handled_from_its_bytes_gets_the_reply_and_leaves_the_state_hand
         messages.append(body("response_body", rnd.choice(CHUNKS), end=rnd.random() < 0.05))
     if rnd.random() < 0.5:
         messages.append(body("response_body", b"", end=True))
-    if rnd.random() < 0.2:
+    if rnd.random() < 0.4:
         for m in messages:
             m.observability_mode = True
     context = rnd.random()
@@ -241,9 +302,7 @@ def test_a_chunk_handled_from_its_bytes_gets_the_reply_and_leaves_the_state_hand
     (replies, call, end), (shortcuts,) = _calls(messages, True)
     assert [replies, call, end] == _calls(messages, False)[0]
     eligible = sum(
-        1
-        for m in messages
-        if m.HasField("response_body") and m.response_body.body and not m.response_body.end_of_stream and not m.observability_mode
-    )
+        1 for m in messages if m.HasField("response_body") and m.response_body.body and not m.response_body.end_of_stream
+    )  # (in observability mode too: the stream's first message, never a chunk, puts it in that mode)
     if context < 0.3 or context >= 0.5:  # a context on every message, or on none: every chunk read from its bytes
         assert shortcuts == eligible
