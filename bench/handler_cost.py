@@ -31,6 +31,9 @@ The rows:
   Processor and its reply written, per chunk, on the workers' event loop (uvloop): the whole of
   the server's Python per chunk but the socket. Also in observability mode (every message
   carries ``observability_mode``; no reply).
+- *report path*: a call's end (``Processor.report``) through the default observers (the call log
+  and the Prometheus metrics), per call: in one worker's registry, and in prometheus-client's
+  multiprocess files, as ``extproc serve`` with several workers (the default: one per CPU) records.
 
 ``--checkout`` runs each measurement in a subprocess importing ``extproc`` from that directory.
 """
@@ -198,7 +201,47 @@ def measure() -> dict[str, float]:
     out["stream path, 32 other streams open on the connection (us)"] = 1e6 * _stream_path(32)
     out["chunk path: a streamed chunk's DATA frame through a server connection to its reply (us)"] = 1e6 * _chunk_path()
     out["chunk path, observability mode (no reply) (us)"] = 1e6 * _chunk_path(observe=True)
+    out["report path: a call's end through the default observers (Prometheus), one worker (us)"] = _report_path(multiprocess=False)
+    out["report path, several workers (Prometheus multiprocess files) (us)"] = _report_path(multiprocess=True)
     return out
+
+
+# The report path runs in a process of its own: multiprocess mode is process-wide, and the
+# observers register their metrics in the process's registry once.
+REPORT = r"""
+import sys, time, timeit
+sys.path.insert(0, sys.argv[1])
+if sys.argv[2] == "1":
+    from extproc.telemetry.prometheus_endpoint import MultiprocDir
+    files = MultiprocDir()  # as ``extproc serve --workers N`` (N > 1) sets it up before the fork
+from extproc.core.call import OK, Call
+from extproc.core.config import parse
+from extproc.server.processor import Processor
+from extproc.telemetry import observers
+
+p = Processor(parse({}), observers.observers(parse({})))
+c = Call(provider="openai", api="openai.chat", status=200, outcome=OK, start=0.0, response_start=0.2, first_chunk=0.21, end=0.25)
+c.obs.operation, c.obs.request_model, c.obs.response_model = "chat", "gpt-4o", "gpt-4o-2024-08-06"
+c.obs.usage.input_tokens, c.obs.usage.output_tokens, c.obs.usage.total_tokens = 1234, 567, 1801
+c.obs.finish_reasons.append("stop")
+p.settings.pricer.warm()
+c.cost = p.settings.pricer.price("openai", "gpt-4o", "gpt-4o-2024-08-06", c.obs.usage)
+report = p.report
+print(1e6 * min(timeit.repeat(lambda: report(c), number=5000, repeat=9, timer=time.process_time)) / 5000)
+if sys.argv[2] == "1":
+    files.close()
+"""
+
+
+def _report_path(multiprocess: bool) -> float:
+    """``Processor.report`` of an OpenAI call with the default observers (the call log and the
+    Prometheus metrics, ``stats.port`` on), per call: in one process's registry, or (``extproc
+    serve`` with several workers) in prometheus-client's multiprocess files."""
+    import extproc
+
+    checkout = str(Path(extproc.__file__).resolve().parent.parent)
+    out = subprocess.run([sys.executable, "-c", REPORT, checkout, "1" if multiprocess else "0"], capture_output=True, text=True, check=True)
+    return float(out.stdout.split()[-1])
 
 
 def _message_path():

@@ -24,7 +24,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import struct
 import threading
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger("extproc.telemetry.metrics")
@@ -125,6 +127,11 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+# prometheus-client's record of one value in a file: the value and its timestamp, two doubles
+# (``mmap_dict._pack_two_doubles``, written in place).
+_pack_into = struct.Struct("dd").pack_into
+
+
 def _pid() -> int:
     """``os.getpid()``, without the system call."""
     return _process_id
@@ -156,6 +163,39 @@ def safe_value_class(inner: type) -> type:
             except (OSError, TypeError, ValueError) as e:  # TypeError/ValueError: a file closed by a failed reopen
                 self.alive = False
                 _failed(e, "update")
+
+        def adder(self) -> Callable[[float], None]:
+            """``inc`` for a value updated per call (``prometheus_compat.adder``): the same
+            update of the value and of its place in the file, without prometheus-client's
+            module-wide lock and process check per update (~0.35 of ~0.55 us; a call makes
+            about a dozen). The lock serialises threads, and only the worker's event loop
+            updates these values; the check starts a forked child's values over, so an update
+            made in another process than the one this was made in goes through ``inc``, which
+            does that. A value that has failed, or fails here, takes ``inc``'s path too."""
+            value = self._inner
+            if not self.alive or value is None:
+                return self.inc
+            try:
+                value.get()  # prometheus-client's process check: a value made before a fork moves to this process's file first
+            except (OSError, TypeError, ValueError):
+                return self.inc  # ``inc`` meets the failure again, and counts it
+            born = _process_id
+            file, inc = value._file, self.inc
+            pos = file._positions[value._key]  # a value's place in its file never moves (growth appends)
+
+            def add(amount: float) -> None:
+                if _process_id != born or not self.alive:
+                    inc(amount)
+                    return
+                try:
+                    value._value = total = value._value + amount
+                    value._timestamp = 0.0
+                    _pack_into(file._m, pos, total, 0.0)  # file._m is remapped when the file grows
+                except (OSError, TypeError, ValueError) as e:  # as in ``inc``
+                    self.alive = False
+                    _failed(e, "update")
+
+            return add
 
         def set(self, value: float, timestamp: float | None = None) -> None:
             if not self.alive:

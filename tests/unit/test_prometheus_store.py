@@ -97,3 +97,70 @@ def test_a_forked_worker_writes_its_own_values(tmp_path):
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
     assert registry.get_sample_value("forked_total") == 8  # 5 + 1 in the parent, 2 in the child
+
+
+FORK_ADDER = r"""
+import json, os
+from extproc.telemetry import prometheus_compat, prometheus_store
+prometheus_store.install()
+from prometheus_client import CollectorRegistry, Counter
+c = Counter("forked", "x", registry=CollectorRegistry())
+add = prometheus_compat.adder(c)  # made before the fork, used on both sides of it
+add(5)
+d = Counter("made_before", "x", registry=CollectorRegistry())
+d.inc(5)  # its value made before the fork, its adder after
+pid = os.fork()
+if pid == 0:
+    prometheus_compat.adder(d)(2)  # the child's first touch of any value: its own file too
+    add(2)  # still the child's own file: the update made in another process goes through ``inc``
+    os._exit(0)
+os.waitpid(pid, 0)
+add(1)
+d.inc(1)
+print(json.dumps({"parent": os.getpid(), "child": pid}))
+"""
+
+
+def test_a_value_s_adder_made_before_a_fork_writes_the_child_s_own_file(tmp_path):
+    """``SafeValue.adder`` skips prometheus-client's process check per update, but not across a
+    fork: the child's updates start over in its own file, as ``inc``'s do, whether the adder was
+    made before the fork or after it for a value made before it (without the checks the child
+    would write into the parent's mapped file, and the totals would not be 8)."""
+    import os
+
+    from prometheus_client import CollectorRegistry
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", FORK_ADDER], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    pids = json.loads(out.stdout)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"counter_{pids[k]}.db" for k in ("parent", "child"))
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=str(tmp_path))
+    assert registry.get_sample_value("forked_total") == 8
+    assert registry.get_sample_value("made_before_total") == 8
+
+
+BROKEN_ADDER = r"""
+import json
+from extproc.telemetry import prometheus_compat, prometheus_store
+prometheus_store.install()
+from prometheus_client import CollectorRegistry, Counter
+c = Counter("broken", "x", registry=CollectorRegistry())
+add = prometheus_compat.adder(c)
+add(1)
+c._value._inner._file.close()  # its mapping gone, as after a failed reopen
+add(1)  # fails: the value is dropped from now on, counted, never raised
+add(1)
+print(json.dumps({"dropped": prometheus_store.dropped(), "alive": c._value.alive}))
+"""
+
+
+def test_a_value_s_adder_that_fails_drops_the_value_and_counts_the_loss(tmp_path):
+    import os
+
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    r = subprocess.run([sys.executable, "-c", BROKEN_ADDER], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr[-1500:]
+    assert json.loads(r.stdout.splitlines()[-1]) == {"dropped": 2, "alive": False}
+    assert r.stderr.count("metrics storage failed") == 1
