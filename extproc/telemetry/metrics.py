@@ -283,16 +283,18 @@ class MetricsObserver:
         self.failures = 0
         self._cpu_sampled = time.perf_counter()
         WORKER_CPU.set(time.process_time())
+        # the streams-in-flight gauge, moved by +1 / -1 per stream (its inc/dec, without the lock)
+        self._active = prometheus_compat.adder(self.metrics.active)
 
     def on_stream_start(self) -> None:
-        self.metrics.active.inc()
+        self._active(1)
 
     def on_stream_refused(self, reason: str) -> None:
         self.metrics.refused.labels(reason).inc()
 
     def on_call_end(self, call: Call) -> None:
         try:
-            self.metrics.active.dec()
+            self._active(-1)
             self.record(call)
         except Exception:  # the one guard: a metrics bug must never reach the servicer
             self.failures += 1

@@ -28,7 +28,8 @@ Record = Callable[[float], None]
 
 
 def adder(counter_child: Any) -> Record:
-    """``counter_child.inc`` for an amount >= 0, without an exemplar."""
+    """``counter_child.inc`` for an amount >= 0, without an exemplar; for an unlabelled gauge
+    (or a gauge's child), its ``inc``, and with a negative amount its ``dec``."""
     return _inc(counter_child._value)
 
 

@@ -206,6 +206,15 @@ def test_non_llm_paths_are_not_accounted():
     assert reg.get_sample_value("ai_active_streams") == 0  # the stream was in flight, and is gone
 
 
+def test_active_streams_follow_the_streams_in_flight():
+    obs, reg = _observer()
+    for _ in range(3):
+        obs.on_stream_start()
+    assert reg.get_sample_value("ai_active_streams") == 3
+    obs.on_call_end(Call(api="unknown", status=200, outcome=OK, start=0, end=1))
+    assert reg.get_sample_value("ai_active_streams") == 2
+
+
 def test_custom_labels_from_forwarded_metadata_and_header():
     obs, reg = _observer(**TEAM_LABELS)
     alice = _claims(sub="alice", team="dev")
