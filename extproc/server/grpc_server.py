@@ -573,24 +573,7 @@ class _Exchange:
             reply = self.handle_message(req)
             if reply is None and self.s.observe_only:
                 self.buf.inline = self.one_observed  # the next messages (``close`` may still clear it)
-        # What follows is ``answer``, inlined: a streamed chunk's path saves the call.
-        if reply is not None:
-            ps = self.ps
-            if not self.headers_sent:  # the response headers go first: a constant HPACK block
-                if not _send_headers_now(ps):
-                    self.held = reply
-                    return False
-                self.headers_sent = True
-            if not _send_now(ps, reply):
-                self.held = reply
-                return False
-        if self.s.end_stream:  # the sidecar ends the stream (observability mode)
-            if not self.tasked and _send_trailers_now(self.ps):  # a constant HPACK block
-                self.close()  # reported here; ``close`` cleared the buffer's hand-over
-            else:
-                self.end = True  # the task's handler returns; grpclib sends the trailers
-            return False
-        return True
+        return self.answer(reply)
 
     def one_observed(self, data: bytes) -> bool:
         """``one`` for a stream in observability mode (``Stream.observe_only``), from the
