@@ -157,6 +157,37 @@ def attributes(tag: bytes, attrs: Mapping[str, Any] | None) -> bytes:
     return b"".join(out)
 
 
+def attribute(tag: bytes, k: str, v: Any) -> bytes:
+    """One attribute as ``attributes(tag, {k: v})`` writes it (its kept entry, else written and
+    kept by the same rules): for writers that walk a call's values without building the dict."""
+    entries = _entries.get(tag)
+    if entries is None:
+        entries = _entries[tag] = {}
+    t = type(v)
+    if t is list:
+        v = tuple(v)
+        t = tuple
+    try:
+        entry = entries.get((k, t, v))
+    except TypeError:
+        entry = None
+        t = object
+    if entry is not None:
+        return entry
+    try:
+        entry = _entry(tag, k, v, t)
+    except Exception as error:
+        log.warning("span attribute %s not encoded: %s", k, error)
+        return b""
+    if len(entry) < _ENTRY_BYTES_KEPT and (
+        t is str or t is int or t is bool or (t is float and v != 0.0) or (t is tuple and all(type(x) is str for x in v))
+    ):
+        if len(entries) >= _ENTRIES_KEPT:
+            entries.clear()
+        entries[(k, t, v)] = entry
+    return entry
+
+
 def _span(s: ReadableSpan) -> bytes:
     if s.events or s.links:
         raise Unsupported
@@ -204,14 +235,15 @@ def span(
     kind: int,
     start: int | None,
     end: int | None,
-    attrs: Mapping[str, Any] | None,
+    attrs: Mapping[str, Any] | bytes | None,
     dropped_attributes: int,
     code: int,
     description: str | None,
 ) -> bytes:
     """One ``ScopeSpans.spans`` field, from a span's parts (``kind``: the SDK's ``SpanKind`` value,
     ``code``: its ``StatusCode`` value), with no events or links: what ``encode_spans`` writes for
-    the ``ReadableSpan`` of those parts."""
+    the ``ReadableSpan`` of those parts. ``attrs`` may be the attribute fields already written
+    (``attributes(b"\\x4a", ...)``'s bytes)."""
     out = [b"\x0a\x10", trace_id.to_bytes(16, "big"), b"\x12\x08", span_id.to_bytes(8, "big")]
     if trace_state:
         out.append(_field(b"\x1a", ",".join(f"{k}={v}" for k, v in trace_state.items()).encode()))
@@ -222,7 +254,7 @@ def span(
         out += (b"\x39", _FIXED64(start))
     if end:
         out += (b"\x41", _FIXED64(end))
-    out.append(attributes(b"\x4a", attrs))
+    out.append(attrs if isinstance(attrs, bytes) else attributes(b"\x4a", attrs))
     if dropped_attributes:
         out += (b"\x50", _varint(dropped_attributes))
     if description:

@@ -147,17 +147,29 @@ class Tracer:
         self.field_errors = 0
         # A CEL field's string value: 1,024 characters, or the content cap when content is captured.
         self.field_chars = max(cel.MAX_FIELD_CHARS, self.max_chars) if self.wants_content else cel.MAX_FIELD_CHARS
+        # The GenAI conventions alone, nothing removed or added, the default sampler, spans written
+        # at the call's end: the attributes are written as bytes straight from the call
+        # (``genai_attribute_bytes``), without the dict the encoder would walk.
+        self.one_pass = (
+            self.encodes
+            and self.parent_based_always_on
+            and self.conventions == {"genai"}
+            and not (self.remove_exact or self.remove_prefix or self.fields)
+        )
 
     def on_call_end(self, call: Call) -> None:
         if call.api == "unknown" or (call.api == "mcp" and "mcp.method" not in call.obs.extra):
             return  # not an LLM call or JSON-RPC request: Envoy's own tracing covers plain HTTP
         # tracing.noCaptureHeader: the caller asked for no content capture on this call
         capture = self.wants_content and self.no_capture_header not in call.headers
-        attrs = span_attributes(call, capture, self.max_chars, self.conventions)
-        if self.remove_exact or self.remove_prefix:
-            attrs = {k: v for k, v in attrs.items() if k not in self.remove_exact and not k.startswith(self.remove_prefix)}
-        if self.fields:
-            self.field_errors += cel.evaluate(self.fields, variables(call, capture), attrs, self.field_chars)
+        one_pass = self.one_pass and call.api != "mcp"
+        attrs: dict[str, Any] = {}
+        if not one_pass:
+            attrs = span_attributes(call, capture, self.max_chars, self.conventions)
+            if self.remove_exact or self.remove_prefix:
+                attrs = {k: v for k, v in attrs.items() if k not in self.remove_exact and not k.startswith(self.remove_prefix)}
+            if self.fields:
+                self.field_errors += cel.evaluate(self.fields, variables(call, capture), attrs, self.field_chars)
         # What Tracer.start_span does before it builds a span: the parent, the trace id, the sampler.
         carrier = call.trace_context or call.headers
         parent = remote_parent(carrier) if "traceparent" in carrier else None
@@ -165,13 +177,14 @@ class Tracer:
             parent = None
         trace_id = self.ids.generate_trace_id() if parent is None else parent.trace_id
         name = span_name(call)
-        attributes: Mapping[str, Any]
+        attributes: Mapping[str, Any] | bytes
         if self.parent_based_always_on:
             # The default sampler's decision, as it makes it (the parent's sampled flag; no parent:
             # sampled), without its result object: a sampled parent's trace state, the attributes.
             if parent is not None and not parent.trace_flags.sampled:
                 return
-            trace_state, attributes = (None if parent is None else parent.trace_state), attrs
+            trace_state = None if parent is None else parent.trace_state
+            attributes = genai_attribute_bytes(call, capture, self.max_chars) if one_pass else attrs
         else:
             context = None if "traceparent" not in carrier else parent_context(parent)
             decision = self.sampler.should_sample(context, trace_id, name, SpanKind.CLIENT, attrs)
@@ -188,6 +201,9 @@ class Tracer:
                 if not self._encode_failed:
                     self._encode_failed = True
                     log.exception("span encoding failed; the SDK's encoder takes such spans")
+                if one_pass:  # the SDK's encoder takes the attributes as a mapping
+                    attrs = span_attributes(call, capture, self.max_chars, self.conventions)
+                    record = (name, trace_id, parent, trace_state, attrs, start, end, record[7])
             else:
                 self._emit(encoded)
                 return
@@ -382,6 +398,119 @@ def _genai_attributes(a: dict[str, Any], call: Call, capture: bool, max_chars: i
         _put(a, "gen_ai.tool.name", clip_opt(obs.extra.get("mcp.tool")))
     if capture:
         _content(a, call, max_chars)
+
+
+_A = b"\x4a"  # Span.attributes
+# The runs of attributes that lead and end every span and repeat from call to call (operation,
+# provider, stream flag, models; who the call was for, server, HTTP status, error type), written
+# once per combination of their values: bounded (models and users are chosen by clients).
+_HEADS: dict[tuple[Any, ...], bytes] = {}
+_TAILS: dict[tuple[Any, ...], bytes] = {}
+_RUNS_KEPT = 1024
+
+
+def genai_attribute_bytes(call: Call, capture: bool, max_chars: int) -> bytes:
+    """The span's attribute fields for a call that is not MCP under ``tracing.conventions: [genai]``:
+    the bytes ``span_encoding.attributes(b"\\x4a", span_attributes(call, capture, max_chars))``
+    writes (``tests/unit/test_span_encoding.py`` holds them equal), in one pass from the call,
+    without the dict, its list-to-tuple copies and the encoder's walk over it; the leading and
+    trailing runs one lookup each."""
+    obs = call.obs
+    s = obs.streaming
+    head = _HEADS.get((obs.operation, call.provider, s, type(s), obs.request_model, obs.response_model))
+    out = [head if head is not None else _head(call)]
+    add = out.append
+    one = span_encoding.attribute
+    v: Any
+    if (v := obs.response_id) is not None:
+        add(one(_A, "gen_ai.response.id", v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]))
+    if obs.finish_reasons:
+        add(one(_A, "gen_ai.response.finish_reasons", [clip(str(r)) for r in dict.fromkeys(obs.finish_reasons)][:MAX_LIST_ITEMS]))
+    if obs.params:
+        params: dict[str, Any] = {}  # (several parameters name one attribute: the last one's value)
+        for key, value in obs.params.items():
+            name = PARAM_ATTRIBUTES.get(key)
+            if name is not None:
+                v = value if name != "gen_ai.request.stop_sequences" or isinstance(value, list) else [value]
+                _put(params, name, bounded_attribute(cel.to_attribute(v)))
+        add(span_encoding.attributes(_A, params))
+    u = obs.usage
+    if (v := u.input_tokens) is not None:
+        add(one(_A, "gen_ai.usage.input_tokens", v))
+    if (v := u.output_tokens) is not None:
+        add(one(_A, "gen_ai.usage.output_tokens", v))
+    if (v := u.cached_input_tokens) is not None:
+        add(one(_A, "gen_ai.usage.cache_read.input_tokens", v))
+    if (v := u.cache_creation_input_tokens) is not None:
+        add(one(_A, "gen_ai.usage.cache_creation.input_tokens", v))
+    if (v := u.reasoning_tokens) is not None:
+        add(one(_A, "gen_ai.usage.reasoning.output_tokens", v))
+    cost = call.cost
+    if isinstance(cost, Cost):
+        add(one(_A, "gen_ai.usage.cost", cost.total))
+        add(one(_A, "gen_ai.usage.input_cost", cost.input))
+        add(one(_A, "gen_ai.usage.output_cost", cost.output))
+    if s and call.first_chunk is not None:
+        add(one(_A, "gen_ai.response.time_to_first_chunk", round(call.first_chunk - call.start, 6)))
+    if capture:
+        content: dict[str, Any] = {}
+        _content(content, call, max_chars)
+        add(span_encoding.attributes(_A, content))
+    status = call.status
+    ends = (call.end_user_header or obs.end_user, call.session_id, call.key_id, call.host, status, type(status), _error_type(call))
+    tail = _TAILS.get(ends)
+    add(tail if tail is not None else _tail(ends))
+    return b"".join(out)
+
+
+def _kept(table: dict[tuple[Any, ...], bytes], key: tuple[Any, ...], run: bytes) -> None:
+    """Keeps a run under its key where the key is bounded (client-chosen strings <= 128 characters)."""
+    if all(type(x) is not str or len(x) <= MAX_VALUE_CHARS for x in key):
+        if len(table) >= _RUNS_KEPT:
+            table.clear()
+        table[key] = run
+
+
+def _tail(key: tuple[Any, ...]) -> bytes:
+    """The trailing run of ``genai_attribute_bytes`` (who the call was for, server, HTTP status,
+    error type), written as ``span_attributes`` builds it, from its key."""
+    end_user, session_id, key_id, host, status, _, error = key
+    a: dict[str, Any] = {}
+    if end_user is not None:
+        a["user.id"] = end_user
+    if session_id:
+        a["session.id"] = session_id
+        a["gen_ai.conversation.id"] = session_id
+    if key_id is not None:
+        a["extproc.key_id"] = key_id
+    if host:
+        a["server.address"] = clip(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
+    if status:
+        a["http.response.status_code"] = status
+    if error is not None:
+        a["error.type"] = clip(error)
+    tail = span_encoding.attributes(_A, a)
+    _kept(_TAILS, key, tail)
+    return tail
+
+
+def _head(call: Call) -> bytes:
+    """The leading run of ``genai_attribute_bytes``, written as ``_genai_attributes`` builds it."""
+    obs = call.obs
+    a: dict[str, Any] = {}
+    v: Any = obs.operation
+    a["gen_ai.operation.name"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
+    provider = _PROVIDER_NAMES.get(call.provider) or _provider_name(call.provider)
+    a["gen_ai.provider.name"] = provider
+    a["gen_ai.system"] = provider
+    a["gen_ai.request.stream"] = obs.streaming
+    if (v := obs.request_model) is not None:
+        a["gen_ai.request.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
+    if (v := obs.response_model) is not None:
+        a["gen_ai.response.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
+    head = span_encoding.attributes(_A, a)
+    _kept(_HEADS, (obs.operation, call.provider, obs.streaming, type(obs.streaming), obs.request_model, obs.response_model), head)
+    return head
 
 
 _PROVIDER_NAMES: dict[str, str] = {}  # our provider name -> gen_ai.provider.name, cut

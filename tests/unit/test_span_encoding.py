@@ -18,9 +18,11 @@ from opentelemetry.trace import SpanContext, SpanKind, Status, StatusCode, Trace
 
 from extproc.core import config
 from extproc.core.call import ERROR
+from extproc.core.observation import Usage
+from extproc.core.pricing import Cost
 from extproc.telemetry import span_encoding
 from extproc.telemetry.trace_export import EncodedSpans, build_exporter
-from extproc.telemetry.tracing import Tracer
+from extproc.telemetry.tracing import Tracer, genai_attribute_bytes, span_attributes
 from tests.unit.test_tracing import call
 
 RESOURCE = Resource({"service.name": "svc", "deployment.environment": "test", "n": 3})
@@ -389,3 +391,89 @@ def test_repeated_values_encode_as_the_sdk_does_whatever_was_kept_before(monkeyp
     values = {f"key{i}": f"value{i}" for i in range(25)}
     same([span(values), span(values), span({"k": "v", "m": "chat"})])
     assert len(kept) <= 10
+
+
+def _varied_calls() -> list:
+    """Calls that differ in every way the GenAI attributes read: streamed or not, errors, cache
+    tokens, no model, unicode, values past the 128-character cut, values the encoder leaves out,
+    and calls sharing the leading attributes with different later ones."""
+    calls = []
+
+    def add(capture: bool = False, **changes) -> None:
+        c = call(capture=capture)
+        for k, v in changes.items():
+            if k.startswith("obs_"):
+                setattr(c.obs, k[4:], v)
+            else:
+                setattr(c, k, v)
+        calls.append(c)
+
+    add()
+    add()  # the same again: the leading run kept
+    add(capture=True)
+    add(obs_streaming=True)  # streamed: time to first chunk
+    add(obs_streaming=True, first_chunk=None)
+    add(obs_streaming=1)  # an int where a bool was kept: written as an int
+    add(obs_streaming=0)
+    add(outcome=ERROR, status=500)
+    add(outcome=ERROR, status=0)
+    add(outcome="client_abort", status=None)
+    add(obs_error_type="rate_limit_exceeded", status=429, outcome=ERROR)
+    add(obs_usage=Usage(input_tokens=100, output_tokens=20, cached_input_tokens=80, cache_creation_input_tokens=15, reasoning_tokens=0))
+    add(obs_usage=Usage())
+    add(obs_usage=Usage(input_tokens=1 << 64, output_tokens=-3))  # out of int64: left out; negative
+    add(obs_request_model=None, obs_response_model=None)
+    add(obs_request_model=None)
+    add(obs_response_model="gpt-4o")  # the same head but one model
+    add(obs_request_model="модель-ü-模型-😀", obs_response_id="ид-😀", host="例え.jp")
+    add(obs_request_model="m" * 300, obs_response_model="r" * 129, obs_response_id="i" * 5000, obs_operation="o" * 200)
+    add(obs_response_id="bad \ud800 surrogate")  # not UTF-8: left out, as the SDK's encoder does
+    add(obs_response_id=None, obs_finish_reasons=[], obs_params={})
+    add(obs_finish_reasons=["stop", "length", "stop"] + [f"r{i}" for i in range(30)])
+    add(obs_params={"max_tokens": 5, "max_completion_tokens": 7, "stop": ["a", "b"], "seed": 3, "top_k": 2.5, "n": True})
+    add(obs_params={"stop": "x" * 400, "encoding_format": "float", "unknown": 1})
+    add(cost=Cost(total=0.001, input=0.0004, output=0.0006, model="gpt-4o", source="catalogue"))
+    add(cost=Cost(total=0.0, input=0.0, output=-0.0, model="gpt-4o", source="override"))
+    add(provider="anthropic", api="anthropic.messages")
+    add(provider="a-new-provider")
+    add(end_user_header="u-1", session_id="s-2", key_id="k-3")
+    add(obs_end_user="body-user", session_id="", key_id=None)
+    add(host="[::1]:8080")
+    add(host="127.0.0.1")
+    add(host=None)
+    add(capture=True, obs_output_text=["ü" * 3000], obs_input_messages=[{"role": "user", "content": "😀" * 2000}])
+    return calls
+
+
+@pytest.mark.parametrize("capture", [False, True])
+def test_the_genai_attributes_written_in_one_pass_equal_the_encoded_dict(capture):
+    """``genai_attribute_bytes`` (the call's end with the GenAI conventions alone) writes the bytes
+    the encoder writes for ``span_attributes``' dict, for every kind of call, twice over (the
+    second time from what the first kept)."""
+    for _ in range(2):
+        for c in _varied_calls():
+            expected = span_encoding.attributes(b"\x4a", span_attributes(c, capture, 500))
+            assert genai_attribute_bytes(c, capture, 500) == expected
+
+
+def test_over_grpc_the_one_pass_spans_equal_the_encoded_dicts_spans():
+    """The spans a GenAI-only tracer queues (attributes in one pass) are byte for byte those it
+    queued from the attribute dict, and parse as the SDK's encoding of the same records."""
+    cfg = config.parse({"tracing": {"otlpEndpoint": "127.0.0.1:1"}}).tracing
+    calls = _varied_calls()
+    calls[3].headers = {**calls[3].headers, "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01", "tracestate": "v=1"}
+    calls[4].headers = {**calls[4].headers, "traceparent": "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-00"}
+    fast, records = _grpc_records(cfg, calls)
+    slow = Tracer(cfg)
+    slow.one_pass = False
+    slow.ids.generate_span_id = lambda: 0x1234  # type: ignore[method-assign]
+    slow.ids.generate_trace_id = lambda: 0xABC  # type: ignore[method-assign]
+    slow, expected = _records_with(slow, calls)
+    try:
+        assert fast.one_pass
+        assert len(records) == len(calls) - 1  # the unsampled parent's call is not traced
+        assert all(type(r) is bytes for r in records)
+        assert records == expected
+    finally:
+        fast.shutdown()
+        slow.shutdown()
