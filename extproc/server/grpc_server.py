@@ -468,6 +468,17 @@ class GrpclibServer:
 
 
 _PARSE = pb.ProcessingRequest.FromString
+
+
+def _parse(data: bytes) -> pb.ProcessingRequest:
+    """A message that is not a streamed chunk's, parsed; one that is no ProcessingRequest ends
+    its stream with INVALID_ARGUMENT (Envoy fails open)."""
+    try:
+        return _PARSE(data)
+    except DecodeError:
+        raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
+
+
 _body_only = response_body_only
 
 
@@ -566,11 +577,7 @@ class _Exchange:
         if body is not None:
             reply = self.handle_chunk(body)
         else:
-            try:
-                req = _PARSE(data)
-            except DecodeError:
-                raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
-            reply = self.handle_message(req)
+            reply = self.handle_message(_parse(data))
             if reply is None and self.s.observe_only:
                 self.buf.inline = self.one_observed  # the next messages (``close`` may still clear it)
         return self.answer(reply)
@@ -589,11 +596,7 @@ class _Exchange:
             self.handle_chunk(body)  # (its reply dropped: see above)
             reply = None
         else:
-            try:
-                req = _PARSE(data)
-            except DecodeError:
-                raise BadStream(Status.INVALID_ARGUMENT, "not an ext_proc ProcessingRequest") from None
-            reply = self.handle_message(req)
+            reply = self.handle_message(_parse(data))
         if reply is None and not s.end_stream:  # (Envoy expects no reply in this mode)
             return True
         return self.answer(reply)
