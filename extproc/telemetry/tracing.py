@@ -335,11 +335,8 @@ def span_attributes(call: Call, capture: bool, max_chars: int, conventions: Coll
         openllmetry.add_attributes(a, call, capture, max_chars)
     if "langfuse" in conventions:
         langfuse.add_attributes(a, call, capture, max_chars, error)
-    _attribution(a, call, genai)
-    if call.host:
-        a["server.address"] = clip(call.host.rsplit(":", 1)[0] if call.host.count(":") == 1 else call.host)
-    if call.status:
-        a["http.response.status_code"] = call.status
+    _who(a, call.end_user_header or call.obs.end_user, call.session_id, call.key_id, genai)  # Call.end_user
+    _server(a, call.host, call.status)
     if call.api == "mcp":
         _mcp_attributes(a, call)
     if error is not None:
@@ -352,19 +349,10 @@ def _genai_attributes(a: dict[str, Any], call: Call, capture: bool, max_chars: i
 
     Values a client or upstream chose are cut to 128 characters (lists to 16 items). Written out,
     without ``clip``/``_put`` calls per attribute: this runs for every traced call."""
+    _genai_head(a, call)
     obs = call.obs
     u = obs.usage
-    v: Any = obs.operation
-    a["gen_ai.operation.name"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
-    if call.api != "mcp":
-        provider = _PROVIDER_NAMES.get(call.provider) or _provider_name(call.provider)
-        a["gen_ai.provider.name"] = provider
-        a["gen_ai.system"] = provider  # the attribute older backends still read
-        a["gen_ai.request.stream"] = obs.streaming
-    if (v := obs.request_model) is not None:
-        a["gen_ai.request.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
-    if (v := obs.response_model) is not None:
-        a["gen_ai.response.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
+    v: Any
     if (v := obs.response_id) is not None:
         a["gen_ai.response.id"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
     if obs.finish_reasons:
@@ -398,6 +386,22 @@ def _genai_attributes(a: dict[str, Any], call: Call, capture: bool, max_chars: i
         _put(a, "gen_ai.tool.name", clip_opt(obs.extra.get("mcp.tool")))
     if capture:
         _content(a, call, max_chars)
+
+
+def _genai_head(a: dict[str, Any], call: Call) -> None:
+    """The GenAI attributes that lead every span: operation, provider, stream flag, models."""
+    obs = call.obs
+    v: Any = obs.operation
+    a["gen_ai.operation.name"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
+    if call.api != "mcp":
+        provider = _PROVIDER_NAMES.get(call.provider) or _provider_name(call.provider)
+        a["gen_ai.provider.name"] = provider
+        a["gen_ai.system"] = provider  # the attribute older backends still read
+        a["gen_ai.request.stream"] = obs.streaming
+    if (v := obs.request_model) is not None:
+        a["gen_ai.request.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
+    if (v := obs.response_model) is not None:
+        a["gen_ai.response.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
 
 
 _A = b"\x4a"  # Span.attributes
@@ -476,17 +480,8 @@ def _tail(key: tuple[Any, ...]) -> bytes:
     error type), written as ``span_attributes`` builds it, from its key."""
     end_user, session_id, key_id, host, status, _, error = key
     a: dict[str, Any] = {}
-    if end_user is not None:
-        a["user.id"] = end_user
-    if session_id:
-        a["session.id"] = session_id
-        a["gen_ai.conversation.id"] = session_id
-    if key_id is not None:
-        a["extproc.key_id"] = key_id
-    if host:
-        a["server.address"] = clip(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
-    if status:
-        a["http.response.status_code"] = status
+    _who(a, end_user, session_id, key_id, True)
+    _server(a, host, status)
     if error is not None:
         a["error.type"] = clip(error)
     tail = span_encoding.attributes(_A, a)
@@ -495,19 +490,10 @@ def _tail(key: tuple[Any, ...]) -> bytes:
 
 
 def _head(call: Call) -> bytes:
-    """The leading run of ``genai_attribute_bytes``, written as ``_genai_attributes`` builds it."""
+    """The leading run of ``genai_attribute_bytes``: ``_genai_head``'s attributes, written."""
     obs = call.obs
     a: dict[str, Any] = {}
-    v: Any = obs.operation
-    a["gen_ai.operation.name"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
-    provider = _PROVIDER_NAMES.get(call.provider) or _provider_name(call.provider)
-    a["gen_ai.provider.name"] = provider
-    a["gen_ai.system"] = provider
-    a["gen_ai.request.stream"] = obs.streaming
-    if (v := obs.request_model) is not None:
-        a["gen_ai.request.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
-    if (v := obs.response_model) is not None:
-        a["gen_ai.response.model"] = v if len(v) <= MAX_VALUE_CHARS else v[:MAX_VALUE_CHARS]
+    _genai_head(a, call)
     head = span_encoding.attributes(_A, a)
     _kept(_HEADS, (obs.operation, call.provider, obs.streaming, type(obs.streaming), obs.request_model, obs.response_model), head)
     return head
@@ -524,16 +510,24 @@ def _provider_name(provider: str) -> str:
     return name
 
 
-def _attribution(a: dict[str, Any], call: Call, genai: bool) -> None:
+def _who(a: dict[str, Any], end_user: str | None, session_id: str | None, key_id: str | None, genai: bool) -> None:
     """Who the call was for (extproc.core.attribution; values already cut to 128 characters)."""
-    if (v := call.end_user_header or call.obs.end_user) is not None:  # Call.end_user
-        a["user.id"] = v
-    if call.session_id:
-        a["session.id"] = call.session_id
+    if end_user is not None:
+        a["user.id"] = end_user
+    if session_id:
+        a["session.id"] = session_id
         if genai:
-            a["gen_ai.conversation.id"] = call.session_id
-    if (v := call.key_id) is not None:
-        a["extproc.key_id"] = v
+            a["gen_ai.conversation.id"] = session_id
+    if key_id is not None:
+        a["extproc.key_id"] = key_id
+
+
+def _server(a: dict[str, Any], host: str | None, status: int | None) -> None:
+    """The server the call went to (its host without a port) and the HTTP status it answered."""
+    if host:
+        a["server.address"] = clip(host.rsplit(":", 1)[0] if host.count(":") == 1 else host)
+    if status:
+        a["http.response.status_code"] = status
 
 
 def _mcp_attributes(a: dict[str, Any], call: Call) -> None:
