@@ -1,22 +1,31 @@
 """Cost of MetricsObserver.on_call_end per call, in-process registry vs multiprocess (mmap) mode.
 
-    python bench/metrics_cost.py            # both modes
-    python bench/metrics_cost.py --mode single|multi
-    python bench/metrics_cost.py --otlp     # Prometheus and OTLP both on (one measurement per call)
+    python -m bench.metrics_cost            # both modes
+    python -m bench.metrics_cost --mode single|multi
+    python -m bench.metrics_cost --otlp     # Prometheus and OTLP both on (one measurement per call)
+    python -m bench.metrics_cost --checkout BASE --checkout . --reps 3   # an A/B, alternated
 
 A call is a streamed chat completion with usage (input, output, cached, reasoning) and two custom
 labels from jwt_authn claims; users rotate over 50 values, so label lookups hit a warm cache as in
 production.
+
+Each mode is measured in a process of its own (multiprocess mode is chosen by
+``PROMETHEUS_MULTIPROC_DIR`` when prometheus-client is imported) importing ``extproc`` from a
+checkout: each ``--checkout``, or without one the checkout this process imports (the installed one,
+or ``PYTHONPATH``'s). The process reports where its ``extproc`` came from, and a measurement of any
+other code is an error, so an A/B never measures the same code twice unnoticed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
 import timeit
+from pathlib import Path
 
 
 def measure(n: int, otlp: bool = False) -> float:
@@ -84,24 +93,60 @@ def measure(n: int, otlp: bool = False) -> float:
     return t / n * 1e6
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=("single", "multi", "both"), default="both")
+MODES = {"single": "single-process registry", "multi": "multiprocess (mmap) mode"}
+
+
+def measured(checkout: str, mode: str, n: int, otlp: bool = False) -> float:
+    """Microseconds per call in ``mode``, measured in a child process that imports ``extproc``
+    from ``checkout``; raises if the child's ``extproc`` came from anywhere else."""
+    here = str(Path(__file__).resolve().parent.parent)
+    with tempfile.TemporaryDirectory() as d:
+        env = {k: v for k, v in os.environ.items() if k != "PROMETHEUS_MULTIPROC_DIR"}
+        if mode == "multi":
+            env["PROMETHEUS_MULTIPROC_DIR"] = d
+        argv = [sys.executable, "-m", "bench.metrics_cost", "--child", checkout, "--mode", mode, "-n", str(n)]
+        out = subprocess.run([*argv, *(["--otlp"] if otlp else [])], cwd=here, env=env, capture_output=True, text=True, check=True)
+    value, imported = out.stdout.splitlines()[-1].split("\t")
+    if Path(imported).parent != Path(checkout) / "extproc":
+        raise RuntimeError(f"measured the extproc of {imported}, not of the checkout {checkout}")
+    return float(value)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="bench.metrics_cost")
+    ap.add_argument("--mode", choices=(*MODES, "both"), default="both")
     ap.add_argument("-n", type=int, default=50_000)
     ap.add_argument("--otlp", action="store_true", help="OTLP metrics on too: both observers, per call")
-    args = ap.parse_args()
-    what = "Prometheus + OTLP observers" if args.otlp else "on_call_end"
-    if args.mode == "single":
-        print(f"single-process registry: {measure(args.n, args.otlp):.1f} us per {what}")
-    elif args.mode == "multi":
-        assert os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        print(f"multiprocess (mmap) mode: {measure(args.n, args.otlp):.1f} us per {what}")
-    else:
-        extra = ["--otlp"] if args.otlp else []
-        subprocess.run([sys.executable, __file__, "--mode", "single", "-n", str(args.n), *extra], check=True)
-        with tempfile.TemporaryDirectory() as d:
-            env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": d}
-            subprocess.run([sys.executable, __file__, "--mode", "multi", "-n", str(args.n), *extra], check=True, env=env)
+    ap.add_argument("--checkout", action="append", metavar="DIR", help="import extproc from this checkout (repeat for an A/B)")
+    ap.add_argument("--reps", type=int, default=3, help="with --checkout: rounds, each measuring every checkout in turn")
+    ap.add_argument("--child", metavar="DIR", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    if a.child is not None:
+        sys.path.insert(0, a.child)
+        import extproc
+
+        print(f"{measure(a.n, a.otlp):.2f}\t{extproc.__file__}")
+        return
+    modes = list(MODES) if a.mode == "both" else [a.mode]
+    what = "Prometheus + OTLP observers" if a.otlp else "on_call_end"
+    if not a.checkout:
+        import extproc  # the package alone: where this process finds it (installed, or PYTHONPATH's)
+
+        here = str(Path(extproc.__file__).parent.parent)
+        for mode in modes:
+            print(f"{MODES[mode]}: {measured(here, mode, a.n, a.otlp):.1f} us per {what}")
+        return
+    checkouts = [str(Path(c).resolve()) for c in a.checkout]
+    results: dict[tuple[str, str], list[float]] = {(c, m): [] for c in checkouts for m in modes}
+    for _ in range(a.reps):
+        for c in checkouts:
+            for m in modes:
+                results[(c, m)].append(measured(c, m, a.n, a.otlp))
+    for m in modes:
+        print(f"{MODES[m]}, us per {what}")
+        for c in checkouts:
+            values = results[(c, m)]
+            print(f"  {c}: median {statistics.median(values):.1f} (" + ", ".join(f"{v:.1f}" for v in values) + ")")
 
 
 if __name__ == "__main__":
