@@ -18,6 +18,7 @@ from extproc.server import grpc_server, h2compat
 from extproc.server.grpc_server import build_server
 from extproc.server.message_buffer import MessageBuffer
 from extproc.server.processor import Processor
+from tests.support.transport import RecordingTransport
 from tests.unit.test_processor import Recorder
 from tests.unit.test_servers import REQ, RESP, _in_flight, _wait
 
@@ -213,7 +214,7 @@ def test_nothing_is_sent_now_while_the_transport_is_paused():
     async def main() -> None:
         server = build_server(Processor(parse({"listen": "127.0.0.1:1"}), []), "127.0.0.1:1")
         proto = server._protocol_factory()
-        transport = _Transport()
+        transport = RecordingTransport()
         proto.connection_made(transport)
         client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
         client.initiate_connection()
@@ -289,24 +290,6 @@ def test_a_serving_worker_does_not_import_grpcio():
 
     code = "import sys, extproc.cli, extproc.server.worker, extproc.server.supervisor; assert 'grpc' not in sys.modules, 'grpcio imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
-
-
-class _Transport:
-    def __init__(self) -> None:
-        self.written = bytearray()
-        self.closed = False
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        self.closed = True
-
-    def get_extra_info(self, name, default=None):
-        return default
 
 
 def _client_bytes() -> bytes:
@@ -429,7 +412,7 @@ def _receive_patched(data: bytes, split: int | str, fast: bool, monkeypatch, fas
 
     async def main() -> dict:
         proto = server._protocol_factory()
-        transport = _Transport()
+        transport = RecordingTransport()
         proto.connection_made(transport)
         conn = h2compat.h2_connection(proto)
         if setup is not None:
@@ -693,7 +676,7 @@ def test_constant_response_headers_leave_h2s_stream_state_as_h2_would():
 
     async def main() -> None:
         proto = server._protocol_factory()
-        transport = _Transport()
+        transport = RecordingTransport()
         proto.connection_made(transport)
         proto.data_received(c.data_to_send())
         await asyncio.sleep(0.01)  # the stream's task answers the first message
@@ -808,7 +791,7 @@ def test_new_connections_get_the_caching_decoder():
 
     async def main() -> None:
         proto = server._protocol_factory()
-        proto.connection_made(_Transport())
+        proto.connection_made(RecordingTransport())
         decoder = h2compat.h2_connection(proto).decoder
         assert isinstance(decoder, h2compat._CachingDecoder) and decoder.max_header_list_size == H2Connection.DEFAULT_MAX_HEADER_LIST_SIZE
         assert h2compat.cache_header_blocks(proto) is False  # only once, on a fresh decoder
@@ -1099,7 +1082,7 @@ def test_a_stream_opened_past_h2_makes_grpclibs_asyncio_objects_only_when_used(m
 
     async def main() -> None:
         proto = server._protocol_factory()
-        proto.connection_made(_Transport())
+        proto.connection_made(RecordingTransport())
         assert proto.processor.processors[RequestReceived] == proto.processor.process_request_received  # what _open_stream does
         for frame in _pieces(_opening() + _headers(5, ENVOY_BLOCK) + _data(5) + _rst(5), "frames"):
             proto.data_received(frame)
@@ -1139,7 +1122,7 @@ def test_streams_opened_from_a_kept_block_share_its_metadata_decoded_once(monkey
 
     async def main() -> None:
         proto = server._protocol_factory()
-        proto.connection_made(_Transport())
+        proto.connection_made(RecordingTransport())
         data = _opening() + b"".join(_headers(sid, ENVOY_BLOCK) + _data(sid) + _rst(sid) for sid in (5, 7, 9))
         for frame in _pieces(data, "frames"):
             proto.data_received(frame)
@@ -1369,7 +1352,7 @@ def _observe_run(monkeypatch, now: bool, half_closed: bool, reply_first: bool) -
 
     async def main() -> None:
         proto = server._protocol_factory()
-        transport = _Transport()
+        transport = RecordingTransport()
         proto.connection_made(transport)
         proto.data_received(first)
         await _wait(lambda: len(recorder.calls) == 1)
@@ -1525,25 +1508,12 @@ def test_a_stream_past_the_windows_never_finds_them_closed():
 
     chunk = framed(body("response_body", b'data: {"choices":[{"delta":{"content":"' + b"x" * 1000 + b'"}}]}\n\n'))
     chunks = 3 * (4 << 20) // len(chunk)  # three windows' worth
-    written: list[bytes] = []
-
-    class Transport:
-        def write(self, data: bytes) -> None:
-            written.append(data)
-
-        def is_closing(self) -> bool:
-            return False
-
-        def close(self) -> None:
-            pass
-
-        def get_extra_info(self, name: str, default: object = None) -> object:
-            return default
+    transport = RecordingTransport()
 
     async def main() -> tuple[int, int]:
         server = build_server(Processor(parse({}), []), "127.0.0.1:1")
         proto = server._protocol_factory()
-        proto.connection_made(Transport())
+        proto.connection_made(transport)
         client = H2Connection(H2Configuration(client_side=True, header_encoding="utf-8"))
         client.initiate_connection()
         request = [(":method", "POST"), (":scheme", "http"), (":path", grpc_server.PROCESS), (":authority", "x")]
@@ -1554,8 +1524,8 @@ def test_a_stream_past_the_windows_never_finds_them_closed():
         def exchange() -> None:
             nonlocal replies, updates, received
             proto.data_received(client.data_to_send())
-            out = b"".join(written)
-            written.clear()
+            out = bytes(transport.written)
+            transport.written.clear()
             for event in client.receive_data(out):
                 if isinstance(event, h2.events.DataReceived):
                     received += event.data

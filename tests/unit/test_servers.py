@@ -23,6 +23,7 @@ from extproc.server.grpc_server import CLOSED_STREAMS_KEPT, StreamCap, build_ser
 from extproc.server.health import Health
 from extproc.server.processor import Processor
 from extproc.server.replies import CONTINUE_REQUEST_HEADERS
+from tests.support.transport import RecordingTransport
 from tests.unit.test_processor import Recorder
 from tests.unit.test_processor import headers as _headers
 
@@ -640,23 +641,6 @@ def test_observability_mode_streams_get_no_replies_and_end_at_the_response_end()
     asyncio.run(main())
 
 
-class _Written:
-    def __init__(self) -> None:
-        self.written = bytearray()
-
-    def write(self, data: bytes) -> None:
-        self.written += data
-
-    def is_closing(self) -> bool:
-        return False
-
-    def close(self) -> None:
-        pass
-
-    def get_extra_info(self, name, default=None):
-        return default
-
-
 def test_a_reads_replies_leave_at_its_end_without_a_callback_and_other_writes_at_the_next_iteration():
     """What handling a read writes (here the reply to a streamed chunk's message) is handed to
     the socket at the end of ``data_received``, with no event-loop callback scheduled for it;
@@ -670,7 +654,7 @@ def test_a_reads_replies_leave_at_its_end_without_a_callback_and_other_writes_at
     async def main() -> None:
         server = build_server(Processor(parse({"listen": "127.0.0.1:1"}), []), "127.0.0.1:1")
         proto = server._protocol_factory()
-        transport = _Written()
+        transport = RecordingTransport()
         proto.connection_made(transport)
         out = proto._out
         loop = asyncio.get_running_loop()
@@ -755,7 +739,7 @@ def _chunked_stream(monkeypatch, observe: bool, pick: bool = True, context: bool
         reads.append(client.data_to_send())
     recorder = Recorder()
     server = build_server(Processor(parse({"listen": "127.0.0.1:1"}), [recorder]), "127.0.0.1:1")
-    transport = _Written()
+    transport = RecordingTransport()
 
     async def main() -> None:
         proto = server._protocol_factory()
