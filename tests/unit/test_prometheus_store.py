@@ -8,8 +8,12 @@ kill the test runner with SIGBUS)."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from tests.support.harness import REPO
 from tests.support.tmpfs import tiny_tmpfs
@@ -82,21 +86,23 @@ print(json.dumps({"parent": os.getpid(), "child": pid}))
 """
 
 
-def test_a_forked_worker_writes_its_own_values(tmp_path):
-    """prometheus-client's process id (read without a system call, refreshed in a forked child)
-    still starts a forked worker's values over, in its own file, as with ``os.getpid``."""
-    import os
-
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
+def _forked(tmp_path, script: str) -> CollectorRegistry:
+    """The values ``script`` (which forks once and prints the parent's and the child's pids)
+    recorded in multiprocess mode in ``tmp_path``, summed over the processes' files as the
+    endpoint sums them, once each process is checked to have written a file of its own."""
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", FORK], cwd=REPO, env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=env, capture_output=True, text=True, check=True)
     pids = json.loads(out.stdout)
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"counter_{pids[k]}.db" for k in ("parent", "child"))
     registry = CollectorRegistry()
     MultiProcessCollector(registry, path=str(tmp_path))
-    assert registry.get_sample_value("forked_total") == 8  # 5 + 1 in the parent, 2 in the child
+    return registry
+
+
+def test_a_forked_worker_writes_its_own_values(tmp_path):
+    """prometheus-client's process id (read without a system call, refreshed in a forked child)
+    still starts a forked worker's values over, in its own file, as with ``os.getpid``."""
+    assert _forked(tmp_path, FORK).get_sample_value("forked_total") == 8  # 5 + 1 in the parent, 2 in the child
 
 
 FORK_ADDER = r"""
@@ -126,17 +132,7 @@ def test_a_value_s_adder_made_before_a_fork_writes_the_child_s_own_file(tmp_path
     fork: the child's updates start over in its own file, as ``inc``'s do, whether the adder was
     made before the fork or after it for a value made before it (without the checks the child
     would write into the parent's mapped file, and the totals would not be 8)."""
-    import os
-
-    from prometheus_client import CollectorRegistry
-    from prometheus_client.multiprocess import MultiProcessCollector
-
-    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
-    out = subprocess.run([sys.executable, "-c", FORK_ADDER], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    pids = json.loads(out.stdout)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(f"counter_{pids[k]}.db" for k in ("parent", "child"))
-    registry = CollectorRegistry()
-    MultiProcessCollector(registry, path=str(tmp_path))
+    registry = _forked(tmp_path, FORK_ADDER)
     assert registry.get_sample_value("forked_total") == 8
     assert registry.get_sample_value("made_before_total") == 8
 
@@ -157,8 +153,6 @@ print(json.dumps({"dropped": prometheus_store.dropped(), "alive": c._value.alive
 
 
 def test_a_value_s_adder_that_fails_drops_the_value_and_counts_the_loss(tmp_path):
-    import os
-
     env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
     r = subprocess.run([sys.executable, "-c", BROKEN_ADDER], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr[-1500:]
