@@ -143,6 +143,7 @@ class BoundedBatchProcessor:
         self._delay = delay_s
         self._wake = threading.Event()
         self._full = False  # add() woke the thread for a full batch (not the timer, a flush, shutdown)
+        self._parked = True  # the thread waits with no timeout: the next add() must wake it
         self._stopped = False
         self._idle = threading.Event()
         self._idle.set()
@@ -160,11 +161,41 @@ class BoundedBatchProcessor:
         if len(queue) >= self._max_batch:
             self._full = True
             self._wake.set()
+        elif self._parked:  # the thread sleeps with no timer: this span starts its schedule delay
+            self._parked = False
+            self._wake.set()
 
     def _run(self) -> None:
+        """Export on the schedule delay while spans come; sleep with no timer while none do.
+
+        A wake-up of a sleeping thread costs ~50-100 us of CPU on a small VM, so the thread of an
+        idle worker must not wake every schedule delay to find nothing. When a whole delay has
+        passed with nothing queued (and at start) the thread *parks*: it waits with no timeout,
+        and the next ``add()`` wakes it (one attribute read on ``add()``'s path, a wake-up only
+        for the span that comes to a parked thread). That span waits the schedule delay counted
+        from its arrival, as with the OpenTelemetry SDK's batch processor; while spans keep
+        coming the thread wakes once a delay as it always did. Either way no span waits longer
+        than the delay (and an export under way)."""
+        parked = True  # the queue starts empty
         while not self._stopped:
-            self._wake.wait(self._delay)
-            self._wake.clear()
+            if parked:
+                self._parked = True  # before looking at the queue: add() appends, then reads this
+                if not self._queue:
+                    self._wake.wait()  # until a span comes, a full batch, a flush or shutdown
+                self._parked = False
+                self._wake.clear()
+                if not self._full:
+                    # A span (its delay starts now: the timed wait below), or a flush or shutdown
+                    # with nothing queued (park again). A flush of queued spans sets the event
+                    # again until they are sent, which ends the timed wait at once.
+                    parked = not self._queue
+                    continue
+                parked = False
+            elif not self._wake.wait(self._delay) and not self._queue:
+                parked = True  # a whole delay and nothing came: no timer until the next span
+                continue
+            else:
+                self._wake.clear()
             full, self._full = self._full, False
             # Woken for a full batch: only full batches go, the rest waits to fill one (or for the
             # timer). Draining to the last span instead sent a few spans per call as they came in

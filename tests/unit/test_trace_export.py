@@ -1,15 +1,18 @@
 """The span export queue (``extproc.telemetry.trace_export.BoundedBatchProcessor``): what
-``force_flush`` promises."""
+``force_flush`` promises, full batches, drops, and an export thread that sleeps with no timer
+while nothing is queued."""
 
 from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 from opentelemetry.sdk.trace.export import SpanExporter, SpanExportResult
 
-from extproc.telemetry.trace_export import BoundedBatchProcessor
+from extproc.telemetry.trace_export import SPANS_DROPPED, BoundedBatchProcessor
 
 
 class _SlowExporter(SpanExporter):
@@ -46,11 +49,10 @@ def test_force_flush_right_after_adding_waits_for_the_spans_to_be_exported() -> 
 
 def test_force_flush_waits_for_a_batch_taken_but_not_yet_sent() -> None:
     exporter = _SlowExporter(0.2)
-    processor = _processor(exporter)
+    processor = _processor(exporter, delay_s=0.05)
     try:
         processor.add("a")
-        processor._wake.set()
-        assert exporter.started.wait(5)  # the batch has left the queue; its export is under way
+        assert exporter.started.wait(5)  # the timer sent it: the batch has left the queue
         assert processor.force_flush(5000) is True
         assert exporter.exported == ["a"]
     finally:
@@ -155,5 +157,116 @@ def test_force_flush_sends_a_part_batch_left_after_a_full_one() -> None:
         assert _wait_for(lambda: len(exporter.batches) >= 1)
         assert processor.force_flush(5000) is True
         assert [len(b) for b in exporter.batches] == [50, 20]
+    finally:
+        processor.shutdown()
+
+
+def _voluntary_switches(thread: threading.Thread) -> int:
+    """How many times the thread has gone to sleep (each sleep ended is a wake-up)."""
+    status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+    return int(next(line.split()[1] for line in status.splitlines() if line.startswith("voluntary_ctxt_switches")))
+
+
+def _sleeps_over(processor: BoundedBatchProcessor, seconds: float) -> int:
+    before = _voluntary_switches(processor._thread)
+    time.sleep(seconds)
+    return _voluntary_switches(processor._thread) - before
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+def test_an_idle_processor_thread_does_not_wake() -> None:
+    """Nothing queued: the export thread sleeps with no timer, not one wake-up per schedule delay
+    (each costs ~50-100 us of CPU on a small VM)."""
+    processor = _processor(_SlowExporter(0), delay_s=0.01)
+    try:
+        time.sleep(0.05)  # the thread reaches its first wait
+        woken = _sleeps_over(processor, 0.3)
+        assert woken <= 1, f"the idle export thread woke {woken} times in 30 schedule delays"
+    finally:
+        processor.shutdown()
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
+def test_the_thread_sleeps_again_once_a_delay_passes_with_nothing_queued() -> None:
+    exporter = _SlowExporter(0)
+    processor = _processor(exporter, delay_s=0.01)
+    try:
+        processor.add("a")
+        assert _wait_for(lambda: exporter.exported == ["a"])
+        time.sleep(0.1)  # the one timed wait that finds the queue empty ends, the thread parks
+        woken = _sleeps_over(processor, 0.3)
+        assert woken <= 2, f"the export thread woke {woken} times in 30 schedule delays after its last span"
+    finally:
+        processor.shutdown()
+
+
+def test_a_span_added_to_a_sleeping_thread_is_sent_one_schedule_delay_after_it_came() -> None:
+    """The span wakes the thread, which then waits the schedule delay (the timer counts from the
+    span's arrival), exports, and sleeps with no timer again once a delay passes with nothing."""
+    exporter = _SlowExporter(0)
+    processor = _processor(exporter, delay_s=0.5)
+    timer = _ManualTimer()
+    first, processor._wake = processor._wake, timer
+    first.set()  # the thread leaves its first wait (nothing queued) and waits on the timer
+    try:
+        assert _wait_for(lambda: timer.parked and timer.timeouts == [None]), timer.timeouts
+        processor.add("a")
+        assert _wait_for(lambda: timer.parked and timer.timeouts == [None, 0.5]), timer.timeouts
+        assert exporter.exported == []  # not before its delay
+        timer.expire()
+        assert _wait_for(lambda: exporter.exported == ["a"])
+        assert _wait_for(lambda: timer.parked and timer.timeouts == [None, 0.5, 0.5]), timer.timeouts
+        timer.expire()  # a delay with nothing queued
+        assert _wait_for(lambda: timer.parked and timer.timeouts == [None, 0.5, 0.5, None]), timer.timeouts
+    finally:
+        processor.shutdown()
+
+
+def test_spans_coming_within_each_delay_are_sent_on_the_timer_without_sleeping_in_between() -> None:
+    """While spans keep coming the thread wakes once a delay, as before: no wake-up per span."""
+    exporter = _SlowExporter(0)
+    processor = _processor(exporter, delay_s=0.5)
+    timer = _ManualTimer()
+    first, processor._wake = processor._wake, timer
+    first.set()
+    try:
+        assert _wait_for(lambda: timer.parked and timer.timeouts == [None])
+        for round_ in range(3):
+            processor.add(round_)
+            processor.add(f"{round_}b")
+            assert _wait_for(lambda: timer.parked and len(timer.timeouts) == round_ + 2), timer.timeouts
+            timer.expire()
+            assert _wait_for(lambda: len(exporter.exported) == 2 * round_ + 2)
+        assert _wait_for(lambda: timer.parked and len(timer.timeouts) == 5)
+        assert timer.timeouts == [None, 0.5, 0.5, 0.5, 0.5]
+        assert exporter.exported == [0, "0b", 1, "1b", 2, "2b"]
+    finally:
+        processor.shutdown()
+
+
+def test_shutdown_of_a_sleeping_processor_sends_what_is_queued_and_ends_the_thread() -> None:
+    exporter = _SlowExporter(0)
+    processor = _processor(exporter)  # the timer: a minute away
+    processor.add("a")
+    started = time.monotonic()
+    processor.shutdown()
+    assert not processor._thread.is_alive() and time.monotonic() - started < 4
+    assert exporter.exported == ["a"]
+    idle = _processor(exporter)
+    idle.shutdown()
+    assert not idle._thread.is_alive()
+
+
+def test_a_full_queue_drops_the_oldest_and_counts_them() -> None:
+    exporter = _GatedExporter()
+    exporter.gate.set()
+    processor = BoundedBatchProcessor(exporter, list, max_queue_size=10, max_batch=50, delay_s=60)
+    dropped = SPANS_DROPPED.labels("queue_full")._value.get()
+    try:
+        for i in range(15):
+            processor.add(i)
+        assert SPANS_DROPPED.labels("queue_full")._value.get() - dropped == 5
+        assert processor.force_flush(5000) is True
+        assert exporter.batches == [list(range(5, 15))]
     finally:
         processor.shutdown()
