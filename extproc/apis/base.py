@@ -146,6 +146,11 @@ class ApiParser:
     output_excludes_reasoning: ClassVar[bool] = False  # output leaves out reasoning (Gemini's thoughts)
     # The servicer parses this call's bodies (False only for the servicer's pass-through parser)
     observed: ClassVar[bool] = True
+    _param_set: ClassVar[frozenset[str]] = frozenset()  # param_keys as a set, made per class
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls._param_set = frozenset(cls.param_keys)
 
     def __init__(
         self,
@@ -210,19 +215,24 @@ class ApiParser:
             return
         if isinstance(obj, dict):
             self.on_request_json(obj)
-            for key in self.param_keys:
-                value = obj.get(key)
-                if value is not None:
-                    self.obs.params[key] = value
+            if not self._param_set.isdisjoint(obj):  # no walk of param_keys for a body with none of them
+                for key in self.param_keys:
+                    value = obj.get(key)
+                    if value is not None:
+                        self.obs.params[key] = value
             for path in self.end_user_keys:
-                user = dig(obj, *path)
+                user = obj.get(path[0]) if len(path) == 1 else dig(obj, *path)
                 if isinstance(user, str) and user:
                     self.obs.end_user = clip(user)
                     break
             for key in self.input_keys:
                 value = obj.get(key)
                 if value is not None:
-                    system = next((m for k in self.system_keys if (m := system_message(obj.get(k))) is not None), None)
+                    system = (
+                        next((m for k in self.system_keys if (m := system_message(obj.get(k))) is not None), None)
+                        if self.system_keys
+                        else None
+                    )
                     # how many messages (a summary that carries no content), the messages with capture on
                     self.obs.message_count = (len(value) if isinstance(value, list) else 1) + (system is not None)
                     if self.capture:

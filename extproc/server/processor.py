@@ -290,7 +290,13 @@ class Stream:
         headers = call.headers
         for h in msg.headers.headers:
             raw = h.raw_value  # (each read of a field makes a new object)
-            headers[h.key] = raw.decode("utf-8", "replace") if raw else h.value
+            if raw:
+                try:
+                    headers[h.key] = raw.decode()  # UTF-8, as the replacing decode below (no arguments to read)
+                except UnicodeDecodeError:
+                    headers[h.key] = raw.decode("utf-8", "replace")
+            else:
+                headers[h.key] = h.value
         call.method = headers.get(":method", "")
         call.path = headers.get(":path", "")
         call.host = headers.get(":authority", "") or headers.get("host", "")
