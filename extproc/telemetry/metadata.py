@@ -212,7 +212,8 @@ def write(target: Struct, namespace: str, call: Call, budget: Budget | None = No
 # ``fields`` 3.6 us). A Struct is a map, i.e. repeated (key, Value) entries in any order: each
 # entry is encoded on its own, an entry of a string or a boolean once per (key, value) (most
 # repeat: provider, operation, model, outcome), a number's entry as a per-key prefix plus its
-# 8-byte double, and the four levels around them written in front in one join.
+# 8-byte double, and the four levels around them (their tags and lengths) kept per namespace and
+# entries' length, written in front (``_head``).
 _DYNAMIC_METADATA_TAG = b"\x42"  # ProcessingResponse.dynamic_metadata = 8, length-delimited (8 << 3 | 2)
 _pack_double = struct.Struct("<d").pack
 # Entries of string and boolean values kept, per key by value: bounded (values are client-chosen;
@@ -332,20 +333,40 @@ def encoded(namespace: str, call: Call, budget: Budget | None = None) -> bytes:
         add(_entry("session_id", call.session_id))
     if call.key_id:
         add(_entry("key_id", call.key_id))
+    entries = b"".join(parts)  # Struct (the entries)
+    n0 = len(entries)
+    heads = _heads.get(namespace)
+    head = heads.get(n0) if heads is not None else None
+    if head is None:
+        head = _head(namespace, n0)
+    return head + entries
+
+
+# What goes in front of the entries, per namespace by the entries' length (a reply's metadata
+# differs from call to call in its values, rarely in its length): kept, at most _HEADS_KEPT.
+_HEADS_KEPT = 4096
+_heads: dict[str, dict[int, bytes]] = {}
+_heads_kept = 0
+
+
+def _head(namespace: str, n0: int) -> bytes:
+    """The dynamic_metadata field up to its entries (``n0`` bytes of them): Struct{fields:
+    {namespace: Value{struct_value: Struct{fields: entries}}}}, the four tags and lengths around
+    the entries computed from the inside out."""
+    global _heads_kept
     ns = _namespace_key.get(namespace)
     if ns is None:
         ns = _namespace_key[namespace] = _field(b"\x0a", namespace.encode())
-    # Struct{fields: {namespace: Value{struct_value: Struct{fields: parts}}}}: the four tags and
-    # lengths around the entries, computed from the inside out and written in front of them
-    # (one join, no copy per level)
-    entries = b"".join(parts)  # Struct (the entries)
-    n0 = len(entries)
     v0 = _length(n0)
     n1 = 1 + len(v0) + n0  # Value{struct_value}
     v1 = _length(n1)
     n2 = len(ns) + 1 + len(v1) + n1  # the map entry: key, value
     v2 = _length(n2)
-    return b"".join((_DYNAMIC_METADATA_TAG, _length(1 + len(v2) + n2), b"\x0a", v2, ns, b"\x12", v1, b"\x2a", v0, entries))
+    head = b"".join((_DYNAMIC_METADATA_TAG, _length(1 + len(v2) + n2), b"\x0a", v2, ns, b"\x12", v1, b"\x2a", v0))
+    if _heads_kept < _HEADS_KEPT:
+        _heads.setdefault(namespace, {})[n0] = head
+        _heads_kept += 1
+    return head
 
 
 # the kept entries of each repeating key, by value (one dict lookup per entry, no (key, value) tuple)

@@ -168,6 +168,41 @@ def test_kept_entries_are_bounded():
         forget()
 
 
+def test_kept_heads_serve_other_calls_of_the_same_length_and_are_bounded():
+    """What goes in front of the entries is kept per namespace and entries' length: a call whose
+    entries have another call's length (other values) reuses it, one with other lengths or in
+    another namespace gets its own, every length across the varint boundaries of the four levels
+    (and past the bound, nothing kept) parses as protobuf builds it."""
+
+    def forget() -> None:
+        metadata._heads.clear()
+        metadata._heads_kept = 0
+
+    def check(namespace: str, call: Call) -> None:
+        want = pb.ProcessingResponse()
+        metadata.write(want.dynamic_metadata, namespace, call)
+        assert pb.ProcessingResponse.FromString(metadata.encoded(namespace, call)) == want
+
+    forget()
+    try:
+        check("ns", Call(obs=Observation(request_model="model-a")))
+        kept = dict(metadata._heads["ns"])
+        check("ns", Call(obs=Observation(request_model="model-b")))  # the same length: the kept head
+        assert metadata._heads["ns"] == kept and metadata._heads_kept == 1
+        for namespace in ("ns", "n" * 200):
+            for size in range(1, 400):  # entries of 60-460 bytes: 1- and 2-byte lengths at every level
+                check(namespace, Call(obs=Observation(request_model="m" * size)))
+        assert set(metadata._heads) == {"ns", "n" * 200}
+        assert metadata._heads_kept == sum(map(len, metadata._heads.values()))
+        forget()
+        metadata._heads_kept = metadata._HEADS_KEPT - 3  # 3 more kept, then none
+        for size in range(1, 20):
+            check("ns", Call(obs=Observation(request_model="m" * size)))
+        assert len(metadata._heads["ns"]) == 3 and metadata._heads_kept == metadata._HEADS_KEPT
+    finally:
+        forget()
+
+
 def test_encoded_metadata_follows_a_headers_reply():
     got = pb.ProcessingResponse.FromString(HEADERS_STREAMED + metadata.encoded("n", Call(provider="openai")))
     assert got.mode_override.response_body_mode == got.mode_override.STREAMED
