@@ -418,12 +418,13 @@ class ApiParser:
         for name, value in counts.items():
             if value is None:
                 continue
-            n = as_int(value)
-            if n is None:
-                self.obs.parse_error("bad_token_count")
-                continue
-            if getattr(reported, name) != n:
-                setattr(reported, name, n)
+            if type(value) is not int or not 0 <= value <= MAX_TOKENS:  # (as_int's common case, inline)
+                value = as_int(value)
+                if value is None:
+                    self.obs.parse_error("bad_token_count")
+                    continue
+            if getattr(reported, name) != value:
+                setattr(reported, name, value)
                 fresh = True
         if fresh:
             if reported is self.obs.usage:  # the API reports in the normalised meaning already
@@ -466,6 +467,11 @@ class ApiParser:
 
     # ---- framed items -> hooks --------------------------------------------------------------------------
     def _accumulate(self, chunk: bytes, end: bool) -> None:
+        if end and not self._body_len and 0 < len(chunk) <= self.limits.max_body_bytes:
+            # the whole body in one message (most non-streamed responses): parsed as it is, not
+            # held and taken back
+            self._json_body(chunk)
+            return
         if chunk and self._body_len >= 0:
             self._body_len += len(chunk)
             if self._body_len > self.limits.max_body_bytes:
@@ -479,6 +485,10 @@ class ApiParser:
         body = self._body[0] if len(self._body) == 1 else b"".join(self._body)
         self._body = []
         self._body_len = 0
+        self._json_body(body)
+
+    def _json_body(self, body: bytes) -> None:
+        """A whole non-streamed body, parsed."""
         try:
             obj = orjson.loads(body)
         except orjson.JSONDecodeError:

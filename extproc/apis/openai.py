@@ -122,12 +122,16 @@ class _ChatLike(ApiParser):
         _service_tier(self, obj)
         usage = obj.get("usage")
         if isinstance(usage, dict):
+            details = usage.get("prompt_tokens_details")  # (``dig``, inline)
+            cached = details.get("cached_tokens") if isinstance(details, dict) else None
+            details = usage.get("completion_tokens_details")
+            reasoning = details.get("reasoning_tokens") if isinstance(details, dict) else None
             self.set_usage(
                 input_tokens=usage.get("prompt_tokens"),
                 output_tokens=usage.get("completion_tokens"),
                 total_tokens=usage.get("total_tokens"),
-                cached_input_tokens=dig(usage, "prompt_tokens_details", "cached_tokens"),
-                reasoning_tokens=dig(usage, "completion_tokens_details", "reasoning_tokens"),
+                cached_input_tokens=cached,
+                reasoning_tokens=reasoning,
             )
 
     def _choice(self, choice: dict[str, Any], streamed: bool) -> None:
