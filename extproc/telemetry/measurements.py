@@ -22,7 +22,7 @@ then capped per label at ``stats.maxLabelValues`` distinct values (``__overflow_
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from extproc.apis.finish import finish_reason
 from extproc.apis.mcp import operation_label
@@ -30,7 +30,7 @@ from extproc.core.bounded import clip
 from extproc.core.call import CLIENT_ABORT, NO_RESPONSE, OK, Call
 from extproc.core.config import StatsConfig
 from extproc.core.pricing import Cost
-from extproc.telemetry.labels import LabelGuard, LabelSource
+from extproc.telemetry.labels import OVERFLOW, LabelGuard, LabelSource
 
 __all__ = (
     "DURATION_BUCKETS",
@@ -128,11 +128,14 @@ class Measurements:
         return self.labels[len(LABELS) :]
 
 
+_LABELS_KEPT = 4096  # label sets kept per Measurer (``_measure``); past it the table starts over
+
+
 class Measurer:
     """Measures finished calls for the metrics backends; one per observer set (its label cap is
     per process, like the backends' series)."""
 
-    __slots__ = ("sources", "names", "guard", "_last_call", "_last")
+    __slots__ = ("sources", "names", "guard", "_last_call", "_last", "_kept")
 
     def __init__(self, stats: StatsConfig) -> None:
         self.sources = label_sources(stats)
@@ -140,6 +143,7 @@ class Measurer:
         self.guard = LabelGuard(stats.max_label_values)  # its folds: ai_label_values_overflow_total (Prometheus)
         self._last_call: Call | None = None
         self._last: Measurements | None = None
+        self._kept: dict[tuple[Any, ...], tuple[str, ...]] = {}  # labels by what they are made of (``_measure``)
 
     def measure(self, call: Call) -> Measurements | None:
         """``call``'s measurements, or None when it is not an LLM call (a path no API matched).
@@ -152,12 +156,12 @@ class Measurer:
         self._last_call, self._last = call, m
         return m
 
-    def _measure(self, call: Call) -> Measurements:
+    def _labels(self, call: Call) -> tuple[str, ...]:
         obs = call.obs
         fold = self.guard.fold
         request_model = fold("model", clip(obs.request_model or ""))
         response_model = fold("response_model", clip(obs.response_model or ""))
-        labels = (
+        return (
             fold("llm", clip(call.provider)),
             request_model or response_model or "unknown",
             request_model,
@@ -170,6 +174,25 @@ class Measurer:
             call.outcome,
             *[fold(s.name, s.value(call)) for s in self.sources],
         )
+
+    def _measure(self, call: Call) -> Measurements:
+        obs = call.obs
+        if self.sources:  # custom labels: read from the call each time
+            labels = self._labels(call)
+        else:
+            # The labels of the calls seen before, by what they are made of: a label set whose
+            # every value the guard admitted stays what ``_labels`` gives (the guard never
+            # forgets a value it admitted, and folding one it holds changes nothing); one with a
+            # folded value is made each time, so each fold is counted.
+            key = (call.provider, obs.request_model, obs.response_model, obs.operation, call.api, call.status, call.outcome, obs.error_type)
+            kept = self._kept
+            labels = kept.get(key)  # type: ignore[assignment]
+            if labels is None:
+                labels = self._labels(call)
+                if OVERFLOW not in labels:
+                    if len(kept) >= _LABELS_KEPT:
+                        kept.clear()
+                    kept[key] = labels
         duration = call.duration
         ttft = call.ttft if obs.streaming and call.status < 400 else None
         tpot = call.tpot if ttft is not None and call.outcome == OK else None
